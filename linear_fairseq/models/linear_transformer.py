@@ -1,0 +1,201 @@
+"""Family-agnostic fairseq glue: configs, encoder/decoder and model base classes.
+
+A family's models file subclasses ``LinearTransformerModel`` (encoder-decoder)
+and ``LinearLanguageModel`` (decoder-only), adds its options to
+``LinearTransformerConfig`` / fairseq's ``TransformerLanguageModelConfig``, and
+registers presets. Nothing of fairseq's transformer is copied: the model
+classes subclass fairseq's and swap in layers whose attention comes from the
+family registry (``modules.attention``).
+"""
+import dataclasses
+from argparse import Namespace
+from typing import Any
+
+from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models.transformer import (
+    TransformerConfig,
+    TransformerDecoderBase,
+    TransformerEncoderBase,
+    TransformerModel,
+)
+from fairseq.models.transformer_lm import (
+    DEFAULT_MAX_TARGET_POSITIONS,
+    TransformerLanguageModel,
+    base_lm_architecture,
+)
+from fairseq.modules import AdaptiveInput
+from fairseq import options
+from omegaconf import OmegaConf
+
+from ..modules.attention import ROLES, attention_kind
+from ..modules.layers import LinearDecoderLayer, LinearEncoderLayer, wrap_layer
+
+
+# -- configs ----------------------------------------------------------------
+def _flat_fields(dc, prefix: str = ""):
+    """fairseq's nested TransformerConfig as flat fields named like its CLI flags
+    (encoder.embed_dim -> encoder_embed_dim), defaults and help included."""
+    for f in dataclasses.fields(dc):
+        if f.name == "_name":
+            continue
+        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
+            yield from _flat_fields(f.type, f"{prefix}{f.name}_")
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            spec = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+        else:
+            default = f.default
+            if isinstance(default, str) and default.startswith("${model."):
+                # ${model.decoder.embed_dim} -> ${model.decoder_embed_dim}
+                default = "${model." + default[len("${model.") :].replace(".", "_")
+            spec = dataclasses.field(default=default, metadata=f.metadata)
+        yield prefix + f.name, f.type, spec
+
+
+# Every option of fairseq's `--arch transformer`, as a flat dataclass: model
+# configs stored in checkpoints are then plain dicts (no pickled Namespace).
+LinearTransformerConfig = dataclasses.make_dataclass(
+    "LinearTransformerConfig", list(_flat_fields(TransformerConfig)), bases=(FairseqDataclass,)
+)
+LinearTransformerConfig.__module__ = __name__
+
+
+def as_namespace(cfg: Any) -> Namespace:
+    """A model DictConfig (interpolations resolved) as an argparse Namespace, the
+    form fairseq's transformer classes copy extra options from."""
+    if isinstance(cfg, Namespace):
+        return cfg
+    return Namespace(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def option_error(name: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"--{name.replace('_', '-')}={value!r}: {why}")
+
+
+def require_positive_int(args: Namespace, name: str) -> None:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise option_error(name, value, "must be a positive integer")
+
+
+def require_positive(args: Namespace, name: str) -> None:
+    value = getattr(args, name)
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise option_error(name, value, "must be > 0")
+
+
+def require_heads_divide(args: Namespace, side: str) -> None:
+    dim, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
+    if heads < 1 or dim % heads != 0:
+        raise ValueError(
+            f"--{side}-attention-heads={heads} must be a positive divisor of --{side}-embed-dim={dim}"
+        )
+
+
+# -- encoder / decoder ------------------------------------------------------
+class LinearTransformerEncoder(TransformerEncoderBase):
+    def build_encoder_layer(self, cfg):
+        return wrap_layer(LinearEncoderLayer(cfg, return_fc=self.return_fc), cfg)
+
+
+class LinearTransformerDecoder(TransformerDecoderBase):
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        return wrap_layer(LinearDecoderLayer(cfg, no_encoder_attn), cfg)
+
+    def buffered_future_mask(self, tensor):
+        # Linear causal attention is causal by construction: skip fairseq's
+        # T x T future mask, which would cost O(T^2) memory at long context.
+        if attention_kind(self.cfg, "decoder_self") != "softmax":
+            return None
+        return super().buffered_future_mask(tensor)
+
+
+# -- models -----------------------------------------------------------------
+class LinearModelMixin:
+    """Option checks shared by the encoder-decoder and decoder-only models."""
+
+    roles = ROLES
+
+    @classmethod
+    def add_args(cls, parser):
+        # options come from the registered dataclass, as for any dataclass model
+        dc = getattr(cls, "__dataclass", None)
+        if dc is not None:
+            gen_parser_from_dataclass(parser, dc(), delete_default=True)
+
+    @classmethod
+    def check_args(cls, args: Namespace) -> None:
+        """Raise a ValueError naming the option and its value; families extend it."""
+        for role in cls.roles:
+            if attention_kind(args, role) != "softmax":
+                require_heads_divide(args, "encoder" if role == "encoder_self" else "decoder")
+        if getattr(args, "cross_self_attention", False):
+            raise option_error("cross_self_attention", True, "is not supported with linear attention")
+
+
+class LinearTransformerModel(LinearModelMixin, TransformerModel):
+    """fairseq's encoder-decoder transformer with family attention per role
+    (--encoder-self-attn, --decoder-self-attn, --cross-attn)."""
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        args = as_namespace(cfg)
+        cls.check_args(args)
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, cfg, src_dict, embed_tokens):
+        return LinearTransformerEncoder(TransformerConfig.from_namespace(cfg), src_dict, embed_tokens)
+
+    @classmethod
+    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(cfg)
+        return LinearTransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
+
+
+class LinearLanguageModel(LinearModelMixin, TransformerLanguageModel):
+    """fairseq's transformer_lm with family attention in the decoder (--decoder-self-attn)."""
+
+    roles = ("decoder_self",)
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        args = as_namespace(cfg)
+        base_lm_architecture(args)
+        cls.check_args(args)
+        if args.decoder_layers_to_keep:
+            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        if getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        if args.character_embeddings:
+            raise option_error("character_embeddings", True, "is not supported by linear_fairseq LMs")
+        if args.tie_adaptive_weights and not (
+            args.adaptive_input
+            and args.adaptive_input_factor == args.adaptive_softmax_factor
+            and args.adaptive_softmax_cutoff == args.adaptive_input_cutoff
+            and args.decoder_input_dim == args.decoder_output_dim
+        ):
+            raise option_error(
+                "tie_adaptive_weights", True,
+                "needs --adaptive-input with the adaptive softmax's factor and cutoff",
+            )
+        dictionary = task.source_dictionary
+        if args.adaptive_input:
+            embed_tokens = AdaptiveInput(
+                len(dictionary),
+                dictionary.pad(),
+                args.decoder_input_dim,
+                args.adaptive_input_factor,
+                args.decoder_embed_dim,
+                options.eval_str_list(args.adaptive_input_cutoff, type=int),
+                args.quant_noise_pq,
+                args.quant_noise_pq_block_size,
+            )
+        else:
+            embed_tokens = cls.build_embedding(args, dictionary, args.decoder_input_dim)
+        decoder = LinearTransformerDecoder(
+            TransformerConfig.from_namespace(args), task.target_dictionary, embed_tokens, no_encoder_attn=True
+        )
+        return cls(decoder)
+

@@ -1,0 +1,169 @@
+"""The contract every linear attention family implements.
+
+A family is one module class deriving from ``LinearAttention`` plus a builder
+registered with ``register_attention``. The base class speaks fairseq's
+``MultiheadAttention`` call signature (time-major tensors, ``key_padding_mask``,
+``incremental_state``, ``static_kv``; returns ``(output, None)``), so it drops
+into ``TransformerEncoderLayerBase`` / ``TransformerDecoderLayerBase`` through
+their ``build_self_attention`` / ``build_encoder_attention`` hooks.
+
+It owns the incremental state. A family fills in three computations, all
+batch-first:
+
+* ``summarize(source, padding_mask) -> state`` and ``read(x, state) -> out``:
+  the non-causal form (encoder self-attention; cross-attention, whose state
+  is computed once per source and cached while decoding).
+* ``causal_parallel(x, padding_mask) -> out``: the causal training form.
+* ``step(x_t, state, padding_mask_t) -> (out_t, state)``: one decoding step.
+
+A state is a dict of tensors whose first dimension is the batch; its size may
+not depend on the prefix length. ``reorder_incremental_state`` index-selects
+every entry, which is all that beam search needs.
+"""
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from fairseq.incremental_decoding_utils import with_incremental_state
+from torch import Tensor, nn
+
+State = Dict[str, Optional[Tensor]]
+ROLES = ("encoder_self", "decoder_self", "cross")
+
+
+@with_incremental_state
+class LinearAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, cross: bool = False):
+        super().__init__()
+        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
+            raise ValueError(
+                f"{type(self).__name__}: num_heads={num_heads} must be a positive divisor "
+                f"of embed_dim={embed_dim}"
+            )
+        if causal and cross:
+            raise ValueError("cross-attention cannot be causal")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.causal = causal
+        self.encoder_decoder_attention = cross
+
+    # -- what a family implements (batch-first tensors) --------------------
+    def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
+        raise NotImplementedError
+
+    def read(self, x: Tensor, state: State) -> Tensor:
+        raise NotImplementedError
+
+    def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        raise NotImplementedError
+
+    # -- fairseq's MultiheadAttention contract ----------------------------
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        need_weights: bool = False,
+        static_kv: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        before_softmax: bool = False,
+        need_head_weights: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        # attn_mask is fairseq's future mask: causal families are causal by
+        # construction, and encoders pass none. Attention weights are not formed.
+        x = query.transpose(0, 1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.to(torch.bool)
+        if self.encoder_decoder_attention:
+            out = self._cross(x, key, key_padding_mask, incremental_state)
+        elif not self.causal:
+            out = self.read(x, self.summarize(x, key_padding_mask))
+        elif incremental_state is None:
+            out = self.causal_parallel(x, key_padding_mask)
+        else:
+            out = self._decode(x, key_padding_mask, incremental_state)
+        return out.transpose(0, 1), None
+
+    def _cross(self, x, source, padding_mask, incremental_state) -> Tensor:
+        state = self._get_input_buffer(incremental_state)
+        if not state:
+            state = self.summarize(source.transpose(0, 1), padding_mask)
+            if incremental_state is not None:
+                self._set_input_buffer(incremental_state, state)
+        return self.read(x, state)
+
+    def _decode(self, x, padding_mask, incremental_state) -> Tensor:
+        state = self._get_input_buffer(incremental_state)
+        # fairseq feeds one token per step; longer inputs are stepped through.
+        T = x.size(1)
+        if padding_mask is not None:
+            padding_mask = padding_mask[:, -T:]
+        outs = []
+        for t in range(T):
+            mask_t = None if padding_mask is None else padding_mask[:, t]
+            out_t, state = self.step(x[:, t], state, mask_t)
+            outs.append(out_t)
+        self._set_input_buffer(incremental_state, state)
+        return torch.stack(outs, dim=1)
+
+    # -- incremental state helpers (as in fairseq's MultiheadAttention) ----
+    def _get_input_buffer(self, incremental_state) -> State:
+        result = self.get_incremental_state(incremental_state, "attn_state")
+        return result if result is not None else {}
+
+    def _set_input_buffer(self, incremental_state, buffer: State):
+        return self.set_incremental_state(incremental_state, "attn_state", buffer)
+
+    @torch.jit.export
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
+        """Follow beam search: reorder every state tensor along the batch dimension."""
+        buffer = self._get_input_buffer(incremental_state)
+        if buffer:
+            for name, value in buffer.items():
+                if value is not None:
+                    buffer[name] = value.index_select(0, new_order)
+            incremental_state = self._set_input_buffer(incremental_state, buffer)
+        return incremental_state
+
+
+# -- family registry ------------------------------------------------------
+# A builder receives the model's config (fairseq TransformerConfig carrying the
+# family's own options as attributes), the role, and the sizes.
+Builder = Callable[..., nn.Module]
+ATTENTION_FAMILIES: Dict[str, Builder] = {}
+
+
+def register_attention(name: str):
+    def wrap(builder: Builder) -> Builder:
+        ATTENTION_FAMILIES[name] = builder  # idempotent: re-import replaces itself
+        return builder
+
+    return wrap
+
+
+def attention_kind(cfg, role: str) -> str:
+    """The option ``--{role}-attn`` (e.g. --decoder-self-attn); "softmax" if absent."""
+    return str(getattr(cfg, f"{role}_attn", "softmax"))
+
+
+def build_attention(
+    cfg, role: str, embed_dim: int, num_heads: int, kv_dim: Optional[int] = None
+) -> Optional[nn.Module]:
+    """The linear attention module for ``role``, or None where the role keeps softmax."""
+    kind = attention_kind(cfg, role)
+    if kind == "softmax":
+        return None
+    if kind not in ATTENTION_FAMILIES:
+        option = "--" + f"{role}_attn".replace("_", "-")
+        raise ValueError(
+            f"{option}={kind!r} is not a known attention; "
+            f"choose from softmax, {', '.join(sorted(ATTENTION_FAMILIES))}"
+        )
+    return ATTENTION_FAMILIES[kind](
+        cfg, role=role, embed_dim=embed_dim, num_heads=num_heads, kv_dim=kv_dim or embed_dim
+    )

@@ -1,0 +1,38 @@
+"""fairseq transformer layers whose attention sub-layers come from a family.
+
+Only the ``build_*_attention`` hooks are overridden; a role whose option is
+"softmax" keeps fairseq's MultiheadAttention.
+"""
+from fairseq.distributed import fsdp_wrap
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+
+from .attention import build_attention
+
+
+class LinearEncoderLayer(TransformerEncoderLayerBase):
+    def build_self_attention(self, embed_dim, cfg):
+        attn = build_attention(cfg, "encoder_self", embed_dim, cfg.encoder.attention_heads)
+        return attn if attn is not None else super().build_self_attention(embed_dim, cfg)
+
+
+class LinearDecoderLayer(TransformerDecoderLayerBase):
+    def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
+        attn = build_attention(cfg, "decoder_self", embed_dim, cfg.decoder.attention_heads)
+        if attn is None:
+            return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
+        return attn
+
+    def build_encoder_attention(self, embed_dim, cfg):
+        attn = build_attention(
+            cfg, "cross", embed_dim, cfg.decoder.attention_heads, kv_dim=cfg.encoder.embed_dim
+        )
+        return attn if attn is not None else super().build_encoder_attention(embed_dim, cfg)
+
+
+def wrap_layer(layer, cfg):
+    """Activation checkpointing and FSDP wrapping, as fairseq's own build_*_layer do."""
+    if cfg.checkpoint_activations:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    min_params = 0 if cfg.checkpoint_activations else cfg.min_params_to_wrap
+    return fsdp_wrap(layer, min_num_params=min_params)

@@ -1,0 +1,96 @@
+"""MemSizer attention module (arXiv 2203.12644) behind the LinearAttention contract.
+
+Keys are k learned memory slots Phi (per head); the source is written into a
+(k x d) memory S = LN(X W_l)^T LN(X W_r) / sqrt(n). Heads share S and differ
+only in how they address it ("lightweight multi-head"): the query's slot
+weights are averaged over heads, so reading costs one head. There is no
+output projection, as in the authors' implementation.
+"""
+from typing import Optional, Tuple
+
+from fairseq.modules import LayerNorm
+from torch import Tensor, nn
+
+from ..ops import memsizer as M
+from .attention import LinearAttention, State, register_attention
+
+
+class MemsizerAttention(LinearAttention):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        memory_size: int,
+        *,
+        kv_dim: Optional[int] = None,
+        causal: bool = False,
+        cross: bool = False,
+        dropout: float = 0.0,
+        q_init_scale: float = 1.0,
+        kv_init_scale: float = 1.0,
+        chunk_size: int = 64,
+    ):
+        super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
+        for name, value in (("memory_size", memory_size), ("chunk_size", chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MemsizerAttention: {name} must be a positive integer, got {value!r}")
+        for name, value in (("q_init_scale", q_init_scale), ("kv_init_scale", kv_init_scale)):
+            if not value > 0:
+                raise ValueError(f"MemsizerAttention: {name} must be > 0, got {value!r}")
+        kv_dim = kv_dim or embed_dim
+        self.memory_size = memory_size
+        self.chunk_size = chunk_size
+        self.phi = nn.Linear(embed_dim, num_heads * memory_size)  # key slots Phi_h, one set per head
+        self.w_l = nn.Linear(kv_dim, memory_size)  # source -> keys K (n x k)
+        self.w_r = nn.Linear(kv_dim, embed_dim)  # source -> values V (n x d)
+        self.k_norm = LayerNorm(memory_size)
+        self.v_norm = LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.xavier_uniform_(self.phi.weight, gain=q_init_scale**-0.5)
+        nn.init.xavier_uniform_(self.w_l.weight, gain=kv_init_scale**-0.5)
+        nn.init.xavier_uniform_(self.w_r.weight, gain=kv_init_scale**-0.5)
+        for linear in (self.phi, self.w_l, self.w_r):
+            nn.init.zeros_(linear.bias)
+
+    def slot_weights(self, x: Tensor) -> Tensor:
+        """p = mean_h softmax(x Phi_h^T), with attention dropout on the weights."""
+        logits = self.phi(x).unflatten(-1, (self.num_heads, self.memory_size))
+        return self.dropout(M.slot_weights(logits))
+
+    def keys_values(self, source: Tensor) -> Tuple[Tensor, Tensor]:
+        """K = LN(X W_l), V = LN(X W_r)."""
+        return self.k_norm(self.w_l(source)), self.v_norm(self.w_r(source))
+
+    def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
+        K, V = self.keys_values(source)
+        return {"S": M.source_memory(K, V, padding_mask)}
+
+    def read(self, x: Tensor, state: State) -> Tensor:
+        return M.read_memory(self.slot_weights(x), state["S"], x.dtype)
+
+    def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        K, V = self.keys_values(x)
+        return M.causal_chunked(self.slot_weights(x), K, V, padding_mask, self.chunk_size)
+
+    def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        K, V = self.keys_values(x)
+        out, S, n = M.causal_step(self.slot_weights(x), K, V, state.get("S"), state.get("n"), padding_mask)
+        return out, {"S": S, "n": n}
+
+
+@register_attention("memsizer")
+def build_memsizer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: int) -> MemsizerAttention:
+    """Options read from the model config: --{role}-memory-size, --q-init-scale,
+    --kv-init-scale, --memsizer-chunk-size, --attention-dropout."""
+    return MemsizerAttention(
+        embed_dim,
+        num_heads,
+        int(getattr(cfg, f"{role}_memory_size")),
+        kv_dim=kv_dim,
+        causal=role == "decoder_self",
+        cross=role == "cross",
+        dropout=cfg.attention_dropout,
+        q_init_scale=float(cfg.q_init_scale),
+        kv_init_scale=float(cfg.kv_init_scale),
+        chunk_size=int(getattr(cfg, "memsizer_chunk_size", 64)),
+    )

@@ -1,0 +1,150 @@
+"""MemSizer attention as pure tensor functions (no fairseq imports).
+
+"Linearizing Transformer with Key-Value Memory" (Zhang & Cai, EMNLP 2022,
+arXiv 2203.12644). Notation follows the paper:
+
+    p   = mean_h softmax(x Phi_h^T)          slot weights of a query, (k,)
+    K   = LN(X W_l)                          source keys, (n, k)
+    V   = LN(X W_r)                          source values, (n, d)
+    S   = K^T V / sqrt(n)                    the key-value memory, (k, d)
+    out = p S
+
+The causal form keeps one memory per prefix: S_i = i^{-1/2} sum_{j<=i} k_j v_j^T.
+Every function here is batch-first: p (B, T, k), K (B, n, k), V (B, n, d).
+A padding mask is (B, n) and True at padded positions; padded keys are
+dropped and n counts real tokens only, so padding never changes the output
+at real positions. Sums are accumulated in float32 (float64 if given float64).
+
+Three forms of the same computation:
+  * ``naive``          quadratic reference, O(T^2) memory: what the tests trust.
+  * ``causal_chunked`` the training form, memory linear in T.
+  * ``causal_step``    one decoding step on a (k, d) running memory.
+``source_memory`` + ``read_memory`` are the non-causal form (encoder
+self-attention and cross-attention), where S is computed once per source.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def acc(x: Tensor) -> Tensor:
+    """Accumulation precision: float32, or float64 when given float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def slot_weights(logits: Tensor) -> Tensor:
+    """p = mean over heads of softmax over the k memory slots; logits (..., H, k)."""
+    return acc(logits).softmax(dim=-1).mean(dim=-2)
+
+
+def _drop_padded(keys: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+    if padding_mask is None:
+        return keys
+    return keys.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+
+
+def _real_tokens(padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
+    """1.0 at real positions, 0.0 at padding: (B, T)."""
+    B, T = like.shape[:2]
+    if padding_mask is None:
+        return acc(like.new_ones(B, T))
+    return (~padding_mask).to(acc(like).dtype)
+
+
+def causal_scale(padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
+    """i^{-1/2} with i = number of real tokens up to and including each position: (B, T, 1)."""
+    count = _real_tokens(padding_mask, like).cumsum(dim=1)
+    return count.clamp(min=1.0).rsqrt().unsqueeze(-1)
+
+
+def naive(
+    p: Tensor, K: Tensor, V: Tensor, causal: bool, padding_mask: Optional[Tensor] = None
+) -> Tensor:
+    """Quadratic reference: out_i = s_i sum_j [j visible from i] (p_i . k_j) v_j."""
+    dtype = V.dtype
+    p, K, V = acc(p), _drop_padded(acc(K), padding_mask), acc(V)
+    scores = p @ K.transpose(1, 2)  # (B, T, n)
+    if causal:
+        scores = scores.tril()
+        scale = causal_scale(padding_mask, p)
+    else:
+        n = _real_tokens(padding_mask, K).sum(dim=1)
+        scale = n.clamp(min=1.0).rsqrt().view(-1, 1, 1)
+    return ((scores @ V) * scale).to(dtype)
+
+
+def source_memory(K: Tensor, V: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """S = K^T V / sqrt(n_real), float32 (B, k, d)."""
+    K = _drop_padded(acc(K), padding_mask)
+    n = _real_tokens(padding_mask, K).sum(dim=1)
+    return (K.transpose(1, 2) @ acc(V)) * n.clamp(min=1.0).rsqrt().view(-1, 1, 1)
+
+
+def read_memory(p: Tensor, S: Tensor, dtype: torch.dtype) -> Tensor:
+    """out = p S for every query; p (B, T, k), S (B, k, d)."""
+    return (acc(p) @ S).to(dtype)
+
+
+def causal_chunked(
+    p: Tensor,
+    K: Tensor,
+    V: Tensor,
+    padding_mask: Optional[Tensor] = None,
+    chunk_size: int = 64,
+) -> Tensor:
+    """Causal MemSizer in chunks of G tokens: exact, with memory O(T k d / G + T G).
+
+    Inside a chunk the (G x G) scores are masked to be causal; across chunks
+    each chunk reads the memory of all earlier chunks, an exclusive prefix sum
+    of the per-chunk K_c^T V_c.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    B, T, k = p.shape
+    d, G = V.shape[-1], chunk_size
+    dtype = V.dtype
+    scale = causal_scale(padding_mask, p)
+    K = _drop_padded(acc(K), padding_mask)
+    N = -(-T // G)  # number of chunks
+    pad = N * G - T  # zero rows at the end: they add nothing to any sum
+
+    def chunks(x: Tensor) -> Tensor:
+        return F.pad(acc(x), (0, 0, 0, pad)).view(B, N, G, x.shape[-1])
+
+    p_c, K_c, V_c = chunks(p), chunks(K), chunks(V)
+    # within a chunk: sum_{j<=i, same chunk} (p_i . k_j) v_j
+    intra = (p_c @ K_c.transpose(-1, -2)).tril() @ V_c
+    # memory of each chunk, K_c^T V_c, and of all chunks before it (exclusive prefix sum)
+    S_c = K_c.transpose(-1, -2) @ V_c  # (B, N, k, d)
+    S_before = torch.cat([S_c.new_zeros(B, 1, k, d), S_c.cumsum(dim=1)[:, :-1]], dim=1)
+    inter = p_c @ S_before
+    out = (intra + inter).view(B, N * G, d)[:, :T]
+    return (out * scale).to(dtype)
+
+
+def causal_step(
+    p: Tensor,
+    K: Tensor,
+    V: Tensor,
+    S: Optional[Tensor] = None,
+    n: Optional[Tensor] = None,
+    padding_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One decoding step. p, K: (B, k); V: (B, d); S: unscaled running sum (B, k, d) fp32; n: (B,).
+
+    Returns (out, S, n) with S = sum_j k_j v_j^T and n = number of real tokens so far.
+    A padded step (padding_mask True) leaves S and n unchanged.
+    """
+    B, k = K.shape
+    if S is None or n is None:
+        S = acc(K).new_zeros(B, k, V.shape[-1])
+        n = acc(K).new_zeros(B)
+    real = n.new_ones(B) if padding_mask is None else (~padding_mask).to(n.dtype)
+    # S_i = S_{i-1} + k_i v_i^T (unscaled); n_i = n_{i-1} + 1
+    S = S + real.view(B, 1, 1) * (acc(K).unsqueeze(-1) * acc(V).unsqueeze(-2))
+    n = n + real
+    # out_i = p_i S_i / sqrt(i)
+    out = (acc(p).unsqueeze(1) @ S).squeeze(1) * n.clamp(min=1.0).rsqrt().unsqueeze(-1)
+    return out.to(V.dtype), S, n

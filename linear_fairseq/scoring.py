@@ -1,0 +1,77 @@
+"""Read what the fairseq CLIs print and score it (sacrebleu, rouge-score).
+
+Used by the demo, the reproduction scripts and the end-to-end tests, so that
+every number in a table comes from the stock CLIs' own output.
+"""
+import re
+from pathlib import Path
+from typing import Dict, List
+
+_SPEED = re.compile(
+    r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
+    r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)"
+)
+_PARAMS = re.compile(r"num\. (?:shared )?model params: ([\d,]+)")
+_TRAIN_TIME = re.compile(r"done training in ([\d.]+) seconds")
+_PPL = re.compile(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)")
+
+
+def _int(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def read_hypotheses(generate_output: str) -> List[str]:
+    """The detokenized hypotheses (D- lines; the H- lines without --post-process), in input order."""
+    hyps: Dict[int, str] = {}
+    fallback: Dict[int, str] = {}
+    for line in generate_output.splitlines():
+        tag, _, rest = line.partition("-")
+        if tag in ("D", "H") and "\t" in rest:
+            idx, _score, *text = rest.split("\t")
+            if idx.isdigit():
+                (hyps if tag == "D" else fallback)[int(idx)] = text[0] if text else ""
+    hyps = hyps or fallback
+    return [hyps[i] for i in sorted(hyps)]
+
+
+def read_generate_speed(generate_output: str) -> Dict[str, float]:
+    m = _SPEED.search(generate_output)
+    if m is None:
+        raise ValueError("no 'Translated N sentences ...' line in the fairseq-generate output")
+    return {
+        "sentences": _int(m.group(1)),
+        "tokens": _int(m.group(2)),
+        "seconds": float(m.group(3)),
+        "sentences_per_s": float(m.group(4)),
+        "tokens_per_s": float(m.group(5)),
+    }
+
+
+def read_train_log(train_output: str) -> Dict[str, float]:
+    params, seconds = _PARAMS.search(train_output), _TRAIN_TIME.search(train_output)
+    return {
+        "params": _int(params.group(1)) if params else float("nan"),
+        "train_seconds": float(seconds.group(1)) if seconds else float("nan"),
+    }
+
+
+def read_perplexity(eval_lm_output: str) -> float:
+    m = _PPL.search(eval_lm_output)
+    if m is None:
+        raise ValueError("no 'Loss (base 2): ..., Perplexity: ...' line in the fairseq-eval-lm output")
+    return float(m.group(2))
+
+
+def bleu_chrf(hypotheses: List[str], references: List[str]) -> Dict[str, float]:
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    return {
+        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+    }
+
+
+def read_references(path: Path) -> List[str]:
+    return Path(path).read_text(encoding="utf-8").splitlines()

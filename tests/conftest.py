@@ -1,0 +1,70 @@
+"""Shared test helpers: tiny fairseq models built through fairseq's own option
+parsing, and the location of the real data beside the project."""
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import linear_fairseq  # noqa: E402,F401  registers the models
+from fairseq import options  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from fairseq.models import build_model  # noqa: E402
+
+DATA = Path(os.environ.get("LINEAR_FAIRSEQ_DATA", ROOT.parent / "shared" / "data"))
+
+TINY_MT = (
+    "--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 32 --decoder-embed-dim 32 "
+    "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 "
+    "--encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0"
+).split()
+TINY_LM = (
+    "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 "
+    "--decoder-attention-heads 4 --dropout 0 --tokens-per-sample 512"
+).split()
+
+
+def parse_model_args(arch, args=(), task="translation"):
+    """The model config exactly as `fairseq-train --arch ARCH ARGS` would build it."""
+    parser = options.get_training_parser()
+    ns = options.parse_args_and_arch(parser, ["/unused-data", "--task", task, "--arch", arch, *args])
+    return convert_namespace_to_omegaconf(ns).model
+
+
+def make_dictionary(size=40):
+    d = Dictionary()
+    for i in range(size):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def make_model(arch, args=(), task="translation", vocab=40, seed=0):
+    torch.manual_seed(seed)
+    d = make_dictionary(vocab)
+    stub_task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
+    model = build_model(parse_model_args(arch, args, task), stub_task)
+    return model.eval(), d
+
+
+def random_tokens(d, B, T, seed=0, left_pad_to=None):
+    """Tokens drawn from the real symbols (no specials)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(d.nspecial, len(d), (B, T), generator=g)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return DATA
+
+
+def require_data(name):
+    path = DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path} (set LINEAR_FAIRSEQ_DATA to the folder holding {name}/)")
+    return path

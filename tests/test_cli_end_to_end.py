@@ -1,0 +1,123 @@
+"""End to end through the stock fairseq CLIs with --user-dir linear_fairseq, on
+slices of the real data beside the project (skipped when it is absent)."""
+import gzip
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, require_data
+from linear_fairseq.scoring import bleu_chrf, read_hypotheses, read_perplexity, read_references
+
+pytestmark = pytest.mark.slow
+
+TINY_MT = (
+    "--arch memsizer_transformer --encoder-layers 1 --decoder-layers 2 "
+    "--encoder-embed-dim 64 --decoder-embed-dim 64 --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128 "
+    "--encoder-attention-heads 4 --decoder-attention-heads 4 --share-all-embeddings "
+    "--optimizer adam --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 10 "
+    "--criterion label_smoothed_cross_entropy --label-smoothing 0.1 --dropout 0.1 "
+    "--max-tokens 2048 --seed 1 --no-epoch-checkpoints --log-format simple --log-interval 5 --num-workers 0"
+).split()
+
+
+def fairseq(cli, *args, check=True):
+    cmd = [f"fairseq-{cli}", *map(str, args), "--user-dir", str(ROOT / "linear_fairseq")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        pytest.fail(f"fairseq-{cli} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def num_updates(checkpoint):
+    return torch.load(checkpoint)["optimizer_history"][-1]["num_updates"]
+
+
+@pytest.fixture(scope="module")
+def multi30k(tmp_path_factory):
+    raw = require_data("multi30k")
+    out = tmp_path_factory.mktemp("multi30k")
+    cmd = [sys.executable, ROOT / "data-prep" / "multi30k.py", "--raw", raw, "--out", out, "--limit", "4000", "--vocab", "1000"]
+    subprocess.run(list(map(str, cmd)), check=True, capture_output=True)
+    return out
+
+
+def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
+    data, save = multi30k / "bin", tmp_path / "ckpt"
+    fairseq("train", data, *TINY_MT, "--max-update", 30, "--save-dir", save)
+    assert num_updates(save / "checkpoint_last.pt") == 30
+
+    gen = fairseq(
+        "generate", data, "--path", save / "checkpoint_last.pt", "--gen-subset", "valid",
+        "--beam", 4, "--batch-size", 128, "--max-len-a", 1.2, "--max-len-b", 10,
+        "--post-process", "sentencepiece", "--required-batch-size-multiple", 1,
+    )
+    hyps = read_hypotheses(gen.stdout)
+    refs = read_references(multi30k / "raw" / "valid.en")
+    assert len(hyps) == len(refs) == 1014
+    scores = bleu_chrf(hyps, refs)
+    assert math.isfinite(scores["bleu"]) and scores["bleu"] >= 0
+    assert scores["chrf"] > 5  # 30 updates already learn frequent words
+
+    # the same command with a later --max-update resumes from checkpoint_last.pt
+    resumed = fairseq("train", data, *TINY_MT, "--max-update", 40, "--save-dir", save)
+    assert "Loaded checkpoint" in resumed.stderr + resumed.stdout
+    assert num_updates(save / "checkpoint_last.pt") == 40
+
+    # our checkpoints hold no pickled Namespace: bare torch.load (weights_only) reads them
+    bare = subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(save / 'checkpoint_last.pt')!r})"],
+        capture_output=True, text=True,
+    )
+    assert bare.returncode == 0, bare.stderr[-2000:]
+
+    # fairseq-interactive on sentencepiece pieces
+    spm = (multi30k / "spm" / "test.de").read_text().splitlines()[:2]
+    inter = subprocess.run(
+        ["fairseq-interactive", str(data), "--path", str(save / "checkpoint_last.pt"), "--beam", "2",
+         "--source-lang", "de", "--target-lang", "en", "--user-dir", str(ROOT / "linear_fairseq")],
+        input="\n".join(spm) + "\n", capture_output=True, text=True,
+    )
+    assert inter.returncode == 0, inter.stderr[-3000:]
+    assert sum(line.startswith("H-") for line in inter.stdout.splitlines()) == 2
+
+
+def test_bad_option_exits_with_a_message(multi30k, tmp_path):
+    result = fairseq(
+        "train", multi30k / "bin", *TINY_MT, "--decoder-self-memory-size", 0, "--max-update", 1,
+        "--save-dir", tmp_path, check=False,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "ValueError: --decoder-self-memory-size=0: must be a positive integer"
+
+
+def write_lm_split(src, dest, limit):
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        lines = [line for line in (next(f, "") for _ in range(limit)) if line.strip()]
+    dest.write_text("".join(lines))
+
+
+def test_memsizer_lm_train_and_eval_lm(tmp_path):
+    raw = require_data("austen")
+    for split, limit in (("train", 3000), ("valid", 400), ("test", 400)):
+        write_lm_split(raw / f"{split}.txt.gz", tmp_path / f"{split}.txt", limit)
+    fairseq(
+        "preprocess", "--only-source", "--trainpref", tmp_path / "train.txt", "--validpref", tmp_path / "valid.txt",
+        "--testpref", tmp_path / "test.txt", "--destdir", tmp_path / "bin", "--workers", 1,
+    )
+    save = tmp_path / "ckpt"
+    fairseq(
+        "train", tmp_path / "bin", "--task", "language_modeling", "--arch", "memsizer_lm",
+        "--decoder-layers", 2, "--decoder-embed-dim", 64, "--decoder-ffn-embed-dim", 128,
+        "--decoder-attention-heads", 4, "--tokens-per-sample", 128, "--sample-break-mode", "none",
+        "--optimizer", "adam", "--lr", 3e-3, "--max-tokens", 2048, "--max-update", 20,
+        "--save-dir", save, "--no-epoch-checkpoints", "--num-workers", 0,
+    )
+    ev = fairseq("eval-lm", tmp_path / "bin", "--path", save / "checkpoint_last.pt",
+                 "--tokens-per-sample", 128, "--max-tokens", 2048, "--gen-subset", "test")
+    ppl = read_perplexity(ev.stderr + ev.stdout)
+    vocab = len((tmp_path / "bin" / "dict.txt").read_text().splitlines())
+    assert 1 < ppl < vocab  # better than uniform after 20 updates

@@ -1,0 +1,171 @@
+"""MemSizer models through fairseq's decoding machinery: incremental decoding
+equals one full forward, beam reordering keeps it so, the decode state does
+not grow with the prefix, and beam search scores equal forced decoding."""
+import pytest
+import torch
+from fairseq.sequence_generator import SequenceGenerator
+
+from conftest import TINY_LM, TINY_MT, make_model, random_tokens
+from linear_fairseq.modules.memsizer_attention import MemsizerAttention
+
+ATOL = 1e-4
+
+# (arch, args, task): the paper's MT layout, an all-MemSizer MT model, the LM
+CASES = {
+    "mt": ("memsizer_transformer", TINY_MT, "translation"),
+    "mt_all_memsizer": (
+        "memsizer_transformer",
+        TINY_MT + ["--encoder-self-attn", "memsizer", "--encoder-self-memory-size", "8"],
+        "translation",
+    ),
+    "lm": ("memsizer_lm", TINY_LM, "language_modeling"),
+}
+
+
+def left_padded_source(d, lengths, seed=0):
+    """fairseq's source layout: pads on the left, eos last."""
+    T = max(lengths)
+    src = torch.full((len(lengths), T), d.pad())
+    tokens = random_tokens(d, len(lengths), T, seed)
+    for i, n in enumerate(lengths):
+        src[i, T - n :] = tokens[i, :n]
+        src[i, -1] = d.eos()
+    return src, torch.tensor(lengths)
+
+
+class Harness:
+    """Runs one model's decoder, full or step by step, on a fixed batch."""
+
+    def __init__(self, case, B=4, seed=0):
+        arch, args, task = CASES[case]
+        self.model, self.d = make_model(arch, args, task, seed=seed)
+        self.encoder_out = None
+        if hasattr(self.model, "encoder"):
+            src, lengths = left_padded_source(self.d, [9, 5, 12, 3][:B], seed)
+            self.src, self.src_lengths = src, lengths
+            self.encoder_out = self.model.encoder(src, src_lengths=lengths)
+
+    def full(self, prev, encoder_out=None):
+        return self.model.decoder(prev, encoder_out=encoder_out or self.encoder_out)[0]
+
+    def steps(self, prev, state, start=0, encoder_out=None):
+        outs = []
+        for t in range(start, prev.size(1)):
+            out = self.model.decoder(
+                prev[:, : t + 1], encoder_out=encoder_out or self.encoder_out, incremental_state=state
+            )[0]
+            outs.append(out)
+        return torch.cat(outs, dim=1)
+
+
+def decoder_input(d, B, T, seed=1):
+    prev = random_tokens(d, B, T, seed)
+    prev[:, 0] = d.eos()
+    return prev
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("T", [1, 7, 70])
+def test_incremental_decoding_equals_full_forward(case, T):
+    h = Harness(case)
+    prev = decoder_input(h.d, 4, T)
+    with torch.no_grad():
+        full = h.full(prev)
+        inc = h.steps(prev, {})
+    assert inc.shape == full.shape
+    torch.testing.assert_close(inc, full, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reorder_mid_sequence_follows_the_beams(case):
+    beam, t0, T = 3, 6, 15
+    h = Harness(case, B=2)
+    if h.encoder_out is not None:  # 2 sentences x 3 beams, each beam sees its sentence's source
+        rows = torch.arange(2).repeat_interleave(beam)
+        h.encoder_out = h.model.encoder.reorder_encoder_out(h.encoder_out, rows)
+    prev = decoder_input(h.d, 2 * beam, T)
+    # beam search keeps rows of the same sentence, with repeats: 0->1,1->1,2->0 ...
+    new_order = torch.tensor([1, 1, 0, 5, 3, 3])
+    with torch.no_grad():
+        state = {}
+        h.steps(prev[:, :t0], state)
+        h.model.decoder.reorder_incremental_state_scripting(state, new_order)
+        enc = h.encoder_out and h.model.encoder.reorder_encoder_out(h.encoder_out, new_order)
+        # after the reorder row i continues the prefix of row new_order[i]
+        seq = torch.cat([prev[new_order, :t0], prev[:, t0:]], dim=1)
+        inc = h.steps(seq, state, start=t0, encoder_out=enc)
+        full = h.full(seq, encoder_out=enc)[:, t0:]
+    torch.testing.assert_close(inc, full, atol=ATOL, rtol=1e-4)
+    # and the reorder mattered: without it the outputs differ
+    with torch.no_grad():
+        state = {}
+        h.steps(prev[:, :t0], state)
+        stale = h.steps(seq, state, start=t0, encoder_out=enc)
+    assert (stale - full).abs().max() > 1e-3
+
+
+def state_numel(state):
+    return sum(v.numel() for buf in state.values() for v in buf.values() if v is not None)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_state_does_not_grow_with_the_prefix(case):
+    h = Harness(case)
+    sizes = {}
+    with torch.no_grad():
+        for T in (4, 64):
+            state = {}
+            h.steps(decoder_input(h.d, 4, T), state)
+            sizes[T] = state_numel(state)
+    assert sizes[4] == sizes[64] > 0
+    attn = [m for m in h.model.decoder.modules() if isinstance(m, MemsizerAttention)]
+    assert attn, "the decoder has no MemSizer attention"
+
+
+def forced_scores(model, d, tokens, net_input=None):
+    """Log-probabilities of `tokens` from one teacher-forced forward."""
+    prev = torch.cat([torch.full_like(tokens[:, :1], d.eos()), tokens[:, :-1]], dim=1)
+    if net_input is None:
+        out = model(prev)
+    else:
+        out = model(net_input["src_tokens"], net_input["src_lengths"], prev)
+    lprobs = model.get_normalized_probs(out, log_probs=True)
+    return lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_beam_search_scores_equal_forced_decoding(case):
+    h = Harness(case)
+    gen = SequenceGenerator([h.model], h.d, beam_size=4, max_len_a=0, max_len_b=14, min_len=3)
+    if h.encoder_out is not None:
+        net_input = {"src_tokens": h.src, "src_lengths": h.src_lengths}
+        prefix = None
+    else:  # the LM continues a 3-token prompt
+        prefix = random_tokens(h.d, 4, 3, seed=5)
+        net_input = {"src_tokens": prefix, "src_lengths": torch.full((4,), 3)}
+    with torch.no_grad():
+        hypos = gen.forward({"net_input": net_input}, prefix_tokens=prefix)
+    checked = 0
+    for i, sentence in enumerate(hypos):
+        for hyp in sentence:
+            tokens = hyp["tokens"].unsqueeze(0)
+            sub = None if prefix is not None else {k: v[i : i + 1] for k, v in net_input.items()}
+            with torch.no_grad():
+                expected = forced_scores(h.model, h.d, tokens, sub)[0]
+            torch.testing.assert_close(hyp["positional_scores"], expected, atol=ATOL, rtol=1e-4)
+            checked += 1
+    assert checked == 4 * 4
+
+
+@pytest.mark.parametrize("case", ["mt", "mt_all_memsizer"])
+def test_source_padding_does_not_change_a_sentence(case):
+    """A short source decodes the same alone as inside a left-padded batch."""
+    h = Harness(case)  # row 3 has 3 source tokens, padded to 12
+    prev = decoder_input(h.d, 4, 9)
+    short = h.src[3:, -3:]
+    with torch.no_grad():
+        in_batch = h.full(prev)[3]
+        alone_enc = h.model.encoder(short, src_lengths=torch.tensor([3]))
+        alone = h.model.decoder(prev[3:], encoder_out=alone_enc)[0][0]
+    assert (h.src[3] == h.d.pad()).sum() == 9
+    torch.testing.assert_close(in_batch, alone, atol=ATOL, rtol=1e-4)

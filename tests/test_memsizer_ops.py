@@ -1,0 +1,133 @@
+"""MemSizer math: the quadratic reference, the chunked training form and the
+recurrent decoding form are the same function (outputs and gradients)."""
+import pytest
+import torch
+
+from linear_fairseq.ops import memsizer as M
+
+RTOL = 1e-5  # fp32, relative to the output's scale
+
+
+def inputs(B, T, k, d, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, 3, k, generator=g, dtype=dtype)
+    p = M.slot_weights(logits).to(dtype)
+    K = torch.randn(B, T, k, generator=g, dtype=dtype)
+    V = torch.randn(B, T, d, generator=g, dtype=dtype)
+    return p, K, V
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    scale = expected.abs().max().clamp(min=1.0)
+    err = (actual - expected).abs().max()
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def recurrent(p, K, V, padding_mask=None):
+    S = n = None
+    outs = []
+    for t in range(p.shape[1]):
+        mask_t = None if padding_mask is None else padding_mask[:, t]
+        out, S, n = M.causal_step(p[:, t], K[:, t], V[:, t], S, n, mask_t)
+        outs.append(out)
+    return torch.stack(outs, dim=1), S, n
+
+
+def grads(fn, *xs):
+    xs = [x.detach().requires_grad_() for x in xs]
+    out = fn(*xs)
+    w = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+    return out, torch.autograd.grad((out * w).sum(), xs)
+
+
+@pytest.mark.parametrize("T", [1, 7, 300, 333])
+@pytest.mark.parametrize("k,chunk", [(1, 64), (4, 5), (32, 64), (4, 1)])
+def test_causal_chunked_matches_naive(T, k, chunk):
+    p, K, V = inputs(2, T, k, 16)
+    ref, ref_grads = grads(lambda p, K, V: M.naive(p, K, V, causal=True), p, K, V)
+    out, out_grads = grads(lambda p, K, V: M.causal_chunked(p, K, V, chunk_size=chunk), p, K, V)
+    assert_close(out, ref)
+    for g, g_ref in zip(out_grads, ref_grads):
+        assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("T", [1, 7, 300])
+@pytest.mark.parametrize("k", [1, 4, 32])
+def test_recurrent_matches_naive_with_gradients(T, k):
+    p, K, V = inputs(2, T, k, 8)
+    ref, ref_grads = grads(lambda p, K, V: M.naive(p, K, V, causal=True), p, K, V)
+    out, out_grads = grads(lambda p, K, V: recurrent(p, K, V)[0], p, K, V)
+    assert_close(out, ref)
+    for g, g_ref in zip(out_grads, ref_grads):
+        assert_close(g, g_ref)
+
+
+def test_recurrent_state_is_the_unscaled_memory():
+    p, K, V = inputs(2, 9, 4, 8)
+    _, S, n = recurrent(p, K, V)
+    assert S.shape == (2, 4, 8) and S.dtype == torch.float32
+    assert torch.allclose(S, K.transpose(1, 2) @ V, atol=1e-5)
+    assert n.tolist() == [9.0, 9.0]
+
+
+def test_noncausal_matches_naive():
+    p, K, V = inputs(3, 11, 8, 16)
+    q = p[:, :5]  # queries need not be the source
+    S = M.source_memory(K, V)
+    assert_close(M.read_memory(q, S, q.dtype), M.naive(q, K, V, causal=False))
+
+
+def test_chunked_gradcheck_float64():
+    p, K, V = inputs(1, 6, 3, 4, dtype=torch.float64)
+    fn = lambda p, K, V: M.causal_chunked(p, K, V, chunk_size=4)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [x.requires_grad_() for x in (p, K, V)])
+
+
+def left_pad(x, pad, fill):
+    return torch.cat([torch.full((x.shape[0], pad, x.shape[2]), fill, dtype=x.dtype), x], dim=1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_left_padding_leaves_real_positions_unchanged(causal):
+    T, pad = 13, 4
+    p, K, V = inputs(1, T, 4, 8)
+    # garbage (not zeros) at the padded positions
+    pp, Kp, Vp = left_pad(p, pad, 0.3), left_pad(K, pad, 5.0), left_pad(V, pad, -7.0)
+    mask = torch.zeros(1, T + pad, dtype=torch.bool)
+    mask[:, :pad] = True
+    if causal:
+        ref = M.naive(p, K, V, causal=True)
+        for out in (
+            M.naive(pp, Kp, Vp, causal=True, padding_mask=mask),
+            M.causal_chunked(pp, Kp, Vp, mask, chunk_size=5),
+            recurrent(pp, Kp, Vp, mask)[0],
+        ):
+            assert_close(out[:, pad:], ref)
+    else:
+        ref = M.read_memory(p, M.source_memory(K, V), p.dtype)
+        out = M.read_memory(p, M.source_memory(Kp, Vp, mask), p.dtype)
+        assert_close(out, ref)
+        assert_close(M.naive(p, Kp, Vp, causal=False, padding_mask=mask), ref)
+
+
+def test_right_padding_in_a_batch_matches_each_sequence_alone():
+    p, K, V = inputs(2, 10, 4, 8)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[1, 6:] = True
+    out = M.causal_chunked(p, K, V, mask, chunk_size=3)
+    alone = M.naive(p[1:, :6], K[1:, :6], V[1:, :6], causal=True)
+    assert_close(out[1:, :6], alone)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    p, K, V = inputs(1, 512, 4, 16)
+    ref = M.causal_chunked(p, K, V)
+    out = M.causal_chunked(p.bfloat16(), K.bfloat16(), V.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert_close(out.float(), ref, rtol=2e-2)
+
+
+def test_invalid_chunk_size_is_named():
+    p, K, V = inputs(1, 4, 2, 4)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        M.causal_chunked(p, K, V, chunk_size=0)

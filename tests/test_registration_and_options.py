@@ -1,0 +1,125 @@
+"""Plugin plumbing: idempotent registration, presets whose defaults are the
+values a model really gets, checkpoint loading under torch's weights_only, and
+option errors that name the option and the value."""
+import argparse
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+from fairseq import utils as fairseq_utils
+from fairseq.models import ARCH_MODEL_REGISTRY
+
+from conftest import ROOT, TINY_LM, TINY_MT, make_model, parse_model_args
+from linear_fairseq.modules.memsizer_attention import MemsizerAttention
+
+ARCHS = [
+    "memsizer_transformer", "memsizer_transformer_iwslt_de_en", "memsizer_transformer_wmt_en_de",
+    "memsizer_transformer_vaswani_wmt_en_de_big", "memsizer_lm", "memsizer_lm_wiki103", "memsizer_lm_gpt",
+]
+
+
+def test_all_architectures_are_registered():
+    assert set(ARCHS) <= set(ARCH_MODEL_REGISTRY)
+
+
+def test_importing_twice_does_not_register_twice():
+    # the same package under another module name re-runs every registration
+    spec = importlib.util.spec_from_file_location(
+        "linear_fairseq_again", ROOT / "linear_fairseq" / "__init__.py",
+        submodule_search_locations=[str(ROOT / "linear_fairseq")],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for name in [n for n in sys.modules if n.startswith("linear_fairseq_again")]:
+            del sys.modules[name]
+    # and fairseq's own --user-dir import after a test imported the package
+    fairseq_utils.import_user_module(argparse.Namespace(user_dir=str(ROOT / "linear_fairseq")))
+    assert ARCH_MODEL_REGISTRY["memsizer_lm"].__module__ == "linear_fairseq.models.memsizer"
+
+
+def memsizer_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, MemsizerAttention)}
+
+
+def test_mt_default_is_the_paper_setting():
+    cfg = parse_model_args("memsizer_transformer_iwslt_de_en")
+    assert (cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim, cfg.encoder_attention_heads) == (512, 1024, 4)
+    assert (cfg.encoder_self_attn, cfg.decoder_self_attn, cfg.cross_attn) == ("softmax", "memsizer", "memsizer")
+    assert (cfg.decoder_self_memory_size, cfg.cross_memory_size) == (4, 32)
+    assert (cfg.q_init_scale, cfg.kv_init_scale) == (8.0, 8.0)
+    model, _ = make_model("memsizer_transformer", TINY_MT)
+    attn = memsizer_modules(model)
+    assert not any(name.startswith("encoder.") for name in attn)  # softmax encoder
+    sizes = {name.rsplit(".", 1)[-1]: m.memory_size for name, m in attn.items()}
+    assert sizes == {"self_attn": 4, "encoder_attn": 32}
+    assert all(m.causal for n, m in attn.items() if n.endswith("self_attn"))
+
+
+def test_lm_default_is_the_paper_setting():
+    cfg = parse_model_args("memsizer_lm_wiki103", task="language_modeling")
+    assert (cfg.decoder_layers, cfg.decoder_self_memory_size) == (32, 32)
+    assert (cfg.q_init_scale, cfg.kv_init_scale, cfg.decoder_layerdrop) == (32.0, 1.0, 0.2)
+    assert cfg.adaptive_input and cfg.decoder_normalize_before
+    gpt = parse_model_args("memsizer_lm_gpt", task="language_modeling")
+    assert (gpt.decoder_embed_dim, gpt.decoder_layers, gpt.decoder_self_memory_size) == (768, 12, 32)
+
+
+def test_command_line_overrides_a_preset():
+    cfg = parse_model_args(
+        "memsizer_transformer_wmt_en_de", ["--decoder-self-memory-size", "8", "--encoder-layers", "3"]
+    )
+    assert (cfg.decoder_self_memory_size, cfg.encoder_layers, cfg.cross_memory_size) == (8, 3, 32)
+    model, _ = make_model("memsizer_transformer", TINY_MT + ["--decoder-self-memory-size", "8"])
+    assert {m.memory_size for n, m in memsizer_modules(model).items() if n.endswith("self_attn")} == {8}
+
+
+@pytest.mark.parametrize(
+    "arch,args,message",
+    [
+        ("memsizer_transformer", ["--decoder-self-memory-size", "0"], "--decoder-self-memory-size=0: must be a positive integer"),
+        ("memsizer_transformer", ["--cross-memory-size", "-3"], "--cross-memory-size=-3: must be a positive integer"),
+        ("memsizer_transformer", ["--encoder-self-attn", "memsizer", "--encoder-self-memory-size", "0"],
+         "--encoder-self-memory-size=0"),
+        ("memsizer_transformer", ["--decoder-attention-heads", "3"],
+         "--decoder-attention-heads=3 must be a positive divisor of --decoder-embed-dim=32"),
+        ("memsizer_transformer", ["--q-init-scale", "0"], "--q-init-scale=0.0: must be > 0"),
+        ("memsizer_transformer", ["--memsizer-chunk-size", "0"], "--memsizer-chunk-size=0"),
+        ("memsizer_lm", ["--decoder-self-memory-size", "0"], "--decoder-self-memory-size=0"),
+    ],
+)
+def test_bad_options_name_the_option_and_value(arch, args, message):
+    base, task = (TINY_LM, "language_modeling") if arch.endswith("_lm") else (TINY_MT, "translation")
+    with pytest.raises(ValueError) as err:
+        make_model(arch, base + args, task)
+    assert message in str(err.value)
+
+
+def test_unknown_attention_name_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse_model_args("memsizer_transformer", ["--decoder-self-attn", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_module_rejects_bad_sizes_with_values():
+    with pytest.raises(ValueError, match="num_heads=3 must be a positive divisor of embed_dim=32"):
+        MemsizerAttention(32, 3, 4)
+    with pytest.raises(ValueError, match="memory_size must be a positive integer, got 0"):
+        MemsizerAttention(32, 4, 0)
+
+
+def test_argparse_checkpoints_load_under_weights_only(tmp_path):
+    """fairseq's softmax baselines pickle a Namespace; the plugin allow-lists it."""
+    path = tmp_path / "legacy.pt"
+    torch.save({"args": argparse.Namespace(arch="transformer"), "model": {"w": torch.ones(2)}}, path)
+    code = f"import torch; torch.load({str(path)!r}); print('ok')"
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert bare.returncode != 0 and "Namespace" in bare.stderr  # stock torch refuses it
+    plugin = subprocess.run(
+        [sys.executable, "-c", "import linear_fairseq; " + code], capture_output=True, text=True, cwd=ROOT
+    )
+    assert plugin.returncode == 0, plugin.stderr[-2000:]
