@@ -35,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("data-bin/multi30k_de_en"))
     ap.add_argument("--vocab", type=int, default=4000, help="joint sentencepiece vocabulary (default 4000)")
     ap.add_argument("--limit", type=int, help="keep only the first N training pairs (smoke tests)")
+    ap.add_argument("--eval-limit", type=int, help="keep only the first N valid/test pairs (smoke tests)")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
     out = args.out
@@ -48,7 +49,7 @@ def main(argv=None):
                 src = find_raw(args.raw, f"{name}.{lang}")
             else:
                 src = download(URL.format(name=f"{name}.{lang}"), out / "download" / f"{name}.{lang}.gz")
-            write_lines(dest, read_lines(src, args.limit if split == "train" else None))
+            write_lines(dest, read_lines(src, args.limit if split == "train" else args.eval_limit))
     n = {s: len(read_lines(raw / f"{s}.de")) for s in SPLITS}
     for s in SPLITS:
         if len(read_lines(raw / f"{s}.en")) != n[s]:

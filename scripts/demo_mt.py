@@ -32,7 +32,6 @@ TRAIN = (
     "--dropout 0.1 --max-tokens 4096 --seed 1 --no-epoch-checkpoints --no-last-checkpoints "
     "--log-format simple --log-interval 50 --num-workers 0"
 )
-ARCHS = ("transformer", "memsizer_transformer")
 
 
 def say(msg):
@@ -56,6 +55,9 @@ def main():
     ap.add_argument("--work", type=Path, default=ROOT / "work" / "demo_mt")
     ap.add_argument("--updates", type=int, default=400, help="training updates per model (default 400)")
     ap.add_argument("--batch-size", type=int, default=64, help="decoding batch size (default 64)")
+    ap.add_argument("--archs", default="transformer,memsizer_transformer",
+                    help="comma-separated --arch values, trained with the same settings "
+                         "(default: transformer,memsizer_transformer; e.g. add performer_transformer)")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -70,7 +72,7 @@ def main():
     refs = read_references(work / "data" / "raw" / "test.en")
 
     rows = []
-    for arch in ARCHS:
+    for arch in args.archs.split(","):
         ckpt = work / "checkpoints" / arch
         ckpt.mkdir(parents=True, exist_ok=True)
         say(f"training {arch} for {args.updates} updates (log: {ckpt / 'train.log'})")

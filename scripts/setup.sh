@@ -24,7 +24,11 @@ if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
         $PIP "torch==2.13.0"
     else
-        $PIP "torch==2.13.0" --extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+        # torch alone from the CPU index (fail fast if it is unreachable and a
+        # local wheel serves), then its dependencies from the usual index
+        $PIP --no-deps --retries 1 --timeout 15 "torch==2.13.0" \
+            --extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+        $PIP "torch==2.13.0"
     fi
 fi
 $PIP --no-deps "ve-fairseq==0.12.3"

@@ -18,6 +18,9 @@ from fairseq.models.transformer import (
     TransformerDecoderBase,
     TransformerEncoderBase,
     TransformerModel,
+    transformer_iwslt_de_en,
+    transformer_vaswani_wmt_en_de_big,
+    transformer_wmt_en_de,
 )
 from fairseq.models.transformer_lm import (
     DEFAULT_MAX_TARGET_POSITIONS,
@@ -30,6 +33,7 @@ from omegaconf import OmegaConf
 
 from ..modules.attention import ROLES, attention_kind
 from ..modules.layers import LinearDecoderLayer, LinearEncoderLayer, wrap_layer
+from ..registry import register_model_architecture
 
 
 # -- configs ----------------------------------------------------------------
@@ -59,6 +63,11 @@ LinearTransformerConfig = dataclasses.make_dataclass(
     "LinearTransformerConfig", list(_flat_fields(TransformerConfig)), bases=(FairseqDataclass,)
 )
 LinearTransformerConfig.__module__ = __name__
+
+
+def option(default, help: str):
+    """A dataclass field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def as_namespace(cfg: Any) -> Namespace:
@@ -113,9 +122,11 @@ class LinearTransformerDecoder(TransformerDecoderBase):
 
 # -- models -----------------------------------------------------------------
 class LinearModelMixin:
-    """Option checks shared by the encoder-decoder and decoder-only models."""
+    """Option checks shared by the encoder-decoder and decoder-only models.
+    A family sets ``check_family(args, roles)`` to check its own options."""
 
     roles = ROLES
+    check_family = None
 
     @classmethod
     def add_args(cls, parser):
@@ -132,6 +143,8 @@ class LinearModelMixin:
                 require_heads_divide(args, "encoder" if role == "encoder_self" else "decoder")
         if getattr(args, "cross_self_attention", False):
             raise option_error("cross_self_attention", True, "is not supported with linear attention")
+        if cls.check_family is not None:
+            cls.check_family(args, [role for role in cls.roles if attention_kind(args, role) != "softmax"])
 
 
 class LinearTransformerModel(LinearModelMixin, TransformerModel):
@@ -199,3 +212,17 @@ class LinearLanguageModel(LinearModelMixin, TransformerLanguageModel):
         )
         return cls(decoder)
 
+
+# -- presets ------------------------------------------------------------------
+# fairseq's encoder-decoder sizes; every family registers <model>_<suffix>.
+MT_PRESETS = {
+    "iwslt_de_en": transformer_iwslt_de_en,
+    "wmt_en_de": transformer_wmt_en_de,
+    "vaswani_wmt_en_de_big": transformer_vaswani_wmt_en_de_big,
+}
+
+
+def register_presets(model_name: str, presets) -> None:
+    """Register `{model_name}_{suffix}` for each (suffix, arch function)."""
+    for suffix, arch in presets.items():
+        register_model_architecture(model_name, f"{model_name}_{suffix}")(arch)

@@ -7,14 +7,9 @@ encoder) with init scales 8/8; for LM, k=32 with init scales 32/1. A default
 here is the value a model gets: no argparse default overrides it.
 """
 from argparse import Namespace
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models.transformer import (
-    transformer_iwslt_de_en,
-    transformer_vaswani_wmt_en_de_big,
-    transformer_wmt_en_de,
-)
 from fairseq.models.transformer_lm import (
     TransformerLanguageModelConfig,
     transformer_lm_baevski_wiki103,
@@ -22,21 +17,19 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..modules import memsizer_attention  # noqa: F401  registers the "memsizer" attention
-from ..modules.attention import attention_kind
-from ..registry import register_model, register_model_architecture
+from ..registry import register_model
 from .linear_transformer import (
+    MT_PRESETS,
     LinearLanguageModel,
     LinearTransformerConfig,
     LinearTransformerModel,
+    register_presets,
     require_positive,
     require_positive_int,
 )
+from .linear_transformer import option as _opt
 
 ATTENTION = ChoiceEnum(["softmax", "memsizer"])
-
-
-def _opt(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -64,10 +57,10 @@ class MemsizerLMConfig(TransformerLanguageModelConfig, MemsizerOptions):
 
 
 def check_memsizer_args(args: Namespace, roles) -> None:
-    used = [role for role in roles if attention_kind(args, role) == "memsizer"]
-    for role in used:
+    """`roles`: the roles that use MemSizer."""
+    for role in roles:
         require_positive_int(args, f"{role}_memory_size")
-    if used:
+    if roles:
         require_positive(args, "q_init_scale")
         require_positive(args, "kv_init_scale")
         require_positive_int(args, "memsizer_chunk_size")
@@ -75,37 +68,14 @@ def check_memsizer_args(args: Namespace, roles) -> None:
 
 @register_model("memsizer_transformer", dataclass=MemsizerTransformerConfig)
 class MemsizerTransformerModel(LinearTransformerModel):
-    @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        check_memsizer_args(args, cls.roles)
+    check_family = staticmethod(check_memsizer_args)
 
 
 @register_model("memsizer_lm", dataclass=MemsizerLMConfig)
 class MemsizerLanguageModel(LinearLanguageModel):
-    @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        check_memsizer_args(args, cls.roles)
+    check_family = staticmethod(check_memsizer_args)
 
 
-# -- presets: fairseq's transformer sizes, MemSizer defaults from the config --
-@register_model_architecture("memsizer_transformer", "memsizer_transformer_iwslt_de_en")
-def memsizer_transformer_iwslt_de_en(args):
-    transformer_iwslt_de_en(args)
-
-
-@register_model_architecture("memsizer_transformer", "memsizer_transformer_wmt_en_de")
-def memsizer_transformer_wmt_en_de(args):
-    transformer_wmt_en_de(args)
-
-
-@register_model_architecture("memsizer_transformer", "memsizer_transformer_vaswani_wmt_en_de_big")
-def memsizer_transformer_vaswani_wmt_en_de_big(args):
-    transformer_vaswani_wmt_en_de_big(args)
-
-
-@register_model_architecture("memsizer_lm", "memsizer_lm_wiki103")
 def memsizer_lm_wiki103(args):
     # the paper's WikiText-103 run (authors' lm_wikitext-103.sh): fairseq's
     # adaptive-input wiki103 LM with 32 MemSizer layers, layerdrop 0.2, dropout 0.2
@@ -115,6 +85,5 @@ def memsizer_lm_wiki103(args):
     transformer_lm_baevski_wiki103(args)
 
 
-@register_model_architecture("memsizer_lm", "memsizer_lm_gpt")
-def memsizer_lm_gpt(args):
-    transformer_lm_gpt(args)
+register_presets("memsizer_transformer", MT_PRESETS)
+register_presets("memsizer_lm", {"wiki103": memsizer_lm_wiki103, "gpt": transformer_lm_gpt})

@@ -1,25 +1,39 @@
-"""MemSizer models through fairseq's decoding machinery: incremental decoding
-equals one full forward, beam reordering keeps it so, the decode state does
-not grow with the prefix, and beam search scores equal forced decoding."""
+"""Every family's models through fairseq's decoding machinery: incremental
+decoding equals one full forward, beam reordering keeps it so, the decode
+state does not grow with the prefix, and beam search scores equal forced
+decoding."""
 import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import TINY_LM, TINY_MT, make_model, random_tokens
-from linear_fairseq.modules.memsizer_attention import MemsizerAttention
+from linear_fairseq.modules.attention import LinearAttention
 
 ATOL = 1e-4
 
-# (arch, args, task): the paper's MT layout, an all-MemSizer MT model, the LM
+
+def kernel(feature_map, *extra):
+    return ["--feature-map", feature_map, *(["--num-features", "16"] if feature_map != "elu" else []), *extra]
+
+
+# (arch, args, task) for each family and option that changes the decode path
 CASES = {
-    "mt": ("memsizer_transformer", TINY_MT, "translation"),
-    "mt_all_memsizer": (
+    "memsizer_mt": ("memsizer_transformer", TINY_MT, "translation"),
+    "memsizer_mt_all": (
         "memsizer_transformer",
         TINY_MT + ["--encoder-self-attn", "memsizer", "--encoder-self-memory-size", "8"],
         "translation",
     ),
-    "lm": ("memsizer_lm", TINY_LM, "language_modeling"),
+    "memsizer_lm": ("memsizer_lm", TINY_LM, "language_modeling"),
+    **{
+        f"performer_mt_{fm}": ("performer_transformer", TINY_MT + kernel(fm), "translation")
+        for fm in ("elu", "favor", "rfa", "t2r")
+    },
+    "performer_mt_rfa_gate": ("performer_transformer", TINY_MT + kernel("rfa", "--rfa-gate"), "translation"),
+    "performer_lm_favor": ("performer_lm", TINY_LM + kernel("favor"), "language_modeling"),
+    "performer_lm_t2r_gate": ("performer_lm", TINY_LM + kernel("t2r", "--rfa-gate"), "language_modeling"),
 }
+ENC_DEC = [case for case, (_, _, task) in CASES.items() if task == "translation"]
 
 
 def left_padded_source(d, lengths, seed=0):
@@ -118,8 +132,8 @@ def test_decode_state_does_not_grow_with_the_prefix(case):
             h.steps(decoder_input(h.d, 4, T), state)
             sizes[T] = state_numel(state)
     assert sizes[4] == sizes[64] > 0
-    attn = [m for m in h.model.decoder.modules() if isinstance(m, MemsizerAttention)]
-    assert attn, "the decoder has no MemSizer attention"
+    attn = [m for m in h.model.decoder.modules() if isinstance(m, LinearAttention)]
+    assert attn, "the decoder has no linear attention"
 
 
 def forced_scores(model, d, tokens, net_input=None):
@@ -157,7 +171,7 @@ def test_beam_search_scores_equal_forced_decoding(case):
     assert checked == 4 * 4
 
 
-@pytest.mark.parametrize("case", ["mt", "mt_all_memsizer"])
+@pytest.mark.parametrize("case", ENC_DEC)
 def test_source_padding_does_not_change_a_sentence(case):
     """A short source decodes the same alone as inside a left-padded batch."""
     h = Harness(case)  # row 3 has 3 source tokens, padded to 12

@@ -1,0 +1,84 @@
+"""Kernel-attention models: ``performer_transformer`` (encoder-decoder; each
+attention role softmax or kernel), ``performer_lm`` (decoder-only), and
+presets named after fairseq's own. The feature map is chosen by name with
+--feature-map {elu,favor,rfa,t2r}."""
+from argparse import Namespace
+from dataclasses import dataclass
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModelConfig,
+    transformer_lm_baevski_wiki103,
+    transformer_lm_gpt,
+)
+
+from ..modules.performer_attention import FEATURE_MAPS  # registers the "performer" attention
+from ..registry import register_model
+from .linear_transformer import (
+    MT_PRESETS,
+    LinearLanguageModel,
+    LinearTransformerConfig,
+    LinearTransformerModel,
+    option,
+    option_error,
+    register_presets,
+    require_positive,
+    require_positive_int,
+)
+
+ATTENTION = ChoiceEnum(["softmax", "performer"])
+
+
+@dataclass
+class PerformerOptions(FairseqDataclass):
+    decoder_self_attn: ATTENTION = option("performer", "decoder self-attention")
+    feature_map: ChoiceEnum(list(FEATURE_MAPS)) = option("favor", "kernel feature map phi")
+    num_features: Optional[int] = option(
+        None, "m, features per head (default: favor d ln d, rfa d, t2r 32; elu has none)"
+    )
+    redraw_interval: int = option(
+        1000, "redraw favor/rfa random projections every N training forward passes; 0: never"
+    )
+    rfa_gate: bool = option(False, "RFA's learned recency gate on the causal self-attention")
+    kernel_eps: float = option(1e-6, "lower clamp of the attention normalizer phi(q).z")
+    kernel_chunk_size: int = option(64, "chunk length of the causal training form (speed/memory only)")
+
+
+@dataclass
+class PerformerTransformerConfig(LinearTransformerConfig, PerformerOptions):
+    encoder_self_attn: ATTENTION = option("performer", "encoder self-attention")
+    cross_attn: ATTENTION = option("performer", "decoder cross-attention")
+
+
+@dataclass
+class PerformerLMConfig(TransformerLanguageModelConfig, PerformerOptions):
+    pass
+
+
+def check_performer_args(args: Namespace, roles) -> None:
+    """`roles`: the roles that use kernel attention."""
+    if not roles:
+        return
+    if args.num_features is not None:
+        require_positive_int(args, "num_features")
+    if args.feature_map == "elu" and args.num_features is not None:
+        raise option_error("num_features", args.num_features, "elu has no features to choose (phi has the head's width)")
+    if not isinstance(args.redraw_interval, int) or args.redraw_interval < 0:
+        raise option_error("redraw_interval", args.redraw_interval, "must be >= 0")
+    require_positive(args, "kernel_eps")
+    require_positive_int(args, "kernel_chunk_size")
+
+
+@register_model("performer_transformer", dataclass=PerformerTransformerConfig)
+class PerformerTransformerModel(LinearTransformerModel):
+    check_family = staticmethod(check_performer_args)
+
+
+@register_model("performer_lm", dataclass=PerformerLMConfig)
+class PerformerLanguageModel(LinearLanguageModel):
+    check_family = staticmethod(check_performer_args)
+
+
+register_presets("performer_transformer", MT_PRESETS)
+register_presets("performer_lm", {"wiki103": transformer_lm_baevski_wiki103, "gpt": transformer_lm_gpt})

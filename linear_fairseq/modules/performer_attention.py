@@ -1,0 +1,194 @@
+"""Kernel attention module behind the LinearAttention contract: multi-head
+attention with softmax(q k^T) replaced by phi(q) phi(k)^T, phi chosen by name.
+
+  elu    elu(x) + 1 ("Transformers are RNNs", arXiv 2006.16236)
+  favor  Performer FAVOR+ positive orthogonal random features (Choromanski et al., ICLR 2021)
+  rfa    random Fourier (sin/cos) features, optional recency gate (Peng et al., ICLR 2021)
+  t2r    learned feature map relu(W x + b) (Kasai et al., EMNLP 2021)
+
+Random projections are buffers: saved in checkpoints and identical in eval
+and after reloading. They are redrawn only in training, every
+`redraw_interval` forward passes (0: never).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import kernel as K
+from .attention import LinearAttention, State, register_attention
+
+FEATURE_MAPS = ("elu", "favor", "rfa", "t2r")
+
+
+def default_num_features(feature_map: str, head_dim: int) -> int:
+    """elu: none (phi has the head's width); favor: d ln d (Performer's choice);
+    rfa: d sin/cos pairs; t2r: 32 (T2R's choice)."""
+    return {"elu": head_dim, "favor": max(1, round(head_dim * math.log(max(head_dim, 2)))),
+            "rfa": head_dim, "t2r": 32}[feature_map]
+
+
+class EluFeatures(nn.Module):
+    def forward(self, x: Tensor, is_query: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        return K.elu_features(x), None
+
+
+class RandomFeatures(nn.Module):
+    """A random projection (m x d) kept as a buffer, redrawn on schedule in training."""
+
+    def __init__(self, head_dim: int, num_features: int, redraw_interval: int):
+        super().__init__()
+        self.head_dim, self.num_features, self.redraw_interval = head_dim, num_features, redraw_interval
+        self.register_buffer("projection", self.draw())
+        self.register_buffer("training_calls", torch.zeros((), dtype=torch.long))
+
+    def draw(self) -> Tensor:
+        return K.orthogonal_gaussian(self.num_features, self.head_dim)
+
+    @torch.no_grad()
+    def redraw_if_due(self) -> None:
+        if not self.training or self.redraw_interval <= 0:
+            return
+        if self.training_calls > 0 and self.training_calls % self.redraw_interval == 0:
+            self.projection.copy_(self.draw().to(self.projection))
+        self.training_calls += 1
+
+
+class FavorFeatures(RandomFeatures):
+    def forward(self, x, is_query):
+        return K.favor_features(x, self.projection, is_query)
+
+
+class RFAFeatures(RandomFeatures):
+    def draw(self) -> Tensor:
+        return torch.randn(self.num_features, self.head_dim)  # w ~ N(0, I): Gaussian kernel, sigma = 1
+
+    def forward(self, x, is_query):
+        return K.rfa_features(x, self.projection), None
+
+
+class T2RFeatures(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, num_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, num_features, head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads, num_features))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, x, is_query):
+        return K.t2r_features(x, self.weight, self.bias), None
+
+
+class PerformerAttention(LinearAttention):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        feature_map: str = "favor",
+        num_features: Optional[int] = None,
+        kv_dim: Optional[int] = None,
+        causal: bool = False,
+        cross: bool = False,
+        gate: bool = False,
+        redraw_interval: int = 0,
+        chunk_size: int = 64,
+        eps: float = 1e-6,
+    ):
+        super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"PerformerAttention: feature_map={feature_map!r}; choose from {', '.join(FEATURE_MAPS)}")
+        m = default_num_features(feature_map, self.head_dim) if num_features is None else num_features
+        for name, value in (("num_features", m), ("chunk_size", chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PerformerAttention: {name} must be a positive integer, got {value!r}")
+        if not isinstance(redraw_interval, int) or redraw_interval < 0:
+            raise ValueError(f"PerformerAttention: redraw_interval must be >= 0, got {redraw_interval!r}")
+        if not eps > 0:
+            raise ValueError(f"PerformerAttention: eps must be > 0, got {eps!r}")
+        kv_dim = kv_dim or embed_dim
+        self.feature_map_name, self.chunk_size, self.eps = feature_map, chunk_size, eps
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(kv_dim, embed_dim)
+        self.v_proj = nn.Linear(kv_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.phi = {
+            "elu": lambda: EluFeatures(),
+            "favor": lambda: FavorFeatures(self.head_dim, m, redraw_interval),
+            "rfa": lambda: RFAFeatures(self.head_dim, m, redraw_interval),
+            "t2r": lambda: T2RFeatures(num_heads, self.head_dim, m),
+        }[feature_map]()
+        # RFA's recency gate g_t = sigmoid(w_h . x_t + b_h), one per head (causal only)
+        self.gate = nn.Linear(embed_dim, num_heads) if gate and causal else None
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)  # as fairseq's MultiheadAttention
+        nn.init.xavier_uniform_(self.out_proj.weight)
+
+    # (B, T, C) -> (B, H, T, d) and back
+    def heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def merge(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.out_proj(x.transpose(1, 2).flatten(2).to(dtype))
+
+    def features(self, x: Tensor, proj: nn.Linear, is_query: bool):
+        return self.phi(self.heads(proj(x)), is_query)
+
+    def gate_logits(self, x: Tensor) -> Optional[Tensor]:
+        return None if self.gate is None else self.gate(x).transpose(1, 2)  # (B, H, T)
+
+    def forward(self, query, *args, **kwargs):
+        if hasattr(self.phi, "redraw_if_due"):
+            self.phi.redraw_if_due()
+        return super().forward(query, *args, **kwargs)
+
+    def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
+        phi_k, log_scale = self.features(source, self.k_proj, is_query=False)
+        S, z = K.summarize(phi_k, self.heads(self.v_proj(source)), padding_mask, log_scale)
+        return {"S": S, "z": z}
+
+    def read(self, x: Tensor, state: State) -> Tensor:
+        phi_q, _ = self.features(x, self.q_proj, is_query=True)
+        return self.merge(K.read(phi_q, state["S"], state["z"], x.dtype, self.eps), x.dtype)
+
+    def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        phi_q, _ = self.features(x, self.q_proj, is_query=True)
+        phi_k, log_scale = self.features(x, self.k_proj, is_query=False)
+        out, _ = K.causal_chunked(
+            phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale,
+            self.gate_logits(x), self.chunk_size, self.eps,
+        )
+        return self.merge(out, x.dtype)
+
+    def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        x = x.unsqueeze(1)  # (B, 1, C)
+        phi_q, _ = self.features(x, self.q_proj, is_query=True)
+        phi_k, log_scale = self.features(x, self.k_proj, is_query=False)
+        gate = self.gate_logits(x)
+        last = lambda t: None if t is None else t[:, :, 0]  # noqa: E731
+        prev = (state["S"], state["z"], state["M"]) if state else None
+        out, (S, z, M) = K.causal_step(
+            last(phi_q), last(phi_k), last(self.heads(self.v_proj(x))), prev,
+            padding_mask, last(log_scale), last(gate), self.eps,
+        )
+        return self.merge(out.unsqueeze(2), x.dtype).squeeze(1), {"S": S, "z": z, "M": M}
+
+
+@register_attention("performer")
+def build_performer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: int) -> PerformerAttention:
+    """Options read from the model config: --feature-map, --num-features,
+    --redraw-interval, --rfa-gate, --kernel-eps, --kernel-chunk-size."""
+    num_features = getattr(cfg, "num_features", None)
+    return PerformerAttention(
+        embed_dim,
+        num_heads,
+        feature_map=str(cfg.feature_map),
+        num_features=None if num_features is None else int(num_features),
+        kv_dim=kv_dim,
+        causal=role == "decoder_self",
+        cross=role == "cross",
+        gate=bool(getattr(cfg, "rfa_gate", False)),
+        redraw_interval=int(cfg.redraw_interval),
+        chunk_size=int(cfg.kernel_chunk_size),
+        eps=float(cfg.kernel_eps),
+    )

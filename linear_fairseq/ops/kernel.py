@@ -1,0 +1,241 @@
+"""Kernel ("linear") attention as pure tensor functions (no fairseq imports).
+
+"Transformers are RNNs" (Katharopoulos et al., ICML 2020, arXiv 2006.16236):
+
+    out_i = phi(q_i)^T S_i / max(phi(q_i)^T z_i, eps)
+    S_i = sum_{j<=i} phi(k_j) v_j^T,   z_i = sum_{j<=i} phi(k_j)
+
+Shapes are per head and batch-first: phi_q (B, H, T, m), phi_k (B, H, n, m),
+v (B, H, n, d); a padding mask is (B, n), True at padding.
+
+Two generalizations share one mechanism, per-key log-weights:
+
+* log-scaled key features. Performer's positive random features are
+  exponentials; a key feature may be given as phi_k_j with a log-scale s_j
+  (B, H, n), the true feature being phi_k_j * exp(s_j).
+* RFA's recency gate g_j in (0, 1) (causal only): the state decays,
+  S_i = g_i S_{i-1} + (1 - g_i) phi(k_i) v_i^T, so key j counts
+  (1 - g_j) prod_{l=j+1..i} g_l at query i.
+
+All sums are kept relative to a reference R_i = the largest log-weight among
+the keys query i may see, so every factor exp(. - R_i) is <= 1 and nothing
+overflows. R_i is a prefix maximum: the causal forms never look at future
+keys, and the reference cancels between numerator and normalizer. The
+normalizer is clamped to eps (not eps added), so the three forms agree
+wherever it is above eps. Sums accumulate in float32 (float64 if given).
+
+Forms: ``naive`` (quadratic reference), ``causal_chunked`` (training: a loop
+over chunks of G tokens, quadratic inside a chunk, the carried state across),
+``causal_step`` (decoding: the same update with G = 1), and
+``summarize``/``read`` for the non-causal form.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+State = Tuple[Tensor, Tensor, Tensor]  # S (B,H,m,d), z (B,H,m), M (B,H): the state is exp(M) * (S, z)
+NEG_INF = float("-inf")
+
+
+def acc(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# -- feature maps phi ---------------------------------------------------------
+def elu_features(x: Tensor) -> Tensor:
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, Eq. 7)."""
+    return F.elu(acc(x)) + 1.0
+
+
+def favor_features(x: Tensor, projection: Tensor, is_query: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Performer FAVOR+ positive random features of the softmax kernel exp(q.k / sqrt(d)).
+
+    phi(x) = exp(w_r . x' - |x'|^2 / 2) / sqrt(m), x' = x d^{-1/4}, rows w_r of
+    `projection` (m, d). Returned as exp(a - s) / sqrt(m) with s = max_r a
+    (a constant per token): for a query it cancels and is dropped; for a key it
+    is returned as the log-scale, so keys keep their relative weights.
+    """
+    x = acc(x) * x.shape[-1] ** -0.25
+    a = x @ acc(projection).t() - 0.5 * (x * x).sum(-1, keepdim=True)
+    s = a.amax(dim=-1, keepdim=True).detach()
+    phi = torch.exp(a - s) / math.sqrt(projection.shape[0])
+    return phi, (None if is_query else s.squeeze(-1))
+
+
+def rfa_features(x: Tensor, projection: Tensor) -> Tensor:
+    """RFA random Fourier features of the Gaussian kernel on unit-norm inputs
+    (Peng et al., ICLR 2021): phi(x) = [sin(W x), cos(W x)] / sqrt(m)."""
+    proj = F.normalize(acc(x), dim=-1) @ acc(projection).t()
+    return torch.cat([proj.sin(), proj.cos()], dim=-1) / math.sqrt(projection.shape[0])
+
+
+def t2r_features(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """T2R's learned feature map, phi(x) = relu(W_h x + b_h) per head (Kasai et al., EMNLP 2021).
+    x (B, H, T, d), weight (H, m, d), bias (H, m)."""
+    return F.relu(torch.einsum("bhtd,hmd->bhtm", acc(x), acc(weight)) + acc(bias)[:, None, :])
+
+
+def orthogonal_gaussian(m: int, d: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """m x d matrix of blocks of orthogonal rows, each row rescaled to the norm
+    of a Gaussian vector (Performer's orthogonal random features)."""
+    blocks = []
+    for _ in range(-(-m // d)):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator))
+        blocks.append(q.t())
+    rows = torch.cat(blocks)[:m]
+    norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
+    return rows * norms
+
+
+# -- per-key log-weights --------------------------------------------------------
+def key_log_weights(
+    shape, like: Tensor, padding_mask: Optional[Tensor], log_scale: Optional[Tensor], gate_logits: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """(a, lg), both (B, H, n): a_j = log-weight of key j when written,
+    lg_j = log g_j, the decay applied at step j (0 without a gate or at padding)."""
+    a = like.new_zeros(shape) if log_scale is None else acc(log_scale)
+    lg = like.new_zeros(shape)
+    if gate_logits is not None:
+        a = a + F.logsigmoid(-acc(gate_logits))  # log(1 - g_j)
+        lg = F.logsigmoid(acc(gate_logits))  # log g_j
+    if padding_mask is not None:
+        pad = padding_mask[:, None, :]
+        a = a.masked_fill(pad, NEG_INF)
+        lg = lg.masked_fill(pad, 0.0)
+    return a, lg
+
+
+def _finite(R: Tensor) -> Tensor:
+    """A reference where no key is visible yet: any finite value does."""
+    return R.masked_fill(R == NEG_INF, 0.0)
+
+
+def _drop_padded(phi_k: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+    return phi_k if padding_mask is None else phi_k.masked_fill(padding_mask[:, None, :, None], 0.0)
+
+
+# -- reference -------------------------------------------------------------------
+def naive(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    v: Tensor,
+    causal: bool,
+    padding_mask: Optional[Tensor] = None,
+    log_scale: Optional[Tensor] = None,
+    gate_logits: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Quadratic reference: weight of key j at query i is phi_q_i . phi_k_j exp(w_ij - R_i)."""
+    dtype = v.dtype
+    phi_q, phi_k, v = acc(phi_q), _drop_padded(acc(phi_k), padding_mask), acc(v)
+    B, H, n = phi_k.shape[:3]
+    a, lg = key_log_weights((B, H, n), phi_k, padding_mask, log_scale, gate_logits if causal else None)
+    if causal:
+        L = lg.cumsum(-1)
+        w = a[..., None, :] + L[..., :, None] - L[..., None, :]  # [i, j]: a_j + sum_{l=j+1..i} log g_l
+        future = torch.ones(n, n, dtype=torch.bool, device=v.device).triu(1)
+        w = w.masked_fill(future, NEG_INF)
+    else:
+        w = a[..., None, :].expand(B, H, phi_q.shape[2], n)
+    R = _finite(w.amax(-1, keepdim=True)).detach()
+    scores = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(w - R)
+    return (scores @ v / scores.sum(-1, keepdim=True).clamp(min=eps)).to(dtype)
+
+
+# -- non-causal: summarize the source once, read it per query ------------------------
+def summarize(
+    phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None, log_scale: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j), relative to the largest key log-scale."""
+    phi_k, v = _drop_padded(acc(phi_k), padding_mask), acc(v)
+    a, _ = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, None)
+    w = torch.exp(a - _finite(a.amax(-1, keepdim=True)).detach()).unsqueeze(-1)
+    return (phi_k * w).transpose(-1, -2) @ v, (phi_k * w).sum(-2)
+
+
+def read(phi_q: Tensor, S: Tensor, z: Tensor, dtype: torch.dtype, eps: float = 1e-6) -> Tensor:
+    """out = phi(q)^T S / max(phi(q)^T z, eps)."""
+    phi_q = acc(phi_q)
+    return ((phi_q @ S) / (phi_q @ z.unsqueeze(-1)).clamp(min=eps)).to(dtype)
+
+
+# -- causal: chunks carrying the state; a decoding step is a chunk of one ------------
+def empty_state(B: int, H: int, m: int, d: int, like: Tensor) -> State:
+    S = acc(like).new_zeros(B, H, m, d)
+    return S, S.new_zeros(B, H, m), S.new_full((B, H), NEG_INF)
+
+
+def _chunk(phi_q, phi_k, v, a, lg, state: State, eps: float) -> Tuple[Tensor, State]:
+    S, z, M = state
+    G = phi_q.shape[2]
+    L = lg.cumsum(-1)  # decay from the chunk's start to t
+    r = a - L  # key j's log-weight, up to the common factor exp(L_t)
+    R_raw = torch.maximum(M.unsqueeze(-1), r.cummax(-1).values).detach()  # prefix max: no look-ahead
+    R = _finite(R_raw)
+    future = torch.ones(G, G, dtype=torch.bool, device=v.device).triu(1)
+    w = torch.exp((r[..., None, :] - R[..., :, None]).masked_fill(future, NEG_INF))  # [t, j], j <= t
+    scores = (phi_q @ phi_k.transpose(-1, -2)) * w
+    w_state = torch.exp(M.unsqueeze(-1) - R)  # the carried state, seen from t
+    num = scores @ v + w_state.unsqueeze(-1) * (phi_q @ S)
+    den = scores.sum(-1) + w_state * (phi_q @ z.unsqueeze(-1)).squeeze(-1)
+    out = num / den.clamp(min=eps).unsqueeze(-1)
+    # the state at the chunk's end: S' = decay * S + sum_j weight_j phi(k_j) v_j^T
+    R_end = R[..., -1:]
+    w_keys = torch.exp(r - R_end).unsqueeze(-1)
+    w_old = torch.exp(M.unsqueeze(-1) - R_end)
+    S = w_old.unsqueeze(-1) * S + (phi_k * w_keys).transpose(-1, -2) @ v
+    z = w_old * z + (phi_k * w_keys).sum(-2)
+    M = R_raw[..., -1] + L[..., -1]
+    return out, (S, z, M)
+
+
+def causal_chunked(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    v: Tensor,
+    padding_mask: Optional[Tensor] = None,
+    log_scale: Optional[Tensor] = None,
+    gate_logits: Optional[Tensor] = None,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    state: Optional[State] = None,
+) -> Tuple[Tensor, State]:
+    """Causal kernel attention over chunks of G tokens; returns (out, final state).
+    Memory O(T G + m d) beyond the inputs: no T x T or T x m x d tensor."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    dtype = v.dtype
+    phi_q, phi_k, v = acc(phi_q), _drop_padded(acc(phi_k), padding_mask), acc(v)
+    B, H, T, m = phi_k.shape
+    a, lg = key_log_weights((B, H, T), phi_k, padding_mask, log_scale, gate_logits)
+    state = state if state is not None else empty_state(B, H, m, v.shape[-1], v)
+    outs = []
+    for s in range(0, T, chunk_size):
+        c = slice(s, s + chunk_size)
+        out, state = _chunk(phi_q[:, :, c], phi_k[:, :, c], v[:, :, c], a[..., c], lg[..., c], state, eps)
+        outs.append(out)
+    return torch.cat(outs, dim=2).to(dtype), state
+
+
+def causal_step(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    v: Tensor,
+    state: Optional[State] = None,
+    padding_mask: Optional[Tensor] = None,
+    log_scale: Optional[Tensor] = None,
+    gate_logits: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, State]:
+    """One decoding step: phi_q, phi_k (B, H, m), v (B, H, d), log_scale/gate_logits (B, H),
+    padding_mask (B,). The state is O(m d) per head, whatever the prefix length."""
+    step = lambda x: None if x is None else x.unsqueeze(2)  # noqa: E731  a chunk of one token
+    out, state = causal_chunked(
+        step(phi_q), step(phi_k), step(v),
+        None if padding_mask is None else padding_mask.unsqueeze(1),
+        step(log_scale), step(gate_logits), chunk_size=1, eps=eps, state=state,
+    )
+    return out.squeeze(2), state

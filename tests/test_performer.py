@@ -1,0 +1,107 @@
+"""Kernel-attention specifics: random features are deterministic in eval and
+after reloading, redrawn only in training and only on schedule; low precision
+at long context; option errors."""
+import pytest
+import torch
+
+from conftest import TINY_LM, TINY_MT, make_model, parse_model_args, random_tokens
+from linear_fairseq.modules.performer_attention import PerformerAttention
+
+ARGS = TINY_LM + ["--feature-map", "favor", "--num-features", "16", "--redraw-interval", "3"]
+
+
+def lm_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens)[0]
+
+
+def test_eval_is_deterministic_and_reload_restores_the_features(tmp_path):
+    model, d = make_model("performer_lm", ARGS, "language_modeling", seed=0)
+    tokens = random_tokens(d, 2, 20)
+    first, second = lm_logits(model, tokens), lm_logits(model, tokens)
+    assert torch.equal(first, second)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    other, _ = make_model("performer_lm", ARGS, "language_modeling", seed=123)  # other random features
+    assert not torch.equal(lm_logits(other, tokens), first)
+    other.load_state_dict(torch.load(tmp_path / "model.pt"))
+    assert torch.equal(lm_logits(other, tokens), first)
+
+
+def projections(model):
+    return [m.phi.projection.clone() for m in model.modules() if isinstance(m, PerformerAttention)]
+
+
+def test_redraw_only_in_training_and_on_schedule():
+    model, d = make_model("performer_lm", ARGS, "language_modeling")
+    tokens = random_tokens(d, 2, 8)
+    for _ in range(5):  # eval: never
+        before = projections(model)
+        lm_logits(model, tokens)
+        assert all(torch.equal(a, b) for a, b in zip(before, projections(model)))
+    model.train()
+    changed = []
+    for _ in range(7):  # interval 3: the 4th and 7th training passes redraw
+        before = projections(model)
+        model(tokens)
+        changed.append(all(not torch.equal(a, b) for a, b in zip(before, projections(model))))
+    assert changed == [False, False, False, True, False, False, True]
+
+
+def test_no_redraw_when_interval_is_zero():
+    model, d = make_model("performer_lm", TINY_LM + ["--redraw-interval", "0"], "language_modeling")
+    model.train()
+    before = projections(model)
+    for _ in range(4):
+        model(random_tokens(d, 2, 8))
+    assert all(torch.equal(a, b) for a, b in zip(before, projections(model)))
+
+
+# RFA's sin/cos normalizer is not positive-definite: near-zero normalizers
+# amplify bf16 rounding (measured 8e-2 here), hence its wider tolerance.
+BF16_TOLERANCE = {"elu": 2e-2, "favor": 2e-2, "rfa": 0.15, "t2r": 2e-2}
+
+
+@pytest.mark.parametrize("feature_map", list(BF16_TOLERANCE))
+def test_bf16_module_forward_at_4096(feature_map):
+    """The causal module, all in bf16, at T=4096: finite and within BF16_TOLERANCE
+    (max error over the output's max magnitude) of the fp32 module."""
+    torch.manual_seed(0)
+    attn = PerformerAttention(64, 4, feature_map=feature_map, causal=True, gate=feature_map == "rfa").eval()
+    x = torch.randn(4096, 1, 64)
+    with torch.no_grad():
+        ref = attn(x)[0]
+        out = attn.to(torch.bfloat16)(x.bfloat16())[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    err = (out.float() - ref).abs().max() / ref.abs().max()
+    assert err < BF16_TOLERANCE[feature_map], f"bf16 relative error {err:.3g}"
+
+
+def test_default_feature_counts():
+    cfg = parse_model_args("performer_transformer_iwslt_de_en")
+    assert (cfg.encoder_self_attn, cfg.decoder_self_attn, cfg.cross_attn, cfg.feature_map) == (
+        "performer", "performer", "performer", "favor")
+    model, _ = make_model("performer_transformer", TINY_MT)  # head dim 8: favor uses round(8 ln 8) = 17
+    assert {m.phi.projection.shape for m in model.modules() if isinstance(m, PerformerAttention)} == {(17, 8)}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--num-features", "0"], "--num-features=0: must be a positive integer"),
+        (["--feature-map", "elu", "--num-features", "8"], "--num-features=8: elu has no features"),
+        (["--redraw-interval", "-1"], "--redraw-interval=-1: must be >= 0"),
+        (["--kernel-eps", "0"], "--kernel-eps=0.0: must be > 0"),
+        (["--kernel-chunk-size", "0"], "--kernel-chunk-size=0: must be a positive integer"),
+        (["--encoder-attention-heads", "5"], "--encoder-attention-heads=5 must be a positive divisor of --encoder-embed-dim=32"),
+    ],
+)
+def test_bad_options_name_the_option_and_value(args, message):
+    with pytest.raises(ValueError) as err:
+        make_model("performer_transformer", TINY_MT + args)
+    assert message in str(err.value)
+
+
+def test_unknown_feature_map_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse_model_args("performer_lm", ["--feature-map", "cosine"], task="language_modeling")
+    assert "invalid choice: 'cosine'" in capsys.readouterr().err
