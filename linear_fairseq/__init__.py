@@ -8,4 +8,4 @@ from .checkpoints import allow_fairseq_checkpoints
 
 allow_fairseq_checkpoints()
 
-from .models import memsizer, performer  # noqa: E402,F401  register the models
+from .models import flash, memsizer, performer  # noqa: E402,F401  register the models

@@ -29,7 +29,7 @@ MODEL = (
 TRAIN = (
     "--optimizer adam --adam-betas (0.9,0.98) --lr 2e-3 --lr-scheduler inverse_sqrt "
     "--warmup-updates 300 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 "
-    "--dropout 0.1 --max-tokens 4096 --seed 1 --no-epoch-checkpoints --no-last-checkpoints "
+    "--dropout 0.1 --max-tokens 4096 --seed 1 --no-epoch-checkpoints "
     "--log-format simple --log-interval 50 --num-workers 0"
 )
 

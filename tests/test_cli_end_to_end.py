@@ -86,11 +86,15 @@ def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
     assert sum(line.startswith("H-") for line in inter.stdout.splitlines()) == 2
 
 
-@pytest.mark.parametrize("feature_map", ["elu", "favor", "rfa", "t2r"])
-def test_performer_feature_maps_train_and_generate(multi30k, tmp_path, feature_map):
+@pytest.mark.parametrize(
+    "arch_args",
+    [["performer_transformer", "--feature-map", fm, "--redraw-interval", "4"] for fm in ("elu", "favor", "rfa", "t2r")]
+    + [["flash_transformer", "--gau-s", "32", "--gau-chunk-size", "16"]],
+    ids=["performer-elu", "performer-favor", "performer-rfa", "performer-t2r", "flash"],
+)
+def test_family_train_and_generate(multi30k, tmp_path, arch_args):
     data, save = multi30k / "bin", tmp_path / "ckpt"
-    fairseq("train", data, "--arch", "performer_transformer", "--feature-map", feature_map, *TINY_MT,
-            "--max-update", 10, "--save-dir", save, "--redraw-interval", 4)
+    fairseq("train", data, "--arch", *arch_args, *TINY_MT, "--max-update", 10, "--save-dir", save)
     gen = fairseq(
         "generate", data, "--path", save / "checkpoint_last.pt", "--gen-subset", "test", "--beam", 4,
         "--batch-size", 100, "--max-len-a", 1.2, "--max-len-b", 10, "--post-process", "sentencepiece",
@@ -117,7 +121,7 @@ def write_lm_split(src, dest, limit):
     dest.write_text("".join(lines))
 
 
-@pytest.mark.parametrize("arch", ["memsizer_lm", "performer_lm"])
+@pytest.mark.parametrize("arch", [["memsizer_lm"], ["performer_lm"], ["flash_lm", "--gau-s", "32", "--gau-chunk-size", "48"]])
 def test_lm_train_and_eval_lm(tmp_path, arch):
     raw = require_data("austen")
     for split, limit in (("train", 3000), ("valid", 400), ("test", 400)):
@@ -128,7 +132,7 @@ def test_lm_train_and_eval_lm(tmp_path, arch):
     )
     save = tmp_path / "ckpt"
     fairseq(
-        "train", tmp_path / "bin", "--task", "language_modeling", "--arch", arch,
+        "train", tmp_path / "bin", "--task", "language_modeling", "--arch", *arch,
         "--decoder-layers", 2, "--decoder-embed-dim", 64, "--decoder-ffn-embed-dim", 128,
         "--decoder-attention-heads", 4, "--tokens-per-sample", 128, "--sample-break-mode", "none",
         "--optimizer", "adam", "--lr", 3e-3, "--max-tokens", 2048, "--max-update", 20,

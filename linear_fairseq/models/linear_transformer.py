@@ -32,7 +32,7 @@ from fairseq import options
 from omegaconf import OmegaConf
 
 from ..modules.attention import ROLES, attention_kind
-from ..modules.layers import LinearDecoderLayer, LinearEncoderLayer, wrap_layer
+from ..modules.layers import decoder_layer, encoder_layer
 from ..registry import register_model_architecture
 
 
@@ -105,15 +105,15 @@ def require_heads_divide(args: Namespace, side: str) -> None:
 # -- encoder / decoder ------------------------------------------------------
 class LinearTransformerEncoder(TransformerEncoderBase):
     def build_encoder_layer(self, cfg):
-        return wrap_layer(LinearEncoderLayer(cfg, return_fc=self.return_fc), cfg)
+        return encoder_layer(cfg, return_fc=self.return_fc)
 
 
 class LinearTransformerDecoder(TransformerDecoderBase):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        return wrap_layer(LinearDecoderLayer(cfg, no_encoder_attn), cfg)
+        return decoder_layer(cfg, no_encoder_attn)
 
     def buffered_future_mask(self, tensor):
-        # Linear causal attention is causal by construction: skip fairseq's
+        # Linear causal attention (and a GAU) is causal by construction: skip fairseq's
         # T x T future mask, which would cost O(T^2) memory at long context.
         if attention_kind(self.cfg, "decoder_self") != "softmax":
             return None

@@ -23,37 +23,37 @@ from .linear_transformer import (
     LinearLanguageModel,
     LinearTransformerConfig,
     LinearTransformerModel,
+    option,
     register_presets,
     require_positive,
     require_positive_int,
 )
-from .linear_transformer import option as _opt
 
 ATTENTION = ChoiceEnum(["softmax", "memsizer"])
 
 
 @dataclass
 class MemsizerOptions(FairseqDataclass):
-    decoder_self_attn: ATTENTION = _opt("memsizer", "decoder self-attention")
-    decoder_self_memory_size: int = _opt(4, "k, memory slots of the causal decoder self-attention")
-    q_init_scale: float = _opt(8.0, "init gain of the key slots Phi is scale^-1/2")
-    kv_init_scale: float = _opt(8.0, "init gain of W_l and W_r is scale^-1/2")
-    memsizer_chunk_size: int = _opt(64, "chunk length of the causal training form (speed/memory only)")
+    decoder_self_attn: ATTENTION = option("memsizer", "decoder self-attention")
+    decoder_self_memory_size: int = option(4, "k, memory slots of the causal decoder self-attention")
+    q_init_scale: float = option(8.0, "init gain of the key slots Phi is scale^-1/2")
+    kv_init_scale: float = option(8.0, "init gain of W_l and W_r is scale^-1/2")
+    memsizer_chunk_size: int = option(64, "chunk length of the causal training form (speed/memory only)")
 
 
 @dataclass
 class MemsizerTransformerConfig(LinearTransformerConfig, MemsizerOptions):
-    encoder_self_attn: ATTENTION = _opt("softmax", "encoder self-attention")
-    cross_attn: ATTENTION = _opt("memsizer", "decoder cross-attention")
-    encoder_self_memory_size: int = _opt(32, "k, memory slots of the encoder self-attention")
-    cross_memory_size: int = _opt(32, "k, memory slots of the cross-attention")
+    encoder_self_attn: ATTENTION = option("softmax", "encoder self-attention")
+    cross_attn: ATTENTION = option("memsizer", "decoder cross-attention")
+    encoder_self_memory_size: int = option(32, "k, memory slots of the encoder self-attention")
+    cross_memory_size: int = option(32, "k, memory slots of the cross-attention")
 
 
 @dataclass
 class MemsizerLMConfig(TransformerLanguageModelConfig, MemsizerOptions):
-    decoder_self_memory_size: int = _opt(32, "k, memory slots of the causal self-attention")
-    q_init_scale: float = _opt(32.0, "init gain of the key slots Phi is scale^-1/2")
-    kv_init_scale: float = _opt(1.0, "init gain of W_l and W_r is scale^-1/2")
+    decoder_self_memory_size: int = option(32, "k, memory slots of the causal self-attention")
+    q_init_scale: float = option(32.0, "init gain of the key slots Phi is scale^-1/2")
+    kv_init_scale: float = option(1.0, "init gain of W_l and W_r is scale^-1/2")
 
 
 def check_memsizer_args(args: Namespace, roles) -> None:

@@ -1,13 +1,30 @@
 """fairseq transformer layers whose attention sub-layers come from a family.
 
 Only the ``build_*_attention`` hooks are overridden; a role whose option is
-"softmax" keeps fairseq's MultiheadAttention.
+"softmax" keeps fairseq's MultiheadAttention. A family that replaces the whole
+layer (FLASH's GAU replaces attention and FFN) registers its encoder and
+decoder layer classes with ``register_layers`` instead.
 """
+from typing import Dict, NamedTuple
+
 from fairseq.distributed import fsdp_wrap
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
-from .attention import build_attention
+from .attention import attention_kind, build_attention
+
+
+class LayerFamily(NamedTuple):
+    encoder: type  # built as encoder(cfg, return_fc=...)
+    decoder: type  # built as decoder(cfg, no_encoder_attn)
+
+
+LAYER_FAMILIES: Dict[str, LayerFamily] = {}
+
+
+def register_layers(name: str, encoder: type, decoder: type) -> None:
+    """Whole-layer family `name`, selected by --encoder-self-attn / --decoder-self-attn."""
+    LAYER_FAMILIES[name] = LayerFamily(encoder, decoder)
 
 
 class LinearEncoderLayer(TransformerEncoderLayerBase):
@@ -28,6 +45,18 @@ class LinearDecoderLayer(TransformerDecoderLayerBase):
             cfg, "cross", embed_dim, cfg.decoder.attention_heads, kv_dim=cfg.encoder.embed_dim
         )
         return attn if attn is not None else super().build_encoder_attention(embed_dim, cfg)
+
+
+def encoder_layer(cfg, return_fc: bool = False):
+    family = LAYER_FAMILIES.get(attention_kind(cfg, "encoder_self"))
+    layer = family.encoder(cfg, return_fc=return_fc) if family else LinearEncoderLayer(cfg, return_fc=return_fc)
+    return wrap_layer(layer, cfg)
+
+
+def decoder_layer(cfg, no_encoder_attn: bool = False):
+    family = LAYER_FAMILIES.get(attention_kind(cfg, "decoder_self"))
+    layer = family.decoder(cfg, no_encoder_attn) if family else LinearDecoderLayer(cfg, no_encoder_attn)
+    return wrap_layer(layer, cfg)
 
 
 def wrap_layer(layer, cfg):

@@ -1,0 +1,118 @@
+"""FLASH models: ``flash_lm`` (a decoder of GAU layers) and ``flash_transformer``
+(non-causal GAU encoder; causal GAU decoder with kernel cross-attention), with
+presets named after fairseq's own at twice their layer count (a GAU layer
+stands in for attention + FFN, as in the paper).
+
+Two settings follow from the architecture when a model is built: with RoPE
+(the default) fairseq's token positional embeddings are off, and a final norm
+follows the stack of pre-norm GAUs (--encoder/decoder-normalize-before)."""
+from argparse import Namespace
+from dataclasses import dataclass
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models.transformer import transformer_iwslt_de_en, transformer_wmt_en_de
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModelConfig,
+    transformer_lm_baevski_wiki103,
+    transformer_lm_gpt,
+)
+
+from ..modules import gau  # noqa: F401  registers the "gau" layers
+from ..registry import register_model
+from .linear_transformer import (
+    LinearLanguageModel,
+    LinearTransformerConfig,
+    LinearTransformerModel,
+    as_namespace,
+    option,
+    option_error,
+    register_presets,
+    require_positive,
+    require_positive_int,
+)
+
+GAU = ChoiceEnum(["gau"])
+
+
+@dataclass
+class FlashOptions(FairseqDataclass):
+    decoder_self_attn: GAU = option("gau", "decoder layers: gated attention units")
+    gau_attention: ChoiceEnum(["mixed", "quadratic"]) = option(
+        "mixed", "FLASH mixed chunk attention (linear), or FLASH-Quad's full relu^2 attention"
+    )
+    gau_chunk_size: int = option(256, "G, chunk length of mixed chunk attention (also the 1/G score scale)")
+    gau_s: int = option(128, "s, width of the shared Z (queries and keys)")
+    gau_expansion: float = option(2.0, "e = expansion * d, width of U and V")
+    gau_norm: ChoiceEnum(["scalenorm", "layernorm"]) = option("scalenorm", "pre-norm of each GAU")
+    no_rope: bool = option(False, "no rotary position embedding on queries and keys")
+    gau_rel_pos_bias: bool = option(False, "learned relative position bias inside relu^2 (offsets up to G)")
+
+
+@dataclass
+class FlashTransformerConfig(LinearTransformerConfig, FlashOptions):
+    encoder_self_attn: GAU = option("gau", "encoder layers: gated attention units")
+    encoder_layers: int = option(12, "GAU layers in the encoder")
+    decoder_layers: int = option(12, "GAU layers in the decoder")
+
+
+@dataclass
+class FlashLMConfig(TransformerLanguageModelConfig, FlashOptions):
+    decoder_layers: int = option(12, "GAU layers")
+
+
+def check_flash_args(args: Namespace, roles) -> None:
+    require_positive_int(args, "gau_chunk_size")
+    require_positive_int(args, "gau_s")
+    require_positive(args, "gau_expansion")
+    for side in ("encoder", "decoder"):
+        dim = getattr(args, f"{side}_embed_dim", None)
+        if dim is not None and f"{side}_self" in roles and args.gau_s > dim:
+            raise option_error("gau_s", args.gau_s, f"must be <= --{side}-embed-dim={dim}")
+    if not args.no_rope and args.gau_s % 2:
+        raise option_error("gau_s", args.gau_s, "must be even with RoPE (or pass --no-rope)")
+
+
+def derived_settings(args: Namespace) -> Namespace:
+    if not args.no_rope:
+        args.no_token_positional_embeddings = True  # RoPE supplies the positions
+    for side in ("encoder", "decoder"):
+        if hasattr(args, f"{side}_normalize_before"):
+            setattr(args, f"{side}_normalize_before", True)  # a final norm after pre-norm GAUs
+    return args
+
+
+@register_model("flash_transformer", dataclass=FlashTransformerConfig)
+class FlashTransformerModel(LinearTransformerModel):
+    check_family = staticmethod(check_flash_args)
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        return super().build_model(derived_settings(as_namespace(cfg)), task)
+
+
+@register_model("flash_lm", dataclass=FlashLMConfig)
+class FlashLanguageModel(LinearLanguageModel):
+    check_family = staticmethod(check_flash_args)
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        return super().build_model(derived_settings(as_namespace(cfg)), task)
+
+
+def flash_preset(fairseq_arch, **layers):
+    """fairseq's preset with twice its layers (unless given on the command line)."""
+    def arch(args):
+        for side, n in layers.items():
+            setattr(args, f"{side}_layers", getattr(args, f"{side}_layers", 2 * n))
+        fairseq_arch(args)
+    return arch
+
+
+register_presets("flash_transformer", {
+    "iwslt_de_en": flash_preset(transformer_iwslt_de_en, encoder=6, decoder=6),
+    "wmt_en_de": flash_preset(transformer_wmt_en_de, encoder=6, decoder=6),
+})
+register_presets("flash_lm", {
+    "wiki103": flash_preset(transformer_lm_baevski_wiki103, decoder=16),
+    "gpt": flash_preset(transformer_lm_gpt, decoder=12),
+})

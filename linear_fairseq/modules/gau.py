@@ -1,0 +1,227 @@
+"""FLASH's gated attention unit (GAU) and the fairseq layers built from it.
+
+"Transformer Quality in Linear Time" (arXiv 2202.10447). A GAU replaces both
+attention and feed-forward network of a transformer layer:
+
+    n = norm(x);  U = SiLU(n W_u), V = SiLU(n W_v)  (width e = 2d)
+    Z = SiLU(n W_z)  (width s = 128), shared by four per-dim scale+offset heads
+    q, k, q', k' = Z * gamma_i + beta_i  (RoPE on each)
+    out = x + (U * A(q, k, q', k', V)) W_o
+
+with A the mixed chunk attention of ``ops.flash`` (or FLASH-Quad's full
+relu^2 attention). Single head. The unit keeps the LinearAttention contract's
+incremental state: the decode state is bounded by the chunk size G.
+
+The encoder-decoder decoder layer adds a cross-attention whose decode cost
+does not depend on the source length: pre-norm kernel attention with
+phi = elu + 1 over the encoder output, whose summary (S, z) is computed once
+per source and cached (``PerformerAttention``, cross=True).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.modules import LayerNorm
+from torch import Tensor, nn
+
+from ..ops import flash as ops
+from .attention import LinearAttention, State
+from .layers import register_layers
+from .performer_attention import PerformerAttention
+
+
+class ScaleNorm(nn.Module):
+    """x / |x| * g, one learned scalar g (Nguyen & Salazar 2019), FLASH's default norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor(float(dim) ** 0.5))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.norm(dim=-1, keepdim=True).clamp(min=self.eps) * self.g
+
+
+class OffsetScale(nn.Module):
+    """`heads` cheap transforms of one shared Z: Z * gamma_h + beta_h, per dimension."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.empty(heads, dim))
+        self.beta = nn.Parameter(torch.zeros(heads, dim))
+        nn.init.normal_(self.gamma, std=0.02)
+
+    def forward(self, z: Tensor):
+        return (z.unsqueeze(-2) * self.gamma + self.beta).unbind(dim=-2)
+
+
+def build_norm(kind: str, dim: int) -> nn.Module:
+    return ScaleNorm(dim) if kind == "scalenorm" else LayerNorm(dim)
+
+
+class GatedAttentionUnit(LinearAttention):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool,
+        s: int = 128,
+        expansion: float = 2.0,
+        chunk_size: int = 256,
+        mode: str = "mixed",
+        rope: bool = True,
+        rel_pos_bias: bool = False,
+        norm: str = "scalenorm",
+        dropout: float = 0.0,
+    ):
+        super().__init__(dim, 1, causal=causal)
+        e = int(round(expansion * dim))
+        checks = (
+            ("s", s, isinstance(s, int) and 1 <= s <= dim, f"must be an integer in [1, d={dim}]"),
+            ("s", s, not rope or s % 2 == 0, "must be even with RoPE"),
+            ("chunk_size", chunk_size, isinstance(chunk_size, int) and chunk_size >= 1, "must be a positive integer"),
+            ("expansion", expansion, e >= 1, f"gives width e={e}; it must be >= 1"),
+            ("mode", mode, mode in ("mixed", "quadratic"), "choose mixed or quadratic"),
+            ("norm", norm, norm in ("scalenorm", "layernorm"), "choose scalenorm or layernorm"),
+        )
+        for name, value, ok, why in checks:
+            if not ok:
+                raise ValueError(f"GatedAttentionUnit: {name}={value!r} {why}")
+        self.s, self.e, self.chunk_size, self.mode, self.rope = s, e, chunk_size, mode, rope
+        self.norm = build_norm(norm, dim)
+        self.to_uv = nn.Linear(dim, 2 * e)
+        self.to_z = nn.Linear(dim, s)
+        self.offset_scale = OffsetScale(s, 4 if mode == "mixed" else 2)
+        self.rel_bias = nn.Parameter(torch.zeros(2 * chunk_size - 1)) if rel_pos_bias else None
+        self.to_out = nn.Linear(e, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def gates(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """U, V (width e) and Z (width s) from the normalized input."""
+        n = self.norm(x)
+        u, v = F.silu(self.to_uv(n)).chunk(2, dim=-1)
+        return u, v, F.silu(self.to_z(n))
+
+    def queries_keys(self, z: Tensor, positions: Tensor):
+        qk = self.offset_scale(z)
+        return [ops.rope(t, positions) for t in qk] if self.rope else list(qk)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, incremental_state=None) -> Tensor:
+        """x: (T, B, d) -> x + GAU(x), time-major like fairseq's layers."""
+        h = x.transpose(0, 1)
+        if padding_mask is not None:
+            padding_mask = padding_mask.to(torch.bool)
+        if incremental_state is not None and self.causal:
+            out = self._decode(h, padding_mask, incremental_state)
+        else:
+            out = self.parallel(h, padding_mask)
+        return x + self.dropout(out).transpose(0, 1)
+
+    def parallel(self, h: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        u, v, z = self.gates(h)
+        positions = ops.real_positions(padding_mask, h.shape[0], h.shape[1], h.device)
+        qk = self.queries_keys(z, positions)
+        if self.mode == "mixed":
+            a = ops.mixed_chunk(*qk, v, self.chunk_size, self.causal, padding_mask, self.rel_bias)
+        else:
+            a = ops.quadratic(*qk, v, self.chunk_size, self.causal, padding_mask, self.rel_bias)
+        return self.to_out(u * a.to(u.dtype))
+
+    def step(self, h: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        B = h.shape[0]
+        u, v, z = self.gates(h)
+        if self.mode == "quadratic":
+            return self._quadratic_step(u, v, z, state, padding_mask)
+        if not state:
+            state = ops.empty_state(B, self.chunk_size, self.s, self.e, v)
+        position = state["n_done"].long() + state["fill"]  # real tokens so far
+        qk = self.queries_keys(z, position)
+        a, state = ops.step(*qk, v, state, self.chunk_size, padding_mask, self.rel_bias)
+        return self.to_out(u * a.to(u.dtype)), state
+
+    def _quadratic_step(self, u, v, z, state: State, padding_mask) -> Tuple[Tensor, State]:
+        """FLASH-Quad decoding keeps every key and value (like softmax attention's cache)."""
+        B = u.shape[0]
+        real = torch.ones(B, dtype=torch.bool, device=u.device) if padding_mask is None else ~padding_mask
+        n = state["n"] if state else torch.zeros(B, dtype=torch.long, device=u.device)
+        q, k = self.queries_keys(z, n)
+        keep = lambda name, x: x.unsqueeze(1) if not state else torch.cat([state[name], x.unsqueeze(1)], 1)  # noqa: E731
+        keys, values, pos, mask = keep("k", k), keep("v", v), keep("pos", n), keep("pad", ~real)
+        bias = ops.offset_bias(self.rel_bias, n[:, None] - pos)
+        scores = ops.relu2(q.unsqueeze(1), keys, self.chunk_size, None if bias is None else bias.unsqueeze(1))
+        a = (scores.masked_fill(mask.unsqueeze(1), 0.0) @ values).squeeze(1)
+        state = {"k": keys, "v": values, "pos": pos, "pad": mask, "n": n + real.long()}
+        return self.to_out(u * a.to(u.dtype)), state
+
+
+def build_gau(cfg, dim: int, causal: bool) -> GatedAttentionUnit:
+    """Options read from the model config: --gau-attention, --gau-s, --gau-expansion,
+    --gau-chunk-size, --no-rope, --gau-rel-pos-bias, --gau-norm, --dropout."""
+    return GatedAttentionUnit(
+        dim,
+        causal=causal,
+        s=int(cfg.gau_s),
+        expansion=float(cfg.gau_expansion),
+        chunk_size=int(cfg.gau_chunk_size),
+        mode=str(cfg.gau_attention),
+        rope=not cfg.no_rope,
+        rel_pos_bias=bool(cfg.gau_rel_pos_bias),
+        norm=str(cfg.gau_norm),
+        dropout=cfg.dropout,
+    )
+
+
+class GAUEncoderLayer(nn.Module):
+    """One non-causal GAU; called like fairseq's TransformerEncoderLayerBase."""
+
+    def __init__(self, cfg, return_fc: bool = False):
+        super().__init__()
+        self.gau = build_gau(cfg, cfg.encoder.embed_dim, causal=False)
+
+    def forward(self, x, encoder_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None):
+        return self.gau(x, encoder_padding_mask)
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        pass
+
+
+class GAUDecoderLayer(nn.Module):
+    """A causal GAU, then (encoder-decoder models) kernel cross-attention over the
+    encoder output; called like fairseq's TransformerDecoderLayerBase."""
+
+    def __init__(self, cfg, no_encoder_attn: bool = False):
+        super().__init__()
+        dim = cfg.decoder.embed_dim
+        self.gau = build_gau(cfg, dim, causal=True)
+        self.cross_attn = None
+        if not no_encoder_attn:
+            self.cross_norm = build_norm(str(cfg.gau_norm), dim)
+            self.cross_attn = PerformerAttention(
+                dim, cfg.decoder.attention_heads, feature_map="elu", kv_dim=cfg.encoder.embed_dim, cross=True
+            )
+            self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x,
+        encoder_out: Optional[Tensor] = None,
+        encoder_padding_mask: Optional[Tensor] = None,
+        incremental_state=None,
+        prev_self_attn_state=None,
+        prev_attn_state=None,
+        self_attn_mask: Optional[Tensor] = None,
+        self_attn_padding_mask: Optional[Tensor] = None,
+        need_attn: bool = False,
+        need_head_weights: bool = False,
+    ):
+        x = self.gau(x, self_attn_padding_mask, incremental_state)
+        if self.cross_attn is not None and encoder_out is not None:
+            h, _ = self.cross_attn(
+                self.cross_norm(x), encoder_out, encoder_out, key_padding_mask=encoder_padding_mask,
+                incremental_state=incremental_state, static_kv=True,
+            )
+            x = x + self.dropout(h)
+        return x, None, None
+
+
+register_layers("gau", encoder=GAUEncoderLayer, decoder=GAUDecoderLayer)

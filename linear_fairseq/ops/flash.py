@@ -1,0 +1,228 @@
+"""FLASH mixed chunk attention as pure tensor functions (no fairseq imports).
+
+"Transformer Quality in Linear Time" (Hua, Dai, Liu, Le, ICML 2022,
+arXiv 2202.10447). The sequence is cut into chunks of G tokens; a query
+attends quadratically (relu^2 scores) inside its chunk and linearly to the
+chunks before it (causal) or to the whole sequence (non-causal):
+
+    quad_i = sum_{j in chunk(i), j<=i} relu(q_i . k_j / sqrt(s))^2 / G  v_j
+    lin_i  = q'_i . (sum_{j in earlier chunks} k'_j v_j^T) / n_i
+    out_i  = quad_i + lin_i
+
+Normalization, chosen where the paper leaves it open (its pseudo-code divides
+by the full sequence length n, which makes a causal model depend on the
+future and training differ from decoding):
+  * quadratic part: 1/sqrt(s) inside relu^2 (as dot-product attention, so the
+    pre-activation stays O(1) for any s) and the constant 1/G outside;
+  * linear part: divided by n_i, the number of real tokens it sums over
+    (tokens of completed chunks when causal, all real tokens otherwise): a
+    mean, the same at every step of decoding as in training.
+
+Chunks are aligned on real tokens: a left-padded row is moved so its real
+tokens come first, and positions (for RoPE) count real tokens only, so
+padding never changes any real position's output. Sums accumulate in float32.
+
+Tensors are batch-first: q, k (quadratic), ql, kl (linear): (B, T, s);
+v: (B, T, e); padding_mask (B, T), True at padding.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def acc(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# -- positions ---------------------------------------------------------------
+def rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding (Su et al., arXiv 2104.09864) on the last dim
+    (even width): pairs (x_2i, x_2i+1) rotate by positions * base^(-2i/s)."""
+    s = x.shape[-1]
+    freqs = base ** (-torch.arange(0, s, 2, device=x.device, dtype=torch.float32) / s)
+    angle = positions.to(torch.float32).unsqueeze(-1) * freqs  # (..., s/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def real_positions(padding_mask: Optional[Tensor], B: int, T: int, device) -> Tensor:
+    """0, 1, 2, ... over real tokens (padding gets the next real token's value): (B, T)."""
+    if padding_mask is None:
+        return torch.arange(T, device=device).expand(B, T)
+    return ((~padding_mask).long().cumsum(1) - 1).clamp(min=0)
+
+
+def real_first(padding_mask: Tensor) -> Tensor:
+    """Per-row permutation putting real tokens first, in order (stable)."""
+    return torch.sort(padding_mask.to(torch.uint8), dim=1, stable=True).indices
+
+
+def gather_time(x: Tensor, order: Tensor) -> Tensor:
+    return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_time(x: Tensor, order: Tensor) -> Tensor:
+    return torch.empty_like(x).scatter_(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+
+
+# -- scores --------------------------------------------------------------------
+def relu2(q: Tensor, k: Tensor, G: int, bias: Optional[Tensor] = None) -> Tensor:
+    """relu(q k^T / sqrt(s) + b)^2 / G, b an optional relative position bias."""
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    return F.relu(scores).square() / G
+
+
+def offset_bias(rel_bias: Optional[Tensor], offsets: Tensor) -> Optional[Tensor]:
+    """Learned bias b[i - j] from a (2G - 1,) table; offsets beyond +-(G-1) share the end values."""
+    if rel_bias is None:
+        return None
+    G = (rel_bias.shape[0] + 1) // 2
+    return acc(rel_bias)[offsets.clamp(-(G - 1), G - 1) + G - 1]
+
+
+# -- reference -------------------------------------------------------------------
+def naive(
+    q, k, ql, kl, v, chunk_size: int, causal: bool,
+    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Dense T x T reference of mixed chunk attention; pads anywhere (positions in real-token order)."""
+    dtype = v.dtype
+    q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
+    B, T = q.shape[:2]
+    G = chunk_size
+    pos = real_positions(padding_mask, B, T, q.device)
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask
+    chunk = pos // G
+    same = chunk[:, :, None] == chunk[:, None, :]
+    visible = real[:, None, :] & real[:, :, None]
+    earlier = chunk[:, None, :] < chunk[:, :, None]
+    if causal:
+        visible = visible & (pos[:, None, :] <= pos[:, :, None])
+    lin_keys = (visible & earlier) if causal else visible
+    bias = offset_bias(rel_bias, pos[:, :, None] - pos[:, None, :])
+    quad = torch.where(same & visible, relu2(q, k, G, bias), 0.0)
+    lin = torch.where(lin_keys, ql @ kl.transpose(1, 2), 0.0)
+    n = lin_keys.sum(-1, keepdim=True).clamp(min=1)
+    return ((quad + lin / n) @ v).to(dtype)
+
+
+# -- chunked (training) form ------------------------------------------------------
+def mixed_chunk(
+    q: Tensor, k: Tensor, ql: Tensor, kl: Tensor, v: Tensor,
+    chunk_size: int, causal: bool, padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """FLASH mixed chunk attention, memory O(T G + T s e / G)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    dtype = v.dtype
+    B, T, s = q.shape
+    e, G = v.shape[-1], chunk_size
+    order = None
+    if padding_mask is not None and padding_mask.any():
+        order = real_first(padding_mask)
+        q, k, ql, kl, v = (gather_time(x, order) for x in (q, k, ql, kl, v))
+        padding_mask = padding_mask.gather(1, order)
+    real = acc(q).new_ones(B, T) if padding_mask is None else (~padding_mask).to(acc(q).dtype)
+    N = -(-T // G)
+    pad = N * G - T
+
+    def chunks(x: Tensor) -> Tensor:
+        return F.pad(acc(x), (0, 0, 0, pad)).view(B, N, G, x.shape[-1])
+
+    real_c = F.pad(real, (0, pad)).view(B, N, G)
+    q, k, ql, v = chunks(q), chunks(k), chunks(ql), chunks(v)
+    kl = chunks(kl) * real_c.unsqueeze(-1)  # padded keys add nothing to the linear sums
+    # quadratic inside each chunk: relu(q k^T / sqrt(s))^2 / G over real (and, if causal, earlier) keys
+    within = torch.arange(G, device=q.device)
+    A = relu2(q, k, G, offset_bias(rel_bias, within[:, None] - within[None, :])) * real_c.unsqueeze(-2)
+    if causal:
+        A = A.tril()
+    quad = A @ v
+    # linear across chunks: mean of k' v^T over the visible real tokens
+    KV = kl.transpose(-1, -2) @ v  # (B, N, s, e)
+    n = real_c.sum(-1)  # (B, N)
+    if causal:  # completed chunks only: exclusive prefix sums
+        KV = torch.cat([KV.new_zeros(B, 1, s, e), KV.cumsum(1)[:, :-1]], dim=1)
+        n = torch.cat([n.new_zeros(B, 1), n.cumsum(1)[:, :-1]], dim=1)
+    else:
+        KV, n = KV.sum(1, keepdim=True), n.sum(1, keepdim=True)
+    lin = (ql @ KV) / n.clamp(min=1.0)[..., None, None]
+    out = (quad + lin).view(B, N * G, e)[:, :T]
+    if order is not None:
+        out = scatter_time(out, order)
+    return out.to(dtype)
+
+
+def quadratic(
+    q: Tensor, k: Tensor, v: Tensor, G: int, causal: bool,
+    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """FLASH-Quad's full relu^2 attention (no chunks), with the same 1/G scale."""
+    dtype = v.dtype
+    pos = real_positions(padding_mask, q.shape[0], q.shape[1], q.device)
+    A = relu2(acc(q), acc(k), G, offset_bias(rel_bias, pos[:, :, None] - pos[:, None, :]))
+    if padding_mask is not None:
+        A = A.masked_fill(padding_mask[:, None, :], 0.0)
+    if causal:
+        A = A.tril()  # positions in a row keep their order, so tril is causal with left padding too
+    return (A @ acc(v)).to(dtype)
+
+
+# -- decoding step (causal mixed chunk) ---------------------------------------------
+State = Dict[str, Tensor]
+
+
+def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
+    z = acc(like)
+    return {
+        "k_chunk": z.new_zeros(B, G, s),  # quadratic keys of the current chunk
+        "v_chunk": z.new_zeros(B, G, e),  # values of the current chunk
+        "kv_chunk": z.new_zeros(B, s, e),  # sum of k' v^T over the current chunk
+        "kv_done": z.new_zeros(B, s, e),  # sum of k' v^T over completed chunks
+        "n_done": z.new_zeros(B),  # real tokens in completed chunks
+        "fill": torch.zeros(B, dtype=torch.long, device=like.device),  # tokens in the current chunk
+    }
+
+
+def step(
+    q, k, ql, kl, v, state: State, chunk_size: int,
+    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+) -> Tuple[Tensor, State]:
+    """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
+    most G tokens plus two s x e sums, whatever the prefix length. A padded
+    step (padding_mask True) leaves the state unchanged."""
+    G = chunk_size
+    q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
+    B = q.shape[0]
+    rows = torch.arange(B, device=q.device)
+    real = torch.ones(B, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask
+    fill = state["fill"]
+    # write this token into the current chunk (padded rows write nothing)
+    k_chunk = state["k_chunk"].index_put((rows, fill), torch.where(real[:, None], k, state["k_chunk"][rows, fill]))
+    v_chunk = state["v_chunk"].index_put((rows, fill), torch.where(real[:, None], v, state["v_chunk"][rows, fill]))
+    # quadratic over the chunk's tokens so far, linear over completed chunks
+    slots = torch.arange(G, device=q.device)[None, :]
+    seen = slots <= fill[:, None]
+    bias = offset_bias(rel_bias, fill[:, None] - slots)
+    scores = relu2(q.unsqueeze(1), k_chunk, G, None if bias is None else bias.unsqueeze(1)).squeeze(1) * seen
+    quad = (scores.unsqueeze(1) @ v_chunk).squeeze(1)
+    lin = (ql.unsqueeze(1) @ state["kv_done"]).squeeze(1) / state["n_done"].clamp(min=1.0)[:, None]
+    out = quad + lin
+    # advance; a completed chunk moves into the linear sums
+    kv_chunk = state["kv_chunk"] + real[:, None, None] * (kl.unsqueeze(-1) * v.unsqueeze(-2))
+    fill = fill + real.long()
+    full = fill == G
+    state = {
+        "k_chunk": k_chunk,
+        "v_chunk": v_chunk,
+        "kv_chunk": torch.where(full[:, None, None], 0.0, kv_chunk),
+        "kv_done": state["kv_done"] + full[:, None, None] * kv_chunk,
+        "n_done": state["n_done"] + full * G,
+        "fill": torch.where(full, 0, fill),
+    }
+    return out, state

@@ -1,0 +1,75 @@
+"""FLASH specifics: presets, option errors, and the GAU in bf16 at long context."""
+import pytest
+import torch
+
+from conftest import TINY_LM, TINY_MT, make_model, parse_model_args
+from linear_fairseq.modules.gau import GatedAttentionUnit
+
+
+def test_presets_double_fairseq_layers_and_use_gau_defaults():
+    lm = parse_model_args("flash_lm_gpt", task="language_modeling")
+    assert (lm.decoder_embed_dim, lm.decoder_layers, lm.gau_s, lm.gau_chunk_size) == (768, 24, 128, 256)
+    assert (lm.gau_attention, lm.gau_norm, lm.no_rope) == ("mixed", "scalenorm", False)
+    assert parse_model_args("flash_lm_wiki103", task="language_modeling").decoder_layers == 32
+    mt = parse_model_args("flash_transformer_iwslt_de_en")
+    assert (mt.encoder_layers, mt.decoder_layers, mt.encoder_embed_dim) == (12, 12, 512)
+    assert parse_model_args("flash_transformer_wmt_en_de", ["--decoder-layers", "4"]).decoder_layers == 4
+
+
+@pytest.mark.parametrize("arch,args,task", [
+    ("flash_lm", TINY_LM, "language_modeling"), ("flash_transformer", TINY_MT, "translation")])
+def test_rope_replaces_positional_embeddings_and_a_final_norm_follows(arch, args, task):
+    model, _ = make_model(arch, args + ["--gau-s", "16"], task)
+    for stack in [model.decoder] + ([model.encoder] if hasattr(model, "encoder") else []):
+        assert stack.embed_positions is None and stack.layer_norm is not None
+    model, _ = make_model(arch, args + ["--gau-s", "16", "--no-rope"], task)
+    assert model.decoder.embed_positions is not None  # without RoPE, fairseq's positions
+
+
+def test_gau_widths():
+    model, _ = make_model("flash_lm", TINY_LM + ["--gau-s", "16"], "language_modeling")
+    units = [m for m in model.modules() if isinstance(m, GatedAttentionUnit)]
+    assert len(units) == 2 and all((u.s, u.e) == (16, 64) for u in units)  # e = 2d
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gau-chunk-size", "0"], "--gau-chunk-size=0: must be a positive integer"),
+        (["--gau-s", "64"], "--gau-s=64: must be <= --decoder-embed-dim=32"),
+        (["--gau-s", "15"], "--gau-s=15: must be even with RoPE"),
+        (["--gau-expansion", "0"], "--gau-expansion=0.0: must be > 0"),
+    ],
+)
+def test_bad_options_name_the_option_and_value(args, message):
+    with pytest.raises(ValueError) as err:
+        make_model("flash_lm", TINY_LM + args, "language_modeling")
+    assert message in str(err.value)
+
+
+def test_bad_encoder_width_is_named():
+    with pytest.raises(ValueError, match="--gau-s=48: must be <= --encoder-embed-dim=32"):
+        make_model("flash_transformer", TINY_MT + ["--gau-s", "48"])
+
+
+def test_unknown_gau_attention_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse_model_args("flash_lm", ["--gau-attention", "sparse"], task="language_modeling")
+    assert "invalid choice: 'sparse'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["mixed", "quadratic"])
+def test_bf16_gau_at_4096(mode):
+    """A causal GAU branch (G=256) all in bf16 at T=4096: finite, within 2e-2 of
+    fp32 (max error over the max output; the residual is left out, its bf16
+    rounding would swamp the branch)."""
+    torch.manual_seed(0)
+    unit = GatedAttentionUnit(64, causal=True, s=32, chunk_size=256, mode=mode).eval()
+    torch.nn.init.normal_(unit.offset_scale.gamma, std=1.0)
+    x = torch.randn(1, 4096, 64)
+    with torch.no_grad():
+        ref = unit.parallel(x, None)
+        out = unit.to(torch.bfloat16).parallel(x.bfloat16(), None)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    err = (out.float() - ref).abs().max() / ref.abs().max()
+    assert err < 2e-2, f"bf16 relative error {err:.3g}"

@@ -1,0 +1,161 @@
+"""FLASH mixed chunk attention math: reference == chunked == recurrent
+(outputs and gradients), chunk boundaries, padding on either side, and
+low precision."""
+import pytest
+import torch
+
+from linear_fairseq.ops import flash as F
+
+RTOL = 1e-5
+S, E = 8, 12
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    scale = expected.abs().max().clamp(min=1.0)
+    err = (actual - expected).abs().max()
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def inputs(B, T, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q, k, ql, kl = (torch.randn(B, T, S, generator=g, dtype=dtype) for _ in range(4))
+    return q, k, ql, kl, torch.randn(B, T, E, generator=g, dtype=dtype)
+
+
+def grads(out, w, xs):
+    """Gradients, zero for inputs the output does not use (e.g. linear keys before a chunk completes)."""
+    got = torch.autograd.grad((out * w).sum(), xs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(got, xs)]
+
+
+def recurrent(q, k, ql, kl, v, G, padding_mask=None, rel_bias=None):
+    state = F.empty_state(q.shape[0], G, S, E, v)
+    outs = []
+    for t in range(q.shape[1]):
+        mask_t = None if padding_mask is None else padding_mask[:, t]
+        out, state = F.step(q[:, t], k[:, t], ql[:, t], kl[:, t], v[:, t], state, G, mask_t, rel_bias)
+        outs.append(out)
+    return torch.stack(outs, dim=1), state
+
+
+@pytest.mark.parametrize("T,G", [(1, 4), (3, 4), (4, 4), (13, 4), (64, 16), (301, 32), (300, 1)])
+def test_causal_chunked_and_recurrent_equal_reference_with_gradients(T, G):
+    xs = [x.requires_grad_() for x in inputs(2, T)]
+    w = torch.randn(2, T, E, generator=torch.Generator().manual_seed(7))
+    ref = F.naive(*xs, G, causal=True)
+    ref_grads = grads(ref, w, xs)
+    for out in (F.mixed_chunk(*xs, G, causal=True), recurrent(*xs, G)[0]):
+        assert_close(out, ref)
+        for g, g_ref in zip(grads(out, w, xs), ref_grads):
+            assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T,G", [(3, 4), (37, 8)])
+def test_relative_position_bias_in_every_form(causal, T, G):
+    xs = [x.requires_grad_() for x in inputs(2, T)]
+    bias = (torch.randn(2 * G - 1, generator=torch.Generator().manual_seed(4)) * 2).requires_grad_()
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[1, :2] = True  # left padding: offsets count real tokens
+    real = (~mask).unsqueeze(-1)  # outputs at padded positions are not defined
+    ref = F.naive(*xs, G, causal, mask, bias) * real
+    w = torch.randn(2, T, E, generator=torch.Generator().manual_seed(7))
+    ref_grads = grads(ref, w, [*xs, bias])
+    outs = [F.mixed_chunk(*xs, G, causal, mask, bias)] + ([recurrent(*xs, G, mask, bias)[0]] if causal else [])
+    for out in outs:
+        out = out * real
+        assert_close(out, ref)
+        for g, g_ref in zip(grads(out, w, [*xs, bias]), ref_grads):
+            assert_close(g, g_ref)
+    assert (ref - F.naive(*xs, G, causal, mask) * real).abs().max() > 1e-3  # the bias matters
+
+
+@pytest.mark.parametrize("T,G", [(5, 4), (64, 16), (300, 32)])
+def test_noncausal_chunked_equals_reference(T, G):
+    xs = inputs(2, T)
+    assert_close(F.mixed_chunk(*xs, G, causal=False), F.naive(*xs, G, causal=False))
+
+
+def test_linear_part_sees_only_completed_chunks():
+    """A linear key of chunk 1 (position 5) reaches outputs only from chunk 2 on,
+    in the training form and in decoding alike."""
+    G, T = 4, 12
+    xs = list(inputs(1, T))
+    xs[3] = xs[3].clone()
+    for form in (lambda *a: F.mixed_chunk(*a, G, causal=True), lambda *a: recurrent(*a, G)[0]):
+        base = form(*xs)
+        moved = list(xs)
+        moved[3] = xs[3].clone()
+        moved[3][:, 5] += 3.0
+        changed = (form(*moved) - base).abs().amax(-1)[0] > 1e-6
+        assert changed.tolist() == [False] * 8 + [True] * 4
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_never_leaks(causal, side):
+    T, pad, G = 10, 6, 4
+    xs = inputs(1, T)
+    garbage = [torch.full((1, pad, x.shape[-1]), 7.0) for x in xs]
+    cat = (lambda g, x: torch.cat([g, x], 1)) if side == "left" else (lambda g, x: torch.cat([x, g], 1))
+    padded = [cat(g, x) for g, x in zip(garbage, xs)]
+    mask = torch.zeros(1, T + pad, dtype=torch.bool)
+    mask[:, :pad] = side == "left"
+    mask[:, T:] = side == "right"
+    real = slice(pad, None) if side == "left" else slice(0, T)
+    ref = F.naive(*xs, G, causal)
+    assert_close(F.naive(*padded, G, causal, mask)[:, real], ref)
+    assert_close(F.mixed_chunk(*padded, G, causal, mask)[:, real], ref)
+    if causal:
+        assert_close(recurrent(*padded, G, mask)[0][:, real], ref)
+
+
+def test_batch_rows_with_different_padding_match_each_row_alone():
+    G = 4
+    xs = inputs(3, 11)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    mask[1, :5] = True  # left padding
+    mask[2, 7:] = True  # right padding
+    out = F.mixed_chunk(*xs, G, True, mask)
+    for b, real in ((0, slice(None)), (1, slice(5, None)), (2, slice(0, 7))):
+        alone = F.naive(*(x[b : b + 1, real] for x in xs), G, True)
+        assert_close(out[b : b + 1, real], alone)
+
+
+def test_state_is_bounded():
+    G = 8
+    sizes = []
+    for T in (5, 200):
+        _, state = recurrent(*inputs(2, T), G)
+        sizes.append(sum(t.numel() for t in state.values()))
+    assert sizes[0] == sizes[1]
+
+
+def test_quadratic_mode_is_one_big_chunk_without_linear_part():
+    q, k, ql, kl, v = inputs(2, 9)
+    out = F.quadratic(q, k, v, G=16, causal=True)
+    ref = F.naive(q, k, torch.zeros_like(ql), kl, v, chunk_size=64, causal=True) * 64 / 16
+    assert_close(out, ref)
+
+
+def test_rope_is_relative():
+    """RoPE: q(m) . k(n) depends on m - n only."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(S, generator=g), torch.randn(S, generator=g)
+    dot = lambda m, n: (F.rope(q, torch.tensor(m)) * F.rope(k, torch.tensor(n))).sum()  # noqa: E731
+    assert torch.allclose(dot(5, 2), dot(13, 10), atol=1e-5)
+    assert not torch.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
+
+
+def test_bf16_at_4096_is_finite_and_close():
+    """bf16 inputs at T=4096, G=256: finite, within 2e-2 (relative to the output scale) of fp32."""
+    xs = inputs(1, 4096, seed=3)
+    ref = F.mixed_chunk(*xs, 256, causal=True)
+    out = F.mixed_chunk(*(x.bfloat16() for x in xs), 256, causal=True)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert_close(out.float(), ref, rtol=2e-2)
+
+
+def test_invalid_chunk_size_is_named():
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        F.mixed_chunk(*inputs(1, 4), 0, causal=True)
