@@ -14,6 +14,7 @@ Output folder: raw/ (plain text), spm.model, spm/ (pieces), bin/ (fairseq data).
 Test references for BLEU are raw/test.en.
 """
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ from common import (  # noqa: E402
     train_sentencepiece, write_lines,
 )
 
-URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw/{name}.gz"
+# MULTI30K_URL overrides the source (a mirror; the tests use it to simulate being offline)
+URL = os.environ.get("MULTI30K_URL", "https://github.com/multi30k/dataset/raw/master/data/task1/raw") + "/{name}.gz"
 SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 LANGS = ("de", "en")
 

@@ -52,15 +52,10 @@ def make_model(arch, args=(), task="translation", vocab=40, seed=0):
     return model.eval(), d
 
 
-def random_tokens(d, B, T, seed=0, left_pad_to=None):
+def random_tokens(d, B, T, seed=0):
     """Tokens drawn from the real symbols (no specials)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(d.nspecial, len(d), (B, T), generator=g)
-
-
-@pytest.fixture(scope="session")
-def data_dir():
-    return DATA
 
 
 def require_data(name):

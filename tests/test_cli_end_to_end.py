@@ -2,6 +2,7 @@
 slices of the real data beside the project (skipped when it is absent)."""
 import gzip
 import math
+import os
 import re
 import subprocess
 import sys
@@ -143,3 +144,16 @@ def test_lm_train_and_eval_lm(tmp_path, arch):
     ppl = read_perplexity(ev.stderr + ev.stdout)
     vocab = len((tmp_path / "bin" / "dict.txt").read_text().splitlines())
     assert 1 < ppl < vocab  # better than uniform after 20 updates
+
+
+def test_demo_without_data_offline_says_so_and_fails(tmp_path):
+    """No --data and no way to download: a clear message and a non-zero exit, before any training."""
+    env = {**os.environ, "MULTI30K_URL": "http://127.0.0.1:9/multi30k"}  # nothing listens on port 9
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo_mt.py"), "--work", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "cannot download http://127.0.0.1:9/multi30k/train.de.gz" in result.stderr
+    assert "Offline? Pass --raw DIR" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()

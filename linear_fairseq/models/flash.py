@@ -23,7 +23,6 @@ from .linear_transformer import (
     LinearLanguageModel,
     LinearTransformerConfig,
     LinearTransformerModel,
-    as_namespace,
     option,
     option_error,
     register_presets,
@@ -72,31 +71,24 @@ def check_flash_args(args: Namespace, roles) -> None:
         raise option_error("gau_s", args.gau_s, "must be even with RoPE (or pass --no-rope)")
 
 
-def derived_settings(args: Namespace) -> Namespace:
+def derived_settings(args: Namespace) -> None:
     if not args.no_rope:
         args.no_token_positional_embeddings = True  # RoPE supplies the positions
     for side in ("encoder", "decoder"):
         if hasattr(args, f"{side}_normalize_before"):
             setattr(args, f"{side}_normalize_before", True)  # a final norm after pre-norm GAUs
-    return args
 
 
 @register_model("flash_transformer", dataclass=FlashTransformerConfig)
 class FlashTransformerModel(LinearTransformerModel):
+    derive_family = staticmethod(derived_settings)
     check_family = staticmethod(check_flash_args)
-
-    @classmethod
-    def build_model(cls, cfg, task):
-        return super().build_model(derived_settings(as_namespace(cfg)), task)
 
 
 @register_model("flash_lm", dataclass=FlashLMConfig)
 class FlashLanguageModel(LinearLanguageModel):
+    derive_family = staticmethod(derived_settings)
     check_family = staticmethod(check_flash_args)
-
-    @classmethod
-    def build_model(cls, cfg, task):
-        return super().build_model(derived_settings(as_namespace(cfg)), task)
 
 
 def flash_preset(fairseq_arch, **layers):

@@ -122,11 +122,21 @@ class LinearTransformerDecoder(TransformerDecoderBase):
 
 # -- models -----------------------------------------------------------------
 class LinearModelMixin:
-    """Option checks shared by the encoder-decoder and decoder-only models.
-    A family sets ``check_family(args, roles)`` to check its own options."""
+    """Option handling shared by the encoder-decoder and decoder-only models.
+    A family may set ``derive_family(args)`` (settings that follow from others)
+    and ``check_family(args, roles)`` (checks of its own options)."""
 
     roles = ROLES
+    derive_family = None
     check_family = None
+
+    @classmethod
+    def prepare_args(cls, cfg) -> Namespace:
+        args = as_namespace(cfg)
+        if cls.derive_family is not None:
+            cls.derive_family(args)
+        cls.check_args(args)
+        return args
 
     @classmethod
     def add_args(cls, parser):
@@ -153,9 +163,7 @@ class LinearTransformerModel(LinearModelMixin, TransformerModel):
 
     @classmethod
     def build_model(cls, cfg, task):
-        args = as_namespace(cfg)
-        cls.check_args(args)
-        return super().build_model(args, task)
+        return super().build_model(cls.prepare_args(cfg), task)
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
@@ -176,7 +184,7 @@ class LinearLanguageModel(LinearModelMixin, TransformerLanguageModel):
     def build_model(cls, cfg, task):
         args = as_namespace(cfg)
         base_lm_architecture(args)
-        cls.check_args(args)
+        args = cls.prepare_args(args)
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
         if getattr(args, "max_target_positions", None) is None:

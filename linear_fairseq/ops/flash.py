@@ -128,17 +128,20 @@ def mixed_chunk(
         q, k, ql, kl, v = (gather_time(x, order) for x in (q, k, ql, kl, v))
         padding_mask = padding_mask.gather(1, order)
     real = acc(q).new_ones(B, T) if padding_mask is None else (~padding_mask).to(acc(q).dtype)
-    N = -(-T // G)
-    pad = N * G - T
+    # a sequence shorter than G is one chunk: tile it at its own length (the
+    # scale stays 1/G), instead of padding every short sentence to G tokens
+    L = min(G, T)
+    N = -(-T // L)
+    pad = N * L - T
 
     def chunks(x: Tensor) -> Tensor:
-        return F.pad(acc(x), (0, 0, 0, pad)).view(B, N, G, x.shape[-1])
+        return F.pad(acc(x), (0, 0, 0, pad)).view(B, N, L, x.shape[-1])
 
-    real_c = F.pad(real, (0, pad)).view(B, N, G)
+    real_c = F.pad(real, (0, pad)).view(B, N, L)
     q, k, ql, v = chunks(q), chunks(k), chunks(ql), chunks(v)
     kl = chunks(kl) * real_c.unsqueeze(-1)  # padded keys add nothing to the linear sums
     # quadratic inside each chunk: relu(q k^T / sqrt(s))^2 / G over real (and, if causal, earlier) keys
-    within = torch.arange(G, device=q.device)
+    within = torch.arange(L, device=q.device)
     A = relu2(q, k, G, offset_bias(rel_bias, within[:, None] - within[None, :])) * real_c.unsqueeze(-2)
     if causal:
         A = A.tril()
@@ -152,7 +155,7 @@ def mixed_chunk(
     else:
         KV, n = KV.sum(1, keepdim=True), n.sum(1, keepdim=True)
     lin = (ql @ KV) / n.clamp(min=1.0)[..., None, None]
-    out = (quad + lin).view(B, N * G, e)[:, :T]
+    out = (quad + lin).view(B, N * L, e)[:, :T]
     if order is not None:
         out = scatter_time(out, order)
     return out.to(dtype)
