@@ -151,27 +151,25 @@ class PerformerAttention(LinearAttention):
         phi_q, _ = self.features(x, self.q_proj, is_query=True)
         return self.merge(K.read(phi_q, state["S"], state["z"], x.dtype, self.eps), x.dtype)
 
-    def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+    def run_causal(self, x: Tensor, padding_mask: Optional[Tensor], chunk_size: int, state=None):
+        """The causal form over x (B, T, C), from `state`; returns (out, state)."""
         phi_q, _ = self.features(x, self.q_proj, is_query=True)
         phi_k, log_scale = self.features(x, self.k_proj, is_query=False)
-        out, _ = K.causal_chunked(
+        out, state = K.causal_chunked(
             phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale,
-            self.gate_logits(x), self.chunk_size, self.eps,
+            self.gate_logits(x), chunk_size, self.eps, state,
         )
-        return self.merge(out, x.dtype)
+        return self.merge(out, x.dtype), state
+
+    def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        return self.run_causal(x, padding_mask, self.chunk_size)[0]
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        x = x.unsqueeze(1)  # (B, 1, C)
-        phi_q, _ = self.features(x, self.q_proj, is_query=True)
-        phi_k, log_scale = self.features(x, self.k_proj, is_query=False)
-        gate = self.gate_logits(x)
-        last = lambda t: None if t is None else t[:, :, 0]  # noqa: E731
+        # one token is a chunk of one: the same update as training
         prev = (state["S"], state["z"], state["M"]) if state else None
-        out, (S, z, M) = K.causal_step(
-            last(phi_q), last(phi_k), last(self.heads(self.v_proj(x))), prev,
-            padding_mask, last(log_scale), last(gate), self.eps,
-        )
-        return self.merge(out.unsqueeze(2), x.dtype).squeeze(1), {"S": S, "z": z, "M": M}
+        mask = None if padding_mask is None else padding_mask.unsqueeze(1)
+        out, (S, z, M) = self.run_causal(x.unsqueeze(1), mask, 1, prev)
+        return out.squeeze(1), {"S": S, "z": z, "M": M}
 
 
 @register_attention("performer")
