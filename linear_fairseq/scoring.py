@@ -75,3 +75,28 @@ def bleu_chrf(hypotheses: List[str], references: List[str]) -> Dict[str, float]:
 
 def read_references(path: Path) -> List[str]:
     return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+_EVAL_SPEED = re.compile(r"Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)")
+
+
+def read_eval_lm_speed(eval_lm_output: str) -> Dict[str, float]:
+    m = _EVAL_SPEED.search(eval_lm_output)
+    if m is None:
+        raise ValueError("no 'Evaluated N tokens in ...' line in the fairseq-eval-lm output")
+    return {"tokens": _int(m.group(1)), "seconds": float(m.group(2)), "tokens_per_s": float(m.group(3))}
+
+
+def rouge(hypotheses: List[str], references: List[str]) -> Dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (x100) with Porter stemming (rouge-score)."""
+    from rouge_score import rouge_scorer
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for hyp, ref in zip(hypotheses, references):
+        for key, score in scorer.score(ref, hyp).items():
+            totals[key] += score.fmeasure
+    n = max(len(references), 1)
+    return {"r1": 100 * totals["rouge1"] / n, "r2": 100 * totals["rouge2"] / n, "rl": 100 * totals["rougeL"] / n}

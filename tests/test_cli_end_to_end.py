@@ -89,9 +89,9 @@ def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
 
 @pytest.mark.parametrize(
     "arch_args",
-    [["performer_transformer", "--feature-map", fm, "--redraw-interval", "4"] for fm in ("elu", "favor", "rfa", "t2r")]
-    + [["flash_transformer", "--gau-s", "32", "--gau-chunk-size", "16"]],
-    ids=["performer-elu", "performer-favor", "performer-rfa", "performer-t2r", "flash"],
+    # favor and flash go through fairseq-hydra-train/-generate in test_reproduce.py
+    [["performer_transformer", "--feature-map", fm, "--redraw-interval", "4"] for fm in ("elu", "rfa", "t2r")],
+    ids=["performer-elu", "performer-rfa", "performer-t2r"],
 )
 def test_family_train_and_generate(multi30k, tmp_path, arch_args):
     data, save = multi30k / "bin", tmp_path / "ckpt"
@@ -114,36 +114,6 @@ def test_bad_option_exits_with_a_message(multi30k, tmp_path):
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last == "ValueError: --decoder-self-memory-size=0: must be a positive integer"
-
-
-def write_lm_split(src, dest, limit):
-    with gzip.open(src, "rt", encoding="utf-8") as f:
-        lines = [line for line in (next(f, "") for _ in range(limit)) if line.strip()]
-    dest.write_text("".join(lines))
-
-
-@pytest.mark.parametrize("arch", [["memsizer_lm"], ["performer_lm"], ["flash_lm", "--gau-s", "32", "--gau-chunk-size", "48"]])
-def test_lm_train_and_eval_lm(tmp_path, arch):
-    raw = require_data("austen")
-    for split, limit in (("train", 3000), ("valid", 400), ("test", 400)):
-        write_lm_split(raw / f"{split}.txt.gz", tmp_path / f"{split}.txt", limit)
-    fairseq(
-        "preprocess", "--only-source", "--trainpref", tmp_path / "train.txt", "--validpref", tmp_path / "valid.txt",
-        "--testpref", tmp_path / "test.txt", "--destdir", tmp_path / "bin", "--workers", 1,
-    )
-    save = tmp_path / "ckpt"
-    fairseq(
-        "train", tmp_path / "bin", "--task", "language_modeling", "--arch", *arch,
-        "--decoder-layers", 2, "--decoder-embed-dim", 64, "--decoder-ffn-embed-dim", 128,
-        "--decoder-attention-heads", 4, "--tokens-per-sample", 128, "--sample-break-mode", "none",
-        "--optimizer", "adam", "--lr", 3e-3, "--max-tokens", 2048, "--max-update", 20,
-        "--save-dir", save, "--no-epoch-checkpoints", "--num-workers", 0,
-    )
-    ev = fairseq("eval-lm", tmp_path / "bin", "--path", save / "checkpoint_last.pt",
-                 "--tokens-per-sample", 128, "--max-tokens", 2048, "--gen-subset", "test")
-    ppl = read_perplexity(ev.stderr + ev.stdout)
-    vocab = len((tmp_path / "bin" / "dict.txt").read_text().splitlines())
-    assert 1 < ppl < vocab  # better than uniform after 20 updates
 
 
 def test_demo_without_data_offline_says_so_and_fails(tmp_path):

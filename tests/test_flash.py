@@ -32,6 +32,17 @@ def test_gau_widths():
     assert len(units) == 2 and all((u.s, u.e) == (16, 64) for u in units)  # e = 2d
 
 
+@pytest.mark.parametrize("init,mean", [("paper", 0.0), ("unit", 1.0)])
+def test_scale_init_of_queries_and_keys(init, mean):
+    """--gau-scale-init: gamma ~ N(0, 0.02) (the paper: q.k ~ 0 and relu^2 ~ 0 at the
+    start) or N(1, 0.02) (q = k = Z: attention is live from the first update)."""
+    model, _ = make_model("flash_lm", TINY_LM + ["--gau-s", "16", "--gau-scale-init", init], "language_modeling")
+    for unit in (m for m in model.modules() if isinstance(m, GatedAttentionUnit)):
+        gamma = unit.offset_scale.gamma
+        assert abs(gamma.mean().item() - mean) < 0.01 and 0.01 < gamma.std().item() < 0.03
+        assert not unit.offset_scale.beta.any()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -52,10 +63,11 @@ def test_bad_encoder_width_is_named():
         make_model("flash_transformer", TINY_MT + ["--gau-s", "48"])
 
 
-def test_unknown_gau_attention_is_rejected_by_the_parser(capsys):
+@pytest.mark.parametrize("option,value", [("--gau-attention", "sparse"), ("--gau-scale-init", "ones")])
+def test_unknown_choices_are_rejected_by_the_parser(capsys, option, value):
     with pytest.raises(SystemExit):
-        parse_model_args("flash_lm", ["--gau-attention", "sparse"], task="language_modeling")
-    assert "invalid choice: 'sparse'" in capsys.readouterr().err
+        parse_model_args("flash_lm", [option, value], task="language_modeling")
+    assert f"invalid choice: '{value}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["mixed", "quadratic"])

@@ -45,6 +45,9 @@ class FlashOptions(FairseqDataclass):
     gau_norm: ChoiceEnum(["scalenorm", "layernorm"]) = option("scalenorm", "pre-norm of each GAU")
     no_rope: bool = option(False, "no rotary position embedding on queries and keys")
     gau_rel_pos_bias: bool = option(False, "learned relative position bias inside relu^2 (offsets up to G)")
+    gau_scale_init: ChoiceEnum(["paper", "unit"]) = option(
+        "paper", "init of the per-dimension scales of Q and K: N(0, 0.02) as in the paper, or N(1, 0.02)"
+    )
 
 
 @dataclass

@@ -45,11 +45,11 @@ class ScaleNorm(nn.Module):
 class OffsetScale(nn.Module):
     """`heads` cheap transforms of one shared Z: Z * gamma_h + beta_h, per dimension."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, gamma_mean: float = 0.0):
         super().__init__()
         self.gamma = nn.Parameter(torch.empty(heads, dim))
         self.beta = nn.Parameter(torch.zeros(heads, dim))
-        nn.init.normal_(self.gamma, std=0.02)
+        nn.init.normal_(self.gamma, mean=gamma_mean, std=0.02)
 
     def forward(self, z: Tensor):
         return (z.unsqueeze(-2) * self.gamma + self.beta).unbind(dim=-2)
@@ -73,6 +73,7 @@ class GatedAttentionUnit(LinearAttention):
         rel_pos_bias: bool = False,
         norm: str = "scalenorm",
         dropout: float = 0.0,
+        scale_init: str = "paper",
     ):
         super().__init__(dim, 1, causal=causal)
         e = int(round(expansion * dim))
@@ -83,6 +84,7 @@ class GatedAttentionUnit(LinearAttention):
             ("expansion", expansion, e >= 1, f"gives width e={e}; it must be >= 1"),
             ("mode", mode, mode in ("mixed", "quadratic"), "choose mixed or quadratic"),
             ("norm", norm, norm in ("scalenorm", "layernorm"), "choose scalenorm or layernorm"),
+            ("scale_init", scale_init, scale_init in ("paper", "unit"), "choose paper or unit"),
         )
         for name, value, ok, why in checks:
             if not ok:
@@ -91,7 +93,8 @@ class GatedAttentionUnit(LinearAttention):
         self.norm = build_norm(norm, dim)
         self.to_uv = nn.Linear(dim, 2 * e)
         self.to_z = nn.Linear(dim, s)
-        self.offset_scale = OffsetScale(s, 4 if mode == "mixed" else 2)
+        # gamma ~ N(0, 0.02) as in the paper, or N(1, 0.02): q = k = Z at the start (--gau-scale-init)
+        self.offset_scale = OffsetScale(s, 4 if mode == "mixed" else 2, 1.0 if scale_init == "unit" else 0.0)
         self.rel_bias = nn.Parameter(torch.zeros(2 * chunk_size - 1)) if rel_pos_bias else None
         self.to_out = nn.Linear(e, dim)
         self.dropout = nn.Dropout(dropout)
@@ -156,7 +159,7 @@ class GatedAttentionUnit(LinearAttention):
 
 def build_gau(cfg, dim: int, causal: bool) -> GatedAttentionUnit:
     """Options read from the model config: --gau-attention, --gau-s, --gau-expansion,
-    --gau-chunk-size, --no-rope, --gau-rel-pos-bias, --gau-norm, --dropout."""
+    --gau-chunk-size, --no-rope, --gau-rel-pos-bias, --gau-norm, --gau-scale-init, --dropout."""
     return GatedAttentionUnit(
         dim,
         causal=causal,
@@ -168,6 +171,7 @@ def build_gau(cfg, dim: int, causal: bool) -> GatedAttentionUnit:
         rel_pos_bias=bool(cfg.gau_rel_pos_bias),
         norm=str(cfg.gau_norm),
         dropout=cfg.dropout,
+        scale_init=str(getattr(cfg, "gau_scale_init", "paper")),
     )
 
 

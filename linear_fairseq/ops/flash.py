@@ -184,8 +184,8 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
     z = acc(like)
     return {
         "k_chunk": z.new_zeros(B, G, s),  # quadratic keys of the current chunk
+        "kl_chunk": z.new_zeros(B, G, s),  # linear keys of the current chunk
         "v_chunk": z.new_zeros(B, G, e),  # values of the current chunk
-        "kv_chunk": z.new_zeros(B, s, e),  # sum of k' v^T over the current chunk
         "kv_done": z.new_zeros(B, s, e),  # sum of k' v^T over completed chunks
         "n_done": z.new_zeros(B),  # real tokens in completed chunks
         "fill": torch.zeros(B, dtype=torch.long, device=like.device),  # tokens in the current chunk
@@ -197,17 +197,21 @@ def step(
     padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, State]:
     """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
-    most G tokens plus two s x e sums, whatever the prefix length. A padded
-    step (padding_mask True) leaves the state unchanged."""
+    most G tokens plus one s x e sum, whatever the prefix length; the current
+    chunk's k' v^T joins the sum once, when the chunk completes. A padded step
+    (padding_mask True) leaves the state unchanged."""
     G = chunk_size
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
     rows = torch.arange(B, device=q.device)
     real = torch.ones(B, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask
     fill = state["fill"]
-    # write this token into the current chunk (padded rows write nothing)
-    k_chunk = state["k_chunk"].index_put((rows, fill), torch.where(real[:, None], k, state["k_chunk"][rows, fill]))
-    v_chunk = state["v_chunk"].index_put((rows, fill), torch.where(real[:, None], v, state["v_chunk"][rows, fill]))
+
+    def write(name, x):  # this token into slot `fill` of the current chunk (padded rows write nothing)
+        old = state[name]
+        return old.index_put((rows, fill), torch.where(real[:, None], x, old[rows, fill]))
+
+    k_chunk, kl_chunk, v_chunk = write("k_chunk", k), write("kl_chunk", kl), write("v_chunk", v)
     # quadratic over the chunk's tokens so far, linear over completed chunks
     slots = torch.arange(G, device=q.device)[None, :]
     seen = slots <= fill[:, None]
@@ -215,17 +219,19 @@ def step(
     scores = relu2(q.unsqueeze(1), k_chunk, G, None if bias is None else bias.unsqueeze(1)).squeeze(1) * seen
     quad = (scores.unsqueeze(1) @ v_chunk).squeeze(1)
     lin = (ql.unsqueeze(1) @ state["kv_done"]).squeeze(1) / state["n_done"].clamp(min=1.0)[:, None]
-    out = quad + lin
-    # advance; a completed chunk moves into the linear sums
-    kv_chunk = state["kv_chunk"] + real[:, None, None] * (kl.unsqueeze(-1) * v.unsqueeze(-2))
+    # advance; a completed chunk moves into the linear sum (Sec. 3.2: sum_j k'_j v_j^T over past chunks)
     fill = fill + real.long()
     full = fill == G
+    kv_done = state["kv_done"]
+    if bool(full.any()):
+        done = full.nonzero().squeeze(1)
+        kv_done = kv_done.index_add(0, done, kl_chunk[done].transpose(1, 2) @ v_chunk[done])
     state = {
         "k_chunk": k_chunk,
+        "kl_chunk": kl_chunk,
         "v_chunk": v_chunk,
-        "kv_chunk": torch.where(full[:, None, None], 0.0, kv_chunk),
-        "kv_done": state["kv_done"] + full[:, None, None] * kv_chunk,
+        "kv_done": kv_done,
         "n_done": state["n_done"] + full * G,
         "fill": torch.where(full, 0, fill),
     }
-    return out, state
+    return quad + lin, state

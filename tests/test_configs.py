@@ -1,0 +1,109 @@
+"""Every hydra config under configs/ loads through fairseq's own config
+machinery (hydra compose with fairseq's schema, add_defaults merging the
+model block into the model's dataclass) and builds its model; families of one
+task share the task config and differ only in the model block."""
+import argparse
+import functools
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from fairseq import models, tasks
+from fairseq.dataclass.initialize import add_defaults, hydra_init
+from fairseq.dataclass.utils import omegaconf_no_object_check
+from fairseq.models.transformer import TransformerModel
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT, make_dictionary
+
+spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+CASES = [(spec["task"], ds, family) for ds, spec in reproduce.DATASETS.items() for family in reproduce.FAMILIES]
+
+
+@functools.lru_cache(maxsize=None)
+def load(task, ds, family, overrides=()):
+    """The config fairseq-hydra-train would run, as a plain OmegaConf tree."""
+    hydra_init(ds)
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / task), version_base="1.1"):
+        cfg = compose(config_name=ds, overrides=[f"model={ds}_{family}", "task.data=/unused", *overrides])
+    add_defaults(cfg)  # merges the model block into its dataclass: unknown keys fail here
+    with omegaconf_no_object_check():
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+def build(cfg, vocab):
+    d = make_dictionary(vocab)
+    if cfg.task._name == "language_modeling":
+        task = tasks.language_modeling.LanguageModelingTask(cfg.task, d, d)
+    else:
+        task = tasks.translation.TranslationTask(cfg.task, d, d)
+    with torch.device("meta"):  # shapes and checks only, no memory
+        return models.build_model(cfg.model, task)
+
+
+def legacy_transformer_options():
+    parser = argparse.ArgumentParser()
+    TransformerModel.add_args(parser)
+    return {a.dest for a in parser._actions}
+
+
+def model_keys(task, ds, family):
+    cfg = OmegaConf.load(ROOT / "configs" / task / "model" / f"{ds}_{family}.yaml")
+    return set(cfg.keys()) - {"_name"}
+
+
+@pytest.mark.parametrize("task,ds,family", CASES, ids=[f"{d}-{f}" for _, d, f in CASES])
+def test_config_loads_and_builds(task, ds, family):
+    cfg = load(task, ds, family)
+    yaml_model = OmegaConf.load(ROOT / "configs" / task / "model" / f"{ds}_{family}.yaml")
+    assert cfg.model._name == yaml_model._name
+    if yaml_model._name == "transformer":  # fairseq's argparse model: check the names by hand
+        unknown = model_keys(task, ds, family) - legacy_transformer_options()
+        assert not unknown, f"not transformer options: {unknown}"
+    else:  # merged into our dataclass: every key of the file is there with its value
+        for key, value in yaml_model.items():
+            assert cfg.model[key] == value, key
+    model = build(cfg, 70000 if ds == "wikitext103" else 1000)
+    assert type(model).__name__.lower().startswith(family if family != "transformer" else "transformer")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("ds", sorted(reproduce.DATASETS))
+def test_families_share_the_task_config(ds):
+    task = reproduce.DATASETS[ds]["task"]
+    base = {f: load(task, ds, f) for f in reproduce.FAMILIES}
+    blocks = {f: {k: v for k, v in cfg.items() if k not in ("model", "job_logging_cfg")} for f, cfg in base.items()}
+    first = blocks[reproduce.FAMILIES[0]]
+    assert all(b == first for b in blocks.values())
+
+
+@pytest.mark.parametrize("ds", ["wmt16", "iwslt14", "cnn_dm", "wikitext103"])
+def test_paper_scale_flash_and_performer_match_the_baseline_size(ds):
+    """Matched parameter counts (within 25%) at paper scale; MemSizer follows
+    its paper instead (no attention projections; 32 layers for WikiText-103)."""
+    task = reproduce.DATASETS[ds]["task"]
+    vocab = 70000 if ds == "wikitext103" else 32000
+    n = {f: sum(p.numel() for p in build(load(task, ds, f), vocab).parameters())
+         for f in ("transformer", "performer", "flash")}
+    for family in ("performer", "flash"):
+        assert abs(n[family] / n["transformer"] - 1) < 0.25, (family, n)
+
+
+def test_a_misspelled_model_option_is_refused():
+    with pytest.raises(Exception, match="decoder_self_memory_sise"):
+        load("mt", "multi30k", "memsizer", ("+model.decoder_self_memory_sise=4",))
+
+
+def test_the_memsizer_wmt16_config_is_the_papers_recipe():
+    cfg = load("mt", "wmt16", "memsizer")
+    assert (cfg.model.decoder_self_attn, cfg.model.cross_attn, cfg.model.encoder_self_attn) == ("memsizer", "memsizer", "softmax")
+    assert (cfg.model.decoder_self_memory_size, cfg.model.cross_memory_size) == (4, 32)
+    assert (cfg.model.encoder_embed_dim, cfg.model.encoder_ffn_embed_dim, cfg.model.encoder_attention_heads) == (1024, 4096, 16)
+    assert cfg.optimization.lr == [0.0005] and cfg.lr_scheduler.warmup_updates == 4000
+    assert cfg.optimization.max_update == 90000
+    assert reproduce.DATASETS["wmt16"]["decode"][:4] == ["--beam", "4", "--lenpen", "0.6"]
