@@ -90,6 +90,11 @@ def download(url: str, dest: Path, hint: str = "") -> Path:
     return dest
 
 
+def raw_or_fetch(args, fetch):
+    """The folder of raw files: --raw DIR when given, else what `fetch()` downloads."""
+    return args.raw if args.raw is not None else fetch()
+
+
 def extract(archive: Path, into: Path) -> Path:
     """Unpack a .tgz/.tar.gz/.zip once (a marker file records completion)."""
     done = into / f".{archive.name}.extracted"

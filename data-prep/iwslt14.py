@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     arg_parser, binarize_pairs, check_aligned, download, extract, find_raw, log, read_lines,
-    record_checksums, sentencepiece_all, write_splits,
+    raw_or_fetch, record_checksums, sentencepiece_all, write_splits,
 )
 
 URL = os.environ.get("IWSLT14_URL", "https://wit3.fbk.eu/archive/2014-01/texts/de/en/de-en.tgz")
@@ -63,10 +63,7 @@ def xml_lines(path: Path):
 def main(argv=None):
     args = arg_parser(__doc__, "data-bin/iwslt14_de_en", 10000).parse_args(argv)
     out = args.out
-    if args.raw is not None:
-        folder = args.raw
-    else:
-        folder = extract(download(URL, out / "download" / "de-en.tgz"), out / "download") / "de-en"
+    folder = raw_or_fetch(args, lambda: extract(download(URL, out / "download" / "de-en.tgz"), out / "download") / "de-en")
     splits, used = {}, []
     train = {lang: find_raw(folder, f"train.tags.de-en.{lang}") for lang in ("de", "en")}
     for lang, lines in zip(("de", "en"), clean(train_lines(train["de"]), train_lines(train["en"]))):

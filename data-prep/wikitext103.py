@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    arg_parser, binarize_mono, download, extract, find_raw, log, read_lines, record_checksums,
-    verify, write_lines,
+    arg_parser, binarize_mono, download, extract, find_raw, log, raw_or_fetch, read_lines,
+    record_checksums, verify, write_lines,
 )
 
 URL = os.environ.get("WIKITEXT103_URL", "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip")
@@ -32,16 +32,17 @@ FILES = {  # split: (file, published sha1)
 }
 
 
+def fetch(out, no_verify: bool):
+    archive = download(URL, out / "download" / "wikitext-103-v1.zip")
+    if not no_verify:
+        verify(archive, ARCHIVE_SHA1)
+    return extract(archive, out / "download") / "wikitext-103"
+
+
 def main(argv=None):
     args = arg_parser(__doc__, "data-bin/wikitext-103", 0).parse_args(argv)
     out = args.out
-    if args.raw is not None:
-        folder = args.raw
-    else:
-        archive = download(URL, out / "download" / "wikitext-103-v1.zip")
-        if not args.no_verify:
-            verify(archive, ARCHIVE_SHA1)
-        folder = extract(archive, out / "download") / "wikitext-103"
+    folder = raw_or_fetch(args, lambda: fetch(out, args.no_verify))
     files = {}
     for split, (name, sha1) in FILES.items():
         path = find_raw(folder, name)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    arg_parser, binarize_pairs, check_aligned, die, download, extract, find_raw, log, read_lines,
-    record_checksums, write_lines, write_splits,
+    arg_parser, binarize_pairs, check_aligned, die, download, extract, find_raw, log, raw_or_fetch,
+    read_lines, record_checksums, write_lines, write_splits,
 )
 
 URL = os.environ.get("WMT16_URL", "https://drive.google.com/uc?export=download&id=0B_bZck-ksdkpM25jRUN2X2UxMm8")
@@ -32,18 +32,19 @@ NAMES = {"train": "train.tok.clean.bpe.32000", "valid": "newstest2013.tok.bpe.32
          "test": "newstest2014.tok.bpe.32000"}
 
 
+def fetch(out):
+    archive = download(URL, out / "download" / "wmt16_en_de.tar.gz", " (see --help: Google Drive)")
+    if not tarfile.is_tarfile(archive):
+        archive.unlink()
+        die(f"{URL} did not return the archive (Google Drive asks for a confirmation); "
+            "download it in a browser and pass --raw DIR")
+    return extract(archive, out / "download")
+
+
 def main(argv=None):
     args = arg_parser(__doc__, "data-bin/wmt16_en_de_bpe32k", 0).parse_args(argv)
     out = args.out
-    if args.raw is not None:
-        folder = args.raw
-    else:
-        archive = download(URL, out / "download" / "wmt16_en_de.tar.gz", " (see --help: Google Drive)")
-        if not tarfile.is_tarfile(archive):
-            archive.unlink()
-            die(f"{URL} did not return the archive (Google Drive asks for a confirmation); "
-                "download it in a browser and pass --raw DIR")
-        folder = extract(archive, out / "download")
+    folder = raw_or_fetch(args, lambda: fetch(out))
     files = {(split, lang): find_raw(folder, f"{name}.{lang}") for split, name in NAMES.items() for lang in ("en", "de")}
     write_splits(out / "bpe", {key: read_lines(path) for key, path in files.items()}, args)
     record_checksums(out, files.values())

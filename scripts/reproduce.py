@@ -63,7 +63,7 @@ DEFAULT_DATASET = {("mt", "cpu"): "multi30k", ("mt", "paper"): "wmt16", ("sum", 
 
 # Smoke scale: the cpu config with a tiny model and a few dozen updates.
 SMOKE = {
-    "mt": ["optimization.max_epoch=0", "optimization.max_update=24", "lr_scheduler.warmup_updates=10",
+    "mt": ["optimization.max_epoch=0", "optimization.max_update=16", "lr_scheduler.warmup_updates=8",
            "dataset.max_tokens=2048"],
     "lm": ["optimization.max_epoch=0", "optimization.max_update=30", "lr_scheduler.warmup_updates=10",
            "task.tokens_per_sample=128", "dataset.max_tokens=2048"],

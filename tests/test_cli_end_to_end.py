@@ -89,9 +89,10 @@ def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
 
 @pytest.mark.parametrize(
     "arch_args",
-    # favor and flash go through fairseq-hydra-train/-generate in test_reproduce.py
-    [["performer_transformer", "--feature-map", fm, "--redraw-interval", "4"] for fm in ("elu", "rfa", "t2r")],
-    ids=["performer-elu", "performer-rfa", "performer-t2r"],
+    # favor and flash go through fairseq-hydra-train/-generate in test_reproduce.py;
+    # elu has no parameters or buffers of its own beyond what these exercise
+    [["performer_transformer", "--feature-map", fm, "--redraw-interval", "4"] for fm in ("rfa", "t2r")],
+    ids=["performer-rfa", "performer-t2r"],
 )
 def test_family_train_and_generate(multi30k, tmp_path, arch_args):
     data, save = multi30k / "bin", tmp_path / "ckpt"

@@ -44,8 +44,8 @@ def finite(x):
 
 def test_reproduce_mt_smoke(tmp_path):
     raw = require_data("multi30k")
-    out = reproduce("mt", raw, tmp_path, "--average", "2", "--save-interval-updates", "10")
-    assert out.count("averaging checkpoint_1_10.pt, checkpoint_1_20.pt") == 4
+    out = reproduce("mt", raw, tmp_path, "--average", "2", "--save-interval-updates", "8")
+    assert out.count("averaging checkpoint_1_8.pt, checkpoint_1_16.pt") == 4
     rows = table(tmp_path, "mt")
     for r in rows:
         assert 0 <= float(r["bleu"]) <= 100 and 0 < float(r["chrf"]) <= 100
