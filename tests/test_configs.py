@@ -5,7 +5,6 @@ task share the task config and differ only in the model block."""
 import argparse
 import functools
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch

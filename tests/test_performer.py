@@ -32,27 +32,37 @@ def projections(model):
 
 
 def test_redraw_only_in_training_and_on_schedule():
+    """fairseq's trainer calls set_num_updates after every update: interval 3
+    redraws at updates 3 and 6, in training only, the same draw for the same
+    seed and update (as on another worker, or after a resume)."""
     model, d = make_model("performer_lm", ARGS, "language_modeling")
     tokens = random_tokens(d, 2, 8)
-    for _ in range(5):  # eval: never
+    for n in range(1, 7):  # eval: never
         before = projections(model)
         lm_logits(model, tokens)
+        model.set_num_updates(n)
         assert all(torch.equal(a, b) for a, b in zip(before, projections(model)))
     model.train()
+    twin, _ = make_model("performer_lm", ARGS, "language_modeling")
+    twin.train()
     changed = []
-    for _ in range(7):  # interval 3: the 4th and 7th training passes redraw
+    for n in range(1, 8):
         before = projections(model)
-        model(tokens)
+        model(tokens)  # forward passes do not redraw
+        model.set_num_updates(n)
+        twin.set_num_updates(n)
         changed.append(all(not torch.equal(a, b) for a, b in zip(before, projections(model))))
-    assert changed == [False, False, False, True, False, False, True]
+        assert all(torch.equal(a, b) for a, b in zip(projections(twin), projections(model)))
+    assert changed == [False, False, True, False, False, True, False]
 
 
 def test_no_redraw_when_interval_is_zero():
     model, d = make_model("performer_lm", TINY_LM + ["--redraw-interval", "0"], "language_modeling")
     model.train()
     before = projections(model)
-    for _ in range(4):
+    for n in range(1, 5):
         model(random_tokens(d, 2, 8))
+        model.set_num_updates(n)
     assert all(torch.equal(a, b) for a, b in zip(before, projections(model)))
 
 

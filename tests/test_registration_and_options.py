@@ -1,8 +1,10 @@
 """Plugin plumbing: idempotent registration, presets whose defaults are the
-values a model really gets, checkpoint loading under torch's weights_only, and
-option errors that name the option and the value."""
+values a model really gets, checkpoint loading under torch's weights_only,
+option errors that name the option and the value, one-line errors at the top
+of a command, and checkpoints that do not fit explained."""
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ from fairseq import utils as fairseq_utils
 from fairseq.models import ARCH_MODEL_REGISTRY
 
 from conftest import ROOT, TINY_LM, TINY_MT, make_model, parse_model_args
+from linear_fairseq.errors import ConfigError, install_excepthook
 from linear_fairseq.modules.memsizer_attention import MemsizerAttention
 
 ARCHS = [
@@ -90,6 +93,11 @@ def test_command_line_overrides_a_preset():
         ("memsizer_transformer", ["--q-init-scale", "0"], "--q-init-scale=0.0: must be > 0"),
         ("memsizer_transformer", ["--memsizer-chunk-size", "0"], "--memsizer-chunk-size=0"),
         ("memsizer_lm", ["--decoder-self-memory-size", "0"], "--decoder-self-memory-size=0"),
+        ("flash_lm", ["--gau-chunk-size", "0"], "--gau-chunk-size=0: must be a positive integer"),
+        ("flash_lm", ["--gau-s", "64"], "--gau-s=64: must be <= --decoder-embed-dim=32"),
+        ("flash_lm", ["--gau-s", "15"], "--gau-s=15: must be even with RoPE"),
+        ("performer_lm", ["--num-features", "0"], "--num-features=0: must be a positive integer"),
+        ("performer_lm", ["--kernel-chunk-size", "0"], "--kernel-chunk-size=0: must be a positive integer"),
     ],
 )
 def test_bad_options_name_the_option_and_value(arch, args, message):
@@ -103,6 +111,12 @@ def test_unknown_attention_name_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         parse_model_args("memsizer_transformer", ["--decoder-self-attn", "fast"])
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_unknown_feature_map_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse_model_args("performer_lm", ["--feature-map", "relu"], "language_modeling")
+    assert "--feature-map: invalid choice: 'relu'" in capsys.readouterr().err
 
 
 def test_module_rejects_bad_sizes_with_values():
@@ -123,3 +137,42 @@ def test_argparse_checkpoints_load_under_weights_only(tmp_path):
         [sys.executable, "-c", "import linear_fairseq; " + code], capture_output=True, text=True, cwd=ROOT
     )
     assert plugin.returncode == 0, plugin.stderr[-2000:]
+
+
+def test_our_errors_print_one_line_at_the_top_of_a_command(capsys, monkeypatch):
+    """Importing the plugin installs the hook (the CLI tests in test_reliability.py
+    see it at work); here the hook itself, on the exceptions it may meet."""
+    install_excepthook()
+    assert getattr(sys.excepthook, "linear_fairseq", False)
+
+    def report(exc):
+        try:
+            raise exc
+        except BaseException as caught:
+            sys.excepthook(type(caught), caught, caught.__traceback__)
+        return capsys.readouterr().err
+
+    assert report(ConfigError("--gau-s=64: must be <= 32")) == "error: --gau-s=64: must be <= 32\n"
+    try:
+        raise ConfigError("inner")
+    except ConfigError:
+        try:
+            raise Exception("Cannot load model parameters")
+        except Exception as outer:
+            wrapped = outer
+    assert report(wrapped) == "error: Cannot load model parameters\nerror: inner\n"
+    assert "Traceback" in report(KeyError("not ours"))  # other errors keep their traceback
+    monkeypatch.setenv("LINEAR_FAIRSEQ_TRACEBACK", "1")
+    assert "Traceback" in report(ConfigError("shown in full"))
+
+
+def test_checkpoint_of_another_vocabulary_or_architecture_is_explained():
+    model, _ = make_model("memsizer_lm", TINY_LM, "language_modeling", vocab=40)
+    bigger, _ = make_model("memsizer_lm", TINY_LM, "language_modeling", vocab=48)
+    with pytest.raises(ConfigError, match=r"vocabulary has 52 entries, this task's dictionary 44"):
+        model.load_state_dict(bigger.state_dict())
+    performer, _ = make_model("performer_lm", TINY_LM, "language_modeling", vocab=40)
+    with pytest.raises(ConfigError, match="trained with another architecture or attention") as err:
+        model.load_state_dict(performer.state_dict())
+    assert re.search(r"lacks \d+ entries this MemsizerLanguageModel has \(decoder\.layers\.0\..*"
+                     r"and has \d+ it does not \(decoder\.layers\.0\.", str(err.value)), str(err.value)

@@ -31,6 +31,7 @@ from fairseq.modules import AdaptiveInput
 from fairseq import options
 from omegaconf import OmegaConf
 
+from ..errors import ConfigError
 from ..modules.attention import ROLES, attention_kind
 from ..modules.layers import decoder_layer, encoder_layer
 from ..registry import register_model_architecture
@@ -79,7 +80,7 @@ def as_namespace(cfg: Any) -> Namespace:
 
 
 def option_error(name: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"--{name.replace('_', '-')}={value!r}: {why}")
+    return ConfigError(f"--{name.replace('_', '-')}={value!r}: {why}")
 
 
 def require_positive_int(args: Namespace, name: str) -> None:
@@ -97,7 +98,7 @@ def require_positive(args: Namespace, name: str) -> None:
 def require_heads_divide(args: Namespace, side: str) -> None:
     dim, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
     if heads < 1 or dim % heads != 0:
-        raise ValueError(
+        raise ConfigError(
             f"--{side}-attention-heads={heads} must be a positive divisor of --{side}-embed-dim={dim}"
         )
 
@@ -118,6 +119,41 @@ class LinearTransformerDecoder(TransformerDecoderBase):
         if attention_kind(self.cfg, "decoder_self") != "softmax":
             return None
         return super().buffered_future_mask(tensor)
+
+
+# -- checkpoints that do not fit -----------------------------------------------
+def _examples(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def checkpoint_mismatch(model, state_dict) -> str:
+    """Why `state_dict` does not load into `model`, in words: vocabulary, shapes, names."""
+    mine = model.state_dict()
+    reasons = []
+    shapes = {k: (tuple(v.shape), tuple(mine[k].shape)) for k, v in state_dict.items()
+              if k in mine and hasattr(v, "shape") and tuple(v.shape) != tuple(mine[k].shape)}
+    vocab = [k for k in shapes if k.endswith(("embed_tokens.weight", "output_projection.weight"))]
+    if vocab:
+        (theirs, ours) = shapes[vocab[0]]
+        reasons.append(
+            f"the checkpoint's vocabulary has {theirs[0]} entries, this task's dictionary {ours[0]} "
+            f"({vocab[0]}): use the data-bin (dictionary) the model was trained with"
+        )
+    other = {k: v for k, v in shapes.items() if k not in vocab}
+    if other:
+        k = sorted(other)[0]
+        reasons.append(f"{len(other)} tensors differ in shape, e.g. {k}: {list(other[k][0])} in the checkpoint, "
+                       f"{list(other[k][1])} here (other model sizes or options)")
+    missing, unexpected = set(mine) - set(state_dict), set(state_dict) - set(mine)
+    if missing or unexpected:
+        reasons.append(
+            f"the checkpoint lacks {len(missing)} entries this {type(model).__name__} has"
+            + (f" ({_examples(missing)})" if missing else "")
+            + f" and has {len(unexpected)} it does not" + (f" ({_examples(unexpected)})" if unexpected else "")
+            + ": it was trained with another architecture or attention"
+        )
+    return "; ".join(reasons) or "the checkpoint's tensors do not match this model"
 
 
 # -- models -----------------------------------------------------------------
@@ -144,6 +180,13 @@ class LinearModelMixin:
         dc = getattr(cls, "__dataclass", None)
         if dc is not None:
             gen_parser_from_dataclass(parser, dc(), delete_default=True)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        except RuntimeError as err:  # torch's "Error(s) in loading state_dict", made readable
+            raise ConfigError(f"cannot load the checkpoint into {type(self).__name__}: "
+                              + checkpoint_mismatch(self, state_dict)) from err
 
     @classmethod
     def check_args(cls, args: Namespace) -> None:

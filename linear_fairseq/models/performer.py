@@ -38,7 +38,7 @@ class PerformerOptions(FairseqDataclass):
         None, "m, features per head (default: favor d ln d, rfa d, t2r 32; elu has none)"
     )
     redraw_interval: int = option(
-        1000, "redraw favor/rfa random projections every N training forward passes; 0: never"
+        1000, "redraw favor/rfa random projections every N training updates; 0: never"
     )
     rfa_gate: bool = option(False, "RFA's learned recency gate on the causal self-attention")
     kernel_eps: float = option(1e-6, "lower clamp of the attention normalizer phi(q).z")

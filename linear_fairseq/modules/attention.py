@@ -26,6 +26,8 @@ import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 State = Dict[str, Optional[Tensor]]
 ROLES = ("encoder_self", "decoder_self", "cross")
 
@@ -35,12 +37,12 @@ class LinearAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, cross: bool = False):
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}: num_heads={num_heads} must be a positive divisor "
                 f"of embed_dim={embed_dim}"
             )
         if causal and cross:
-            raise ValueError("cross-attention cannot be causal")
+            raise ConfigError("cross-attention cannot be causal")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -121,14 +123,23 @@ class LinearAttention(nn.Module):
 
     @torch.jit.export
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        """Follow beam search: reorder every state tensor along the batch dimension."""
+        """Follow beam search: reorder every state tensor along the batch dimension.
+        fairseq reorders after every step, greedy search included; an identity
+        order is skipped, so a step can keep writing into the state it owns."""
         buffer = self._get_input_buffer(incremental_state)
-        if buffer:
+        if buffer and not is_identity(new_order, buffer):
             for name, value in buffer.items():
                 if value is not None:
                     buffer[name] = value.index_select(0, new_order)
             incremental_state = self._set_input_buffer(incremental_state, buffer)
         return incremental_state
+
+
+def is_identity(new_order: Tensor, state: State) -> bool:
+    """True when `new_order` is 0..B-1 over a state of batch size B."""
+    B = next(v.shape[0] for v in state.values() if v is not None)
+    n = new_order.numel()
+    return n == B and bool((new_order == torch.arange(n, device=new_order.device)).all())
 
 
 # -- family registry ------------------------------------------------------
@@ -160,7 +171,7 @@ def build_attention(
         return None
     if kind not in ATTENTION_FAMILIES:
         option = "--" + f"{role}_attn".replace("_", "-")
-        raise ValueError(
+        raise ConfigError(
             f"{option}={kind!r} is not a known attention; "
             f"choose from softmax, {', '.join(sorted(ATTENTION_FAMILIES))}"
         )

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from fairseq.modules import LayerNorm
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..ops import flash as ops
 from .attention import LinearAttention, State
 from .layers import register_layers
@@ -51,8 +52,9 @@ class OffsetScale(nn.Module):
         self.beta = nn.Parameter(torch.zeros(heads, dim))
         nn.init.normal_(self.gamma, mean=gamma_mean, std=0.02)
 
-    def forward(self, z: Tensor):
-        return (z.unsqueeze(-2) * self.gamma + self.beta).unbind(dim=-2)
+    def forward(self, z: Tensor) -> Tensor:
+        """(..., s) -> (..., heads, s)"""
+        return z.unsqueeze(-2) * self.gamma + self.beta
 
 
 def build_norm(kind: str, dim: int) -> nn.Module:
@@ -88,7 +90,7 @@ class GatedAttentionUnit(LinearAttention):
         )
         for name, value, ok, why in checks:
             if not ok:
-                raise ValueError(f"GatedAttentionUnit: {name}={value!r} {why}")
+                raise ConfigError(f"GatedAttentionUnit: {name}={value!r} {why}")
         self.s, self.e, self.chunk_size, self.mode, self.rope = s, e, chunk_size, mode, rope
         self.norm = build_norm(norm, dim)
         self.to_uv = nn.Linear(dim, 2 * e)
@@ -106,8 +108,10 @@ class GatedAttentionUnit(LinearAttention):
         return u, v, F.silu(self.to_z(n))
 
     def queries_keys(self, z: Tensor, positions: Tensor):
-        qk = self.offset_scale(z)
-        return [ops.rope(t, positions) for t in qk] if self.rope else list(qk)
+        qk = self.offset_scale(z)  # (..., heads, s): all heads rotate by the same positions
+        if self.rope:
+            qk = ops.rope(qk, positions.unsqueeze(-1))
+        return qk.unbind(dim=-2)
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, incremental_state=None) -> Tensor:
         """x: (T, B, d) -> x + GAU(x), time-major like fairseq's layers."""

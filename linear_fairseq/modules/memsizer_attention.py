@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 from fairseq.modules import LayerNorm
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..ops import memsizer as M
 from .attention import LinearAttention, State, register_attention
 
@@ -33,10 +34,10 @@ class MemsizerAttention(LinearAttention):
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
         for name, value in (("memory_size", memory_size), ("chunk_size", chunk_size)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MemsizerAttention: {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"MemsizerAttention: {name} must be a positive integer, got {value!r}")
         for name, value in (("q_init_scale", q_init_scale), ("kv_init_scale", kv_init_scale)):
             if not value > 0:
-                raise ValueError(f"MemsizerAttention: {name} must be > 0, got {value!r}")
+                raise ConfigError(f"MemsizerAttention: {name} must be > 0, got {value!r}")
         kv_dim = kv_dim or embed_dim
         self.memory_size = memory_size
         self.chunk_size = chunk_size

@@ -8,7 +8,7 @@ attention with softmax(q k^T) replaced by phi(q) phi(k)^T, phi chosen by name.
 
 Random projections are buffers: saved in checkpoints and identical in eval
 and after reloading. They are redrawn only in training, every
-`redraw_interval` forward passes (0: never).
+`redraw_interval` updates (0: never).
 """
 import math
 from typing import Optional, Tuple
@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..ops import kernel as K
 from .attention import LinearAttention, State, register_attention
 
@@ -35,24 +36,32 @@ class EluFeatures(nn.Module):
 
 
 class RandomFeatures(nn.Module):
-    """A random projection (m x d) kept as a buffer, redrawn on schedule in training."""
+    """A random projection (m x d) kept as a buffer. In training it is redrawn
+    every `redraw_interval` updates: fairseq's trainer calls set_num_updates
+    after each. Redraw n comes from a generator seeded with (seed, n), seed a
+    buffer too, so every distributed worker draws the same projection whatever
+    its batches, --update-freq does not change the schedule, and a run resumed
+    from a checkpoint draws what the uninterrupted run drew."""
 
     def __init__(self, head_dim: int, num_features: int, redraw_interval: int):
         super().__init__()
         self.head_dim, self.num_features, self.redraw_interval = head_dim, num_features, redraw_interval
-        self.register_buffer("projection", self.draw())
-        self.register_buffer("training_calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("projection", self.draw(None))
+        self.register_buffer("seed", torch.randint(2**31 - 1, (), dtype=torch.long))
 
-    def draw(self) -> Tensor:
-        return K.orthogonal_gaussian(self.num_features, self.head_dim)
+    def draw(self, generator: Optional[torch.Generator]) -> Tensor:
+        return K.orthogonal_gaussian(self.num_features, self.head_dim, generator)
 
     @torch.no_grad()
-    def redraw_if_due(self) -> None:
-        if not self.training or self.redraw_interval <= 0:
-            return
-        if self.training_calls > 0 and self.training_calls % self.redraw_interval == 0:
-            self.projection.copy_(self.draw().to(self.projection))
-        self.training_calls += 1
+    def set_num_updates(self, num_updates: int) -> None:
+        if self.training and self.redraw_interval > 0 and num_updates > 0 and num_updates % self.redraw_interval == 0:
+            generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + num_updates)
+            self.projection.copy_(self.draw(generator).to(self.projection))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "seed", self.seed.clone())  # checkpoints from before the seed buffer
+        state_dict.pop(prefix + "training_calls", None)  # ... and with the per-forward counter
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class FavorFeatures(RandomFeatures):
@@ -61,8 +70,8 @@ class FavorFeatures(RandomFeatures):
 
 
 class RFAFeatures(RandomFeatures):
-    def draw(self) -> Tensor:
-        return torch.randn(self.num_features, self.head_dim)  # w ~ N(0, I): Gaussian kernel, sigma = 1
+    def draw(self, generator: Optional[torch.Generator]) -> Tensor:
+        return torch.randn(self.num_features, self.head_dim, generator=generator)  # w ~ N(0, I): Gaussian kernel, sigma = 1
 
     def forward(self, x, is_query):
         return K.rfa_features(x, self.projection), None
@@ -97,15 +106,15 @@ class PerformerAttention(LinearAttention):
     ):
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
         if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"PerformerAttention: feature_map={feature_map!r}; choose from {', '.join(FEATURE_MAPS)}")
+            raise ConfigError(f"PerformerAttention: feature_map={feature_map!r}; choose from {', '.join(FEATURE_MAPS)}")
         m = default_num_features(feature_map, self.head_dim) if num_features is None else num_features
         for name, value in (("num_features", m), ("chunk_size", chunk_size)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"PerformerAttention: {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"PerformerAttention: {name} must be a positive integer, got {value!r}")
         if not isinstance(redraw_interval, int) or redraw_interval < 0:
-            raise ValueError(f"PerformerAttention: redraw_interval must be >= 0, got {redraw_interval!r}")
+            raise ConfigError(f"PerformerAttention: redraw_interval must be >= 0, got {redraw_interval!r}")
         if not eps > 0:
-            raise ValueError(f"PerformerAttention: eps must be > 0, got {eps!r}")
+            raise ConfigError(f"PerformerAttention: eps must be > 0, got {eps!r}")
         kv_dim = kv_dim or embed_dim
         self.feature_map_name, self.chunk_size, self.eps = feature_map, chunk_size, eps
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -137,11 +146,6 @@ class PerformerAttention(LinearAttention):
     def gate_logits(self, x: Tensor) -> Optional[Tensor]:
         return None if self.gate is None else self.gate(x).transpose(1, 2)  # (B, H, T)
 
-    def forward(self, query, *args, **kwargs):
-        if hasattr(self.phi, "redraw_if_due"):
-            self.phi.redraw_if_due()
-        return super().forward(query, *args, **kwargs)
-
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
         phi_k, log_scale = self.features(source, self.k_proj, is_query=False)
         S, z = K.summarize(phi_k, self.heads(self.v_proj(source)), padding_mask, log_scale)
@@ -151,25 +155,26 @@ class PerformerAttention(LinearAttention):
         phi_q, _ = self.features(x, self.q_proj, is_query=True)
         return self.merge(K.read(phi_q, state["S"], state["z"], x.dtype, self.eps), x.dtype)
 
-    def run_causal(self, x: Tensor, padding_mask: Optional[Tensor], chunk_size: int, state=None):
-        """The causal form over x (B, T, C), from `state`; returns (out, state)."""
+    def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         phi_q, _ = self.features(x, self.q_proj, is_query=True)
         phi_k, log_scale = self.features(x, self.k_proj, is_query=False)
-        out, state = K.causal_chunked(
+        out, _ = K.causal_chunked(
             phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale,
-            self.gate_logits(x), chunk_size, self.eps, state,
+            self.gate_logits(x), self.chunk_size, self.eps,
         )
-        return self.merge(out, x.dtype), state
-
-    def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        return self.run_causal(x, padding_mask, self.chunk_size)[0]
+        return self.merge(out, x.dtype)
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        # one token is a chunk of one: the same update as training
-        prev = (state["S"], state["z"], state["M"]) if state else None
-        mask = None if padding_mask is None else padding_mask.unsqueeze(1)
-        out, (S, z, M) = self.run_causal(x.unsqueeze(1), mask, 1, prev)
-        return out.squeeze(1), {"S": S, "z": z, "M": M}
+        h = x.unsqueeze(1)  # (B, 1, C): the same projections as training, then the recurrence
+        phi_q, _ = self.features(h, self.q_proj, is_query=True)
+        phi_k, log_scale = self.features(h, self.k_proj, is_query=False)
+        one = lambda t: None if t is None else t.squeeze(2)  # noqa: E731  drop the time axis
+        out, (S, z, M) = K.causal_step(
+            one(phi_q), one(phi_k), one(self.heads(self.v_proj(h))),
+            (state["S"], state["z"], state["M"]) if state else None,
+            padding_mask, one(log_scale), one(self.gate_logits(h)), self.eps,
+        )
+        return self.merge(out.unsqueeze(2), x.dtype).squeeze(1), {"S": S, "z": z, "M": M}
 
 
 @register_attention("performer")

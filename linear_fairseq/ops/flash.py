@@ -25,6 +25,7 @@ padding never changes any real position's output. Sums accumulate in float32.
 Tensors are batch-first: q, k (quadratic), ql, kl (linear): (B, T, s);
 v: (B, T, e); padding_mask (B, T), True at padding.
 """
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -37,12 +38,16 @@ def acc(x: Tensor) -> Tensor:
 
 
 # -- positions ---------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def rope_freqs(s: int, base: float, device: torch.device) -> Tensor:
+    """base^(-2i/s), i = 0 .. s/2 - 1."""
+    return base ** (-torch.arange(0, s, 2, device=device, dtype=torch.float32) / s)
+
+
 def rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Rotary position embedding (Su et al., arXiv 2104.09864) on the last dim
     (even width): pairs (x_2i, x_2i+1) rotate by positions * base^(-2i/s)."""
-    s = x.shape[-1]
-    freqs = base ** (-torch.arange(0, s, 2, device=x.device, dtype=torch.float32) / s)
-    angle = positions.to(torch.float32).unsqueeze(-1) * freqs  # (..., s/2)
+    angle = positions.to(torch.float32).unsqueeze(-1) * rope_freqs(x.shape[-1], base, x.device)  # (..., s/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
@@ -199,7 +204,10 @@ def step(
     """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
     most G tokens plus one s x e sum, whatever the prefix length; the current
     chunk's k' v^T joins the sum once, when the chunk completes. A padded step
-    (padding_mask True) leaves the state unchanged."""
+    (padding_mask True) leaves the state unchanged.
+
+    Without autograd (decoding) the chunk buffers are written in place, as a KV
+    cache is: copying G tokens per step would cost as much as the attention."""
     G = chunk_size
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
@@ -208,8 +216,11 @@ def step(
     fill = state["fill"]
 
     def write(name, x):  # this token into slot `fill` of the current chunk (padded rows write nothing)
-        old = state[name]
-        return old.index_put((rows, fill), torch.where(real[:, None], x, old[rows, fill]))
+        buf = state[name]
+        if padding_mask is not None:
+            x = torch.where(real[:, None], x, buf[rows, fill])
+        in_place = not (torch.is_grad_enabled() and (x.requires_grad or buf.requires_grad))
+        return buf.index_put_((rows, fill), x) if in_place else buf.index_put((rows, fill), x)
 
     k_chunk, kl_chunk, v_chunk = write("k_chunk", k), write("kl_chunk", kl), write("v_chunk", v)
     # quadratic over the chunk's tokens so far, linear over completed chunks

@@ -26,7 +26,7 @@ wherever it is above eps. Sums accumulate in float32 (float64 if given).
 
 Forms: ``naive`` (quadratic reference), ``causal_chunked`` (training: a loop
 over chunks of G tokens, quadratic inside a chunk, the carried state across),
-``causal_step`` (decoding: the same update with G = 1), and
+``causal_step`` (decoding: the same update with G = 1, as a recurrence), and
 ``summarize``/``read`` for the non-causal form.
 """
 import math
@@ -231,11 +231,32 @@ def causal_step(
     eps: float = 1e-6,
 ) -> Tuple[Tensor, State]:
     """One decoding step: phi_q, phi_k (B, H, m), v (B, H, d), log_scale/gate_logits (B, H),
-    padding_mask (B,). The state is O(m d) per head, whatever the prefix length."""
-    step = lambda x: None if x is None else x.unsqueeze(2)  # noqa: E731  a chunk of one token
-    out, state = causal_chunked(
-        step(phi_q), step(phi_k), step(v),
-        None if padding_mask is None else padding_mask.unsqueeze(1),
-        step(log_scale), step(gate_logits), chunk_size=1, eps=eps, state=state,
-    )
-    return out.squeeze(2), state
+    padding_mask (B,). The recurrence of Katharopoulos et al. (Eq. 18-20), relative to
+    the reference M as in the chunked form (the same update with G = 1):
+        S_i = w_old S_{i-1} + w_i phi(k_i) v_i^T,  z_i = w_old z_{i-1} + w_i phi(k_i),
+        out_i = phi(q_i)^T S_i / max(phi(q_i)^T z_i, eps).
+    The state is O(m d) per head, whatever the prefix length; without autograd
+    (decoding) it is updated in place rather than copied every step."""
+    dtype = v.dtype
+    phi_q, phi_k, v = acc(phi_q), acc(phi_k), acc(v)
+    B, H, m = phi_k.shape
+    column = lambda x: None if x is None else x.unsqueeze(-1)  # noqa: E731  a chunk of one token
+    a, lg = key_log_weights((B, H, 1), phi_k, column(padding_mask), column(log_scale), column(gate_logits))
+    a, lg = a.squeeze(-1), lg.squeeze(-1)
+    S, z, M = state if state is not None else empty_state(B, H, m, v.shape[-1], v)
+    r = a - lg  # this key's log-weight, up to the common factor exp(lg)
+    R_raw = torch.maximum(M, r).detach()
+    R = _finite(R_raw)
+    w_old, w_new = torch.exp(M - R), torch.exp(r - R)  # (B, H), both <= 1
+    kw = (phi_k * w_new.unsqueeze(-1)).masked_fill(w_new.unsqueeze(-1) == 0, 0.0)  # padded keys add nothing
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v, S, z)):
+        S = w_old[..., None, None] * S + kw.unsqueeze(-1) * v.unsqueeze(-2)
+        z = w_old.unsqueeze(-1) * z + kw
+    else:
+        if bool((w_old != 1).any()):
+            S.mul_(w_old[..., None, None])
+            z.mul_(w_old.unsqueeze(-1))
+        S.view(B * H, m, -1).baddbmm_(kw.view(B * H, m, 1), v.reshape(B * H, 1, -1))
+        z.add_(kw)
+    out = (phi_q.unsqueeze(-2) @ S).squeeze(-2) / (phi_q * z).sum(-1, keepdim=True).clamp(min=eps)
+    return out.to(dtype), (S, z, R_raw + lg)

@@ -1,0 +1,80 @@
+"""The models every suite compares: fairseq's softmax baselines and one model
+per family at (nearly) the same parameter count, built through fairseq's own
+option parsing exactly as `fairseq-train --arch ARCH ARGS` would build them,
+with untrained weights (speed and memory do not depend on the values)."""
+from types import SimpleNamespace
+
+import torch
+from fairseq import options
+from fairseq.data import Dictionary
+from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_DATACLASS_REGISTRY, build_model
+from omegaconf import OmegaConf
+
+import linear_fairseq  # noqa: F401  registers the families
+
+VOCAB = 8192
+MAX_POSITIONS = 16400  # > the longest generation (16384 tokens + eos)
+
+# Decoder-only: d=256, 4 layers, FFN 1024, 4 heads (the brief's transformer_lm).
+# MemSizer's attention has fewer weights, so its FFN is widened to match; a GAU
+# stands in for attention + FFN, so FLASH has twice the layers (as in its paper).
+LM_BASE = (
+    f"--decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 "
+    f"--decoder-attention-heads 4 --dropout 0 --share-decoder-input-output-embed "
+    f"--tokens-per-sample {MAX_POSITIONS}"
+).split()
+LM = {
+    "transformer": ("transformer_lm", []),
+    "memsizer": ("memsizer_lm", ["--decoder-ffn-embed-dim", "1328"]),
+    "performer": ("performer_lm", []),
+    "flash": ("flash_lm", ["--decoder-layers", "8"]),
+}
+
+# Encoder-decoder: d=256, 3+3 layers, FFN 1024, 4 heads, shared embeddings.
+# memsizer_transformer keeps its paper's layout (softmax encoder, MemSizer
+# decoder self-attention k=4 and cross-attention k=32) with a wider decoder FFN
+# to match; FLASH's 5+5 GAU layers come closest to the baseline's count.
+MT_BASE = (
+    "--encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 "
+    "--encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 "
+    "--encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0 --share-all-embeddings "
+    f"--max-source-positions {MAX_POSITIONS} --max-target-positions {MAX_POSITIONS}"
+).split()
+MT = {
+    "transformer": ("transformer", []),
+    "memsizer": ("memsizer_transformer", ["--decoder-ffn-embed-dim", "1702"]),
+    "performer": ("performer_transformer", []),
+    "flash": ("flash_transformer", ["--encoder-layers", "5", "--decoder-layers", "5"]),
+}
+FAMILIES = tuple(LM)
+
+
+def dictionary(size: int = VOCAB) -> Dictionary:
+    d = Dictionary()
+    for i in range(size - d.nspecial):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def build(kind: str, family: str, device: str = "cpu", dtype=torch.float32):
+    """(model in eval mode, dictionary, description) for kind "lm" or "mt"."""
+    arch, extra = (LM if kind == "lm" else MT)[family]
+    base = LM_BASE if kind == "lm" else MT_BASE
+    task = "language_modeling" if kind == "lm" else "translation"
+    args = [*base, *extra]
+    parser = options.get_training_parser()
+    ns = options.parse_args_and_arch(parser, ["/unused-data", "--task", task, "--arch", arch, *args])
+    cfg = ns
+    dc = MODEL_DATACLASS_REGISTRY.get(ARCH_MODEL_NAME_REGISTRY[arch])
+    if dc is not None:  # what convert_namespace_to_omegaconf builds, without composing all of fairseq's config
+        cfg = dc.from_namespace(ns)
+        cfg._name = arch
+        cfg = OmegaConf.create({"model": cfg}).model  # ${model.x} interpolations resolve
+    d = dictionary()
+    torch.manual_seed(0)
+    model = build_model(cfg, SimpleNamespace(source_dictionary=d, target_dictionary=d))
+    model = model.to(device=device, dtype=dtype).eval()
+    params = sum(p.numel() for p in model.parameters())
+    embed = model.decoder.embed_tokens.weight.numel()
+    info = {"arch": arch, "args": " ".join(args), "params": params, "non_embedding_params": params - embed}
+    return model, d, info

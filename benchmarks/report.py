@@ -1,0 +1,247 @@
+"""Tables, targets and plots from a results dict (benchmarks/run.py)."""
+import os
+from pathlib import Path
+
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+BASELINE = "transformer"
+LINEAR = ("memsizer", "performer", "flash")
+
+
+def ok(records):
+    return [r for r in records or [] if r["status"] == "ok"]
+
+
+def lookup(records, metric, **key):
+    for r in ok(records):
+        if all(r.get(k) == v for k, v in key.items()):
+            value = r[metric]
+            return value["median"] if isinstance(value, dict) else value
+    return None
+
+
+# -- targets (issue 6) ----------------------------------------------------------------
+def target(name, value, threshold, unit="x"):
+    return {"name": name, "value": value, "threshold": threshold, "unit": unit,
+            "met": None if value is None else value >= threshold}
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def targets(results):
+    out = []
+    dec = results.get("decode")
+    if dec is not None:
+        base = lookup(dec, "tokens_per_s", family=BASELINE, L=4096, batch=16)
+        for f in LINEAR:
+            mine = lookup(dec, "tokens_per_s", family=f, L=4096, batch=16)
+            out.append(target(f"decode {f}: tokens/s vs transformer_lm, L=4096, batch 16", ratio(mine, base), 5.0))
+            short = lookup(dec, "tokens_per_s", family=f, L=256, batch=16)
+            out.append(target(f"decode {f}: tokens/s at L=4096 / at L=256, batch 16", ratio(mine, short), 0.85))
+            for B in sorted({r["batch"] for r in ok(dec)}):
+                sizes = {r["L"]: r["state_bytes_per_seq"] for r in ok(dec) if r["family"] == f and r["batch"] == B}
+                constant = None if len(sizes) < 2 else float(max(sizes.values()) == min(sizes.values()))
+                out.append(target(
+                    f"decode {f}: state bytes per sequence constant over L={sorted(sizes)}, batch {B}",
+                    constant, 1.0, unit="bool"))
+    if results.get("mt") is not None:
+        mine, base = (lookup(results["mt"], "sentences_per_s", family=f, src_len=2048) for f in ("memsizer", BASELINE))
+        out.append(target("mt memsizer: sentences/s vs transformer, source length 2048", ratio(mine, base), 2.0))
+    if results.get("train") is not None:
+        mine, base = (lookup(results["train"], "tokens_per_s", family=f, ctx=8192) for f in ("flash", BASELINE))
+        out.append(target("train flash: tokens/s vs transformer_lm, context 8192", ratio(mine, base), 2.0))
+    return out
+
+
+# -- tables ------------------------------------------------------------------------------
+def cell(records, metric, fmt, **key):
+    for r in records or []:
+        if all(r.get(k) == v for k, v in key.items()):
+            if r["status"] != "ok":
+                return "skipped"
+            value = r[metric]
+            return fmt.format(value["median"] if isinstance(value, dict) else value)
+    return ""
+
+
+def table(records, rows, cols, metric, fmt, title):
+    """rows: [(label, key dict)], cols: [(label, key dict)]"""
+    lines = [f"**{title}**", "", "| | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for label, rkey in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(records, metric, fmt, **rkey, **ckey) for _, ckey in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def families(records):
+    seen = []
+    for r in records:
+        if r["family"] not in seen:
+            seen.append(r["family"])
+    return seen
+
+
+def arch_label(records, family):
+    r = next(r for r in records if r["family"] == family)
+    label = r["arch"] + (" (SDPA)" if family.endswith("_sdpa") else "")
+    return f"{label}, {r['params'] / 1e6:.2f}M"
+
+
+def decode_tables(dec):
+    lengths = sorted({r["L"] for r in dec})
+    cols = [(f"L={L}", {"L": L}) for L in lengths]
+    rows = [(f"{arch_label(dec, f)}, batch {B}", {"family": f, "batch": B})
+            for B in sorted({r["batch"] for r in dec}) for f in families(dec)]
+    return [
+        table(dec, rows, cols, "tokens_per_s", "{:,.0f}", "Decoding: generated tokens/s (median)"),
+        table(dec, rows, cols, "step_ms_end", "{:.2f}", "Decoding: ms per step over the last 32 steps"),
+        table(dec, rows, cols, "state_bytes_per_seq", "{:,.0f}", "Decoding: incremental-state bytes per sequence at the end"),
+        table(dec, rows, cols, "peak_mem_mib", "{:,.0f}", "Decoding: peak memory above the model's (MiB)"),
+    ]
+
+
+def mt_tables(recs):
+    cols = [(f"S={S}", {"src_len": S}) for S in sorted({r["src_len"] for r in recs})]
+    rows = [(arch_label(recs, f), {"family": f}) for f in families(recs)]
+    r0 = recs[0]
+    where = f"beam {r0['beam']}, {r0['sentences']} sentences, target length = source length S"
+    return [
+        table(recs, rows, cols, "sentences_per_s", "{:.3f}", f"Translation: sentences/s ({where})"),
+        table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", "Translation: peak memory (MiB)"),
+    ]
+
+
+def train_tables(recs):
+    cols = [(f"ctx={T}", {"ctx": T}) for T in sorted({r["ctx"] for r in recs})]
+    rows = [(arch_label(recs, f), {"family": f}) for f in families(recs)]
+    return [
+        table(recs, rows, cols, "tokens_per_s", "{:,.0f}", "Training: tokens/s, forward + backward (median)"),
+        table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", "Training: peak memory of a step (MiB)"),
+    ]
+
+
+def target_table(ts):
+    lines = ["**Targets**", "", "| target | measured | wanted | met |", "|---|---:|---:|:---:|"]
+    for t in ts:
+        if t["value"] is None:
+            value, met = "not measured", ""
+        elif t["unit"] == "bool":
+            value, met = ("yes" if t["value"] else "no"), ("yes" if t["met"] else "**no**")
+        else:
+            value, met = f"{t['value']:.2f}x", "yes" if t["met"] else "**no**"
+        wanted = "yes" if t["unit"] == "bool" else f">= {t['threshold']}x"
+        lines.append(f"| {t['name']} | {value} | {wanted} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def skips(results):
+    lines = []
+    for suite in ("decode", "mt", "train"):
+        for r in results.get(suite) or []:
+            if r["status"] != "ok":
+                size = {k: r[k] for k in ("L", "batch", "src_len", "ctx") if k in r}
+                lines.append(f"- {suite} {r['family']} {size}: {r['reason']}")
+    return lines
+
+
+def markdown(results, plots=()):
+    m = results["machine"]
+    head = [
+        f"Measured {results['created']} with `{results['command']}`" + (" (quick sizes)" if results["quick"] else ""),
+        f"on {m['cpu']} ({m['cpu_count']} CPUs, {m['memory_gib']} GiB"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"), device {m['device']}, {m['threads']} torch threads"
+        + (f" pinned to {m['cpus_usable']} of the CPUs" if m.get("cpus_usable", m["cpu_count"]) < m["cpu_count"] else "") + ";",
+        f"torch {m['torch']}, fairseq {m['fairseq']}, Python {m['python']}. Untrained models, greedy decoding for LMs.",
+        "",
+    ]
+    parts = ["\n".join(head)]
+    if results.get("decode"):
+        parts += decode_tables(results["decode"])
+    if results.get("mt"):
+        parts += mt_tables(results["mt"])
+    if results.get("train"):
+        parts += train_tables(results["train"])
+    parts.append(target_table(results["targets"]))
+    skipped = skips(results)
+    if skipped:
+        parts.append("Not measured (the run would exceed the time budget):\n\n" + "\n".join(skipped) + "\n")
+    parts += [f"![{Path(p).stem}]({p})\n" for p in plots]
+    return "\n".join(parts)
+
+
+def update_readme(readme: Path, tables: str, out: Path):
+    """Replace the block between the markers with `tables`, plots linked relative to the README."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} block to replace")
+    rel = os.path.relpath(out, readme.parent)
+    tables = tables.replace("](", f"]({rel}/")
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    readme.write_text(text[:start] + "\n" + tables + text[end:])
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _series(records, x, y, **key):
+    pts = sorted((r[x], r[y]["median"] if isinstance(r[y], dict) else r[y])
+                 for r in ok(records) if all(r.get(k) == v for k, v in key.items()))
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _panel(ax, records, x, y, title, ylabel, logy=True, **key):
+    for f in families(records):
+        xs, ys = _series(records, x, y, family=f, **key)
+        if xs:
+            ax.plot(xs, ys, marker="o", label=f)
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plots(results, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    where = f"{results['machine']['cpu']}, {results['machine']['device']}, {results['machine']['threads']} threads"
+    written = []
+
+    def figure(name, panels):
+        cols = 2
+        rows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+        for ax, (records, x, y, title, ylabel, key) in zip(axes.flat, panels):
+            _panel(ax, records, x, y, title, ylabel, **key)
+        fig.suptitle(where, fontsize=8)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    dec = results.get("decode")
+    if dec:
+        B = max(r["batch"] for r in dec)
+        figure("decode", [
+            (dec, "L", "tokens_per_s", "tokens/s, batch 1", "tokens/s", {"batch": 1}),
+            (dec, "L", "tokens_per_s", f"tokens/s, batch {B}", "tokens/s", {"batch": B}),
+            (dec, "L", "step_ms_end", f"ms per step at the end, batch {B}", "ms", {"batch": B}),
+            (dec, "L", "state_bytes_per_seq", "incremental state per sequence", "bytes", {"batch": B}),
+        ])
+    if results.get("mt"):
+        figure("mt", [
+            (results["mt"], "src_len", "sentences_per_s", "beam search, target length = source", "sentences/s", {}),
+            (results["mt"], "src_len", "peak_mem_mib", "peak memory", "MiB", {}),
+        ])
+    if results.get("train"):
+        figure("train", [
+            (results["train"], "ctx", "tokens_per_s", "forward + backward", "tokens/s", {}),
+            (results["train"], "ctx", "peak_mem_mib", "peak memory", "MiB", {}),
+        ])
+    return written

@@ -1,0 +1,108 @@
+"""Speed and memory of every family against fairseq's softmax transformer.
+
+    python -m benchmarks.run --suite decode|mt|train|all [--device cpu|cuda] [--quick]
+        [--out DIR] [--budget SECONDS] [--readme README.md]
+
+Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
+(the tables and the targets), one PNG per suite, and prints the tables.
+--readme replaces the block between the benchmark markers in that file with
+results.md, so the README's table is reproduced by the same command.
+"""
+import argparse
+import datetime
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SCHEMA = 1
+FULL = {
+    "decode": {"lengths": [256, 1024, 4096, 16384], "batches": [1, 16]},
+    "mt": {"src_lengths": [32, 128, 512, 2048], "sentences": 2, "beam": 4},
+    "train": {"contexts": [512, 2048, 8192], "tokens_per_batch": 8192},
+}
+QUICK = {
+    "decode": {"lengths": [16, 64], "batches": [1, 2]},
+    "mt": {"src_lengths": [8, 16], "sentences": 2, "beam": 4},
+    "train": {"contexts": [32, 64], "tokens_per_batch": 128},
+}
+SUITES = tuple(FULL)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes, for smoke tests (< 60 s on a 2-core CPU)")
+    p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>[-quick])")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds a single measurement may take; longer projected runs are skipped "
+                        "(default 600, 30 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per measurement, budget allowing (default 3, 2 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--readme", type=Path, help="a file whose benchmark block is replaced by the tables")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    if args.budget is not None and args.budget <= 0:
+        p.error(f"--budget {args.budget}: must be > 0")
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 3
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: must be >= 1")
+    if args.budget is None:
+        args.budget = 30.0 if args.quick else 600.0
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / (args.device + ("-quick" if args.quick else ""))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.disable(logging.WARNING)  # fairseq's per-model INFO lines
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from . import report, suites
+    from .measure import machine
+
+    sizes = QUICK if args.quick else FULL
+    chosen = SUITES if args.suite == "all" else (args.suite,)
+    results = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
+        "quick": args.quick,
+        "budget_s": args.budget,
+        "machine": machine(args.device),
+        "sizes": {name: sizes[name] for name in chosen},
+    }
+    common = {"device": args.device, "budget": args.budget, "repeats": args.repeats, "log": echo}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in chosen:  # the JSON is rewritten after each suite: a long run interrupted keeps what it measured
+        results[name] = getattr(suites, name)(**sizes[name], **common)
+        results["targets"] = report.targets(results)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plots = [] if args.no_plots else report.plots(results, args.out)
+    tables = report.markdown(results, [p.name for p in plots])
+    (args.out / "results.md").write_text(tables)
+    print(tables)
+    if args.readme:
+        report.update_readme(args.readme, tables, args.out)
+    print(f"wrote {args.out / 'results.json'}" + "".join(f", {p}" for p in plots))
+    return results
+
+
+def echo(line):
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

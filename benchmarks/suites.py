@@ -1,0 +1,206 @@
+"""The three suites. Each returns a list of records (one per family and size),
+measured through the code paths a fairseq user runs: SequenceGenerator with
+incremental state for decoding, the model's forward and backward for training.
+
+A size whose run is projected (from the smaller sizes already measured) to
+take longer than the budget is recorded as skipped, with the projection."""
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+from fairseq.sequence_generator import SequenceGenerator
+
+from . import models
+from .measure import PeakMemory, projected_seconds, state_bytes, summary, sync
+
+EDGE = 32  # steps averaged for the latency at the start and at the end
+
+
+def skipped(record, projected, budget):
+    record.update(status="skipped", reason=f"projected {projected:.0f} s > budget {budget:.0f} s")
+    return record
+
+
+def repeated(run, first_seconds, budget, repeats):
+    """Up to repeats - 1 more runs of `run` (returning a measurement), while all
+    of them fit in a tenth of the budget; long runs are measured once (their
+    per-step times still show the spread within the run)."""
+    n = min(repeats - 1, int(budget / 10 / max(first_seconds, 1e-9)) - 1)
+    return [run() for _ in range(max(0, n))]
+
+
+# -- decode ---------------------------------------------------------------------
+def timed_generation(model, d, L, B, device, beam=1, src_tokens=None):
+    """Generate exactly L tokens per sentence (plus eos). Returns seconds, the
+    per-step intervals (s), incremental-state bytes at the last step, peak memory."""
+    gen = SequenceGenerator([model], d, beam_size=beam, max_len_a=0, max_len_b=L, min_len=L)
+    stamps, last = [], {}
+    forward_decoder = gen.model.forward_decoder
+
+    def timed_forward_decoder(tokens, encoder_outs, incremental_states, temperature=1.0):
+        sync(device)
+        stamps.append(time.perf_counter())
+        last["state"] = incremental_states
+        return forward_decoder(tokens, encoder_outs, incremental_states, temperature)
+
+    gen.model.forward_decoder = timed_forward_decoder
+    if src_tokens is None:  # a language model continues one token
+        src_tokens = torch.full((B, 1), d.nspecial, dtype=torch.long, device=device)
+    lengths = src_tokens.ne(d.pad()).sum(1)
+    sample = {"net_input": {"src_tokens": src_tokens, "src_lengths": lengths}}
+    with torch.no_grad(), PeakMemory(device) as mem:
+        sync(device)
+        start = time.perf_counter()
+        hypos = gen.generate([model], sample)
+        sync(device)
+        seconds = time.perf_counter() - start
+    produced = {len(h[0]["tokens"]) for h in hypos}
+    if produced != {L + 1}:
+        raise RuntimeError(f"asked for {L} tokens + eos, generated lengths {sorted(produced)}")
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return seconds, steps, state_bytes(last["state"]), mem.mib
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def decode(lengths, batches, device, budget, repeats, families=models.FAMILIES, log=print):
+    records = []
+    for family in families:
+        model, d, info = models.build("lm", family, device)
+        timed_generation(model, d, 16, max(batches), device)  # warm-up
+        for B in batches:
+            history = []
+            for L in lengths:
+                rec = {"family": family, "arch": info["arch"], "params": info["params"], "L": L, "batch": B}
+                projected = projected_seconds(history, L)
+                if projected > budget:
+                    records.append(skipped(rec, projected, budget))
+                    log(f"decode {family:<11} L={L:<6} B={B:<3} skipped: {rec['reason']}")
+                    continue
+                seconds, steps, state, mem = timed_generation(model, d, L, B, device)
+                more = repeated(lambda: timed_generation(model, d, L, B, device)[0], seconds, budget, repeats)
+                history.append((L, seconds))
+                times = [seconds, *more]
+                rec.update(
+                    status="ok",
+                    seconds=summary(times),
+                    tokens_per_s=summary([B * L / t for t in times]),
+                    step_ms_start=1000 * median(steps[1 : EDGE + 1]),
+                    step_ms_end=1000 * median(steps[-EDGE:]),
+                    state_bytes_per_seq=state / B,
+                    peak_mem_mib=mem,
+                )
+                records.append(rec)
+                log(
+                    f"decode {family:<11} L={L:<6} B={B:<3} {rec['tokens_per_s']['median']:8.0f} tok/s  "
+                    f"step {rec['step_ms_start']:.2f}->{rec['step_ms_end']:.2f} ms  "
+                    f"state {state / B / 1024:.0f} KiB/seq  peak {mem:.0f} MiB"
+                )
+    return records
+
+
+# -- mt -----------------------------------------------------------------------------
+def mt(src_lengths, sentences, beam, device, budget, repeats, families=models.FAMILIES, log=print):
+    """Beam search over random sources of each length, generating as many target
+    tokens as source tokens (a translation's length)."""
+    records = []
+    for family in families:
+        model, d, info = models.build("mt", family, device)
+        g = torch.Generator().manual_seed(0)
+
+        def source(S):
+            words = torch.randint(d.nspecial, len(d), (sentences, S), generator=g)
+            return torch.cat([words, torch.full((sentences, 1), d.eos())], 1).to(device)
+
+        timed_generation(model, d, 8, sentences, device, beam, source(8))  # warm-up
+        history = []
+        for S in src_lengths:
+            rec = {"family": family, "arch": info["arch"], "params": info["params"], "src_len": S, "tgt_len": S,
+                   "sentences": sentences, "beam": beam}
+            projected = projected_seconds(history, S)
+            if projected > budget:
+                records.append(skipped(rec, projected, budget))
+                log(f"mt     {family:<11} S={S:<6} skipped: {rec['reason']}")
+                continue
+            src = source(S)
+            seconds, _, _, mem = timed_generation(model, d, S, sentences, device, beam, src)
+            more = repeated(lambda: timed_generation(model, d, S, sentences, device, beam, src)[0],
+                            seconds, budget, repeats)
+            history.append((S, seconds))
+            times = [seconds, *more]
+            rec.update(status="ok", seconds=summary(times),
+                       sentences_per_s=summary([sentences / t for t in times]), peak_mem_mib=mem)
+            records.append(rec)
+            log(f"mt     {family:<11} S={S:<6} {rec['sentences_per_s']['median']:8.3f} sent/s  peak {mem:.0f} MiB")
+    return records
+
+
+# -- train ------------------------------------------------------------------------
+def sdpa_forward(self, query, key=None, value=None, key_padding_mask=None, incremental_state=None,
+                 need_weights=False, attn_mask=None, **unused):
+    """A fairseq MultiheadAttention's own weights, computed by torch's fused
+    scaled_dot_product_attention (causal): the strongest softmax baseline."""
+    T, B, D = query.shape
+    H = self.num_heads
+    q, k, v = (p(query).view(T, B, H, D // H).permute(1, 2, 0, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.out_proj(out.permute(2, 0, 1, 3).reshape(T, B, D)), None
+
+
+TRAIN_ROWS = {"transformer": "transformer", "transformer_sdpa": "transformer", **{f: f for f in models.FAMILIES}}
+
+
+def train_model(row, device):
+    model, d, info = models.build("lm", TRAIN_ROWS[row], device)
+    if row == "transformer_sdpa":
+        for layer in model.decoder.layers:
+            layer.self_attn.forward = types.MethodType(sdpa_forward, layer.self_attn)
+        info = {**info, "attention": "torch scaled_dot_product_attention"}
+    return model.train(), d, info
+
+
+def train_step(model, tokens, device):
+    model.zero_grad(set_to_none=True)
+    sync(device)
+    start = time.perf_counter()
+    logits = model(tokens[:, :-1])[0]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    sync(device)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite training loss {loss.item()}")
+    return time.perf_counter() - start
+
+
+def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_ROWS), log=print):
+    """Forward + backward of a language model over batches of `tokens_per_batch`
+    tokens cut into sequences of each context length."""
+    records = []
+    for row in rows:
+        model, d, info = train_model(row, device)
+        g = torch.Generator().manual_seed(0)
+        history = []
+        for T in contexts:
+            B = max(1, tokens_per_batch // T)
+            rec = {"family": row, "arch": info["arch"], "params": info["params"], "ctx": T, "batch": B}
+            projected = projected_seconds(history, T) * 2  # warm-up + one timed step
+            if projected > budget:
+                records.append(skipped(rec, projected, budget))
+                log(f"train  {row:<16} ctx={T:<6} skipped: {rec['reason']}")
+                continue
+            tokens = torch.randint(d.nspecial, len(d), (B, T + 1), generator=g).to(device)
+            train_step(model, tokens, device)  # warm-up
+            with PeakMemory(device) as mem:
+                seconds = train_step(model, tokens, device)
+            more = repeated(lambda: train_step(model, tokens, device), seconds, budget, repeats)
+            history.append((T, seconds))
+            times = [seconds, *more]
+            rec.update(status="ok", seconds=summary(times),
+                       tokens_per_s=summary([B * T / t for t in times]), peak_mem_mib=mem.mib)
+            records.append(rec)
+            log(f"train  {row:<16} ctx={T:<6} {rec['tokens_per_s']['median']:8.0f} tok/s  peak {mem.mib:.0f} MiB")
+    return records
