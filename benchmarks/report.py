@@ -11,11 +11,20 @@ def ok(records):
     return [r for r in records or [] if r["status"] == "ok"]
 
 
+def matches(record, key) -> bool:
+    return all(record.get(k) == v for k, v in key.items())
+
+
+def metric_value(record, metric):
+    """A measurement's median, or the value itself when it is a single number."""
+    value = record[metric]
+    return value["median"] if isinstance(value, dict) else value
+
+
 def lookup(records, metric, **key):
     for r in ok(records):
-        if all(r.get(k) == v for k, v in key.items()):
-            value = r[metric]
-            return value["median"] if isinstance(value, dict) else value
+        if matches(r, key):
+            return metric_value(r, metric)
     return None
 
 
@@ -57,11 +66,8 @@ def targets(results):
 # -- tables ------------------------------------------------------------------------------
 def cell(records, metric, fmt, **key):
     for r in records or []:
-        if all(r.get(k) == v for k, v in key.items()):
-            if r["status"] != "ok":
-                return "skipped"
-            value = r[metric]
-            return fmt.format(value["median"] if isinstance(value, dict) else value)
+        if matches(r, key):
+            return fmt.format(metric_value(r, metric)) if r["status"] == "ok" else "skipped"
     return ""
 
 
@@ -183,8 +189,7 @@ def update_readme(readme: Path, tables: str, out: Path):
 
 # -- plots ------------------------------------------------------------------------------------
 def _series(records, x, y, **key):
-    pts = sorted((r[x], r[y]["median"] if isinstance(r[y], dict) else r[y])
-                 for r in ok(records) if all(r.get(k) == v for k, v in key.items()))
+    pts = sorted((r[x], metric_value(r, y)) for r in ok(records) if matches(r, key))
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
