@@ -47,11 +47,18 @@ def read_generate_speed(generate_output: str) -> Dict[str, float]:
     }
 
 
+_VALID = re.compile(r"valid on 'valid' subset .*?\| loss ([\d.]+) .*?\| num_updates (\d+)")
+
+
 def read_train_log(train_output: str) -> Dict[str, float]:
+    """Parameters, training seconds, and from the last validation: its loss and the update count."""
     params, seconds = _PARAMS.search(train_output), _TRAIN_TIME.search(train_output)
+    valid = _VALID.findall(train_output)
     return {
         "params": _int(params.group(1)) if params else float("nan"),
         "train_seconds": float(seconds.group(1)) if seconds else float("nan"),
+        "valid_loss": float(valid[-1][0]) if valid else float("nan"),
+        "updates": int(valid[-1][1]) if valid else 0,
     }
 
 

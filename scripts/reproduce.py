@@ -23,6 +23,7 @@ import csv
 import datetime
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -38,18 +39,18 @@ SP = ["--post-process", "sentencepiece"]
 # Per dataset: its data-prep script, task, decoding flags, metric, and the
 # config/model file names under configs/<task>/.
 DATASETS = {
-    "multi30k": dict(task="mt", prep="multi30k.py", refs="raw/test.en", metric="bleu",
+    "multi30k": dict(task="mt", prep="multi30k.py", refs="raw/{subset}.en", metric="bleu",
                      decode=["--beam", "4", "--lenpen", "1.0", "--max-len-a", "1.2", "--max-len-b", "10", *SP],
                      smoke_prep=["--limit", "3000", "--eval-limit", "60", "--vocab", "1000"]),
-    "iwslt14": dict(task="mt", prep="iwslt14.py", refs="raw/test.en", metric="bleu",
+    "iwslt14": dict(task="mt", prep="iwslt14.py", refs="raw/{subset}.en", metric="bleu",
                     decode=["--beam", "5", "--lenpen", "1.0", "--max-len-a", "1.2", "--max-len-b", "10", *SP]),
-    "wmt16": dict(task="mt", prep="wmt16_en_de.py", refs="raw/test.de", metric="bleu",
+    "wmt16": dict(task="mt", prep="wmt16_en_de.py", refs="raw/{subset}.de", metric="bleu",
                   decode=["--beam", "4", "--lenpen", "0.6", "--max-len-a", "1.2", "--max-len-b", "10",
                           "--post-process", "subword_nmt"]),
-    "news": dict(task="sum", prep="news.py", refs="raw/test.sum", metric="rouge",
+    "news": dict(task="sum", prep="news.py", refs="raw/{subset}.sum", metric="rouge",
                  decode=["--beam", "4", "--lenpen", "1.0", "--max-len-b", "80", "--no-repeat-ngram-size", "3", *SP],
                  smoke_prep=["--limit", "300", "--eval-limit", "20", "--vocab", "1000", "--max-source", "120"]),
-    "cnn_dm": dict(task="sum", prep="cnn_dm.py", refs="raw/test.sum", metric="rouge",
+    "cnn_dm": dict(task="sum", prep="cnn_dm.py", refs="raw/{subset}.sum", metric="rouge",
                    decode=["--beam", "4", "--lenpen", "2.0", "--min-len", "55", "--max-len-b", "140",
                            "--no-repeat-ngram-size", "3", *SP]),
     "austen": dict(task="lm", prep="austen.py", metric="ppl",
@@ -120,7 +121,8 @@ def prepare(ds: str, args, work: Path) -> Path:
     return data
 
 
-def train(task: str, ds: str, family: str, data: Path, ckpt: Path, args) -> dict:
+def train(task: str, ds: str, family: str, data: Path, ckpt: Path, args, extra=()) -> dict:
+    """Train one model (the config's recipe, then `extra` hydra overrides, then --set)."""
     done = ckpt / "train.done"
     log = ckpt / "train.log"
     if done.is_file():
@@ -137,7 +139,7 @@ def train(task: str, ds: str, family: str, data: Path, ckpt: Path, args) -> dict
                 f"checkpoint.keep_interval_updates={args.average}"]
     if args.max_update:
         cmd += ["optimization.max_epoch=0", f"optimization.max_update={args.max_update}"]
-    cmd += args.override
+    cmd += [*extra, *args.override]
     say(f"{family}: training (log: {log})")
     start = time.time()
     out, _ = run(cmd, log, stream=not args.quiet)
@@ -158,43 +160,45 @@ def choose_checkpoint(ckpt: Path, n: int) -> Path:
     return average_checkpoints(paths, ckpt / f"checkpoint_avg{len(paths)}.pt")
 
 
-def evaluate(task: str, ds: str, family: str, data: Path, path: Path, args) -> dict:
+def evaluate(task: str, ds: str, family: str, data: Path, path: Path, args, subset: str = "test") -> dict:
     spec = DATASETS[ds]
     common = [str(data / "bin"), "--path", str(path), "--user-dir", str(ROOT / "linear_fairseq"),
-              "--gen-subset", "test", "--num-workers", "0"]
+              "--gen-subset", subset, "--num-workers", "0"]
     folder = path.parent
+    suffix = "" if subset == "test" else f"-{subset}"
     if task == "lm":
-        say(f"{family}: fairseq-eval-lm on the test set")
+        say(f"{family}: fairseq-eval-lm on the {subset} set")
         flags = SMOKE_DECODE["lm"] if args.scale == "smoke" else spec["decode"]
-        out, rss = run(["fairseq-eval-lm", *common, "--max-tokens", "4096", *flags],
-                       folder / "eval_lm.log", stream=False)
+        log = folder / f"eval_lm{suffix}.log"
+        out, rss = run(["fairseq-eval-lm", *common, "--max-tokens", "4096", *flags], log, stream=False)
         speed = scoring.read_eval_lm_speed(out)
-        expected = test_tokens(data / "bin")
+        expected = split_tokens(data / "bin", subset)
         if speed["tokens"] < expected:  # eval-lm skips blocks longer than the model's positions
-            sys.exit(f"[reproduce] fairseq-eval-lm scored {speed['tokens']} of the {expected} test tokens "
-                     f"(log: {folder / 'eval_lm.log'}); are its --tokens-per-sample within the model's?")
+            sys.exit(f"[reproduce] fairseq-eval-lm scored {speed['tokens']} of the {expected} {subset} tokens "
+                     f"(log: {log}); are its --tokens-per-sample within the model's?")
         return {"ppl": scoring.read_perplexity(out), "tok/s": speed["tokens_per_s"], "peak MB": rss}
-    say(f"{family}: fairseq-generate on the test set")
+    say(f"{family}: fairseq-generate on the {subset} set")
     out, rss = run(["fairseq-generate", *common, "--batch-size", str(args.batch_size),
                     # without this fairseq drops the last partial batch (fairseq #5036)
                     "--required-batch-size-multiple", "1", *spec["decode"]],
-                   folder / "generate.log", stream=False)
-    hyps, refs = scoring.read_hypotheses(out), scoring.read_references(data / spec["refs"])
+                   folder / f"generate{suffix}.log", stream=False)
+    hyps = scoring.read_hypotheses(out)
+    refs = scoring.read_references(data / spec["refs"].format(subset=subset))
     scores = scoring.bleu_chrf(hyps, refs) if spec["metric"] == "bleu" else scoring.rouge(hyps, refs)
     speed = scoring.read_generate_speed(out)
     return {**scores, "tok/s": speed["tokens_per_s"], "sent/s": speed["sentences_per_s"], "peak MB": rss}
 
 
-def test_tokens(data_bin: Path) -> int:
-    """Tokens (end-of-line symbols included) of the binarized test split, read
-    from the header and size table of fairseq's mmap index (test.idx)."""
+def split_tokens(data_bin: Path, subset: str) -> int:
+    """Tokens (end-of-line symbols included) of a binarized split, read from the
+    header and size table of fairseq's mmap index (<subset>.idx)."""
     import struct
 
     import numpy as np
 
-    with open(data_bin / "test.idx", "rb") as f:
+    with open(data_bin / f"{subset}.idx", "rb") as f:
         if f.read(9) != b"MMIDIDX\x00\x00":
-            sys.exit(f"[reproduce] {data_bin / 'test.idx'} is not a fairseq mmap index")
+            sys.exit(f"[reproduce] {data_bin / f'{subset}.idx'} is not a fairseq mmap index")
         f.read(8 + 1)  # version, dtype code
         (n,) = struct.unpack("<Q", f.read(8))
         f.read(8)  # document count
@@ -204,42 +208,165 @@ def test_tokens(data_bin: Path) -> int:
 METRICS = {"bleu": ["bleu", "chrf"], "rouge": ["r1", "r2", "rl"], "ppl": ["ppl"]}
 
 
-def write_tables(rows, task, ds, args, results: Path) -> Path:
-    metrics = METRICS[DATASETS[ds]["metric"]]
-    speed = ["tok/s"] if task == "lm" else ["tok/s", "sent/s"]
-    columns = ["family", "model", "params", "train min", *metrics, *speed, "peak MB", "paper"]
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"{task}-{args.scale}"
+def cell(value, column: str) -> str:
+    if isinstance(value, float):
+        return "–" if value != value else (f"{value:,.0f}" if column in ("tok/s", "peak MB") else f"{value:.2f}")
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write_table(stem: Path, columns, rows, header) -> Path:
+    """rows (dicts) as <stem>.csv (raw values) and <stem>.md (`header` lines, then the table)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
             w.writerow([r.get(c, "") for c in columns])
+    lines = [*header, "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(cell(r.get(c, ""), c) for c in columns) + " |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem.with_suffix(".md")
 
-    def cell(r, c):
-        v = r.get(c, "")
-        if isinstance(v, float):
-            return "–" if v != v else (f"{v:,.0f}" if c in ("tok/s", "peak MB") else f"{v:.2f}")
-        return f"{v:,}" if isinstance(v, int) else str(v)
 
+def command_line(task: str) -> str:
+    return " ".join(["bash scripts/reproduce_" + task + ".sh", *sys.argv[2:]])
+
+
+def machine() -> str:
     import torch
 
+    return (f"{datetime.date.today()} on {platform.machine()} with {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def write_tables(rows, task, ds, args, results: Path) -> Path:
+    metrics = METRICS[DATASETS[ds]["metric"]]
+    speed = ["tok/s"] if task == "lm" else ["tok/s", "sent/s"]
+    columns = ["family", "model", "params", "train min", *metrics, *speed, "peak MB", "paper"]
     header = [
         f"# {task} at {args.scale} scale: {ds}",
         "",
-        f"Command: `{' '.join(['bash scripts/reproduce_' + task + '.sh', *sys.argv[2:]])}`  ",
-        f"Run {datetime.date.today()} on {platform.machine()} with {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads. Decoding: "
+        f"Command: `{command_line(task)}`  ",
+        f"Run {machine()}. Decoding: "
         f"`{' '.join(DATASETS[ds]['decode'])}`" + ("" if task == "lm" else f", batch {args.batch_size}")
         + "; tok/s (" + ("fairseq-eval-lm scoring" if task == "lm" else "fairseq-generate decoding")
         + ") and peak MB (resident memory of that whole process) come from that run.",
         "",
-        "| " + " | ".join(columns) + " |",
-        "| " + " | ".join("---" for _ in columns) + " |",
     ]
-    lines = header + ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return stem.with_suffix(".md")
+    return write_table(results / f"{task}-{args.scale}", columns, rows, header)
+
+
+# -- ablations: rows of settings, scored on the validation set ------------------------------
+def load_ablations(task: str, ds: str) -> dict:
+    from omegaconf import OmegaConf
+
+    path = ROOT / "configs" / task / "ablations" / f"{ds}.yaml"
+    if not path.is_file():
+        sys.exit(f"[reproduce] --ablations: no ablation grid for {ds} ({path} does not exist)")
+    spec = OmegaConf.to_container(OmegaConf.load(path))
+    for rid, row in spec["rows"].items():
+        if row.get("family") not in FAMILIES:
+            sys.exit(f"[reproduce] {path}: row {rid!r} has family {row.get('family')!r} (choose from {', '.join(FAMILIES)})")
+    return spec
+
+
+def ablation_runs(spec: dict, only):
+    """(row id, row, seed): every row with the first seed, then the headline rows with the others."""
+    seeds = spec["seeds"]
+    rows = {rid: row for rid, row in spec["rows"].items() if not only or rid in only}
+    for i, seed in enumerate(seeds):
+        for rid, row in rows.items():
+            if i == 0 or row.get("headline"):
+                yield rid, row, seed
+
+
+def ablation_summary(runs, spec: dict, metric: str) -> list:
+    """One row per ablation row: the metric's mean over seeds, each seed's value, and the spread."""
+    out = []
+    for rid, row in spec["rows"].items():
+        mine = [r for r in runs if r["row"] == rid]
+        if not mine:
+            continue
+        values = [float(r[metric]) for r in mine]
+        mean = sum(values) / len(values)
+        out.append({
+            "row": rid, "family": row["family"], "setting": row.get("what", ""),
+            metric: mean, "seeds": " / ".join(f"{v:.2f}" for v in values),
+            "spread": max(values) - min(values) if len(values) > 1 else float("nan"),
+            "valid loss": sum(float(r["valid loss"]) for r in mine) / len(mine),
+            "updates": int(float(mine[0]["updates"])),
+            "train min": sum(float(r["train min"]) for r in mine) / len(mine),
+            "params": int(float(mine[0]["params"])),
+        })
+    return out
+
+
+def previous_runs(stem: Path) -> list:
+    if not stem.with_suffix(".runs.csv").is_file():
+        return []
+    with open(stem.with_suffix(".runs.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def ablations(args, ds: str, data: Path, work: Path) -> Path:
+    """Train and score every (row, seed) of configs/<task>/ablations/<ds>.yaml on the
+    validation set; results/ablations-<task>.md (one row per setting) and
+    .runs.csv (one line per run). A run already in .runs.csv with the same
+    overrides is kept, not retrained (--fresh retrains)."""
+    spec = load_ablations(args.task, ds)
+    metric = {"mt": "bleu", "sum": "rl", "lm": "ppl"}[args.task]
+    budget = SMOKE[args.task] if args.scale == "smoke" else list(spec["budget"])
+    stem = args.results.resolve() / (f"ablations-{args.task}" + ("-smoke" if args.scale == "smoke" else ""))
+    runs = [] if args.fresh else previous_runs(stem)
+    only = set(args.rows.split(",")) if args.rows else None
+    if only and only - set(spec["rows"]):
+        sys.exit(f"[reproduce] --rows: unknown row(s) {', '.join(sorted(only - set(spec['rows'])))} "
+                 f"(the grid has {', '.join(spec['rows'])})")
+    todo = list(ablation_runs(spec, only))
+    for n, (rid, row, seed) in enumerate(todo, 1):
+        overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
+        if args.scale == "smoke":
+            overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
+        key = " ".join(overrides)
+        if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key for r in runs):
+            say(f"[{n}/{len(todo)}] {rid}, seed {seed}: in {stem.with_suffix('.runs.csv').name}; kept")
+            continue
+        runs = [r for r in runs if not (r["row"] == rid and r["seed"] == str(seed))]
+        say(f"[{n}/{len(todo)}] {rid}, seed {seed}")
+        ckpt = work / "runs" / f"{rid}-s{seed}"
+        record = ckpt / "overrides.txt"
+        if ckpt.is_dir() and not (record.is_file() and record.read_text() == key):
+            shutil.rmtree(ckpt)  # trained with other settings: start again
+        ckpt.mkdir(parents=True, exist_ok=True)
+        record.write_text(key)
+        trained = train(args.task, ds, row["family"], data, ckpt, args, extra=overrides)
+        scores = evaluate(args.task, ds, row["family"], data, ckpt / "checkpoint_best.pt", args, subset="valid")
+        runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key,
+                     "updates": trained["updates"], "train min": trained["train_seconds"] / 60,
+                     "valid loss": trained["valid_loss"], "params": trained["params"], **scores})
+        say(f"{rid}, seed {seed}: {metric} {scores[metric]:.2f}")
+        write_ablations(runs, spec, metric, stem, args, ds, budget)
+    return write_ablations(runs, spec, metric, stem, args, ds, budget)
+
+
+def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str, budget) -> Path:
+    run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides"]
+    write_table(stem.with_suffix(".runs"), run_columns, runs, [])
+    stem.with_suffix(".runs.md").unlink(missing_ok=True)  # the per-run record is the CSV alone
+    label = {"bleu": "valid BLEU", "rl": "valid ROUGE-L", "ppl": "valid ppl"}[metric]
+    columns = ["row", "family", "setting", metric, "seeds", "spread", "valid loss", "updates", "train min", "params"]
+    header = [
+        f"# Ablations, {args.task} ({ds}, {args.scale} scale)",
+        "",
+        f"Command: `{command_line(args.task)}`  ",
+        f"Run {machine()}. Every row trains with configs/{args.task}/{ds}.yaml and the family's model "
+        f"config, cut to the budget `{' '.join(budget)}`, plus the row's overrides "
+        f"(configs/{args.task}/ablations/{ds}.yaml); {metric} is the {label} of the best checkpoint "
+        f"(mean over the seeds listed; spread = max - min). Per-run values, overrides included: "
+        f"{stem.with_suffix('.runs.csv').name}.",
+        "",
+    ]
+    return write_table(stem, columns, ablation_summary(runs, spec, metric), header)
 
 
 def main(argv=None):
@@ -258,6 +385,11 @@ def main(argv=None):
     ap.add_argument("--max-update", type=int, help="train for N updates instead of the config's budget")
     ap.add_argument("--batch-size", type=int, default=64, help="decoding batch size (default 64)")
     ap.add_argument("--quiet", action="store_true", help="do not stream fairseq's training log")
+    ap.add_argument("--ablations", action="store_true",
+                    help="train the rows of configs/<task>/ablations/<dataset>.yaml and score them on the "
+                         "validation set (results/ablations-<task>.md) instead of the families' test table")
+    ap.add_argument("--rows", help="with --ablations: only these rows (comma-separated ids)")
+    ap.add_argument("--fresh", action="store_true", help="with --ablations: retrain runs already recorded")
     ap.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE",
                     help="a hydra override for training, repeatable: --set optimization.lr=[0.001] "
                          "(+model.KEY=VALUE for a model option its config file does not list)")
@@ -271,9 +403,15 @@ def main(argv=None):
         ap.error(f"--dataset {ds!r} is not a {args.task} dataset")
     if args.average is None:
         args.average = 5 if args.scale == "paper" else 0
-    work = (args.work or ROOT / "work" / "reproduce" / f"{args.task}-{args.scale}").resolve()
+    kind = "ablations" if args.ablations else "reproduce"
+    work = (args.work or ROOT / "work" / kind / f"{args.task}-{args.scale}").resolve()
 
     data = prepare(ds, args, work)
+    if args.ablations:
+        table = ablations(args, ds, data, work)
+        say(f"table: {table}")
+        print(table.read_text())
+        return
     rows = []
     for family in families:
         ckpt = work / "checkpoints" / family

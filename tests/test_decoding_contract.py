@@ -38,12 +38,28 @@ CASES = {
         "flash_transformer", TINY_MT + ["--gau-s", "16", "--gau-chunk-size", "4", "--gau-rel-pos-bias"], "translation",
     ),
     "flash_lm": ("flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5"], "language_modeling"),
+    **{
+        f"flash_lm_{norm}": (
+            "flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--gau-relu2-norm", norm],
+            "language_modeling",
+        )
+        for norm in ("keys", "none")
+    },
+    "flash_mt_keys": (
+        "flash_transformer", TINY_MT + ["--gau-s", "16", "--gau-chunk-size", "4", "--gau-relu2-norm", "keys"],
+        "translation",
+    ),
+    "flash_lm_quad_keys": (
+        "flash_lm",
+        TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--gau-attention", "quadratic", "--gau-relu2-norm", "keys"],
+        "language_modeling",
+    ),
     "flash_lm_quad": (
         "flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--gau-attention", "quadratic"],
         "language_modeling",
     ),
 }
-GROWING_STATE = {"flash_lm_quad"}  # FLASH-Quad keeps every key, as softmax attention does
+GROWING_STATE = {"flash_lm_quad", "flash_lm_quad_keys"}  # FLASH-Quad keeps every key, as softmax attention does
 ENC_DEC = [case for case, (_, _, task) in CASES.items() if task == "translation"]
 
 

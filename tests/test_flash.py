@@ -63,7 +63,9 @@ def test_bad_encoder_width_is_named():
         make_model("flash_transformer", TINY_MT + ["--gau-s", "48"])
 
 
-@pytest.mark.parametrize("option,value", [("--gau-attention", "sparse"), ("--gau-scale-init", "ones")])
+@pytest.mark.parametrize(
+    "option,value", [("--gau-attention", "sparse"), ("--gau-scale-init", "ones"), ("--gau-relu2-norm", "mean")]
+)
 def test_unknown_choices_are_rejected_by_the_parser(capsys, option, value):
     with pytest.raises(SystemExit):
         parse_model_args("flash_lm", [option, value], task="language_modeling")

@@ -28,12 +28,12 @@ def grads(out, w, xs):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, xs)]
 
 
-def recurrent(q, k, ql, kl, v, G, padding_mask=None, rel_bias=None):
+def recurrent(q, k, ql, kl, v, G, padding_mask=None, rel_bias=None, relu2_norm="chunk"):
     state = F.empty_state(q.shape[0], G, S, E, v)
     outs = []
     for t in range(q.shape[1]):
         mask_t = None if padding_mask is None else padding_mask[:, t]
-        out, state = F.step(q[:, t], k[:, t], ql[:, t], kl[:, t], v[:, t], state, G, mask_t, rel_bias)
+        out, state = F.step(q[:, t], k[:, t], ql[:, t], kl[:, t], v[:, t], state, G, mask_t, rel_bias, relu2_norm)
         outs.append(out)
     return torch.stack(outs, dim=1), state
 
@@ -48,6 +48,49 @@ def test_causal_chunked_and_recurrent_equal_reference_with_gradients(T, G):
         assert_close(out, ref)
         for g, g_ref in zip(grads(out, w, xs), ref_grads):
             assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("norm", F.RELU2_NORMS)
+@pytest.mark.parametrize("T,G", [(3, 4), (13, 4), (70, 16)])
+def test_every_relu2_norm_agrees_across_forms_with_gradients_and_padding(norm, T, G):
+    """reference == chunked == recurrent for each normalization of relu^2, across
+    chunk boundaries, with left padding on one row (outputs and gradients)."""
+    xs = [x.requires_grad_() for x in inputs(2, T, seed=5)]
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[1, :2] = True
+    real = (~mask).unsqueeze(-1)
+    w = torch.randn(2, T, E, generator=torch.Generator().manual_seed(7))
+    for causal in (True, False):
+        ref = F.naive(*xs, G, causal, mask, relu2_norm=norm) * real
+        ref_grads = grads(ref, w, xs)
+        outs = [F.mixed_chunk(*xs, G, causal, mask, relu2_norm=norm)]
+        if causal:
+            outs.append(recurrent(*xs, G, mask, relu2_norm=norm)[0])
+        for out in outs:
+            assert_close(out * real, ref)
+            for g, g_ref in zip(grads(out * real, w, xs), ref_grads):
+                assert_close(g, g_ref)
+
+
+def test_relu2_norms_scale_the_quadratic_part_as_documented():
+    """With no linear part and every key equal, "keys" is a mean of the values
+    (independent of G), "chunk" sums / G and "none" sums."""
+    T, G = 6, 8
+    q = k = torch.ones(1, T, S)
+    zeros = torch.zeros(1, T, S)
+    v = torch.randn(1, T, E, generator=torch.Generator().manual_seed(1))
+    r = (S**0.5) ** 2  # relu(q.k / sqrt(s))^2 with q = k = 1
+    prefix_sum = v.cumsum(1)
+    seen = torch.arange(1, T + 1).view(1, T, 1)
+    expected = {"keys": r * prefix_sum / seen, "chunk": r * prefix_sum / G, "none": r * prefix_sum}
+    for norm, want in expected.items():
+        assert_close(F.mixed_chunk(q, k, zeros, zeros, v, G, True, relu2_norm=norm), want)
+        assert_close(F.quadratic(q, k, v, G, True, relu2_norm=norm), want)
+
+
+def test_unknown_relu2_norm_is_named():
+    with pytest.raises(ValueError, match="relu2_norm='mean'; choose from keys, chunk, none"):
+        F.mixed_chunk(*inputs(1, 4), 4, causal=True, relu2_norm="mean")
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -18,6 +18,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..modules import gau  # noqa: F401  registers the "gau" layers
+from ..ops.flash import RELU2_NORMS
 from ..registry import register_model
 from .linear_transformer import (
     LinearLanguageModel,
@@ -39,7 +40,7 @@ class FlashOptions(FairseqDataclass):
     gau_attention: ChoiceEnum(["mixed", "quadratic"]) = option(
         "mixed", "FLASH mixed chunk attention (linear), or FLASH-Quad's full relu^2 attention"
     )
-    gau_chunk_size: int = option(256, "G, chunk length of mixed chunk attention (also the 1/G score scale)")
+    gau_chunk_size: int = option(256, "G, chunk length of mixed chunk attention")
     gau_s: int = option(128, "s, width of the shared Z (queries and keys)")
     gau_expansion: float = option(2.0, "e = expansion * d, width of U and V")
     gau_norm: ChoiceEnum(["scalenorm", "layernorm"]) = option("scalenorm", "pre-norm of each GAU")
@@ -47,6 +48,10 @@ class FlashOptions(FairseqDataclass):
     gau_rel_pos_bias: bool = option(False, "learned relative position bias inside relu^2 (offsets up to G)")
     gau_scale_init: ChoiceEnum(["paper", "unit"]) = option(
         "paper", "init of the per-dimension scales of Q and K: N(0, 0.02) as in the paper, or N(1, 0.02)"
+    )
+    gau_relu2_norm: ChoiceEnum(list(RELU2_NORMS)) = option(
+        "chunk", "divide relu^2 scores by the number of keys a query sees (keys), by G as in the paper "
+        "(chunk), or not (none)"
     )
 
 

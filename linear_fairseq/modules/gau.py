@@ -76,6 +76,7 @@ class GatedAttentionUnit(LinearAttention):
         norm: str = "scalenorm",
         dropout: float = 0.0,
         scale_init: str = "paper",
+        relu2_norm: str = "chunk",
     ):
         super().__init__(dim, 1, causal=causal)
         e = int(round(expansion * dim))
@@ -87,11 +88,13 @@ class GatedAttentionUnit(LinearAttention):
             ("mode", mode, mode in ("mixed", "quadratic"), "choose mixed or quadratic"),
             ("norm", norm, norm in ("scalenorm", "layernorm"), "choose scalenorm or layernorm"),
             ("scale_init", scale_init, scale_init in ("paper", "unit"), "choose paper or unit"),
+            ("relu2_norm", relu2_norm, relu2_norm in ops.RELU2_NORMS, f"choose from {', '.join(ops.RELU2_NORMS)}"),
         )
         for name, value, ok, why in checks:
             if not ok:
                 raise ConfigError(f"GatedAttentionUnit: {name}={value!r} {why}")
         self.s, self.e, self.chunk_size, self.mode, self.rope = s, e, chunk_size, mode, rope
+        self.relu2_norm = relu2_norm
         self.norm = build_norm(norm, dim)
         self.to_uv = nn.Linear(dim, 2 * e)
         self.to_z = nn.Linear(dim, s)
@@ -129,9 +132,9 @@ class GatedAttentionUnit(LinearAttention):
         positions = ops.real_positions(padding_mask, h.shape[0], h.shape[1], h.device)
         qk = self.queries_keys(z, positions)
         if self.mode == "mixed":
-            a = ops.mixed_chunk(*qk, v, self.chunk_size, self.causal, padding_mask, self.rel_bias)
+            a = ops.mixed_chunk(*qk, v, self.chunk_size, self.causal, padding_mask, self.rel_bias, self.relu2_norm)
         else:
-            a = ops.quadratic(*qk, v, self.chunk_size, self.causal, padding_mask, self.rel_bias)
+            a = ops.quadratic(*qk, v, self.chunk_size, self.causal, padding_mask, self.rel_bias, self.relu2_norm)
         return self.to_out(u * a.to(u.dtype))
 
     def step(self, h: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
@@ -143,7 +146,7 @@ class GatedAttentionUnit(LinearAttention):
             state = ops.empty_state(B, self.chunk_size, self.s, self.e, v)
         position = state["n_done"].long() + state["fill"]  # real tokens so far
         qk = self.queries_keys(z, position)
-        a, state = ops.step(*qk, v, state, self.chunk_size, padding_mask, self.rel_bias)
+        a, state = ops.step(*qk, v, state, self.chunk_size, padding_mask, self.rel_bias, self.relu2_norm)
         return self.to_out(u * a.to(u.dtype)), state
 
     def _quadratic_step(self, u, v, z, state: State, padding_mask) -> Tuple[Tensor, State]:
@@ -155,15 +158,18 @@ class GatedAttentionUnit(LinearAttention):
         keep = lambda name, x: x.unsqueeze(1) if not state else torch.cat([state[name], x.unsqueeze(1)], 1)  # noqa: E731
         keys, values, pos, mask = keep("k", k), keep("v", v), keep("pos", n), keep("pad", ~real)
         bias = ops.offset_bias(self.rel_bias, n[:, None] - pos)
-        scores = ops.relu2(q.unsqueeze(1), keys, self.chunk_size, None if bias is None else bias.unsqueeze(1))
-        a = (scores.masked_fill(mask.unsqueeze(1), 0.0) @ values).squeeze(1)
+        scores = ops.relu2(q.unsqueeze(1), keys, None if bias is None else bias.unsqueeze(1))
+        seen = (~mask).sum(-1, keepdim=True).to(scores.dtype)
+        divisor = ops.relu2_divisor(self.relu2_norm, self.chunk_size, seen)
+        a = (scores.masked_fill(mask.unsqueeze(1), 0.0) @ values).squeeze(1) / divisor
         state = {"k": keys, "v": values, "pos": pos, "pad": mask, "n": n + real.long()}
         return self.to_out(u * a.to(u.dtype)), state
 
 
 def build_gau(cfg, dim: int, causal: bool) -> GatedAttentionUnit:
     """Options read from the model config: --gau-attention, --gau-s, --gau-expansion,
-    --gau-chunk-size, --no-rope, --gau-rel-pos-bias, --gau-norm, --gau-scale-init, --dropout."""
+    --gau-chunk-size, --no-rope, --gau-rel-pos-bias, --gau-norm, --gau-scale-init,
+    --gau-relu2-norm, --dropout."""
     return GatedAttentionUnit(
         dim,
         causal=causal,
@@ -175,7 +181,8 @@ def build_gau(cfg, dim: int, causal: bool) -> GatedAttentionUnit:
         rel_pos_bias=bool(cfg.gau_rel_pos_bias),
         norm=str(cfg.gau_norm),
         dropout=cfg.dropout,
-        scale_init=str(getattr(cfg, "gau_scale_init", "paper")),
+        scale_init=str(cfg.gau_scale_init),
+        relu2_norm=str(cfg.gau_relu2_norm),
     )
 
 

@@ -5,7 +5,7 @@ arXiv 2202.10447). The sequence is cut into chunks of G tokens; a query
 attends quadratically (relu^2 scores) inside its chunk and linearly to the
 chunks before it (causal) or to the whole sequence (non-causal):
 
-    quad_i = sum_{j in chunk(i), j<=i} relu(q_i . k_j / sqrt(s))^2 / G  v_j
+    quad_i = sum_{j in chunk(i), j<=i} relu(q_i . k_j / sqrt(s))^2 / c_i  v_j
     lin_i  = q'_i . (sum_{j in earlier chunks} k'_j v_j^T) / n_i
     out_i  = quad_i + lin_i
 
@@ -13,7 +13,11 @@ Normalization, chosen where the paper leaves it open (its pseudo-code divides
 by the full sequence length n, which makes a causal model depend on the
 future and training differ from decoding):
   * quadratic part: 1/sqrt(s) inside relu^2 (as dot-product attention, so the
-    pre-activation stays O(1) for any s) and the constant 1/G outside;
+    pre-activation stays O(1) for any s), and outside it c_i by `relu2_norm`:
+      "keys"   c_i = the number of keys query i sees in its chunk (a mean, so
+               the output's scale does not depend on G or on the position);
+      "chunk"  c_i = G, the chunk length (the paper's constant);
+      "none"   c_i = 1;
   * linear part: divided by n_i, the number of real tokens it sums over
     (tokens of completed chunks when causal, all real tokens otherwise): a
     mean, the same at every step of decoding as in training.
@@ -74,12 +78,27 @@ def scatter_time(x: Tensor, order: Tensor) -> Tensor:
 
 
 # -- scores --------------------------------------------------------------------
-def relu2(q: Tensor, k: Tensor, G: int, bias: Optional[Tensor] = None) -> Tensor:
-    """relu(q k^T / sqrt(s) + b)^2 / G, b an optional relative position bias."""
+RELU2_NORMS = ("keys", "chunk", "none")
+
+
+def relu2(q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """relu(q k^T / sqrt(s) + b)^2, b an optional relative position bias."""
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     if bias is not None:
         scores = scores + bias
-    return F.relu(scores).square() / G
+    return F.relu(scores).square()
+
+
+def relu2_divisor(norm: str, G: int, seen: Tensor) -> Tensor:
+    """c_i of the quadratic part for queries that see `seen` keys (any shape):
+    seen ("keys"), G ("chunk") or 1 ("none"); at least 1."""
+    if norm == "keys":
+        return seen.clamp(min=1)
+    if norm == "chunk":
+        return torch.full_like(seen, float(G))
+    if norm == "none":
+        return torch.ones_like(seen)
+    raise ValueError(f"relu2_norm={norm!r}; choose from {', '.join(RELU2_NORMS)}")
 
 
 def offset_bias(rel_bias: Optional[Tensor], offsets: Tensor) -> Optional[Tensor]:
@@ -93,7 +112,7 @@ def offset_bias(rel_bias: Optional[Tensor], offsets: Tensor) -> Optional[Tensor]
 # -- reference -------------------------------------------------------------------
 def naive(
     q, k, ql, kl, v, chunk_size: int, causal: bool,
-    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, relu2_norm: str = "chunk",
 ) -> Tensor:
     """Dense T x T reference of mixed chunk attention; pads anywhere (positions in real-token order)."""
     dtype = v.dtype
@@ -110,7 +129,9 @@ def naive(
         visible = visible & (pos[:, None, :] <= pos[:, :, None])
     lin_keys = (visible & earlier) if causal else visible
     bias = offset_bias(rel_bias, pos[:, :, None] - pos[:, None, :])
-    quad = torch.where(same & visible, relu2(q, k, G, bias), 0.0)
+    quad_keys = same & visible
+    quad = torch.where(quad_keys, relu2(q, k, bias), 0.0)
+    quad = quad / relu2_divisor(relu2_norm, G, quad_keys.sum(-1, keepdim=True).to(quad.dtype))
     lin = torch.where(lin_keys, ql @ kl.transpose(1, 2), 0.0)
     n = lin_keys.sum(-1, keepdim=True).clamp(min=1)
     return ((quad + lin / n) @ v).to(dtype)
@@ -120,6 +141,7 @@ def naive(
 def mixed_chunk(
     q: Tensor, k: Tensor, ql: Tensor, kl: Tensor, v: Tensor,
     chunk_size: int, causal: bool, padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+    relu2_norm: str = "chunk",
 ) -> Tensor:
     """FLASH mixed chunk attention, memory O(T G + T s e / G)."""
     if chunk_size < 1:
@@ -145,12 +167,13 @@ def mixed_chunk(
     real_c = F.pad(real, (0, pad)).view(B, N, L)
     q, k, ql, v = chunks(q), chunks(k), chunks(ql), chunks(v)
     kl = chunks(kl) * real_c.unsqueeze(-1)  # padded keys add nothing to the linear sums
-    # quadratic inside each chunk: relu(q k^T / sqrt(s))^2 / G over real (and, if causal, earlier) keys
+    # quadratic inside each chunk: relu(q k^T / sqrt(s))^2 / c over real (and, if causal, earlier) keys
     within = torch.arange(L, device=q.device)
-    A = relu2(q, k, G, offset_bias(rel_bias, within[:, None] - within[None, :])) * real_c.unsqueeze(-2)
+    A = relu2(q, k, offset_bias(rel_bias, within[:, None] - within[None, :])) * real_c.unsqueeze(-2)
     if causal:
         A = A.tril()
-    quad = A @ v
+    seen = real_c.cumsum(-1) if causal else real_c.sum(-1, keepdim=True)  # keys each query sees
+    quad = (A @ v) / relu2_divisor(relu2_norm, G, seen).unsqueeze(-1)
     # linear across chunks: mean of k' v^T over the visible real tokens
     KV = kl.transpose(-1, -2) @ v  # (B, N, s, e)
     n = real_c.sum(-1)  # (B, N)
@@ -168,17 +191,20 @@ def mixed_chunk(
 
 def quadratic(
     q: Tensor, k: Tensor, v: Tensor, G: int, causal: bool,
-    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, relu2_norm: str = "chunk",
 ) -> Tensor:
-    """FLASH-Quad's full relu^2 attention (no chunks), with the same 1/G scale."""
+    """FLASH-Quad's full relu^2 attention (no chunks), normalized as the quadratic
+    part of mixed chunk attention ("keys": by the number of keys a query sees)."""
     dtype = v.dtype
-    pos = real_positions(padding_mask, q.shape[0], q.shape[1], q.device)
-    A = relu2(acc(q), acc(k), G, offset_bias(rel_bias, pos[:, :, None] - pos[:, None, :]))
-    if padding_mask is not None:
-        A = A.masked_fill(padding_mask[:, None, :], 0.0)
+    B, T = q.shape[:2]
+    pos = real_positions(padding_mask, B, T, q.device)
+    A = relu2(acc(q), acc(k), offset_bias(rel_bias, pos[:, :, None] - pos[:, None, :]))
+    real = acc(q).new_ones(B, T) if padding_mask is None else (~padding_mask).to(acc(q).dtype)
+    A = A * real[:, None, :]
     if causal:
         A = A.tril()  # positions in a row keep their order, so tril is causal with left padding too
-    return (A @ acc(v)).to(dtype)
+    seen = real.cumsum(-1) if causal else real.sum(-1, keepdim=True).expand(B, T)
+    return ((A @ acc(v)) / relu2_divisor(relu2_norm, G, seen).unsqueeze(-1)).to(dtype)
 
 
 # -- decoding step (causal mixed chunk) ---------------------------------------------
@@ -199,7 +225,7 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
 
 def step(
     q, k, ql, kl, v, state: State, chunk_size: int,
-    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, relu2_norm: str = "chunk",
 ) -> Tuple[Tensor, State]:
     """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
     most G tokens plus one s x e sum, whatever the prefix length; the current
@@ -227,8 +253,8 @@ def step(
     slots = torch.arange(G, device=q.device)[None, :]
     seen = slots <= fill[:, None]
     bias = offset_bias(rel_bias, fill[:, None] - slots)
-    scores = relu2(q.unsqueeze(1), k_chunk, G, None if bias is None else bias.unsqueeze(1)).squeeze(1) * seen
-    quad = (scores.unsqueeze(1) @ v_chunk).squeeze(1)
+    scores = relu2(q.unsqueeze(1), k_chunk, None if bias is None else bias.unsqueeze(1)).squeeze(1) * seen
+    quad = (scores.unsqueeze(1) @ v_chunk).squeeze(1) / relu2_divisor(relu2_norm, G, fill[:, None] + 1.0)
     lin = (ql.unsqueeze(1) @ state["kv_done"]).squeeze(1) / state["n_done"].clamp(min=1.0)[:, None]
     # advance; a completed chunk moves into the linear sum (Sec. 3.2: sum_j k'_j v_j^T over past chunks)
     fill = fill + real.long()
