@@ -57,7 +57,7 @@ def kernel_inputs(name, B, H, T, D, dtype=torch.float32, seed=0, m=64):
         feats = (K.elu_features(q), K.elu_features(k), None)
     elif name == "favor":
         W = K.orthogonal_gaussian(m, D, cpu).to(dev)
-        (pq, _), (pk, s) = K.favor_features(q, W, True), K.favor_features(k, W, False)
+        (pq, _), (pk, s) = K.favor_features(q, W), K.favor_features(k, W)
         feats = (pq, pk, s)
     elif name == "rfa":
         W = torch.randn(m, D, generator=cpu).to(dev)

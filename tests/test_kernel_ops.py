@@ -23,39 +23,39 @@ def qkv(T, seed=0, dtype=torch.float32):
     return [torch.randn(B, H, T, D, generator=g, dtype=dtype) for _ in range(3)]
 
 
-def featurize(name, q, k, seed=0):
-    """phi_q, phi_k, key log-scale for a named feature map (fixed random draws)."""
+def featurize(name, q, k, seed=0, m=16):
+    """phi_q, phi_k, key log-scale, query log-scale for a named feature map (fixed random draws)."""
     g = torch.Generator().manual_seed(seed + 100)
     if name == "elu":
-        return K.elu_features(q), K.elu_features(k), None
+        return K.elu_features(q), K.elu_features(k), None, None
     if name == "favor":
-        W = K.orthogonal_gaussian(16, D, g).to(q.dtype)
-        (pq, _), (pk, s) = K.favor_features(q, W, True), K.favor_features(k, W, False)
-        return pq, pk, s
+        W = K.orthogonal_gaussian(m, D, g).to(q.dtype)
+        (pq, sq), (pk, s) = K.favor_features(q, W), K.favor_features(k, W)
+        return pq, pk, s, sq
     if name == "rfa":
         W = torch.randn(256, D, generator=g, dtype=q.dtype)  # enough for a positive normalizer
-        return K.rfa_features(q, W), K.rfa_features(k, W), None
+        return K.rfa_features(q, W), K.rfa_features(k, W), None, None
     if name == "t2r":
         w, b = torch.randn(H, 32, D, generator=g, dtype=q.dtype), torch.randn(H, 32, generator=g, dtype=q.dtype)
-        return K.t2r_features(q, w, b), K.t2r_features(k, w, b), None
+        return K.t2r_features(q, w, b), K.t2r_features(k, w, b), None, None
     raise KeyError(name)
 
 
 MAPS = ["elu", "favor", "rfa", "t2r"]
 
 
-def run(form, name, q, k, v, gate=None, mask=None, chunk=5):
-    pq, pk, s = featurize(name, q, k)
+def run(form, name, q, k, v, gate=None, mask=None, chunk=5, eps=1e-6):
+    pq, pk, s, sq = featurize(name, q, k)
     if form == "naive":
-        return K.naive(pq, pk, v, True, mask, s, gate)
+        return K.naive(pq, pk, v, True, mask, s, gate, eps, q_log_scale=sq)
     if form == "chunked":
-        return K.causal_chunked(pq, pk, v, mask, s, gate, chunk_size=chunk)[0]
+        return K.causal_chunked(pq, pk, v, mask, s, gate, chunk_size=chunk, eps=eps, q_log_scale=sq)[0]
     state, outs = None, []
     for t in range(q.shape[2]):
         step = lambda x: None if x is None else x[:, :, t]  # noqa: E731
         out, state = K.causal_step(
             pq[:, :, t], pk[:, :, t], v[:, :, t], state,
-            None if mask is None else mask[:, t], step(s), step(gate),
+            None if mask is None else mask[:, t], step(s), step(gate), eps, step(sq),
         )
         outs.append(out)
     return torch.stack(outs, dim=2)
@@ -89,9 +89,9 @@ def test_chunked_and_recurrent_equal_reference_with_gradients(name, T, gated):
 @pytest.mark.parametrize("name", MAPS)
 def test_noncausal_equals_reference(name):
     q, k, v = qkv(11)
-    pq, pk, s = featurize(name, q, k)
-    S, z = K.summarize(pk, v, None, s)
-    assert_close(K.read(pq, S, z, v.dtype), K.naive(pq, pk, v, False, None, s))
+    pq, pk, s, sq = featurize(name, q, k)
+    S, z, M = K.summarize(pk, v, None, s)
+    assert_close(K.read(pq, S, z, M, v.dtype, q_log_scale=sq), K.naive(pq, pk, v, False, None, s, q_log_scale=sq))
 
 
 @pytest.mark.parametrize("name", MAPS)
@@ -108,10 +108,10 @@ def test_left_padding_leaves_real_positions_unchanged(name, causal):
         for form in ("naive", "chunked", "step"):
             assert_close(run(form, name, qp, kp, vp, mask=mask)[:, :, pad:], ref)
     else:
-        pq, pk, s = featurize(name, q, k)
-        ref = K.read(pq, *K.summarize(pk, v, None, s), v.dtype)
-        pq, pk, s = featurize(name, qp, kp)
-        assert_close(K.read(pq, *K.summarize(pk, vp, mask, s), v.dtype)[:, :, pad:], ref)
+        pq, pk, s, sq = featurize(name, q, k)
+        ref = K.read(pq, *K.summarize(pk, v, None, s), v.dtype, q_log_scale=sq)
+        pq, pk, s, sq = featurize(name, qp, kp)
+        assert_close(K.read(pq, *K.summarize(pk, vp, mask, s), v.dtype, q_log_scale=sq)[:, :, pad:], ref)
 
 
 @pytest.mark.parametrize("form", ["naive", "chunked"])
@@ -132,8 +132,8 @@ def test_favor_approximates_softmax_attention():
     T = 16
     q, k, v = (x * 0.5 for x in qkv(T))
     W = K.orthogonal_gaussian(8192, D, torch.Generator().manual_seed(0))
-    (pq, _), (pk, s) = K.favor_features(q, W, True), K.favor_features(k, W, False)
-    approx = K.naive(pq, pk, v, causal=False, log_scale=s)
+    (pq, sq), (pk, s) = K.favor_features(q, W), K.favor_features(k, W)
+    approx = K.naive(pq, pk, v, causal=False, log_scale=s, q_log_scale=sq)
     exact = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1) @ v
     assert (approx - exact).abs().max() < 0.05
 
@@ -154,12 +154,71 @@ def test_16k_decoding_steps_do_not_drift(name, gated):
     """16,384 recurrent steps in fp32 stay within 1e-4 of the parallel form at every position."""
     T = 16384
     q, k, v = (x[:1, :1] for x in qkv(T, seed=2))
-    pq, pk, s = featurize(name, q, k)
+    pq, pk, s, sq = featurize(name, q, k)
     gate = gate_logits(T)[:1, :1] if gated else None
-    parallel, _ = K.causal_chunked(pq, pk, v, None, s, gate, chunk_size=256)
+    parallel, _ = K.causal_chunked(pq, pk, v, None, s, gate, chunk_size=256, q_log_scale=sq)
     state, outs = None, []
     at = lambda x, t: None if x is None else x[:, :, t]  # noqa: E731
     for t in range(T):
-        out, state = K.causal_step(pq[:, :, t], pk[:, :, t], v[:, :, t], state, None, at(s, t), at(gate, t))
+        out, state = K.causal_step(pq[:, :, t], pk[:, :, t], v[:, :, t], state, None, at(s, t), at(gate, t),
+                                   q_log_scale=at(sq, t))
         outs.append(out)
     assert_close(torch.stack(outs, dim=2), parallel, rtol=1e-4)
+
+
+def causal_forms(pq, pk, v, s, sq, eps=1e-6):
+    """The three causal forms on given features: {name: output}."""
+    state, steps = None, []
+    for t in range(v.shape[2]):
+        out, state = K.causal_step(pq[:, :, t], pk[:, :, t], v[:, :, t], state, None, s[:, :, t], None, eps,
+                                   q_log_scale=sq[:, :, t])
+        steps.append(out)
+    return {
+        "naive": K.naive(pq, pk, v, True, None, s, None, eps, q_log_scale=sq),
+        "chunked": K.causal_chunked(pq, pk, v, None, s, None, chunk_size=8, eps=eps, q_log_scale=sq)[0],
+        "step": torch.stack(steps, dim=2),
+    }
+
+
+def exact_favor(q, k, v, m, eps=0.0):
+    """Causal FAVOR+ in float64 from the unstabilized features, normalizer clamped at eps."""
+    W = K.orthogonal_gaussian(m, D, torch.Generator().manual_seed(100)).double()  # featurize's draw
+    x = lambda t: t.double() * D**-0.25  # noqa: E731
+    phi = lambda t: torch.exp(x(t) @ W.t() - 0.5 * (x(t) ** 2).sum(-1, keepdim=True)) / math.sqrt(m)  # noqa: E731
+    scores = (phi(q) @ phi(k).transpose(-1, -2)).tril()
+    return (scores @ v.double()) / scores.sum(-1, keepdim=True).clamp(min=eps)
+
+
+def test_without_eps_favor_is_the_exact_ratio_however_small_the_normalizer():
+    """Large q, k (coordinates of std 3): true normalizers down to ~1e-11 and
+    stabilized ones far below 1e-6. With eps = 0 every form gives the
+    estimator exactly (no row distorted by a clamp)."""
+    T, m = 48, 64
+    q, k, v = (x * 3.0 for x in qkv(T, seed=4))
+    pq, pk, s, sq = featurize("favor", q, k, m=m)
+    exact = exact_favor(q, k, v, m)
+    for form, got in causal_forms(pq, pk, v, s, sq, eps=0.0).items():
+        rel = (got.double() - exact).norm(dim=-1) / exact.norm(dim=-1)
+        assert rel.max() < 1e-4, f"{form}: worst row {rel.max():.3g} from the exact estimator"
+
+
+def test_eps_clamps_the_true_normalizer():
+    """With eps > 0 the clamp is phi(q).z >= eps for the features as defined
+    (here it bites on some rows), identically in every form."""
+    T, m, eps = 48, 64, 1e-8
+    q, k, v = (x * 3.0 for x in qkv(T, seed=4))
+    pq, pk, s, sq = featurize("favor", q, k, m=m)
+    exact = exact_favor(q, k, v, m, eps)
+    assert (exact - exact_favor(q, k, v, m)).abs().max() > 1e-3  # the clamp matters on this input
+    for form, got in causal_forms(pq, pk, v, s, sq, eps=eps).items():
+        assert_close(got.double(), exact, rtol=1e-4)
+
+
+def test_an_empty_sum_gives_zero_not_nan():
+    """t2r features that are all zero (relu of negatives): output 0, gradients finite."""
+    q, k, v = qkv(5)
+    w, b = torch.ones(H, 4, D), torch.full((H, 4), -100.0)
+    pq, pk = K.t2r_features(q, w, b), K.t2r_features(k, w, b)
+    for eps in (0.0, 1e-6):
+        out = K.naive(pq, pk, v, True, eps=eps)
+        assert torch.equal(out, torch.zeros_like(out))

@@ -41,7 +41,10 @@ class PerformerOptions(FairseqDataclass):
         1000, "redraw favor/rfa random projections every N training updates; 0: never"
     )
     rfa_gate: bool = option(False, "RFA's learned recency gate on the causal self-attention")
-    kernel_eps: float = option(1e-6, "lower clamp of the attention normalizer phi(q).z")
+    kernel_eps: Optional[float] = option(
+        None, "lower clamp of the attention normalizer phi(q).z, in true scale (default: rfa 1e-6; "
+        "elu, favor, t2r none: their normalizer is a sum of nonnegative terms)"
+    )
     kernel_chunk_size: int = option(64, "chunk length of the causal training form (speed/memory only)")
 
 
@@ -66,7 +69,8 @@ def check_performer_args(args: Namespace, roles) -> None:
         raise option_error("num_features", args.num_features, "elu has no features to choose (phi has the head's width)")
     if not isinstance(args.redraw_interval, int) or args.redraw_interval < 0:
         raise option_error("redraw_interval", args.redraw_interval, "must be >= 0")
-    require_positive(args, "kernel_eps")
+    if args.kernel_eps is not None and not (isinstance(args.kernel_eps, (int, float)) and args.kernel_eps >= 0):
+        raise option_error("kernel_eps", args.kernel_eps, "must be >= 0")
     require_positive_int(args, "kernel_chunk_size")
 
 

@@ -30,8 +30,17 @@ def default_num_features(feature_map: str, head_dim: int) -> int:
             "rfa": head_dim, "t2r": 32}[feature_map]
 
 
+def default_eps(feature_map: str) -> float:
+    """The normalizer's clamp in true scale: rfa's sin/cos features can cancel to
+    ~0 or below, so 1e-6; the nonnegative maps need none (only an empty sum is
+    guarded), so any clamp would only distort the ratio."""
+    return 1e-6 if feature_map == "rfa" else 0.0
+
+
 class EluFeatures(nn.Module):
-    def forward(self, x: Tensor, is_query: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Each feature module returns (phi(x), its log-scale or None)."""
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         return K.elu_features(x), None
 
 
@@ -65,15 +74,15 @@ class RandomFeatures(nn.Module):
 
 
 class FavorFeatures(RandomFeatures):
-    def forward(self, x, is_query):
-        return K.favor_features(x, self.projection, is_query)
+    def forward(self, x):
+        return K.favor_features(x, self.projection)
 
 
 class RFAFeatures(RandomFeatures):
     def draw(self, generator: Optional[torch.Generator]) -> Tensor:
         return torch.randn(self.num_features, self.head_dim, generator=generator)  # w ~ N(0, I): Gaussian kernel, sigma = 1
 
-    def forward(self, x, is_query):
+    def forward(self, x):
         return K.rfa_features(x, self.projection), None
 
 
@@ -84,7 +93,7 @@ class T2RFeatures(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_heads, num_features))
         nn.init.xavier_uniform_(self.weight)
 
-    def forward(self, x, is_query):
+    def forward(self, x):
         return K.t2r_features(x, self.weight, self.bias), None
 
 
@@ -102,7 +111,7 @@ class PerformerAttention(LinearAttention):
         gate: bool = False,
         redraw_interval: int = 0,
         chunk_size: int = 64,
-        eps: float = 1e-6,
+        eps: Optional[float] = None,
     ):
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
         if feature_map not in FEATURE_MAPS:
@@ -113,8 +122,9 @@ class PerformerAttention(LinearAttention):
                 raise ConfigError(f"PerformerAttention: {name} must be a positive integer, got {value!r}")
         if not isinstance(redraw_interval, int) or redraw_interval < 0:
             raise ConfigError(f"PerformerAttention: redraw_interval must be >= 0, got {redraw_interval!r}")
-        if not eps > 0:
-            raise ConfigError(f"PerformerAttention: eps must be > 0, got {eps!r}")
+        eps = default_eps(feature_map) if eps is None else eps
+        if not eps >= 0:
+            raise ConfigError(f"PerformerAttention: eps must be >= 0, got {eps!r}")
         kv_dim = kv_dim or embed_dim
         self.feature_map_name, self.chunk_size, self.eps = feature_map, chunk_size, eps
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -140,39 +150,40 @@ class PerformerAttention(LinearAttention):
     def merge(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         return self.out_proj(x.transpose(1, 2).flatten(2).to(dtype))
 
-    def features(self, x: Tensor, proj: nn.Linear, is_query: bool):
-        return self.phi(self.heads(proj(x)), is_query)
+    def features(self, x: Tensor, proj: nn.Linear):
+        return self.phi(self.heads(proj(x)))
 
     def gate_logits(self, x: Tensor) -> Optional[Tensor]:
         return None if self.gate is None else self.gate(x).transpose(1, 2)  # (B, H, T)
 
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
-        phi_k, log_scale = self.features(source, self.k_proj, is_query=False)
-        S, z = K.summarize(phi_k, self.heads(self.v_proj(source)), padding_mask, log_scale)
-        return {"S": S, "z": z}
+        phi_k, log_scale = self.features(source, self.k_proj)
+        S, z, M = K.summarize(phi_k, self.heads(self.v_proj(source)), padding_mask, log_scale)
+        return {"S": S, "z": z, "M": M}
 
     def read(self, x: Tensor, state: State) -> Tensor:
-        phi_q, _ = self.features(x, self.q_proj, is_query=True)
-        return self.merge(K.read(phi_q, state["S"], state["z"], x.dtype, self.eps), x.dtype)
+        phi_q, q_scale = self.features(x, self.q_proj)
+        out = K.read(phi_q, state["S"], state["z"], state["M"], x.dtype, self.eps, q_scale)
+        return self.merge(out, x.dtype)
 
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        phi_q, _ = self.features(x, self.q_proj, is_query=True)
-        phi_k, log_scale = self.features(x, self.k_proj, is_query=False)
+        phi_q, q_scale = self.features(x, self.q_proj)
+        phi_k, log_scale = self.features(x, self.k_proj)
         out, _ = K.causal_chunked(
             phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale,
-            self.gate_logits(x), self.chunk_size, self.eps,
+            self.gate_logits(x), self.chunk_size, self.eps, q_log_scale=q_scale,
         )
         return self.merge(out, x.dtype)
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         h = x.unsqueeze(1)  # (B, 1, C): the same projections as training, then the recurrence
-        phi_q, _ = self.features(h, self.q_proj, is_query=True)
-        phi_k, log_scale = self.features(h, self.k_proj, is_query=False)
+        phi_q, q_scale = self.features(h, self.q_proj)
+        phi_k, log_scale = self.features(h, self.k_proj)
         one = lambda t: None if t is None else t.squeeze(2)  # noqa: E731  drop the time axis
         out, (S, z, M) = K.causal_step(
             one(phi_q), one(phi_k), one(self.heads(self.v_proj(h))),
             (state["S"], state["z"], state["M"]) if state else None,
-            padding_mask, one(log_scale), one(self.gate_logits(h)), self.eps,
+            padding_mask, one(log_scale), one(self.gate_logits(h)), self.eps, one(q_scale),
         )
         return self.merge(out.unsqueeze(2), x.dtype).squeeze(1), {"S": S, "z": z, "M": M}
 
@@ -182,6 +193,7 @@ def build_performer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: i
     """Options read from the model config: --feature-map, --num-features,
     --redraw-interval, --rfa-gate, --kernel-eps, --kernel-chunk-size."""
     num_features = getattr(cfg, "num_features", None)
+    eps = getattr(cfg, "kernel_eps", None)
     return PerformerAttention(
         embed_dim,
         num_heads,
@@ -193,5 +205,5 @@ def build_performer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: i
         gate=bool(getattr(cfg, "rfa_gate", False)),
         redraw_interval=int(cfg.redraw_interval),
         chunk_size=int(cfg.kernel_chunk_size),
-        eps=float(cfg.kernel_eps),
+        eps=None if eps is None else float(eps),
     )

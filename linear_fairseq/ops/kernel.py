@@ -20,9 +20,18 @@ Two generalizations share one mechanism, per-key log-weights:
 All sums are kept relative to a reference R_i = the largest log-weight among
 the keys query i may see, so every factor exp(. - R_i) is <= 1 and nothing
 overflows. R_i is a prefix maximum: the causal forms never look at future
-keys, and the reference cancels between numerator and normalizer. The
-normalizer is clamped to eps (not eps added), so the three forms agree
-wherever it is above eps. Sums accumulate in float32 (float64 if given).
+keys, and the reference cancels between numerator and normalizer. A query's
+features may carry a log-scale too (FAVOR+ divides out its largest
+exponent); it cancels the same way.
+
+The normalizer is clamped (not eps added), so the forms agree wherever it is
+above the clamp, and the clamp acts in true scale: phi(q_i).z_i >= eps for
+the features as defined, i.e. the stabilized normalizer is clamped at
+eps * exp(-(R_i + query log-scale)), and never below the smallest normal
+float (an empty sum gives 0, not 0/0). eps = 0 guards only that: for
+nonnegative features the output is then the exact ratio of two sums of
+nonnegative terms, however small both are. Sums accumulate in float32
+(float64 if given).
 
 Forms: ``naive`` (quadratic reference), ``causal_chunked`` (training: a loop
 over chunks of G tokens, quadratic inside a chunk, the carried state across),
@@ -50,19 +59,19 @@ def elu_features(x: Tensor) -> Tensor:
     return F.elu(acc(x)) + 1.0
 
 
-def favor_features(x: Tensor, projection: Tensor, is_query: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def favor_features(x: Tensor, projection: Tensor) -> Tuple[Tensor, Tensor]:
     """Performer FAVOR+ positive random features of the softmax kernel exp(q.k / sqrt(d)).
 
     phi(x) = exp(w_r . x' - |x'|^2 / 2) / sqrt(m), x' = x d^{-1/4}, rows w_r of
-    `projection` (m, d). Returned as exp(a - s) / sqrt(m) with s = max_r a
-    (a constant per token): for a query it cancels and is dropped; for a key it
-    is returned as the log-scale, so keys keep their relative weights.
+    `projection` (m, d). Returned as (exp(a - s) / sqrt(m), s) with s = max_r a,
+    a constant per token: the log-scale. For keys it keeps their relative
+    weights; for a query it cancels, and places the normalizer's clamp.
     """
     x = acc(x) * x.shape[-1] ** -0.25
     a = x @ acc(projection).t() - 0.5 * (x * x).sum(-1, keepdim=True)
     s = a.amax(dim=-1, keepdim=True).detach()
     phi = torch.exp(a - s) / math.sqrt(projection.shape[0])
-    return phi, (None if is_query else s.squeeze(-1))
+    return phi, s.squeeze(-1)
 
 
 def rfa_features(x: Tensor, projection: Tensor) -> Tensor:
@@ -113,6 +122,17 @@ def _finite(R: Tensor) -> Tensor:
     return R.masked_fill(R == NEG_INF, 0.0)
 
 
+def clamp_floor(eps: float, log_offset: Tensor, q_log_scale: Optional[Tensor]) -> Tensor:
+    """The clamp of a stabilized normalizer that is eps in true scale, where the
+    true normalizer is the stabilized one times exp(log_offset + q_log_scale)."""
+    tiny = torch.finfo(log_offset.dtype).tiny
+    if not eps:
+        return log_offset.new_full((), tiny)
+    if q_log_scale is not None:
+        log_offset = log_offset + acc(q_log_scale)
+    return (eps * torch.exp((-log_offset).clamp(max=80.0))).clamp(min=tiny)  # exp(80) eps: never inf
+
+
 def _drop_padded(phi_k: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
     return phi_k if padding_mask is None else phi_k.masked_fill(padding_mask[:, None, :, None], 0.0)
 
@@ -127,6 +147,7 @@ def naive(
     log_scale: Optional[Tensor] = None,
     gate_logits: Optional[Tensor] = None,
     eps: float = 1e-6,
+    q_log_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """Quadratic reference: weight of key j at query i is phi_q_i . phi_k_j exp(w_ij - R_i)."""
     dtype = v.dtype
@@ -142,24 +163,31 @@ def naive(
         w = a[..., None, :].expand(B, H, phi_q.shape[2], n)
     R = _finite(w.amax(-1, keepdim=True)).detach()
     scores = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(w - R)
-    return (scores @ v / scores.sum(-1, keepdim=True).clamp(min=eps)).to(dtype)
+    floor = clamp_floor(eps, R, None if q_log_scale is None else q_log_scale.unsqueeze(-1))
+    return (scores @ v / torch.maximum(scores.sum(-1, keepdim=True), floor)).to(dtype)
 
 
 # -- non-causal: summarize the source once, read it per query ------------------------
 def summarize(
     phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None, log_scale: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
-    """S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j), relative to the largest key log-scale."""
+) -> State:
+    """(S, z, M): S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j), both relative to
+    M (B, H), the largest key log-scale: the true sums are exp(M) (S, z)."""
     phi_k, v = _drop_padded(acc(phi_k), padding_mask), acc(v)
     a, _ = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, None)
-    w = torch.exp(a - _finite(a.amax(-1, keepdim=True)).detach()).unsqueeze(-1)
-    return (phi_k * w).transpose(-1, -2) @ v, (phi_k * w).sum(-2)
+    M = _finite(a.amax(-1, keepdim=True)).detach()
+    w = torch.exp(a - M).unsqueeze(-1)
+    return (phi_k * w).transpose(-1, -2) @ v, (phi_k * w).sum(-2), M.squeeze(-1)
 
 
-def read(phi_q: Tensor, S: Tensor, z: Tensor, dtype: torch.dtype, eps: float = 1e-6) -> Tensor:
-    """out = phi(q)^T S / max(phi(q)^T z, eps)."""
+def read(
+    phi_q: Tensor, S: Tensor, z: Tensor, M: Tensor, dtype: torch.dtype, eps: float = 1e-6,
+    q_log_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """out = phi(q)^T S / max(phi(q)^T z, eps), the clamp in true scale."""
     phi_q = acc(phi_q)
-    return ((phi_q @ S) / (phi_q @ z.unsqueeze(-1)).clamp(min=eps)).to(dtype)
+    floor = clamp_floor(eps, M[..., None, None], None if q_log_scale is None else q_log_scale.unsqueeze(-1))
+    return ((phi_q @ S) / torch.maximum(phi_q @ z.unsqueeze(-1), floor)).to(dtype)
 
 
 # -- causal: chunks carrying the state; a decoding step is a chunk of one ------------
@@ -168,7 +196,7 @@ def empty_state(B: int, H: int, m: int, d: int, like: Tensor) -> State:
     return S, S.new_zeros(B, H, m), S.new_full((B, H), NEG_INF)
 
 
-def _chunk(phi_q, phi_k, v, a, lg, state: State, eps: float) -> Tuple[Tensor, State]:
+def _chunk(phi_q, phi_k, v, a, lg, state: State, eps: float, q_log_scale) -> Tuple[Tensor, State]:
     S, z, M = state
     G = phi_q.shape[2]
     L = lg.cumsum(-1)  # decay from the chunk's start to t
@@ -181,7 +209,7 @@ def _chunk(phi_q, phi_k, v, a, lg, state: State, eps: float) -> Tuple[Tensor, St
     w_state = torch.exp(M.unsqueeze(-1) - R)  # the carried state, seen from t
     num = scores @ v + w_state.unsqueeze(-1) * (phi_q @ S)
     den = scores.sum(-1) + w_state * (phi_q @ z.unsqueeze(-1)).squeeze(-1)
-    out = num / den.clamp(min=eps).unsqueeze(-1)
+    out = num / torch.maximum(den, clamp_floor(eps, R + L, q_log_scale)).unsqueeze(-1)
     # the state at the chunk's end: S' = decay * S + sum_j weight_j phi(k_j) v_j^T
     R_end = R[..., -1:]
     w_keys = torch.exp(r - R_end).unsqueeze(-1)
@@ -202,6 +230,7 @@ def causal_chunked(
     chunk_size: int = 64,
     eps: float = 1e-6,
     state: Optional[State] = None,
+    q_log_scale: Optional[Tensor] = None,
 ) -> Tuple[Tensor, State]:
     """Causal kernel attention over chunks of G tokens; returns (out, final state).
     Memory O(T G + m d) beyond the inputs: no T x T or T x m x d tensor."""
@@ -215,7 +244,8 @@ def causal_chunked(
     outs = []
     for s in range(0, T, chunk_size):
         c = slice(s, s + chunk_size)
-        out, state = _chunk(phi_q[:, :, c], phi_k[:, :, c], v[:, :, c], a[..., c], lg[..., c], state, eps)
+        q_scale = None if q_log_scale is None else q_log_scale[..., c]
+        out, state = _chunk(phi_q[:, :, c], phi_k[:, :, c], v[:, :, c], a[..., c], lg[..., c], state, eps, q_scale)
         outs.append(out)
     return torch.cat(outs, dim=2).to(dtype), state
 
@@ -229,6 +259,7 @@ def causal_step(
     log_scale: Optional[Tensor] = None,
     gate_logits: Optional[Tensor] = None,
     eps: float = 1e-6,
+    q_log_scale: Optional[Tensor] = None,
 ) -> Tuple[Tensor, State]:
     """One decoding step: phi_q, phi_k (B, H, m), v (B, H, d), log_scale/gate_logits (B, H),
     padding_mask (B,). The recurrence of Katharopoulos et al. (Eq. 18-20), relative to
@@ -258,5 +289,6 @@ def causal_step(
             z.mul_(w_old.unsqueeze(-1))
         S.view(B * H, m, -1).baddbmm_(kw.view(B * H, m, 1), v.reshape(B * H, 1, -1))
         z.add_(kw)
-    out = (phi_q.unsqueeze(-2) @ S).squeeze(-2) / (phi_q * z).sum(-1, keepdim=True).clamp(min=eps)
+    floor = clamp_floor(eps, R + lg, q_log_scale).unsqueeze(-1)
+    out = (phi_q.unsqueeze(-2) @ S).squeeze(-2) / torch.maximum((phi_q * z).sum(-1, keepdim=True), floor)
     return out.to(dtype), (S, z, R_raw + lg)
