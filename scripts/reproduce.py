@@ -215,17 +215,19 @@ def cell(value, column: str) -> str:
 
 
 def write_table(stem: Path, columns, rows, header) -> Path:
-    """rows (dicts) as <stem>.csv (raw values) and <stem>.md (`header` lines, then the table)."""
+    """rows (dicts) as <stem>.csv (raw values) and, with a header, <stem>.md (`header` lines, then the table)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+    with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
             w.writerow([r.get(c, "") for c in columns])
+    if header is None:
+        return Path(f"{stem}.csv")
     lines = [*header, "| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     lines += ["| " + " | ".join(cell(r.get(c, ""), c) for c in columns) + " |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return stem.with_suffix(".md")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return Path(f"{stem}.md")
 
 
 def command_line(task: str) -> str:
@@ -302,9 +304,10 @@ def ablation_summary(runs, spec: dict, metric: str) -> list:
 
 
 def previous_runs(stem: Path) -> list:
-    if not stem.with_suffix(".runs.csv").is_file():
+    path = Path(f"{stem}.runs.csv")
+    if not path.is_file():
         return []
-    with open(stem.with_suffix(".runs.csv")) as f:
+    with open(path) as f:
         return list(csv.DictReader(f))
 
 
@@ -329,7 +332,7 @@ def ablations(args, ds: str, data: Path, work: Path) -> Path:
             overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
         key = " ".join(overrides)
         if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key for r in runs):
-            say(f"[{n}/{len(todo)}] {rid}, seed {seed}: in {stem.with_suffix('.runs.csv').name}; kept")
+            say(f"[{n}/{len(todo)}] {rid}, seed {seed}: in {stem.name}.runs.csv; kept")
             continue
         runs = [r for r in runs if not (r["row"] == rid and r["seed"] == str(seed))]
         say(f"[{n}/{len(todo)}] {rid}, seed {seed}")
@@ -351,8 +354,7 @@ def ablations(args, ds: str, data: Path, work: Path) -> Path:
 
 def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str, budget) -> Path:
     run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides"]
-    write_table(stem.with_suffix(".runs"), run_columns, runs, [])
-    stem.with_suffix(".runs.md").unlink(missing_ok=True)  # the per-run record is the CSV alone
+    write_table(Path(f"{stem}.runs"), run_columns, runs, header=None)
     label = {"bleu": "valid BLEU", "rl": "valid ROUGE-L", "ppl": "valid ppl"}[metric]
     columns = ["row", "family", "setting", metric, "seeds", "spread", "valid loss", "updates", "train min", "params"]
     header = [
@@ -363,7 +365,7 @@ def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str, budget) 
         f"config, cut to the budget `{' '.join(budget)}`, plus the row's overrides "
         f"(configs/{args.task}/ablations/{ds}.yaml); {metric} is the {label} of the best checkpoint "
         f"(mean over the seeds listed; spread = max - min). Per-run values, overrides included: "
-        f"{stem.with_suffix('.runs.csv').name}.",
+        f"{stem.name}.runs.csv.",
         "",
     ]
     return write_table(stem, columns, ablation_summary(runs, spec, metric), header)
