@@ -1,9 +1,11 @@
 """linear_fairseq: linear-time attention for fairseq sequence models.
 
-Use as a fairseq plugin: ``fairseq-train --user-dir linear_fairseq ...``.
+Use as a fairseq plugin: ``fairseq-train --user-dir linear_fairseq ...``
+(``python -m linear_fairseq`` prints the folder to pass from anywhere).
 Importing the package registers its models, lets fairseq checkpoints load
 under torch >= 2.6, and turns our errors (bad options, checkpoints that do not
-fit) into one-line messages at the top of a fairseq command.
+fit) into one-line messages at the top of a fairseq command. The math in
+``linear_fairseq.ops`` needs torch alone, so it imports without fairseq.
 """
 from .checkpoints import allow_fairseq_checkpoints
 from .errors import install_excepthook
@@ -11,4 +13,10 @@ from .errors import install_excepthook
 allow_fairseq_checkpoints()
 install_excepthook()
 
-from .models import flash, memsizer, performer  # noqa: E402,F401  register the models
+try:
+    import fairseq  # noqa: F401
+except ModuleNotFoundError as err:  # the ops still import; linear_fairseq.models says what to install
+    if err.name != "fairseq":
+        raise
+else:
+    from .models import flash, memsizer, performer  # noqa: F401  register the models

@@ -259,12 +259,13 @@ def write_tables(rows, task, ds, args, results: Path) -> Path:
 
 
 # -- ablations: rows of settings, scored on the validation set ------------------------------
-def load_ablations(task: str, ds: str) -> dict:
+def load_ablations(task: str, grid: str) -> dict:
     from omegaconf import OmegaConf
 
-    path = ROOT / "configs" / task / "ablations" / f"{ds}.yaml"
+    path = ROOT / "configs" / task / "ablations" / f"{grid}.yaml"
     if not path.is_file():
-        sys.exit(f"[reproduce] --ablations: no ablation grid for {ds} ({path} does not exist)")
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml"))) or "none"
+        sys.exit(f"[reproduce] --ablations {grid}: no such grid ({path} does not exist; {task} grids: {known})")
     spec = OmegaConf.to_container(OmegaConf.load(path))
     for rid, row in spec["rows"].items():
         if row.get("family") not in FAMILIES:
@@ -312,14 +313,18 @@ def previous_runs(stem: Path) -> list:
 
 
 def ablations(args, ds: str, data: Path, work: Path) -> Path:
-    """Train and score every (row, seed) of configs/<task>/ablations/<ds>.yaml on the
-    validation set; results/ablations-<task>.md (one row per setting) and
-    .runs.csv (one line per run). A run already in .runs.csv with the same
-    overrides is kept, not retrained (--fresh retrains)."""
-    spec = load_ablations(args.task, ds)
+    """Train and score every (row, seed) of configs/<task>/ablations/<grid>.yaml on
+    the validation set; results/<table>.md (one row per setting; <table> is
+    named in the grid) and <table>.runs.csv (one line per run). A run already
+    in .runs.csv with the same overrides is kept, not retrained (--fresh
+    retrains). A grid with `plot: true` also draws the metric against updates,
+    one line per `curve`, as docs/<table>.png."""
+    grid = args.ablations or ds
+    spec = load_ablations(args.task, grid)
+    spec["grid"] = grid
     metric = {"mt": "bleu", "sum": "rl", "lm": "ppl"}[args.task]
-    budget = SMOKE[args.task] if args.scale == "smoke" else list(spec["budget"])
-    stem = args.results.resolve() / (f"ablations-{args.task}" + ("-smoke" if args.scale == "smoke" else ""))
+    table = spec.get("table", f"ablations-{args.task}")
+    stem = args.results.resolve() / (table + ("-smoke" if args.scale == "smoke" else ""))
     runs = [] if args.fresh else previous_runs(stem)
     only = set(args.rows.split(",")) if args.rows else None
     if only and only - set(spec["rows"]):
@@ -327,6 +332,7 @@ def ablations(args, ds: str, data: Path, work: Path) -> Path:
                  f"(the grid has {', '.join(spec['rows'])})")
     todo = list(ablation_runs(spec, only))
     for n, (rid, row, seed) in enumerate(todo, 1):
+        budget = SMOKE[args.task] if args.scale == "smoke" else list(row.get("budget", spec["budget"]))
         overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
         if args.scale == "smoke":
             overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
@@ -348,22 +354,55 @@ def ablations(args, ds: str, data: Path, work: Path) -> Path:
                      "updates": trained["updates"], "train min": trained["train_seconds"] / 60,
                      "valid loss": trained["valid_loss"], "params": trained["params"], **scores})
         say(f"{rid}, seed {seed}: {metric} {scores[metric]:.2f}")
-        write_ablations(runs, spec, metric, stem, args, ds, budget)
-    return write_ablations(runs, spec, metric, stem, args, ds, budget)
+        write_ablations(runs, spec, metric, stem, args, ds)
+    if spec.get("plot") and args.scale != "smoke":
+        plot_curves(runs, spec, metric, ROOT / "docs" / f"{table}.png")
+    elif spec.get("plot"):
+        plot_curves(runs, spec, metric, Path(f"{stem}.png"))
+    return write_ablations(runs, spec, metric, stem, args, ds)
 
 
-def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str, budget) -> Path:
+def plot_curves(runs, spec: dict, metric: str, path: Path) -> None:
+    """The metric against training updates, one line per row `curve` (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for rid, row in spec["rows"].items():
+        values = [float(r[metric]) for r in runs if r["row"] == rid]
+        mine = [r for r in runs if r["row"] == rid]
+        if values:
+            curves.setdefault(row.get("curve", rid), []).append((int(float(mine[0]["updates"])), sum(values) / len(values)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("training updates")
+    ax.set_ylabel({"bleu": "valid BLEU", "rl": "valid ROUGE-L", "ppl": "valid perplexity"}[metric])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    say(f"plot: {path}")
+
+
+def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
     run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides"]
     write_table(Path(f"{stem}.runs"), run_columns, runs, header=None)
     label = {"bleu": "valid BLEU", "rl": "valid ROUGE-L", "ppl": "valid ppl"}[metric]
     columns = ["row", "family", "setting", metric, "seeds", "spread", "valid loss", "updates", "train min", "params"]
     header = [
-        f"# Ablations, {args.task} ({ds}, {args.scale} scale)",
+        f"# {spec.get('title', 'Ablations')}, {args.task} ({ds}, {args.scale} scale)",
         "",
         f"Command: `{command_line(args.task)}`  ",
         f"Run {machine()}. Every row trains with configs/{args.task}/{ds}.yaml and the family's model "
-        f"config, cut to the budget `{' '.join(budget)}`, plus the row's overrides "
-        f"(configs/{args.task}/ablations/{ds}.yaml); {metric} is the {label} of the best checkpoint "
+        f"config, cut to the budget `{' '.join(spec['budget']) or 'none: the full recipe'}` unless the row "
+        f"sets its own, plus the row's overrides "
+        f"(configs/{args.task}/ablations/{spec['grid']}.yaml); {metric} is the {label} of the best checkpoint "
         f"(mean over the seeds listed; spread = max - min). Per-run values, overrides included: "
         f"{stem.name}.runs.csv.",
         "",
@@ -387,9 +426,9 @@ def main(argv=None):
     ap.add_argument("--max-update", type=int, help="train for N updates instead of the config's budget")
     ap.add_argument("--batch-size", type=int, default=64, help="decoding batch size (default 64)")
     ap.add_argument("--quiet", action="store_true", help="do not stream fairseq's training log")
-    ap.add_argument("--ablations", action="store_true",
-                    help="train the rows of configs/<task>/ablations/<dataset>.yaml and score them on the "
-                         "validation set (results/ablations-<task>.md) instead of the families' test table")
+    ap.add_argument("--ablations", nargs="?", const="", metavar="GRID",
+                    help="train the rows of configs/<task>/ablations/<GRID>.yaml (default: the dataset's grid) "
+                         "and score them on the validation set, instead of the families' test table")
     ap.add_argument("--rows", help="with --ablations: only these rows (comma-separated ids)")
     ap.add_argument("--fresh", action="store_true", help="with --ablations: retrain runs already recorded")
     ap.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE",
@@ -405,11 +444,11 @@ def main(argv=None):
         ap.error(f"--dataset {ds!r} is not a {args.task} dataset")
     if args.average is None:
         args.average = 5 if args.scale == "paper" else 0
-    kind = "ablations" if args.ablations else "reproduce"
+    kind = "ablations" if args.ablations is not None else "reproduce"
     work = (args.work or ROOT / "work" / kind / f"{args.task}-{args.scale}").resolve()
 
     data = prepare(ds, args, work)
-    if args.ablations:
+    if args.ablations is not None:
         table = ablations(args, ds, data, work)
         say(f"table: {table}")
         print(table.read_text())

@@ -7,6 +7,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,3 +177,30 @@ def test_checkpoint_of_another_vocabulary_or_architecture_is_explained():
         model.load_state_dict(performer.state_dict())
     assert re.search(r"lacks \d+ entries this MemsizerLanguageModel has \(decoder\.layers\.0\..*"
                      r"and has \d+ it does not \(decoder\.layers\.0\.", str(err.value)), str(err.value)
+
+
+@pytest.mark.parametrize("arch,task,extra", [
+    ("memsizer_lm", "language_modeling", TINY_LM),
+    ("performer_lm", "language_modeling", TINY_LM + ["--feature-map", "t2r"]),
+    ("flash_lm", "language_modeling", TINY_LM + ["--gau-s", "16"]),
+    ("memsizer_transformer", "translation", TINY_MT + ["--cross-attn", "softmax"]),
+    ("flash_transformer", "translation", TINY_MT + ["--gau-s", "16"]),
+])
+def test_models_build_from_an_argparse_namespace_as_from_the_dataclass(arch, task, extra):
+    """fairseq's build_model also takes the parsed Namespace (it converts it with
+    from_namespace): the model is the same as the one built from the config."""
+    from fairseq import options
+    from fairseq.models import build_model
+
+    from conftest import make_dictionary
+
+    d = make_dictionary()
+    stub = SimpleNamespace(source_dictionary=d, target_dictionary=d)
+    ns = options.parse_args_and_arch(options.get_training_parser(), ["/unused", "--task", task, "--arch", arch, *extra])
+    torch.manual_seed(0)
+    from_namespace = build_model(ns, stub).state_dict()
+    torch.manual_seed(0)
+    from_config = build_model(parse_model_args(arch, extra, task), stub).state_dict()
+    assert from_namespace.keys() == from_config.keys()
+    for k in from_config:
+        assert torch.equal(from_namespace[k], from_config[k]), k

@@ -72,11 +72,23 @@ def option(default, help: str):
 
 
 def as_namespace(cfg: Any) -> Namespace:
-    """A model DictConfig (interpolations resolved) as an argparse Namespace, the
-    form fairseq's transformer classes copy extra options from."""
+    """A model config as an argparse Namespace (interpolations resolved), the form
+    fairseq's transformer classes copy extra options from. It may come as a
+    DictConfig (hydra, checkpoints), a Namespace, or a dataclass instance
+    (fairseq's build_model turns a Namespace into one with from_namespace)."""
     if isinstance(cfg, Namespace):
         return cfg
+    if dataclasses.is_dataclass(cfg):
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return Namespace(**{k: _resolve_model_ref(v, values) for k, v in values.items()})
     return Namespace(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def _resolve_model_ref(value: Any, values: dict) -> Any:
+    """'${model.decoder_embed_dim}' -> the value of decoder_embed_dim (one level, as fairseq's defaults use)."""
+    if isinstance(value, str) and value.startswith("${model.") and value.endswith("}"):
+        return values.get(value[len("${model.") : -1], value)
+    return value
 
 
 def option_error(name: str, value: Any, why: str) -> ValueError:
