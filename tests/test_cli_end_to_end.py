@@ -117,3 +117,56 @@ def test_demo_without_data_offline_says_so_and_fails(tmp_path):
     assert "cannot download http://127.0.0.1:9/multi30k/train.de.gz" in result.stderr
     assert "Offline? Pass --raw DIR" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+TINY_LM = (
+    "--task language_modeling --decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 "
+    "--decoder-attention-heads 4 --share-decoder-input-output-embed --tokens-per-sample 64 "
+    "--optimizer adam --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 5 --dropout 0 "
+    "--max-tokens 1024 --seed 1 --no-epoch-checkpoints --log-format simple --num-workers 0"
+).split()
+
+
+@pytest.fixture(scope="module")
+def austen_lm(tmp_path_factory):
+    """A tiny MemSizer LM trained for 10 updates with --sample-break-mode eos
+    (fairseq's np.compat path under numpy 2), shared by the LM inference tests."""
+    raw = require_data("austen")
+    out = tmp_path_factory.mktemp("austen")
+    cmd = [sys.executable, ROOT / "data-prep" / "austen.py", "--raw", raw, "--out", out, "--limit", "400",
+           "--eval-limit", "40", "--vocab", "500"]
+    subprocess.run(list(map(str, cmd)), check=True, capture_output=True)
+    save = out / "ckpt"
+    fairseq("train", out / "bin", "--arch", "memsizer_lm", *TINY_LM, "--sample-break-mode", "eos",
+            "--skip-invalid-size-inputs-valid-test", "--max-update", 10, "--save-dir", save)
+    return out, save / "checkpoint_last.pt"
+
+
+def test_lm_interactive_decoding(austen_lm):
+    data, ckpt = austen_lm
+    prompts = (data / "spm" / "test.txt").read_text().splitlines()[:2]
+    r = subprocess.run(
+        ["fairseq-interactive", str(data / "bin"), "--task", "language_modeling", "--path", str(ckpt),
+         "--beam", "1", "--sampling", "--max-len-b", "8", "--seed", "1", "--user-dir", str(ROOT / "linear_fairseq")],
+        input="\n".join(" ".join(p.split()[:5]) for p in prompts) + "\n", capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sum(line.startswith("H-") for line in r.stdout.splitlines()) == 2
+
+
+def test_lm_hub_score_and_sample(austen_lm):
+    """The Python API: load, score a sentence, sample a continuation."""
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    import linear_fairseq  # noqa: F401  registers the models
+    from linear_fairseq.models.memsizer import MemsizerLanguageModel
+
+    data, ckpt = austen_lm
+    lm = MemsizerLanguageModel.from_pretrained(str(ckpt.parent), ckpt.name, data_name_or_path=str(data / "bin"))
+    assert isinstance(lm.models[0], TransformerLanguageModel)
+    sentence = " ".join((data / "spm" / "test.txt").read_text().split()[:12])
+    scored = lm.score(sentence)
+    assert scored["positional_scores"].shape[0] == len(lm.encode(sentence)) - 1 and torch.isfinite(scored["positional_scores"]).all()
+    torch.manual_seed(0)
+    text = lm.sample(sentence.split()[:3] and " ".join(sentence.split()[:3]), beam=1, sampling=True, max_len_b=5)
+    assert isinstance(text, str) and len(text.split()) >= 3
