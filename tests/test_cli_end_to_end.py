@@ -170,3 +170,18 @@ def test_lm_hub_score_and_sample(austen_lm):
     torch.manual_seed(0)
     text = lm.sample(sentence.split()[:3] and " ".join(sentence.split()[:3]), beam=1, sampling=True, max_len_b=5)
     assert isinstance(text, str) and len(text.split()) >= 3
+
+
+def test_hydra_train_with_relative_paths_as_the_docs_show(multi30k, tmp_path):
+    """docs/reproducing.md's fairseq-hydra-train shape, run from a data folder with
+    relative task.data and save_dir: the configs keep hydra from changing directory."""
+    (tmp_path / "data-bin").symlink_to(multi30k)
+    r = subprocess.run(
+        ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / "mt"), "--config-name", "multi30k",
+         "model=multi30k_memsizer", "task.data=data-bin/bin", f"common.user_dir={ROOT / 'linear_fairseq'}",
+         "checkpoint.save_dir=ckpt", "optimization.max_epoch=0", "optimization.max_update=2",
+         "model.encoder_layers=1", "model.decoder_layers=1", "model.encoder_embed_dim=32", "model.decoder_embed_dim=32"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert num_updates(tmp_path / "ckpt" / "checkpoint_last.pt") == 2
