@@ -5,7 +5,9 @@ When one reaches the top of a fairseq command (fairseq-train, -generate, ...)
 the plugin prints ``error: <message>`` and exits with status 1 instead of a
 traceback; fairseq re-raising it as another exception ("Cannot load model
 parameters ...") prints both messages. Set LINEAR_FAIRSEQ_TRACEBACK=1 to get
-the full traceback. Other exceptions are untouched.
+the full traceback. A few failures inside fairseq that a flag explains
+(``KNOWN_FAILURES``) get a one-line fix the same way. Other exceptions are
+untouched.
 """
 import os
 import sys
@@ -26,6 +28,28 @@ def _cause(exc):
     return None
 
 
+def _flag(*names) -> bool:
+    return any(arg in names for arg in sys.argv[1:])
+
+
+# (exception type, words in its message, when it applies, the one-line fix)
+KNOWN_FAILURES = [
+    (AssertionError, "Torch not compiled with CUDA enabled", lambda: _flag("--fp16", "--memory-efficient-fp16"),
+     "--fp16 without a GPU: fairseq flattens the fp32 master gradients on CUDA; add --fp16-no-flatten-grads"),
+    (AttributeError, "'xla_device'", lambda: _flag("--bf16"),
+     "fairseq-train --bf16 turns on fairseq's TPU path (--tpu); without a TPU use fairseq-hydra-train with "
+     "common.bf16=true common.fp16_no_flatten_grads=true (docs/running-at-scale.md)"),
+]
+
+
+def known_failure(exc):
+    """The one-line fix for a fairseq failure in KNOWN_FAILURES, or None."""
+    for kind, words, applies, fix in KNOWN_FAILURES:
+        if isinstance(exc, kind) and words in str(exc) and applies():
+            return fix
+    return None
+
+
 def install_excepthook() -> None:
     previous = sys.excepthook
     if getattr(previous, "linear_fairseq", False):
@@ -33,8 +57,15 @@ def install_excepthook() -> None:
 
     def hook(kind, exc, tb):
         cause = _cause(exc)
-        if cause is None or os.environ.get("LINEAR_FAIRSEQ_TRACEBACK"):
+        if os.environ.get("LINEAR_FAIRSEQ_TRACEBACK"):
             return previous(kind, exc, tb)
+        if cause is None:
+            fix = known_failure(exc)
+            if fix is None:
+                return previous(kind, exc, tb)
+            print(f"error: {fix}", file=sys.stderr)
+            sys.stderr.flush()
+            return
         if exc is not cause:
             print(f"error: {exc}", file=sys.stderr)
         print(f"error: {cause}", file=sys.stderr)

@@ -163,6 +163,16 @@ def test_our_errors_print_one_line_at_the_top_of_a_command(capsys, monkeypatch):
             wrapped = outer
     assert report(wrapped) == "error: Cannot load model parameters\nerror: inner\n"
     assert "Traceback" in report(KeyError("not ours"))  # other errors keep their traceback
+    # fairseq's own failures that a flag explains get the fix, when that flag was given
+    monkeypatch.setattr(sys, "argv", ["fairseq-train", "data", "--fp16", "--cpu"])
+    assert report(AssertionError("Torch not compiled with CUDA enabled")) == (
+        "error: --fp16 without a GPU: fairseq flattens the fp32 master gradients on CUDA; "
+        "add --fp16-no-flatten-grads\n")
+    monkeypatch.setattr(sys, "argv", ["fairseq-train", "data", "--bf16"])
+    assert report(AttributeError("'NoneType' object has no attribute 'xla_device'")).startswith(
+        "error: fairseq-train --bf16 turns on fairseq's TPU path")
+    monkeypatch.setattr(sys, "argv", ["fairseq-train", "data"])
+    assert "Traceback" in report(AssertionError("Torch not compiled with CUDA enabled"))  # no --fp16: not ours
     monkeypatch.setenv("LINEAR_FAIRSEQ_TRACEBACK", "1")
     assert "Traceback" in report(ConfigError("shown in full"))
 
