@@ -85,6 +85,29 @@ def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
     assert inter.returncode == 0, inter.stderr[-3000:]
     assert sum(line.startswith("H-") for line in inter.stdout.splitlines()) == 2
 
+    # ... and on raw text, as the README shows it: sentencepiece applied by fairseq
+    raw = (multi30k / "raw" / "test.de").read_text().splitlines()[:2]
+    inter = subprocess.run(
+        ["fairseq-interactive", str(data), "--path", str(save / "checkpoint_last.pt"), "--beam", "2",
+         "--source-lang", "de", "--target-lang", "en", "--bpe", "sentencepiece",
+         "--sentencepiece-model", str(multi30k / "spm.model"), "--user-dir", str(ROOT / "linear_fairseq")],
+        input="\n".join(raw) + "\n", capture_output=True, text=True,
+    )
+    assert inter.returncode == 0, inter.stderr[-3000:]
+    sources = [line for line in inter.stdout.splitlines() if line.startswith("S-")]
+    assert len(sources) == 2 and not any("<unk>" in line for line in sources)
+    assert sum(line.startswith("D-") for line in inter.stdout.splitlines()) == 2
+
+    # the Python API: load, translate raw text
+    from linear_fairseq.models.memsizer import MemsizerTransformerModel
+
+    hub = MemsizerTransformerModel.from_pretrained(
+        str(save), "checkpoint_last.pt", data_name_or_path=str(data),
+        bpe="sentencepiece", sentencepiece_model=str(multi30k / "spm.model"),
+    )
+    out = hub.translate(raw[0], beam=2)
+    assert isinstance(out, str) and out and "▁" not in out
+
 
 @pytest.mark.parametrize(
     "arch_args",
