@@ -166,33 +166,40 @@ def austen_lm(tmp_path_factory):
 
 
 def test_lm_interactive_decoding(austen_lm):
+    """Raw text in, as the README shows it (sentencepiece applied by fairseq)."""
     data, ckpt = austen_lm
-    prompts = (data / "spm" / "test.txt").read_text().splitlines()[:2]
+    prompts = [" ".join(line.split()[:5]) for line in (data / "raw" / "test.txt").read_text().splitlines()[:2]]
     r = subprocess.run(
         ["fairseq-interactive", str(data / "bin"), "--task", "language_modeling", "--path", str(ckpt),
+         "--bpe", "sentencepiece", "--sentencepiece-model", str(data / "spm.model"),
          "--beam", "1", "--sampling", "--max-len-b", "8", "--seed", "1", "--user-dir", str(ROOT / "linear_fairseq")],
-        input="\n".join(" ".join(p.split()[:5]) for p in prompts) + "\n", capture_output=True, text=True,
+        input="\n".join(prompts) + "\n", capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sum(line.startswith("H-") for line in r.stdout.splitlines()) == 2
+    lines = r.stdout.splitlines()
+    assert sum(line.startswith("D-") for line in lines) == 2
+    assert not any("<unk>" in line for line in lines if line.startswith("S-"))
 
 
 def test_lm_hub_score_and_sample(austen_lm):
-    """The Python API: load, score a sentence, sample a continuation."""
+    """The Python API as the README shows it: load, score a sentence, sample a continuation."""
     from fairseq.models.transformer_lm import TransformerLanguageModel
 
     import linear_fairseq  # noqa: F401  registers the models
     from linear_fairseq.models.memsizer import MemsizerLanguageModel
 
     data, ckpt = austen_lm
-    lm = MemsizerLanguageModel.from_pretrained(str(ckpt.parent), ckpt.name, data_name_or_path=str(data / "bin"))
+    lm = MemsizerLanguageModel.from_pretrained(str(ckpt.parent), ckpt.name, data_name_or_path=str(data / "bin"),
+                                               bpe="sentencepiece", sentencepiece_model=str(data / "spm.model"))
     assert isinstance(lm.models[0], TransformerLanguageModel)
-    sentence = " ".join((data / "spm" / "test.txt").read_text().split()[:12])
+    sentence = " ".join((data / "raw" / "test.txt").read_text().split()[:12])
     scored = lm.score(sentence)
-    assert scored["positional_scores"].shape[0] == len(lm.encode(sentence)) - 1 and torch.isfinite(scored["positional_scores"]).all()
+    assert scored["positional_scores"].shape[0] == len(lm.encode(sentence)) - 1
+    assert torch.isfinite(scored["positional_scores"]).all()
     torch.manual_seed(0)
-    text = lm.sample(sentence.split()[:3] and " ".join(sentence.split()[:3]), beam=1, sampling=True, max_len_b=5)
-    assert isinstance(text, str) and len(text.split()) >= 3
+    prompt = " ".join(sentence.split()[:3])
+    text = lm.sample(prompt, beam=1, sampling=True, max_len_b=40)
+    assert text.startswith(prompt) and len(text) > len(prompt)
 
 
 def test_hydra_train_with_relative_paths_as_the_docs_show(multi30k, tmp_path):
