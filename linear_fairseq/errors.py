@@ -32,13 +32,29 @@ def _flag(*names) -> bool:
     return any(arg in names for arg in sys.argv[1:])
 
 
+def _checkpoint_args() -> str:
+    """The checkpoint files the command line names (--path a.pt:b.pt, --restore-file, ...)."""
+    names = ("--path", "--restore-file", "--finetune-from-model")
+    args = sys.argv[1:]
+    files = [v for flag, v in zip(args, args[1:]) if flag in names]
+    files += [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in names and "=" in a]
+    return ", ".join(files) or "the checkpoint"
+
+
+def _unreadable_checkpoint() -> str:
+    return (f"cannot read {_checkpoint_args()}: the file is empty or truncated (a copy or save that was cut "
+            "short); use another checkpoint, e.g. a numbered checkpoint_E_U.pt from the same run")
+
+
 # (exception type, words in its message, when it applies, the one-line fix)
 KNOWN_FAILURES = [
     (AssertionError, "Torch not compiled with CUDA enabled", lambda: _flag("--fp16", "--memory-efficient-fp16"),
-     "--fp16 without a GPU: fairseq flattens the fp32 master gradients on CUDA; add --fp16-no-flatten-grads"),
+     lambda: "--fp16 without a GPU: fairseq flattens the fp32 master gradients on CUDA; add --fp16-no-flatten-grads"),
     (AttributeError, "'xla_device'", lambda: _flag("--bf16"),
-     "fairseq-train --bf16 turns on fairseq's TPU path (--tpu); without a TPU use fairseq-hydra-train with "
+     lambda: "fairseq-train --bf16 turns on fairseq's TPU path (--tpu); without a TPU use fairseq-hydra-train with "
      "common.bf16=true common.fp16_no_flatten_grads=true (docs/running-at-scale.md)"),
+    (RuntimeError, "PytorchStreamReader failed", lambda: True, _unreadable_checkpoint),
+    (EOFError, "", lambda: _flag("--path", "--restore-file", "--finetune-from-model"), _unreadable_checkpoint),
 ]
 
 
@@ -46,7 +62,7 @@ def known_failure(exc):
     """The one-line fix for a fairseq failure in KNOWN_FAILURES, or None."""
     for kind, words, applies, fix in KNOWN_FAILURES:
         if isinstance(exc, kind) and words in str(exc) and applies():
-            return fix
+            return fix()
     return None
 
 

@@ -215,3 +215,27 @@ def test_hydra_train_with_relative_paths_as_the_docs_show(multi30k, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert num_updates(tmp_path / "ckpt" / "checkpoint_last.pt") == 2
+
+
+def test_checkpoint_for_the_other_kind_of_task_is_refused_in_one_line(multi30k, austen_lm, tmp_path):
+    """An LM checkpoint given to translation decoding, or a translation checkpoint
+    to fairseq-eval-lm: one line naming the mismatch, not garbage or a traceback."""
+    _, lm_ckpt = austen_lm
+    r = fairseq("generate", multi30k / "bin", "--path", lm_ckpt, "--gen-subset", "valid", "--max-sentences", 8,
+                check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "MemsizerLanguageModel is a language model: pass --task language_modeling" in r.stderr.splitlines()[-1]
+    save = tmp_path / "mt"
+    fairseq("train", multi30k / "bin", "--arch", "memsizer_transformer", *TINY_MT, "--max-update", 1, "--save-dir", save)
+    data, _ = austen_lm
+    r = fairseq("eval-lm", data / "bin", "--path", save / "checkpoint_last.pt", "--max-tokens", 512, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "is a translation (encoder-decoder) model" in r.stderr.splitlines()[-1]
+
+
+def test_unreadable_checkpoint_is_named(multi30k, tmp_path):
+    for name, content in (("empty.pt", b""), ("cut.pt", b"PK\x03\x04" + b"\0" * 500)):
+        (tmp_path / name).write_bytes(content)
+        r = fairseq("generate", multi30k / "bin", "--path", tmp_path / name, check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert f"cannot read {tmp_path / name}: the file is empty or truncated" in r.stderr.splitlines()[-1]

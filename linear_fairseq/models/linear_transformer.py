@@ -212,12 +212,26 @@ class LinearModelMixin:
             cls.check_family(args, [role for role in cls.roles if attention_kind(args, role) != "softmax"])
 
 
+def require_task(model_cls, task, wanted: str, fix: str) -> None:
+    """A model built for the wrong kind of task (an LM checkpoint given to
+    translation, say) would decode garbage or fail deep in fairseq: say so."""
+    from fairseq.tasks.language_modeling import LanguageModelingTask
+    from fairseq.tasks.translation import TranslationTask
+
+    kinds = {"translation": TranslationTask, "language_modeling": LanguageModelingTask}
+    wrong = [name for name, kind in kinds.items() if name != wanted and isinstance(task, kind)]
+    if wrong:
+        raise ConfigError(f"{model_cls.__name__} is a {fix}, but the task is {wrong[0]}")
+
+
 class LinearTransformerModel(LinearModelMixin, TransformerModel):
     """fairseq's encoder-decoder transformer with family attention per role
     (--encoder-self-attn, --decoder-self-attn, --cross-attn)."""
 
     @classmethod
     def build_model(cls, cfg, task):
+        require_task(cls, task, "translation", "translation (encoder-decoder) model: use --task translation with "
+                     "fairseq-generate or -interactive (not fairseq-eval-lm)")
         return super().build_model(cls.prepare_args(cfg), task)
 
     @classmethod
@@ -237,6 +251,8 @@ class LinearLanguageModel(LinearModelMixin, TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, cfg, task):
+        require_task(cls, task, "language_modeling", "language model: pass --task language_modeling "
+                     "(fairseq-eval-lm, or fairseq-generate/-interactive with that flag)")
         args = as_namespace(cfg)
         base_lm_architecture(args)
         args = cls.prepare_args(args)
