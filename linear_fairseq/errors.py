@@ -12,9 +12,12 @@ untouched.
 import os
 import sys
 
+from hydra.errors import CompactHydraException
 
-class ConfigError(ValueError):
-    """A bad option, checkpoint or input, explained in one message."""
+
+class ConfigError(ValueError, CompactHydraException):
+    """A bad option, checkpoint or input, explained in one message. As a
+    CompactHydraException, fairseq-hydra-train prints the message alone too."""
 
 
 def _cause(exc):

@@ -239,3 +239,14 @@ def test_unreadable_checkpoint_is_named(multi30k, tmp_path):
         r = fairseq("generate", multi30k / "bin", "--path", tmp_path / name, check=False)
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert f"cannot read {tmp_path / name}: the file is empty or truncated" in r.stderr.splitlines()[-1]
+
+
+def test_bad_value_through_hydra_is_one_line(multi30k, tmp_path):
+    r = subprocess.run(
+        ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / "mt"), "--config-name", "multi30k",
+         "model=multi30k_memsizer", f"task.data={multi30k / 'bin'}", f"common.user_dir={ROOT / 'linear_fairseq'}",
+         f"checkpoint.save_dir={tmp_path / 'ckpt'}", "model.decoder_self_memory_size=0"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "--decoder-self-memory-size=0: must be a positive integer" in r.stderr.splitlines()
