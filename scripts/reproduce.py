@@ -88,6 +88,19 @@ def say(msg: str) -> None:
     print(f"[reproduce] {msg}", flush=True)
 
 
+class Progress:
+    """'[k/n]' with the time spent and an estimate of the time left (mean of the steps run so far)."""
+
+    def __init__(self, total: int):
+        self.total, self.start = total, time.time()
+
+    def step(self, k: int) -> str:
+        """The label of step k (1-based), the steps before it done."""
+        spent = (time.time() - self.start) / 60
+        left = f", about {spent / (k - 1) * (self.total - k + 1):.0f} min left" if k > 1 else ""
+        return f"[{k}/{self.total}, {spent:.0f} min{left}]"
+
+
 def run(cmd, log: Path, stream: bool):
     """Run a command; its output goes to `log` (and the console when `stream`).
     Returns (output, peak resident memory of the process in MB)."""
@@ -259,7 +272,9 @@ def write_tables(rows, task, ds, args, results: Path) -> Path:
 
 
 # -- ablations: rows of settings, scored on the validation set ------------------------------
-def load_ablations(task: str, grid: str) -> dict:
+def load_ablations(task: str, grid: str, rows=None) -> dict:
+    """The grid configs/<task>/ablations/<grid>.yaml, checked (families, and the
+    --rows asked for) before anything runs."""
     from omegaconf import OmegaConf
 
     path = ROOT / "configs" / task / "ablations" / f"{grid}.yaml"
@@ -270,6 +285,11 @@ def load_ablations(task: str, grid: str) -> dict:
     for rid, row in spec["rows"].items():
         if row.get("family") not in FAMILIES:
             sys.exit(f"[reproduce] {path}: row {rid!r} has family {row.get('family')!r} (choose from {', '.join(FAMILIES)})")
+    unknown = set(rows.split(",")) - set(spec["rows"]) if rows else set()
+    if unknown:
+        sys.exit(f"[reproduce] --rows: unknown row(s) {', '.join(sorted(unknown))} "
+                 f"(the {grid} grid has {', '.join(spec['rows'])})")
+    spec["grid"] = grid
     return spec
 
 
@@ -319,29 +339,28 @@ def ablations(args, ds: str, data: Path, work: Path) -> Path:
     in .runs.csv with the same overrides is kept, not retrained (--fresh
     retrains). A grid with `plot: true` also draws the metric against updates,
     one line per `curve`, as docs/<table>.png."""
-    grid = args.ablations or ds
-    spec = load_ablations(args.task, grid)
-    spec["grid"] = grid
+    spec = load_ablations(args.task, args.ablations or ds, args.rows)
     metric = {"mt": "bleu", "sum": "rl", "lm": "ppl"}[args.task]
     table = spec.get("table", f"ablations-{args.task}")
     stem = args.results.resolve() / (table + ("-smoke" if args.scale == "smoke" else ""))
     runs = [] if args.fresh else previous_runs(stem)
     only = set(args.rows.split(",")) if args.rows else None
-    if only and only - set(spec["rows"]):
-        sys.exit(f"[reproduce] --rows: unknown row(s) {', '.join(sorted(only - set(spec['rows'])))} "
-                 f"(the grid has {', '.join(spec['rows'])})")
-    todo = list(ablation_runs(spec, only))
-    for n, (rid, row, seed) in enumerate(todo, 1):
+    todo = []
+    for rid, row, seed in ablation_runs(spec, only):
         budget = SMOKE[args.task] if args.scale == "smoke" else list(row.get("budget", spec["budget"]))
         overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
         if args.scale == "smoke":
             overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
         key = " ".join(overrides)
         if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key for r in runs):
-            say(f"[{n}/{len(todo)}] {rid}, seed {seed}: in {stem.name}.runs.csv; kept")
-            continue
+            say(f"{rid}, seed {seed}: in {stem.name}.runs.csv; kept")
+        else:
+            todo.append((rid, row, seed, overrides, key))
+    say(f"{len(todo)} runs to train; logs under {work / 'runs'}")
+    progress = Progress(len(todo))
+    for n, (rid, row, seed, overrides, key) in enumerate(todo, 1):
         runs = [r for r in runs if not (r["row"] == rid and r["seed"] == str(seed))]
-        say(f"[{n}/{len(todo)}] {rid}, seed {seed}")
+        say(f"{progress.step(n)} {rid}, seed {seed}")
         ckpt = work / "runs" / f"{rid}-s{seed}"
         record = ckpt / "overrides.txt"
         if ckpt.is_dir() and not (record.is_file() and record.read_text() == key):
@@ -447,6 +466,8 @@ def main(argv=None):
     kind = "ablations" if args.ablations is not None else "reproduce"
     work = (args.work or ROOT / "work" / kind / f"{args.task}-{args.scale}").resolve()
 
+    if args.ablations is not None:
+        load_ablations(args.task, args.ablations or ds, args.rows)  # bad grid or rows stop here, before data-prep
     data = prepare(ds, args, work)
     if args.ablations is not None:
         table = ablations(args, ds, data, work)
@@ -454,7 +475,9 @@ def main(argv=None):
         print(table.read_text())
         return
     rows = []
-    for family in families:
+    progress = Progress(len(families))
+    for n, family in enumerate(families, 1):
+        say(f"{progress.step(n)} {family}")
         ckpt = work / "checkpoints" / family
         trained = train(args.task, ds, family, data, ckpt, args)
         scores = evaluate(args.task, ds, family, data, choose_checkpoint(ckpt, args.average), args)
