@@ -11,42 +11,33 @@ from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_DATACLASS_REGISTRY, b
 from omegaconf import OmegaConf
 
 import linear_fairseq  # noqa: F401  registers the families
+from linear_fairseq import families
 
 VOCAB = 8192
 MAX_POSITIONS = 16400  # > the longest generation (16384 tokens + eos)
 
-# Decoder-only: d=256, 4 layers, FFN 1024, 4 heads (the brief's transformer_lm).
-# MemSizer's attention has fewer weights, so its FFN is widened to match; a GAU
-# stands in for attention + FFN, so FLASH has twice the layers (as in its paper).
+# Decoder-only: d=256, 4 layers, FFN 1024, 4 heads. Each family brings its own
+# flags to match the baseline's parameter count (Family.bench_lm_args): MemSizer's
+# attention has fewer weights, so its FFN is widened; a GAU stands in for
+# attention + FFN, so FLASH has twice the layers (as in its paper).
 LM_BASE = (
     f"--decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 "
     f"--decoder-attention-heads 4 --dropout 0 --share-decoder-input-output-embed "
     f"--tokens-per-sample {MAX_POSITIONS}"
 ).split()
-LM = {
-    "transformer": ("transformer_lm", []),
-    "memsizer": ("memsizer_lm", ["--decoder-ffn-embed-dim", "1328"]),
-    "performer": ("performer_lm", []),
-    "flash": ("flash_lm", ["--decoder-layers", "8"]),
-}
+LM = {f: (families.get(f).lm_model, list(families.get(f).bench_lm_args)) for f in families.names()}
 
-# Encoder-decoder: d=256, 3+3 layers, FFN 1024, 4 heads, shared embeddings.
-# memsizer_transformer keeps its paper's layout (softmax encoder, MemSizer
-# decoder self-attention k=4 and cross-attention k=32) with a wider decoder FFN
-# to match; FLASH's 5+5 GAU layers come closest to the baseline's count.
+# Encoder-decoder: d=256, 3+3 layers, FFN 1024, 4 heads, shared embeddings
+# (Family.bench_mt_args: memsizer_transformer keeps its paper's layout with a
+# wider decoder FFN; FLASH's 5+5 GAU layers come closest to the baseline's count).
 MT_BASE = (
     "--encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256 "
     "--encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024 "
     "--encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0 --share-all-embeddings "
     f"--max-source-positions {MAX_POSITIONS} --max-target-positions {MAX_POSITIONS}"
 ).split()
-MT = {
-    "transformer": ("transformer", []),
-    "memsizer": ("memsizer_transformer", ["--decoder-ffn-embed-dim", "1702"]),
-    "performer": ("performer_transformer", []),
-    "flash": ("flash_transformer", ["--encoder-layers", "5", "--decoder-layers", "5"]),
-}
-FAMILIES = tuple(LM)
+MT = {f: (families.get(f).mt_model, list(families.get(f).bench_mt_args)) for f in families.names()}
+FAMILIES = families.names()
 
 
 def dictionary(size: int = VOCAB) -> Dictionary:

@@ -2,9 +2,12 @@
 import os
 from pathlib import Path
 
+import linear_fairseq  # noqa: F401  registers the families
+from linear_fairseq import families
+
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
-BASELINE = "transformer"
-LINEAR = ("memsizer", "performer", "flash")
+BASELINE = families.BASELINE.name
+LINEAR = families.names(baseline=False)
 
 
 def ok(records):

@@ -2,11 +2,16 @@
 
 Use as a fairseq plugin: ``fairseq-train --user-dir linear_fairseq ...``
 (``python -m linear_fairseq`` prints the folder to pass from anywhere).
-Importing the package registers its models, lets fairseq checkpoints load
-under torch >= 2.6, and turns our errors (bad options, checkpoints that do not
-fit) into one-line messages at the top of a fairseq command. The math in
-``linear_fairseq.ops`` needs torch alone, so it imports without fairseq.
+Importing the package registers every family in ``models/`` (each models file
+registers its fairseq models and its ``families`` entry), lets fairseq
+checkpoints load under torch >= 2.6, and turns our errors (bad options,
+checkpoints that do not fit) into one-line messages at the top of a fairseq
+command. The math in ``linear_fairseq.ops`` needs torch alone, so it imports
+without fairseq.
 """
+import importlib
+import pkgutil
+
 from .checkpoints import allow_fairseq_checkpoints
 from .errors import install_excepthook
 
@@ -19,4 +24,7 @@ except ModuleNotFoundError as err:  # the ops still import; linear_fairseq.model
     if err.name != "fairseq":
         raise
 else:
-    from .models import flash, memsizer, performer  # noqa: F401  register the models
+    from . import models
+
+    for _module in sorted(m.name for m in pkgutil.iter_modules(models.__path__)):
+        importlib.import_module(f"{models.__name__}.{_module}")  # each registers its family

@@ -20,19 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import linear_fairseq  # noqa: E402,F401  registers the models
-from fairseq.models import MODEL_DATACLASS_REGISTRY, MODEL_REGISTRY  # noqa: E402
+from fairseq.models import MODEL_DATACLASS_REGISTRY  # noqa: E402
 from fairseq.models.transformer_lm import TransformerLanguageModelConfig  # noqa: E402
 
+from linear_fairseq import families  # noqa: E402
 from linear_fairseq.models.linear_transformer import LinearTransformerConfig  # noqa: E402
 
 OUT = ROOT / "docs" / "options.md"
-TITLES = {
-    "memsizer": "MemSizer (arXiv 2203.12644)",
-    "performer": "Kernel attention: elu, FAVOR+, RFA, T2R (arXiv 2006.16236)",
-    "flash": "FLASH / GAU (arXiv 2202.10447)",
-}
-
-
 def defaults(dc) -> dict:
     """{field: (default, help)}; a choice field's help ends with its choices."""
     out = {}
@@ -45,17 +39,6 @@ def defaults(dc) -> dict:
             help_ += " {" + ", ".join(str(c.value) for c in f.type) + "}"
         out[f.name] = (value, help_)
     return out
-
-
-def family_models():
-    """{family: {"mt": model name, "lm": model name}} for the plugin's models."""
-    found = {}
-    for name, cls in MODEL_REGISTRY.items():
-        module = cls.__module__
-        if module.startswith("linear_fairseq.models.") and name in MODEL_DATACLASS_REGISTRY:
-            family = module.rsplit(".", 1)[1]
-            found.setdefault(family, {})["lm" if name.endswith("_lm") else "mt"] = name
-    return dict(sorted(found.items()))
 
 
 def show(value) -> str:
@@ -78,14 +61,15 @@ def render() -> str:
         "Bad values stop the command with one line naming the option and the value.",
         "",
     ]
-    for family, models in family_models().items():
+    for family in families.FAMILIES.values():
+        models = {"mt": family.mt_model, "lm": family.lm_model}
         own = {}
         for kind, model in models.items():
             for name, (value, help_) in defaults(MODEL_DATACLASS_REGISTRY[model]).items():
                 base = bases[kind].get(name)
                 if base is None or base[0] != value:
                     own.setdefault(name, {"help": help_})[kind] = value
-        parts += [f"## {TITLES.get(family, family)}", "",
+        parts += [f"## {family.name}: {family.paper}", "",
                   f"Models: {', '.join(f'`{m}`' for m in models.values())} (and their presets).", "",
                   "| option | meaning | encoder-decoder | LM |", "| --- | --- | --- | --- |"]
         for name, row in own.items():

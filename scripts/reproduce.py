@@ -31,9 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from linear_fairseq import scoring  # noqa: E402
+from linear_fairseq import families, scoring  # noqa: E402
 
-FAMILIES = ("transformer", "memsizer", "performer", "flash")
+FAMILIES = families.names()  # the softmax baseline, then every registered family
 SP = ["--post-process", "sentencepiece"]
 
 # Per dataset: its data-prep script, task, decoding flags, metric, and the

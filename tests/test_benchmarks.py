@@ -9,8 +9,9 @@ import pytest
 
 from benchmarks import report
 from conftest import ROOT
+from linear_fairseq import families
 
-FAMILIES = ["transformer", "memsizer", "performer", "flash"]
+FAMILIES = list(families.names())
 
 
 def summary(x):

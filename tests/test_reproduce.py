@@ -10,10 +10,11 @@ import subprocess
 import pytest
 
 from conftest import ROOT, require_data
+from linear_fairseq import families
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["transformer", "memsizer", "performer", "flash"]
+FAMILIES = list(families.names())
 
 
 def reproduce(task, raw, tmp_path, *extra):

@@ -19,6 +19,7 @@ from fairseq.models.transformer_lm import (
 
 from ..modules import gau  # noqa: F401  registers the "gau" layers
 from ..ops.flash import RELU2_NORMS
+from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import (
     LinearLanguageModel,
@@ -108,6 +109,10 @@ def flash_preset(fairseq_arch, **layers):
     return arch
 
 
+register_family(Family(
+    "flash", "flash_transformer", "flash_lm", "Transformer Quality in Linear Time, arXiv 2202.10447",
+    bench_mt_args=("--encoder-layers", "5", "--decoder-layers", "5"), bench_lm_args=("--decoder-layers", "8"),
+))
 register_presets("flash_transformer", {
     "iwslt_de_en": flash_preset(transformer_iwslt_de_en, encoder=6, decoder=6),
     "wmt_en_de": flash_preset(transformer_wmt_en_de, encoder=6, decoder=6),

@@ -17,6 +17,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..modules import memsizer_attention  # noqa: F401  registers the "memsizer" attention
+from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import (
     MT_PRESETS,
@@ -85,5 +86,9 @@ def memsizer_lm_wiki103(args):
     transformer_lm_baevski_wiki103(args)
 
 
+register_family(Family(
+    "memsizer", "memsizer_transformer", "memsizer_lm", "Linearizing Transformer with Key-Value Memory, arXiv 2203.12644",
+    bench_mt_args=("--decoder-ffn-embed-dim", "1702"), bench_lm_args=("--decoder-ffn-embed-dim", "1328"),
+))
 register_presets("memsizer_transformer", MT_PRESETS)
 register_presets("memsizer_lm", {"wiki103": memsizer_lm_wiki103, "gpt": transformer_lm_gpt})

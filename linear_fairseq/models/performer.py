@@ -14,6 +14,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..modules.performer_attention import FEATURE_MAPS  # registers the "performer" attention
+from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import (
     MT_PRESETS,
@@ -84,5 +85,9 @@ class PerformerLanguageModel(LinearLanguageModel):
     check_family = staticmethod(check_performer_args)
 
 
+register_family(Family(
+    "performer", "performer_transformer", "performer_lm", "Transformers are RNNs, arXiv 2006.16236 (FAVOR+, RFA, T2R feature maps)",
+    bench_mt_args=(), bench_lm_args=(),
+))
 register_presets("performer_transformer", MT_PRESETS)
 register_presets("performer_lm", {"wiki103": transformer_lm_baevski_wiki103, "gpt": transformer_lm_gpt})
