@@ -36,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def acc(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
+from .common import acc
 
 
 # -- positions ---------------------------------------------------------------

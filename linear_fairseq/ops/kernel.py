@@ -45,12 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import acc, zero_padded
+
 State = Tuple[Tensor, Tensor, Tensor]  # S (B,H,m,d), z (B,H,m), M (B,H): the state is exp(M) * (S, z)
 NEG_INF = float("-inf")
-
-
-def acc(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 # -- feature maps phi ---------------------------------------------------------
@@ -133,10 +131,6 @@ def clamp_floor(eps: float, log_offset: Tensor, q_log_scale: Optional[Tensor]) -
     return (eps * torch.exp((-log_offset).clamp(max=80.0))).clamp(min=tiny)  # exp(80) eps: never inf
 
 
-def _drop_padded(phi_k: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-    return phi_k if padding_mask is None else phi_k.masked_fill(padding_mask[:, None, :, None], 0.0)
-
-
 # -- reference -------------------------------------------------------------------
 def naive(
     phi_q: Tensor,
@@ -151,7 +145,7 @@ def naive(
 ) -> Tensor:
     """Quadratic reference: weight of key j at query i is phi_q_i . phi_k_j exp(w_ij - R_i)."""
     dtype = v.dtype
-    phi_q, phi_k, v = acc(phi_q), _drop_padded(acc(phi_k), padding_mask), acc(v)
+    phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
     B, H, n = phi_k.shape[:3]
     a, lg = key_log_weights((B, H, n), phi_k, padding_mask, log_scale, gate_logits if causal else None)
     if causal:
@@ -173,7 +167,7 @@ def summarize(
 ) -> State:
     """(S, z, M): S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j), both relative to
     M (B, H), the largest key log-scale: the true sums are exp(M) (S, z)."""
-    phi_k, v = _drop_padded(acc(phi_k), padding_mask), acc(v)
+    phi_k, v = zero_padded(acc(phi_k), padding_mask, 2), acc(v)
     a, _ = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, None)
     M = _finite(a.amax(-1, keepdim=True)).detach()
     w = torch.exp(a - M).unsqueeze(-1)
@@ -237,7 +231,7 @@ def causal_chunked(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dtype = v.dtype
-    phi_q, phi_k, v = acc(phi_q), _drop_padded(acc(phi_k), padding_mask), acc(v)
+    phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
     B, H, T, m = phi_k.shape
     a, lg = key_log_weights((B, H, T), phi_k, padding_mask, log_scale, gate_logits)
     state = state if state is not None else empty_state(B, H, m, v.shape[-1], v)

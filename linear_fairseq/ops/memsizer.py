@@ -28,21 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def acc(x: Tensor) -> Tensor:
-    """Accumulation precision: float32, or float64 when given float64."""
-    return x if x.dtype == torch.float64 else x.float()
+from .common import acc, zero_padded
 
 
 def slot_weights(logits: Tensor) -> Tensor:
     """p = mean over heads of softmax over the k memory slots; logits (..., H, k)."""
     return acc(logits).softmax(dim=-1).mean(dim=-2)
-
-
-def _drop_padded(keys: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-    if padding_mask is None:
-        return keys
-    return keys.masked_fill(padding_mask.unsqueeze(-1), 0.0)
 
 
 def _real_tokens(padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
@@ -64,7 +55,7 @@ def naive(
 ) -> Tensor:
     """Quadratic reference: out_i = s_i sum_j [j visible from i] (p_i . k_j) v_j."""
     dtype = V.dtype
-    p, K, V = acc(p), _drop_padded(acc(K), padding_mask), acc(V)
+    p, K, V = acc(p), zero_padded(acc(K), padding_mask, 1), acc(V)
     scores = p @ K.transpose(1, 2)  # (B, T, n)
     if causal:
         scores = scores.tril()
@@ -77,7 +68,7 @@ def naive(
 
 def source_memory(K: Tensor, V: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
     """S = K^T V / sqrt(n_real), float32 (B, k, d)."""
-    K = _drop_padded(acc(K), padding_mask)
+    K = zero_padded(acc(K), padding_mask, 1)
     n = _real_tokens(padding_mask, K).sum(dim=1)
     return (K.transpose(1, 2) @ acc(V)) * n.clamp(min=1.0).rsqrt().view(-1, 1, 1)
 
@@ -106,7 +97,7 @@ def causal_chunked(
     d, G = V.shape[-1], chunk_size
     dtype = V.dtype
     scale = causal_scale(padding_mask, p)
-    K = _drop_padded(acc(K), padding_mask)
+    K = zero_padded(acc(K), padding_mask, 1)
     N = -(-T // G)  # number of chunks
     pad = N * G - T  # zero rows at the end: they add nothing to any sum
 

@@ -1,0 +1,20 @@
+"""Helpers the families' ops share (torch only)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def acc(x: Tensor) -> Tensor:
+    """Accumulation precision: float32, or float64 when given float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def zero_padded(x: Tensor, padding_mask: Optional[Tensor], time_dim: int) -> Tensor:
+    """x with its padded time steps set to 0. padding_mask (B, T) is True at
+    padding; x has batch first and time at `time_dim`."""
+    if padding_mask is None:
+        return x
+    shape = [1] * x.dim()
+    shape[0], shape[time_dim] = x.shape[0], x.shape[time_dim]
+    return x.masked_fill(padding_mask.view(shape), 0.0)
