@@ -142,7 +142,7 @@ def train(task: str, ds: str, family: str, data: Path, ckpt: Path, args, extra=(
         say(f"{family}: already trained ({ckpt}); reusing")
         return {**scoring.read_train_log(log.read_text()), "train_seconds": float(done.read_text())}
     ckpt.mkdir(parents=True, exist_ok=True)
-    cmd = ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / task), "--config-name", ds,
+    cmd = ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / task), "--config-name", args.config or ds,
            f"model={ds}_{family}", f"task.data={data / 'bin'}", f"checkpoint.save_dir={ckpt}",
            f"common.user_dir={ROOT / 'linear_fairseq'}", f"hydra.run.dir={ckpt / 'hydra'}"]
     if args.scale == "smoke":
@@ -259,7 +259,7 @@ def write_tables(rows, task, ds, args, results: Path) -> Path:
     speed = ["tok/s"] if task == "lm" else ["tok/s", "sent/s"]
     columns = ["family", "model", "params", "train min", *metrics, *speed, "peak MB", "paper"]
     header = [
-        f"# {task} at {args.scale} scale: {ds}",
+        f"# {task} at {args.scale} scale: {ds}" + (f" (configs/{task}/{args.config}.yaml)" if args.config else ""),
         "",
         f"Command: `{command_line(task)}`  ",
         f"Run {machine()}. Decoding: "
@@ -436,13 +436,16 @@ def main(argv=None):
     ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, from {', '.join(FAMILIES)}")
     ap.add_argument("--dataset", help="default: multi30k/wmt16 (mt), news/cnn_dm (sum), austen/wikitext103 (lm); "
                                       "iwslt14 is the other paper-scale MT set")
-    ap.add_argument("--raw", type=Path, help="raw data folder, passed to the data-prep script (offline use)")
+    ap.add_argument("--raw", "--data", type=Path, help="raw data folder, passed to the data-prep script (offline use)")
+    ap.add_argument("--demo", action="store_true",
+                    help="the quick start (mt): transformer and memsizer with configs/mt/multi30k_demo.yaml "
+                         "(400 updates), table and logs in work/demo_mt/")
     ap.add_argument("--work", type=Path, help="data, checkpoints, logs (default work/reproduce/<task>-<scale>)")
     ap.add_argument("--results", type=Path, default=ROOT / "results", help="where the tables go (default results/)")
     ap.add_argument("--average", type=int, help="average the last N interval checkpoints "
                                                "(default 5 at paper scale; otherwise the best checkpoint)")
     ap.add_argument("--save-interval-updates", type=int, default=1000, help="with --average (default 1000)")
-    ap.add_argument("--max-update", type=int, help="train for N updates instead of the config's budget")
+    ap.add_argument("--max-update", "--updates", type=int, help="train for N updates instead of the config's budget")
     ap.add_argument("--batch-size", type=int, default=64, help="decoding batch size (default 64)")
     ap.add_argument("--quiet", action="store_true", help="do not stream fairseq's training log")
     ap.add_argument("--ablations", nargs="?", const="", metavar="GRID",
@@ -454,6 +457,14 @@ def main(argv=None):
                     help="a hydra override for training, repeatable: --set optimization.lr=[0.001] "
                          "(+model.KEY=VALUE for a model option its config file does not list)")
     args = ap.parse_args(argv)
+    args.config = None
+    if args.demo:
+        if args.task != "mt":
+            ap.error("--demo is the translation quick start: bash scripts/demo_mt.sh")
+        args.config = "multi30k_demo"
+        args.families = "transformer,memsizer" if args.families == ",".join(FAMILIES) else args.families
+        args.work = args.work or ROOT / "work" / "demo_mt"
+        args.results = args.work / "results"
     families = args.families.split(",")
     for family in families:
         if family not in FAMILIES:

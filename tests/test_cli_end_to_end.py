@@ -133,7 +133,7 @@ def test_demo_without_data_offline_says_so_and_fails(tmp_path):
     """No --data and no way to download: a clear message and a non-zero exit, before any training."""
     env = {**os.environ, "MULTI30K_URL": "http://127.0.0.1:9/multi30k"}  # nothing listens on port 9
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo_mt.py"), "--work", str(tmp_path)],
+        [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "mt", "--demo", "--work", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert result.returncode != 0

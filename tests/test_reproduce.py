@@ -115,3 +115,16 @@ def test_unknown_ablation_row_is_named(tmp_path):
                         "--scale", "smoke", "--raw", str(tmp_path), "--work", str(tmp_path / "w")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "unknown row(s) nope" in (r.stdout + r.stderr)
+
+
+def test_demo_is_the_pipeline_with_its_own_config(tmp_path):
+    """bash scripts/demo_mt.sh runs reproduce.py mt --demo: transformer and memsizer
+    with configs/mt/multi30k_demo.yaml, the table under its work folder."""
+    raw = require_data("multi30k")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo_mt.sh"), "--data", str(raw), "--scale", "smoke",
+                        "--work", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    md = (tmp_path / "demo" / "results" / "mt-smoke.md").read_text()
+    assert "(configs/mt/multi30k_demo.yaml)" in md and "| transformer |" in md and "| memsizer |" in md
+    hydra = (tmp_path / "demo" / "checkpoints" / "memsizer" / "hydra" / ".hydra" / "hydra.yaml").read_text()
+    assert "config_name: multi30k_demo" in hydra
