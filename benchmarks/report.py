@@ -31,7 +31,7 @@ def lookup(records, metric, **key):
     return None
 
 
-# -- targets (issue 6) ----------------------------------------------------------------
+# -- targets: the speed and memory goals each family is held to ----------------------------------
 def target(name, value, threshold, unit="x"):
     return {"name": name, "value": value, "threshold": threshold, "unit": unit,
             "met": None if value is None else value >= threshold}
