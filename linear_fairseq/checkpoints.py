@@ -32,3 +32,37 @@ def average_checkpoints(paths, out):
     merged.pop("last_optimizer_state", None)
     torch.save(merged, out)
     return out
+
+
+def _examples(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def checkpoint_mismatch(model, state_dict) -> str:
+    """Why `state_dict` does not load into `model`, in words: vocabulary, shapes, names."""
+    mine = model.state_dict()
+    reasons = []
+    shapes = {k: (tuple(v.shape), tuple(mine[k].shape)) for k, v in state_dict.items()
+              if k in mine and hasattr(v, "shape") and tuple(v.shape) != tuple(mine[k].shape)}
+    vocab = [k for k in shapes if k.endswith(("embed_tokens.weight", "output_projection.weight"))]
+    if vocab:
+        (theirs, ours) = shapes[vocab[0]]
+        reasons.append(
+            f"the checkpoint's vocabulary has {theirs[0]} entries, this task's dictionary {ours[0]} "
+            f"({vocab[0]}): use the data-bin (dictionary) the model was trained with"
+        )
+    other = {k: v for k, v in shapes.items() if k not in vocab}
+    if other:
+        k = sorted(other)[0]
+        reasons.append(f"{len(other)} tensors differ in shape, e.g. {k}: {list(other[k][0])} in the checkpoint, "
+                       f"{list(other[k][1])} here (other model sizes or options)")
+    missing, unexpected = set(mine) - set(state_dict), set(state_dict) - set(mine)
+    if missing or unexpected:
+        reasons.append(
+            f"the checkpoint lacks {len(missing)} entries this {type(model).__name__} has"
+            + (f" ({_examples(missing)})" if missing else "")
+            + f" and has {len(unexpected)} it does not" + (f" ({_examples(unexpected)})" if unexpected else "")
+            + ": it was trained with another architecture or attention"
+        )
+    return "; ".join(reasons) or "the checkpoint's tensors do not match this model"

@@ -24,7 +24,7 @@ from fairseq.models import MODEL_DATACLASS_REGISTRY  # noqa: E402
 from fairseq.models.transformer_lm import TransformerLanguageModelConfig  # noqa: E402
 
 from linear_fairseq import families  # noqa: E402
-from linear_fairseq.models.linear_transformer import LinearTransformerConfig  # noqa: E402
+from linear_fairseq.models.options import LinearTransformerConfig  # noqa: E402
 
 OUT = ROOT / "docs" / "options.md"
 def defaults(dc) -> dict:

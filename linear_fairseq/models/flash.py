@@ -21,13 +21,11 @@ from ..modules import gau  # noqa: F401  registers the "gau" layers
 from ..ops.flash import RELU2_NORMS
 from ..families import Family, register_family
 from ..registry import register_model
-from .linear_transformer import (
-    LinearLanguageModel,
+from .linear_transformer import LinearLanguageModel, LinearTransformerModel, register_presets
+from .options import (
     LinearTransformerConfig,
-    LinearTransformerModel,
     option,
     option_error,
-    register_presets,
     require_positive,
     require_positive_int,
 )

@@ -1,18 +1,14 @@
-"""Family-agnostic fairseq glue: configs, encoder/decoder and model base classes.
+"""Family-agnostic fairseq glue: the encoder, decoder and model base classes.
 
 A family's models file subclasses ``LinearTransformerModel`` (encoder-decoder)
 and ``LinearLanguageModel`` (decoder-only), adds its options to
-``LinearTransformerConfig`` / fairseq's ``TransformerLanguageModelConfig``, and
-registers presets. Nothing of fairseq's transformer is copied: the model
-classes subclass fairseq's and swap in layers whose attention comes from the
-family registry (``modules.attention``).
+``LinearTransformerConfig`` / fairseq's ``TransformerLanguageModelConfig``
+(``models/options.py``), and registers presets. The model classes subclass
+fairseq's and swap in layers whose attention comes from the family registry
+(``modules.attention``).
 """
-import dataclasses
 from argparse import Namespace
-from typing import Any
 
-from fairseq.dataclass import FairseqDataclass
-from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models.transformer import (
     TransformerConfig,
     TransformerDecoderBase,
@@ -29,90 +25,14 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.modules import AdaptiveInput
 from fairseq import options
-from omegaconf import OmegaConf
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 
+from ..checkpoints import checkpoint_mismatch
 from ..errors import ConfigError
 from ..modules.attention import ROLES, attention_kind
 from ..modules.layers import decoder_layer, encoder_layer
 from ..registry import register_model_architecture
-
-
-# -- configs ----------------------------------------------------------------
-def _flat_fields(dc, prefix: str = ""):
-    """fairseq's nested TransformerConfig as flat fields named like its CLI flags
-    (encoder.embed_dim -> encoder_embed_dim), defaults and help included."""
-    for f in dataclasses.fields(dc):
-        if f.name == "_name":
-            continue
-        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
-            yield from _flat_fields(f.type, f"{prefix}{f.name}_")
-            continue
-        if f.default_factory is not dataclasses.MISSING:
-            spec = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
-        else:
-            default = f.default
-            if isinstance(default, str) and default.startswith("${model."):
-                # ${model.decoder.embed_dim} -> ${model.decoder_embed_dim}
-                default = "${model." + default[len("${model.") :].replace(".", "_")
-            spec = dataclasses.field(default=default, metadata=f.metadata)
-        yield prefix + f.name, f.type, spec
-
-
-# Every option of fairseq's `--arch transformer`, as a flat dataclass: model
-# configs stored in checkpoints are then plain dicts (no pickled Namespace).
-LinearTransformerConfig = dataclasses.make_dataclass(
-    "LinearTransformerConfig", list(_flat_fields(TransformerConfig)), bases=(FairseqDataclass,)
-)
-LinearTransformerConfig.__module__ = __name__
-
-
-def option(default, help: str):
-    """A dataclass field with its --help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-def as_namespace(cfg: Any) -> Namespace:
-    """A model config as an argparse Namespace (interpolations resolved), the form
-    fairseq's transformer classes copy extra options from. It may come as a
-    DictConfig (hydra, checkpoints), a Namespace, or a dataclass instance
-    (fairseq's build_model turns a Namespace into one with from_namespace)."""
-    if isinstance(cfg, Namespace):
-        return cfg
-    if dataclasses.is_dataclass(cfg):
-        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        return Namespace(**{k: _resolve_model_ref(v, values) for k, v in values.items()})
-    return Namespace(**OmegaConf.to_container(cfg, resolve=True))
-
-
-def _resolve_model_ref(value: Any, values: dict) -> Any:
-    """'${model.decoder_embed_dim}' -> the value of decoder_embed_dim (one level, as fairseq's defaults use)."""
-    if isinstance(value, str) and value.startswith("${model.") and value.endswith("}"):
-        return values.get(value[len("${model.") : -1], value)
-    return value
-
-
-def option_error(name: str, value: Any, why: str) -> ValueError:
-    return ConfigError(f"--{name.replace('_', '-')}={value!r}: {why}")
-
-
-def require_positive_int(args: Namespace, name: str) -> None:
-    value = getattr(args, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise option_error(name, value, "must be a positive integer")
-
-
-def require_positive(args: Namespace, name: str) -> None:
-    value = getattr(args, name)
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise option_error(name, value, "must be > 0")
-
-
-def require_heads_divide(args: Namespace, side: str) -> None:
-    dim, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
-    if heads < 1 or dim % heads != 0:
-        raise ConfigError(
-            f"--{side}-attention-heads={heads} must be a positive divisor of --{side}-embed-dim={dim}"
-        )
+from .options import as_namespace, option_error, require_heads_divide
 
 
 # -- encoder / decoder ------------------------------------------------------
@@ -131,41 +51,6 @@ class LinearTransformerDecoder(TransformerDecoderBase):
         if attention_kind(self.cfg, "decoder_self") != "softmax":
             return None
         return super().buffered_future_mask(tensor)
-
-
-# -- checkpoints that do not fit -----------------------------------------------
-def _examples(names, n: int = 3) -> str:
-    names = sorted(names)
-    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
-
-
-def checkpoint_mismatch(model, state_dict) -> str:
-    """Why `state_dict` does not load into `model`, in words: vocabulary, shapes, names."""
-    mine = model.state_dict()
-    reasons = []
-    shapes = {k: (tuple(v.shape), tuple(mine[k].shape)) for k, v in state_dict.items()
-              if k in mine and hasattr(v, "shape") and tuple(v.shape) != tuple(mine[k].shape)}
-    vocab = [k for k in shapes if k.endswith(("embed_tokens.weight", "output_projection.weight"))]
-    if vocab:
-        (theirs, ours) = shapes[vocab[0]]
-        reasons.append(
-            f"the checkpoint's vocabulary has {theirs[0]} entries, this task's dictionary {ours[0]} "
-            f"({vocab[0]}): use the data-bin (dictionary) the model was trained with"
-        )
-    other = {k: v for k, v in shapes.items() if k not in vocab}
-    if other:
-        k = sorted(other)[0]
-        reasons.append(f"{len(other)} tensors differ in shape, e.g. {k}: {list(other[k][0])} in the checkpoint, "
-                       f"{list(other[k][1])} here (other model sizes or options)")
-    missing, unexpected = set(mine) - set(state_dict), set(state_dict) - set(mine)
-    if missing or unexpected:
-        reasons.append(
-            f"the checkpoint lacks {len(missing)} entries this {type(model).__name__} has"
-            + (f" ({_examples(missing)})" if missing else "")
-            + f" and has {len(unexpected)} it does not" + (f" ({_examples(unexpected)})" if unexpected else "")
-            + ": it was trained with another architecture or attention"
-        )
-    return "; ".join(reasons) or "the checkpoint's tensors do not match this model"
 
 
 # -- models -----------------------------------------------------------------

@@ -19,13 +19,10 @@ from fairseq.models.transformer_lm import (
 from ..modules import memsizer_attention  # noqa: F401  registers the "memsizer" attention
 from ..families import Family, register_family
 from ..registry import register_model
-from .linear_transformer import (
-    MT_PRESETS,
-    LinearLanguageModel,
+from .linear_transformer import MT_PRESETS, LinearLanguageModel, LinearTransformerModel, register_presets
+from .options import (
     LinearTransformerConfig,
-    LinearTransformerModel,
     option,
-    register_presets,
     require_positive,
     require_positive_int,
 )

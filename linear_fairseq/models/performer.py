@@ -16,15 +16,11 @@ from fairseq.models.transformer_lm import (
 from ..modules.performer_attention import FEATURE_MAPS  # registers the "performer" attention
 from ..families import Family, register_family
 from ..registry import register_model
-from .linear_transformer import (
-    MT_PRESETS,
-    LinearLanguageModel,
+from .linear_transformer import MT_PRESETS, LinearLanguageModel, LinearTransformerModel, register_presets
+from .options import (
     LinearTransformerConfig,
-    LinearTransformerModel,
     option,
     option_error,
-    register_presets,
-    require_positive,
     require_positive_int,
 )
 

@@ -1,0 +1,88 @@
+"""Model options: fairseq's transformer config as flat fields, option helpers,
+and the checks a value gets where it enters (one line naming the option)."""
+import dataclasses
+from argparse import Namespace
+from typing import Any
+
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models.transformer import TransformerConfig
+from omegaconf import OmegaConf
+
+from ..errors import ConfigError
+
+
+def _flat_fields(dc, prefix: str = ""):
+    """fairseq's nested TransformerConfig as flat fields named like its CLI flags
+    (encoder.embed_dim -> encoder_embed_dim), defaults and help included."""
+    for f in dataclasses.fields(dc):
+        if f.name == "_name":
+            continue
+        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
+            yield from _flat_fields(f.type, f"{prefix}{f.name}_")
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            spec = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+        else:
+            default = f.default
+            if isinstance(default, str) and default.startswith("${model."):
+                # ${model.decoder.embed_dim} -> ${model.decoder_embed_dim}
+                default = "${model." + default[len("${model.") :].replace(".", "_")
+            spec = dataclasses.field(default=default, metadata=f.metadata)
+        yield prefix + f.name, f.type, spec
+
+
+# Every option of fairseq's `--arch transformer`, as a flat dataclass: model
+# configs stored in checkpoints are then plain dicts (no pickled Namespace).
+LinearTransformerConfig = dataclasses.make_dataclass(
+    "LinearTransformerConfig", list(_flat_fields(TransformerConfig)), bases=(FairseqDataclass,)
+)
+LinearTransformerConfig.__module__ = __name__
+
+
+def option(default, help: str):
+    """A dataclass field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def as_namespace(cfg: Any) -> Namespace:
+    """A model config as an argparse Namespace (interpolations resolved), the form
+    fairseq's transformer classes copy extra options from. It may come as a
+    DictConfig (hydra, checkpoints), a Namespace, or a dataclass instance
+    (fairseq's build_model turns a Namespace into one with from_namespace)."""
+    if isinstance(cfg, Namespace):
+        return cfg
+    if dataclasses.is_dataclass(cfg):
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return Namespace(**{k: _resolve_model_ref(v, values) for k, v in values.items()})
+    return Namespace(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def _resolve_model_ref(value: Any, values: dict) -> Any:
+    """'${model.decoder_embed_dim}' -> the value of decoder_embed_dim (one level, as fairseq's defaults use)."""
+    if isinstance(value, str) and value.startswith("${model.") and value.endswith("}"):
+        return values.get(value[len("${model.") : -1], value)
+    return value
+
+
+def option_error(name: str, value: Any, why: str) -> ValueError:
+    return ConfigError(f"--{name.replace('_', '-')}={value!r}: {why}")
+
+
+def require_positive_int(args: Namespace, name: str) -> None:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise option_error(name, value, "must be a positive integer")
+
+
+def require_positive(args: Namespace, name: str) -> None:
+    value = getattr(args, name)
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise option_error(name, value, "must be > 0")
+
+
+def require_heads_divide(args: Namespace, side: str) -> None:
+    dim, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
+    if heads < 1 or dim % heads != 0:
+        raise ConfigError(
+            f"--{side}-attention-heads={heads} must be a positive divisor of --{side}-embed-dim={dim}"
+        )
