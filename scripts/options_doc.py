@@ -62,7 +62,7 @@ def render() -> str:
         "",
     ]
     for family in families.FAMILIES.values():
-        models = {"mt": family.mt_model, "lm": family.lm_model}
+        models = {k: m for k, m in (("mt", family.mt_model), ("lm", family.lm_model)) if m in MODEL_DATACLASS_REGISTRY}
         own = {}
         for kind, model in models.items():
             for name, (value, help_) in defaults(MODEL_DATACLASS_REGISTRY[model]).items():
