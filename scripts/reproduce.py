@@ -340,6 +340,8 @@ def ablations(args, ds: str, data: Path, work: Path) -> Path:
     retrains). A grid with `plot: true` also draws the metric against updates,
     one line per `curve`, as docs/<table>.png."""
     spec = load_ablations(args.task, args.ablations or ds, args.rows)
+    if args.seeds:
+        spec["seeds"] = [seed for seed in spec["seeds"] if str(seed) in args.seeds.split(",")]
     metric = {"mt": "bleu", "sum": "rl", "lm": "ppl"}[args.task]
     table = spec.get("table", f"ablations-{args.task}")
     stem = args.results.resolve() / (table + ("-smoke" if args.scale == "smoke" else ""))
@@ -453,6 +455,7 @@ def main(argv=None):
                          "and score them on the validation set, instead of the families' test table")
     ap.add_argument("--rows", help="with --ablations: only these rows (comma-separated ids)")
     ap.add_argument("--fresh", action="store_true", help="with --ablations: retrain runs already recorded")
+    ap.add_argument("--seeds", help="with --ablations: only these of the grid's seeds (comma-separated)")
     ap.add_argument("--set", dest="override", action="append", default=[], metavar="KEY=VALUE",
                     help="a hydra override for training, repeatable: --set optimization.lr=[0.001] "
                          "(+model.KEY=VALUE for a model option its config file does not list)")
