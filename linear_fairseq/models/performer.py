@@ -39,8 +39,8 @@ class PerformerOptions(FairseqDataclass):
     )
     rfa_gate: bool = option(False, "RFA's learned recency gate on the causal self-attention")
     kernel_eps: Optional[float] = option(
-        None, "lower clamp of the attention normalizer phi(q).z, in true scale (default: rfa 1e-6; "
-        "elu, favor, t2r none: their normalizer is a sum of nonnegative terms)"
+        None, "lower clamp of the attention normalizer phi(q).z, in true scale (default: rfa and t2r 1e-6, "
+        "whose features can cancel or vanish; elu and favor none)"
     )
     kernel_chunk_size: int = option(64, "chunk length of the causal training form (speed/memory only)")
 

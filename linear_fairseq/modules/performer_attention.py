@@ -31,10 +31,12 @@ def default_num_features(feature_map: str, head_dim: int) -> int:
 
 
 def default_eps(feature_map: str) -> float:
-    """The normalizer's clamp in true scale: rfa's sin/cos features can cancel to
-    ~0 or below, so 1e-6; the nonnegative maps need none (only an empty sum is
-    guarded), so any clamp would only distort the ratio."""
-    return 1e-6 if feature_map == "rfa" else 0.0
+    """The normalizer's clamp, in true scale. rfa's sin/cos features can cancel to
+    ~0 or below, and t2r's relu features can all vanish for a query (its
+    gradient then grows like 1/phi(q).z): 1e-6 for both. elu + 1 and FAVOR+
+    (largest feature 1/sqrt(m) after stabilization) never vanish: no clamp,
+    which for them would only distort the ratio (only an empty sum is guarded)."""
+    return 1e-6 if feature_map in ("rfa", "t2r") else 0.0
 
 
 class EluFeatures(nn.Module):
