@@ -115,3 +115,12 @@ def test_unknown_feature_map_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         parse_model_args("performer_lm", ["--feature-map", "cosine"], task="language_modeling")
     assert "invalid choice: 'cosine'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("feature_map,eps", [("elu", 0.0), ("favor", 0.0), ("rfa", 1e-6), ("t2r", 1e-6)])
+def test_normalizer_clamp_defaults(feature_map, eps):
+    """rfa and t2r features can cancel or vanish, so they keep a clamp; elu and favor need none."""
+    from linear_fairseq.modules.performer_attention import PerformerAttention
+
+    assert PerformerAttention(16, 2, feature_map=feature_map, num_features=None if feature_map == "elu" else 8).eps == eps
+
