@@ -272,6 +272,8 @@ def write_tables(rows, task, ds, args, results: Path) -> Path:
 
 
 # -- ablations: rows of settings, scored on the validation set ------------------------------
+VALID_METRIC = {"mt": ("bleu", "valid BLEU"), "sum": ("rl", "valid ROUGE-L"), "lm": ("ppl", "valid ppl")}
+
 def load_ablations(task: str, grid: str, rows=None) -> dict:
     """The grid configs/<task>/ablations/<grid>.yaml, checked (families, and the
     --rows asked for) before anything runs."""
@@ -332,17 +334,16 @@ def previous_runs(stem: Path) -> list:
         return list(csv.DictReader(f))
 
 
-def ablations(args, ds: str, data: Path, work: Path) -> Path:
+def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
     """Train and score every (row, seed) of configs/<task>/ablations/<grid>.yaml on
     the validation set; results/<table>.md (one row per setting; <table> is
     named in the grid) and <table>.runs.csv (one line per run). A run already
     in .runs.csv with the same overrides is kept, not retrained (--fresh
     retrains). A grid with `plot: true` also draws the metric against updates,
     one line per `curve`, as docs/<table>.png."""
-    spec = load_ablations(args.task, args.ablations or ds, args.rows)
     if args.seeds:
         spec["seeds"] = [seed for seed in spec["seeds"] if str(seed) in args.seeds.split(",")]
-    metric = {"mt": "bleu", "sum": "rl", "lm": "ppl"}[args.task]
+    metric = VALID_METRIC[args.task][0]
     table = spec.get("table", f"ablations-{args.task}")
     stem = args.results.resolve() / (table + ("-smoke" if args.scale == "smoke" else ""))
     runs = [] if args.fresh else previous_runs(stem)
@@ -376,32 +377,29 @@ def ablations(args, ds: str, data: Path, work: Path) -> Path:
                      "valid loss": trained["valid_loss"], "params": trained["params"], **scores})
         say(f"{rid}, seed {seed}: {metric} {scores[metric]:.2f}")
         write_ablations(runs, spec, metric, stem, args, ds)
-    if spec.get("plot") and args.scale != "smoke":
-        plot_curves(runs, spec, metric, ROOT / "docs" / f"{table}.png")
-    elif spec.get("plot"):
-        plot_curves(runs, spec, metric, Path(f"{stem}.png"))
+    if spec.get("plot"):
+        plot_curves(runs, spec, args.task, Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"{table}.png")
     return write_ablations(runs, spec, metric, stem, args, ds)
 
 
-def plot_curves(runs, spec: dict, metric: str, path: Path) -> None:
+def plot_curves(runs, spec: dict, task: str, path: Path) -> None:
     """The metric against training updates, one line per row `curve` (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric, label = VALID_METRIC[task]
     curves = {}
-    for rid, row in spec["rows"].items():
-        values = [float(r[metric]) for r in runs if r["row"] == rid]
-        mine = [r for r in runs if r["row"] == rid]
-        if values:
-            curves.setdefault(row.get("curve", rid), []).append((int(float(mine[0]["updates"])), sum(values) / len(values)))
+    for summary in ablation_summary(runs, spec, metric):
+        curve = spec["rows"][summary["row"]].get("curve", summary["row"])
+        curves.setdefault(curve, []).append((summary["updates"], summary[metric]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel("training updates")
-    ax.set_ylabel({"bleu": "valid BLEU", "rl": "valid ROUGE-L", "ppl": "valid perplexity"}[metric])
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -414,7 +412,7 @@ def plot_curves(runs, spec: dict, metric: str, path: Path) -> None:
 def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
     run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides"]
     write_table(Path(f"{stem}.runs"), run_columns, runs, header=None)
-    label = {"bleu": "valid BLEU", "rl": "valid ROUGE-L", "ppl": "valid ppl"}[metric]
+    label = VALID_METRIC[args.task][1]
     columns = ["row", "family", "setting", metric, "seeds", "spread", "valid loss", "updates", "train min", "params"]
     header = [
         f"# {spec.get('title', 'Ablations')}, {args.task} ({ds}, {args.scale} scale)",
@@ -481,10 +479,10 @@ def main(argv=None):
     work = (args.work or ROOT / "work" / kind / f"{args.task}-{args.scale}").resolve()
 
     if args.ablations is not None:
-        load_ablations(args.task, args.ablations or ds, args.rows)  # bad grid or rows stop here, before data-prep
+        spec = load_ablations(args.task, args.ablations or ds, args.rows)  # bad grid or rows stop here, before data-prep
     data = prepare(ds, args, work)
     if args.ablations is not None:
-        table = ablations(args, ds, data, work)
+        table = ablations(args, spec, ds, data, work)
         say(f"table: {table}")
         print(table.read_text())
         return
