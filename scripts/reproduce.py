@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Reproduce a results table: every family trained with the same task config,
-decoded, scored and timed, one row per family.
+decoded, scored and timed, one row per family and model config: the
+recommended one (configs/<task>/model/<dataset>_<family>.yaml) and, where the
+family's paper sets it up otherwise, the paper's (<dataset>_<family>_paper.yaml).
 
   python scripts/reproduce.py {mt,sum,lm} --scale {cpu,paper,smoke} \
       [--families transformer,memsizer,performer,flash] [--raw DIR] [--dataset NAME]
 
 Stages per family (a line each; fairseq's own log streams underneath):
   prepare data (data-prep/<dataset>.py, once) -> train (fairseq-hydra-train with
-  configs/<task>/<dataset>.yaml and model=<dataset>_<family>) -> choose the
+  configs/<task>/<dataset>.yaml and model=<dataset>_<family>[_paper]) -> choose the
   checkpoint (best on valid; --average N averages the last N) -> generate
   (fairseq-generate, test set) or evaluate (fairseq-eval-lm) -> score (sacrebleu
   BLEU/chrF, rouge-score R1/R2/RL with stemming, perplexity) -> decoding speed
@@ -134,16 +136,28 @@ def prepare(ds: str, args, work: Path) -> Path:
     return data
 
 
-def train(task: str, ds: str, family: str, data: Path, ckpt: Path, args, extra=()) -> dict:
-    """Train one model (the config's recipe, then `extra` hydra overrides, then --set)."""
+CONFIG_KINDS = {"recommended": "", "paper": "_paper"}  # --configs: the model config file's suffix
+
+
+def model_configs(task: str, ds: str, family: str, kinds=tuple(CONFIG_KINDS)) -> list:
+    """(kind, model config name) for each of `kinds` the family has under
+    configs/<task>/model/: every family has its recommended config; a paper
+    config exists where the paper sets the family up otherwise."""
+    names = [(kind, f"{ds}_{family}{CONFIG_KINDS[kind]}") for kind in kinds]
+    return [(kind, name) for kind, name in names if (ROOT / "configs" / task / "model" / f"{name}.yaml").is_file()]
+
+
+def train(task: str, ds: str, family: str, model: str, data: Path, ckpt: Path, args, extra=()) -> dict:
+    """Train one model: the task config's recipe with model=`model` (one of the
+    family's configs), then `extra` hydra overrides, then --set."""
     done = ckpt / "train.done"
     log = ckpt / "train.log"
     if done.is_file():
-        say(f"{family}: already trained ({ckpt}); reusing")
+        say(f"{model}: already trained ({ckpt}); reusing")
         return {**scoring.read_train_log(log.read_text()), "train_seconds": float(done.read_text())}
     ckpt.mkdir(parents=True, exist_ok=True)
     cmd = ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / task), "--config-name", args.config or ds,
-           f"model={ds}_{family}", f"task.data={data / 'bin'}", f"checkpoint.save_dir={ckpt}",
+           f"model={model}", f"task.data={data / 'bin'}", f"checkpoint.save_dir={ckpt}",
            f"common.user_dir={ROOT / 'linear_fairseq'}", f"hydra.run.dir={ckpt / 'hydra'}"]
     if args.scale == "smoke":
         cmd += SMOKE[task] + SMOKE_MODEL[task] + SMOKE_FAMILY.get(family, [])
@@ -153,7 +167,7 @@ def train(task: str, ds: str, family: str, data: Path, ckpt: Path, args, extra=(
     if args.max_update:
         cmd += ["optimization.max_epoch=0", f"optimization.max_update={args.max_update}"]
     cmd += [*extra, *args.override]
-    say(f"{family}: training (log: {log})")
+    say(f"{model}: training (log: {log})")
     start = time.time()
     out, _ = run(cmd, log, stream=not args.quiet)
     seconds = time.time() - start
@@ -173,14 +187,14 @@ def choose_checkpoint(ckpt: Path, n: int) -> Path:
     return average_checkpoints(paths, ckpt / f"checkpoint_avg{len(paths)}.pt")
 
 
-def evaluate(task: str, ds: str, family: str, data: Path, path: Path, args, subset: str = "test") -> dict:
+def evaluate(task: str, ds: str, name: str, data: Path, path: Path, args, subset: str = "test") -> dict:
     spec = DATASETS[ds]
     common = [str(data / "bin"), "--path", str(path), "--user-dir", str(ROOT / "linear_fairseq"),
               "--gen-subset", subset, "--num-workers", "0"]
     folder = path.parent
     suffix = "" if subset == "test" else f"-{subset}"
     if task == "lm":
-        say(f"{family}: fairseq-eval-lm on the {subset} set")
+        say(f"{name}: fairseq-eval-lm on the {subset} set")
         flags = SMOKE_DECODE["lm"] if args.scale == "smoke" else spec["decode"]
         log = folder / f"eval_lm{suffix}.log"
         out, rss = run(["fairseq-eval-lm", *common, "--max-tokens", "4096", *flags], log, stream=False)
@@ -190,7 +204,7 @@ def evaluate(task: str, ds: str, family: str, data: Path, path: Path, args, subs
             sys.exit(f"[reproduce] fairseq-eval-lm scored {speed['tokens']} of the {expected} {subset} tokens "
                      f"(log: {log}); are its --tokens-per-sample within the model's?")
         return {"ppl": scoring.read_perplexity(out), "tok/s": speed["tokens_per_s"], "peak MB": rss}
-    say(f"{family}: fairseq-generate on the {subset} set")
+    say(f"{name}: fairseq-generate on the {subset} set")
     out, rss = run(["fairseq-generate", *common, "--batch-size", str(args.batch_size),
                     # without this fairseq drops the last partial batch (fairseq #5036)
                     "--required-batch-size-multiple", "1", *spec["decode"]],
@@ -257,7 +271,7 @@ def machine() -> str:
 def write_tables(rows, task, ds, args, results: Path) -> Path:
     metrics = METRICS[DATASETS[ds]["metric"]]
     speed = ["tok/s"] if task == "lm" else ["tok/s", "sent/s"]
-    columns = ["family", "model", "params", "train min", *metrics, *speed, "peak MB", "paper"]
+    columns = ["family", "config", "model", "params", "train min", *metrics, *speed, "peak MB", "paper"]
     header = [
         f"# {task} at {args.scale} scale: {ds}" + (f" (configs/{task}/{args.config}.yaml)" if args.config else ""),
         "",
@@ -265,7 +279,9 @@ def write_tables(rows, task, ds, args, results: Path) -> Path:
         f"Run {machine()}. Decoding: "
         f"`{' '.join(DATASETS[ds]['decode'])}`" + ("" if task == "lm" else f", batch {args.batch_size}")
         + "; tok/s (" + ("fairseq-eval-lm scoring" if task == "lm" else "fairseq-generate decoding")
-        + ") and peak MB (resident memory of that whole process) come from that run.",
+        + ") and peak MB (resident memory of that whole process) come from that run. "
+        f"config: the model config under configs/{task}/model/ (<dataset>_<family>: the recommended "
+        "settings; _paper: the family as its paper sets it up, where that differs).",
         "",
     ]
     return write_table(results / f"{task}-{args.scale}", columns, rows, header)
@@ -370,8 +386,9 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
             shutil.rmtree(ckpt)  # trained with other settings: start again
         ckpt.mkdir(parents=True, exist_ok=True)
         record.write_text(key)
-        trained = train(args.task, ds, row["family"], data, ckpt, args, extra=overrides)
-        scores = evaluate(args.task, ds, row["family"], data, ckpt / "checkpoint_best.pt", args, subset="valid")
+        model = model_configs(args.task, ds, row["family"])[-1][1]  # rows start from the paper's setup
+        trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=overrides)
+        scores = evaluate(args.task, ds, rid, data, ckpt / "checkpoint_best.pt", args, subset="valid")
         runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key,
                      "updates": trained["updates"], "train min": trained["train_seconds"] / 60,
                      "valid loss": trained["valid_loss"], "params": trained["params"], **scores})
@@ -440,6 +457,9 @@ def main(argv=None):
     ap.add_argument("--demo", action="store_true",
                     help="the quick start (mt): transformer and memsizer with configs/mt/multi30k_demo.yaml "
                          "(400 updates), table and logs in work/demo_mt/")
+    ap.add_argument("--configs", default=",".join(CONFIG_KINDS),
+                    help="which of each family's model configs to run: recommended, paper (where the family "
+                         "has one), or both (default)")
     ap.add_argument("--work", type=Path, help="data, checkpoints, logs (default work/reproduce/<task>-<scale>)")
     ap.add_argument("--results", type=Path, default=ROOT / "results", help="where the tables go (default results/)")
     ap.add_argument("--average", type=int, help="average the last N interval checkpoints "
@@ -464,12 +484,16 @@ def main(argv=None):
             ap.error("--demo is the translation quick start: bash scripts/demo_mt.sh")
         args.config = "multi30k_demo"
         args.families = "transformer,memsizer" if args.families == ",".join(FAMILIES) else args.families
+        args.configs = "recommended"
         args.work = args.work or ROOT / "work" / "demo_mt"
         args.results = args.work / "results"
     families = args.families.split(",")
     for family in families:
         if family not in FAMILIES:
             ap.error(f"--families: unknown family {family!r} (choose from {', '.join(FAMILIES)})")
+    for kind in args.configs.split(","):
+        if kind not in CONFIG_KINDS:
+            ap.error(f"--configs: unknown kind {kind!r} (choose from {', '.join(CONFIG_KINDS)})")
     ds = args.dataset or DEFAULT_DATASET[(args.task, "cpu" if args.scale == "smoke" else args.scale)]
     if ds not in DATASETS or DATASETS[ds]["task"] != args.task:
         ap.error(f"--dataset {ds!r} is not a {args.task} dataset")
@@ -487,15 +511,18 @@ def main(argv=None):
         print(table.read_text())
         return
     rows = []
-    progress = Progress(len(families))
-    for n, family in enumerate(families, 1):
-        say(f"{progress.step(n)} {family}")
-        ckpt = work / "checkpoints" / family
-        trained = train(args.task, ds, family, data, ckpt, args)
-        scores = evaluate(args.task, ds, family, data, choose_checkpoint(ckpt, args.average), args)
-        row = {"family": family, "model": _model_name(args.task, ds, family), "params": trained["params"],
-               "train min": trained["train_seconds"] / 60, **scores, "paper": PAPER.get((ds, family), "n/a")}
-        say(f"{family}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    todo = [(family, kind, model) for family in families
+            for kind, model in model_configs(args.task, ds, family, args.configs.split(","))]
+    progress = Progress(len(todo))
+    for n, (family, kind, model) in enumerate(todo, 1):
+        say(f"{progress.step(n)} {model}")
+        ckpt = work / "checkpoints" / (family + CONFIG_KINDS[kind].replace("_", "-"))
+        trained = train(args.task, ds, family, model, data, ckpt, args)
+        scores = evaluate(args.task, ds, model, data, choose_checkpoint(ckpt, args.average), args)
+        row = {"family": family, "config": model, "model": _model_name(args.task, ds, family),
+               "params": trained["params"], "train min": trained["train_seconds"] / 60, **scores,
+               "paper": PAPER.get((ds, family), "n/a")}
+        say(f"{model}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         rows.append(row)
     table = write_tables(rows, args.task, ds, args, args.results.resolve())
     say(f"table: {table}")

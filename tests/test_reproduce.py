@@ -10,11 +10,8 @@ import subprocess
 import pytest
 
 from conftest import ROOT, require_data
-from linear_fairseq import families
 
 pytestmark = pytest.mark.slow
-
-FAMILIES = list(families.names())
 
 
 def reproduce(task, raw, tmp_path, *extra):
@@ -27,12 +24,13 @@ def reproduce(task, raw, tmp_path, *extra):
     return r.stdout
 
 
-def table(tmp_path, task, families=FAMILIES):
+def table(tmp_path, task, configs):
+    """The smoke table, checked to have one row per model config in `configs`."""
     md = (tmp_path / "results" / f"{task}-smoke.md").read_text()
     with open(tmp_path / "results" / f"{task}-smoke.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["family"] for r in rows] == families
-    assert all(f"| {family} |" in md for family in families)
+    assert [r["config"] for r in rows] == configs
+    assert all(f"| {r['family']} | {r['config']} |" in md for r in rows)
     for r in rows:
         assert int(r["params"]) > 0 and float(r["train min"]) > 0
         assert float(r["tok/s"]) > 0 and float(r["peak MB"]) > 50
@@ -45,17 +43,22 @@ def finite(x):
 
 
 def test_reproduce_mt_smoke(tmp_path):
+    """Each family's recommended config and, where it has one, its paper config:
+    MemSizer's paper placement (MemSizer cross-attention) is a row of its own."""
     raw = require_data("multi30k")
-    families = ["transformer", "memsizer"]
-    out = reproduce("mt", raw, tmp_path, "--average", "2", "--save-interval-updates", "8", "--families", ",".join(families))
-    assert out.count("averaging checkpoint_1_8.pt, checkpoint_1_16.pt") == 2
-    rows = table(tmp_path, "mt", families)
+    out = reproduce("mt", raw, tmp_path, "--average", "2", "--save-interval-updates", "8",
+                    "--families", "transformer,memsizer")
+    assert out.count("averaging checkpoint_1_8.pt, checkpoint_1_16.pt") == 3
+    rows = table(tmp_path, "mt", ["multi30k_transformer", "multi30k_memsizer", "multi30k_memsizer_paper"])
     for r in rows:
         assert 0 <= float(r["bleu"]) <= 100 and 0 < float(r["chrf"]) <= 100
         assert float(r["sent/s"]) > 0
-    assert {r["model"] for r in rows} == {"transformer", "memsizer_transformer"}
-    again = reproduce("mt", raw, tmp_path, "--families", "memsizer")  # trained models are reused
-    assert "memsizer: already trained" in again
+    assert [r["model"] for r in rows] == ["transformer", "memsizer_transformer", "memsizer_transformer"]
+    ckpts = tmp_path / "work" / "checkpoints"
+    assert "'cross_attn': softmax" in (ckpts / "memsizer" / "train.log").read_text()
+    assert "'cross_attn': memsizer" in (ckpts / "memsizer-paper" / "train.log").read_text()
+    again = reproduce("mt", raw, tmp_path, "--families", "memsizer", "--configs", "paper")  # trained models are reused
+    assert "multi30k_memsizer_paper: already trained" in again and "multi30k_memsizer:" not in again
 
 
 # two families a task, each family trained in one of them (every family's configs
@@ -76,8 +79,10 @@ def test_reproduce_lm_smoke(tmp_path):
 
 
 def table_after(task, raw, tmp_path, families):
-    reproduce(task, raw, tmp_path, "--families", ",".join(families))
-    return table(tmp_path, task, families)
+    """The recommended configs of `families`."""
+    reproduce(task, raw, tmp_path, "--families", ",".join(families), "--configs", "recommended")
+    ds = {"sum": "news", "lm": "austen"}[task]
+    return table(tmp_path, task, [f"{ds}_{f}" for f in families])
 
 
 def test_unknown_family_is_named(tmp_path):
