@@ -78,7 +78,9 @@ def test_bf16_gau_at_4096(mode):
     fp32 (max error over the max output; the residual is left out, its bf16
     rounding would swamp the branch)."""
     torch.manual_seed(0)
-    unit = GatedAttentionUnit(64, causal=True, s=32, chunk_size=256, mode=mode).eval()
+    unit = GatedAttentionUnit(64, causal=True, s=32, expansion=2.0, chunk_size=256, mode=mode, rope=True,
+                              rel_pos_bias=False, norm="scalenorm", dropout=0.0, scale_init="paper",
+                              relu2_norm="chunk").eval()
     torch.nn.init.normal_(unit.offset_scale.gamma, std=1.0)
     x = torch.randn(1, 4096, 64)
     with torch.no_grad():

@@ -67,17 +67,19 @@ class GatedAttentionUnit(LinearAttention):
         dim: int,
         *,
         causal: bool,
-        s: int = 128,
-        expansion: float = 2.0,
-        chunk_size: int = 256,
-        mode: str = "mixed",
-        rope: bool = True,
-        rel_pos_bias: bool = False,
-        norm: str = "scalenorm",
-        dropout: float = 0.0,
-        scale_init: str = "paper",
-        relu2_norm: str = "chunk",
+        s: int,
+        expansion: float,
+        chunk_size: int,
+        mode: str,
+        rope: bool,
+        rel_pos_bias: bool,
+        norm: str,
+        dropout: float,
+        scale_init: str,
+        relu2_norm: str,
     ):
+        """Every option is required: the defaults live in the model options
+        (linear_fairseq/models/flash.py, FlashOptions)."""
         super().__init__(dim, 1, causal=causal)
         e = int(round(expansion * dim))
         checks = (
