@@ -300,6 +300,8 @@ def load_ablations(task: str, grid: str, rows=None) -> dict:
         known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml"))) or "none"
         sys.exit(f"[reproduce] --ablations {grid}: no such grid ({path} does not exist; {task} grids: {known})")
     spec = OmegaConf.to_container(OmegaConf.load(path))
+    if spec.get("config", "paper") not in ("paper", "recommended"):
+        sys.exit(f"[reproduce] {path}: config: {spec['config']!r} (choose paper or recommended)")
     for rid, row in spec["rows"].items():
         if row.get("family") not in FAMILIES:
             sys.exit(f"[reproduce] {path}: row {rid!r} has family {row.get('family')!r} (choose from {', '.join(FAMILIES)})")
@@ -386,7 +388,7 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
             shutil.rmtree(ckpt)  # trained with other settings: start again
         ckpt.mkdir(parents=True, exist_ok=True)
         record.write_text(key)
-        model = model_configs(args.task, ds, row["family"])[-1][1]  # rows start from the paper's setup
+        model = row_config(args.task, ds, row["family"], spec)
         trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=overrides)
         scores = evaluate(args.task, ds, rid, data, ckpt / "checkpoint_best.pt", args, subset="valid")
         runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key,
@@ -397,6 +399,14 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
     if spec.get("plot"):
         plot_curves(runs, spec, args.task, Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"{table}.png")
     return write_ablations(runs, spec, metric, stem, args, ds)
+
+
+def row_config(task: str, ds: str, family: str, spec: dict) -> str:
+    """The model config a grid's rows start from: the family's paper config
+    where it has one, else its recommended config (`config: paper`, the
+    default), or the recommended config (`config: recommended`)."""
+    kinds = ("recommended", "paper") if spec.get("config", "paper") == "paper" else ("recommended",)
+    return model_configs(task, ds, family, kinds)[-1][1]
 
 
 def plot_curves(runs, spec: dict, task: str, path: Path) -> None:
@@ -435,8 +445,10 @@ def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
         f"# {spec.get('title', 'Ablations')}, {args.task} ({ds}, {args.scale} scale)",
         "",
         f"Command: `{command_line(args.task)}`  ",
-        f"Run {machine()}. Every row trains with configs/{args.task}/{ds}.yaml and the family's model "
-        f"config, cut to the budget `{' '.join(spec['budget']) or 'none: the full recipe'}` unless the row "
+        f"Run {machine()}. Every row trains with configs/{args.task}/{ds}.yaml and the family's "
+        + ("recommended model config" if spec.get("config") == "recommended" else "paper model config "
+           f"(configs/{args.task}/model/{ds}_<family>_paper.yaml where it exists, else {ds}_<family>.yaml)")
+        + f", cut to the budget `{' '.join(spec['budget']) or 'none: the full recipe'}` unless the row "
         f"sets its own, plus the row's overrides "
         f"(configs/{args.task}/ablations/{spec['grid']}.yaml); {metric} is the {label} of the best checkpoint "
         f"(mean over the seeds listed; spread = max - min). Per-run values, overrides included: "

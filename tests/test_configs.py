@@ -111,3 +111,26 @@ def test_the_memsizer_wmt16_config_is_the_papers_recipe():
     assert cfg.optimization.lr == [0.0005] and cfg.lr_scheduler.warmup_updates == 4000
     assert cfg.optimization.max_update == 90000
     assert reproduce.DATASETS["wmt16"]["decode"][:4] == ["--beam", "4", "--lenpen", "0.6"]
+
+
+GRIDS = sorted((p.parent.parent.name, p.stem) for p in (ROOT / "configs").glob("*/ablations/*.yaml"))
+
+
+@pytest.mark.parametrize("task,grid", GRIDS, ids=[f"{t}-{g}" for t, g in GRIDS])
+def test_every_ablation_row_composes(task, grid):
+    """Each row of each grid: its start config (the family's paper config, or its
+    recommended one with `config: recommended`) plus the row's overrides is a
+    config fairseq-hydra-train accepts."""
+    spec = reproduce.load_ablations(task, grid)
+    ds = reproduce.DEFAULT_DATASET[(task, "cpu")]
+    for rid, row in spec["rows"].items():
+        model = reproduce.row_config(task, ds, row["family"], spec)
+        overrides = [*row.get("budget", spec["budget"]), *row.get("set", [])]
+        cfg = load(task, ds, row["family"], tuple(overrides), model=model)
+        if spec.get("config") == "recommended" or row["family"] == "transformer":
+            assert model == f"{ds}_{row['family']}", rid
+        elif (ROOT / "configs" / task / "model" / f"{ds}_{row['family']}_paper.yaml").is_file():
+            assert model == f"{ds}_{row['family']}_paper", rid
+        for override in row.get("set", []):
+            key, value = override.lstrip("+").split("=", 1)
+            assert str(OmegaConf.select(cfg, key)) == ("None" if value == "null" else value), (rid, key)
