@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from linear_fairseq.progress import Progress
+
 SCHEMA = 1
 FULL = {
     "decode": {"lengths": [256, 1024, 4096, 16384], "batches": [1, 16]},
@@ -84,7 +86,10 @@ def main(argv=None):
         "machine": machine(args.device),
         "sizes": {name: sizes[name] for name in chosen},
     }
-    common = {"device": args.device, "budget": args.budget, "repeats": args.repeats, "log": echo}
+    progress = Progress(sum(suites.measurements(name, sizes[name]) for name in chosen))
+    count = iter(range(1, progress.total + 1))  # each suite logs one line a measurement (or skip)
+    common = {"device": args.device, "budget": args.budget, "repeats": args.repeats,
+              "log": lambda line: echo(f"{progress.after(next(count, progress.total))} {line}")}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in chosen:  # the JSON is rewritten after each suite: a long run interrupted keeps what it measured
         results[name] = getattr(suites, name)(**sizes[name], **common)

@@ -154,6 +154,14 @@ def sdpa_forward(self, query, key=None, value=None, key_padding_mask=None, incre
 TRAIN_ROWS = {"transformer": "transformer", "transformer_sdpa": "transformer", **{f: f for f in models.FAMILIES}}
 
 
+def measurements(suite: str, sizes: dict) -> int:
+    """How many measurements (one log line each, skipped ones too) a suite makes with `sizes`."""
+    cells = {"decode": lambda: len(models.FAMILIES) * len(sizes["batches"]) * len(sizes["lengths"]),
+             "mt": lambda: len(models.FAMILIES) * len(sizes["src_lengths"]),
+             "train": lambda: len(TRAIN_ROWS) * len(sizes["contexts"])}
+    return cells[suite]()
+
+
 def train_model(row, device):
     model, d, info = models.build("lm", TRAIN_ROWS[row], device)
     if row == "transformer_sdpa":

@@ -8,10 +8,10 @@ resumes from its partial file, and finished steps are not redone.
 import argparse
 import gzip
 import hashlib
-import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -81,13 +81,28 @@ def download(url: str, dest: Path, hint: str = "") -> Path:
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            mode = "ab" if have and response.status == 206 else "wb"
-            with open(tmp, mode) as out:
-                shutil.copyfileobj(response, out)
+            resumed = have and response.status == 206
+            size = int(response.headers.get("Content-Length") or 0)
+            with open(tmp, "ab" if resumed else "wb") as out:
+                copy_with_progress(response, out, size)
     except (urllib.error.URLError, OSError) as e:
         die(f"cannot download {url} ({e}). Offline? Pass --raw DIR with the raw files{hint}.")
     tmp.rename(dest)
     return dest
+
+
+def copy_with_progress(src, dest, size: int, block: int = 1 << 20, every: float = 30.0) -> None:
+    """Copy a stream; with a known size, log the share done and the time left
+    about every `every` seconds."""
+    from linear_fairseq.progress import Progress
+
+    progress, done, shown = Progress(size or 1), 0, time.time()
+    while chunk := src.read(block):
+        dest.write(chunk)
+        done += len(chunk)
+        if size and time.time() - shown >= every:
+            log(f"{progress.share(done)} {done >> 20} of {size >> 20} MiB")
+            shown = time.time()
 
 
 def raw_or_fetch(args, fetch):
@@ -179,8 +194,15 @@ def encode_sentencepiece(model: Path, src: Path, dest: Path, max_pieces: int = 0
         return
     import sentencepiece as spm
 
+    from linear_fairseq.progress import Progress
+
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    pieces = sp.encode(read_lines(src), out_type=str)
+    lines = read_lines(src)
+    progress, pieces, block = Progress(len(lines)), [], 200_000
+    for i in range(0, len(lines), block):
+        if i:
+            log(f"{progress.share(i)} encoding {src.name}")
+        pieces += sp.encode(lines[i:i + block], out_type=str)
     write_lines(dest, (" ".join(p[:max_pieces] if max_pieces else p) for p in pieces))
 
 

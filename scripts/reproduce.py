@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linear_fairseq import families, scoring  # noqa: E402
+from linear_fairseq.progress import Progress  # noqa: E402
 
 FAMILIES = families.names()  # the softmax baseline, then every registered family
 SP = ["--post-process", "sentencepiece"]
@@ -88,19 +89,6 @@ PAPER = {
 
 def say(msg: str) -> None:
     print(f"[reproduce] {msg}", flush=True)
-
-
-class Progress:
-    """'[k/n]' with the time spent and an estimate of the time left (mean of the steps run so far)."""
-
-    def __init__(self, total: int):
-        self.total, self.start = total, time.time()
-
-    def step(self, k: int) -> str:
-        """The label of step k (1-based), the steps before it done."""
-        spent = (time.time() - self.start) / 60
-        left = f", about {spent / (k - 1) * (self.total - k + 1):.0f} min left" if k > 1 else ""
-        return f"[{k}/{self.total}, {spent:.0f} min{left}]"
 
 
 def run(cmd, log: Path, stream: bool):

@@ -8,6 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+# One thread a test process (and for the fairseq CLIs the tests start): the
+# suite runs one process per core (scripts/test.sh: pytest -n auto), and tiny
+# tensors run slower, not faster, when threads compete for the cores.
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = "1"
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

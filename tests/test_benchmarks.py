@@ -2,6 +2,7 @@
 JSON's schema, the tables and plots; timings are not asserted), and the
 target arithmetic on hand-made records."""
 import json
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,9 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # a progress label on every measurement line, counting up to the total announced
+    labels = re.findall(r"^\[(\d+)/(\d+), \d+ min(?:, about \d+ min left)?\] (?:decode|mt|train) ", r.stdout, re.M)
+    assert [int(k) for k, _ in labels] == list(range(1, len(labels) + 1)) and int(labels[-1][1]) == len(labels)
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == 1 and res["quick"] is True
     for key in ("cpu", "cpu_count", "threads", "torch", "fairseq", "python", "device"):

@@ -4,6 +4,7 @@ archives for the paper-scale sets (which cannot be downloaded here)."""
 import gzip
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -148,3 +149,21 @@ def test_offline_download_says_so(tmp_path, monkeypatch, script, env):
     monkeypatch.setenv(env, "http://127.0.0.1:9/unreachable.tgz")  # nothing listens on the discard port
     r = prep(script, "--out", tmp_path / "x", check=False)
     assert r.returncode == 1 and "Offline? Pass --raw DIR" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_download_progress_names_the_share_done_and_the_time_left(capsys):
+    """copy_with_progress (the download loop) copies every byte and, with a known
+    size, logs '[k%, M min, about N min left]' lines."""
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("prep_common", ROOT / "data-prep" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    data = bytes(range(256)) * 16
+    out = io.BytesIO()
+    common.copy_with_progress(io.BytesIO(data), out, len(data), block=1024, every=0.0)
+    assert out.getvalue() == data
+    labels = re.findall(r"^\[data-prep\] \[(\d+)%, \d+ min, about \d+ min left\] 0 of 0 MiB$",
+                        capsys.readouterr().err, re.M)
+    assert labels == ["25", "50", "75", "100"]
