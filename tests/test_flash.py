@@ -89,3 +89,21 @@ def test_bf16_gau_at_4096(mode):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     err = (out.float() - ref).abs().max() / ref.abs().max()
     assert err < 2e-2, f"bf16 relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"s": 64}, "GatedAttentionUnit: s=64 must be <= d=32"),
+    ({"s": 15}, "GatedAttentionUnit: s=15 must be even with RoPE"),
+    ({"chunk_size": 0}, "GatedAttentionUnit: chunk_size=0 must be a positive integer"),
+    ({"relu2_norm": "mean"}, "GatedAttentionUnit: relu2_norm='mean' choose from"),
+])
+def test_the_unit_checks_the_same_rules_as_the_options(change, message):
+    """The rules live once (gau_problems): built directly, the unit names its own
+    argument where the model names the command-line flag."""
+    from linear_fairseq.errors import ConfigError
+
+    kwargs = dict(causal=True, s=16, expansion=2.0, chunk_size=8, mode="mixed", rope=True, rel_pos_bias=False,
+                  norm="scalenorm", dropout=0.0, scale_init="unit", relu2_norm="none")
+    GatedAttentionUnit(32, **kwargs)
+    with pytest.raises(ConfigError, match=message):
+        GatedAttentionUnit(32, **{**kwargs, **change})

@@ -22,13 +22,7 @@ from ..ops.flash import RELU2_NORMS
 from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import LinearLanguageModel, LinearTransformerModel, register_presets
-from .options import (
-    LinearTransformerConfig,
-    option,
-    option_error,
-    require_positive,
-    require_positive_int,
-)
+from .options import LinearTransformerConfig, option, option_error
 
 GAU = ChoiceEnum(["gau"])
 
@@ -69,15 +63,20 @@ class FlashLMConfig(TransformerLanguageModelConfig, FlashOptions):
 
 
 def check_flash_args(args: Namespace, roles) -> None:
-    require_positive_int(args, "gau_chunk_size")
-    require_positive_int(args, "gau_s")
-    require_positive(args, "gau_expansion")
+    """The GAU's rules (modules/gau.py, gau_problems) for each side with GAU
+    layers, named as command-line options."""
     for side in ("encoder", "decoder"):
-        dim = getattr(args, f"{side}_embed_dim", None)
-        if dim is not None and f"{side}_self" in roles and args.gau_s > dim:
-            raise option_error("gau_s", args.gau_s, f"must be <= --{side}-embed-dim={dim}")
-    if not args.no_rope and args.gau_s % 2:
-        raise option_error("gau_s", args.gau_s, "must be even with RoPE (or pass --no-rope)")
+        if f"{side}_self" not in roles:
+            continue
+        found = gau.gau_problems(
+            args.__dict__[f"{side}_embed_dim"], s=args.gau_s, expansion=args.gau_expansion,
+            chunk_size=args.gau_chunk_size, rope=not args.no_rope, mode=args.gau_attention, norm=args.gau_norm,
+            scale_init=args.gau_scale_init, relu2_norm=args.gau_relu2_norm, width=f"--{side}-embed-dim")
+        for name, value, why in found:
+            raise option_error(OPTION.get(name, f"gau_{name}"), value, why)
+
+
+OPTION = {"mode": "gau_attention", "norm": "gau_norm"}  # the GAU's argument names that differ from gau_<name>
 
 
 def derived_settings(args: Namespace) -> None:

@@ -61,6 +61,31 @@ def build_norm(kind: str, dim: int) -> nn.Module:
     return ScaleNorm(dim) if kind == "scalenorm" else LayerNorm(dim)
 
 
+def gau_problems(dim: int, *, s, expansion, chunk_size, rope: bool, mode, norm, scale_init, relu2_norm,
+                 width: str = "d") -> list:
+    """(option, value, why) for each value a GAU of width `dim` cannot take: the
+    one home of these rules. The unit raises on the first; the FLASH models
+    check them as options, naming the command-line flags (`width`: how the
+    message names `dim`)."""
+    rules = (
+        ("chunk_size", chunk_size, lambda: isinstance(chunk_size, int) and chunk_size >= 1, "must be a positive integer"),
+        ("s", s, lambda: isinstance(s, int) and s >= 1, "must be a positive integer"),
+        ("expansion", expansion, lambda: expansion > 0, "must be > 0"),
+        ("s", s, lambda: s <= dim, f"must be <= {width}={dim}"),  # rules across values after those of one
+        ("s", s, lambda: not rope or s % 2 == 0, "must be even with RoPE (or turn RoPE off: --no-rope)"),
+        ("expansion", expansion, lambda: round(expansion * dim) >= 1,
+         f"gives width e={round(expansion * dim)} at {width}={dim}; it must be >= 1"),
+        ("mode", mode, lambda: mode in ("mixed", "quadratic"), "choose mixed or quadratic"),
+        ("norm", norm, lambda: norm in ("scalenorm", "layernorm"), "choose scalenorm or layernorm"),
+        ("scale_init", scale_init, lambda: scale_init in ("paper", "unit"), "choose paper or unit"),
+        ("relu2_norm", relu2_norm, lambda: relu2_norm in ops.RELU2_NORMS, f"choose from {', '.join(ops.RELU2_NORMS)}"),
+    )
+    for name, value, ok, why in rules:
+        if not ok():
+            return [(name, value, why)]  # later rules may assume the earlier ones hold
+    return []
+
+
 class GatedAttentionUnit(LinearAttention):
     def __init__(
         self,
@@ -82,19 +107,9 @@ class GatedAttentionUnit(LinearAttention):
         (linear_fairseq/models/flash.py, FlashOptions)."""
         super().__init__(dim, 1, causal=causal)
         e = int(round(expansion * dim))
-        checks = (
-            ("s", s, isinstance(s, int) and 1 <= s <= dim, f"must be an integer in [1, d={dim}]"),
-            ("s", s, not rope or s % 2 == 0, "must be even with RoPE"),
-            ("chunk_size", chunk_size, isinstance(chunk_size, int) and chunk_size >= 1, "must be a positive integer"),
-            ("expansion", expansion, e >= 1, f"gives width e={e}; it must be >= 1"),
-            ("mode", mode, mode in ("mixed", "quadratic"), "choose mixed or quadratic"),
-            ("norm", norm, norm in ("scalenorm", "layernorm"), "choose scalenorm or layernorm"),
-            ("scale_init", scale_init, scale_init in ("paper", "unit"), "choose paper or unit"),
-            ("relu2_norm", relu2_norm, relu2_norm in ops.RELU2_NORMS, f"choose from {', '.join(ops.RELU2_NORMS)}"),
-        )
-        for name, value, ok, why in checks:
-            if not ok:
-                raise ConfigError(f"GatedAttentionUnit: {name}={value!r} {why}")
+        for name, value, why in gau_problems(dim, s=s, expansion=expansion, chunk_size=chunk_size, rope=rope,
+                                             mode=mode, norm=norm, scale_init=scale_init, relu2_norm=relu2_norm):
+            raise ConfigError(f"GatedAttentionUnit: {name}={value!r} {why}")
         self.s, self.e, self.chunk_size, self.mode, self.rope = s, e, chunk_size, mode, rope
         self.relu2_norm = relu2_norm
         self.norm = build_norm(norm, dim)
