@@ -43,8 +43,12 @@ CASES = {
             "flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--gau-relu2-norm", norm],
             "language_modeling",
         )
-        for norm in ("keys", "none")
+        for norm in ("keys", "chunk")  # the default is none
     },
+    "flash_mt_softmax_cross": (
+        "flash_transformer", TINY_MT + ["--gau-s", "16", "--gau-chunk-size", "4", "--cross-attn", "softmax"],
+        "translation",
+    ),
     "flash_mt_keys": (
         "flash_transformer", TINY_MT + ["--gau-s", "16", "--gau-chunk-size", "4", "--gau-relu2-norm", "keys"],
         "translation",

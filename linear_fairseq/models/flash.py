@@ -53,6 +53,10 @@ class FlashOptions(FairseqDataclass):
 @dataclass
 class FlashTransformerConfig(LinearTransformerConfig, FlashOptions):
     encoder_self_attn: GAU = option("gau", "encoder layers: gated attention units")
+    cross_attn: ChoiceEnum(["kernel", "softmax"]) = option(
+        "kernel", "decoder cross-attention: elu+1 kernel attention (the source summary is cached once, so a "
+        "decoding step does not depend on the source length) or fairseq's softmax attention"
+    )
     encoder_layers: int = option(12, "GAU layers in the encoder")
     decoder_layers: int = option(12, "GAU layers in the decoder")
 

@@ -12,16 +12,17 @@ with A the mixed chunk attention of ``ops.flash`` (or FLASH-Quad's full
 relu^2 attention). Single head. The unit keeps the LinearAttention contract's
 incremental state: the decode state is bounded by the chunk size G.
 
-The encoder-decoder decoder layer adds a cross-attention whose decode cost
-does not depend on the source length: pre-norm kernel attention with
-phi = elu + 1 over the encoder output, whose summary (S, z) is computed once
-per source and cached (``PerformerAttention``, cross=True).
+The encoder-decoder decoder layer adds a pre-norm cross-attention over the
+encoder output: by default kernel attention with phi = elu + 1, whose summary
+(S, z) is computed once per source and cached (``PerformerAttention``,
+cross=True), so a decode step does not depend on the source length; or
+fairseq's softmax attention (--cross-attn softmax).
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from fairseq.modules import LayerNorm
+from fairseq.modules import LayerNorm, MultiheadAttention
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -217,8 +218,19 @@ class GAUEncoderLayer(nn.Module):
         pass
 
 
+def build_cross_attention(cfg, dim: int) -> nn.Module:
+    """--cross-attn: kernel (elu+1, PerformerAttention) or softmax (fairseq's
+    MultiheadAttention, as its decoder layers build it); both cache what they
+    need of the source in the incremental state."""
+    heads, source_dim = cfg.decoder.attention_heads, cfg.encoder.embed_dim
+    if str(cfg.cross_attn) == "softmax":
+        return MultiheadAttention(dim, heads, kdim=source_dim, vdim=source_dim, dropout=cfg.attention_dropout,
+                                  encoder_decoder_attention=True)
+    return PerformerAttention(dim, heads, feature_map="elu", kv_dim=source_dim, cross=True)
+
+
 class GAUDecoderLayer(nn.Module):
-    """A causal GAU, then (encoder-decoder models) kernel cross-attention over the
+    """A causal GAU, then (encoder-decoder models) cross-attention over the
     encoder output; called like fairseq's TransformerDecoderLayerBase."""
 
     def __init__(self, cfg, no_encoder_attn: bool = False):
@@ -228,9 +240,7 @@ class GAUDecoderLayer(nn.Module):
         self.cross_attn = None
         if not no_encoder_attn:
             self.cross_norm = build_norm(str(cfg.gau_norm), dim)
-            self.cross_attn = PerformerAttention(
-                dim, cfg.decoder.attention_heads, feature_map="elu", kv_dim=cfg.encoder.embed_dim, cross=True
-            )
+            self.cross_attn = build_cross_attention(cfg, dim)
             self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
