@@ -99,7 +99,7 @@ def test_default_feature_counts():
     [
         (["--num-features", "0"], "--num-features=0: must be a positive integer"),
         (["--feature-map", "elu", "--num-features", "8"], "--num-features=8: elu has no features"),
-        (["--redraw-interval", "-1"], "--redraw-interval=-1: must be >= 0"),
+        (["--redraw-interval", "-1"], "--redraw-interval=-1: must be an integer >= 0"),
         (["--kernel-eps", "-1"], "--kernel-eps=-1.0: must be >= 0"),
         (["--kernel-chunk-size", "0"], "--kernel-chunk-size=0: must be a positive integer"),
         (["--encoder-attention-heads", "5"], "--encoder-attention-heads=5 must be a positive divisor of --encoder-embed-dim=32"),

@@ -80,6 +80,16 @@ def require_positive(args: Namespace, name: str) -> None:
         raise option_error(name, value, "must be > 0")
 
 
+def require_nonnegative(args: Namespace, name: str, integer: bool = False, optional: bool = False) -> None:
+    """`name` >= 0 (an integer with `integer`; None allowed with `optional`)."""
+    value = getattr(args, name)
+    if optional and value is None:
+        return
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+        raise option_error(name, value, "must be an integer >= 0" if integer else "must be >= 0")
+
+
 def require_heads_divide(args: Namespace, side: str) -> None:
     dim, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
     if heads < 1 or dim % heads != 0:

@@ -17,12 +17,7 @@ from ..modules.performer_attention import FEATURE_MAPS  # registers the "perform
 from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import MT_PRESETS, LinearLanguageModel, LinearTransformerModel, register_presets
-from .options import (
-    LinearTransformerConfig,
-    option,
-    option_error,
-    require_positive_int,
-)
+from .options import LinearTransformerConfig, option, option_error, require_nonnegative, require_positive_int
 
 ATTENTION = ChoiceEnum(["softmax", "performer"])
 
@@ -64,10 +59,8 @@ def check_performer_args(args: Namespace, roles) -> None:
         require_positive_int(args, "num_features")
     if args.feature_map == "elu" and args.num_features is not None:
         raise option_error("num_features", args.num_features, "elu has no features to choose (phi has the head's width)")
-    if not isinstance(args.redraw_interval, int) or args.redraw_interval < 0:
-        raise option_error("redraw_interval", args.redraw_interval, "must be >= 0")
-    if args.kernel_eps is not None and not (isinstance(args.kernel_eps, (int, float)) and args.kernel_eps >= 0):
-        raise option_error("kernel_eps", args.kernel_eps, "must be >= 0")
+    require_nonnegative(args, "redraw_interval", integer=True)
+    require_nonnegative(args, "kernel_eps", optional=True)
     require_positive_int(args, "kernel_chunk_size")
 
 
