@@ -256,15 +256,39 @@ def machine() -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
+def number(text: str):
+    """A CSV cell back as the int or float it was written from (else the text)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def with_earlier_rows(rows, stem: Path, task: str, ds: str) -> list:
+    """This run's rows and, from the table already at <stem>.csv, the rows of model
+    configs this run did not train (so a table can be filled over several calls:
+    --configs recommended, then --configs paper), in family order, each family's
+    recommended config first. Rows of configs that no longer exist are dropped."""
+    order = [model for family in FAMILIES for _, model in model_configs(task, ds, family)]
+    done = {r["config"] for r in rows}
+    kept = [{k: number(v) for k, v in r.items()} for r in read_csv(Path(f"{stem}.csv"))
+            if r.get("config") in set(order) - done]
+    return sorted(rows + kept, key=lambda r: order.index(r["config"]))
+
+
 def write_tables(rows, task, ds, args, results: Path) -> Path:
     metrics = METRICS[DATASETS[ds]["metric"]]
     speed = ["tok/s"] if task == "lm" else ["tok/s", "sent/s"]
-    columns = ["family", "config", "model", "params", "train min", *metrics, *speed, "peak MB", "paper"]
+    columns = ["family", "config", "model", "params", "train min", *metrics, *speed, "peak MB", "paper", "run"]
+    stem = results / f"{task}-{args.scale}"
     header = [
         f"# {task} at {args.scale} scale: {ds}" + (f" (configs/{task}/{args.config}.yaml)" if args.config else ""),
         "",
         f"Command: `{command_line(task)}`  ",
-        f"Run {machine()}. Decoding: "
+        f"Last run {machine()}; the run column dates each row (rows of configs a later call did not "
+        "train are kept). Decoding: "
         f"`{' '.join(DATASETS[ds]['decode'])}`" + ("" if task == "lm" else f", batch {args.batch_size}")
         + "; tok/s (" + ("fairseq-eval-lm scoring" if task == "lm" else "fairseq-generate decoding")
         + ") and peak MB (resident memory of that whole process) come from that run. "
@@ -272,7 +296,7 @@ def write_tables(rows, task, ds, args, results: Path) -> Path:
         "settings; _paper: the family as its paper sets it up, where that differs).",
         "",
     ]
-    return write_table(results / f"{task}-{args.scale}", columns, rows, header)
+    return write_table(stem, columns, with_earlier_rows(rows, stem, task, ds), header)
 
 
 # -- ablations: rows of settings, scored on the validation set ------------------------------
@@ -332,8 +356,8 @@ def ablation_summary(runs, spec: dict, metric: str) -> list:
     return out
 
 
-def previous_runs(stem: Path) -> list:
-    path = Path(f"{stem}.runs.csv")
+def read_csv(path: Path) -> list:
+    """The rows of a table's CSV (none if it does not exist yet)."""
     if not path.is_file():
         return []
     with open(path) as f:
@@ -352,7 +376,7 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
     metric = VALID_METRIC[args.task][0]
     table = spec.get("table", f"ablations-{args.task}")
     stem = args.results.resolve() / (table + ("-smoke" if args.scale == "smoke" else ""))
-    runs = [] if args.fresh else previous_runs(stem)
+    runs = [] if args.fresh else read_csv(Path(f"{stem}.runs.csv"))
     only = set(args.rows.split(",")) if args.rows else None
     todo = []
     for rid, row, seed in ablation_runs(spec, only):
@@ -521,7 +545,7 @@ def main(argv=None):
         scores = evaluate(args.task, ds, model, data, choose_checkpoint(ckpt, args.average), args)
         row = {"family": family, "config": model, "model": _model_name(args.task, ds, family),
                "params": trained["params"], "train min": trained["train_seconds"] / 60, **scores,
-               "paper": PAPER.get((ds, family), "n/a")}
+               "paper": PAPER.get((ds, family), "n/a"), "run": str(datetime.date.today())}
         say(f"{model}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         rows.append(row)
     table = write_tables(rows, args.task, ds, args, args.results.resolve())

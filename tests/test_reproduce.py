@@ -57,8 +57,11 @@ def test_reproduce_mt_smoke(tmp_path):
     ckpts = tmp_path / "work" / "checkpoints"
     assert "'cross_attn': softmax" in (ckpts / "memsizer" / "train.log").read_text()
     assert "'cross_attn': memsizer" in (ckpts / "memsizer-paper" / "train.log").read_text()
-    again = reproduce("mt", raw, tmp_path, "--families", "memsizer", "--configs", "paper")  # trained models are reused
+    # trained models are reused, and the rows of configs not asked for again are kept
+    again = reproduce("mt", raw, tmp_path, "--families", "memsizer", "--configs", "paper")
     assert "multi30k_memsizer_paper: already trained" in again and "multi30k_memsizer:" not in again
+    after = table(tmp_path, "mt", [r["config"] for r in rows])
+    assert after[:2] == rows[:2] and after[2]["bleu"] == rows[2]["bleu"] and after[2]["run"] == rows[2]["run"]
 
 
 # two families a task, each family trained in one of them (every family's configs
