@@ -5,7 +5,7 @@ take their lists from here, so a new family appears everywhere by registering.
 No fairseq import: ``scripts/`` and ``benchmarks/`` read it cheaply.
 """
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,9 @@ class Family:
     # flags that bring the benchmarks' models to the softmax baseline's parameter count
     bench_mt_args: Tuple[str, ...] = ()
     bench_lm_args: Tuple[str, ...] = ()
+    # linearize (python -m linear_fairseq.linearize): (tensor name, softmax state dict) ->
+    # (value, how it was derived) for a tensor derived from the softmax weights, else None
+    from_softmax: Optional[Callable[[str, dict], Optional[tuple]]] = None
 
 
 BASELINE = Family("transformer", "transformer", "transformer_lm", "Attention Is All You Need, arXiv 1706.03762")

@@ -21,7 +21,6 @@ from fairseq.models.transformer import (
 from fairseq.models.transformer_lm import (
     DEFAULT_MAX_TARGET_POSITIONS,
     TransformerLanguageModel,
-    base_lm_architecture,
 )
 from fairseq.modules import AdaptiveInput
 from fairseq import options
@@ -138,9 +137,7 @@ class LinearLanguageModel(LinearModelMixin, TransformerLanguageModel):
     def build_model(cls, cfg, task):
         require_task(cls, task, "language_modeling", "language model: pass --task language_modeling "
                      "(fairseq-eval-lm, or fairseq-generate/-interactive with that flag)")
-        args = as_namespace(cfg)
-        base_lm_architecture(args)
-        args = cls.prepare_args(args)
+        args = cls.prepare_args(as_namespace(cfg))  # the options as given, as fairseq's own build_model takes them
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
         if getattr(args, "max_target_positions", None) is None:

@@ -6,6 +6,7 @@ them: for MT, MemSizer in the decoder only (causal k=4, cross k=32, softmax
 encoder) with init scales 8/8; for LM, k=32 with init scales 32/1. A default
 here is the value a model gets: no argparse default overrides it.
 """
+import re
 from argparse import Namespace
 from dataclasses import dataclass
 
@@ -83,9 +84,24 @@ def memsizer_lm_wiki103(args):
     transformer_lm_baevski_wiki103(args)
 
 
+def from_softmax(name: str, softmax: dict):
+    """W_r of a MemSizer role from the softmax attention it replaces: its value
+    projection followed by its output projection (MemSizer has no output
+    projection, so W_r carries both)."""
+    match = re.fullmatch(r"(.*)\.w_r\.(weight|bias)", name)
+    if not match or f"{match[1]}.v_proj.weight" not in softmax:
+        return None
+    v, o = (softmax[f"{match[1]}.{p}_proj.weight"] for p in ("v", "out"))
+    how = "W_r = out_proj(v_proj(x))"
+    if match[2] == "weight":
+        return o @ v, how
+    return o @ softmax[f"{match[1]}.v_proj.bias"] + softmax[f"{match[1]}.out_proj.bias"], how
+
+
 register_family(Family(
     "memsizer", "memsizer_transformer", "memsizer_lm", "Linearizing Transformer with Key-Value Memory, arXiv 2203.12644",
     bench_mt_args=("--decoder-ffn-embed-dim", "1702"), bench_lm_args=("--decoder-ffn-embed-dim", "1328"),
+    from_softmax=from_softmax,
 ))
 register_presets("memsizer_transformer", MT_PRESETS)
 register_presets("memsizer_lm", {"wiki103": memsizer_lm_wiki103, "gpt": transformer_lm_gpt})

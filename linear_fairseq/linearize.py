@@ -1,0 +1,212 @@
+"""Turn a trained softmax checkpoint into a linear-attention one, to fine-tune.
+
+  python -m linear_fairseq.linearize SOFTMAX_CKPT OUT_CKPT --arch ARCH [family options]
+
+SOFTMAX_CKPT is a fairseq ``transformer*`` (translation) or ``transformer_lm*``
+(language model) checkpoint; ARCH is one of this plugin's architectures of
+the same kind (``memsizer_transformer``, ``performer_lm``, ...), with any of
+its options (``--feature-map t2r``, ``--cross-attn softmax``, ...). The model
+sizes come from the checkpoint. Every tensor of the new model is
+
+* copied where the softmax model has a tensor of the same name and shape
+  (embeddings, feed-forward layers, layer norms, output projection, kernel
+  attention's q/k/v/out projections, any role left as softmax);
+* mapped where the family derives it from the softmax weights (its
+  ``from_softmax`` hook in the family registry; MemSizer: W_r from the value
+  then output projection);
+* initialized as in a fresh model otherwise (MemSizer's key slots, T2R's and
+  FAVOR+'s features, FLASH's gated attention units).
+
+A table of what was copied, mapped, initialized and left out is printed.
+OUT_CKPT then goes to ``fairseq-train --finetune-from-model OUT_CKPT`` with the
+same --arch and options (its optimizer state is not carried over), or to
+``fairseq-generate --path OUT_CKPT`` as it is. The approach is that of
+"Finetuning Pretrained Transformers into RNNs" (Kasai et al., arXiv 2103.13076).
+"""
+import argparse
+import dataclasses
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from . import families
+from .errors import ConfigError
+
+KINDS = {"translation": "translation", "language_modeling": "language model"}
+
+
+def fail(msg: str):
+    sys.exit(f"linearize: {msg}")
+
+
+def load_softmax(path: Path) -> dict:
+    """The checkpoint's state, refused in one line unless it holds fairseq's own
+    transformer or transformer_lm."""
+    from fairseq import checkpoint_utils
+    from fairseq.models import ARCH_MODEL_REGISTRY
+    from fairseq.models.transformer import TransformerModel
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    if not path.is_file():
+        fail(f"{path}: no such file")
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    except Exception as err:  # truncated, not a checkpoint, pickled objects we cannot load
+        first = (str(err).strip().splitlines() or [""])[0]
+        fail(f"cannot read {path} as a fairseq checkpoint ({type(err).__name__}: {first})")
+    name = state["cfg"]["model"]._name
+    if ARCH_MODEL_REGISTRY.get(name) not in (TransformerModel, TransformerLanguageModel):
+        fail(f"{path} holds a {name!r} model; linearize starts from fairseq's softmax transformer or transformer_lm")
+    return state
+
+
+def target_args(state: dict, arch: str, options_: list) -> argparse.Namespace:
+    """The new model's options: ARCH and the options given, over the softmax
+    model's own (sizes, dropout, embeddings sharing)."""
+    from fairseq import options
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    from .models.linear_transformer import LinearLanguageModel, LinearTransformerModel
+
+    task = state["cfg"]["task"]._name
+    want = LinearLanguageModel if task == "language_modeling" else LinearTransformerModel
+    if arch not in ARCH_MODEL_REGISTRY or not issubclass(ARCH_MODEL_REGISTRY[arch], want):
+        kind = "lm_model" if task == "language_modeling" else "mt_model"
+        archs = [getattr(f, kind) for f in families.FAMILIES.values()]
+        fail(f"--arch {arch}: not a linear {KINDS.get(task, task)} architecture; the checkpoint's task is "
+             f"{task}, so choose {', '.join(archs)} (or one of their presets)")
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["/unused", "--task", task, "--arch", arch, *options_])
+    given = {parser._option_string_actions[opt.split("=")[0]].dest for opt in options_
+             if opt.split("=")[0] in parser._option_string_actions}
+    fields = {f.name for f in dataclasses.fields(ARCH_MODEL_REGISTRY[arch].__dataclass)}
+    model = state["cfg"]["model"]  # fairseq keeps an argparse model's options as a Namespace
+    for key, value in (vars(model) if isinstance(model, argparse.Namespace) else model).items():
+        if key in fields - given - {"_name", "arch"}:
+            setattr(args, key, value)
+    return args
+
+
+def build_target(state: dict, args: argparse.Namespace):
+    """The new model, freshly initialized, with the softmax model's vocabularies."""
+    from types import SimpleNamespace
+
+    from fairseq.data import Dictionary
+    from fairseq.models import build_model
+
+    def vocab(size: int) -> Dictionary:
+        d = Dictionary()
+        while len(d) < size:
+            d.add_symbol(f"<{len(d)}>")
+        return d
+
+    weights = state["model"]
+    tgt = vocab(weights["decoder.embed_tokens.weight"].shape[0])
+    src = vocab(weights["encoder.embed_tokens.weight"].shape[0]) if "encoder.embed_tokens.weight" in weights else tgt
+    torch.manual_seed(args.seed)
+    return build_model(args, SimpleNamespace(source_dictionary=src, target_dictionary=tgt))
+
+
+def transfer(source: dict, model, family) -> tuple:
+    """(state dict of `model`, {tensor name: what happened to it}) with the
+    tensors of `source` copied or mapped where they fit."""
+    hook = family.from_softmax
+    out, how = {}, {}
+    for name, fresh in model.state_dict().items():
+        mapped = hook(name, source) if hook else None
+        if name in source and source[name].shape == fresh.shape:
+            out[name], how[name] = source[name].to(fresh.dtype).clone(), "copied"
+        elif mapped is not None and mapped[0].shape == fresh.shape:
+            out[name], how[name] = mapped[0].to(fresh.dtype), f"mapped: {mapped[1]}"
+        else:
+            out[name], how[name] = fresh, "initialized"
+    for name in source:
+        if name not in how:
+            how[name] = "left out"
+    return out, how
+
+
+def pattern(name: str) -> str:
+    """The module a tensor belongs to, layer indices folded: decoder.layers.*.fc1."""
+    return re.sub(r"\.layers\.\d+\.", ".layers.*.", name).rsplit(".", 1)[0]
+
+
+def report(how: dict, sizes: dict) -> str:
+    """One line per outcome and name pattern (layer indices folded)."""
+    groups = defaultdict(lambda: [0, 0])
+    for name, what in how.items():
+        group = groups[(what, pattern(name))]
+        group[0] += 1
+        group[1] += sizes[name]
+    order = ("copied", "mapped", "initialized", "left out")
+    lines = ["| what | tensors | parameters | module |", "| --- | --- | --- | --- |"]
+    for (what, name), (n, params) in sorted(groups.items(), key=lambda g: (order.index(g[0][0].split(":")[0]), g[0][1])):
+        lines.append(f"| {what} | {n} | {params:,} | {name} |")
+    totals = defaultdict(int)
+    for name, what in how.items():
+        totals[what.split(":")[0]] += sizes[name]
+    lines.append("")
+    lines.append("parameters: " + ", ".join(f"{totals[w]:,} {w}" for w in order if totals[w]))
+    return "\n".join(lines)
+
+
+def save(state: dict, args, weights: dict, out: Path) -> None:
+    """A fairseq checkpoint of the new model: the softmax checkpoint's config
+    with the new model block, no optimizer state, zero updates, epoch 1."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = state["cfg"]
+    with open_dict(cfg):
+        cfg["model"] = convert_namespace_to_omegaconf(args).model
+    last = dict(state["optimizer_history"][-1]) if state.get("optimizer_history") else {}
+    history = [{**last, "num_updates": 0, "lr_scheduler_state": {}}]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the config as plain containers, as fairseq saves it
+    start = {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}}  # a fresh run's first epoch
+    torch.save({"cfg": OmegaConf.to_container(cfg), "model": weights, "optimizer_history": history,
+                "extra_state": start, "last_optimizer_state": None}, out)
+
+
+def linearize(softmax: Path, out: Path, arch: str, options_=()) -> str:
+    """Write OUT from SOFTMAX for `arch`; returns the report."""
+    from . import models  # noqa: F401  registers the architectures
+
+    state = load_softmax(softmax)
+    args = target_args(state, arch, list(options_))
+    try:
+        model = build_target(state, args)
+    except ConfigError as err:
+        fail(str(err))
+    weights, how = transfer(state["model"], model, family_of(arch))
+    sizes = {**{k: v.numel() for k, v in state["model"].items()}, **{k: v.numel() for k, v in weights.items()}}
+    save(state, args, weights, out)
+    head = f"linearize: {state['cfg']['model']._name} ({softmax}) -> {arch} ({out})"
+    return head + "\n\n" + report(how, sizes)
+
+
+def family_of(arch: str):
+    """The registered family whose models `arch` builds."""
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+
+    model = ARCH_MODEL_NAME_REGISTRY[arch]
+    return next(f for f in families.FAMILIES.values() if model in (f.mt_model, f.lm_model))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m linear_fairseq.linearize", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("softmax", type=Path, help="a fairseq transformer / transformer_lm checkpoint")
+    ap.add_argument("out", type=Path, help="where the linear model's checkpoint goes")
+    ap.add_argument("--arch", required=True, help="a linear architecture of the same kind (e.g. memsizer_transformer)")
+    args, family_options = ap.parse_known_args(argv)
+    if args.out.resolve() == args.softmax.resolve():
+        ap.error("OUT must differ from SOFTMAX_CKPT")
+    print(linearize(args.softmax, args.out, args.arch, family_options))
+
+
+if __name__ == "__main__":
+    main()
