@@ -129,6 +129,24 @@ def test_family_train_and_generate(multi30k, tmp_path, arch_args):
     assert bleu_chrf(hyps, read_references(multi30k / "raw" / "test.en"))["chrf"] > 0
 
 
+def test_linearize_a_trained_transformer_then_finetune_and_generate(multi30k, tmp_path):
+    """The linearize path as the README shows it: fairseq-train a softmax
+    transformer, convert it, fine-tune with --finetune-from-model, decode."""
+    data = multi30k / "bin"
+    fairseq("train", data, "--arch", "transformer", *TINY_MT, "--max-update", 12, "--save-dir", tmp_path / "softmax")
+    memsizer = ["--arch", "memsizer_transformer", "--decoder-self-memory-size", "4", "--cross-attn", "softmax"]
+    r = subprocess.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
+                        tmp_path / "linear.pt", *memsizer], capture_output=True, text=True)
+    assert r.returncode == 0 and "| mapped: W_r = out_proj(v_proj(x)) |" in r.stdout, r.stderr[-3000:]
+    fairseq("train", data, *memsizer, *TINY_MT, "--max-update", 6, "--save-dir", tmp_path / "ft",
+            "--finetune-from-model", tmp_path / "linear.pt")
+    assert num_updates(tmp_path / "ft" / "checkpoint_last.pt") == 6  # a fresh run from the converted weights
+    gen = fairseq("generate", data, "--path", tmp_path / "linear.pt", "--gen-subset", "valid", "--beam", 2,
+                  "--batch-size", 100, "--max-len-b", 10, "--post-process", "sentencepiece",
+                  "--required-batch-size-multiple", 1)
+    assert len(read_hypotheses(gen.stdout)) == 200
+
+
 def test_demo_without_data_offline_says_so_and_fails(tmp_path):
     """No --data and no way to download: a clear message and a non-zero exit, before any training."""
     env = {**os.environ, "MULTI30K_URL": "http://127.0.0.1:9/multi30k"}  # nothing listens on port 9
