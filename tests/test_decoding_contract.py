@@ -62,8 +62,18 @@ CASES = {
         "flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--gau-attention", "quadratic"],
         "language_modeling",
     ),
+    # hybrid stacks: fairseq's softmax layers among the family's (--*-softmax-layers)
+    "memsizer_mt_hybrid": ("memsizer_transformer", TINY_MT + ["--decoder-softmax-layers", "1",
+                                                              "--encoder-self-attn", "memsizer",
+                                                              "--encoder-softmax-layers", "0"], "translation"),
+    "performer_lm_hybrid": ("performer_lm", TINY_LM + kernel("favor") + ["--decoder-softmax-layers", "0"],
+                            "language_modeling"),
+    "flash_lm_hybrid": ("flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--decoder-softmax-layers", "1"],
+                        "language_modeling"),
 }
-GROWING_STATE = {"flash_lm_quad", "flash_lm_quad_keys"}  # FLASH-Quad keeps every key, as softmax attention does
+HYBRID = {"memsizer_mt_hybrid": {1}, "performer_lm_hybrid": {0}, "flash_lm_hybrid": {1}}  # the softmax decoder layers
+# FLASH-Quad keeps every key, as softmax attention does; so do the softmax layers of a hybrid
+GROWING_STATE = {"flash_lm_quad", "flash_lm_quad_keys", *HYBRID}
 ENC_DEC = [case for case, (_, _, task) in CASES.items() if task == "translation"]
 
 
@@ -171,6 +181,32 @@ def test_decode_state_does_not_grow_with_the_prefix(case):
     assert sizes[4] == sizes[64] > 0
     attn = [m for m in h.model.decoder.modules() if isinstance(m, LinearAttention)]
     assert attn, "the decoder has no linear attention"
+
+
+@pytest.mark.parametrize("case", list(HYBRID))
+def test_hybrid_stack_linear_layers_keep_a_constant_state_softmax_layers_a_growing_cache(case):
+    h = Harness(case)
+    sizes = {}
+    with torch.no_grad():
+        for T in (4, 64):
+            state = {}
+            h.steps(decoder_input(h.d, 4, T), state)
+            for i, layer in enumerate(h.model.decoder.layers):
+                ids = {f"{m._incremental_state_id}." for m in layer.modules() if hasattr(m, "_incremental_state_id")}
+                sizes[i, T] = sum(v.numel() for key, buf in state.items() if any(key.startswith(p) for p in ids)
+                                  for v in buf.values() if v is not None)
+    for i, layer in enumerate(h.model.decoder.layers):
+        if i in HYBRID[case]:
+            assert type(layer).__name__ == "TransformerDecoderLayerBase" and sizes[i, 64] > sizes[i, 4] > 0
+        else:
+            assert sizes[i, 64] == sizes[i, 4] > 0, (i, type(layer).__name__)
+
+
+def test_softmax_layer_indices_are_checked():
+    for value, n in (("2", 2), ("0,0", 2), ("a", 2), ("-1", 2)):
+        with pytest.raises(ValueError, match=f"--decoder-softmax-layers='{value}': must be distinct comma-separated "
+                                             f"layer indices in 0..{n - 1}"):
+            make_model("performer_lm", TINY_LM + ["--decoder-softmax-layers", value], "language_modeling")
 
 
 def forced_scores(model, d, tokens, net_input=None):

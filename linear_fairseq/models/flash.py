@@ -11,18 +11,14 @@ from dataclasses import dataclass
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models.transformer import transformer_iwslt_de_en, transformer_wmt_en_de
-from fairseq.models.transformer_lm import (
-    TransformerLanguageModelConfig,
-    transformer_lm_baevski_wiki103,
-    transformer_lm_gpt,
-)
+from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..modules import gau  # noqa: F401  registers the "gau" layers
 from ..ops.flash import RELU2_NORMS
 from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import LinearLanguageModel, LinearTransformerModel, register_presets
-from .options import LinearTransformerConfig, option, option_error
+from .options import LinearLMConfig, LinearTransformerConfig, option, option_error
 
 GAU = ChoiceEnum(["gau"])
 
@@ -62,7 +58,7 @@ class FlashTransformerConfig(LinearTransformerConfig, FlashOptions):
 
 
 @dataclass
-class FlashLMConfig(TransformerLanguageModelConfig, FlashOptions):
+class FlashLMConfig(LinearLMConfig, FlashOptions):
     decoder_layers: int = option(12, "GAU layers")
 
 

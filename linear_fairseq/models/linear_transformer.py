@@ -29,25 +29,33 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from ..checkpoints import checkpoint_mismatch
 from ..errors import ConfigError
 from ..modules.attention import ROLES, attention_kind
-from ..modules.layers import decoder_layer, encoder_layer
+from ..modules.layers import decoder_layer, encoder_layer, softmax_layers
 from ..registry import register_model_architecture
-from .options import as_namespace, option_error, require_heads_divide
+from .options import as_namespace, option_error, require_heads_divide, require_layer_indices
 
 
 # -- encoder / decoder ------------------------------------------------------
+def next_index(module) -> int:
+    """fairseq builds a stack's layers in order, one build_*_layer call each: the
+    index of the layer being built."""
+    module.layers_built = getattr(module, "layers_built", 0) + 1
+    return module.layers_built - 1
+
+
 class LinearTransformerEncoder(TransformerEncoderBase):
     def build_encoder_layer(self, cfg):
-        return encoder_layer(cfg, return_fc=self.return_fc)
+        return encoder_layer(cfg, next_index(self), return_fc=self.return_fc)
 
 
 class LinearTransformerDecoder(TransformerDecoderBase):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        return decoder_layer(cfg, no_encoder_attn)
+        return decoder_layer(cfg, next_index(self), no_encoder_attn)
 
     def buffered_future_mask(self, tensor):
         # Linear causal attention (and a GAU) is causal by construction: skip fairseq's
-        # T x T future mask, which would cost O(T^2) memory at long context.
-        if attention_kind(self.cfg, "decoder_self") != "softmax":
+        # T x T future mask, which would cost O(T^2) memory at long context, unless
+        # softmax layers are mixed in.
+        if attention_kind(self.cfg, "decoder_self") != "softmax" and not softmax_layers(self.cfg, "decoder"):
             return None
         return super().buffered_future_mask(tensor)
 
@@ -90,6 +98,8 @@ class LinearModelMixin:
         for role in cls.roles:
             if attention_kind(args, role) != "softmax":
                 require_heads_divide(args, "encoder" if role == "encoder_self" else "decoder")
+        for side in ("encoder", "decoder") if "encoder_self" in cls.roles else ("decoder",):
+            require_layer_indices(args, side)
         if getattr(args, "cross_self_attention", False):
             raise option_error("cross_self_attention", True, "is not supported with linear attention")
         if cls.check_family is not None:

@@ -11,17 +11,14 @@ from argparse import Namespace
 from dataclasses import dataclass
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models.transformer_lm import (
-    TransformerLanguageModelConfig,
-    transformer_lm_baevski_wiki103,
-    transformer_lm_gpt,
-)
+from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..modules import memsizer_attention  # noqa: F401  registers the "memsizer" attention
 from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import MT_PRESETS, LinearLanguageModel, LinearTransformerModel, register_presets
 from .options import (
+    LinearLMConfig,
     LinearTransformerConfig,
     option,
     require_positive,
@@ -49,7 +46,7 @@ class MemsizerTransformerConfig(LinearTransformerConfig, MemsizerOptions):
 
 
 @dataclass
-class MemsizerLMConfig(TransformerLanguageModelConfig, MemsizerOptions):
+class MemsizerLMConfig(LinearLMConfig, MemsizerOptions):
     decoder_self_memory_size: int = option(32, "k, memory slots of the causal self-attention")
     q_init_scale: float = option(32.0, "init gain of the key slots Phi is scale^-1/2")
     kv_init_scale: float = option(1.0, "init gain of W_l and W_r is scale^-1/2")

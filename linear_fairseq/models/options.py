@@ -2,10 +2,11 @@
 and the checks a value gets where it enters (one line naming the option)."""
 import dataclasses
 from argparse import Namespace
-from typing import Any
+from typing import Any, Optional
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models.transformer import TransformerConfig
+from fairseq.models.transformer_lm import TransformerLanguageModelConfig
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
@@ -31,17 +32,32 @@ def _flat_fields(dc, prefix: str = ""):
         yield prefix + f.name, f.type, spec
 
 
-# Every option of fairseq's `--arch transformer`, as a flat dataclass: model
-# configs stored in checkpoints are then plain dicts (no pickled Namespace).
+def option(default, help: str):
+    """A dataclass field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def softmax_layers_option(side: str):
+    return option(None, f"comma-separated {side} layer indices (from 0) that stay fairseq's softmax transformer "
+                        "layers: a hybrid stack")
+
+
+# Every option of fairseq's `--arch transformer`, as a flat dataclass (model
+# configs stored in checkpoints are then plain dicts, no pickled Namespace),
+# and the hybrid-stack options every family shares.
 LinearTransformerConfig = dataclasses.make_dataclass(
-    "LinearTransformerConfig", list(_flat_fields(TransformerConfig)), bases=(FairseqDataclass,)
+    "LinearTransformerConfig",
+    [*_flat_fields(TransformerConfig),
+     *((f"{side}_softmax_layers", Optional[str], softmax_layers_option(side)) for side in ("encoder", "decoder"))],
+    bases=(FairseqDataclass,),
 )
 LinearTransformerConfig.__module__ = __name__
 
 
-def option(default, help: str):
-    """A dataclass field with its --help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+@dataclasses.dataclass
+class LinearLMConfig(TransformerLanguageModelConfig):
+    """fairseq's transformer_lm options and the hybrid-stack option."""
+    decoder_softmax_layers: Optional[str] = softmax_layers_option("decoder")
 
 
 def as_namespace(cfg: Any) -> Namespace:
@@ -88,6 +104,17 @@ def require_nonnegative(args: Namespace, name: str, integer: bool = False, optio
     kinds = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
         raise option_error(name, value, "must be an integer >= 0" if integer else "must be >= 0")
+
+
+def require_layer_indices(args: Namespace, side: str) -> None:
+    """--{side}-softmax-layers: distinct indices of existing layers."""
+    name, n = f"{side}_softmax_layers", getattr(args, f"{side}_layers")
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    parts = str(value).split(",")
+    if not all(p.strip().isdigit() and int(p) < n for p in parts) or len(set(map(int, parts))) < len(parts):
+        raise option_error(name, value, f"must be distinct comma-separated layer indices in 0..{n - 1}")
 
 
 def require_heads_divide(args: Namespace, side: str) -> None:

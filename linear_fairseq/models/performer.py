@@ -7,17 +7,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models.transformer_lm import (
-    TransformerLanguageModelConfig,
-    transformer_lm_baevski_wiki103,
-    transformer_lm_gpt,
-)
+from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..modules.performer_attention import FEATURE_MAPS  # registers the "performer" attention
 from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import MT_PRESETS, LinearLanguageModel, LinearTransformerModel, register_presets
-from .options import LinearTransformerConfig, option, option_error, require_nonnegative, require_positive_int
+from .options import LinearLMConfig, LinearTransformerConfig, option, option_error, require_nonnegative, require_positive_int
 
 ATTENTION = ChoiceEnum(["softmax", "performer"])
 
@@ -47,7 +43,7 @@ class PerformerTransformerConfig(LinearTransformerConfig, PerformerOptions):
 
 
 @dataclass
-class PerformerLMConfig(TransformerLanguageModelConfig, PerformerOptions):
+class PerformerLMConfig(LinearLMConfig, PerformerOptions):
     pass
 
 

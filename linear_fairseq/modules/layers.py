@@ -47,15 +47,29 @@ class LinearDecoderLayer(TransformerDecoderLayerBase):
         return attn if attn is not None else super().build_encoder_attention(embed_dim, cfg)
 
 
-def encoder_layer(cfg, return_fc: bool = False):
+def softmax_layers(cfg, side: str) -> set:
+    """The layer indices of --{side}-softmax-layers (checked where the model options enter)."""
+    value = getattr(cfg, f"{side}_softmax_layers", None)
+    return {int(i) for i in str(value).split(",")} if value is not None else set()
+
+
+def encoder_layer(cfg, index: int, return_fc: bool = False):
+    """Encoder layer `index`: fairseq's own where --encoder-softmax-layers lists it."""
     family = LAYER_FAMILIES.get(attention_kind(cfg, "encoder_self"))
-    layer = family.encoder(cfg, return_fc=return_fc) if family else LinearEncoderLayer(cfg, return_fc=return_fc)
+    if index in softmax_layers(cfg, "encoder"):
+        layer = TransformerEncoderLayerBase(cfg, return_fc=return_fc)
+    else:
+        layer = family.encoder(cfg, return_fc=return_fc) if family else LinearEncoderLayer(cfg, return_fc=return_fc)
     return wrap_layer(layer, cfg)
 
 
-def decoder_layer(cfg, no_encoder_attn: bool = False):
+def decoder_layer(cfg, index: int, no_encoder_attn: bool = False):
+    """Decoder layer `index`: fairseq's own where --decoder-softmax-layers lists it."""
     family = LAYER_FAMILIES.get(attention_kind(cfg, "decoder_self"))
-    layer = family.decoder(cfg, no_encoder_attn) if family else LinearDecoderLayer(cfg, no_encoder_attn)
+    if index in softmax_layers(cfg, "decoder"):
+        layer = TransformerDecoderLayerBase(cfg, no_encoder_attn)
+    else:
+        layer = family.decoder(cfg, no_encoder_attn) if family else LinearDecoderLayer(cfg, no_encoder_attn)
     return wrap_layer(layer, cfg)
 
 
