@@ -165,20 +165,28 @@ def test_reorder_mid_sequence_follows_the_beams(case):
     assert (stale - full).abs().max() > 1e-3
 
 
-def state_numel(state):
-    return sum(v.numel() for buf in state.values() for v in buf.values() if v is not None)
+def state_numel(state, module=None):
+    """Elements held in an incremental state (only by `module`'s submodules, if given)."""
+    ids = None if module is None else tuple(
+        f"{m._incremental_state_id}." for m in module.modules() if hasattr(m, "_incremental_state_id"))
+    return sum(v.numel() for key, buf in state.items() if ids is None or key.startswith(ids)
+               for v in buf.values() if v is not None)
+
+
+def decode_states(h, lengths=(4, 64)):
+    """{T: the incremental state after decoding a prefix of T tokens}."""
+    states = {T: {} for T in lengths}
+    with torch.no_grad():
+        for T, state in states.items():
+            h.steps(decoder_input(h.d, 4, T), state)
+    return states
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in GROWING_STATE])
 def test_decode_state_does_not_grow_with_the_prefix(case):
     h = Harness(case)
-    sizes = {}
-    with torch.no_grad():
-        for T in (4, 64):
-            state = {}
-            h.steps(decoder_input(h.d, 4, T), state)
-            sizes[T] = state_numel(state)
-    assert sizes[4] == sizes[64] > 0
+    states = decode_states(h)
+    assert state_numel(states[4]) == state_numel(states[64]) > 0
     attn = [m for m in h.model.decoder.modules() if isinstance(m, LinearAttention)]
     assert attn, "the decoder has no linear attention"
 
@@ -186,15 +194,9 @@ def test_decode_state_does_not_grow_with_the_prefix(case):
 @pytest.mark.parametrize("case", list(HYBRID))
 def test_hybrid_stack_linear_layers_keep_a_constant_state_softmax_layers_a_growing_cache(case):
     h = Harness(case)
-    sizes = {}
-    with torch.no_grad():
-        for T in (4, 64):
-            state = {}
-            h.steps(decoder_input(h.d, 4, T), state)
-            for i, layer in enumerate(h.model.decoder.layers):
-                ids = {f"{m._incremental_state_id}." for m in layer.modules() if hasattr(m, "_incremental_state_id")}
-                sizes[i, T] = sum(v.numel() for key, buf in state.items() if any(key.startswith(p) for p in ids)
-                                  for v in buf.values() if v is not None)
+    states = decode_states(h)
+    sizes = {(i, T): state_numel(state, layer) for T, state in states.items()
+             for i, layer in enumerate(h.model.decoder.layers)}
     for i, layer in enumerate(h.model.decoder.layers):
         if i in HYBRID[case]:
             assert type(layer).__name__ == "TransformerDecoderLayerBase" and sizes[i, 64] > sizes[i, 4] > 0
