@@ -1,11 +1,12 @@
 """Turn a trained softmax checkpoint into a linear-attention one, to fine-tune.
 
-  python -m linear_fairseq.linearize SOFTMAX_CKPT OUT_CKPT --arch ARCH [family options]
+  python -m linear_fairseq.linearize SOFTMAX_CKPT OUT_CKPT --arch ARCH [family options] [KEY=VALUE ...]
 
 SOFTMAX_CKPT is a fairseq ``transformer*`` (translation) or ``transformer_lm*``
 (language model) checkpoint; ARCH is one of this plugin's architectures of
 the same kind (``memsizer_transformer``, ``performer_lm``, ...), with any of
-its options (``--feature-map t2r``, ``--cross-attn softmax``, ...). The model
+its options (``--feature-map t2r``, ``--cross-attn softmax``, ... or as
+``feature_map=t2r``, the keys of a hydra model config). The model
 sizes come from the checkpoint. Every tensor of the new model is
 
 * copied where the softmax model has a tensor of the same name and shape
@@ -31,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import families
 from .errors import ConfigError
@@ -64,7 +66,8 @@ def load_softmax(path: Path) -> dict:
 
 
 def target_args(state: dict, arch: str, options_: list) -> argparse.Namespace:
-    """The new model's options: ARCH and the options given, over the softmax
+    """The new model's options: ARCH and the options given (command-line flags,
+    or KEY=VALUE model options as in a hydra model config), over the softmax
     model's own (sizes, dropout, embeddings sharing)."""
     from fairseq import options
     from fairseq.models import ARCH_MODEL_REGISTRY
@@ -78,11 +81,17 @@ def target_args(state: dict, arch: str, options_: list) -> argparse.Namespace:
         archs = [getattr(f, kind) for f in families.FAMILIES.values()]
         fail(f"--arch {arch}: not a linear {KINDS.get(task, task)} architecture; the checkpoint's task is "
              f"{task}, so choose {', '.join(archs)} (or one of their presets)")
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, ["/unused", "--task", task, "--arch", arch, *options_])
-    given = {parser._option_string_actions[opt.split("=")[0]].dest for opt in options_
-             if opt.split("=")[0] in parser._option_string_actions}
     fields = {f.name for f in dataclasses.fields(ARCH_MODEL_REGISTRY[arch].__dataclass)}
+    values = dict(opt.split("=", 1) for opt in options_ if "=" in opt and not opt.startswith("-"))
+    for key in set(values) - fields:
+        fail(f"{key}={values[key]}: not an option of {arch} (see docs/options.md)")
+    flags = [opt for opt in options_ if not ("=" in opt and not opt.startswith("-"))]
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["/unused", "--task", task, "--arch", arch, *flags])
+    for key, value in values.items():
+        setattr(args, key, yaml.safe_load(value))
+    given = set(values) | {parser._option_string_actions[opt.split("=")[0]].dest for opt in flags
+                           if opt.split("=")[0] in parser._option_string_actions}
     model = state["cfg"]["model"]  # fairseq keeps an argparse model's options as a Namespace
     for key, value in (vars(model) if isinstance(model, argparse.Namespace) else model).items():
         if key in fields - given - {"_name", "arch"}:

@@ -23,6 +23,7 @@ few dozen updates: for tests, not for numbers.
 import argparse
 import csv
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -314,9 +315,15 @@ def load_ablations(task: str, grid: str, rows=None) -> dict:
     spec = OmegaConf.to_container(OmegaConf.load(path))
     if spec.get("config", "paper") not in ("paper", "recommended"):
         sys.exit(f"[reproduce] {path}: config: {spec['config']!r} (choose paper or recommended)")
-    for rid, row in spec["rows"].items():
+    for i, (rid, row) in enumerate(spec["rows"].items()):
         if row.get("family") not in FAMILIES:
             sys.exit(f"[reproduce] {path}: row {rid!r} has family {row.get('family')!r} (choose from {', '.join(FAMILIES)})")
+        source = spec["rows"].get(row.get("linearize_from"), {})
+        if "linearize_from" in row and (row["linearize_from"] not in list(spec["rows"])[:i]
+                                        or source.get("family") != "transformer"
+                                        or (row.get("headline") and not source.get("headline"))):
+            sys.exit(f"[reproduce] {path}: row {rid!r}: linearize_from {row['linearize_from']!r} must name an earlier "
+                     "softmax (transformer) row, a headline row if this one is")
     unknown = set(rows.split(",")) - set(spec["rows"]) if rows else set()
     if unknown:
         sys.exit(f"[reproduce] --rows: unknown row(s) {', '.join(sorted(unknown))} "
@@ -384,7 +391,7 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
         if args.scale == "smoke":
             overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
-        key = " ".join(overrides)
+        key = " ".join(overrides + ([f"linearize_from={row['linearize_from']}"] if "linearize_from" in row else []))
         if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key for r in runs):
             say(f"{rid}, seed {seed}: in {stem.name}.runs.csv; kept")
         else:
@@ -401,6 +408,9 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         ckpt.mkdir(parents=True, exist_ok=True)
         record.write_text(key)
         model = row_config(args.task, ds, row["family"], spec)
+        if "linearize_from" in row:
+            start = linearized(args.task, model, work / "runs" / f"{row['linearize_from']}-s{seed}", ckpt, overrides)
+            overrides = [*overrides, f"checkpoint.finetune_from_model={start}"]
         trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=overrides)
         scores = evaluate(args.task, ds, rid, data, ckpt / "checkpoint_best.pt", args, subset="valid")
         runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key,
@@ -411,6 +421,34 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
     if spec.get("plot"):
         plot_curves(runs, spec, args.task, Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"{table}.png")
     return write_ablations(runs, spec, metric, stem, args, ds)
+
+
+def model_values(task: str, model: str, overrides) -> list:
+    """KEY=VALUE for every option of a model config (a file it extends through
+    `defaults` first), then the model.* hydra overrides."""
+    from omegaconf import OmegaConf
+
+    folder = ROOT / "configs" / task / "model"
+    mine = OmegaConf.load(folder / f"{model}.yaml")
+    merged = OmegaConf.merge(*(OmegaConf.load(folder / f"{base}.yaml") for base in mine.get("defaults", [])), mine)
+    values = {k: json.dumps(v) for k, v in OmegaConf.to_container(merged).items() if k not in ("_name", "defaults")}
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        if key.startswith("model."):
+            values[key[len("model."):]] = value
+    return [merged["_name"], [f"{k}={v}" for k, v in values.items()]]
+
+
+def linearized(task: str, model: str, source: Path, ckpt: Path, overrides) -> Path:
+    """The best checkpoint of an earlier (softmax) row, converted by
+    python -m linear_fairseq.linearize into this row's model."""
+    if not (source / "checkpoint_best.pt").is_file():
+        sys.exit(f"[reproduce] {source.name} is not trained yet: run its row first (--rows)")
+    out = ckpt / "linearized.pt"
+    arch, values = model_values(task, model, overrides)
+    run([sys.executable, "-m", "linear_fairseq.linearize", str(source / "checkpoint_best.pt"), str(out),
+         "--arch", arch, *values], ckpt / "linearize.log", stream=False)
+    return out
 
 
 def row_config(task: str, ds: str, family: str, spec: dict) -> str:

@@ -1,0 +1,58 @@
+"""reproduce.py --ablations end to end at smoke scale: grid rows and seeds, runs
+kept across calls, rows started from another row's linearized checkpoint."""
+import csv
+import re
+import subprocess
+
+import pytest
+
+from conftest import ROOT, require_data
+from test_reproduce import finite, reproduce
+
+pytestmark = pytest.mark.slow
+
+
+def test_ablations_smoke_writes_rows_seeds_and_reuses_recorded_runs(tmp_path):
+    """--ablations: the grid's rows (here two) with the headline row on both seeds,
+    scored on the validation set; a second call keeps the recorded runs."""
+    raw = require_data("multi30k")
+    rows = "softmax,flash-keys-paper-init"
+    out = reproduce("mt", raw, tmp_path, "--ablations", "--rows", rows)
+    assert re.search(r"\[3/3, \d+ min, about \d+ min left\] softmax, seed 2", out)
+    md = (tmp_path / "results" / "ablations-mt-smoke.md").read_text()
+    with open(tmp_path / "results" / "ablations-mt-smoke.csv") as f:
+        table = {r["row"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"softmax", "flash-keys-paper-init"} and "| softmax | transformer |" in md
+    assert table["softmax"]["seeds"].count("/") == 1 and table["flash-keys-paper-init"]["seeds"].count("/") == 0
+    for r in table.values():
+        assert 0 <= float(r["bleu"]) <= 100 and finite(r["valid loss"]) and int(r["updates"]) == 16
+    with open(tmp_path / "results" / "ablations-mt-smoke.runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    flash = next(r for r in runs if r["row"] == "flash-keys-paper-init")
+    assert "++model.gau_relu2_norm=keys" in flash["overrides"] and "common.seed=1" in flash["overrides"]
+    log = (tmp_path / "work" / "runs" / "flash-keys-paper-init-s1" / "train.log").read_text()
+    assert "'gau_relu2_norm': keys" in log and "'gau_scale_init': paper" in log
+    again = reproduce("mt", raw, tmp_path, "--ablations", "--rows", "softmax")
+    assert "softmax, seed 1: in ablations-mt-smoke.runs.csv; kept" in again and "training" not in again
+
+
+def test_unknown_ablation_row_is_named(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_mt.sh"), "--ablations", "--rows", "softmax,nope",
+                        "--scale", "smoke", "--raw", str(tmp_path), "--work", str(tmp_path / "w")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown row(s) nope" in (r.stdout + r.stderr)
+
+
+def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(tmp_path):
+    """--ablations linearize: a row with linearize_from converts the earlier softmax
+    row's best checkpoint (python -m linear_fairseq.linearize, with the row's model
+    config and overrides) and fine-tunes from it (checkpoint.finetune_from_model)."""
+    raw = require_data("multi30k")
+    reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", "softmax,memsizer-linearized-10")
+    run = tmp_path / "work" / "runs" / "memsizer-linearized-10-s1"
+    assert "| mapped: W_r = out_proj(v_proj(x)) |" in (run / "linearize.log").read_text()
+    assert f"loading pretrained model from {run / 'linearized.pt'}" in (run / "train.log").read_text()
+    with open(tmp_path / "results" / "linearize-mt-smoke.runs.csv") as f:
+        runs = {r["row"]: r for r in csv.DictReader(f)}
+    assert runs["memsizer-linearized-10"]["overrides"].endswith("linearize_from=softmax")
+    assert 0 <= float(runs["memsizer-linearized-10"]["bleu"]) <= 100
