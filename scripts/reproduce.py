@@ -136,26 +136,57 @@ def model_configs(task: str, ds: str, family: str, kinds=tuple(CONFIG_KINDS)) ->
     return [(kind, name) for kind, name in names if (ROOT / "configs" / task / "model" / f"{name}.yaml").is_file()]
 
 
+def config_files(task: str, config: str, model: str) -> list:
+    """The YAML files a run is composed from: the task config, then the model
+    config after the files it extends (`defaults`)."""
+    from omegaconf import OmegaConf
+
+    folder = ROOT / "configs" / task
+    bases = OmegaConf.load(folder / "model" / f"{model}.yaml").get("defaults", [])
+    return [folder / f"{config}.yaml", *(folder / "model" / f"{b}.yaml" for b in bases), folder / "model" / f"{model}.yaml"]
+
+
+def settings_digest(task: str, config: str, model: str, overrides) -> str:
+    """A digest of what a run trains with: its config files' contents (comments
+    aside) and its overrides."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    contents = [OmegaConf.to_container(OmegaConf.load(f)) for f in config_files(task, config, model)]
+    return hashlib.sha256(json.dumps([contents, list(overrides)], sort_keys=True).encode()).hexdigest()[:12]
+
+
 def train(task: str, ds: str, family: str, model: str, data: Path, ckpt: Path, args, extra=()) -> dict:
     """Train one model: the task config's recipe with model=`model` (one of the
-    family's configs), then `extra` hydra overrides, then --set."""
+    family's configs), then `extra` hydra overrides, then --set. A model already
+    trained in `ckpt` is reused only if its config files and overrides are the
+    same (settings.txt); otherwise it is trained again."""
     done = ckpt / "train.done"
     log = ckpt / "train.log"
+    record = ckpt / "settings.txt"
+    tail = []
+    if args.scale == "smoke":
+        tail += SMOKE[task] + SMOKE_MODEL[task] + SMOKE_FAMILY.get(family, [])
+    if args.average:
+        tail += [f"checkpoint.save_interval_updates={args.save_interval_updates}",
+                 f"checkpoint.keep_interval_updates={args.average}"]
+    if args.max_update:
+        tail += ["optimization.max_epoch=0", f"optimization.max_update={args.max_update}"]
+    tail += [*extra, *args.override]
+    settings = settings_digest(task, args.config or ds, model, tail)
+    if (record.read_text() != settings) if record.is_file() else done.is_file():
+        say(f"{model}: {ckpt} holds a run with other settings (config files or overrides); starting again")
+        for old in [done, *ckpt.glob("checkpoint*.pt")]:
+            old.unlink(missing_ok=True)
     if done.is_file():
         say(f"{model}: already trained ({ckpt}); reusing")
         return {**scoring.read_train_log(log.read_text()), "train_seconds": float(done.read_text())}
     ckpt.mkdir(parents=True, exist_ok=True)
     cmd = ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / task), "--config-name", args.config or ds,
            f"model={model}", f"task.data={data / 'bin'}", f"checkpoint.save_dir={ckpt}",
-           f"common.user_dir={ROOT / 'linear_fairseq'}", f"hydra.run.dir={ckpt / 'hydra'}"]
-    if args.scale == "smoke":
-        cmd += SMOKE[task] + SMOKE_MODEL[task] + SMOKE_FAMILY.get(family, [])
-    if args.average:
-        cmd += [f"checkpoint.save_interval_updates={args.save_interval_updates}",
-                f"checkpoint.keep_interval_updates={args.average}"]
-    if args.max_update:
-        cmd += ["optimization.max_epoch=0", f"optimization.max_update={args.max_update}"]
-    cmd += [*extra, *args.override]
+           f"common.user_dir={ROOT / 'linear_fairseq'}", f"hydra.run.dir={ckpt / 'hydra'}", *tail]
+    record.write_text(settings)
     say(f"{model}: training (log: {log})")
     start = time.time()
     out, _ = run(cmd, log, stream=not args.quiet)
@@ -392,28 +423,30 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         if args.scale == "smoke":
             overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
         key = " ".join(overrides + ([f"linearize_from={row['linearize_from']}"] if "linearize_from" in row else []))
-        if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key for r in runs):
+        settings = settings_digest(args.task, ds, row_config(args.task, ds, row["family"], spec), overrides)
+        if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key
+               and r.get("settings") in (None, "", settings) for r in runs):
             say(f"{rid}, seed {seed}: in {stem.name}.runs.csv; kept")
         else:
-            todo.append((rid, row, seed, overrides, key))
+            todo.append((rid, row, seed, overrides, key, settings))
     say(f"{len(todo)} runs to train; logs under {work / 'runs'}")
     progress = Progress(len(todo))
-    for n, (rid, row, seed, overrides, key) in enumerate(todo, 1):
+    for n, (rid, row, seed, overrides, key, settings) in enumerate(todo, 1):
         runs = [r for r in runs if not (r["row"] == rid and r["seed"] == str(seed))]
         say(f"{progress.step(n)} {rid}, seed {seed}")
         ckpt = work / "runs" / f"{rid}-s{seed}"
         record = ckpt / "overrides.txt"
-        if ckpt.is_dir() and not (record.is_file() and record.read_text() == key):
+        if ckpt.is_dir() and not (record.is_file() and record.read_text() == f"{key}\n{settings}"):
             shutil.rmtree(ckpt)  # trained with other settings: start again
         ckpt.mkdir(parents=True, exist_ok=True)
-        record.write_text(key)
+        record.write_text(f"{key}\n{settings}")
         model = row_config(args.task, ds, row["family"], spec)
         if "linearize_from" in row:
             start = linearized(args.task, model, work / "runs" / f"{row['linearize_from']}-s{seed}", ckpt, overrides)
             overrides = [*overrides, f"checkpoint.finetune_from_model={start}"]
         trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=overrides)
         scores = evaluate(args.task, ds, rid, data, ckpt / "checkpoint_best.pt", args, subset="valid")
-        runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key,
+        runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key, "settings": settings,
                      "updates": trained["updates"], "train min": trained["train_seconds"] / 60,
                      "valid loss": trained["valid_loss"], "params": trained["params"], **scores})
         say(f"{rid}, seed {seed}: {metric} {scores[metric]:.2f}")
@@ -487,7 +520,7 @@ def plot_curves(runs, spec: dict, task: str, path: Path) -> None:
 
 
 def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
-    run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides"]
+    run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides", "settings"]
     write_table(Path(f"{stem}.runs"), run_columns, runs, header=None)
     label = VALID_METRIC[args.task][1]
     columns = ["row", "family", "setting", metric, "seeds", "spread", "valid loss", "updates", "train min", "params"]

@@ -61,6 +61,10 @@ def test_reproduce_mt_smoke(tmp_path):
     assert "multi30k_memsizer_paper: already trained" in again and "multi30k_memsizer:" not in again
     after = table(tmp_path, "mt", [r["config"] for r in rows])
     assert after[:2] == rows[:2] and after[2]["bleu"] == rows[2]["bleu"] and after[2]["run"] == rows[2]["run"]
+    # a model trained with other settings (here another learning rate) is not reused
+    changed = reproduce("mt", raw, tmp_path, "--families", "memsizer", "--configs", "paper",
+                        "--set", "optimization.lr=[0.001]")
+    assert "holds a run with other settings" in changed and "multi30k_memsizer_paper: training" in changed
 
 
 # two families a task, each family trained in one of them (every family's configs
