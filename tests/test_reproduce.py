@@ -57,12 +57,13 @@ def test_reproduce_mt_smoke(tmp_path):
     assert "'cross_attn': softmax" in (ckpts / "memsizer" / "train.log").read_text()
     assert "'cross_attn': memsizer" in (ckpts / "memsizer-paper" / "train.log").read_text()
     # trained models are reused, and the rows of configs not asked for again are kept
-    again = reproduce("mt", raw, tmp_path, "--families", "memsizer", "--configs", "paper")
+    average = ("--average", "2", "--save-interval-updates", "8")  # the settings it was trained with
+    again = reproduce("mt", raw, tmp_path, "--families", "memsizer", "--configs", "paper", *average)
     assert "multi30k_memsizer_paper: already trained" in again and "multi30k_memsizer:" not in again
     after = table(tmp_path, "mt", [r["config"] for r in rows])
     assert after[:2] == rows[:2] and after[2]["bleu"] == rows[2]["bleu"] and after[2]["run"] == rows[2]["run"]
     # a model trained with other settings (here another learning rate) is not reused
-    changed = reproduce("mt", raw, tmp_path, "--families", "memsizer", "--configs", "paper",
+    changed = reproduce("mt", raw, tmp_path, "--families", "memsizer", "--configs", "paper", *average,
                         "--set", "optimization.lr=[0.001]")
     assert "holds a run with other settings" in changed and "multi30k_memsizer_paper: training" in changed
 
