@@ -7,6 +7,7 @@ and ``LinearLanguageModel`` (decoder-only), adds its options to
 fairseq's and swap in layers whose attention comes from the family registry
 (``modules.attention``).
 """
+import functools
 from argparse import Namespace
 
 from fairseq.models.transformer import (
@@ -51,11 +52,14 @@ class LinearTransformerDecoder(TransformerDecoderBase):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         return decoder_layer(cfg, next_index(self), no_encoder_attn)
 
+    @functools.cached_property
+    def causal_by_construction(self) -> bool:
+        """Linear causal attention (and a GAU) needs no future mask, unless softmax layers are mixed in."""
+        return attention_kind(self.cfg, "decoder_self") != "softmax" and not softmax_layers(self.cfg, "decoder")
+
     def buffered_future_mask(self, tensor):
-        # Linear causal attention (and a GAU) is causal by construction: skip fairseq's
-        # T x T future mask, which would cost O(T^2) memory at long context, unless
-        # softmax layers are mixed in.
-        if attention_kind(self.cfg, "decoder_self") != "softmax" and not softmax_layers(self.cfg, "decoder"):
+        # skip fairseq's T x T future mask where it is not needed: O(T^2) memory at long context
+        if self.causal_by_construction:
             return None
         return super().buffered_future_mask(tensor)
 
