@@ -2,6 +2,7 @@
 per family at (nearly) the same parameter count, built through fairseq's own
 option parsing exactly as `fairseq-train --arch ARCH ARGS` would build them,
 with untrained weights (speed and memory do not depend on the values)."""
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -38,6 +39,20 @@ MT_BASE = (
 ).split()
 MT = {f: (families.get(f).mt_model, list(families.get(f).bench_mt_args)) for f in families.names()}
 FAMILIES = families.names()
+PLACEMENTS = ("paper", "recommended")
+RECOMMENDED = Path(__file__).resolve().parents[1] / "configs" / "mt" / "model"
+
+
+def placement_args(family: str, placement: str) -> list:
+    """Flags that put a family's attention where `placement` says: "paper", the
+    models' defaults, or "recommended", the roles (the *_attn options) of the
+    family's recommended Multi30k config (configs/mt/model/multi30k_<family>.yaml)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: choose from {', '.join(PLACEMENTS)}")
+    if placement == "paper" or family == families.BASELINE.name:
+        return []
+    config = OmegaConf.load(RECOMMENDED / f"multi30k_{family}.yaml")
+    return [f"--{key.replace('_', '-')}={value}" for key, value in config.items() if key.endswith("_attn")]
 
 
 def dictionary(size: int = VOCAB) -> Dictionary:
@@ -47,12 +62,13 @@ def dictionary(size: int = VOCAB) -> Dictionary:
     return d
 
 
-def build(kind: str, family: str, device: str = "cpu", dtype=torch.float32):
-    """(model in eval mode, dictionary, description) for kind "lm" or "mt"."""
+def build(kind: str, family: str, device: str = "cpu", dtype=torch.float32, placement: str = "paper"):
+    """(model in eval mode, dictionary, description) for kind "lm" or "mt"; an
+    encoder-decoder's attention roles as `placement` says (placement_args)."""
     arch, extra = (LM if kind == "lm" else MT)[family]
     base = LM_BASE if kind == "lm" else MT_BASE
     task = "language_modeling" if kind == "lm" else "translation"
-    args = [*base, *extra]
+    args = [*base, *extra, *(placement_args(family, placement) if kind == "mt" else [])]
     parser = options.get_training_parser()
     ns = options.parse_args_and_arch(parser, ["/unused-data", "--task", task, "--arch", arch, *args])
     cfg = ns

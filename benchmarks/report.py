@@ -57,12 +57,44 @@ def targets(results):
                 out.append(target(
                     f"decode {f}: state bytes per sequence constant over L={sorted(sizes)}, batch {B}",
                     constant, 1.0, unit="bool"))
+        base = lookup(dec, "tokens_per_s", family=BASELINE, L=256, batch=1)
+        for f in LINEAR:
+            mine = lookup(dec, "tokens_per_s", family=f, L=256, batch=1)
+            out.append(target(f"decode {f}: tokens/s vs transformer_lm, L=256, batch 1", ratio(mine, base),
+                              SHORT_DECODE.get(f, 1.0)))
     if results.get("mt") is not None:
         mine, base = (lookup(results["mt"], "sentences_per_s", family=f, src_len=2048) for f in ("memsizer", BASELINE))
         out.append(target("mt memsizer: sentences/s vs transformer, source length 2048", ratio(mine, base), 2.0))
+    if results.get("sum") is not None:
+        mine, base = (lookup(results["sum"], "sentences_per_s", family=f, src_len=400) for f in ("memsizer", BASELINE))
+        out.append(target("sum memsizer: sentences/s vs transformer, source length 400", ratio(mine, base), 1.5))
+    if results.get("beam") is not None:
+        out += beam_targets(results["beam"])
     if results.get("train") is not None:
-        mine, base = (lookup(results["train"], "tokens_per_s", family=f, ctx=8192) for f in ("flash", BASELINE))
-        out.append(target("train flash: tokens/s vs transformer_lm, context 8192", ratio(mine, base), 2.0))
+        for T, wanted in TRAIN.items():
+            base = lookup(results["train"], "tokens_per_s", family=BASELINE, ctx=T)
+            for f in LINEAR:
+                mine = lookup(results["train"], "tokens_per_s", family=f, ctx=T)
+                out.append(target(f"train {f}: tokens/s vs transformer_lm, context {T}", ratio(mine, base),
+                                  wanted.get(f, 1.0)))
+    return out
+
+
+SHORT_DECODE = {"memsizer": 1.3}  # decode at L=256, batch 1: speed-up wanted (others 1.0)
+TRAIN = {2048: {}, 8192: {"memsizer": 3.0, "performer": 1.5, "flash": 2.5}}  # by context (others 1.0)
+
+
+def beam_targets(recs):
+    """At the widest beam: each family (as its paper places it) twice softmax's
+    sentences/s, with less peak memory."""
+    widest = max((r["beam"] for r in recs), default=None)
+    out = []
+    for f in LINEAR:
+        speed = ratio(*(lookup(recs, "sentences_per_s", family=x, beam=widest) for x in (f, BASELINE)))
+        out.append(target(f"beam {f}: sentences/s vs transformer, beam {widest}", speed, 2.0))
+        mem = [lookup(recs, "peak_mem_mib", family=x, beam=widest) for x in (f, BASELINE)]
+        less = None if None in mem else float(mem[0] < mem[1])
+        out.append(target(f"beam {f}: peak memory below transformer's, beam {widest}", less, 1.0, unit="bool"))
     return out
 
 
@@ -94,6 +126,7 @@ def families(records):
 def arch_label(records, family):
     r = next(r for r in records if r["family"] == family)
     label = r["arch"] + (" (SDPA)" if family.endswith("_sdpa") else "")
+    label += " (recommended roles)" if r.get("placement") == "recommended" else ""
     return f"{label}, {r['params'] / 1e6:.2f}M"
 
 
@@ -118,6 +151,30 @@ def mt_tables(recs):
     return [
         table(recs, rows, cols, "sentences_per_s", "{:.3f}", f"Translation: sentences/s ({where})"),
         table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", "Translation: peak memory (MiB)"),
+    ]
+
+
+def sum_tables(recs):
+    cols = [(f"S={S}", {"src_len": S}) for S in sorted({r["src_len"] for r in recs})]
+    rows = [(arch_label(recs, f), {"family": f}) for f in families(recs)]
+    r0 = recs[0]
+    where = f"beam {r0['beam']}, {r0['sentences']} sources of S tokens, {r0['tgt_len']} target tokens"
+    return [
+        table(recs, rows, cols, "sentences_per_s", "{:.3f}", f"Summarization: sentences/s ({where})"),
+        table(recs, rows, cols, "state_bytes_per_hyp", "{:,.0f}",
+              "Summarization: incremental-state bytes per hypothesis at the end (source cache included)"),
+        table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", "Summarization: peak memory (MiB)"),
+    ]
+
+
+def beam_tables(recs):
+    cols = [(f"beam {k}", {"beam": k}) for k in sorted({r["beam"] for r in recs})]
+    rows = [(arch_label(recs, f), {"family": f}) for f in families(recs)]
+    r0 = recs[0]
+    where = f"{r0['sentences']} sources of {r0['src_len']} tokens, {r0['tgt_len']} target tokens"
+    return [
+        table(recs, rows, cols, "sentences_per_s", "{:.3f}", f"Beam width: sentences/s ({where})"),
+        table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", "Beam width: peak memory (MiB)"),
     ]
 
 
@@ -146,10 +203,10 @@ def target_table(ts):
 
 def skips(results):
     lines = []
-    for suite in ("decode", "mt", "train"):
+    for suite in TABLES:
         for r in results.get(suite) or []:
             if r["status"] != "ok":
-                size = {k: r[k] for k in ("L", "batch", "src_len", "ctx") if k in r}
+                size = {k: r[k] for k in ("L", "batch", "src_len", "beam", "ctx") if k in r}
                 lines.append(f"- {suite} {r['family']} {size}: {r['reason']}")
     return lines
 
@@ -165,18 +222,18 @@ def markdown(results, plots=()):
         "",
     ]
     parts = ["\n".join(head)]
-    if results.get("decode"):
-        parts += decode_tables(results["decode"])
-    if results.get("mt"):
-        parts += mt_tables(results["mt"])
-    if results.get("train"):
-        parts += train_tables(results["train"])
+    for suite, tables in TABLES.items():
+        if results.get(suite):
+            parts += tables(results[suite])
     parts.append(target_table(results["targets"]))
     skipped = skips(results)
     if skipped:
         parts.append("Not measured (the run would exceed the time budget):\n\n" + "\n".join(skipped) + "\n")
     parts += [f"![{Path(p).stem}]({p})\n" for p in plots]
     return "\n".join(parts)
+
+
+TABLES = {"decode": decode_tables, "mt": mt_tables, "sum": sum_tables, "beam": beam_tables, "train": train_tables}
 
 
 def update_readme(readme: Path, tables: str, out: Path):
@@ -246,6 +303,16 @@ def plots(results, out: Path):
         figure("mt", [
             (results["mt"], "src_len", "sentences_per_s", "beam search, target length = source", "sentences/s", {}),
             (results["mt"], "src_len", "peak_mem_mib", "peak memory", "MiB", {}),
+        ])
+    if results.get("sum"):
+        figure("sum", [
+            (results["sum"], "src_len", "sentences_per_s", "beam search, short outputs", "sentences/s", {}),
+            (results["sum"], "src_len", "state_bytes_per_hyp", "state per hypothesis", "bytes", {}),
+        ])
+    if results.get("beam"):
+        figure("beam", [
+            (results["beam"], "beam", "sentences_per_s", "beam search by width", "sentences/s", {}),
+            (results["beam"], "beam", "peak_mem_mib", "peak memory", "MiB", {}),
         ])
     if results.get("train"):
         figure("train", [

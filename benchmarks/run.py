@@ -1,6 +1,6 @@
 """Speed and memory of every family against fairseq's softmax transformer.
 
-    python -m benchmarks.run --suite decode|mt|train|all [--device cpu|cuda] [--quick]
+    python -m benchmarks.run --suite decode|mt|sum|beam|train|all [--device cpu|cuda] [--quick]
         [--out DIR] [--budget SECONDS] [--readme README.md]
 
 Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
@@ -24,11 +24,15 @@ SCHEMA = 1
 FULL = {
     "decode": {"lengths": [256, 1024, 4096, 16384], "batches": [1, 16]},
     "mt": {"src_lengths": [32, 128, 512, 2048], "sentences": 2, "beam": 4},
+    "sum": {"src_lengths": [400, 1000], "tgt_len": 48, "sentences": 4, "beam": 4},
+    "beam": {"beams": [1, 4, 16, 64], "src_len": 512, "tgt_len": 48, "sentences": 2},
     "train": {"contexts": [512, 2048, 8192], "tokens_per_batch": 8192},
 }
 QUICK = {
     "decode": {"lengths": [16, 64], "batches": [1, 2]},
     "mt": {"src_lengths": [8, 16], "sentences": 2, "beam": 4},
+    "sum": {"src_lengths": [16, 32], "tgt_len": 4, "sentences": 2, "beam": 2},
+    "beam": {"beams": [1, 4], "src_len": 16, "tgt_len": 4, "sentences": 2},
     "train": {"contexts": [32, 64], "tokens_per_batch": 128},
 }
 SUITES = tuple(FULL)
@@ -92,7 +96,7 @@ def main(argv=None):
               "log": lambda line: echo(f"{progress.after(next(count, progress.total))} {line}")}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in chosen:  # the JSON is rewritten after each suite: a long run interrupted keeps what it measured
-        results[name] = getattr(suites, name)(**sizes[name], **common)
+        results[name] = suites.RUN[name](**sizes[name], **common)
         results["targets"] = report.targets(results)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plots = [] if args.no_plots else report.plots(results, args.out)

@@ -103,40 +103,70 @@ def decode(lengths, batches, device, budget, repeats, families=models.FAMILIES, 
     return records
 
 
-# -- mt -----------------------------------------------------------------------------
-def mt(src_lengths, sentences, beam, device, budget, repeats, families=models.FAMILIES, log=print):
-    """Beam search over random sources of each length, generating as many target
-    tokens as source tokens (a translation's length)."""
+# -- encoder-decoder: mt, sum, beam -----------------------------------------------------
+def seq2seq_rows(placements=models.PLACEMENTS) -> dict:
+    """Row name -> (family, placement): the softmax transformer, then each family
+    as its paper places its attention (row <family>) and as recommended
+    (row <family>-rec, see models.placement_args)."""
+    rows = {models.FAMILIES[0]: (models.FAMILIES[0], "paper")}
+    for family in models.FAMILIES[1:]:
+        rows.update({family + ("" if where == "paper" else "-rec"): (family, where) for where in placements})
+    return rows
+
+
+def seq2seq(suite, axis, cells, sentences, device, budget, repeats, rows, log):
+    """Beam search of random sources for each row of seq2seq_rows() and each cell
+    (x, source length, target length, beam); x is the size the budget's
+    projection extrapolates along (`axis` names it in the log)."""
     records = []
-    for family in families:
-        model, d, info = models.build("mt", family, device)
+    for row in rows:
+        family, placement = seq2seq_rows()[row]
+        model, d, info = models.build("mt", family, device, placement=placement)
         g = torch.Generator().manual_seed(0)
 
         def source(S):
             words = torch.randint(d.nspecial, len(d), (sentences, S), generator=g)
             return torch.cat([words, torch.full((sentences, 1), d.eos())], 1).to(device)
 
-        timed_generation(model, d, 8, sentences, device, beam, source(8))  # warm-up
+        timed_generation(model, d, 8, sentences, device, 2, source(8))  # warm-up
         history = []
-        for S in src_lengths:
-            rec = {"family": family, "arch": info["arch"], "params": info["params"], "src_len": S, "tgt_len": S,
-                   "sentences": sentences, "beam": beam}
-            projected = projected_seconds(history, S)
+        for x, S, T, beam in cells:
+            rec = {"family": row, "arch": info["arch"], "placement": placement, "args": info["args"],
+                   "params": info["params"], "src_len": S, "tgt_len": T, "sentences": sentences, "beam": beam}
+            projected = projected_seconds(history, x)
             if projected > budget:
                 records.append(skipped(rec, projected, budget))
-                log(f"mt     {family:<11} S={S:<6} skipped: {rec['reason']}")
+                log(f"{suite:<6} {row:<14} {axis}={x:<6} skipped: {rec['reason']}")
                 continue
             src = source(S)
-            seconds, _, _, mem = timed_generation(model, d, S, sentences, device, beam, src)
-            more = repeated(lambda: timed_generation(model, d, S, sentences, device, beam, src)[0],
+            seconds, _, state, mem = timed_generation(model, d, T, sentences, device, beam, src)
+            more = repeated(lambda: timed_generation(model, d, T, sentences, device, beam, src)[0],
                             seconds, budget, repeats)
-            history.append((S, seconds))
+            history.append((x, seconds))
             times = [seconds, *more]
-            rec.update(status="ok", seconds=summary(times),
-                       sentences_per_s=summary([sentences / t for t in times]), peak_mem_mib=mem)
+            rec.update(status="ok", seconds=summary(times), sentences_per_s=summary([sentences / t for t in times]),
+                       state_bytes_per_hyp=state / (sentences * beam), peak_mem_mib=mem)
             records.append(rec)
-            log(f"mt     {family:<11} S={S:<6} {rec['sentences_per_s']['median']:8.3f} sent/s  peak {mem:.0f} MiB")
+            log(f"{suite:<6} {row:<14} {axis}={x:<6} {rec['sentences_per_s']['median']:8.3f} sent/s  "
+                f"state {state / (sentences * beam) / 1024:.0f} KiB/hyp  peak {mem:.0f} MiB")
     return records
+
+
+def mt(src_lengths, sentences, beam, device, budget, repeats, rows=tuple(seq2seq_rows(("paper",))), log=print):
+    """Translation: as many target tokens as source tokens, over source lengths."""
+    return seq2seq("mt", "S", [(S, S, S, beam) for S in src_lengths], sentences, device, budget, repeats, rows, log)
+
+
+def summarization(src_lengths, tgt_len, sentences, beam, device, budget, repeats, rows=tuple(seq2seq_rows()), log=print):
+    """Summarization: long sources, short outputs (`tgt_len` tokens)."""
+    return seq2seq("sum", "S", [(S, S, tgt_len, beam) for S in src_lengths], sentences, device, budget, repeats,
+                   rows, log)
+
+
+def beam_width(beams, src_len, tgt_len, sentences, device, budget, repeats, rows=tuple(seq2seq_rows()), log=print):
+    """Beam width: one source length, beams of growing width."""
+    return seq2seq("beam", "beam", [(k, src_len, tgt_len, k) for k in beams], sentences, device, budget, repeats,
+                   rows, log)
 
 
 # -- train ------------------------------------------------------------------------
@@ -157,7 +187,9 @@ TRAIN_ROWS = {"transformer": "transformer", "transformer_sdpa": "transformer", *
 def measurements(suite: str, sizes: dict) -> int:
     """How many measurements (one log line each, skipped ones too) a suite makes with `sizes`."""
     cells = {"decode": lambda: len(models.FAMILIES) * len(sizes["batches"]) * len(sizes["lengths"]),
-             "mt": lambda: len(models.FAMILIES) * len(sizes["src_lengths"]),
+             "mt": lambda: len(seq2seq_rows(("paper",))) * len(sizes["src_lengths"]),
+             "sum": lambda: len(seq2seq_rows()) * len(sizes["src_lengths"]),
+             "beam": lambda: len(seq2seq_rows()) * len(sizes["beams"]),
              "train": lambda: len(TRAIN_ROWS) * len(sizes["contexts"])}
     return cells[suite]()
 
@@ -212,3 +244,6 @@ def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_
             records.append(rec)
             log(f"train  {row:<16} ctx={T:<6} {rec['tokens_per_s']['median']:8.0f} tok/s  peak {mem.mib:.0f} MiB")
     return records
+
+
+RUN = {"decode": decode, "mt": mt, "sum": summarization, "beam": beam_width, "train": train}  # --suite NAME

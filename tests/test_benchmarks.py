@@ -31,14 +31,14 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     # a progress label on every measurement line, counting up to the total announced
-    labels = re.findall(r"^\[(\d+)/(\d+), \d+ min(?:, about \d+ min left)?\] (?:decode|mt|train) ", r.stdout, re.M)
+    labels = re.findall(r"^\[(\d+)/(\d+), \d+ min(?:, about \d+ min left)?\] (?:decode|mt|sum|beam|train) ", r.stdout, re.M)
     assert [int(k) for k, _ in labels] == list(range(1, len(labels) + 1)) and int(labels[-1][1]) == len(labels)
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == 1 and res["quick"] is True
     for key in ("cpu", "cpu_count", "threads", "torch", "fairseq", "python", "device"):
         assert res["machine"][key], key
     assert {r["family"] for r in res["decode"]} == set(FAMILIES)
-    for rec in res["decode"] + res["mt"] + res["train"]:
+    for rec in res["decode"] + res["mt"] + res["sum"] + res["beam"] + res["train"]:
         assert rec["status"] == "ok", rec  # nothing is skipped under this budget
     for rec in res["decode"]:
         assert rec["tokens_per_s"]["min"] <= rec["tokens_per_s"]["median"] <= rec["tokens_per_s"]["max"]
@@ -53,10 +53,19 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(tmp_path):
         assert state[(f, 64)] == state[(f, 16)], f
     assert {rec["family"] for rec in res["mt"]} == set(FAMILIES)
     assert all(rec["sentences_per_s"]["median"] > 0 for rec in res["mt"] if rec["status"] == "ok")
+    rows = {*FAMILIES, *(f"{f}-rec" for f in FAMILIES[1:])}  # each family as its paper and as recommended
+    assert {rec["family"] for rec in res["sum"]} == rows and {rec["family"] for rec in res["beam"]} == rows
+    # as their papers place them, the linear families summarize the source in a state of fixed size
+    state = {(rec["family"], rec["src_len"]): rec["state_bytes_per_hyp"] for rec in res["sum"]}
+    assert state[("transformer", 32)] > state[("transformer", 16)]
+    for f in FAMILIES[1:]:
+        assert state[(f, 32)] == state[(f, 16)], f
+    assert {rec["beam"] for rec in res["beam"]} == {1, 4}
     assert {rec["family"] for rec in res["train"]} == {*FAMILIES, "transformer_sdpa"}
     assert all(rec["tokens_per_s"]["median"] > 0 for rec in res["train"] if rec["status"] == "ok")
-    assert {t["name"].split(":")[0] for t in res["targets"]} >= {"decode memsizer", "mt memsizer", "train flash"}
-    for name in ("decode.png", "mt.png", "train.png"):
+    assert {t["name"].split(":")[0] for t in res["targets"]} >= {
+        "decode memsizer", "mt memsizer", "sum memsizer", "beam flash", "train flash"}
+    for name in ("decode.png", "mt.png", "sum.png", "beam.png", "train.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     text = readme.read_text()
     assert "old" not in text and "after" in text and "Decoding: generated tokens/s" in text
@@ -110,3 +119,21 @@ def test_sizes_past_the_budget_are_recorded_as_skipped():
     status = {rec["L"]: rec["status"] for rec in records}
     assert status[8] == "ok" and status[32] == "skipped"
     assert all("budget" in rec["reason"] for rec in records if rec["status"] == "skipped")
+
+
+def test_beam_and_training_targets_hold_each_family_to_its_own_bar():
+    beam = [{"family": f, "beam": k, "status": "ok", "sentences_per_s": summary(v * k), "peak_mem_mib": mem}
+            for f, v, mem in (("transformer", 1.0, 100), ("memsizer", 2.5, 50), ("performer", 1.5, 40), ("flash", 3.0, 120))
+            for k in (4, 64)]
+    train = [{"family": f, "ctx": 8192, "status": "ok", "tokens_per_s": summary(v)}
+             for f, v in (("transformer", 100), ("memsizer", 300), ("performer", 160), ("flash", 240))]
+    ts = {t["name"]: t for t in report.targets({"beam": beam, "train": train})}
+    assert ts["beam memsizer: sentences/s vs transformer, beam 64"]["value"] == pytest.approx(2.5)
+    assert ts["beam memsizer: sentences/s vs transformer, beam 64"]["met"]
+    assert not ts["beam performer: sentences/s vs transformer, beam 64"]["met"]
+    assert ts["beam performer: peak memory below transformer's, beam 64"]["met"]
+    assert not ts["beam flash: peak memory below transformer's, beam 64"]["met"]
+    assert ts["train memsizer: tokens/s vs transformer_lm, context 8192"]["met"]  # 3.0x, wanted 3x
+    assert ts["train performer: tokens/s vs transformer_lm, context 8192"]["met"]  # 1.6x, wanted 1.5x
+    assert not ts["train flash: tokens/s vs transformer_lm, context 8192"]["met"]  # 2.4x, wanted 2.5x
+    assert ts["train flash: tokens/s vs transformer_lm, context 2048"]["value"] is None
