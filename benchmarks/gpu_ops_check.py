@@ -31,7 +31,8 @@ def load(name):
     return module
 
 
-M, K = load("memsizer"), load("kernel")
+M, K = load("memsizer"), load("performer")
+EPS = 1e-6  # the normalizer clamp (--kernel-eps) of rfa and t2r
 dev = "cuda"
 
 
@@ -78,11 +79,10 @@ def parity():
         w = torch.randn_like(ref)
         g_ref = torch.autograd.grad((ref * w).sum(), xs)
         g_out = torch.autograd.grad((out * w).sum(), xs)
-        S = n = None
-        steps = []
+        state, steps = None, []
         with torch.no_grad():
             for t in range(T):
-                o, S, n = M.causal_step(xs[0][:, t], xs[1][:, t], xs[2][:, t], S, n)
+                o, state = M.causal_step(xs[0][:, t], xs[1][:, t], xs[2][:, t], state)
                 steps.append(o)
         rows.append({"family": "memsizer", "T": T, "chunked_vs_naive": rel_err(out, ref),
                      "step_vs_naive": rel_err(torch.stack(steps, 1), ref),
@@ -91,8 +91,8 @@ def parity():
         for T in (7, 300, 1000):
             (pq, pk, s), v, gate = kernel_inputs(name, 2, 2, T, 16, m=256 if name == "rfa" else 64)
             leaves = [x.detach().requires_grad_() for x in (pq, pk, v)]
-            ref = K.naive(*leaves, True, None, s, gate)
-            out, _ = K.causal_chunked(*leaves, None, s, gate, chunk_size=64)
+            ref = K.naive(*leaves, True, None, s, gate, eps=EPS)
+            out, _ = K.causal_chunked(*leaves, None, s, gate, chunk_size=64, eps=EPS)
             w = torch.randn_like(ref)
             g_ref = torch.autograd.grad((ref * w).sum(), leaves)
             g_out = torch.autograd.grad((out * w).sum(), leaves)
@@ -100,7 +100,8 @@ def parity():
             at = lambda x, t: None if x is None else x[:, :, t]  # noqa: E731
             with torch.no_grad():
                 for t in range(T):
-                    o, state = K.causal_step(pq[:, :, t], pk[:, :, t], v[:, :, t], state, None, at(s, t), at(gate, t))
+                    o, state = K.causal_step(pq[:, :, t], pk[:, :, t], v[:, :, t], state, None, at(s, t), at(gate, t),
+                                             eps=EPS)
                     steps.append(o)
             rows.append({"family": f"kernel-{name}", "T": T, "chunked_vs_naive": rel_err(out, ref),
                          "step_vs_naive": rel_err(torch.stack(steps, 2), ref),
@@ -114,15 +115,15 @@ def low_precision():
     for T in (4096, 16384):
         for dtype in (torch.float16, torch.bfloat16):
             p, k, v = memsizer_inputs(2, T, 32, 256)
-            ref = M.causal_chunked(p, k, v)
-            out = M.causal_chunked(p.to(dtype), k.to(dtype), v.to(dtype))
+            ref = M.causal_chunked(p, k, v, chunk_size=64)
+            out = M.causal_chunked(p.to(dtype), k.to(dtype), v.to(dtype), chunk_size=64)
             rows.append({"family": "memsizer", "T": T, "dtype": str(dtype), "finite": bool(torch.isfinite(out).all()),
                          "rel_err_vs_fp32": rel_err(out, ref)})
             for name in ("elu", "favor", "rfa", "t2r"):
                 (pq, pk, s), v, gate = kernel_inputs(name, 1, 4, T, 64, m=128)
-                ref, _ = K.causal_chunked(pq, pk, v, None, s, gate)
+                ref, _ = K.causal_chunked(pq, pk, v, None, s, gate, chunk_size=64, eps=EPS)
                 low = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-                out, _ = K.causal_chunked(low(pq), low(pk), low(v), None, low(s), gate)
+                out, _ = K.causal_chunked(low(pq), low(pk), low(v), None, low(s), gate, chunk_size=64, eps=EPS)
                 rows.append({"family": f"kernel-{name}", "T": T, "dtype": str(dtype),
                              "finite": bool(torch.isfinite(out).all()), "rel_err_vs_fp32": rel_err(out, ref)})
     return rows
@@ -161,7 +162,7 @@ def speed():
         def favor():
             (pq, pk, s), v, _ = kernel_inputs("favor", B, H, T, D, m=round(D * math.log(D)))
             leaves = [x.detach().requires_grad_() for x in (pq, pk, v)]
-            return lambda: K.causal_chunked(*leaves, None, s, None, 64)[0].sum().backward()
+            return lambda: K.causal_chunked(*leaves, None, s, chunk_size=64, eps=EPS)[0].sum().backward()
 
         for name, make in (("sdpa-fp32", lambda: sdpa(torch.float32)), ("sdpa-bf16", lambda: sdpa(torch.bfloat16)),
                            ("memsizer-chunked", memsizer), ("kernel-favor-chunked", favor)):

@@ -125,10 +125,11 @@ def transfer(source: dict, model, family) -> tuple:
     hook = family.from_softmax
     out, how = {}, {}
     for name, fresh in model.state_dict().items():
-        mapped = hook(name, source) if hook else None
         if name in source and source[name].shape == fresh.shape:
             out[name], how[name] = source[name].to(fresh.dtype).clone(), "copied"
-        elif mapped is not None and mapped[0].shape == fresh.shape:
+            continue
+        mapped = hook(name, source) if hook else None
+        if mapped is not None and mapped[0].shape == fresh.shape:
             out[name], how[name] = mapped[0].to(fresh.dtype), f"mapped: {mapped[1]}"
         else:
             out[name], how[name] = fresh, "initialized"
@@ -146,17 +147,16 @@ def pattern(name: str) -> str:
 def report(how: dict, sizes: dict) -> str:
     """One line per outcome and name pattern (layer indices folded)."""
     groups = defaultdict(lambda: [0, 0])
+    totals = defaultdict(int)
     for name, what in how.items():
         group = groups[(what, pattern(name))]
         group[0] += 1
         group[1] += sizes[name]
+        totals[what.split(":")[0]] += sizes[name]
     order = ("copied", "mapped", "initialized", "left out")
     lines = ["| what | tensors | parameters | module |", "| --- | --- | --- | --- |"]
     for (what, name), (n, params) in sorted(groups.items(), key=lambda g: (order.index(g[0][0].split(":")[0]), g[0][1])):
         lines.append(f"| {what} | {n} | {params:,} | {name} |")
-    totals = defaultdict(int)
-    for name, what in how.items():
-        totals[what.split(":")[0]] += sizes[name]
     lines.append("")
     lines.append("parameters: " + ", ".join(f"{totals[w]:,} {w}" for w in order if totals[w]))
     return "\n".join(lines)

@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -136,14 +135,18 @@ def model_configs(task: str, ds: str, family: str, kinds=tuple(CONFIG_KINDS)) ->
     return [(kind, name) for kind, name in names if (ROOT / "configs" / task / "model" / f"{name}.yaml").is_file()]
 
 
-def config_files(task: str, config: str, model: str) -> list:
-    """The YAML files a run is composed from: the task config, then the model
-    config after the files it extends (`defaults`)."""
+def model_files(task: str, model: str) -> list:
+    """A model config's YAML file after the files it extends (`defaults`)."""
     from omegaconf import OmegaConf
 
-    folder = ROOT / "configs" / task
-    bases = OmegaConf.load(folder / "model" / f"{model}.yaml").get("defaults", [])
-    return [folder / f"{config}.yaml", *(folder / "model" / f"{b}.yaml" for b in bases), folder / "model" / f"{model}.yaml"]
+    folder = ROOT / "configs" / task / "model"
+    bases = OmegaConf.load(folder / f"{model}.yaml").get("defaults", [])
+    return [*(folder / f"{base}.yaml" for base in bases), folder / f"{model}.yaml"]
+
+
+def config_files(task: str, config: str, model: str) -> list:
+    """The YAML files a run is composed from: the task config, then the model's."""
+    return [ROOT / "configs" / task / f"{config}.yaml", *model_files(task, model)]
 
 
 def settings_digest(task: str, config: str, model: str, overrides) -> str:
@@ -355,6 +358,12 @@ def load_ablations(task: str, grid: str, rows=None) -> dict:
                                         or (row.get("headline") and not source.get("headline"))):
             sys.exit(f"[reproduce] {path}: row {rid!r}: linearize_from {row['linearize_from']!r} must name an earlier "
                      "softmax (transformer) row, a headline row if this one is")
+        first = spec["rows"].get(row.get("finetune_from"), {})
+        if "finetune_from" in row and (row["finetune_from"] not in list(spec["rows"])[:i]
+                                       or first.get("family") != row["family"]
+                                       or (row.get("headline") and not first.get("headline"))):
+            sys.exit(f"[reproduce] {path}: row {rid!r}: finetune_from {row['finetune_from']!r} must name an earlier "
+                     "row of the same family, a headline row if this one is")
     unknown = set(rows.split(",")) - set(spec["rows"]) if rows else set()
     if unknown:
         sys.exit(f"[reproduce] --rows: unknown row(s) {', '.join(sorted(unknown))} "
@@ -422,27 +431,22 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
         if args.scale == "smoke":
             overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
-        key = " ".join(overrides + ([f"linearize_from={row['linearize_from']}"] if "linearize_from" in row else []))
-        settings = settings_digest(args.task, ds, row_config(args.task, ds, row["family"], spec), overrides)
+        key = " ".join(overrides + [f"{k}={row[k]}" for k in STARTS if k in row])
+        model = row_config(args.task, ds, row["family"], spec)
+        settings = settings_digest(args.task, ds, model, overrides)
         if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key
                and r.get("settings") in (None, "", settings) for r in runs):
             say(f"{rid}, seed {seed}: in {stem.name}.runs.csv; kept")
         else:
-            todo.append((rid, row, seed, overrides, key, settings))
+            todo.append((rid, row, seed, model, overrides, key, settings))
     say(f"{len(todo)} runs to train; logs under {work / 'runs'}")
     progress = Progress(len(todo))
-    for n, (rid, row, seed, overrides, key, settings) in enumerate(todo, 1):
+    for n, (rid, row, seed, model, overrides, key, settings) in enumerate(todo, 1):
         runs = [r for r in runs if not (r["row"] == rid and r["seed"] == str(seed))]
         say(f"{progress.step(n)} {rid}, seed {seed}")
-        ckpt = work / "runs" / f"{rid}-s{seed}"
-        record = ckpt / "overrides.txt"
-        if ckpt.is_dir() and not (record.is_file() and record.read_text() == f"{key}\n{settings}"):
-            shutil.rmtree(ckpt)  # trained with other settings: start again
-        ckpt.mkdir(parents=True, exist_ok=True)
-        record.write_text(f"{key}\n{settings}")
-        model = row_config(args.task, ds, row["family"], spec)
-        if "linearize_from" in row:
-            start = linearized(args.task, model, work / "runs" / f"{row['linearize_from']}-s{seed}", ckpt, overrides)
+        ckpt = work / "runs" / f"{rid}-s{seed}"  # train() retrains it if its settings changed
+        start = starting_point(args.task, model, row, work / "runs", seed, ckpt, overrides)
+        if start is not None:
             overrides = [*overrides, f"checkpoint.finetune_from_model={start}"]
         trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=overrides)
         scores = evaluate(args.task, ds, rid, data, ckpt / "checkpoint_best.pt", args, subset="valid")
@@ -461,9 +465,7 @@ def model_values(task: str, model: str, overrides) -> list:
     `defaults` first), then the model.* hydra overrides."""
     from omegaconf import OmegaConf
 
-    folder = ROOT / "configs" / task / "model"
-    mine = OmegaConf.load(folder / f"{model}.yaml")
-    merged = OmegaConf.merge(*(OmegaConf.load(folder / f"{base}.yaml") for base in mine.get("defaults", [])), mine)
+    merged = OmegaConf.merge(*(OmegaConf.load(f) for f in model_files(task, model)))
     values = {k: json.dumps(v) for k, v in OmegaConf.to_container(merged).items() if k not in ("_name", "defaults")}
     for override in overrides:
         key, _, value = override.lstrip("+").partition("=")
@@ -472,11 +474,30 @@ def model_values(task: str, model: str, overrides) -> list:
     return [merged["_name"], [f"{k}={v}" for k, v in values.items()]]
 
 
+STARTS = ("linearize_from", "finetune_from")  # grid row keys naming the row whose model a row starts from
+
+
+def starting_point(task: str, model: str, row: dict, runs: Path, seed: int, ckpt: Path, overrides):
+    """The checkpoint a grid row fine-tunes, or None to train from scratch:
+    `linearize_from: <row>` converts that (softmax) row's best checkpoint into
+    this row's model; `finetune_from: <row>` continues from that row's last
+    checkpoint as it is (a second stage, e.g. after attention-only training)."""
+    if "linearize_from" in row:
+        return linearized(task, model, runs / f"{row['linearize_from']}-s{seed}", ckpt, overrides)
+    if "finetune_from" in row:
+        last = runs / f"{row['finetune_from']}-s{seed}" / "checkpoint_last.pt"
+        if not last.is_file():
+            sys.exit(f"[reproduce] {last.parent.name} is not trained yet: run its row first (--rows)")
+        return last
+    return None
+
+
 def linearized(task: str, model: str, source: Path, ckpt: Path, overrides) -> Path:
     """The best checkpoint of an earlier (softmax) row, converted by
     python -m linear_fairseq.linearize into this row's model."""
     if not (source / "checkpoint_best.pt").is_file():
         sys.exit(f"[reproduce] {source.name} is not trained yet: run its row first (--rows)")
+    ckpt.mkdir(parents=True, exist_ok=True)
     out = ckpt / "linearized.pt"
     arch, values = model_values(task, model, overrides)
     run([sys.executable, "-m", "linear_fairseq.linearize", str(source / "checkpoint_best.pt"), str(out),
@@ -500,10 +521,12 @@ def plot_curves(runs, spec: dict, task: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metric, label = VALID_METRIC[task]
+    summaries = {summary["row"]: summary for summary in ablation_summary(runs, spec, metric)}
     curves = {}
-    for summary in ablation_summary(runs, spec, metric):
-        curve = spec["rows"][summary["row"]].get("curve", summary["row"])
-        curves.setdefault(curve, []).append((summary["updates"], summary[metric]))
+    for rid, summary in summaries.items():
+        row = spec["rows"][rid]
+        first = summaries.get(row.get("finetune_from"), {"updates": 0})  # a second stage counts the first's updates
+        curves.setdefault(row.get("curve", rid), []).append((summary["updates"] + first["updates"], summary[metric]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         xs, ys = zip(*sorted(points))

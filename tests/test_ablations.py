@@ -56,3 +56,21 @@ def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(tmp_path):
         runs = {r["row"]: r for r in csv.DictReader(f)}
     assert runs["memsizer-linearized-10"]["overrides"].endswith("linearize_from=softmax")
     assert 0 <= float(runs["memsizer-linearized-10"]["bleu"]) <= 100
+
+
+def test_a_second_stage_row_continues_from_the_first_stages_checkpoint(tmp_path):
+    """T2R's recipe in the linearize grid: the attention alone first
+    (model.train_attention_only), then a `finetune_from` row trains everything
+    from that row's last checkpoint."""
+    raw = require_data("multi30k")
+    rows = "softmax,memsizer-attention-10,memsizer-attention-then-all-25"
+    reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", rows)
+    first, second = (tmp_path / "work" / "runs" / f"{r}-s1" for r in rows.split(",")[1:])
+    assert "'train_attention_only': True" in (first / "train.log").read_text()
+    log = (second / "train.log").read_text()
+    assert f"loading pretrained model from {first / 'checkpoint_last.pt'}" in log
+    assert "'train_attention_only': False" in log
+    with open(tmp_path / "results" / "linearize-mt-smoke.runs.csv") as f:
+        runs = {r["row"]: r for r in csv.DictReader(f)}
+    assert runs["memsizer-attention-then-all-25"]["overrides"].endswith("finetune_from=memsizer-attention-10")
+    assert (tmp_path / "results" / "linearize-mt-smoke.png").read_bytes()[:4] == b"\x89PNG"

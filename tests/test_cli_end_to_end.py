@@ -138,9 +138,17 @@ def test_linearize_a_trained_transformer_then_finetune_and_generate(multi30k, tm
     r = subprocess.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
                         tmp_path / "linear.pt", *memsizer], capture_output=True, text=True)
     assert r.returncode == 0 and "| mapped: W_r = out_proj(v_proj(x)) |" in r.stdout, r.stderr[-3000:]
+    # T2R's recipe: the attention alone first, then everything
+    fairseq("train", data, *memsizer, *TINY_MT, "--max-update", 4, "--save-dir", tmp_path / "attn",
+            "--finetune-from-model", tmp_path / "linear.pt", "--train-attention-only")
+    before, after = (torch.load(p, weights_only=False)["model"] for p in (tmp_path / "linear.pt", tmp_path / "attn" / "checkpoint_last.pt"))
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(".self_attn." in name for name in moved), sorted(moved)  # decoder self: the only MemSizer role
     fairseq("train", data, *memsizer, *TINY_MT, "--max-update", 6, "--save-dir", tmp_path / "ft",
-            "--finetune-from-model", tmp_path / "linear.pt")
+            "--finetune-from-model", tmp_path / "attn" / "checkpoint_last.pt")
     assert num_updates(tmp_path / "ft" / "checkpoint_last.pt") == 6  # a fresh run from the converted weights
+    final = torch.load(tmp_path / "ft" / "checkpoint_last.pt", weights_only=False)["model"]
+    assert not torch.equal(final["decoder.layers.0.fc1.weight"], before["decoder.layers.0.fc1.weight"])
     gen = fairseq("generate", data, "--path", tmp_path / "linear.pt", "--gen-subset", "valid", "--beam", 2,
                   "--batch-size", 100, "--max-len-b", 10, "--post-process", "sentencepiece",
                   "--required-batch-size-multiple", 1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import TINY_LM, TINY_MT, make_model, parse_model_args
-from linear_fairseq.modules.gau import GatedAttentionUnit
+from linear_fairseq.modules.flash_gau import GatedAttentionUnit
 
 
 def test_presets_double_fairseq_layers_and_use_gau_defaults():

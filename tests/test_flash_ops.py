@@ -33,7 +33,8 @@ def recurrent(q, k, ql, kl, v, G, padding_mask=None, rel_bias=None, relu2_norm="
     outs = []
     for t in range(q.shape[1]):
         mask_t = None if padding_mask is None else padding_mask[:, t]
-        out, state = F.step(q[:, t], k[:, t], ql[:, t], kl[:, t], v[:, t], state, G, mask_t, rel_bias, relu2_norm)
+        out, state = F.causal_step(q[:, t], k[:, t], ql[:, t], kl[:, t], v[:, t], state, mask_t, rel_bias,
+                                   chunk_size=G, relu2_norm=relu2_norm)
         outs.append(out)
     return torch.stack(outs, dim=1), state
 

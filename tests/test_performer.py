@@ -76,7 +76,8 @@ def test_bf16_module_forward_at_4096(feature_map):
     """The causal module, all in bf16, at T=4096: finite and within BF16_TOLERANCE
     (max error over the output's max magnitude) of the fp32 module."""
     torch.manual_seed(0)
-    attn = PerformerAttention(64, 4, feature_map=feature_map, causal=True, gate=feature_map == "rfa").eval()
+    attn = PerformerAttention(64, 4, feature_map=feature_map, num_features=None, redraw_interval=0,
+                              gate=feature_map == "rfa", chunk_size=64, eps=None, causal=True).eval()
     x = torch.randn(4096, 1, 64)
     with torch.no_grad():
         ref = attn(x)[0]
@@ -122,5 +123,7 @@ def test_normalizer_clamp_defaults(feature_map, eps):
     """rfa and t2r features can cancel or vanish, so they keep a clamp; elu and favor need none."""
     from linear_fairseq.modules.performer_attention import PerformerAttention
 
-    assert PerformerAttention(16, 2, feature_map=feature_map, num_features=None if feature_map == "elu" else 8).eps == eps
+    attn = PerformerAttention(16, 2, feature_map=feature_map, num_features=None if feature_map == "elu" else 8,
+                              redraw_interval=0, gate=False, chunk_size=64, eps=None)
+    assert attn.eps == eps
 

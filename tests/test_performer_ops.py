@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from linear_fairseq.ops import kernel as K
+from linear_fairseq.ops import performer as K
 
 RTOL = 1e-5
 B, H, D = 2, 2, 8
@@ -47,7 +47,7 @@ MAPS = ["elu", "favor", "rfa", "t2r"]
 def run(form, name, q, k, v, gate=None, mask=None, chunk=5, eps=1e-6):
     pq, pk, s, sq = featurize(name, q, k)
     if form == "naive":
-        return K.naive(pq, pk, v, True, mask, s, gate, eps, q_log_scale=sq)
+        return K.naive(pq, pk, v, True, mask, s, gate, q_log_scale=sq, eps=eps)
     if form == "chunked":
         return K.causal_chunked(pq, pk, v, mask, s, gate, chunk_size=chunk, eps=eps, q_log_scale=sq)[0]
     state, outs = None, []
@@ -55,7 +55,7 @@ def run(form, name, q, k, v, gate=None, mask=None, chunk=5, eps=1e-6):
         step = lambda x: None if x is None else x[:, :, t]  # noqa: E731
         out, state = K.causal_step(
             pq[:, :, t], pk[:, :, t], v[:, :, t], state,
-            None if mask is None else mask[:, t], step(s), step(gate), eps, step(sq),
+            None if mask is None else mask[:, t], step(s), step(gate), step(sq), eps=eps,
         )
         outs.append(out)
     return torch.stack(outs, dim=2)
@@ -90,8 +90,8 @@ def test_chunked_and_recurrent_equal_reference_with_gradients(name, T, gated):
 def test_noncausal_equals_reference(name):
     q, k, v = qkv(11)
     pq, pk, s, sq = featurize(name, q, k)
-    S, z, M = K.summarize(pk, v, None, s)
-    assert_close(K.read(pq, S, z, M, v.dtype, q_log_scale=sq), K.naive(pq, pk, v, False, None, s, q_log_scale=sq))
+    state = K.summarize(pk, v, None, s)
+    assert_close(K.read(pq, state, v.dtype, sq, eps=1e-6), K.naive(pq, pk, v, False, None, s, q_log_scale=sq, eps=1e-6))
 
 
 @pytest.mark.parametrize("name", MAPS)
@@ -109,9 +109,9 @@ def test_left_padding_leaves_real_positions_unchanged(name, causal):
             assert_close(run(form, name, qp, kp, vp, mask=mask)[:, :, pad:], ref)
     else:
         pq, pk, s, sq = featurize(name, q, k)
-        ref = K.read(pq, *K.summarize(pk, v, None, s), v.dtype, q_log_scale=sq)
+        ref = K.read(pq, K.summarize(pk, v, None, s), v.dtype, sq, eps=1e-6)
         pq, pk, s, sq = featurize(name, qp, kp)
-        assert_close(K.read(pq, *K.summarize(pk, vp, mask, s), v.dtype, q_log_scale=sq)[:, :, pad:], ref)
+        assert_close(K.read(pq, K.summarize(pk, vp, mask, s), v.dtype, sq, eps=1e-6)[:, :, pad:], ref)
 
 
 @pytest.mark.parametrize("form", ["naive", "chunked"])
@@ -133,7 +133,7 @@ def test_favor_approximates_softmax_attention():
     q, k, v = (x * 0.5 for x in qkv(T))
     W = K.orthogonal_gaussian(8192, D, torch.Generator().manual_seed(0))
     (pq, sq), (pk, s) = K.favor_features(q, W), K.favor_features(k, W)
-    approx = K.naive(pq, pk, v, causal=False, log_scale=s, q_log_scale=sq)
+    approx = K.naive(pq, pk, v, causal=False, log_scale=s, q_log_scale=sq, eps=1e-6)
     exact = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1) @ v
     assert (approx - exact).abs().max() < 0.05
 
@@ -156,12 +156,12 @@ def test_16k_decoding_steps_do_not_drift(name, gated):
     q, k, v = (x[:1, :1] for x in qkv(T, seed=2))
     pq, pk, s, sq = featurize(name, q, k)
     gate = gate_logits(T)[:1, :1] if gated else None
-    parallel, _ = K.causal_chunked(pq, pk, v, None, s, gate, chunk_size=256, q_log_scale=sq)
+    parallel, _ = K.causal_chunked(pq, pk, v, None, s, gate, chunk_size=256, eps=1e-6, q_log_scale=sq)
     state, outs = None, []
     at = lambda x, t: None if x is None else x[:, :, t]  # noqa: E731
     for t in range(T):
         out, state = K.causal_step(pq[:, :, t], pk[:, :, t], v[:, :, t], state, None, at(s, t), at(gate, t),
-                                   q_log_scale=at(sq, t))
+                                   q_log_scale=at(sq, t), eps=1e-6)
         outs.append(out)
     assert_close(torch.stack(outs, dim=2), parallel, rtol=1e-4)
 
@@ -170,11 +170,11 @@ def causal_forms(pq, pk, v, s, sq, eps=1e-6):
     """The three causal forms on given features: {name: output}."""
     state, steps = None, []
     for t in range(v.shape[2]):
-        out, state = K.causal_step(pq[:, :, t], pk[:, :, t], v[:, :, t], state, None, s[:, :, t], None, eps,
-                                   q_log_scale=sq[:, :, t])
+        out, state = K.causal_step(pq[:, :, t], pk[:, :, t], v[:, :, t], state, None, s[:, :, t], None,
+                                   q_log_scale=sq[:, :, t], eps=eps)
         steps.append(out)
     return {
-        "naive": K.naive(pq, pk, v, True, None, s, None, eps, q_log_scale=sq),
+        "naive": K.naive(pq, pk, v, True, None, s, None, q_log_scale=sq, eps=eps),
         "chunked": K.causal_chunked(pq, pk, v, None, s, None, chunk_size=8, eps=eps, q_log_scale=sq)[0],
         "step": torch.stack(steps, dim=2),
     }

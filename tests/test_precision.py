@@ -5,7 +5,7 @@ import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
-from linear_fairseq.modules.gau import GatedAttentionUnit
+from linear_fairseq.modules.flash_gau import GatedAttentionUnit
 from test_decoding_contract import Harness, decoder_input
 
 MODELS = ["memsizer_mt", "memsizer_lm", "performer_mt_favor", "performer_lm_favor", "flash_mt", "flash_lm"]

@@ -12,9 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fairseq import utils as fairseq_utils
-from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_DATACLASS_REGISTRY
 
 from conftest import ROOT, TINY_LM, TINY_MT, make_model, parse_model_args
+from linear_fairseq import families
 from linear_fairseq.errors import ConfigError, install_excepthook
 from linear_fairseq.modules.memsizer_attention import MemsizerAttention
 
@@ -99,6 +100,8 @@ def test_command_line_overrides_a_preset():
         ("flash_lm", ["--gau-s", "15"], "--gau-s=15: must be even with RoPE"),
         ("performer_lm", ["--num-features", "0"], "--num-features=0: must be a positive integer"),
         ("performer_lm", ["--kernel-chunk-size", "0"], "--kernel-chunk-size=0: must be a positive integer"),
+        ("performer_lm", ["--decoder-softmax-layers", "0,1", "--train-attention-only"],
+         "--train-attention-only=True: this model has no linear attention to train"),
     ],
 )
 def test_bad_options_name_the_option_and_value(arch, args, message):
@@ -122,9 +125,12 @@ def test_unknown_feature_map_is_rejected_by_the_parser(capsys):
 
 def test_module_rejects_bad_sizes_with_values():
     with pytest.raises(ValueError, match="num_heads=3 must be a positive divisor of embed_dim=32"):
-        MemsizerAttention(32, 3, 4)
+        MemsizerAttention(32, 3, 4, **MEMSIZER_OPTIONS)
     with pytest.raises(ValueError, match="memory_size must be a positive integer, got 0"):
-        MemsizerAttention(32, 4, 0)
+        MemsizerAttention(32, 4, 0, **MEMSIZER_OPTIONS)
+
+
+MEMSIZER_OPTIONS = dict(q_init_scale=1.0, kv_init_scale=1.0, chunk_size=64)
 
 
 def test_argparse_checkpoints_load_under_weights_only(tmp_path):
@@ -214,3 +220,26 @@ def test_models_build_from_an_argparse_namespace_as_from_the_dataclass(arch, tas
     assert from_namespace.keys() == from_config.keys()
     for k in from_config:
         assert torch.equal(from_namespace[k], from_config[k]), k
+
+
+@pytest.mark.parametrize("name", families.names(baseline=False))
+def test_a_family_has_one_name_across_ops_modules_models_and_options(name):
+    """The registry's name is the models' prefix, the attention key their
+    --decoder-self-attn defaults to, and the stem of its ops and models files."""
+    family = families.get(name)
+    for model in (family.mt_model, family.lm_model):
+        assert model.startswith(f"{name}_")
+        assert MODEL_DATACLASS_REGISTRY[model]().decoder_self_attn == name
+    assert (ROOT / "linear_fairseq" / "ops" / f"{name}.py").is_file()
+    assert (ROOT / "linear_fairseq" / "models" / f"{name}.py").is_file()
+    assert list((ROOT / "linear_fairseq" / "modules").glob(f"{name}_*.py"))
+
+
+def test_flash_layers_still_build_under_their_earlier_key():
+    """Checkpoints trained before FLASH's attention key became "flash" say "gau"."""
+    torch.manual_seed(0)
+    new, _ = make_model("flash_lm", TINY_LM + ["--gau-s", "16"], "language_modeling")
+    torch.manual_seed(0)
+    old, _ = make_model("flash_lm", TINY_LM + ["--gau-s", "16", "--decoder-self-attn", "gau"], "language_modeling")
+    assert {k: v.shape for k, v in new.state_dict().items()} == {k: v.shape for k, v in old.state_dict().items()}
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in new.state_dict().items())

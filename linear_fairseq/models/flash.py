@@ -13,19 +13,20 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models.transformer import transformer_iwslt_de_en, transformer_wmt_en_de
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
-from ..modules import gau  # noqa: F401  registers the "gau" layers
+from ..modules import flash_gau as gau  # registers the "flash" layers
 from ..ops.flash import RELU2_NORMS
 from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import LinearLanguageModel, LinearTransformerModel, register_presets
 from .options import LinearLMConfig, LinearTransformerConfig, option, option_error
 
-GAU = ChoiceEnum(["gau"])
+# "gau" is the key's earlier spelling, still in checkpoints trained before it was renamed
+GAU = ChoiceEnum(["flash", "gau"])
 
 
 @dataclass
 class FlashOptions(FairseqDataclass):
-    decoder_self_attn: GAU = option("gau", "decoder layers: gated attention units")
+    decoder_self_attn: GAU = option("flash", "decoder layers: gated attention units (gau: the same, the earlier name)")
     gau_attention: ChoiceEnum(["mixed", "quadratic"]) = option(
         "mixed", "FLASH mixed chunk attention (linear), or FLASH-Quad's full relu^2 attention"
     )
@@ -48,7 +49,7 @@ class FlashOptions(FairseqDataclass):
 
 @dataclass
 class FlashTransformerConfig(LinearTransformerConfig, FlashOptions):
-    encoder_self_attn: GAU = option("gau", "encoder layers: gated attention units")
+    encoder_self_attn: GAU = option("flash", "encoder layers: gated attention units (gau: the same, the earlier name)")
     cross_attn: ChoiceEnum(["kernel", "softmax"]) = option(
         "kernel", "decoder cross-attention: elu+1 kernel attention (the source summary is cached once, so a "
         "decoding step does not depend on the source length) or fairseq's softmax attention"
@@ -63,13 +64,13 @@ class FlashLMConfig(LinearLMConfig, FlashOptions):
 
 
 def check_flash_args(args: Namespace, roles) -> None:
-    """The GAU's rules (modules/gau.py, gau_problems) for each side with GAU
+    """The GAU's rules (modules/flash_gau.py, gau_problems) for each side with GAU
     layers, named as command-line options."""
     for side in ("encoder", "decoder"):
         if f"{side}_self" not in roles:
             continue
         found = gau.gau_problems(
-            args.__dict__[f"{side}_embed_dim"], s=args.gau_s, expansion=args.gau_expansion,
+            getattr(args, f"{side}_embed_dim"), s=args.gau_s, expansion=args.gau_expansion,
             chunk_size=args.gau_chunk_size, rope=not args.no_rope, mode=args.gau_attention, norm=args.gau_norm,
             scale_init=args.gau_scale_init, relu2_norm=args.gau_relu2_norm, width=f"--{side}-embed-dim")
         for name, value, why in found:

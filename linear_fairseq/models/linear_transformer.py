@@ -19,17 +19,12 @@ from fairseq.models.transformer import (
     transformer_vaswani_wmt_en_de_big,
     transformer_wmt_en_de,
 )
-from fairseq.models.transformer_lm import (
-    DEFAULT_MAX_TARGET_POSITIONS,
-    TransformerLanguageModel,
-)
-from fairseq.modules import AdaptiveInput
-from fairseq import options
+from fairseq.models.transformer_lm import TransformerLanguageModel
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from ..checkpoints import checkpoint_mismatch
 from ..errors import ConfigError
-from ..modules.attention import ROLES, attention_kind
+from ..modules.attention import ROLES, LinearAttention, attention_kind
 from ..modules.layers import decoder_layer, encoder_layer, softmax_layers
 from ..registry import register_model_architecture
 from .options import as_namespace, option_error, require_heads_divide, require_layer_indices
@@ -89,6 +84,19 @@ class LinearModelMixin:
         if dc is not None:
             gen_parser_from_dataclass(parser, dc(), delete_default=True)
 
+    @classmethod
+    def set_trainable(cls, model, args: Namespace):
+        """--train-attention-only: freeze every parameter outside the family's
+        attention modules (a GAU counts whole)."""
+        if getattr(args, "train_attention_only", False):
+            learn = {id(p) for m in model.modules() if isinstance(m, LinearAttention) for p in m.parameters()}
+            if not learn:
+                raise option_error("train_attention_only", True, "this model has no linear attention to train "
+                                   "(every role and layer is softmax)")
+            for p in model.parameters():
+                p.requires_grad_(id(p) in learn)
+        return model
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         try:
             return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
@@ -130,7 +138,8 @@ class LinearTransformerModel(LinearModelMixin, TransformerModel):
     def build_model(cls, cfg, task):
         require_task(cls, task, "translation", "translation (encoder-decoder) model: use --task translation with "
                      "fairseq-generate or -interactive (not fairseq-eval-lm)")
-        return super().build_model(cls.prepare_args(cfg), task)
+        args = cls.prepare_args(cfg)
+        return cls.set_trainable(super().build_model(args, task), args)
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
@@ -152,10 +161,6 @@ class LinearLanguageModel(LinearModelMixin, TransformerLanguageModel):
         require_task(cls, task, "language_modeling", "language model: pass --task language_modeling "
                      "(fairseq-eval-lm, or fairseq-generate/-interactive with that flag)")
         args = cls.prepare_args(as_namespace(cfg))  # the options as given, as fairseq's own build_model takes them
-        if args.decoder_layers_to_keep:
-            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
-        if getattr(args, "max_target_positions", None) is None:
-            args.max_target_positions = getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
         if args.character_embeddings:
             raise option_error("character_embeddings", True, "is not supported by linear_fairseq LMs")
         if args.tie_adaptive_weights and not (
@@ -168,24 +173,14 @@ class LinearLanguageModel(LinearModelMixin, TransformerLanguageModel):
                 "tie_adaptive_weights", True,
                 "needs --adaptive-input with the adaptive softmax's factor and cutoff",
             )
-        dictionary = task.source_dictionary
-        if args.adaptive_input:
-            embed_tokens = AdaptiveInput(
-                len(dictionary),
-                dictionary.pad(),
-                args.decoder_input_dim,
-                args.adaptive_input_factor,
-                args.decoder_embed_dim,
-                options.eval_str_list(args.adaptive_input_cutoff, type=int),
-                args.quant_noise_pq,
-                args.quant_noise_pq_block_size,
-            )
-        else:
-            embed_tokens = cls.build_embedding(args, dictionary, args.decoder_input_dim)
+        # fairseq's transformer_lm settles the derived sizes and builds the embeddings; its decoder is
+        # then replaced by one whose layers come from the family registry
+        stock = super().build_model(args, task)
         decoder = LinearTransformerDecoder(
-            TransformerConfig.from_namespace(args), task.target_dictionary, embed_tokens, no_encoder_attn=True
+            TransformerConfig.from_namespace(args), task.target_dictionary, stock.decoder.embed_tokens,
+            no_encoder_attn=True,
         )
-        return cls(decoder)
+        return cls.set_trainable(cls(decoder), args)
 
 
 # -- presets ------------------------------------------------------------------

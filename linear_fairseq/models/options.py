@@ -42,13 +42,18 @@ def softmax_layers_option(side: str):
                         "layers: a hybrid stack")
 
 
+TRAIN_ATTENTION_ONLY = ("train_attention_only", bool, option(
+    False, "only the parameters of the linear attention modules learn (the rest frozen): the first stage of "
+    "fine-tuning a linearized softmax model"))
+
 # Every option of fairseq's `--arch transformer`, as a flat dataclass (model
 # configs stored in checkpoints are then plain dicts, no pickled Namespace),
-# and the hybrid-stack options every family shares.
+# and the options every family shares (hybrid stacks, attention-only training).
 LinearTransformerConfig = dataclasses.make_dataclass(
     "LinearTransformerConfig",
     [*_flat_fields(TransformerConfig),
-     *((f"{side}_softmax_layers", Optional[str], softmax_layers_option(side)) for side in ("encoder", "decoder"))],
+     *((f"{side}_softmax_layers", Optional[str], softmax_layers_option(side)) for side in ("encoder", "decoder")),
+     TRAIN_ATTENTION_ONLY],
     bases=(FairseqDataclass,),
 )
 LinearTransformerConfig.__module__ = __name__
@@ -56,8 +61,9 @@ LinearTransformerConfig.__module__ = __name__
 
 @dataclasses.dataclass
 class LinearLMConfig(TransformerLanguageModelConfig):
-    """fairseq's transformer_lm options and the hybrid-stack option."""
+    """fairseq's transformer_lm options and the options every family shares."""
     decoder_softmax_layers: Optional[str] = softmax_layers_option("decoder")
+    train_attention_only: bool = TRAIN_ATTENTION_ONLY[2]
 
 
 def as_namespace(cfg: Any) -> Namespace:

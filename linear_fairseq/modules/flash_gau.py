@@ -164,7 +164,8 @@ class GatedAttentionUnit(LinearAttention):
             state = ops.empty_state(B, self.chunk_size, self.s, self.e, v)
         position = state["n_done"].long() + state["fill"]  # real tokens so far
         qk = self.queries_keys(z, position)
-        a, state = ops.step(*qk, v, state, self.chunk_size, padding_mask, self.rel_bias, self.relu2_norm)
+        a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, chunk_size=self.chunk_size,
+                                   relu2_norm=self.relu2_norm)
         return self.to_out(u * a.to(u.dtype)), state
 
     def _quadratic_step(self, u, v, z, state: State, padding_mask) -> Tuple[Tensor, State]:
@@ -226,7 +227,8 @@ def build_cross_attention(cfg, dim: int) -> nn.Module:
     if str(cfg.cross_attn) == "softmax":
         return MultiheadAttention(dim, heads, kdim=source_dim, vdim=source_dim, dropout=cfg.attention_dropout,
                                   encoder_decoder_attention=True)
-    return PerformerAttention(dim, heads, feature_map="elu", kv_dim=source_dim, cross=True)
+    return PerformerAttention(dim, heads, feature_map="elu", num_features=None, redraw_interval=0, gate=False,
+                              chunk_size=1, eps=None, kv_dim=source_dim, cross=True)  # chunks: causal form only
 
 
 class GAUDecoderLayer(nn.Module):
@@ -266,4 +268,5 @@ class GAUDecoderLayer(nn.Module):
         return x, None, None
 
 
-register_layers("gau", encoder=GAUEncoderLayer, decoder=GAUDecoderLayer)
+for _key in ("flash", "gau"):  # gau: the key's earlier name, in older checkpoints
+    register_layers(_key, encoder=GAUEncoderLayer, decoder=GAUDecoderLayer)

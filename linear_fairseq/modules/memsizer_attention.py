@@ -23,14 +23,16 @@ class MemsizerAttention(LinearAttention):
         num_heads: int,
         memory_size: int,
         *,
+        q_init_scale: float,
+        kv_init_scale: float,
+        chunk_size: int,
         kv_dim: Optional[int] = None,
         causal: bool = False,
         cross: bool = False,
         dropout: float = 0.0,
-        q_init_scale: float = 1.0,
-        kv_init_scale: float = 1.0,
-        chunk_size: int = 64,
     ):
+        """The options as the models' dataclasses define them (models/memsizer.py,
+        where their defaults live)."""
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
         for name, value in (("memory_size", memory_size), ("chunk_size", chunk_size)):
             if not isinstance(value, int) or value < 1:
@@ -64,19 +66,18 @@ class MemsizerAttention(LinearAttention):
 
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
         K, V = self.keys_values(source)
-        return {"S": M.source_memory(K, V, padding_mask)}
+        return M.source_memory(K, V, padding_mask)
 
     def read(self, x: Tensor, state: State) -> Tensor:
-        return M.read_memory(self.slot_weights(x), state["S"], x.dtype)
+        return M.read_memory(self.slot_weights(x), state, x.dtype)
 
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         K, V = self.keys_values(x)
-        return M.causal_chunked(self.slot_weights(x), K, V, padding_mask, self.chunk_size)
+        return M.causal_chunked(self.slot_weights(x), K, V, padding_mask, chunk_size=self.chunk_size)
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         K, V = self.keys_values(x)
-        out, S, n = M.causal_step(self.slot_weights(x), K, V, state.get("S"), state.get("n"), padding_mask)
-        return out, {"S": S, "n": n}
+        return M.causal_step(self.slot_weights(x), K, V, state or None, padding_mask)
 
 
 @register_attention("memsizer")
@@ -93,5 +94,5 @@ def build_memsizer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: in
         dropout=cfg.attention_dropout,
         q_init_scale=float(cfg.q_init_scale),
         kv_init_scale=float(cfg.kv_init_scale),
-        chunk_size=int(getattr(cfg, "memsizer_chunk_size", 64)),
+        chunk_size=int(cfg.memsizer_chunk_size),
     )

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..ops import kernel as K
+from ..ops import performer as K
 from .attention import LinearAttention, State, register_attention
 
 FEATURE_MAPS = ("elu", "favor", "rfa", "t2r")
@@ -105,16 +105,18 @@ class PerformerAttention(LinearAttention):
         embed_dim: int,
         num_heads: int,
         *,
-        feature_map: str = "favor",
-        num_features: Optional[int] = None,
+        feature_map: str,
+        num_features: Optional[int],
+        redraw_interval: int,
+        gate: bool,
+        chunk_size: int,
+        eps: Optional[float],
         kv_dim: Optional[int] = None,
         causal: bool = False,
         cross: bool = False,
-        gate: bool = False,
-        redraw_interval: int = 0,
-        chunk_size: int = 64,
-        eps: Optional[float] = None,
     ):
+        """The options as the models' dataclasses define them (models/performer.py,
+        where their defaults live); num_features and eps None: the feature map's own."""
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
         if feature_map not in FEATURE_MAPS:
             raise ConfigError(f"PerformerAttention: feature_map={feature_map!r}; choose from {', '.join(FEATURE_MAPS)}")
@@ -160,20 +162,19 @@ class PerformerAttention(LinearAttention):
 
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
         phi_k, log_scale = self.features(source, self.k_proj)
-        S, z, M = K.summarize(phi_k, self.heads(self.v_proj(source)), padding_mask, log_scale)
-        return {"S": S, "z": z, "M": M}
+        return K.summarize(phi_k, self.heads(self.v_proj(source)), padding_mask, log_scale)
 
     def read(self, x: Tensor, state: State) -> Tensor:
         phi_q, q_scale = self.features(x, self.q_proj)
-        out = K.read(phi_q, state["S"], state["z"], state["M"], x.dtype, self.eps, q_scale)
+        out = K.read(phi_q, state, x.dtype, q_scale, eps=self.eps)
         return self.merge(out, x.dtype)
 
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         phi_q, q_scale = self.features(x, self.q_proj)
         phi_k, log_scale = self.features(x, self.k_proj)
         out, _ = K.causal_chunked(
-            phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale,
-            self.gate_logits(x), self.chunk_size, self.eps, q_log_scale=q_scale,
+            phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale, self.gate_logits(x), q_scale,
+            chunk_size=self.chunk_size, eps=self.eps,
         )
         return self.merge(out, x.dtype)
 
@@ -182,20 +183,18 @@ class PerformerAttention(LinearAttention):
         phi_q, q_scale = self.features(h, self.q_proj)
         phi_k, log_scale = self.features(h, self.k_proj)
         one = lambda t: None if t is None else t.squeeze(2)  # noqa: E731  drop the time axis
-        out, (S, z, M) = K.causal_step(
-            one(phi_q), one(phi_k), one(self.heads(self.v_proj(h))),
-            (state["S"], state["z"], state["M"]) if state else None,
-            padding_mask, one(log_scale), one(self.gate_logits(h)), self.eps, one(q_scale),
+        out, state = K.causal_step(
+            one(phi_q), one(phi_k), one(self.heads(self.v_proj(h))), state or None,
+            padding_mask, one(log_scale), one(self.gate_logits(h)), one(q_scale), eps=self.eps,
         )
-        return self.merge(out.unsqueeze(2), x.dtype).squeeze(1), {"S": S, "z": z, "M": M}
+        return self.merge(out.unsqueeze(2), x.dtype).squeeze(1), state
 
 
 @register_attention("performer")
 def build_performer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: int) -> PerformerAttention:
     """Options read from the model config: --feature-map, --num-features,
     --redraw-interval, --rfa-gate, --kernel-eps, --kernel-chunk-size."""
-    num_features = getattr(cfg, "num_features", None)
-    eps = getattr(cfg, "kernel_eps", None)
+    num_features, eps = cfg.num_features, cfg.kernel_eps
     return PerformerAttention(
         embed_dim,
         num_heads,
@@ -204,7 +203,7 @@ def build_performer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: i
         kv_dim=kv_dim,
         causal=role == "decoder_self",
         cross=role == "cross",
-        gate=bool(getattr(cfg, "rfa_gate", False)),
+        gate=bool(cfg.rfa_gate),
         redraw_interval=int(cfg.redraw_interval),
         chunk_size=int(cfg.kernel_chunk_size),
         eps=None if eps is None else float(eps),

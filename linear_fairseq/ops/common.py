@@ -1,8 +1,13 @@
 """Helpers the families' ops share (torch only)."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
+
+# A family's recurrent (or summarized-source) state: named tensors, batch first.
+# Its ops create it (empty_state, summarize), take it and return the next one
+# (causal_step); the modules keep it in fairseq's incremental state as it is.
+State = Dict[str, Tensor]
 
 
 def acc(x: Tensor) -> Tensor:

@@ -30,13 +30,13 @@ Tensors are batch-first: q, k (quadratic), ql, kl (linear): (B, T, s);
 v: (B, T, e); padding_mask (B, T), True at padding.
 """
 import functools
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import acc
+from .common import State, acc
 
 
 # -- positions ---------------------------------------------------------------
@@ -206,9 +206,6 @@ def quadratic(
 
 
 # -- decoding step (causal mixed chunk) ---------------------------------------------
-State = Dict[str, Tensor]
-
-
 def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
     z = acc(like)
     return {
@@ -221,9 +218,9 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
     }
 
 
-def step(
-    q, k, ql, kl, v, state: State, chunk_size: int,
-    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, relu2_norm: str = "chunk",
+def causal_step(
+    q, k, ql, kl, v, state: Optional[State] = None, padding_mask: Optional[Tensor] = None,
+    rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,
 ) -> Tuple[Tensor, State]:
     """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
     most G tokens plus one s x e sum, whatever the prefix length; the current
@@ -235,6 +232,7 @@ def step(
     G = chunk_size
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
+    state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
     rows = torch.arange(B, device=q.device)
     real = torch.ones(B, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask
     fill = state["fill"]

@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import acc, zero_padded
+from .common import State, acc, zero_padded
+
+# State of the causal form: {"S": (B, k, d) unscaled running sum of k_j v_j^T, fp32;
+# "n": (B,) real tokens so far}; of the non-causal form: {"S": K^T V / sqrt(n)}.
 
 
 def slot_weights(logits: Tensor) -> Tensor:
@@ -66,16 +69,16 @@ def naive(
     return ((scores @ V) * scale).to(dtype)
 
 
-def source_memory(K: Tensor, V: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-    """S = K^T V / sqrt(n_real), float32 (B, k, d)."""
+def source_memory(K: Tensor, V: Tensor, padding_mask: Optional[Tensor] = None) -> State:
+    """{S}: S = K^T V / sqrt(n_real), float32 (B, k, d)."""
     K = zero_padded(acc(K), padding_mask, 1)
     n = _real_tokens(padding_mask, K).sum(dim=1)
-    return (K.transpose(1, 2) @ acc(V)) * n.clamp(min=1.0).rsqrt().view(-1, 1, 1)
+    return {"S": (K.transpose(1, 2) @ acc(V)) * n.clamp(min=1.0).rsqrt().view(-1, 1, 1)}
 
 
-def read_memory(p: Tensor, S: Tensor, dtype: torch.dtype) -> Tensor:
+def read_memory(p: Tensor, state: State, dtype: torch.dtype) -> Tensor:
     """out = p S for every query; p (B, T, k), S (B, k, d)."""
-    return (acc(p) @ S).to(dtype)
+    return (acc(p) @ state["S"]).to(dtype)
 
 
 def causal_chunked(
@@ -83,7 +86,8 @@ def causal_chunked(
     K: Tensor,
     V: Tensor,
     padding_mask: Optional[Tensor] = None,
-    chunk_size: int = 64,
+    *,
+    chunk_size: int,
 ) -> Tensor:
     """Causal MemSizer in chunks of G tokens: exact, with memory O(T k d / G + T G).
 
@@ -115,27 +119,30 @@ def causal_chunked(
     return (out * scale).to(dtype)
 
 
+def empty_state(B: int, k: int, d: int, like: Tensor) -> State:
+    S = acc(like).new_zeros(B, k, d)
+    return {"S": S, "n": S.new_zeros(B)}
+
+
 def causal_step(
     p: Tensor,
     K: Tensor,
     V: Tensor,
-    S: Optional[Tensor] = None,
-    n: Optional[Tensor] = None,
+    state: Optional[State] = None,
     padding_mask: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """One decoding step. p, K: (B, k); V: (B, d); S: unscaled running sum (B, k, d) fp32; n: (B,).
+) -> Tuple[Tensor, State]:
+    """One decoding step. p, K: (B, k); V: (B, d); state {S, n} (None: empty).
 
-    Returns (out, S, n) with S = sum_j k_j v_j^T and n = number of real tokens so far.
+    Returns (out, state) with S = sum_j k_j v_j^T and n = number of real tokens so far.
     A padded step (padding_mask True) leaves S and n unchanged.
     """
     B, k = K.shape
-    if S is None or n is None:
-        S = acc(K).new_zeros(B, k, V.shape[-1])
-        n = acc(K).new_zeros(B)
+    state = state if state is not None else empty_state(B, k, V.shape[-1], K)
+    S, n = state["S"], state["n"]
     real = n.new_ones(B) if padding_mask is None else (~padding_mask).to(n.dtype)
     # S_i = S_{i-1} + k_i v_i^T (unscaled); n_i = n_{i-1} + 1
     S = S + real.view(B, 1, 1) * (acc(K).unsqueeze(-1) * acc(V).unsqueeze(-2))
     n = n + real
     # out_i = p_i S_i / sqrt(i)
     out = (acc(p).unsqueeze(1) @ S).squeeze(1) * n.clamp(min=1.0).rsqrt().unsqueeze(-1)
-    return out.to(V.dtype), S, n
+    return out.to(V.dtype), {"S": S, "n": n}

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import acc, zero_padded
+from .common import State, acc, zero_padded
 
-State = Tuple[Tensor, Tensor, Tensor]  # S (B,H,m,d), z (B,H,m), M (B,H): the state is exp(M) * (S, z)
+# State: {"S": (B, H, m, d), "z": (B, H, m), "M": (B, H)}, the true sums being exp(M) * (S, z)
 NEG_INF = float("-inf")
 
 
@@ -140,8 +140,9 @@ def naive(
     padding_mask: Optional[Tensor] = None,
     log_scale: Optional[Tensor] = None,
     gate_logits: Optional[Tensor] = None,
-    eps: float = 1e-6,
     q_log_scale: Optional[Tensor] = None,
+    *,
+    eps: float,
 ) -> Tensor:
     """Quadratic reference: weight of key j at query i is phi_q_i . phi_k_j exp(w_ij - R_i)."""
     dtype = v.dtype
@@ -165,21 +166,21 @@ def naive(
 def summarize(
     phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None, log_scale: Optional[Tensor] = None
 ) -> State:
-    """(S, z, M): S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j), both relative to
+    """{S, z, M}: S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j), both relative to
     M (B, H), the largest key log-scale: the true sums are exp(M) (S, z)."""
     phi_k, v = zero_padded(acc(phi_k), padding_mask, 2), acc(v)
     a, _ = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, None)
     M = _finite(a.amax(-1, keepdim=True)).detach()
     w = torch.exp(a - M).unsqueeze(-1)
-    return (phi_k * w).transpose(-1, -2) @ v, (phi_k * w).sum(-2), M.squeeze(-1)
+    return {"S": (phi_k * w).transpose(-1, -2) @ v, "z": (phi_k * w).sum(-2), "M": M.squeeze(-1)}
 
 
 def read(
-    phi_q: Tensor, S: Tensor, z: Tensor, M: Tensor, dtype: torch.dtype, eps: float = 1e-6,
-    q_log_scale: Optional[Tensor] = None,
+    phi_q: Tensor, state: State, dtype: torch.dtype, q_log_scale: Optional[Tensor] = None, *, eps: float
 ) -> Tensor:
     """out = phi(q)^T S / max(phi(q)^T z, eps), the clamp in true scale."""
     phi_q = acc(phi_q)
+    S, z, M = state["S"], state["z"], state["M"]
     floor = clamp_floor(eps, M[..., None, None], None if q_log_scale is None else q_log_scale.unsqueeze(-1))
     return ((phi_q @ S) / torch.maximum(phi_q @ z.unsqueeze(-1), floor)).to(dtype)
 
@@ -187,11 +188,11 @@ def read(
 # -- causal: chunks carrying the state; a decoding step is a chunk of one ------------
 def empty_state(B: int, H: int, m: int, d: int, like: Tensor) -> State:
     S = acc(like).new_zeros(B, H, m, d)
-    return S, S.new_zeros(B, H, m), S.new_full((B, H), NEG_INF)
+    return {"S": S, "z": S.new_zeros(B, H, m), "M": S.new_full((B, H), NEG_INF)}
 
 
 def _chunk(phi_q, phi_k, v, a, lg, state: State, eps: float, q_log_scale) -> Tuple[Tensor, State]:
-    S, z, M = state
+    S, z, M = state["S"], state["z"], state["M"]
     G = phi_q.shape[2]
     L = lg.cumsum(-1)  # decay from the chunk's start to t
     r = a - L  # key j's log-weight, up to the common factor exp(L_t)
@@ -210,8 +211,7 @@ def _chunk(phi_q, phi_k, v, a, lg, state: State, eps: float, q_log_scale) -> Tup
     w_old = torch.exp(M.unsqueeze(-1) - R_end)
     S = w_old.unsqueeze(-1) * S + (phi_k * w_keys).transpose(-1, -2) @ v
     z = w_old * z + (phi_k * w_keys).sum(-2)
-    M = R_raw[..., -1] + L[..., -1]
-    return out, (S, z, M)
+    return out, {"S": S, "z": z, "M": R_raw[..., -1] + L[..., -1]}
 
 
 def causal_chunked(
@@ -221,10 +221,11 @@ def causal_chunked(
     padding_mask: Optional[Tensor] = None,
     log_scale: Optional[Tensor] = None,
     gate_logits: Optional[Tensor] = None,
-    chunk_size: int = 64,
-    eps: float = 1e-6,
-    state: Optional[State] = None,
     q_log_scale: Optional[Tensor] = None,
+    state: Optional[State] = None,
+    *,
+    chunk_size: int,
+    eps: float,
 ) -> Tuple[Tensor, State]:
     """Causal kernel attention over chunks of G tokens; returns (out, final state).
     Memory O(T G + m d) beyond the inputs: no T x T or T x m x d tensor."""
@@ -252,8 +253,9 @@ def causal_step(
     padding_mask: Optional[Tensor] = None,
     log_scale: Optional[Tensor] = None,
     gate_logits: Optional[Tensor] = None,
-    eps: float = 1e-6,
     q_log_scale: Optional[Tensor] = None,
+    *,
+    eps: float,
 ) -> Tuple[Tensor, State]:
     """One decoding step: phi_q, phi_k (B, H, m), v (B, H, d), log_scale/gate_logits (B, H),
     padding_mask (B,). The recurrence of Katharopoulos et al. (Eq. 18-20), relative to
@@ -268,7 +270,8 @@ def causal_step(
     column = lambda x: None if x is None else x.unsqueeze(-1)  # noqa: E731  a chunk of one token
     a, lg = key_log_weights((B, H, 1), phi_k, column(padding_mask), column(log_scale), column(gate_logits))
     a, lg = a.squeeze(-1), lg.squeeze(-1)
-    S, z, M = state if state is not None else empty_state(B, H, m, v.shape[-1], v)
+    state = state if state is not None else empty_state(B, H, m, v.shape[-1], v)
+    S, z, M = state["S"], state["z"], state["M"]
     r = a - lg  # this key's log-weight, up to the common factor exp(lg)
     R_raw = torch.maximum(M, r).detach()
     R = _finite(R_raw)
@@ -285,4 +288,4 @@ def causal_step(
         z.add_(kw)
     floor = clamp_floor(eps, R + lg, q_log_scale).unsqueeze(-1)
     out = (phi_q.unsqueeze(-2) @ S).squeeze(-2) / torch.maximum((phi_q * z).sum(-1, keepdim=True), floor)
-    return out.to(dtype), (S, z, R_raw + lg)
+    return out.to(dtype), {"S": S, "z": z, "M": R_raw + lg}
