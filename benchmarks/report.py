@@ -1,5 +1,6 @@
 """Tables, targets and plots from a results dict (benchmarks/run.py)."""
 import os
+from functools import partial
 from pathlib import Path
 
 import linear_fairseq  # noqa: F401  registers the families
@@ -143,39 +144,23 @@ def decode_tables(dec):
     ]
 
 
-def mt_tables(recs):
-    cols = [(f"S={S}", {"src_len": S}) for S in sorted({r["src_len"] for r in recs})]
+# suite: (title, the column axis, its label, what every row measured)
+SEQ2SEQ = {
+    "mt": ("Translation", "src_len", "S={}", "beam {beam}, {sentences} sentences, target length = source length S"),
+    "sum": ("Summarization", "src_len", "S={}", "beam {beam}, {sentences} sources of S tokens, {tgt_len} target tokens"),
+    "beam": ("Beam width", "beam", "beam {}", "{sentences} sources of {src_len} tokens, {tgt_len} target tokens"),
+}
+
+
+def seq2seq_tables(suite, recs):
+    title, axis, label, where = SEQ2SEQ[suite]
+    cols = [(label.format(x), {axis: x}) for x in sorted({r[axis] for r in recs})]
     rows = [(arch_label(recs, f), {"family": f}) for f in families(recs)]
-    r0 = recs[0]
-    where = f"beam {r0['beam']}, {r0['sentences']} sentences, target length = source length S"
-    return [
-        table(recs, rows, cols, "sentences_per_s", "{:.3f}", f"Translation: sentences/s ({where})"),
-        table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", "Translation: peak memory (MiB)"),
-    ]
-
-
-def sum_tables(recs):
-    cols = [(f"S={S}", {"src_len": S}) for S in sorted({r["src_len"] for r in recs})]
-    rows = [(arch_label(recs, f), {"family": f}) for f in families(recs)]
-    r0 = recs[0]
-    where = f"beam {r0['beam']}, {r0['sentences']} sources of S tokens, {r0['tgt_len']} target tokens"
-    return [
-        table(recs, rows, cols, "sentences_per_s", "{:.3f}", f"Summarization: sentences/s ({where})"),
-        table(recs, rows, cols, "state_bytes_per_hyp", "{:,.0f}",
-              "Summarization: incremental-state bytes per hypothesis at the end (source cache included)"),
-        table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", "Summarization: peak memory (MiB)"),
-    ]
-
-
-def beam_tables(recs):
-    cols = [(f"beam {k}", {"beam": k}) for k in sorted({r["beam"] for r in recs})]
-    rows = [(arch_label(recs, f), {"family": f}) for f in families(recs)]
-    r0 = recs[0]
-    where = f"{r0['sentences']} sources of {r0['src_len']} tokens, {r0['tgt_len']} target tokens"
-    return [
-        table(recs, rows, cols, "sentences_per_s", "{:.3f}", f"Beam width: sentences/s ({where})"),
-        table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", "Beam width: peak memory (MiB)"),
-    ]
+    tables = [table(recs, rows, cols, "sentences_per_s", "{:.3f}", f"{title}: sentences/s ({where.format(**recs[0])})")]
+    if all("state_bytes_per_hyp" in r for r in ok(recs)):
+        tables.append(table(recs, rows, cols, "state_bytes_per_hyp", "{:,.0f}",
+                            f"{title}: incremental-state bytes per hypothesis at the end (source cache included)"))
+    return tables + [table(recs, rows, cols, "peak_mem_mib", "{:,.0f}", f"{title}: peak memory (MiB)")]
 
 
 def train_tables(recs):
@@ -233,7 +218,7 @@ def markdown(results, plots=()):
     return "\n".join(parts)
 
 
-TABLES = {"decode": decode_tables, "mt": mt_tables, "sum": sum_tables, "beam": beam_tables, "train": train_tables}
+TABLES = {"decode": decode_tables, **{suite: partial(seq2seq_tables, suite) for suite in SEQ2SEQ}, "train": train_tables}
 
 
 def update_readme(readme: Path, tables: str, out: Path):
