@@ -167,8 +167,14 @@ def check_aligned(raw: Path, splits, suffixes) -> dict:
 
 
 def train_sentencepiece(inputs, prefix: Path, vocab_size: int, model_type: str = "unigram") -> Path:
-    model = prefix.with_suffix(".model")
+    """The sentencepiece model under `prefix`, trained once; a folder prepared
+    with another --vocab stops the script rather than being reused."""
+    model, asked = prefix.with_suffix(".model"), prefix.with_suffix(".settings")
+    settings = f"{model_type} {vocab_size}"
     if model.is_file():
+        if asked.is_file() and asked.read_text() != settings:
+            die(f"{prefix.parent} was prepared with another sentencepiece model ({asked.read_text()} pieces, "
+                f"asked: {settings}): remove it or pass another --out")
         return model
     import sentencepiece as spm
 
@@ -185,6 +191,7 @@ def train_sentencepiece(inputs, prefix: Path, vocab_size: int, model_type: str =
         max_sentence_length=1 << 16,  # whole articles and paragraphs are one line
         minloglevel=2,
     )
+    asked.write_text(settings)
     return model
 
 

@@ -40,6 +40,9 @@ def test_news_lead_pairs_and_headlines(tmp_path):
     assert len(lines(out / "raw" / "test.sum")) == with_summary == len(lines(out / "raw" / "test.doc"))
     assert max(len(x.split()) for x in lines(out / "spm" / "train.doc")) <= 50  # --max-source
     assert len(lines(out / "raw" / "train.doc")) == 200
+    again = prep("news.py", "--raw", raw, "--out", out, "--vocab", "900", "--max-source", "50", "--limit", "200",
+                 check=False)  # the folder's pieces were trained for another vocabulary: not reused silently
+    assert again.returncode != 0 and "was prepared with another sentencepiece model (unigram 800 pieces" in again.stderr
 
 
 def test_austen_paragraphs_and_rerun_is_a_no_op(tmp_path):
@@ -49,7 +52,7 @@ def test_austen_paragraphs_and_rerun_is_a_no_op(tmp_path):
     assert len(lines(out / "raw" / "train.txt")) == 300 and (out / "bin" / "train.bin").is_file()
     assert all(x.strip() for x in lines(out / "raw" / "train.txt"))  # paragraphs, no blank lines
     stamp = (out / "bin" / "train.bin").stat().st_mtime_ns
-    again = prep("austen.py", "--raw", raw, "--out", out)
+    again = prep("austen.py", "--raw", raw, "--out", out, "--vocab", "800")
     assert (out / "bin" / "train.bin").stat().st_mtime_ns == stamp and "ready" in again.stderr
 
 
