@@ -103,6 +103,18 @@ class PeakMemory:
         return self.peak / 2**20
 
 
+def softmax_cache_bytes(incremental_state) -> int:
+    """Bytes of the caches of fairseq's own attention (the buffers holding
+    prev_key) in an incremental state: a hybrid stack's softmax layers."""
+    if isinstance(incremental_state, dict):
+        if "prev_key" in incremental_state:
+            return state_bytes(incremental_state)
+        return sum(softmax_cache_bytes(v) for v in incremental_state.values())
+    if isinstance(incremental_state, (list, tuple)):
+        return sum(softmax_cache_bytes(v) for v in incremental_state)
+    return 0
+
+
 def state_bytes(incremental_state) -> int:
     """Bytes of every tensor in a fairseq incremental state (nested dicts)."""
     if isinstance(incremental_state, torch.Tensor):

@@ -62,13 +62,14 @@ def dictionary(size: int = VOCAB) -> Dictionary:
     return d
 
 
-def build(kind: str, family: str, device: str = "cpu", dtype=torch.float32, placement: str = "paper"):
+def build(kind: str, family: str, device: str = "cpu", dtype=torch.float32, placement: str = "paper", extra=()):
     """(model in eval mode, dictionary, description) for kind "lm" or "mt"; an
-    encoder-decoder's attention roles as `placement` says (placement_args)."""
-    arch, extra = (LM if kind == "lm" else MT)[family]
+    encoder-decoder's attention roles as `placement` says (placement_args);
+    `extra`: more flags (e.g. --decoder-softmax-layers)."""
+    arch, family_args = (LM if kind == "lm" else MT)[family]
     base = LM_BASE if kind == "lm" else MT_BASE
     task = "language_modeling" if kind == "lm" else "translation"
-    args = [*base, *extra, *(placement_args(family, placement) if kind == "mt" else [])]
+    args = [*base, *family_args, *(placement_args(family, placement) if kind == "mt" else []), *extra]
     parser = options.get_training_parser()
     ns = options.parse_args_and_arch(parser, ["/unused-data", "--task", task, "--arch", arch, *args])
     cfg = ns

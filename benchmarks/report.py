@@ -144,6 +144,17 @@ def decode_tables(dec):
     ]
 
 
+def hybrid_tables(recs):
+    cols = [(f"L={L}", {"L": L}) for L in sorted({r["L"] for r in recs})]
+    rows = [(arch_label(recs, f), {"family": f}) for f in families(recs)]
+    layers = f"decoder layer(s) {recs[0]['softmax_layers']} softmax, the others linear; batch 1"
+    return [
+        table(recs, rows, cols, "tokens_per_s", "{:,.0f}", f"Hybrid stacks: generated tokens/s ({layers})"),
+        table(recs, rows, cols, "linear_state_bytes", "{:,.0f}", "Hybrid stacks: the linear layers' state (bytes)"),
+        table(recs, rows, cols, "softmax_cache_bytes", "{:,.0f}", "Hybrid stacks: the softmax layers' cache (bytes)"),
+    ]
+
+
 # suite: (title, the column axis, its label, what every row measured)
 SEQ2SEQ = {
     "mt": ("Translation", "src_len", "S={}", "beam {beam}, {sentences} sentences, target length = source length S"),
@@ -218,7 +229,7 @@ def markdown(results, plots=()):
     return "\n".join(parts)
 
 
-TABLES = {"decode": decode_tables, **{suite: partial(seq2seq_tables, suite) for suite in SEQ2SEQ}, "train": train_tables}
+TABLES = {"decode": decode_tables, "hybrid": hybrid_tables, **{suite: partial(seq2seq_tables, suite) for suite in SEQ2SEQ}, "train": train_tables}
 
 
 def update_readme(readme: Path, tables: str, out: Path):
@@ -288,6 +299,11 @@ def plots(results, out: Path):
         figure("mt", [
             (results["mt"], "src_len", "sentences_per_s", "beam search, target length = source", "sentences/s", {}),
             (results["mt"], "src_len", "peak_mem_mib", "peak memory", "MiB", {}),
+        ])
+    if results.get("hybrid"):
+        figure("hybrid", [
+            (results["hybrid"], "L", "linear_state_bytes", "linear layers' state", "bytes", {}),
+            (results["hybrid"], "L", "softmax_cache_bytes", "softmax layers' cache", "bytes", {}),
         ])
     if results.get("sum"):
         figure("sum", [

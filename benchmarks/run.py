@@ -1,6 +1,6 @@
 """Speed and memory of every family against fairseq's softmax transformer.
 
-    python -m benchmarks.run --suite decode|mt|sum|beam|train|all [--device cpu|cuda] [--quick]
+    python -m benchmarks.run --suite decode|hybrid|mt|sum|beam|train|all [--device cpu|cuda] [--quick]
         [--out DIR] [--budget SECONDS] [--readme README.md]
 
 Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
@@ -23,6 +23,7 @@ from linear_fairseq.progress import Progress
 SCHEMA = 1
 FULL = {
     "decode": {"lengths": [256, 1024, 4096, 16384], "batches": [1, 16]},
+    "hybrid": {"lengths": [256, 1024, 4096], "softmax_layers": "0"},
     "mt": {"src_lengths": [32, 128, 512, 2048], "sentences": 2, "beam": 4},
     "sum": {"src_lengths": [400, 1000], "tgt_len": 48, "sentences": 4, "beam": 4},
     "beam": {"beams": [1, 4, 16, 64], "src_len": 512, "tgt_len": 48, "sentences": 2},
@@ -30,6 +31,7 @@ FULL = {
 }
 QUICK = {
     "decode": {"lengths": [16, 64], "batches": [1, 2]},
+    "hybrid": {"lengths": [16, 64], "softmax_layers": "0"},
     "mt": {"src_lengths": [8, 16], "sentences": 2, "beam": 4},
     "sum": {"src_lengths": [16, 32], "tgt_len": 4, "sentences": 2, "beam": 2},
     "beam": {"beams": [1, 4], "src_len": 16, "tgt_len": 4, "sentences": 2},

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fairseq.sequence_generator import SequenceGenerator
 
 from . import models
-from .measure import PeakMemory, projected_seconds, state_bytes, summary, sync
+from .measure import PeakMemory, projected_seconds, softmax_cache_bytes, state_bytes, summary, sync
 
 EDGE = 32  # steps averaged for the latency at the start and at the end
 
@@ -33,7 +33,7 @@ def repeated(run, first_seconds, budget, repeats):
 # -- decode ---------------------------------------------------------------------
 def timed_generation(model, d, L, B, device, beam=1, src_tokens=None):
     """Generate exactly L tokens per sentence (plus eos). Returns seconds, the
-    per-step intervals (s), incremental-state bytes at the last step, peak memory."""
+    per-step intervals (s), the incremental state at the last step, peak memory."""
     gen = SequenceGenerator([model], d, beam_size=beam, max_len_a=0, max_len_b=L, min_len=L)
     stamps, last = [], {}
     forward_decoder = gen.model.forward_decoder
@@ -59,7 +59,7 @@ def timed_generation(model, d, L, B, device, beam=1, src_tokens=None):
     if produced != {L + 1}:
         raise RuntimeError(f"asked for {L} tokens + eos, generated lengths {sorted(produced)}")
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return seconds, steps, state_bytes(last["state"]), mem.mib
+    return seconds, steps, last["state"], mem.mib
 
 
 def median(xs):
@@ -91,15 +91,47 @@ def decode(lengths, batches, device, budget, repeats, families=models.FAMILIES, 
                     tokens_per_s=summary([B * L / t for t in times]),
                     step_ms_start=1000 * median(steps[1 : EDGE + 1]),
                     step_ms_end=1000 * median(steps[-EDGE:]),
-                    state_bytes_per_seq=state / B,
+                    state_bytes_per_seq=state_bytes(state) / B,
                     peak_mem_mib=mem,
                 )
                 records.append(rec)
                 log(
                     f"decode {family:<11} L={L:<6} B={B:<3} {rec['tokens_per_s']['median']:8.0f} tok/s  "
                     f"step {rec['step_ms_start']:.2f}->{rec['step_ms_end']:.2f} ms  "
-                    f"state {state / B / 1024:.0f} KiB/seq  peak {mem:.0f} MiB"
+                    f"state {state_bytes(state) / B / 1024:.0f} KiB/seq  peak {mem:.0f} MiB"
                 )
+    return records
+
+
+# -- hybrid stacks ---------------------------------------------------------------------------
+def hybrid(lengths, softmax_layers, device, budget, repeats, families=models.FAMILIES[1:], log=print):
+    """LM decoding at batch 1 with the decoder layers `softmax_layers` kept as
+    fairseq's softmax attention (--decoder-softmax-layers): tokens/s, and the
+    state split into the linear layers' (constant) and the softmax layers'
+    cache (growing with the prefix)."""
+    records = []
+    for family in families:
+        model, d, info = models.build("lm", family, device, extra=["--decoder-softmax-layers", softmax_layers])
+        timed_generation(model, d, 16, 1, device)  # warm-up
+        history = []
+        for L in lengths:
+            rec = {"family": family, "arch": info["arch"], "params": info["params"], "L": L, "batch": 1,
+                   "softmax_layers": softmax_layers}
+            projected = projected_seconds(history, L)
+            if projected > budget:
+                records.append(skipped(rec, projected, budget))
+                log(f"hybrid {family:<11} L={L:<6} skipped: {rec['reason']}")
+                continue
+            seconds, _, state, _ = timed_generation(model, d, L, 1, device)
+            more = repeated(lambda: timed_generation(model, d, L, 1, device)[0], seconds, budget, repeats)
+            history.append((L, seconds))
+            softmax = softmax_cache_bytes(state)
+            rec.update(status="ok", seconds=summary([seconds, *more]),
+                       tokens_per_s=summary([L / t for t in (seconds, *more)]),
+                       softmax_cache_bytes=softmax, linear_state_bytes=state_bytes(state) - softmax)
+            records.append(rec)
+            log(f"hybrid {family:<11} L={L:<6} {rec['tokens_per_s']['median']:8.0f} tok/s  "
+                f"linear {rec['linear_state_bytes'] / 1024:.0f} KiB, softmax cache {softmax / 1024:.0f} KiB")
     return records
 
 
@@ -140,6 +172,7 @@ def seq2seq(suite, axis, cells, sentences, device, budget, repeats, rows, log):
                 continue
             src = source(S)
             seconds, _, state, mem = timed_generation(model, d, T, sentences, device, beam, src)
+            state = state_bytes(state)
             more = repeated(lambda: timed_generation(model, d, T, sentences, device, beam, src)[0],
                             seconds, budget, repeats)
             history.append((x, seconds))
@@ -190,6 +223,7 @@ def measurements(suite: str, sizes: dict) -> int:
              "mt": lambda: len(seq2seq_rows(("paper",))) * len(sizes["src_lengths"]),
              "sum": lambda: len(seq2seq_rows()) * len(sizes["src_lengths"]),
              "beam": lambda: len(seq2seq_rows()) * len(sizes["beams"]),
+             "hybrid": lambda: (len(models.FAMILIES) - 1) * len(sizes["lengths"]),
              "train": lambda: len(TRAIN_ROWS) * len(sizes["contexts"])}
     return cells[suite]()
 
@@ -246,4 +280,4 @@ def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_
     return records
 
 
-RUN = {"decode": decode, "mt": mt, "sum": summarization, "beam": beam_width, "train": train}  # --suite NAME
+RUN = {"decode": decode, "hybrid": hybrid, "mt": mt, "sum": summarization, "beam": beam_width, "train": train}  # --suite NAME

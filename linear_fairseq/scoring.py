@@ -107,3 +107,11 @@ def rouge(hypotheses: List[str], references: List[str]) -> Dict[str, float]:
             totals[key] += score.fmeasure
     n = max(len(references), 1)
     return {"r1": 100 * totals["rouge1"] / n, "r2": 100 * totals["rouge2"] / n, "rl": 100 * totals["rougeL"] / n}
+
+
+def lead_baselines(documents: List[str], references: List[str], words: int = 30) -> Dict[str, Dict[str, float]]:
+    """ROUGE of two extractive summaries that need no training: each document's
+    first sentence ("lead-1") and its first `words` words."""
+    first = [re.split(r"(?<=[.!?])\s", doc.strip(), maxsplit=1)[0] for doc in documents]
+    opening = [" ".join(doc.split()[:words]) for doc in documents]
+    return {"lead-1": rouge(first, references), f"first {words} words": rouge(opening, references)}

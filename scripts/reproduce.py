@@ -313,7 +313,17 @@ def with_earlier_rows(rows, stem: Path, task: str, ds: str) -> list:
     return sorted(rows + kept, key=lambda r: order.index(r["config"]))
 
 
-def write_tables(rows, task, ds, args, results: Path) -> Path:
+def extractive_note(ds: str, data: Path) -> list:
+    """A summarization table's header line: what extracting the article's opening
+    scores on the same test set (scoring.lead_baselines)."""
+    refs = data / DATASETS[ds]["refs"].format(subset="test")
+    docs = refs.with_suffix(".doc").read_text().splitlines()
+    scores = scoring.lead_baselines(docs, scoring.read_references(refs))
+    return ["Without training, on the same test set: " + "; ".join(
+        f"{name} ROUGE-1/2/L {s['r1']:.2f} / {s['r2']:.2f} / {s['rl']:.2f}" for name, s in scores.items()) + ".", ""]
+
+
+def write_tables(rows, task, ds, args, results: Path, notes=()) -> Path:
     metrics = METRICS[DATASETS[ds]["metric"]]
     speed = ["tok/s"] if task == "lm" else ["tok/s", "sent/s"]
     columns = ["family", "config", "model", "params", "train min", *metrics, *speed, "peak MB", "paper", "run"]
@@ -330,6 +340,7 @@ def write_tables(rows, task, ds, args, results: Path) -> Path:
         f"config: the model config under configs/{task}/model/ (<dataset>_<family>: the recommended "
         "settings; _paper: the family as its paper sets it up, where that differs).",
         "",
+        *notes,
     ]
     return write_table(stem, columns, with_earlier_rows(rows, stem, task, ds), header)
 
@@ -642,7 +653,8 @@ def main(argv=None):
                "paper": PAPER.get((ds, family), "n/a"), "run": str(datetime.date.today())}
         say(f"{model}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         rows.append(row)
-    table = write_tables(rows, args.task, ds, args, args.results.resolve())
+    notes = extractive_note(ds, data) if args.task == "sum" else ()
+    table = write_tables(rows, args.task, ds, args, args.results.resolve(), notes)
     say(f"table: {table}")
     print(table.read_text())
 

@@ -31,14 +31,14 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     # a progress label on every measurement line, counting up to the total announced
-    labels = re.findall(r"^\[(\d+)/(\d+), \d+ min(?:, about \d+ min left)?\] (?:decode|mt|sum|beam|train) ", r.stdout, re.M)
+    labels = re.findall(r"^\[(\d+)/(\d+), \d+ min(?:, about \d+ min left)?\] (?:decode|hybrid|mt|sum|beam|train) ", r.stdout, re.M)
     assert [int(k) for k, _ in labels] == list(range(1, len(labels) + 1)) and int(labels[-1][1]) == len(labels)
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == 1 and res["quick"] is True
     for key in ("cpu", "cpu_count", "threads", "torch", "fairseq", "python", "device"):
         assert res["machine"][key], key
     assert {r["family"] for r in res["decode"]} == set(FAMILIES)
-    for rec in res["decode"] + res["mt"] + res["sum"] + res["beam"] + res["train"]:
+    for rec in res["decode"] + res["hybrid"] + res["mt"] + res["sum"] + res["beam"] + res["train"]:
         assert rec["status"] == "ok", rec  # nothing is skipped under this budget
     for rec in res["decode"]:
         assert rec["tokens_per_s"]["min"] <= rec["tokens_per_s"]["median"] <= rec["tokens_per_s"]["max"]
@@ -53,6 +53,12 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(tmp_path):
         assert state[(f, 64)] == state[(f, 16)], f
     assert {rec["family"] for rec in res["mt"]} == set(FAMILIES)
     assert all(rec["sentences_per_s"]["median"] > 0 for rec in res["mt"] if rec["status"] == "ok")
+    # a hybrid stack: the linear layers' state stays, the softmax layer's cache grows with the prefix
+    hybrid = {(rec["family"], rec["L"]): rec for rec in res["hybrid"]}
+    assert {f for f, _ in hybrid} == set(FAMILIES[1:])
+    for f in FAMILIES[1:]:
+        assert hybrid[(f, 64)]["linear_state_bytes"] == hybrid[(f, 16)]["linear_state_bytes"] > 0, f
+        assert hybrid[(f, 64)]["softmax_cache_bytes"] > hybrid[(f, 16)]["softmax_cache_bytes"] > 0, f
     rows = {*FAMILIES, *(f"{f}-rec" for f in FAMILIES[1:])}  # each family as its paper and as recommended
     assert {rec["family"] for rec in res["sum"]} == rows and {rec["family"] for rec in res["beam"]} == rows
     # as their papers place them, the linear families summarize the source in a state of fixed size
@@ -65,7 +71,7 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(tmp_path):
     assert all(rec["tokens_per_s"]["median"] > 0 for rec in res["train"] if rec["status"] == "ok")
     assert {t["name"].split(":")[0] for t in res["targets"]} >= {
         "decode memsizer", "mt memsizer", "sum memsizer", "beam flash", "train flash"}
-    for name in ("decode.png", "mt.png", "sum.png", "beam.png", "train.png"):
+    for name in ("decode.png", "hybrid.png", "mt.png", "sum.png", "beam.png", "train.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     text = readme.read_text()
     assert "old" not in text and "after" in text and "Decoding: generated tokens/s" in text

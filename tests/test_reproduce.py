@@ -4,11 +4,13 @@ model and a few dozen updates per family. Each must leave a table with one row
 per family asked for and real numbers in it."""
 import csv
 import math
+import re
 import subprocess
 
 import pytest
 
 from conftest import ROOT, require_data
+from linear_fairseq import scoring
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +76,18 @@ def test_reproduce_sum_smoke(tmp_path):
     rows = table_after("sum", require_data("news"), tmp_path, ["flash", "performer"])  # rows in registry order
     for r in rows:
         assert all(finite(r[k]) and 0 <= float(r[k]) <= 100 for k in ("r1", "r2", "rl"))
+    # what the article's opening scores without training, for scale
+    md = (tmp_path / "results" / "sum-smoke.md").read_text()
+    assert re.search(r"Without training, on the same test set: lead-1 ROUGE-1/2/L [\d.]+ / [\d.]+ / [\d.]+; "
+                     r"first 30 words ROUGE-1/2/L", md)
+
+
+def test_lead_baselines_extract_the_opening():
+    docs = ["The cat sat. It was warm outside today.", "No full stop here at all"]
+    refs = ["The cat sat.", "no full stop"]
+    scores = scoring.lead_baselines(docs, refs, words=3)
+    assert scores["lead-1"]["r1"] == pytest.approx(100 * (1 + 2 * 0.5 / 1.5) / 2)  # doc 2: P = 3/6, R = 1
+    assert scores["first 3 words"]["rl"] == pytest.approx(100 * (1 + 1) / 2)
 
 
 def test_reproduce_lm_smoke(tmp_path):
