@@ -348,6 +348,11 @@ def write_tables(rows, task, ds, args, results: Path, notes=()) -> Path:
 # -- ablations: rows of settings, scored on the validation set ------------------------------
 VALID_METRIC = {"mt": ("bleu", "valid BLEU"), "sum": ("rl", "valid ROUGE-L"), "lm": ("ppl", "valid ppl")}
 
+# grid row keys naming the row whose model a row starts from: (that row's family, None: this row's; in words)
+STARTS = {"linearize_from": ("transformer", "softmax (transformer) row"),
+          "finetune_from": (None, "row of the same family")}
+
+
 def load_ablations(task: str, grid: str, rows=None) -> dict:
     """The grid configs/<task>/ablations/<grid>.yaml, checked (families, and the
     --rows asked for) before anything runs."""
@@ -363,18 +368,13 @@ def load_ablations(task: str, grid: str, rows=None) -> dict:
     for i, (rid, row) in enumerate(spec["rows"].items()):
         if row.get("family") not in FAMILIES:
             sys.exit(f"[reproduce] {path}: row {rid!r} has family {row.get('family')!r} (choose from {', '.join(FAMILIES)})")
-        source = spec["rows"].get(row.get("linearize_from"), {})
-        if "linearize_from" in row and (row["linearize_from"] not in list(spec["rows"])[:i]
-                                        or source.get("family") != "transformer"
-                                        or (row.get("headline") and not source.get("headline"))):
-            sys.exit(f"[reproduce] {path}: row {rid!r}: linearize_from {row['linearize_from']!r} must name an earlier "
-                     "softmax (transformer) row, a headline row if this one is")
-        first = spec["rows"].get(row.get("finetune_from"), {})
-        if "finetune_from" in row and (row["finetune_from"] not in list(spec["rows"])[:i]
-                                       or first.get("family") != row["family"]
-                                       or (row.get("headline") and not first.get("headline"))):
-            sys.exit(f"[reproduce] {path}: row {rid!r}: finetune_from {row['finetune_from']!r} must name an earlier "
-                     "row of the same family, a headline row if this one is")
+        for key, (family, what) in STARTS.items():
+            source = spec["rows"].get(row.get(key), {})
+            if key in row and (row[key] not in list(spec["rows"])[:i]
+                               or source.get("family") != (family or row["family"])
+                               or (row.get("headline") and not source.get("headline"))):
+                sys.exit(f"[reproduce] {path}: row {rid!r}: {key} {row[key]!r} must name an earlier {what}, "
+                         "a headline row if this one is")
     unknown = set(rows.split(",")) - set(spec["rows"]) if rows else set()
     if unknown:
         sys.exit(f"[reproduce] --rows: unknown row(s) {', '.join(sorted(unknown))} "
@@ -485,7 +485,6 @@ def model_values(task: str, model: str, overrides) -> list:
     return [merged["_name"], [f"{k}={v}" for k, v in values.items()]]
 
 
-STARTS = ("linearize_from", "finetune_from")  # grid row keys naming the row whose model a row starts from
 
 
 def starting_point(task: str, model: str, row: dict, runs: Path, seed: int, ckpt: Path, overrides):

@@ -5,6 +5,7 @@ task share the task config and differ only in the model block."""
 import argparse
 import functools
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -135,3 +136,19 @@ def test_every_ablation_row_composes(task, grid):
         for override in row.get("set", []):
             key, value = override.lstrip("+").split("=", 1)
             assert OmegaConf.select(cfg, key) == yaml.safe_load(value), (rid, key)  # the value hydra parses
+
+
+@pytest.mark.parametrize("rows,message", [
+    ({"a": {"family": "memsizer"}, "b": {"family": "memsizer", "linearize_from": "a"}},
+     "linearize_from 'a' must name an earlier softmax (transformer) row"),
+    ({"a": {"family": "performer"}, "b": {"family": "memsizer", "finetune_from": "a"}},
+     "finetune_from 'a' must name an earlier row of the same family"),
+    ({"b": {"family": "memsizer", "finetune_from": "a"}, "a": {"family": "memsizer"}},
+     "finetune_from 'a' must name an earlier row of the same family"),
+])
+def test_a_grid_row_starts_only_from_an_earlier_row_it_can_start_from(rows, message, tmp_path, monkeypatch):
+    (tmp_path / "configs" / "mt" / "ablations").mkdir(parents=True)
+    (tmp_path / "configs" / "mt" / "ablations" / "g.yaml").write_text(OmegaConf.to_yaml({"budget": [], "seeds": [1], "rows": rows}))
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        reproduce.load_ablations("mt", "g")
