@@ -98,7 +98,7 @@ def decode(lengths, batches, device, budget, repeats, families=models.FAMILIES, 
                 log(
                     f"decode {family:<11} L={L:<6} B={B:<3} {rec['tokens_per_s']['median']:8.0f} tok/s  "
                     f"step {rec['step_ms_start']:.2f}->{rec['step_ms_end']:.2f} ms  "
-                    f"state {state_bytes(state) / B / 1024:.0f} KiB/seq  peak {mem:.0f} MiB"
+                    f"state {rec['state_bytes_per_seq'] / 1024:.0f} KiB/seq  peak {mem:.0f} MiB"
                 )
     return records
 
@@ -150,9 +150,9 @@ def seq2seq(suite, axis, cells, sentences, device, budget, repeats, rows, log):
     """Beam search of random sources for each row of seq2seq_rows() and each cell
     (x, source length, target length, beam); x is the size the budget's
     projection extrapolates along (`axis` names it in the log)."""
-    records = []
+    records, placements = [], seq2seq_rows()
     for row in rows:
-        family, placement = seq2seq_rows()[row]
+        family, placement = placements[row]
         model, d, info = models.build("mt", family, device, placement=placement)
         g = torch.Generator().manual_seed(0)
 
