@@ -350,7 +350,8 @@ VALID_METRIC = {"mt": ("bleu", "valid BLEU"), "sum": ("rl", "valid ROUGE-L"), "l
 
 # grid row keys naming the row whose model a row starts from: (that row's family, None: this row's; in words)
 STARTS = {"linearize_from": ("transformer", "softmax (transformer) row"),
-          "finetune_from": (None, "row of the same family")}
+          "finetune_from": (None, "row of the same family"),
+          "resume_from": (None, "row of the same family")}
 
 
 def load_ablations(task: str, grid: str, rows=None) -> dict:
@@ -438,7 +439,7 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
     only = set(args.rows.split(",")) if args.rows else None
     todo = []
     for rid, row, seed in ablation_runs(spec, only):
-        budget = SMOKE[args.task] if args.scale == "smoke" else list(row.get("budget", spec["budget"]))
+        budget = smoke_budget(args.task, row) if args.scale == "smoke" else list(row.get("budget", spec["budget"]))
         overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
         if args.scale == "smoke":
             overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
@@ -457,12 +458,11 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         say(f"{progress.step(n)} {rid}, seed {seed}")
         ckpt = work / "runs" / f"{rid}-s{seed}"  # train() retrains it if its settings changed
         start = starting_point(args.task, model, row, work / "runs", seed, ckpt, overrides)
-        if start is not None:
-            overrides = [*overrides, f"checkpoint.finetune_from_model={start}"]
-        trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=overrides)
-        scores = evaluate(args.task, ds, rid, data, ckpt / "checkpoint_best.pt", args, subset="valid")
+        trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=[*overrides, *start])
+        scores = evaluate(args.task, ds, rid, data, best_checkpoint(row, work / "runs", seed, ckpt), args, subset="valid")
+        earlier = sum(float(r["train min"]) for r in runs if r["row"] == row.get("resume_from") and r["seed"] == str(seed))
         runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key, "settings": settings,
-                     "updates": trained["updates"], "train min": trained["train_seconds"] / 60,
+                     "updates": trained["updates"], "train min": earlier + trained["train_seconds"] / 60,
                      "valid loss": trained["valid_loss"], "params": trained["params"], **scores})
         say(f"{rid}, seed {seed}: {metric} {scores[metric]:.2f}")
         write_ablations(runs, spec, metric, stem, args, ds)
@@ -487,19 +487,42 @@ def model_values(task: str, model: str, overrides) -> list:
 
 
 
-def starting_point(task: str, model: str, row: dict, runs: Path, seed: int, ckpt: Path, overrides):
-    """The checkpoint a grid row fine-tunes, or None to train from scratch:
-    `linearize_from: <row>` converts that (softmax) row's best checkpoint into
-    this row's model; `finetune_from: <row>` continues from that row's last
-    checkpoint as it is (a second stage, e.g. after attention-only training)."""
+def starting_point(task: str, model: str, row: dict, runs: Path, seed: int, ckpt: Path, overrides) -> list:
+    """The hydra overrides that start a grid row from another row's model (none:
+    from scratch). `linearize_from: <row>` converts that (softmax) row's best
+    checkpoint into this row's model and fine-tunes it; `finetune_from: <row>`
+    fine-tunes that row's last checkpoint as it is (a second stage, e.g. after
+    attention-only training: fresh optimizer and schedule); `resume_from: <row>`
+    continues that row's run where it stopped (optimizer, schedule, data order
+    and update count restored), so a longer budget costs only the extra updates."""
     if "linearize_from" in row:
-        return linearized(task, model, runs / f"{row['linearize_from']}-s{seed}", ckpt, overrides)
-    if "finetune_from" in row:
-        last = runs / f"{row['finetune_from']}-s{seed}" / "checkpoint_last.pt"
-        if not last.is_file():
-            sys.exit(f"[reproduce] {last.parent.name} is not trained yet: run its row first (--rows)")
-        return last
-    return None
+        source = runs / f"{row['linearize_from']}-s{seed}"
+        return [f"checkpoint.finetune_from_model={linearized(task, model, source, ckpt, overrides)}"]
+    for key, option in (("finetune_from", "finetune_from_model"), ("resume_from", "continue_once")):
+        if key in row:
+            last = runs / f"{row[key]}-s{seed}" / "checkpoint_last.pt"
+            if not last.is_file():
+                sys.exit(f"[reproduce] {last.parent.name} is not trained yet: run its row first (--rows)")
+            return [f"checkpoint.{option}={last}"]
+    return []
+
+
+def best_checkpoint(row: dict, runs: Path, seed: int, ckpt: Path) -> Path:
+    """The run's best checkpoint by validation loss. A resumed run writes one only
+    when it beats the best of the run it continues, which is then the best."""
+    best = ckpt / "checkpoint_best.pt"
+    if "resume_from" in row and not best.is_file():
+        return runs / f"{row['resume_from']}-s{seed}" / "checkpoint_best.pt"
+    return best
+
+
+def smoke_budget(task: str, row: dict) -> list:
+    """The smoke-scale budget of a grid row: SMOKE's, twice its updates for a row
+    that resumes another (so it trains past its source)."""
+    if "resume_from" not in row:
+        return SMOKE[task]
+    updates = next(int(o.split("=")[1]) for o in SMOKE[task] if o.startswith("optimization.max_update="))
+    return [*SMOKE[task], f"optimization.max_update={2 * updates}"]
 
 
 def linearized(task: str, model: str, source: Path, ckpt: Path, overrides) -> Path:

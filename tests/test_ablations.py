@@ -74,3 +74,20 @@ def test_a_second_stage_row_continues_from_the_first_stages_checkpoint(tmp_path)
         runs = {r["row"]: r for r in csv.DictReader(f)}
     assert runs["memsizer-attention-then-all-25"]["overrides"].endswith("finetune_from=memsizer-attention-10")
     assert (tmp_path / "results" / "linearize-mt-smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_row_continues_the_earlier_run_to_twice_its_updates(tmp_path):
+    """The budget grid: a `resume_from` row carries on the earlier row's run
+    (checkpoint.continue_once: optimizer, schedule and update count restored) to
+    twice its updates; its minutes count both stages."""
+    raw = require_data("multi30k")
+    reproduce("mt", raw, tmp_path, "--ablations", "budget", "--rows", "softmax-1x,softmax-2x")
+    first, second = (tmp_path / "work" / "runs" / f"softmax-{x}-s1" for x in ("1x", "2x"))
+    log = (second / "train.log").read_text()
+    assert f"Loaded checkpoint {first / 'checkpoint_last.pt'} (epoch" in log and "@ 16 updates)" in log
+    assert "loading pretrained model" not in log  # resumed, not fine-tuned: nothing is reset
+    with open(tmp_path / "results" / "budget-mt-smoke.runs.csv") as f:
+        runs = {r["row"]: r for r in csv.DictReader(f)}
+    assert int(runs["softmax-1x"]["updates"]) == 16 and int(runs["softmax-2x"]["updates"]) == 32
+    assert float(runs["softmax-2x"]["train min"]) > float(runs["softmax-1x"]["train min"])
+    assert 0 <= float(runs["softmax-2x"]["bleu"]) <= 100

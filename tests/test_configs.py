@@ -145,6 +145,8 @@ def test_every_ablation_row_composes(task, grid):
      "finetune_from 'a' must name an earlier row of the same family"),
     ({"b": {"family": "memsizer", "finetune_from": "a"}, "a": {"family": "memsizer"}},
      "finetune_from 'a' must name an earlier row of the same family"),
+    ({"a": {"family": "transformer"}, "b": {"family": "flash", "resume_from": "a"}},
+     "resume_from 'a' must name an earlier row of the same family"),
 ])
 def test_a_grid_row_starts_only_from_an_earlier_row_it_can_start_from(rows, message, tmp_path, monkeypatch):
     (tmp_path / "configs" / "mt" / "ablations").mkdir(parents=True)
