@@ -185,6 +185,7 @@ def linearize(softmax: Path, out: Path, arch: str, options_=()) -> str:
     from . import models  # noqa: F401  registers the architectures
 
     state = load_softmax(softmax)
+    source = state["cfg"]["model"]._name  # before target_args rewrites the stored config for `arch`
     args = target_args(state, arch, list(options_))
     try:
         model = build_target(state, args)
@@ -193,7 +194,7 @@ def linearize(softmax: Path, out: Path, arch: str, options_=()) -> str:
     weights, how = transfer(state["model"], model, family_of(arch))
     sizes = {**{k: v.numel() for k, v in state["model"].items()}, **{k: v.numel() for k, v in weights.items()}}
     save(state, args, weights, out)
-    head = f"linearize: {state['cfg']['model']._name} ({softmax}) -> {arch} ({out})"
+    head = f"linearize: {source} ({softmax}) -> {arch} ({out})"
     return head + "\n\n" + report(how, sizes)
 
 

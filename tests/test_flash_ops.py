@@ -28,6 +28,15 @@ def grads(out, w, xs):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, xs)]
 
 
+# the three forms with this file's argument order: chunk size G, then causal, mask, bias; the paper's relu^2 scale
+def naive(q, k, ql, kl, v, G, causal, padding_mask=None, rel_bias=None, relu2_norm="chunk"):
+    return F.naive(q, k, ql, kl, v, causal, padding_mask, rel_bias, chunk_size=G, relu2_norm=relu2_norm)
+
+
+def mixed_chunk(q, k, ql, kl, v, G, causal, padding_mask=None, rel_bias=None, relu2_norm="chunk"):
+    return F.mixed_chunk(q, k, ql, kl, v, causal, padding_mask, rel_bias, chunk_size=G, relu2_norm=relu2_norm)
+
+
 def recurrent(q, k, ql, kl, v, G, padding_mask=None, rel_bias=None, relu2_norm="chunk"):
     state = F.empty_state(q.shape[0], G, S, E, v)
     outs = []
@@ -43,9 +52,9 @@ def recurrent(q, k, ql, kl, v, G, padding_mask=None, rel_bias=None, relu2_norm="
 def test_causal_chunked_and_recurrent_equal_reference_with_gradients(T, G):
     xs = [x.requires_grad_() for x in inputs(2, T)]
     w = torch.randn(2, T, E, generator=torch.Generator().manual_seed(7))
-    ref = F.naive(*xs, G, causal=True)
+    ref = naive(*xs, G, causal=True)
     ref_grads = grads(ref, w, xs)
-    for out in (F.mixed_chunk(*xs, G, causal=True), recurrent(*xs, G)[0]):
+    for out in (mixed_chunk(*xs, G, causal=True), recurrent(*xs, G)[0]):
         assert_close(out, ref)
         for g, g_ref in zip(grads(out, w, xs), ref_grads):
             assert_close(g, g_ref)
@@ -62,9 +71,9 @@ def test_every_relu2_norm_agrees_across_forms_with_gradients_and_padding(norm, T
     real = (~mask).unsqueeze(-1)
     w = torch.randn(2, T, E, generator=torch.Generator().manual_seed(7))
     for causal in (True, False):
-        ref = F.naive(*xs, G, causal, mask, relu2_norm=norm) * real
+        ref = naive(*xs, G, causal, mask, relu2_norm=norm) * real
         ref_grads = grads(ref, w, xs)
-        outs = [F.mixed_chunk(*xs, G, causal, mask, relu2_norm=norm)]
+        outs = [mixed_chunk(*xs, G, causal, mask, relu2_norm=norm)]
         if causal:
             outs.append(recurrent(*xs, G, mask, relu2_norm=norm)[0])
         for out in outs:
@@ -85,13 +94,13 @@ def test_relu2_norms_scale_the_quadratic_part_as_documented():
     seen = torch.arange(1, T + 1).view(1, T, 1)
     expected = {"keys": r * prefix_sum / seen, "chunk": r * prefix_sum / G, "none": r * prefix_sum}
     for norm, want in expected.items():
-        assert_close(F.mixed_chunk(q, k, zeros, zeros, v, G, True, relu2_norm=norm), want)
-        assert_close(F.quadratic(q, k, v, G, True, relu2_norm=norm), want)
+        assert_close(mixed_chunk(q, k, zeros, zeros, v, G, True, relu2_norm=norm), want)
+        assert_close(F.quadratic(q, k, v, True, chunk_size=G, relu2_norm=norm), want)
 
 
 def test_unknown_relu2_norm_is_named():
     with pytest.raises(ValueError, match="relu2_norm='mean'; choose from keys, chunk, none"):
-        F.mixed_chunk(*inputs(1, 4), 4, causal=True, relu2_norm="mean")
+        mixed_chunk(*inputs(1, 4), 4, causal=True, relu2_norm="mean")
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -102,22 +111,22 @@ def test_relative_position_bias_in_every_form(causal, T, G):
     mask = torch.zeros(2, T, dtype=torch.bool)
     mask[1, :2] = True  # left padding: offsets count real tokens
     real = (~mask).unsqueeze(-1)  # outputs at padded positions are not defined
-    ref = F.naive(*xs, G, causal, mask, bias) * real
+    ref = naive(*xs, G, causal, mask, bias) * real
     w = torch.randn(2, T, E, generator=torch.Generator().manual_seed(7))
     ref_grads = grads(ref, w, [*xs, bias])
-    outs = [F.mixed_chunk(*xs, G, causal, mask, bias)] + ([recurrent(*xs, G, mask, bias)[0]] if causal else [])
+    outs = [mixed_chunk(*xs, G, causal, mask, bias)] + ([recurrent(*xs, G, mask, bias)[0]] if causal else [])
     for out in outs:
         out = out * real
         assert_close(out, ref)
         for g, g_ref in zip(grads(out, w, [*xs, bias]), ref_grads):
             assert_close(g, g_ref)
-    assert (ref - F.naive(*xs, G, causal, mask) * real).abs().max() > 1e-3  # the bias matters
+    assert (ref - naive(*xs, G, causal, mask) * real).abs().max() > 1e-3  # the bias matters
 
 
 @pytest.mark.parametrize("T,G", [(5, 4), (64, 16), (300, 32)])
 def test_noncausal_chunked_equals_reference(T, G):
     xs = inputs(2, T)
-    assert_close(F.mixed_chunk(*xs, G, causal=False), F.naive(*xs, G, causal=False))
+    assert_close(mixed_chunk(*xs, G, causal=False), naive(*xs, G, causal=False))
 
 
 def test_linear_part_sees_only_completed_chunks():
@@ -126,7 +135,7 @@ def test_linear_part_sees_only_completed_chunks():
     G, T = 4, 12
     xs = list(inputs(1, T))
     xs[3] = xs[3].clone()
-    for form in (lambda *a: F.mixed_chunk(*a, G, causal=True), lambda *a: recurrent(*a, G)[0]):
+    for form in (lambda *a: mixed_chunk(*a, G, causal=True), lambda *a: recurrent(*a, G)[0]):
         base = form(*xs)
         moved = list(xs)
         moved[3] = xs[3].clone()
@@ -147,9 +156,9 @@ def test_padding_never_leaks(causal, side):
     mask[:, :pad] = side == "left"
     mask[:, T:] = side == "right"
     real = slice(pad, None) if side == "left" else slice(0, T)
-    ref = F.naive(*xs, G, causal)
-    assert_close(F.naive(*padded, G, causal, mask)[:, real], ref)
-    assert_close(F.mixed_chunk(*padded, G, causal, mask)[:, real], ref)
+    ref = naive(*xs, G, causal)
+    assert_close(naive(*padded, G, causal, mask)[:, real], ref)
+    assert_close(mixed_chunk(*padded, G, causal, mask)[:, real], ref)
     if causal:
         assert_close(recurrent(*padded, G, mask)[0][:, real], ref)
 
@@ -160,9 +169,9 @@ def test_batch_rows_with_different_padding_match_each_row_alone():
     mask = torch.zeros(3, 11, dtype=torch.bool)
     mask[1, :5] = True  # left padding
     mask[2, 7:] = True  # right padding
-    out = F.mixed_chunk(*xs, G, True, mask)
+    out = mixed_chunk(*xs, G, True, mask)
     for b, real in ((0, slice(None)), (1, slice(5, None)), (2, slice(0, 7))):
-        alone = F.naive(*(x[b : b + 1, real] for x in xs), G, True)
+        alone = naive(*(x[b : b + 1, real] for x in xs), G, True)
         assert_close(out[b : b + 1, real], alone)
 
 
@@ -177,8 +186,8 @@ def test_state_is_bounded():
 
 def test_quadratic_mode_is_one_big_chunk_without_linear_part():
     q, k, ql, kl, v = inputs(2, 9)
-    out = F.quadratic(q, k, v, G=16, causal=True)
-    ref = F.naive(q, k, torch.zeros_like(ql), kl, v, chunk_size=64, causal=True) * 64 / 16
+    out = F.quadratic(q, k, v, True, chunk_size=16, relu2_norm="chunk")
+    ref = naive(q, k, torch.zeros_like(ql), kl, v, 64, causal=True) * 64 / 16
     assert_close(out, ref)
 
 
@@ -194,12 +203,12 @@ def test_rope_is_relative():
 def test_bf16_at_4096_is_finite_and_close():
     """bf16 inputs at T=4096, G=256: finite, within 2e-2 (relative to the output scale) of fp32."""
     xs = inputs(1, 4096, seed=3)
-    ref = F.mixed_chunk(*xs, 256, causal=True)
-    out = F.mixed_chunk(*(x.bfloat16() for x in xs), 256, causal=True)
+    ref = mixed_chunk(*xs, 256, causal=True)
+    out = mixed_chunk(*(x.bfloat16() for x in xs), 256, causal=True)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert_close(out.float(), ref, rtol=2e-2)
 
 
 def test_invalid_chunk_size_is_named():
     with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
-        F.mixed_chunk(*inputs(1, 4), 0, causal=True)
+        mixed_chunk(*inputs(1, 4), 0, causal=True)

@@ -89,6 +89,22 @@ def test_memsizer_copies_what_it_shares_and_maps_w_r(tmp_path, task, arch):
                           + softmax[f"{attn}.out_proj.bias"])
     assert "| mapped: W_r = out_proj(v_proj(x)) | 4 | 2,112 | decoder.layers.*.self_attn.w_r |" in out and "| initialized |" in out and "| left out |" in out
     assert torch.isfinite(forward(model, task)).all()
+    assert out.startswith(f"linearize: {SOFTMAX[task][0]} ({src}) -> {arch} (")
+
+
+def test_a_hybrid_keeps_its_softmax_layer_exactly(tmp_path):
+    """--decoder-softmax-layers 0: that layer's attention is the softmax model's,
+    copied; the other layer's is MemSizer's, with W_r mapped."""
+    src = softmax_checkpoint(tmp_path / "softmax.pt", "language_modeling")
+    out = linearize(src, tmp_path / "hybrid.pt", "memsizer_lm", ["--decoder-softmax-layers", "0"])
+    softmax = torch.load(src, weights_only=False)["model"]
+    weights = load(tmp_path / "hybrid.pt")[0].state_dict()
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        name = f"decoder.layers.0.self_attn.{proj}.weight"
+        assert torch.equal(weights[name], softmax[name]), name
+        assert f"decoder.layers.1.self_attn.{proj}.weight" not in weights
+    assert "decoder.layers.1.self_attn.w_r.weight" in weights and "decoder.layers.0.self_attn.w_r.weight" not in weights
+    assert "| mapped: W_r = out_proj(v_proj(x)) | 2 |" in out
 
 
 def cli(*args):

@@ -122,6 +122,11 @@ class GatedAttentionUnit(LinearAttention):
         self.to_out = nn.Linear(e, dim)
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def options(self) -> dict:
+        """The keyword options every ops form takes."""
+        return {"chunk_size": self.chunk_size, "relu2_norm": self.relu2_norm}
+
     def gates(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """U, V (width e) and Z (width s) from the normalized input."""
         n = self.norm(x)
@@ -150,9 +155,9 @@ class GatedAttentionUnit(LinearAttention):
         positions = ops.real_positions(padding_mask, h.shape[0], h.shape[1], h.device)
         qk = self.queries_keys(z, positions)
         if self.mode == "mixed":
-            a = ops.mixed_chunk(*qk, v, self.chunk_size, self.causal, padding_mask, self.rel_bias, self.relu2_norm)
+            a = ops.mixed_chunk(*qk, v, self.causal, padding_mask, self.rel_bias, **self.options)
         else:
-            a = ops.quadratic(*qk, v, self.chunk_size, self.causal, padding_mask, self.rel_bias, self.relu2_norm)
+            a = ops.quadratic(*qk, v, self.causal, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype))
 
     def step(self, h: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
@@ -164,8 +169,7 @@ class GatedAttentionUnit(LinearAttention):
             state = ops.empty_state(B, self.chunk_size, self.s, self.e, v)
         position = state["n_done"].long() + state["fill"]  # real tokens so far
         qk = self.queries_keys(z, position)
-        a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, chunk_size=self.chunk_size,
-                                   relu2_norm=self.relu2_norm)
+        a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype)), state
 
     def _quadratic_step(self, u, v, z, state: State, padding_mask) -> Tuple[Tensor, State]:

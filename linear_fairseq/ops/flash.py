@@ -109,8 +109,8 @@ def offset_bias(rel_bias: Optional[Tensor], offsets: Tensor) -> Optional[Tensor]
 
 # -- reference -------------------------------------------------------------------
 def naive(
-    q, k, ql, kl, v, chunk_size: int, causal: bool,
-    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, relu2_norm: str = "chunk",
+    q, k, ql, kl, v, causal: bool, padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+    *, chunk_size: int, relu2_norm: str,
 ) -> Tensor:
     """Dense T x T reference of mixed chunk attention; pads anywhere (positions in real-token order)."""
     dtype = v.dtype
@@ -138,8 +138,8 @@ def naive(
 # -- chunked (training) form ------------------------------------------------------
 def mixed_chunk(
     q: Tensor, k: Tensor, ql: Tensor, kl: Tensor, v: Tensor,
-    chunk_size: int, causal: bool, padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
-    relu2_norm: str = "chunk",
+    causal: bool, padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+    *, chunk_size: int, relu2_norm: str,
 ) -> Tensor:
     """FLASH mixed chunk attention, memory O(T G + T s e / G)."""
     if chunk_size < 1:
@@ -188,8 +188,8 @@ def mixed_chunk(
 
 
 def quadratic(
-    q: Tensor, k: Tensor, v: Tensor, G: int, causal: bool,
-    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, relu2_norm: str = "chunk",
+    q: Tensor, k: Tensor, v: Tensor, causal: bool,
+    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,
 ) -> Tensor:
     """FLASH-Quad's full relu^2 attention (no chunks), normalized as the quadratic
     part of mixed chunk attention ("keys": by the number of keys a query sees)."""
@@ -202,7 +202,7 @@ def quadratic(
     if causal:
         A = A.tril()  # positions in a row keep their order, so tril is causal with left padding too
     seen = real.cumsum(-1) if causal else real.sum(-1, keepdim=True).expand(B, T)
-    return ((A @ acc(v)) / relu2_divisor(relu2_norm, G, seen).unsqueeze(-1)).to(dtype)
+    return ((A @ acc(v)) / relu2_divisor(relu2_norm, chunk_size, seen).unsqueeze(-1)).to(dtype)
 
 
 # -- decoding step (causal mixed chunk) ---------------------------------------------
