@@ -451,15 +451,16 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
             say(f"{rid}, seed {seed}: in {stem.name}.runs.csv; kept")
         else:
             todo.append((rid, row, seed, model, overrides, key, settings))
-    say(f"{len(todo)} runs to train; logs under {work / 'runs'}")
+    grid_runs = work / "runs" / spec["grid"]  # one folder per grid: rows of different grids may share ids
+    say(f"{len(todo)} runs to train; logs under {grid_runs}")
     progress = Progress(len(todo))
     for n, (rid, row, seed, model, overrides, key, settings) in enumerate(todo, 1):
         runs = [r for r in runs if not (r["row"] == rid and r["seed"] == str(seed))]
         say(f"{progress.step(n)} {rid}, seed {seed}")
-        ckpt = work / "runs" / f"{rid}-s{seed}"  # train() retrains it if its settings changed
-        start = starting_point(args.task, model, row, work / "runs", seed, ckpt, overrides)
+        ckpt = grid_runs / f"{rid}-s{seed}"  # train() retrains it if its settings changed
+        start = starting_point(args.task, model, row, grid_runs, seed, ckpt, overrides)
         trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=[*overrides, *start])
-        scores = evaluate(args.task, ds, rid, data, best_checkpoint(row, work / "runs", seed, ckpt), args, subset="valid")
+        scores = evaluate(args.task, ds, rid, data, best_checkpoint(row, grid_runs, seed, ckpt), args, subset="valid")
         earlier = sum(float(r["train min"]) for r in runs if r["row"] == row.get("resume_from") and r["seed"] == str(seed))
         runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key, "settings": settings,
                      "updates": trained["updates"], "train min": earlier + trained["train_seconds"] / 60,

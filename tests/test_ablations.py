@@ -30,7 +30,7 @@ def test_ablations_smoke_writes_rows_seeds_and_reuses_recorded_runs(tmp_path):
         runs = list(csv.DictReader(f))
     flash = next(r for r in runs if r["row"] == "flash-keys-paper-init")
     assert "++model.gau_relu2_norm=keys" in flash["overrides"] and "common.seed=1" in flash["overrides"]
-    log = (tmp_path / "work" / "runs" / "flash-keys-paper-init-s1" / "train.log").read_text()
+    log = (tmp_path / "work" / "runs" / "multi30k" / "flash-keys-paper-init-s1" / "train.log").read_text()
     assert "'gau_relu2_norm': keys" in log and "'gau_scale_init': paper" in log
     again = reproduce("mt", raw, tmp_path, "--ablations", "--rows", "softmax")
     assert "softmax, seed 1: in ablations-mt-smoke.runs.csv; kept" in again and "training" not in again
@@ -49,7 +49,7 @@ def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(tmp_path):
     config and overrides) and fine-tunes from it (checkpoint.finetune_from_model)."""
     raw = require_data("multi30k")
     reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", "softmax,memsizer-linearized-10")
-    run = tmp_path / "work" / "runs" / "memsizer-linearized-10-s1"
+    run = tmp_path / "work" / "runs" / "linearize" / "memsizer-linearized-10-s1"
     assert "| mapped: W_r = out_proj(v_proj(x)) |" in (run / "linearize.log").read_text()
     assert f"loading pretrained model from {run / 'linearized.pt'}" in (run / "train.log").read_text()
     with open(tmp_path / "results" / "linearize-mt-smoke.runs.csv") as f:
@@ -65,7 +65,7 @@ def test_a_second_stage_row_continues_from_the_first_stages_checkpoint(tmp_path)
     raw = require_data("multi30k")
     rows = "softmax,memsizer-attention-10,memsizer-attention-then-all-25"
     reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", rows)
-    first, second = (tmp_path / "work" / "runs" / f"{r}-s1" for r in rows.split(",")[1:])
+    first, second = (tmp_path / "work" / "runs" / "linearize" / f"{r}-s1" for r in rows.split(",")[1:])
     assert "'train_attention_only': True" in (first / "train.log").read_text()
     log = (second / "train.log").read_text()
     assert f"loading pretrained model from {first / 'checkpoint_last.pt'}" in log
@@ -82,7 +82,7 @@ def test_a_resumed_row_continues_the_earlier_run_to_twice_its_updates(tmp_path):
     twice its updates; its minutes count both stages."""
     raw = require_data("multi30k")
     reproduce("mt", raw, tmp_path, "--ablations", "budget", "--rows", "softmax-1x,softmax-2x")
-    first, second = (tmp_path / "work" / "runs" / f"softmax-{x}-s1" for x in ("1x", "2x"))
+    first, second = (tmp_path / "work" / "runs" / "budget" / f"softmax-{x}-s1" for x in ("1x", "2x"))
     log = (second / "train.log").read_text()
     assert f"Loaded checkpoint {first / 'checkpoint_last.pt'} (epoch" in log and "@ 16 updates)" in log
     assert "loading pretrained model" not in log  # resumed, not fine-tuned: nothing is reset
