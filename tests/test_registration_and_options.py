@@ -126,7 +126,7 @@ def test_unknown_feature_map_is_rejected_by_the_parser(capsys):
 def test_module_rejects_bad_sizes_with_values():
     with pytest.raises(ValueError, match="num_heads=3 must be a positive divisor of embed_dim=32"):
         MemsizerAttention(32, 3, 4, **MEMSIZER_OPTIONS)
-    with pytest.raises(ValueError, match="memory_size must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="MemsizerAttention: memory_size=0 must be a positive integer"):
         MemsizerAttention(32, 4, 0, **MEMSIZER_OPTIONS)
 
 

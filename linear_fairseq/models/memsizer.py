@@ -13,17 +13,11 @@ from dataclasses import dataclass
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
-from ..modules import memsizer_attention  # noqa: F401  registers the "memsizer" attention
+from ..modules.memsizer_attention import memsizer_problems  # registers the "memsizer" attention
 from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import MT_PRESETS, LinearLanguageModel, LinearTransformerModel, register_presets
-from .options import (
-    LinearLMConfig,
-    LinearTransformerConfig,
-    option,
-    require_positive,
-    require_positive_int,
-)
+from .options import LinearLMConfig, LinearTransformerConfig, option, option_error
 
 ATTENTION = ChoiceEnum(["softmax", "memsizer"])
 
@@ -53,13 +47,14 @@ class MemsizerLMConfig(LinearLMConfig, MemsizerOptions):
 
 
 def check_memsizer_args(args: Namespace, roles) -> None:
-    """`roles`: the roles that use MemSizer."""
+    """The module's rules (memsizer_problems) for each role that uses MemSizer,
+    named as command-line options."""
     for role in roles:
-        require_positive_int(args, f"{role}_memory_size")
-    if roles:
-        require_positive(args, "q_init_scale")
-        require_positive(args, "kv_init_scale")
-        require_positive_int(args, "memsizer_chunk_size")
+        found = memsizer_problems(memory_size=getattr(args, f"{role}_memory_size"), chunk_size=args.memsizer_chunk_size,
+                                  q_init_scale=args.q_init_scale, kv_init_scale=args.kv_init_scale)
+        for name, value, why in found:
+            raise option_error({"memory_size": f"{role}_memory_size", "chunk_size": "memsizer_chunk_size"}.get(name, name),
+                               value, why)
 
 
 @register_model("memsizer_transformer", dataclass=MemsizerTransformerConfig)

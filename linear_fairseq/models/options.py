@@ -90,28 +90,6 @@ def option_error(name: str, value: Any, why: str) -> ValueError:
     return ConfigError(f"--{name.replace('_', '-')}={value!r}: {why}")
 
 
-def require_positive_int(args: Namespace, name: str) -> None:
-    value = getattr(args, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise option_error(name, value, "must be a positive integer")
-
-
-def require_positive(args: Namespace, name: str) -> None:
-    value = getattr(args, name)
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise option_error(name, value, "must be > 0")
-
-
-def require_nonnegative(args: Namespace, name: str, integer: bool = False, optional: bool = False) -> None:
-    """`name` >= 0 (an integer with `integer`; None allowed with `optional`)."""
-    value = getattr(args, name)
-    if optional and value is None:
-        return
-    kinds = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
-        raise option_error(name, value, "must be an integer >= 0" if integer else "must be >= 0")
-
-
 def require_layer_indices(args: Namespace, side: str) -> None:
     """--{side}-softmax-layers: distinct indices of existing layers."""
     name, n = f"{side}_softmax_layers", getattr(args, f"{side}_layers")

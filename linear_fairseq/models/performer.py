@@ -9,11 +9,11 @@ from typing import Optional
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
-from ..modules.performer_attention import FEATURE_MAPS  # registers the "performer" attention
+from ..modules.performer_attention import FEATURE_MAPS, performer_problems  # registers the "performer" attention
 from ..families import Family, register_family
 from ..registry import register_model
 from .linear_transformer import MT_PRESETS, LinearLanguageModel, LinearTransformerModel, register_presets
-from .options import LinearLMConfig, LinearTransformerConfig, option, option_error, require_nonnegative, require_positive_int
+from .options import LinearLMConfig, LinearTransformerConfig, option, option_error
 
 ATTENTION = ChoiceEnum(["softmax", "performer"])
 
@@ -48,16 +48,14 @@ class PerformerLMConfig(LinearLMConfig, PerformerOptions):
 
 
 def check_performer_args(args: Namespace, roles) -> None:
-    """`roles`: the roles that use kernel attention."""
+    """The module's rules (performer_problems), named as command-line options,
+    when any role uses kernel attention."""
     if not roles:
         return
-    if args.num_features is not None:
-        require_positive_int(args, "num_features")
-    if args.feature_map == "elu" and args.num_features is not None:
-        raise option_error("num_features", args.num_features, "elu has no features to choose (phi has the head's width)")
-    require_nonnegative(args, "redraw_interval", integer=True)
-    require_nonnegative(args, "kernel_eps", optional=True)
-    require_positive_int(args, "kernel_chunk_size")
+    found = performer_problems(feature_map=args.feature_map, num_features=args.num_features,
+                               redraw_interval=args.redraw_interval, chunk_size=args.kernel_chunk_size, eps=args.kernel_eps)
+    for name, value, why in found:
+        raise option_error({"eps": "kernel_eps", "chunk_size": "kernel_chunk_size"}.get(name, name), value, why)
 
 
 @register_model("performer_transformer", dataclass=PerformerTransformerConfig)

@@ -20,7 +20,7 @@ A state is a dict of tensors whose first dimension is the batch; its size may
 not depend on the prefix length. ``reorder_incremental_state`` index-selects
 every entry, which is all that beam search needs.
 """
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
@@ -30,6 +30,26 @@ from ..errors import ConfigError
 
 State = Dict[str, Optional[Tensor]]
 ROLES = ("encoder_self", "decoder_self", "cross")
+Problem = Tuple[str, object, str]  # (option, value, why)
+
+
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def first_problem(rules) -> List[Problem]:
+    """The first of (option, value, check, why) whose check fails, as a one-item
+    list (later rules may assume the earlier ones hold), or []. A family's
+    `<family>_problems` lists its rules once: its module raises on them, its
+    models name the command-line options."""
+    for name, value, ok, why in rules:
+        if not ok():
+            return [(name, value, why)]
+    return []
 
 
 @with_incremental_state

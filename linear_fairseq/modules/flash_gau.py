@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import flash as ops
-from .attention import LinearAttention, State
+from .attention import LinearAttention, State, first_problem
 from .layers import register_layers
 from .performer_attention import PerformerAttention
 
@@ -81,10 +81,7 @@ def gau_problems(dim: int, *, s, expansion, chunk_size, rope: bool, mode, norm, 
         ("scale_init", scale_init, lambda: scale_init in ("paper", "unit"), "choose paper or unit"),
         ("relu2_norm", relu2_norm, lambda: relu2_norm in ops.RELU2_NORMS, f"choose from {', '.join(ops.RELU2_NORMS)}"),
     )
-    for name, value, ok, why in rules:
-        if not ok():
-            return [(name, value, why)]  # later rules may assume the earlier ones hold
-    return []
+    return first_problem(rules)
 
 
 class GatedAttentionUnit(LinearAttention):

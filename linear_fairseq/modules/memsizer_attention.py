@@ -6,14 +6,24 @@ only in how they address it ("lightweight multi-head"): the query's slot
 weights are averaged over heads, so reading costs one head. There is no
 output projection, as in the authors' implementation.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from fairseq.modules import LayerNorm
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import memsizer as M
-from .attention import LinearAttention, State, register_attention
+from .attention import LinearAttention, Problem, State, first_problem, is_number, is_positive_int, register_attention
+
+
+def memsizer_problems(*, memory_size, chunk_size, q_init_scale, kv_init_scale) -> List[Problem]:
+    """The values a MemSizer attention cannot take (see first_problem)."""
+    return first_problem((
+        ("memory_size", memory_size, lambda: is_positive_int(memory_size), "must be a positive integer"),
+        ("q_init_scale", q_init_scale, lambda: is_number(q_init_scale) and q_init_scale > 0, "must be > 0"),
+        ("kv_init_scale", kv_init_scale, lambda: is_number(kv_init_scale) and kv_init_scale > 0, "must be > 0"),
+        ("chunk_size", chunk_size, lambda: is_positive_int(chunk_size), "must be a positive integer"),
+    ))
 
 
 class MemsizerAttention(LinearAttention):
@@ -34,12 +44,9 @@ class MemsizerAttention(LinearAttention):
         """The options as the models' dataclasses define them (models/memsizer.py,
         where their defaults live)."""
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
-        for name, value in (("memory_size", memory_size), ("chunk_size", chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"MemsizerAttention: {name} must be a positive integer, got {value!r}")
-        for name, value in (("q_init_scale", q_init_scale), ("kv_init_scale", kv_init_scale)):
-            if not value > 0:
-                raise ConfigError(f"MemsizerAttention: {name} must be > 0, got {value!r}")
+        for name, value, why in memsizer_problems(memory_size=memory_size, chunk_size=chunk_size,
+                                                  q_init_scale=q_init_scale, kv_init_scale=kv_init_scale):
+            raise ConfigError(f"MemsizerAttention: {name}={value!r} {why}")
         kv_dim = kv_dim or embed_dim
         self.memory_size = memory_size
         self.chunk_size = chunk_size

@@ -11,14 +11,14 @@ and after reloading. They are redrawn only in training, every
 `redraw_interval` updates (0: never).
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import performer as K
-from .attention import LinearAttention, State, register_attention
+from .attention import LinearAttention, Problem, State, first_problem, is_number, is_positive_int, register_attention
 
 FEATURE_MAPS = ("elu", "favor", "rfa", "t2r")
 
@@ -99,6 +99,23 @@ class T2RFeatures(nn.Module):
         return K.t2r_features(x, self.weight, self.bias), None
 
 
+def performer_problems(*, feature_map, num_features, redraw_interval, chunk_size, eps) -> List[Problem]:
+    """The values a kernel attention cannot take (see first_problem); None for
+    num_features or eps stands for the feature map's own."""
+    return first_problem((
+        ("feature_map", feature_map, lambda: feature_map in FEATURE_MAPS, f"choose from {', '.join(FEATURE_MAPS)}"),
+        ("num_features", num_features, lambda: num_features is None or is_positive_int(num_features),
+         "must be a positive integer"),
+        ("num_features", num_features, lambda: feature_map != "elu" or num_features is None,
+         "elu has no features to choose (phi has the head's width)"),
+        ("redraw_interval", redraw_interval,
+         lambda: isinstance(redraw_interval, int) and not isinstance(redraw_interval, bool) and redraw_interval >= 0,
+         "must be an integer >= 0"),
+        ("eps", eps, lambda: eps is None or (is_number(eps) and eps >= 0), "must be >= 0"),
+        ("chunk_size", chunk_size, lambda: is_positive_int(chunk_size), "must be a positive integer"),
+    ))
+
+
 class PerformerAttention(LinearAttention):
     def __init__(
         self,
@@ -118,17 +135,11 @@ class PerformerAttention(LinearAttention):
         """The options as the models' dataclasses define them (models/performer.py,
         where their defaults live); num_features and eps None: the feature map's own."""
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
-        if feature_map not in FEATURE_MAPS:
-            raise ConfigError(f"PerformerAttention: feature_map={feature_map!r}; choose from {', '.join(FEATURE_MAPS)}")
+        for name, value, why in performer_problems(feature_map=feature_map, num_features=num_features,
+                                                   redraw_interval=redraw_interval, chunk_size=chunk_size, eps=eps):
+            raise ConfigError(f"PerformerAttention: {name}={value!r} {why}")
         m = default_num_features(feature_map, self.head_dim) if num_features is None else num_features
-        for name, value in (("num_features", m), ("chunk_size", chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"PerformerAttention: {name} must be a positive integer, got {value!r}")
-        if not isinstance(redraw_interval, int) or redraw_interval < 0:
-            raise ConfigError(f"PerformerAttention: redraw_interval must be >= 0, got {redraw_interval!r}")
         eps = default_eps(feature_map) if eps is None else eps
-        if not eps >= 0:
-            raise ConfigError(f"PerformerAttention: eps must be >= 0, got {eps!r}")
         kv_dim = kv_dim or embed_dim
         self.feature_map_name, self.chunk_size, self.eps = feature_map, chunk_size, eps
         self.q_proj = nn.Linear(embed_dim, embed_dim)
