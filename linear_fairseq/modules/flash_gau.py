@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import flash as ops
-from .attention import LinearAttention, State, first_problem
+from .attention import LinearAttention, State, first_problem, is_positive_int
 from .layers import register_layers
 from .performer_attention import PerformerAttention
 
@@ -69,8 +69,8 @@ def gau_problems(dim: int, *, s, expansion, chunk_size, rope: bool, mode, norm, 
     check them as options, naming the command-line flags (`width`: how the
     message names `dim`)."""
     rules = (
-        ("chunk_size", chunk_size, lambda: isinstance(chunk_size, int) and chunk_size >= 1, "must be a positive integer"),
-        ("s", s, lambda: isinstance(s, int) and s >= 1, "must be a positive integer"),
+        ("chunk_size", chunk_size, lambda: is_positive_int(chunk_size), "must be a positive integer"),
+        ("s", s, lambda: is_positive_int(s), "must be a positive integer"),
         ("expansion", expansion, lambda: expansion > 0, "must be > 0"),
         ("s", s, lambda: s <= dim, f"must be <= {width}={dim}"),  # rules across values after those of one
         ("s", s, lambda: not rope or s % 2 == 0, "must be even with RoPE (or turn RoPE off: --no-rope)"),
