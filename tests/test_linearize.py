@@ -105,6 +105,15 @@ def test_a_hybrid_keeps_its_softmax_layer_exactly(tmp_path):
         assert f"decoder.layers.1.self_attn.{proj}.weight" not in weights
     assert "decoder.layers.1.self_attn.w_r.weight" in weights and "decoder.layers.0.self_attn.w_r.weight" not in weights
     assert "| mapped: W_r = out_proj(v_proj(x)) | 2 |" in out
+    # the converted hybrid keeps the decoding contract: one step at a time == the whole prefix at once
+    model = load(tmp_path / "hybrid.pt")[0]
+    tokens = random_tokens(make_dictionary(40), 3, 9, seed=2)
+    with torch.no_grad():
+        full = model(tokens)[0]
+        state, steps = {}, []
+        for t in range(tokens.shape[1]):
+            steps.append(model(tokens[:, : t + 1], incremental_state=state)[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
 def cli(*args):
