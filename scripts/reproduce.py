@@ -345,6 +345,101 @@ def write_tables(rows, task, ds, args, results: Path, notes=()) -> Path:
     return write_table(stem, columns, with_earlier_rows(rows, stem, task, ds), header)
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing to files, without its font-search debug log."""
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# -- loss by position (lm): where a perplexity gap comes from -----------------------------
+SPANS = ((1, 1), (2, 8), (9, 32), (33, 128), (129, 256))  # positions in the block, 1-based, inclusive
+
+
+def block_tokens(args, ds: str) -> int:
+    """The tokens per block a run trains on (task.tokens_per_sample, as --set or smoke scale may change it)."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.load(ROOT / "configs" / "lm" / f"{args.config or ds}.yaml").task.tokens_per_sample
+    for item in (SMOKE["lm"] if args.scale == "smoke" else []) + args.override:
+        if item.startswith("task.tokens_per_sample="):
+            value = item.split("=", 1)[1]
+    return int(value)
+
+
+def position_losses(model: str, data: Path, ckpt: Path, block: int) -> list:
+    """Mean validation NLL at each position of a block (scripts/positions.py)."""
+    out = ckpt / "positions-valid.json"
+    say(f"{model}: loss by position on the valid set ({block}-token blocks)")
+    run([sys.executable, str(ROOT / "scripts" / "positions.py"), str(ckpt / "checkpoint_best.pt"),
+         str(data / "bin"), "--subset", "valid", "--block", str(block), "--out", str(out)],
+        ckpt / "positions-valid.log", stream=False)
+    return json.loads(out.read_text())
+
+
+def span_ppl(losses: dict, first: int, last: int) -> float:
+    """Perplexity over the tokens at positions first..last (1-based) of every block."""
+    import math
+
+    nll, count = losses["nll"][first - 1 : last], losses["count"][first - 1 : last]
+    return math.exp(sum(n * c for n, c in zip(nll, count)) / sum(count))
+
+
+def write_positions(results: dict, args, ds: str, block: int, stem: Path, plot: Path) -> Path:
+    """results: config -> (family, losses). A table of perplexity per span of
+    positions (against the softmax row where there is one) and a plot."""
+    spans = [(a, min(b, block)) for a, b in SPANS if a <= block]
+    names = [f"ppl {a}" if a == b else f"ppl {a}-{b}" for a, b in spans]
+    base = next((losses for family, losses in results.values() if family == families.BASELINE.name), None)
+    rows = []
+    for config, (family, losses) in results.items():
+        row = {"family": family, "config": config, f"ppl 1-{block}": span_ppl(losses, 1, block)}
+        for name, (a, b) in zip(names, spans):
+            row[name] = span_ppl(losses, a, b)
+            if base is not None and base is not losses:
+                row[f"{name} vs softmax"] = f"{100 * (row[name] / span_ppl(base, a, b) - 1):+.1f}%"
+        rows.append(row)
+    columns = ["family", "config", f"ppl 1-{block}"] + [c for n in names for c in (n, f"{n} vs softmax")]
+    header = [f"# Loss by position, lm ({ds}, {args.scale} scale, valid set)", "",
+              f"Command: `{command_line('lm')}`  ",
+              f"Run {machine()}. The valid set cut into consecutive {block}-token blocks, each scored from its "
+              f"first token (scripts/positions.py; the same blocks as `fairseq-eval-lm --tokens-per-sample {block} "
+              "--context-window 0`); ppl a-b: the perplexity of the tokens at positions a to b of a block, "
+              "predicted from the tokens before them in the block; the models of the results table "
+              "(checkpoint_best.pt of each config).", ""]
+    table = write_table(stem, columns, rows, header)
+    plot_positions(results, base, block, plot)
+    return table
+
+
+def plot_positions(results: dict, base, block: int, path: Path) -> None:
+    """Perplexity against position, over windows that double (1, 2, 3-4, 5-8, ...), relative
+    to softmax where it ran."""
+    plt = pyplot()
+
+    windows = [(1, 1)] + [(2**i + 1, min(2 ** (i + 1), block)) for i in range(block.bit_length()) if 2**i < block]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for config, (family, losses) in results.items():
+        ys = [span_ppl(losses, a, b) / (span_ppl(base, a, b) if base is not None else 1.0) for a, b in windows]
+        ax.plot([(a * b) ** 0.5 for a, b in windows], ys, marker="o", label=config)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the block (windows 1, 2, 3-4, 5-8, ...)")
+    ax.set_ylabel("valid ppl / softmax's" if base is not None else "valid ppl")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    say(f"plot: {path}")
+
+
 # -- ablations: rows of settings, scored on the validation set ------------------------------
 VALID_METRIC = {"mt": ("bleu", "valid BLEU"), "sum": ("rl", "valid ROUGE-L"), "lm": ("ppl", "valid ppl")}
 
@@ -549,10 +644,7 @@ def row_config(task: str, ds: str, family: str, spec: dict) -> str:
 
 def plot_curves(runs, spec: dict, task: str, path: Path) -> None:
     """The metric against training updates, one line per row `curve` (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metric, label = VALID_METRIC[task]
     summaries = {summary["row"]: summary for summary in ablation_summary(runs, spec, metric)}
@@ -623,6 +715,9 @@ def main(argv=None):
     ap.add_argument("--ablations", nargs="?", const="", metavar="GRID",
                     help="train the rows of configs/<task>/ablations/<GRID>.yaml (default: the dataset's grid) "
                          "and score them on the validation set, instead of the families' test table")
+    ap.add_argument("--by-position", action="store_true",
+                    help="lm: instead of the test table, the validation perplexity by position in the block "
+                         "of each model (trained if needed): results/positions-lm-<scale>.md, docs/positions-lm-<scale>.png")
     ap.add_argument("--rows", help="with --ablations: only these rows (comma-separated ids)")
     ap.add_argument("--fresh", action="store_true", help="with --ablations: retrain runs already recorded")
     ap.add_argument("--seeds", help="with --ablations: only these of the grid's seeds (comma-separated)")
@@ -646,6 +741,8 @@ def main(argv=None):
     for kind in args.configs.split(","):
         if kind not in CONFIG_KINDS:
             ap.error(f"--configs: unknown kind {kind!r} (choose from {', '.join(CONFIG_KINDS)})")
+    if args.by_position and (args.task != "lm" or args.ablations is not None):
+        ap.error("--by-position is for language models' results table: reproduce_lm.sh without --ablations")
     ds = args.dataset or DEFAULT_DATASET[(args.task, "cpu" if args.scale == "smoke" else args.scale)]
     if ds not in DATASETS or DATASETS[ds]["task"] != args.task:
         ap.error(f"--dataset {ds!r} is not a {args.task} dataset")
@@ -662,7 +759,7 @@ def main(argv=None):
         say(f"table: {table}")
         print(table.read_text())
         return
-    rows = []
+    rows, by_position = [], {}
     todo = [(family, kind, model) for family in families
             for kind, model in model_configs(args.task, ds, family, args.configs.split(","))]
     progress = Progress(len(todo))
@@ -670,12 +767,22 @@ def main(argv=None):
         say(f"{progress.step(n)} {model}")
         ckpt = work / "checkpoints" / (family + CONFIG_KINDS[kind].replace("_", "-"))
         trained = train(args.task, ds, family, model, data, ckpt, args)
+        if args.by_position:
+            by_position[model] = (family, position_losses(model, data, ckpt, block_tokens(args, ds)))
+            continue
         scores = evaluate(args.task, ds, model, data, choose_checkpoint(ckpt, args.average), args)
         row = {"family": family, "config": model, "model": _model_name(args.task, ds, family),
                "params": trained["params"], "train min": trained["train_seconds"] / 60, **scores,
                "paper": PAPER.get((ds, family), "n/a"), "run": str(datetime.date.today())}
         say(f"{model}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         rows.append(row)
+    if args.by_position:
+        stem = args.results.resolve() / f"positions-lm-{args.scale}"
+        plot = Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"positions-lm-{args.scale}.png"
+        table = write_positions(by_position, args, ds, block_tokens(args, ds), stem, plot)
+        say(f"table: {table}")
+        print(table.read_text())
+        return
     notes = extractive_note(ds, data) if args.task == "sum" else ()
     table = write_tables(rows, args.task, ds, args, args.results.resolve(), notes)
     say(f"table: {table}")

@@ -98,6 +98,23 @@ def test_reproduce_lm_smoke(tmp_path):
     # the softmax baseline, at least, learns in 30 updates: better than uniform
     assert float(rows[0]["ppl"]) < vocab
 
+    # --by-position: the same models (reused, not retrained) scored position by position on the valid set
+    out = reproduce("lm", require_data("austen"), tmp_path, "--families", "transformer,memsizer",
+                    "--configs", "recommended", "--by-position")
+    assert "training" not in out
+    with open(tmp_path / "results" / "positions-lm-smoke.csv") as f:
+        spans = list(csv.DictReader(f))
+    assert [r["config"] for r in spans] == ["austen_transformer", "austen_memsizer"]
+    assert spans[1]["ppl 33-128 vs softmax"].endswith("%")
+    assert (tmp_path / "results" / "positions-lm-smoke.png").stat().st_size > 0
+    # over all positions, the per-position scorer agrees with fairseq's own on the same blocks
+    ckpt = tmp_path / "work" / "checkpoints" / "transformer" / "checkpoint_best.pt"
+    r = subprocess.run(["fairseq-eval-lm", str(tmp_path / "work" / "data" / "bin"), "--path", str(ckpt),
+                        "--user-dir", str(ROOT / "linear_fairseq"), "--gen-subset", "valid", "--num-workers", "0",
+                        "--tokens-per-sample", "128", "--context-window", "0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(spans[0]["ppl 1-128"]) == pytest.approx(scoring.read_perplexity(r.stdout + r.stderr), rel=1e-3)
+
 
 def table_after(task, raw, tmp_path, families):
     """The recommended configs of `families`."""
