@@ -358,6 +358,17 @@ def pyplot():
     return plt
 
 
+def save_plot(plt, fig, ax, path: Path) -> None:
+    """Grid, legend, then the figure written to `path` (its folder made) and closed."""
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    say(f"plot: {path}")
+
+
 # -- loss by position (lm): where a perplexity gap comes from -----------------------------
 SPANS = ((1, 1), (2, 8), (9, 32), (33, 128), (129, 256))  # positions in the block, 1-based, inclusive
 
@@ -431,13 +442,7 @@ def plot_positions(results: dict, base, block: int, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in the block (windows 1, 2, 3-4, 5-8, ...)")
     ax.set_ylabel("valid ppl / softmax's" if base is not None else "valid ppl")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    say(f"plot: {path}")
+    save_plot(plt, fig, ax, path)
 
 
 # -- ablations: rows of settings, scored on the validation set ------------------------------
@@ -659,13 +664,7 @@ def plot_curves(runs, spec: dict, task: str, path: Path) -> None:
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel("training updates")
     ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    say(f"plot: {path}")
+    save_plot(plt, fig, ax, path)
 
 
 def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
