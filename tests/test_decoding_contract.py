@@ -138,31 +138,53 @@ def test_incremental_decoding_equals_full_forward(case, T):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_reorder_mid_sequence_follows_the_beams(case):
+# beam search moves rows within a sentence, with repeats (0->1, 1->1, 2->0, ...), or
+# drops the rows of a finished sentence (here sentence 0: the batch shrinks to 3 rows)
+@pytest.mark.parametrize("new_order", [[1, 1, 0, 5, 3, 3], [5, 3, 3]], ids=["within-sentences", "sentence-done"])
+def test_reorder_mid_sequence_follows_the_beams(case, new_order):
     beam, t0, T = 3, 6, 15
     h = Harness(case, B=2)
     if h.encoder_out is not None:  # 2 sentences x 3 beams, each beam sees its sentence's source
         rows = torch.arange(2).repeat_interleave(beam)
         h.encoder_out = h.model.encoder.reorder_encoder_out(h.encoder_out, rows)
     prev = decoder_input(h.d, 2 * beam, T)
-    # beam search keeps rows of the same sentence, with repeats: 0->1,1->1,2->0 ...
-    new_order = torch.tensor([1, 1, 0, 5, 3, 3])
+    new_order = torch.tensor(new_order)
     with torch.no_grad():
         state = {}
         h.steps(prev[:, :t0], state)
         h.model.decoder.reorder_incremental_state_scripting(state, new_order)
         enc = h.encoder_out and h.model.encoder.reorder_encoder_out(h.encoder_out, new_order)
         # after the reorder row i continues the prefix of row new_order[i]
-        seq = torch.cat([prev[new_order, :t0], prev[:, t0:]], dim=1)
+        seq = torch.cat([prev[new_order, :t0], prev[: len(new_order), t0:]], dim=1)
         inc = h.steps(seq, state, start=t0, encoder_out=enc)
         full = h.full(seq, encoder_out=enc)[:, t0:]
     torch.testing.assert_close(inc, full, atol=ATOL, rtol=1e-4)
+    if len(new_order) < 2 * beam:
+        return
     # and the reorder mattered: without it the outputs differ
     with torch.no_grad():
         state = {}
         h.steps(prev[:, :t0], state)
         stale = h.steps(seq, state, start=t0, encoder_out=enc)
     assert (stale - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", [c for c in ENC_DEC if "softmax" not in CASES[c][1]])
+def test_a_reorder_within_sentences_leaves_the_cross_attention_state_in_place(case):
+    """Rows of one sentence hold the same source summary, so beam search's
+    reorders (until a sentence finishes) need not copy it."""
+    h = Harness(case, B=2)
+    h.encoder_out = h.model.encoder.reorder_encoder_out(h.encoder_out, torch.arange(2).repeat_interleave(3))
+    cross = [m for m in h.model.decoder.modules() if isinstance(m, LinearAttention) and m.encoder_decoder_attention]
+    assert cross
+    with torch.no_grad():
+        state = {}
+        h.steps(decoder_input(h.d, 6, 3), state)
+        before = [dict(m._get_input_buffer(state)) for m in cross]
+        h.model.decoder.reorder_incremental_state_scripting(state, torch.tensor([1, 1, 0, 5, 3, 3]))
+    for m, held in zip(cross, before):
+        after = m._get_input_buffer(state)
+        assert held and all(after[name] is value for name, value in held.items())
 
 
 def state_numel(state, module=None):

@@ -145,8 +145,14 @@ class LinearAttention(nn.Module):
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         """Follow beam search: reorder every state tensor along the batch dimension.
         fairseq reorders after every step, greedy search included; an identity
-        order is skipped, so a step can keep writing into the state it owns."""
+        order is skipped, so a step can keep writing into the state it owns.
+        A cross-attention state is reordered only when the batch shrinks (a
+        sentence finished): until then beam search moves rows within a sentence,
+        whose rows all hold the same summary of its source (as fairseq's
+        MultiheadAttention skips its static key/value cache)."""
         buffer = self._get_input_buffer(incremental_state)
+        if buffer and self.encoder_decoder_attention and batch_size(buffer) == new_order.numel():
+            return incremental_state
         if buffer and not is_identity(new_order, buffer):
             for name, value in buffer.items():
                 if value is not None:
@@ -155,11 +161,14 @@ class LinearAttention(nn.Module):
         return incremental_state
 
 
+def batch_size(state: State) -> int:
+    return next(v.shape[0] for v in state.values() if v is not None)
+
+
 def is_identity(new_order: Tensor, state: State) -> bool:
     """True when `new_order` is 0..B-1 over a state of batch size B."""
-    B = next(v.shape[0] for v in state.values() if v is not None)
     n = new_order.numel()
-    return n == B and bool((new_order == torch.arange(n, device=new_order.device)).all())
+    return n == batch_size(state) and bool((new_order == torch.arange(n, device=new_order.device)).all())
 
 
 # -- family registry ------------------------------------------------------
