@@ -143,3 +143,29 @@ def test_beam_and_training_targets_hold_each_family_to_its_own_bar():
     assert ts["train performer: tokens/s vs transformer_lm, context 8192"]["met"]  # 1.6x, wanted 1.5x
     assert not ts["train flash: tokens/s vs transformer_lm, context 8192"]["met"]  # 2.4x, wanted 2.5x
     assert ts["train flash: tokens/s vs transformer_lm, context 2048"]["value"] is None
+
+
+def test_step_profile_splits_each_familys_step_by_module(tmp_path):
+    """python -m benchmarks.profile_step: every family's step split into attention,
+    FFN, output projection and the rest (timings themselves not asserted)."""
+    out = tmp_path / "profile.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--length", "4", "--repeats", "1",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [rec["family"] for rec in records] == FAMILIES
+    for rec in records:
+        ms = rec["ms_per_step"]
+        timed = ms["attention"] + ms["ffn"] + ms["output"]
+        # the hooked modules run inside the step, each counted once: together less than the step
+        assert ms["attention"] > 0 and ms["output"] > 0 and 0 < timed < ms["total"], rec
+        assert ms["rest"] == pytest.approx(ms["total"] - timed)
+        # a GAU stands in for attention and FFN: no separate FFN to time
+        assert (ms["ffn"] == 0) == (rec["family"] == "flash"), rec
+    assert f"| {records[0]['arch']}, " in r.stdout
+
+
+def test_step_profile_refuses_a_bad_length():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--length", "0"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--length 0: must be a positive integer" in r.stderr
