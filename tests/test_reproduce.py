@@ -6,6 +6,7 @@ import csv
 import math
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -127,6 +128,24 @@ def test_unknown_family_is_named(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_mt.sh"), "--families", "memsizer,linformer"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown family 'linformer'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_by_position_is_refused_outside_the_lm_table():
+    for task, extra in (("mt", []), ("lm", ["--ablations"])):
+        r = subprocess.run(["bash", str(ROOT / "scripts" / f"reproduce_{task}.sh"), "--by-position", *extra],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "--by-position is for language models" in r.stderr, r.stderr[-500:]
+        assert "Traceback" not in r.stderr
+
+
+def test_positions_refuses_a_bad_block_and_a_missing_checkpoint(tmp_path):
+    script = str(ROOT / "scripts" / "positions.py")
+    r = subprocess.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--block", "0",
+                        "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--block 0: must be a positive number of tokens" in r.stderr
+    r = subprocess.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--out", str(tmp_path / "x.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "none.pt: no such checkpoint" in r.stderr
 
 
 def test_demo_is_the_pipeline_with_its_own_config(tmp_path):
