@@ -28,7 +28,7 @@ KINDS = ("attention", "ffn", "output", "rest")
 def timed_modules(model) -> dict:
     """{kind: [modules]} of an LM's decoder."""
     layers = model.decoder.layers
-    attention = [getattr(layer, "self_attn", None) or getattr(layer, "gau") for layer in layers]
+    attention = [getattr(layer, "self_attn", None) or layer.gau for layer in layers]
     ffn = [fc for layer in layers for fc in (getattr(layer, "fc1", None), getattr(layer, "fc2", None)) if fc is not None]
     return {"attention": attention, "ffn": ffn, "output": [model.decoder.output_projection]}
 
@@ -37,7 +37,7 @@ def add_timers(model, seconds: dict) -> list:
     """Forward hooks adding each timed module's time to seconds[kind]; returns the handles."""
     handles = []
     for kind, modules in timed_modules(model).items():
-        def pre(module, args, kind=kind):
+        def pre(module, args):
             module._started = time.perf_counter()
 
         def post(module, args, out, kind=kind):

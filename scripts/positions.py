@@ -77,7 +77,6 @@ def main(argv=None):
     import linear_fairseq  # noqa: F401  registers the models
     from fairseq import checkpoint_utils
 
-    torch.manual_seed(0)
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(args.checkpoint)], arg_overrides={"data": str(args.data_bin)})
     model = models[0].eval()

@@ -759,6 +759,7 @@ def main(argv=None):
         print(table.read_text())
         return
     rows, by_position = [], {}
+    block = block_tokens(args, ds) if args.by_position else None
     todo = [(family, kind, model) for family in families
             for kind, model in model_configs(args.task, ds, family, args.configs.split(","))]
     progress = Progress(len(todo))
@@ -767,7 +768,7 @@ def main(argv=None):
         ckpt = work / "checkpoints" / (family + CONFIG_KINDS[kind].replace("_", "-"))
         trained = train(args.task, ds, family, model, data, ckpt, args)
         if args.by_position:
-            by_position[model] = (family, position_losses(model, data, ckpt, block_tokens(args, ds)))
+            by_position[model] = (family, position_losses(model, data, ckpt, block))
             continue
         scores = evaluate(args.task, ds, model, data, choose_checkpoint(ckpt, args.average), args)
         row = {"family": family, "config": model, "model": _model_name(args.task, ds, family),
@@ -778,7 +779,7 @@ def main(argv=None):
     if args.by_position:
         stem = args.results.resolve() / f"positions-lm-{args.scale}"
         plot = Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"positions-lm-{args.scale}.png"
-        table = write_positions(by_position, args, ds, block_tokens(args, ds), stem, plot)
+        table = write_positions(by_position, args, ds, block, stem, plot)
         say(f"table: {table}")
         print(table.read_text())
         return

@@ -39,6 +39,7 @@ over chunks of G tokens, quadratic inside a chunk, the carried state across),
 ``summarize``/``read`` for the non-causal form.
 """
 import math
+from itertools import repeat
 from typing import Optional, Tuple
 
 import torch
@@ -239,7 +240,7 @@ def causal_chunked(
     # split once rather than slice per chunk: the backward of a slice writes its
     # gradient into a zero tensor of the whole input, once per chunk (O(T^2 / G))
     chunks = lambda x, dim: x.split(chunk_size, dim=dim)  # noqa: E731
-    q_scales = [None] * -(-T // chunk_size) if q_log_scale is None else chunks(q_log_scale, -1)
+    q_scales = repeat(None) if q_log_scale is None else chunks(q_log_scale, -1)
     outs = []
     for q_c, k_c, v_c, a_c, lg_c, q_scale in zip(
         chunks(phi_q, 2), chunks(phi_k, 2), chunks(v, 2), chunks(a, -1), chunks(lg, -1), q_scales
