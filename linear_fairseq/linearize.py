@@ -18,18 +18,27 @@ sizes come from the checkpoint. Every tensor of the new model is
 * initialized as in a fresh model otherwise (MemSizer's key slots, T2R's and
   FAVOR+'s features, FLASH's gated attention units).
 
-A table of what was copied, mapped, initialized and left out is printed.
+With ``--calibrate N``, the initialized parameters that shape attention
+weights (T2R's feature map, RFA's gate) are then fitted to the softmax
+model's attention on N training batches (linear_fairseq/calibrate.py), so the
+model starts close to the softmax one; a second table gives each module's
+KL divergence from the softmax weights before and after.
+
+A table of what was copied, mapped, initialized (or calibrated) and left out is printed.
 OUT_CKPT then goes to ``fairseq-train --finetune-from-model OUT_CKPT`` with the
 same --arch and options (its optimizer state is not carried over), or to
 ``fairseq-generate --path OUT_CKPT`` as it is. The approach is that of
 "Finetuning Pretrained Transformers into RNNs" (Kasai et al., arXiv 2103.13076).
 """
 import argparse
+import copy
 import dataclasses
+import itertools
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -153,7 +162,7 @@ def report(how: dict, sizes: dict) -> str:
         group[0] += 1
         group[1] += sizes[name]
         totals[what.split(":")[0]] += sizes[name]
-    order = ("copied", "mapped", "initialized", "left out")
+    order = ("copied", "mapped", "calibrated", "initialized", "left out")
     lines = ["| what | tensors | parameters | module |", "| --- | --- | --- | --- |"]
     for (what, name), (n, params) in sorted(groups.items(), key=lambda g: (order.index(g[0][0].split(":")[0]), g[0][1])):
         lines.append(f"| {what} | {n} | {params:,} | {name} |")
@@ -180,8 +189,9 @@ def save(state: dict, args, weights: dict, out: Path) -> None:
                 "extra_state": start, "last_optimizer_state": None}, out)
 
 
-def linearize(softmax: Path, out: Path, arch: str, options_=()) -> str:
-    """Write OUT from SOFTMAX for `arch`; returns the report."""
+def linearize(softmax: Path, out: Path, arch: str, options_=(), calibration: Optional[dict] = None) -> str:
+    """Write OUT from SOFTMAX for `arch`; returns the report. calibration: the
+    keyword arguments of `calibrated` (batches, steps, lr, data), or None."""
     from . import models  # noqa: F401  registers the architectures
 
     state = load_softmax(softmax)
@@ -192,10 +202,62 @@ def linearize(softmax: Path, out: Path, arch: str, options_=()) -> str:
     except ConfigError as err:
         fail(str(err))
     weights, how = transfer(state["model"], model, family_of(arch))
+    fitted = calibrated(state, model, weights, how, **calibration) if calibration else ""
     sizes = {**{k: v.numel() for k, v in state["model"].items()}, **{k: v.numel() for k, v in weights.items()}}
     save(state, args, weights, out)
     head = f"linearize: {source} ({softmax}) -> {arch} ({out})"
-    return head + "\n\n" + report(how, sizes)
+    return head + "\n\n" + report(how, sizes) + fitted
+
+
+def calibrated(state: dict, model, weights: dict, how: dict, *, batches: int, steps: int, lr: float,
+               data: Optional[str]) -> str:
+    """Fit `model`'s initialized attention parameters to the softmax model on
+    `batches` training batches (calibrate.py); updates `weights` and `how` in
+    place and returns the table of KL divergences."""
+    from .calibrate import calibrate, fittable
+
+    model.load_state_dict(weights)
+    initialized = {name for name, what in how.items() if what == "initialized"}
+    targets = fittable(model, initialized)
+    if not targets:
+        fail(f"--calibrate {batches}: this model has no new attention parameters to fit (T2R's feature map, "
+             "RFA's gate); leave --calibrate out")
+    softmax_model, samples = training_batches(state, data, batches, seed=int(state["cfg"]["common"]["seed"]))
+    losses = calibrate(targets, softmax_model, samples, steps, lr)
+    fitted = model.state_dict()
+    for module, (_, params) in targets.items():
+        for name in (f"{module}.{param}" for param in params):
+            weights[name], how[name] = fitted[name], "calibrated"
+    lines = [f"\n\ncalibrated on {len(samples)} training batches, {steps} Adam steps (lr {lr}) a module: "
+             "KL(softmax || linear attention weights), mean over queries", "",
+             "| module | before | after |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {before:.4f} | {after:.4f} |" for name, (before, after) in losses.items()]
+    return "\n".join(lines)
+
+
+def training_batches(state: dict, data: Optional[str], count: int, seed: int) -> tuple:
+    """(the softmax model, the first `count` shuffled training batches of the data
+    it trained on, or of `data`: binarized data with the same vocabularies)."""
+    from fairseq import tasks, utils
+
+    cfg = copy.deepcopy(state["cfg"])
+    if data is not None:
+        cfg.task.data = data
+    try:
+        task = tasks.setup_task(cfg.task)
+        softmax_model = task.build_model(cfg.model)
+        softmax_model.load_state_dict(state["model"])
+        task.load_dataset(cfg.dataset.train_subset)
+    except (FileNotFoundError, RuntimeError, OSError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        fail(f"--data {cfg.task.data}: cannot load the softmax model's training data there ({first}); "
+             "give --data the binarized data it trained on")
+    dataset = task.dataset(cfg.dataset.train_subset)
+    positions = utils.resolve_max_positions(task.max_positions(), softmax_model.max_positions())
+    itr = task.get_batch_iterator(dataset=dataset, max_tokens=cfg.dataset.max_tokens,
+                                  max_sentences=cfg.dataset.batch_size, max_positions=positions,
+                                  ignore_invalid_inputs=True, seed=seed).next_epoch_itr(shuffle=True)
+    return softmax_model, list(itertools.islice(itr, count))
 
 
 def family_of(arch: str):
@@ -212,10 +274,23 @@ def main(argv=None) -> None:
     ap.add_argument("softmax", type=Path, help="a fairseq transformer / transformer_lm checkpoint")
     ap.add_argument("out", type=Path, help="where the linear model's checkpoint goes")
     ap.add_argument("--arch", required=True, help="a linear architecture of the same kind (e.g. memsizer_transformer)")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="fit the new attention parameters (T2R's feature map, RFA's gate) to the softmax "
+                         "attention on N training batches before writing (0: off)")
+    ap.add_argument("--calibrate-steps", type=int, default=200, help="Adam steps per attention module")
+    ap.add_argument("--calibrate-lr", type=float, default=1e-2, help="Adam learning rate of the calibration")
+    ap.add_argument("--data", help="binarized data for --calibrate (default: the data the checkpoint trained on)")
     args, family_options = ap.parse_known_args(argv)
     if args.out.resolve() == args.softmax.resolve():
         ap.error("OUT must differ from SOFTMAX_CKPT")
-    print(linearize(args.softmax, args.out, args.arch, family_options))
+    for flag, value in (("--calibrate", args.calibrate), ("--calibrate-steps", args.calibrate_steps)):
+        if value < 0 or (flag == "--calibrate-steps" and value < 1):
+            ap.error(f"{flag} {value}: must be {'>= 0' if flag == '--calibrate' else '>= 1'}")
+    if args.calibrate_lr <= 0:
+        ap.error(f"--calibrate-lr {args.calibrate_lr}: must be > 0")
+    calibration = dict(batches=args.calibrate, steps=args.calibrate_steps, lr=args.calibrate_lr,
+                       data=args.data) if args.calibrate else None
+    print(linearize(args.softmax, args.out, args.arch, family_options, calibration))
 
 
 if __name__ == "__main__":

@@ -476,6 +476,8 @@ def load_ablations(task: str, grid: str, rows=None) -> dict:
                                or (row.get("headline") and not source.get("headline"))):
                 sys.exit(f"[reproduce] {path}: row {rid!r}: {key} {row[key]!r} must name an earlier {what}, "
                          "a headline row if this one is")
+        if "calibrate" in row and "linearize_from" not in row:
+            sys.exit(f"[reproduce] {path}: row {rid!r}: calibrate needs linearize_from (it fits a linearized model)")
     unknown = set(rows.split(",")) - set(spec["rows"]) if rows else set()
     if unknown:
         sys.exit(f"[reproduce] --rows: unknown row(s) {', '.join(sorted(unknown))} "
@@ -591,14 +593,17 @@ def model_values(task: str, model: str, overrides) -> list:
 def starting_point(task: str, model: str, row: dict, runs: Path, seed: int, ckpt: Path, overrides) -> list:
     """The hydra overrides that start a grid row from another row's model (none:
     from scratch). `linearize_from: <row>` converts that (softmax) row's best
-    checkpoint into this row's model and fine-tunes it; `finetune_from: <row>`
+    checkpoint into this row's model and fine-tunes it (`calibrate: N`: after
+    fitting the new attention parameters on N training batches, linearize
+    --calibrate); `finetune_from: <row>`
     fine-tunes that row's last checkpoint as it is (a second stage, e.g. after
     attention-only training: fresh optimizer and schedule); `resume_from: <row>`
     continues that row's run where it stopped (optimizer, schedule, data order
     and update count restored), so a longer budget costs only the extra updates."""
     if "linearize_from" in row:
         source = runs / f"{row['linearize_from']}-s{seed}"
-        return [f"checkpoint.finetune_from_model={linearized(task, model, source, ckpt, overrides)}"]
+        out = linearized(task, model, source, ckpt, overrides, row.get("calibrate", 0))
+        return [f"checkpoint.finetune_from_model={out}"]
     for key, option in (("finetune_from", "finetune_from_model"), ("resume_from", "continue_once")):
         if key in row:
             last = runs / f"{row[key]}-s{seed}" / "checkpoint_last.pt"
@@ -626,16 +631,17 @@ def smoke_budget(task: str, row: dict) -> list:
     return [*SMOKE[task], f"optimization.max_update={2 * updates}"]
 
 
-def linearized(task: str, model: str, source: Path, ckpt: Path, overrides) -> Path:
+def linearized(task: str, model: str, source: Path, ckpt: Path, overrides, calibrate: int) -> Path:
     """The best checkpoint of an earlier (softmax) row, converted by
-    python -m linear_fairseq.linearize into this row's model."""
+    python -m linear_fairseq.linearize into this row's model (calibrated on
+    `calibrate` training batches where > 0)."""
     if not (source / "checkpoint_best.pt").is_file():
         sys.exit(f"[reproduce] {source.name} is not trained yet: run its row first (--rows)")
     ckpt.mkdir(parents=True, exist_ok=True)
     out = ckpt / "linearized.pt"
     arch, values = model_values(task, model, overrides)
     run([sys.executable, "-m", "linear_fairseq.linearize", str(source / "checkpoint_best.pt"), str(out),
-         "--arch", arch, *values], ckpt / "linearize.log", stream=False)
+         "--arch", arch, *values, "--calibrate", str(calibrate)], ckpt / "linearize.log", stream=False)
     return out
 
 

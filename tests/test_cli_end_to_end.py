@@ -153,6 +153,18 @@ def test_linearize_a_trained_transformer_then_finetune_and_generate(multi30k, tm
                   "--batch-size", 100, "--max-len-b", 10, "--post-process", "sentencepiece",
                   "--required-batch-size-multiple", 1)
     assert len(read_hypotheses(gen.stdout)) == 200
+    # T2R with its feature map first fitted to the softmax attention on the training data
+    t2r = ["--arch", "performer_transformer", "--feature-map", "t2r", "--num-features", "8", "--cross-attn", "softmax"]
+    r = subprocess.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
+                        tmp_path / "t2r.pt", *t2r, "--calibrate", "2", "--calibrate-steps", "20"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "| calibrated | 4 |" in r.stdout, r.stderr[-3000:]
+    kl = [line.split("|")[2:4] for line in r.stdout.splitlines() if line.startswith("| decoder.layers.")]
+    assert len(kl) == 2 and all(float(after) < float(before) for before, after in kl), r.stdout
+    gen = fairseq("generate", data, "--path", tmp_path / "t2r.pt", "--gen-subset", "valid", "--beam", 2,
+                  "--batch-size", 100, "--max-len-b", 10, "--post-process", "sentencepiece",
+                  "--required-batch-size-multiple", 1)
+    assert len(read_hypotheses(gen.stdout)) == 200
 
 
 def test_demo_without_data_offline_says_so_and_fails(tmp_path):

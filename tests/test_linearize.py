@@ -132,8 +132,92 @@ def test_bad_input_is_one_line(tmp_path):
          "holds a 'memsizer_transformer' model; linearize starts from fairseq's softmax"),
         ((tmp_path / "garbage.pt", tmp_path / "o.pt", "--arch", "memsizer_transformer"), "cannot read"),
         ((tmp_path / "missing.pt", tmp_path / "o.pt", "--arch", "memsizer_transformer"), "no such file"),
+        ((src, tmp_path / "o.pt", "--arch", "memsizer_transformer", "--calibrate", 2),
+         "--calibrate 2: this model has no new attention parameters to fit"),
+        ((src, tmp_path / "o.pt", "--arch", "performer_transformer", "--feature-map", "t2r", "--calibrate", 2),
+         "--data /unused: cannot load the softmax model's training data there"),
+        ((src, tmp_path / "o.pt", "--arch", "performer_transformer", "--calibrate", -1), "--calibrate -1: must be >= 0"),
+        ((src, tmp_path / "o.pt", "--arch", "performer_transformer", "--calibrate", 1, "--calibrate-steps", 0),
+         "--calibrate-steps 0: must be >= 1"),
+        ((src, tmp_path / "o.pt", "--arch", "performer_transformer", "--calibrate", 1, "--calibrate-lr", 0),
+         "--calibrate-lr 0.0: must be > 0"),
     ]
     for args, message in cases:
         r = cli(*args)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+# -- calibration: the new attention parameters fitted to the softmax attention --------------------
+def batches(d, n=3):
+    """Translation samples with left-padded sources and right-padded targets, as fairseq batches them."""
+    out = []
+    for i in range(n):
+        src, tgt = random_tokens(d, 4, 10, seed=10 + i), random_tokens(d, 4, 8, seed=20 + i)
+        src[1, :3] = d.pad()
+        tgt[2, 5:] = d.pad()
+        out.append({"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1),
+                                  "prev_output_tokens": tgt}})
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_targets_are_fairseqs_own_weights(tmp_path, causal):
+    """The calibration target equals what fairseq's MultiheadAttention returns as
+    its per-head weights, with a padded source and the future mask."""
+    from linear_fairseq.calibrate import softmax_weights
+
+    model, _ = load(softmax_checkpoint(tmp_path / "softmax.pt", "translation"))
+    mha = model.decoder.layers[0].self_attn
+    x = torch.randn(3, 7, 32)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    if causal:
+        pad[0, 5:] = True  # targets are padded on the right
+    else:
+        pad[0, :2] = True  # sources on the left
+    future = torch.triu(torch.full((7, 7), float("-inf")), 1) if causal else None
+    with torch.no_grad():
+        _, expected = mha(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), key_padding_mask=pad,
+                          attn_mask=future, need_weights=True, need_head_weights=True,
+                          static_kv=True)  # static_kv: fairseq's own path, not torch's fused one (no per-head weights)
+        ours = softmax_weights(mha, x, x, pad, causal)
+    torch.testing.assert_close(ours, expected.transpose(0, 1))
+
+
+def test_calibration_fits_only_the_new_parameters_and_brings_the_weights_closer(tmp_path):
+    """T2R in all three roles: the capture masks each role as the softmax model
+    does, each module's KL divergence from the softmax weights drops, and every
+    tensor copied from the softmax model is left exactly as it was."""
+    from linear_fairseq import calibrate as cal
+    from linear_fairseq.linearize import build_target, family_of, load_softmax, target_args, transfer
+
+    src = softmax_checkpoint(tmp_path / "softmax.pt", "translation")
+    state = load_softmax(src)
+    args = target_args(state, "performer_transformer", ["--feature-map", "t2r", "--num-features", "8"])
+    model = build_target(state, args)
+    weights, how = transfer(state["model"], model, family_of("performer_transformer"))
+    model.load_state_dict(weights)
+    softmax_model, _ = load(src)
+    targets = cal.fittable(model, {n for n, what in how.items() if what == "initialized"})
+    assert sorted(targets) == sorted(f"{side}.layers.{i}.{attn}" for side, attn in
+                                     (("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn"))
+                                     for i in range(2))
+    assert all(params == ["phi.weight", "phi.bias"] for _, params in targets.values())
+    d = make_dictionary(40)
+    samples = batches(d)
+    records = cal.capture(softmax_model, list(targets), samples)
+    enc, dec, cross = (records[f"{n}"][0] for n in ("encoder.layers.0.self_attn", "decoder.layers.1.self_attn",
+                                                     "decoder.layers.0.encoder_attn"))
+    assert enc.target[1, :, :, :3].abs().max() == 0 and torch.equal(enc.query_padding, enc.key_padding)
+    assert dec.target.triu(1).abs().max() == 0 and dec.query_padding[2, 5:].all()
+    assert cross.target.shape == (4, 4, 8, 10) and cross.target[1, :, :, :3].abs().max() == 0
+    start = {name: t.clone() for name, t in model.state_dict().items()}
+    losses = cal.calibrate(targets, softmax_model, samples, steps=60, lr=1e-2)
+    for name, (before, after) in losses.items():
+        assert after < 0.7 * before, (name, before, after)
+    fitted = model.state_dict()
+    for name, what in how.items():
+        if what == "copied":
+            assert torch.equal(fitted[name], state["model"][name]), name
+        elif what == "initialized":
+            assert torch.equal(fitted[name], start[name]) != name.endswith((".phi.weight", ".phi.bias")), name

@@ -127,3 +127,25 @@ def test_normalizer_clamp_defaults(feature_map, eps):
                               redraw_interval=0, gate=False, chunk_size=64, eps=None)
     assert attn.eps == eps
 
+
+
+@pytest.mark.parametrize("feature_map,gate", [("elu", False), ("favor", False), ("rfa", True), ("t2r", False)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_weights_are_the_weights_the_module_applies(feature_map, gate, causal):
+    """attention_weights (the quadratic form calibration fits) times the values,
+    through out_proj, is the module's own output: causal (chunked), and over a
+    padded source."""
+    torch.manual_seed(0)
+    attn = PerformerAttention(32, 4, feature_map=feature_map, num_features=None if feature_map == "elu" else 16,
+                              redraw_interval=0, gate=gate, chunk_size=4, eps=None, causal=causal).double().eval()
+    x = torch.randn(3, 11, 32, dtype=torch.float64)
+    pad = torch.zeros(3, 11, dtype=torch.bool)
+    pad[1, 8:] = True
+    weights = attn.attention_weights(x, x, pad)
+    assert weights.shape == (3, 4, 11, 11)
+    out = attn.merge(weights @ attn.heads(attn.v_proj(x)), x.dtype)
+    expected = attn.causal_parallel(x, pad) if causal else attn.read(x, attn.summarize(x, pad))
+    torch.testing.assert_close(out, expected)
+    assert weights[1, :, :, 8:].abs().max() == 0  # padded keys get nothing
+    if causal:
+        assert weights.triu(1).abs().max() == 0  # nor future ones

@@ -171,6 +171,15 @@ class PerformerAttention(LinearAttention):
     def gate_logits(self, x: Tensor) -> Optional[Tensor]:
         return None if self.gate is None else self.gate(x).transpose(1, 2)  # (B, H, T)
 
+    def attention_weights(self, x: Tensor, source: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        """The weight each query of x (B, T, C) gives each key of source (B, n, C),
+        (B, H, T, n), computed quadratically (for inspection and calibration; the
+        forms above never build it). padding_mask (B, n) marks padded keys."""
+        phi_q, q_scale = self.features(x, self.q_proj)
+        phi_k, log_scale = self.features(source, self.k_proj)
+        gate = self.gate_logits(source) if self.causal else None
+        return K.weights(phi_q, phi_k, self.causal, padding_mask, log_scale, gate, q_scale, eps=self.eps)
+
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
         phi_k, log_scale = self.features(source, self.k_proj)
         return K.summarize(phi_k, self.heads(self.v_proj(source)), padding_mask, log_scale)

@@ -133,6 +133,36 @@ def clamp_floor(eps: float, log_offset: Tensor, q_log_scale: Optional[Tensor]) -
 
 
 # -- reference -------------------------------------------------------------------
+def weights(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    causal: bool,
+    padding_mask: Optional[Tensor] = None,
+    log_scale: Optional[Tensor] = None,
+    gate_logits: Optional[Tensor] = None,
+    q_log_scale: Optional[Tensor] = None,
+    *,
+    eps: float,
+) -> Tensor:
+    """The attention weights (B, H, T, n) of the kernel form, quadratic: key j's
+    weight at query i is phi_q_i . phi_k_j exp(w_ij - R_i), over their sum
+    (clamped as everywhere). Each row sums to 1 unless the clamp acts."""
+    phi_q, phi_k = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2)
+    B, H, n = phi_k.shape[:3]
+    a, lg = key_log_weights((B, H, n), phi_k, padding_mask, log_scale, gate_logits if causal else None)
+    if causal:
+        L = lg.cumsum(-1)
+        w = a[..., None, :] + L[..., :, None] - L[..., None, :]  # [i, j]: a_j + sum_{l=j+1..i} log g_l
+        future = torch.ones(n, n, dtype=torch.bool, device=phi_k.device).triu(1)
+        w = w.masked_fill(future, NEG_INF)
+    else:
+        w = a[..., None, :].expand(B, H, phi_q.shape[2], n)
+    R = _finite(w.amax(-1, keepdim=True)).detach()
+    scores = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(w - R)
+    floor = clamp_floor(eps, R, None if q_log_scale is None else q_log_scale.unsqueeze(-1))
+    return scores / torch.maximum(scores.sum(-1, keepdim=True), floor)
+
+
 def naive(
     phi_q: Tensor,
     phi_k: Tensor,
@@ -145,22 +175,9 @@ def naive(
     *,
     eps: float,
 ) -> Tensor:
-    """Quadratic reference: weight of key j at query i is phi_q_i . phi_k_j exp(w_ij - R_i)."""
-    dtype = v.dtype
-    phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
-    B, H, n = phi_k.shape[:3]
-    a, lg = key_log_weights((B, H, n), phi_k, padding_mask, log_scale, gate_logits if causal else None)
-    if causal:
-        L = lg.cumsum(-1)
-        w = a[..., None, :] + L[..., :, None] - L[..., None, :]  # [i, j]: a_j + sum_{l=j+1..i} log g_l
-        future = torch.ones(n, n, dtype=torch.bool, device=v.device).triu(1)
-        w = w.masked_fill(future, NEG_INF)
-    else:
-        w = a[..., None, :].expand(B, H, phi_q.shape[2], n)
-    R = _finite(w.amax(-1, keepdim=True)).detach()
-    scores = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(w - R)
-    floor = clamp_floor(eps, R, None if q_log_scale is None else q_log_scale.unsqueeze(-1))
-    return (scores @ v / torch.maximum(scores.sum(-1, keepdim=True), floor)).to(dtype)
+    """Quadratic reference: the weights above times v."""
+    attn = weights(phi_q, phi_k, causal, padding_mask, log_scale, gate_logits, q_log_scale, eps=eps)
+    return (attn @ acc(v)).to(v.dtype)
 
 
 # -- non-causal: summarize the source once, read it per query ------------------------
