@@ -62,6 +62,14 @@ def read_train_log(train_output: str) -> Dict[str, float]:
     }
 
 
+def read_validate_loss(validate_output: str) -> float:
+    """The loss fairseq-validate reports on the valid subset."""
+    m = re.search(r"valid on 'valid' subset \| loss ([\d.]+)", validate_output)
+    if m is None:
+        raise ValueError("no \"valid on 'valid' subset | loss ...\" line in the fairseq-validate output")
+    return float(m.group(1))
+
+
 def read_perplexity(eval_lm_output: str) -> float:
     m = _PPL.search(eval_lm_output)
     if m is None:

@@ -476,8 +476,9 @@ def load_ablations(task: str, grid: str, rows=None) -> dict:
                                or (row.get("headline") and not source.get("headline"))):
                 sys.exit(f"[reproduce] {path}: row {rid!r}: {key} {row[key]!r} must name an earlier {what}, "
                          "a headline row if this one is")
-        if "calibrate" in row and "linearize_from" not in row:
-            sys.exit(f"[reproduce] {path}: row {rid!r}: calibrate needs linearize_from (it fits a linearized model)")
+        for key in ("calibrate", "train"):
+            if key in row and "linearize_from" not in row:
+                sys.exit(f"[reproduce] {path}: row {rid!r}: {key} needs linearize_from (it concerns a linearized model)")
     unknown = set(rows.split(",")) - set(spec["rows"]) if rows else set()
     if unknown:
         sys.exit(f"[reproduce] --rows: unknown row(s) {', '.join(sorted(unknown))} "
@@ -545,7 +546,7 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
         if args.scale == "smoke":
             overrides += SMOKE_MODEL[args.task] + SMOKE_FAMILY.get(row["family"], [])
-        key = " ".join(overrides + [f"{k}={row[k]}" for k in STARTS if k in row])
+        key = " ".join(overrides + [f"{k}={row[k]}" for k in (*STARTS, "calibrate", "train") if k in row])
         model = row_config(args.task, ds, row["family"], spec)
         settings = settings_digest(args.task, ds, model, overrides)
         if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key
@@ -561,8 +562,13 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         say(f"{progress.step(n)} {rid}, seed {seed}")
         ckpt = grid_runs / f"{rid}-s{seed}"  # train() retrains it if its settings changed
         start = starting_point(args.task, model, row, grid_runs, seed, ckpt, overrides)
-        trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=[*overrides, *start])
-        scores = evaluate(args.task, ds, rid, data, best_checkpoint(row, grid_runs, seed, ckpt), args, subset="valid")
+        if row.get("train", True):
+            trained = train(args.task, ds, row["family"], model, data, ckpt, args, extra=[*overrides, *start])
+            best = best_checkpoint(row, grid_runs, seed, ckpt)
+        else:  # the starting point as it is: a linearized model before fine-tuning
+            best = Path(start[0].split("=", 1)[1])
+            trained = untrained(args.task, best, data, ckpt)
+        scores = evaluate(args.task, ds, rid, data, best, args, subset="valid")
         earlier = sum(float(r["train min"]) for r in runs if r["row"] == row.get("resume_from") and r["seed"] == str(seed))
         runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key, "settings": settings,
                      "updates": trained["updates"], "train min": earlier + trained["train_seconds"] / 60,
@@ -572,6 +578,22 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
     if spec.get("plot"):
         plot_curves(runs, spec, args.task, Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"{table}.png")
     return write_ablations(runs, spec, metric, stem, args, ds)
+
+
+def untrained(task: str, path: Path, data: Path, ckpt: Path) -> dict:
+    """What train() reports, for a checkpoint scored as it is: no updates, its
+    validation loss (fairseq-validate) and parameter count (its weights, less
+    fairseq's version counters)."""
+    import torch
+
+    fairseq_task = "language_modeling" if task == "lm" else "translation"
+    out, _ = run(["fairseq-validate", str(data / "bin"), "--task", fairseq_task, "--path", str(path),
+                  "--user-dir", str(ROOT / "linear_fairseq"),
+                  "--valid-subset", "valid", "--max-tokens", "4096", "--num-workers", "0"],
+                 ckpt / "validate.log", stream=False)
+    weights = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    params = sum(t.numel() for name, t in weights.items() if not name.endswith(".version"))
+    return {"updates": 0, "train_seconds": 0.0, "valid_loss": scoring.read_validate_loss(out), "params": params}
 
 
 def model_values(task: str, model: str, overrides) -> list:
@@ -595,7 +617,8 @@ def starting_point(task: str, model: str, row: dict, runs: Path, seed: int, ckpt
     from scratch). `linearize_from: <row>` converts that (softmax) row's best
     checkpoint into this row's model and fine-tunes it (`calibrate: N`: after
     fitting the new attention parameters on N training batches, linearize
-    --calibrate); `finetune_from: <row>`
+    --calibrate; `train: false`: scored as converted, without fine-tuning);
+    `finetune_from: <row>`
     fine-tunes that row's last checkpoint as it is (a second stage, e.g. after
     attention-only training: fresh optimizer and schedule); `resume_from: <row>`
     continues that row's run where it stopped (optimizer, schedule, data order

@@ -48,7 +48,7 @@ def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(tmp_path):
     row's best checkpoint (python -m linear_fairseq.linearize, with the row's model
     config and overrides) and fine-tunes from it (checkpoint.finetune_from_model)."""
     raw = require_data("multi30k")
-    reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", "softmax,memsizer-linearized-10")
+    reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", "softmax,memsizer-linearized-10,t2r-calibrated-0")
     run = tmp_path / "work" / "runs" / "linearize" / "memsizer-linearized-10-s1"
     assert "| mapped: W_r = out_proj(v_proj(x)) |" in (run / "linearize.log").read_text()
     assert f"loading pretrained model from {run / 'linearized.pt'}" in (run / "train.log").read_text()
@@ -56,6 +56,13 @@ def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(tmp_path):
         runs = {r["row"]: r for r in csv.DictReader(f)}
     assert runs["memsizer-linearized-10"]["overrides"].endswith("linearize_from=softmax")
     assert 0 <= float(runs["memsizer-linearized-10"]["bleu"]) <= 100
+    # calibrate: N converts with linearize --calibrate; train: false scores the converted model as it is
+    calibrated = tmp_path / "work" / "runs" / "linearize" / "t2r-calibrated-0-s1"
+    assert "| calibrated | " in (calibrated / "linearize.log").read_text()
+    assert not (calibrated / "train.log").exists() and (calibrated / "validate.log").is_file()
+    row = runs["t2r-calibrated-0"]
+    assert row["updates"] == "0" and float(row["valid loss"]) > 0 and 0 <= float(row["bleu"]) <= 100
+    assert row["overrides"].endswith("linearize_from=softmax calibrate=8 train=False")
 
 
 def test_a_second_stage_row_continues_from_the_first_stages_checkpoint(tmp_path):
