@@ -163,20 +163,11 @@ def weights(
     return scores / torch.maximum(scores.sum(-1, keepdim=True), floor)
 
 
-def naive(
-    phi_q: Tensor,
-    phi_k: Tensor,
-    v: Tensor,
-    causal: bool,
-    padding_mask: Optional[Tensor] = None,
-    log_scale: Optional[Tensor] = None,
-    gate_logits: Optional[Tensor] = None,
-    q_log_scale: Optional[Tensor] = None,
-    *,
-    eps: float,
-) -> Tensor:
-    """Quadratic reference: the weights above times v."""
-    attn = weights(phi_q, phi_k, causal, padding_mask, log_scale, gate_logits, q_log_scale, eps=eps)
+def naive(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, *args, **kwargs) -> Tensor:
+    """Quadratic reference: the weights above times v. After `causal` come the
+    other arguments of `weights`, by position or name (padding_mask, log_scale,
+    gate_logits, q_log_scale, eps)."""
+    attn = weights(phi_q, phi_k, causal, *args, **kwargs)
     return (attn @ acc(v)).to(v.dtype)
 
 
