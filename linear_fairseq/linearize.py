@@ -132,8 +132,13 @@ def transfer(source: dict, model, family) -> tuple:
     """(state dict of `model`, {tensor name: what happened to it}) with the
     tensors of `source` copied or mapped where they fit."""
     hook = family.from_softmax
-    out, how = {}, {}
+    out, how, tied = {}, {}, {}
     for name, fresh in model.state_dict().items():
+        if fresh.numel() and fresh.data_ptr() in tied:  # a tensor the model ties to an earlier one (shared embeddings) stays tied
+            first = tied[fresh.data_ptr()]
+            out[name], how[name] = out[first], how[first]
+            continue
+        tied[fresh.data_ptr()] = name
         if name in source and source[name].shape == fresh.shape:
             out[name], how[name] = source[name].to(fresh.dtype).clone(), "copied"
             continue

@@ -582,8 +582,8 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
 
 def untrained(task: str, path: Path, data: Path, ckpt: Path) -> dict:
     """What train() reports, for a checkpoint scored as it is: no updates, its
-    validation loss (fairseq-validate) and parameter count (its weights, less
-    fairseq's version counters)."""
+    validation loss (fairseq-validate) and parameter count (its weights, tied
+    ones once, less fairseq's version counters)."""
     import torch
 
     fairseq_task = "language_modeling" if task == "lm" else "translation"
@@ -592,7 +592,8 @@ def untrained(task: str, path: Path, data: Path, ckpt: Path) -> dict:
                   "--valid-subset", "valid", "--max-tokens", "4096", "--num-workers", "0"],
                  ckpt / "validate.log", stream=False)
     weights = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    params = sum(t.numel() for name, t in weights.items() if not name.endswith(".version"))
+    tensors = {t.data_ptr(): t for name, t in weights.items() if not name.endswith(".version")}  # tied once
+    params = sum(t.numel() for t in tensors.values())
     return {"updates": 0, "train_seconds": 0.0, "valid_loss": scoring.read_validate_loss(out), "params": params}
 
 

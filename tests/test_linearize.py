@@ -89,6 +89,11 @@ def test_memsizer_copies_what_it_shares_and_maps_w_r(tmp_path, task, arch):
                           + softmax[f"{attn}.out_proj.bias"])
     assert "| mapped: W_r = out_proj(v_proj(x)) | 4 | 2,112 | decoder.layers.*.self_attn.w_r |" in out and "| initialized |" in out and "| left out |" in out
     assert torch.isfinite(forward(model, task)).all()
+    saved = torch.load(tmp_path / "memsizer.pt", weights_only=False)["model"]  # tied tensors stay one tensor
+    tied = model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
+    assert tied == (task == "translation")  # TINY_MT shares all embeddings, TINY_LM none
+    same = saved["decoder.embed_tokens.weight"].data_ptr() == saved["decoder.output_projection.weight"].data_ptr()
+    assert same == tied
     assert out.startswith(f"linearize: {SOFTMAX[task][0]} ({src}) -> {arch} (")
 
 
