@@ -6,8 +6,7 @@ The softmax model runs on a few training batches; at every attention it
 replaces, the softmax weights A = softmax(q k^T / sqrt(d)) (masked as the
 model masks them) are the target, and the linear module's own weights Â
 (its ``attention_weights``: T2R's relu features, RFA's gate) are fitted by
-Adam on the soft cross-entropy  -sum_j A_ij log Â_ij, averaged over the
-queries that are not padding. Each module is fitted alone, on the softmax
+Adam on KL(A_i || Â_i), averaged over the queries that are not padding. Each module is fitted alone, on the softmax
 model's inputs to that layer; only the tensors the conversion initialized
 fresh are trained, so everything copied from the softmax model stays exact.
 """
@@ -70,7 +69,7 @@ def capture(softmax_model: nn.Module, names: List[str], batches) -> Dict[str, Li
             key_padding = kwargs.get("key_padding_mask")
             key_padding = None if key_padding is None else key_padding.to(torch.bool)
             cross = name.endswith("encoder_attn")
-            query_padding = pad["target"] if cross or name.startswith("decoder") else pad["source"]
+            query_padding = pad["target"] if name.startswith("decoder") else pad["source"]  # cross included
             causal = name.startswith("decoder") and not cross
             target = softmax_weights(mha, x, source, key_padding, causal)
             records[name].append(Capture(x, source, key_padding, query_padding, target))
