@@ -62,11 +62,12 @@ def read_train_log(train_output: str) -> Dict[str, float]:
     }
 
 
-def read_validate_loss(validate_output: str) -> float:
-    """The loss fairseq-validate reports on the valid subset."""
-    m = re.search(r"valid on 'valid' subset \| loss ([\d.]+)", validate_output)
+def read_validate_loss(validate_output: str, key: str = "loss") -> float:
+    """A loss fairseq-validate reports on the valid subset (base 2): `loss`, the
+    criterion's, or `nll_loss`, without label smoothing."""
+    m = re.search(r"valid on 'valid' subset \|.*? " + key + r" ([\d.]+)", validate_output)
     if m is None:
-        raise ValueError("no \"valid on 'valid' subset | loss ...\" line in the fairseq-validate output")
+        raise ValueError(f"no \"valid on 'valid' subset | ... {key} ...\" line in the fairseq-validate output")
     return float(m.group(1))
 
 

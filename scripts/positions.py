@@ -1,13 +1,20 @@
 #!/usr/bin/env python
-"""Loss by position in the block: where a language model's perplexity comes from.
+"""Loss by position: where a model's perplexity comes from.
 
   python scripts/positions.py CHECKPOINT DATA_BIN [--subset valid] [--block 256] --out FILE.json
 
-The split is read as one token stream, cut into consecutive blocks of --block
-tokens (fairseq's --sample-break-mode none, as the LM configs train), and each
-block is scored from scratch: position t predicts its token from the t tokens
-before it in the block (the first from end-of-sentence alone), exactly the
-blocks `fairseq-eval-lm --tokens-per-sample BLOCK --context-window 0` scores.
+Language models: the split is read as one token stream, cut into consecutive
+blocks of --block tokens (fairseq's --sample-break-mode none, as the LM
+configs train), and each block is scored from scratch: position t predicts its
+token from the t tokens before it in the block (the first from end-of-sentence
+alone), exactly the blocks `fairseq-eval-lm --tokens-per-sample BLOCK
+--context-window 0` scores.
+
+Translation models (MT, summarization): every target of the split is scored
+teacher-forced, as fairseq-validate scores it; position t is the t-th target
+token (the last is end-of-sentence), predicted from the source and the target
+tokens before it. --block does not apply.
+
 Writes {"nll": [...], "count": [...]}: the mean negative log-likelihood (nats)
 at each position and the number of tokens it averages. A model whose state
 forgets (a linear attention's fixed-size memory) falls behind softmax at the
@@ -21,7 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH = 16  # blocks per forward pass
+BATCH = 16  # blocks (language models) or sentences (translation) per forward pass
 
 
 def token_stream(data_bin: Path, subset: str, dictionary) -> torch.Tensor:
@@ -61,12 +68,35 @@ def position_nll(model, stream: torch.Tensor, block: int, eos: int):
     return total, count
 
 
+def target_position_nll(model, task, subset: str):
+    """Summed NLL and token count at each target position, teacher-forced
+    (batches of sentences of similar length, padded as fairseq pads them)."""
+    task.load_dataset(subset)
+    dataset = task.dataset(subset)
+    order = dataset.ordered_indices()
+    total, count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, len(order), BATCH):
+            sample = dataset.collater([dataset[int(i)] for i in order[start : start + BATCH]])
+            lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True).double()
+            target = sample["target"]
+            real = target.ne(task.target_dictionary.pad())
+            nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * real
+            T = target.size(1)
+            if T > len(total):
+                total = torch.cat([total, total.new_zeros(T - len(total))])
+                count = torch.cat([count, count.new_zeros(T - len(count))])
+            total[:T] += nll.sum(0)
+            count[:T] += real.sum(0)
+    return total, count
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("data_bin", type=Path, help="the binarized data folder (with dict.txt)")
     ap.add_argument("--subset", default="valid")
-    ap.add_argument("--block", type=int, default=256, help="tokens per block (the config's tokens_per_sample)")
+    ap.add_argument("--block", type=int, default=256, help="language models: tokens per block (the config's tokens_per_sample)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.block < 1:
@@ -80,9 +110,14 @@ def main(argv=None):
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(args.checkpoint)], arg_overrides={"data": str(args.data_bin)})
     model = models[0].eval()
-    dictionary = task.target_dictionary
-    stream = token_stream(args.data_bin, args.subset, dictionary)
-    total, count = position_nll(model, stream, args.block, dictionary.eos())
+    from fairseq.tasks.translation import TranslationTask
+
+    if isinstance(task, TranslationTask):
+        total, count = target_position_nll(model, task, args.subset)
+    else:
+        dictionary = task.target_dictionary
+        stream = token_stream(args.data_bin, args.subset, dictionary)
+        total, count = position_nll(model, stream, args.block, dictionary.eos())
     nll = [float(s / c) if c else float("nan") for s, c in zip(total, count)]
     args.out.write_text(json.dumps({"nll": nll, "count": count.tolist()}))
     mean = float(total.sum() / count.sum())

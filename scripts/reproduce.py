@@ -369,14 +369,29 @@ def save_plot(plt, fig, ax, path: Path) -> None:
     say(f"plot: {path}")
 
 
-# -- loss by position (lm): where a perplexity gap comes from -----------------------------
-SPANS = ((1, 1), (2, 8), (9, 32), (33, 128), (129, 256))  # positions in the block, 1-based, inclusive
+# -- loss by position: where a perplexity gap comes from -----------------------------------
+# table columns, positions 1-based and inclusive (None: to the last); a language model's are
+# positions in its training block, a translation model's are target positions
+SPANS = {"lm": ((1, 1), (2, 8), (9, 32), (33, 128), (129, 256)),
+         "translation": ((1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (17, None))}
+HOW_SCORED = {
+    "lm": "The valid set cut into consecutive {block}-token blocks, each scored from its first token "
+          "(scripts/positions.py; the same blocks as `fairseq-eval-lm --tokens-per-sample {block} --context-window 0`); "
+          "ppl a-b: the perplexity of the tokens at positions a to b of a block, predicted from the tokens before "
+          "them in the block",
+    "translation": "Every valid target scored teacher-forced, as fairseq-validate scores it (scripts/positions.py); "
+                   "ppl a-b: the perplexity of the target tokens at positions a to b (the last of each target is "
+                   "end-of-sentence), predicted from the source and the target tokens before them",
+}
 
 
-def block_tokens(args, ds: str) -> int:
-    """The tokens per block a run trains on (task.tokens_per_sample, as --set or smoke scale may change it)."""
+def block_tokens(args, ds: str):
+    """The tokens per block an LM trains on (task.tokens_per_sample, as --set or smoke
+    scale may change it); None for translation models, scored by target position."""
     from omegaconf import OmegaConf
 
+    if args.task != "lm":
+        return None
     value = OmegaConf.load(ROOT / "configs" / "lm" / f"{args.config or ds}.yaml").task.tokens_per_sample
     for item in (SMOKE["lm"] if args.scale == "smoke" else []) + args.override:
         if item.startswith("task.tokens_per_sample="):
@@ -384,63 +399,66 @@ def block_tokens(args, ds: str) -> int:
     return int(value)
 
 
-def position_losses(model: str, data: Path, ckpt: Path, block: int) -> list:
-    """Mean validation NLL at each position of a block (scripts/positions.py)."""
+def position_losses(model: str, data: Path, ckpt: Path, block) -> dict:
+    """Mean validation NLL at each position (scripts/positions.py): of a block for an
+    LM (`block` tokens), of the target for a translation model (block None)."""
     out = ckpt / "positions-valid.json"
-    say(f"{model}: loss by position on the valid set ({block}-token blocks)")
+    say(f"{model}: loss by position on the valid set" + (f" ({block}-token blocks)" if block else " (target positions)"))
     run([sys.executable, str(ROOT / "scripts" / "positions.py"), str(ckpt / "checkpoint_best.pt"),
-         str(data / "bin"), "--subset", "valid", "--block", str(block), "--out", str(out)],
+         str(data / "bin"), "--subset", "valid", "--out", str(out)] + (["--block", str(block)] if block else []),
         ckpt / "positions-valid.log", stream=False)
     return json.loads(out.read_text())
 
 
 def span_ppl(losses: dict, first: int, last: int) -> float:
-    """Perplexity over the tokens at positions first..last (1-based) of every block."""
+    """Perplexity over the tokens at positions first..last (1-based)."""
     import math
 
     nll, count = losses["nll"][first - 1 : last], losses["count"][first - 1 : last]
     return math.exp(sum(n * c for n, c in zip(nll, count)) / sum(count))
 
 
-def write_positions(results: dict, args, ds: str, block: int, stem: Path, plot: Path) -> Path:
+def write_positions(results: dict, args, ds: str, block, stem: Path, plot: Path) -> Path:
     """results: config -> (family, losses). A table of perplexity per span of
     positions (against the softmax row where there is one) and a plot."""
-    spans = [(a, min(b, block)) for a, b in SPANS if a <= block]
+    kind = "lm" if args.task == "lm" else "translation"
+    length = max(len(losses["nll"]) for _, losses in results.values())
+    spans = [(a, min(b or length, length)) for a, b in SPANS[kind] if a <= length]
     names = [f"ppl {a}" if a == b else f"ppl {a}-{b}" for a, b in spans]
     base = next((losses for family, losses in results.values() if family == families.BASELINE.name), None)
     rows = []
     for config, (family, losses) in results.items():
-        row = {"family": family, "config": config, f"ppl 1-{block}": span_ppl(losses, 1, block)}
+        row = {"family": family, "config": config, f"ppl 1-{length}": span_ppl(losses, 1, length)}
         for name, (a, b) in zip(names, spans):
             row[name] = span_ppl(losses, a, b)
             if base is not None and base is not losses:
                 row[f"{name} vs softmax"] = f"{100 * (row[name] / span_ppl(base, a, b) - 1):+.1f}%"
         rows.append(row)
-    columns = ["family", "config", f"ppl 1-{block}"] + [c for n in names for c in (n, f"{n} vs softmax")]
-    header = [f"# Loss by position, lm ({ds}, {args.scale} scale, valid set)", "",
-              f"Command: `{command_line('lm')}`  ",
-              f"Run {machine()}. The valid set cut into consecutive {block}-token blocks, each scored from its "
-              f"first token (scripts/positions.py; the same blocks as `fairseq-eval-lm --tokens-per-sample {block} "
-              "--context-window 0`); ppl a-b: the perplexity of the tokens at positions a to b of a block, "
-              "predicted from the tokens before them in the block; the models of the results table "
-              "(checkpoint_best.pt of each config).", ""]
+    counts = ", ".join(f"{name[4:]}: {sum(next(iter(results.values()))[1]['count'][a - 1 : b])}"
+                       for name, (a, b) in zip(names, spans))
+    columns = ["family", "config", f"ppl 1-{length}"] + [c for n in names for c in (n, f"{n} vs softmax")]
+    header = [f"# Loss by position, {args.task} ({ds}, {args.scale} scale, valid set)", "",
+              f"Command: `{command_line(args.task)}`  ",
+              f"Run {machine()}. {HOW_SCORED[kind].format(block=block)}; the models of the results table "
+              f"(checkpoint_best.pt of each config). Tokens per span: {counts}.", ""]
     table = write_table(stem, columns, rows, header)
-    plot_positions(results, base, block, plot)
+    plot_positions(results, base, length, kind, plot)
     return table
 
 
-def plot_positions(results: dict, base, block: int, path: Path) -> None:
+def plot_positions(results: dict, base, length: int, kind: str, path: Path) -> None:
     """Perplexity against position, over windows that double (1, 2, 3-4, 5-8, ...), relative
     to softmax where it ran."""
     plt = pyplot()
 
-    windows = [(1, 1)] + [(2**i + 1, min(2 ** (i + 1), block)) for i in range(block.bit_length()) if 2**i < block]
+    windows = [(1, 1)] + [(2**i + 1, min(2 ** (i + 1), length)) for i in range(length.bit_length()) if 2**i < length]
     fig, ax = plt.subplots(figsize=(6, 4))
     for config, (family, losses) in results.items():
         ys = [span_ppl(losses, a, b) / (span_ppl(base, a, b) if base is not None else 1.0) for a, b in windows]
         ax.plot([(a * b) ** 0.5 for a, b in windows], ys, marker="o", label=config)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the block (windows 1, 2, 3-4, 5-8, ...)")
+    where = "in the block" if kind == "lm" else "in the target"
+    ax.set_xlabel(f"position {where} (windows 1, 2, 3-4, 5-8, ...)")
     ax.set_ylabel("valid ppl / softmax's" if base is not None else "valid ppl")
     save_plot(plt, fig, ax, path)
 
@@ -589,7 +607,8 @@ def untrained(task: str, path: Path, data: Path, ckpt: Path) -> dict:
     fairseq_task = "language_modeling" if task == "lm" else "translation"
     out, _ = run(["fairseq-validate", str(data / "bin"), "--task", fairseq_task, "--path", str(path),
                   "--user-dir", str(ROOT / "linear_fairseq"),
-                  "--valid-subset", "valid", "--max-tokens", "4096", "--num-workers", "0"],
+                  "--valid-subset", "valid", "--max-tokens", "4096", "--num-workers", "0",
+                  "--required-batch-size-multiple", "1"],  # all of the set (fairseq #5036)
                  ckpt / "validate.log", stream=False)
     weights = torch.load(path, map_location="cpu", weights_only=False)["model"]
     tensors = {t.data_ptr(): t for name, t in weights.items() if not name.endswith(".version")}  # tied once
@@ -745,8 +764,9 @@ def main(argv=None):
                     help="train the rows of configs/<task>/ablations/<GRID>.yaml (default: the dataset's grid) "
                          "and score them on the validation set, instead of the families' test table")
     ap.add_argument("--by-position", action="store_true",
-                    help="lm: instead of the test table, the validation perplexity by position in the block "
-                         "of each model (trained if needed): results/positions-lm-<scale>.md, docs/positions-lm-<scale>.png")
+                    help="instead of the test table, the validation perplexity by position (LM: in the block; "
+                         "MT, summarization: in the target) of each model (trained if needed): "
+                         "results/positions-<task>-<scale>.md, docs/positions-<task>-<scale>.png")
     ap.add_argument("--rows", help="with --ablations: only these rows (comma-separated ids)")
     ap.add_argument("--fresh", action="store_true", help="with --ablations: retrain runs already recorded")
     ap.add_argument("--seeds", help="with --ablations: only these of the grid's seeds (comma-separated)")
@@ -770,8 +790,8 @@ def main(argv=None):
     for kind in args.configs.split(","):
         if kind not in CONFIG_KINDS:
             ap.error(f"--configs: unknown kind {kind!r} (choose from {', '.join(CONFIG_KINDS)})")
-    if args.by_position and (args.task != "lm" or args.ablations is not None):
-        ap.error("--by-position is for language models' results table: reproduce_lm.sh without --ablations")
+    if args.by_position and args.ablations is not None:
+        ap.error("--by-position scores the results table's models: leave out --ablations")
     ds = args.dataset or DEFAULT_DATASET[(args.task, "cpu" if args.scale == "smoke" else args.scale)]
     if ds not in DATASETS or DATASETS[ds]["task"] != args.task:
         ap.error(f"--dataset {ds!r} is not a {args.task} dataset")
@@ -807,8 +827,8 @@ def main(argv=None):
         say(f"{model}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         rows.append(row)
     if args.by_position:
-        stem = args.results.resolve() / f"positions-lm-{args.scale}"
-        plot = Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"positions-lm-{args.scale}.png"
+        stem = args.results.resolve() / f"positions-{args.task}-{args.scale}"
+        plot = Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"{stem.name}.png"
         table = write_positions(by_position, args, ds, block, stem, plot)
         say(f"table: {table}")
         print(table.read_text())
