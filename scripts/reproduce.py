@@ -549,14 +549,14 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
     the validation set; results/<table>.md (one row per setting; <table> is
     named in the grid) and <table>.runs.csv (one line per run). A run already
     in .runs.csv with the same overrides is kept, not retrained (--fresh
-    retrains). A grid with `plot: true` also draws the metric against updates,
+    retrains the rows asked for; the others stay as recorded). A grid with `plot: true` also draws the metric against updates,
     one line per `curve`, as docs/<table>.png."""
     if args.seeds:
         spec["seeds"] = [seed for seed in spec["seeds"] if str(seed) in args.seeds.split(",")]
     metric = VALID_METRIC[args.task][0]
     table = spec.get("table", f"ablations-{args.task}")
     stem = args.results.resolve() / (table + ("-smoke" if args.scale == "smoke" else ""))
-    runs = [] if args.fresh else read_csv(Path(f"{stem}.runs.csv"))
+    runs = read_csv(Path(f"{stem}.runs.csv"))  # rows not retrained now stay in the table
     only = set(args.rows.split(",")) if args.rows else None
     todo = []
     for rid, row, seed in ablation_runs(spec, only):
@@ -567,8 +567,8 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         key = " ".join(overrides + [f"{k}={row[k]}" for k in (*STARTS, "calibrate", "train") if k in row])
         model = row_config(args.task, ds, row["family"], spec)
         settings = settings_digest(args.task, ds, model, overrides)
-        if any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key
-               and r.get("settings") in (None, "", settings) for r in runs):
+        if not args.fresh and any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key
+                                  and r.get("settings") in (None, "", settings) for r in runs):
             say(f"{rid}, seed {seed}: in {stem.name}.runs.csv; kept")
         else:
             todo.append((rid, row, seed, model, overrides, key, settings))

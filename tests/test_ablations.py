@@ -34,6 +34,13 @@ def test_ablations_smoke_writes_rows_seeds_and_reuses_recorded_runs(tmp_path):
     assert "'gau_relu2_norm': keys" in log and "'gau_scale_init': paper" in log
     again = reproduce("mt", raw, tmp_path, "--ablations", "--rows", "softmax")
     assert "softmax, seed 1: in ablations-mt-smoke.runs.csv; kept" in again and "training" not in again
+    # --fresh retrains the rows asked for and leaves the others' runs in the table
+    fresh = reproduce("mt", raw, tmp_path, "--ablations", "--rows", "flash-keys-paper-init", "--fresh")
+    assert "flash-keys-paper-init, seed 1: bleu" in fresh and "softmax, seed" not in fresh
+    with open(tmp_path / "results" / "ablations-mt-smoke.runs.csv") as f:
+        after = list(csv.DictReader(f))
+    assert sorted((r["row"], r["seed"]) for r in after) == sorted((r["row"], r["seed"]) for r in runs)
+    assert [r for r in after if r["row"] == "softmax"] == [r for r in runs if r["row"] == "softmax"]
 
 
 def test_unknown_ablation_row_is_named(tmp_path):
