@@ -74,7 +74,8 @@ def target_position_nll(model, task, subset: str):
     task.load_dataset(subset)
     dataset = task.dataset(subset)
     order = dataset.ordered_indices()
-    total, count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    longest = int(dataset.tgt_sizes.max())
+    total, count = torch.zeros(longest, dtype=torch.float64), torch.zeros(longest, dtype=torch.long)
     with torch.no_grad():
         for start in range(0, len(order), BATCH):
             sample = dataset.collater([dataset[int(i)] for i in order[start : start + BATCH]])
@@ -83,9 +84,6 @@ def target_position_nll(model, task, subset: str):
             real = target.ne(task.target_dictionary.pad())
             nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * real
             T = target.size(1)
-            if T > len(total):
-                total = torch.cat([total, total.new_zeros(T - len(total))])
-                count = torch.cat([count, count.new_zeros(T - len(count))])
             total[:T] += nll.sum(0)
             count[:T] += real.sum(0)
     return total, count

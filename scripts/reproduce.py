@@ -210,6 +210,10 @@ def choose_checkpoint(ckpt: Path, n: int) -> Path:
     return average_checkpoints(paths, ckpt / f"checkpoint_avg{len(paths)}.pt")
 
 
+# every sentence of a split: fairseq otherwise drops a last batch smaller than 8 (fairseq #5036)
+WHOLE_SET = ["--required-batch-size-multiple", "1"]
+
+
 def evaluate(task: str, ds: str, name: str, data: Path, path: Path, args, subset: str = "test") -> dict:
     spec = DATASETS[ds]
     common = [str(data / "bin"), "--path", str(path), "--user-dir", str(ROOT / "linear_fairseq"),
@@ -228,9 +232,7 @@ def evaluate(task: str, ds: str, name: str, data: Path, path: Path, args, subset
                      f"(log: {log}); are its --tokens-per-sample within the model's?")
         return {"ppl": scoring.read_perplexity(out), "tok/s": speed["tokens_per_s"], "peak MB": rss}
     say(f"{name}: fairseq-generate on the {subset} set")
-    out, rss = run(["fairseq-generate", *common, "--batch-size", str(args.batch_size),
-                    # without this fairseq drops the last partial batch (fairseq #5036)
-                    "--required-batch-size-multiple", "1", *spec["decode"]],
+    out, rss = run(["fairseq-generate", *common, "--batch-size", str(args.batch_size), *WHOLE_SET, *spec["decode"]],
                    folder / f"generate{suffix}.log", stream=False)
     hyps = scoring.read_hypotheses(out)
     refs = scoring.read_references(data / spec["refs"].format(subset=subset))
@@ -607,8 +609,7 @@ def untrained(task: str, path: Path, data: Path, ckpt: Path) -> dict:
     fairseq_task = "language_modeling" if task == "lm" else "translation"
     out, _ = run(["fairseq-validate", str(data / "bin"), "--task", fairseq_task, "--path", str(path),
                   "--user-dir", str(ROOT / "linear_fairseq"),
-                  "--valid-subset", "valid", "--max-tokens", "4096", "--num-workers", "0",
-                  "--required-batch-size-multiple", "1"],  # all of the set (fairseq #5036)
+                  "--valid-subset", "valid", "--max-tokens", "4096", "--num-workers", "0", *WHOLE_SET],
                  ckpt / "validate.log", stream=False)
     weights = torch.load(path, map_location="cpu", weights_only=False)["model"]
     tensors = {t.data_ptr(): t for name, t in weights.items() if not name.endswith(".version")}  # tied once
