@@ -361,12 +361,12 @@ def pyplot():
 
 
 def save_plot(plt, fig, ax, path: Path) -> None:
-    """Grid, legend, then the figure written to `path` (its folder made) and closed."""
+    """Grid, legend (beside the axes, off the lines), then the figure written to
+    `path` (its folder made) and closed."""
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the saved image grows to hold the legend
     plt.close(fig)
     say(f"plot: {path}")
 
@@ -426,7 +426,8 @@ def write_positions(results: dict, args, ds: str, block, stem: Path, plot: Path)
     kind = "lm" if args.task == "lm" else "translation"
     length = max(len(losses["nll"]) for _, losses in results.values())
     spans = [(a, min(b or length, length)) for a, b in SPANS[kind] if a <= length]
-    names = [f"ppl {a}" if a == b else f"ppl {a}-{b}" for a, b in spans]
+    labels = [f"{a}" if a == b else f"{a}-{b}" for a, b in spans]
+    names = [f"ppl {label}" for label in labels]
     base = next((losses for family, losses in results.values() if family == families.BASELINE.name), None)
     rows = []
     for config, (family, losses) in results.items():
@@ -436,8 +437,8 @@ def write_positions(results: dict, args, ds: str, block, stem: Path, plot: Path)
             if base is not None and base is not losses:
                 row[f"{name} vs softmax"] = f"{100 * (row[name] / span_ppl(base, a, b) - 1):+.1f}%"
         rows.append(row)
-    counts = ", ".join(f"{name[4:]}: {sum(next(iter(results.values()))[1]['count'][a - 1 : b])}"
-                       for name, (a, b) in zip(names, spans))
+    count = next(iter(results.values()))[1]["count"]
+    counts = ", ".join(f"{label}: {sum(count[a - 1 : b])}" for label, (a, b) in zip(labels, spans))
     columns = ["family", "config", f"ppl 1-{length}"] + [c for n in names for c in (n, f"{n} vs softmax")]
     header = [f"# Loss by position, {args.task} ({ds}, {args.scale} scale, valid set)", "",
               f"Command: `{command_line(args.task)}`  ",
