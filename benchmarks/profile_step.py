@@ -1,36 +1,58 @@
-"""Where a decoding step's time goes: each family's LM step split by module.
+"""Where a decoding step's time goes: each family's step split by module.
 
     python -m benchmarks.profile_step [--families transformer,memsizer] [--length 256]
         [--batch 1] [--threads 1] [--repeats 3] [--out FILE.json]
+    python -m benchmarks.profile_step --task mt [--families transformer,memsizer,memsizer-rec]
+        [--src-len 512] [--beam 64] [--length 48] [--batch 2] ...
 
-The decode suite's language models (benchmarks/models.py) generate --length
-tokens greedily through fairseq's SequenceGenerator while forward hooks time
-three kinds of module: the layers' attention (a self-attention module, or a
-whole GAU, which stands in for attention and FFN), the FFN matrix products
-(fc1, fc2) and the output projection onto the vocabulary. What is left of a
-step ("rest": embeddings, layer norms, residuals, fairseq's layer and search
-code) is the step's time minus the three. Milliseconds per step, the median
-over --repeats runs; timings, so run it on an otherwise idle machine.
+The benchmark suites' models (benchmarks/models.py) generate --length tokens
+through fairseq's SequenceGenerator (LMs greedily, --task mt by beam search
+over --batch random sources of --src-len tokens; rows as in the sum and beam
+suites: <family> as its paper places its attention, <family>-rec with the
+roles of its recommended config) while timers add up:
+
+  attention  the decoder layers' self-attention modules, or whole GAUs (a GAU
+             stands in for attention and FFN)
+  cross      the decoder layers' cross-attention (mt)
+  ffn        the decoder's FFN matrix products (fc1, fc2)
+  output     the output projection onto the vocabulary
+  encoder    the encoder pass (mt; once per generation, spread over its steps)
+  reorder    beam search's reordering of the incremental state and encoder
+             output after each step
+  rest       the step's time minus all of the above: embeddings, layer norms,
+             residuals, fairseq's layer and search code
+
+Milliseconds per decoding step, the median over --repeats runs; timings, so
+run it on an otherwise idle machine.
 """
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from fairseq.sequence_generator import EnsembleModel
 
 from . import models, suites
 from .measure import threads
 
-KINDS = ("attention", "ffn", "output", "rest")
+MODULE_KINDS = ("attention", "cross", "ffn", "output")
+SEARCH_KINDS = {"encoder": ("forward_encoder",), "reorder": ("reorder_incremental_state", "reorder_encoder_out")}
+KINDS = (*MODULE_KINDS, *SEARCH_KINDS, "rest")
 
 
 def timed_modules(model) -> dict:
-    """{kind: [modules]} of an LM's decoder."""
+    """{kind: [modules]} of a model's decoder."""
     layers = model.decoder.layers
-    attention = [getattr(layer, "self_attn", None) or layer.gau for layer in layers]
-    ffn = [fc for layer in layers for fc in (getattr(layer, "fc1", None), getattr(layer, "fc2", None)) if fc is not None]
-    return {"attention": attention, "ffn": ffn, "output": [model.decoder.output_projection]}
+    cross = [getattr(layer, "encoder_attn", None) or getattr(layer, "cross_attn", None) for layer in layers]
+    return {
+        "attention": [getattr(layer, "self_attn", None) or layer.gau for layer in layers],
+        "cross": [m for m in cross if m is not None],
+        "ffn": [fc for layer in layers for fc in (getattr(layer, "fc1", None), getattr(layer, "fc2", None))
+                if fc is not None],
+        "output": [model.decoder.output_projection],
+    }
 
 
 def add_timers(model, seconds: dict) -> list:
@@ -48,15 +70,55 @@ def add_timers(model, seconds: dict) -> list:
     return handles
 
 
-def profile(family: str, length: int, batch: int, repeats: int) -> dict:
-    """ms per step by kind (median over the runs) for one family's LM."""
-    model, d, info = models.build("lm", family)
-    suites.timed_generation(model, d, 8, batch, "cpu")  # warm-up
+@contextmanager
+def timed_search(seconds: dict):
+    """Adds the time of SequenceGenerator's calls to its EnsembleModel (the
+    encoder pass, the reorders) to seconds[kind]; these call the models'
+    methods directly, so module hooks do not see them."""
+    originals = {name: getattr(EnsembleModel, name) for names in SEARCH_KINDS.values() for name in names}
+
+    def timer(kind, original):
+        def timed(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                seconds[kind] += time.perf_counter() - start
+        return timed
+
+    for kind, names in SEARCH_KINDS.items():
+        for name in names:
+            setattr(EnsembleModel, name, timer(kind, originals[name]))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(EnsembleModel, name, original)
+
+
+def build(task: str, row: str):
+    """(model, dictionary, info, generate) where generate(length, batch, beam, src_len) times one generation."""
+    if task == "lm":
+        model, d, info = models.build("lm", row)
+        return model, d, info, lambda length, batch, beam, src_len: suites.timed_generation(
+            model, d, length, batch, "cpu")
+    family, placement = suites.seq2seq_rows()[row]
+    model, d, info = models.build("mt", family, placement=placement)
+    g = torch.Generator().manual_seed(0)
+    return model, d, info, lambda length, batch, beam, src_len: suites.timed_generation(
+        model, d, length, batch, "cpu", beam, suites.random_source(d, batch, src_len, g, "cpu"))
+
+
+def profile(task: str, row: str, length: int, batch: int, repeats: int, beam: int = 1, src_len: int = 0) -> dict:
+    """ms per step by kind (median over the runs) for one row's model."""
+    model, d, info, generate = build(task, row)
+    generate(8, batch, min(beam, 2), min(src_len, 8))  # warm-up
     runs = []
     for _ in range(repeats):
         seconds = dict.fromkeys(KINDS[:-1], 0.0)
         handles = add_timers(model, seconds)
-        total, steps, _, _ = suites.timed_generation(model, d, length, batch, "cpu")
+        with timed_search(seconds):
+            total, steps, _, _ = generate(length, batch, beam, src_len)
         for h in handles:
             h.remove()
         n = len(steps) + 1
@@ -64,37 +126,54 @@ def profile(family: str, length: int, batch: int, repeats: int) -> dict:
         run["total"] = 1000 * total / n
         run["rest"] = run["total"] - sum(run[k] for k in KINDS[:-1])
         runs.append(run)
-    return {"family": family, "arch": info["arch"], "params": info["params"], "length": length, "batch": batch,
-            "ms_per_step": {k: suites.median([r[k] for r in runs]) for k in (*KINDS, "total")}}
+    record = {"family": row, "arch": info["arch"], "params": info["params"], "task": task, "length": length,
+              "batch": batch, "ms_per_step": {k: suites.median([r[k] for r in runs]) for k in (*KINDS, "total")}}
+    if task == "mt":
+        record.update(beam=beam, src_len=src_len)
+    return record
 
 
 def table(records) -> str:
     lines = ["| model | " + " | ".join(KINDS) + " | total ms/step |", "|---|" + "---:|" * (len(KINDS) + 1)]
     for r in records:
         ms = r["ms_per_step"]
-        lines.append(f"| {r['arch']}, {r['params'] / 1e6:.2f}M, L={r['length']}, batch {r['batch']} | "
+        where = f"L={r['length']}, batch {r['batch']}"
+        if r["task"] == "mt":
+            where = f"{r['family']}, S={r['src_len']}, beam {r['beam']}, {r['length']} tokens, {r['batch']} sentences"
+        lines.append(f"| {r['arch']}, {r['params'] / 1e6:.2f}M, {where} | "
                      + " | ".join(f"{ms[k]:.2f}" for k in (*KINDS, "total")) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", default=",".join(models.FAMILIES))
-    p.add_argument("--length", type=int, default=256, help="tokens generated (default 256)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--task", choices=["lm", "mt"], default="lm")
+    p.add_argument("--families", help="rows to profile (default: every family; with --task mt every row of the "
+                                      "sum and beam suites)")
+    p.add_argument("--length", type=int, default=None, help="tokens generated (default 256, 48 with --task mt)")
+    p.add_argument("--batch", type=int, default=None, help="sequences (default 1, 2 sources with --task mt)")
+    p.add_argument("--beam", type=int, default=64, help="beam width (--task mt; default 64)")
+    p.add_argument("--src-len", type=int, default=512, help="source tokens (--task mt; default 512)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, help="also write the records as JSON")
     args = p.parse_args(argv)
-    families = args.families.split(",")
-    for family in families:
-        if family not in models.FAMILIES:
-            p.error(f"--families: unknown family {family!r} (choose from {', '.join(models.FAMILIES)})")
-    for name in ("length", "batch", "threads", "repeats"):
+    mt = args.task == "mt"
+    known = list(suites.seq2seq_rows()) if mt else models.FAMILIES
+    rows = args.families.split(",") if args.families else known
+    for row in rows:
+        if row not in known:
+            p.error(f"--families: unknown {'row' if mt else 'family'} {row!r} (choose from {', '.join(known)})")
+    if args.length is None:
+        args.length = 48 if mt else 256
+    if args.batch is None:
+        args.batch = 2 if mt else 1
+    for name in ("length", "batch", "beam", "src_len", "threads", "repeats"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} {getattr(args, name)}: must be a positive integer")
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
     with threads(args.threads), torch.no_grad():
-        records = [profile(f, args.length, args.batch, args.repeats) for f in families]
+        records = [profile(args.task, row, args.length, args.batch, args.repeats,
+                           *((args.beam, args.src_len) if mt else ())) for row in rows]
     if args.out:
         args.out.write_text(json.dumps(records, indent=1))
     print(table(records))

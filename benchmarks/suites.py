@@ -146,6 +146,12 @@ def seq2seq_rows(placements=models.PLACEMENTS) -> dict:
     return rows
 
 
+def random_source(d, sentences, S, generator, device):
+    """`sentences` sources of S random words, each ended by eos."""
+    words = torch.randint(d.nspecial, len(d), (sentences, S), generator=generator)
+    return torch.cat([words, torch.full((sentences, 1), d.eos())], 1).to(device)
+
+
 def seq2seq(suite, axis, cells, sentences, device, budget, repeats, rows, log):
     """Beam search of random sources for each row of seq2seq_rows() and each cell
     (x, source length, target length, beam); x is the size the budget's
@@ -157,8 +163,7 @@ def seq2seq(suite, axis, cells, sentences, device, budget, repeats, rows, log):
         g = torch.Generator().manual_seed(0)
 
         def source(S):
-            words = torch.randint(d.nspecial, len(d), (sentences, S), generator=g)
-            return torch.cat([words, torch.full((sentences, 1), d.eos())], 1).to(device)
+            return random_source(d, sentences, S, g, device)
 
         timed_generation(model, d, 8, sentences, device, 2, source(8))  # warm-up
         history = []

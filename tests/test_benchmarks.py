@@ -155,17 +155,47 @@ def test_step_profile_splits_each_familys_step_by_module(tmp_path):
     records = json.loads(out.read_text())
     assert [rec["family"] for rec in records] == FAMILIES
     for rec in records:
-        ms = rec["ms_per_step"]
-        timed = ms["attention"] + ms["ffn"] + ms["output"]
-        # the hooked modules run inside the step, each counted once: together less than the step
-        assert ms["attention"] > 0 and ms["output"] > 0 and 0 < timed < ms["total"], rec
-        assert ms["rest"] == pytest.approx(ms["total"] - timed)
+        ms = assert_split(rec)
+        assert ms["cross"] == 0, rec  # a decoder-only model
         # a GAU stands in for attention and FFN: no separate FFN to time
         assert (ms["ffn"] == 0) == (rec["family"] == "flash"), rec
     assert f"| {records[0]['arch']}, " in r.stdout
 
 
-def test_step_profile_refuses_a_bad_length():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--length", "0"],
+def assert_split(rec):
+    """The timed parts run inside the generation, each counted once: together
+    less than the whole, and `rest` is what they leave."""
+    ms = rec["ms_per_step"]
+    timed = sum(v for k, v in ms.items() if k not in ("rest", "total"))
+    assert ms["attention"] > 0 and ms["output"] > 0 and 0 < timed < ms["total"], rec
+    assert ms["rest"] == pytest.approx(ms["total"] - timed)
+    return ms
+
+
+def test_beam_profile_splits_encoder_decoder_steps(tmp_path):
+    """--task mt: beam search over random sources; the cross-attention, the
+    encoder pass and the reorders of beam search are timed apart."""
+    out = tmp_path / "profile.json"
+    rows = ["transformer", "memsizer", "flash-rec"]
+    r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--task", "mt", "--families", ",".join(rows),
+                        "--length", "3", "--src-len", "8", "--beam", "3", "--repeats", "1", "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "--length 0: must be a positive integer" in r.stderr
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [rec["family"] for rec in records] == rows
+    for rec in records:
+        ms = assert_split(rec)
+        assert ms["cross"] > 0 and ms["encoder"] > 0 and ms["reorder"] > 0, rec
+        assert (rec["beam"], rec["src_len"], rec["batch"]) == (3, 8, 2)
+    assert "flash-rec, S=8, beam 3" in r.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--length", "0"], "--length 0: must be a positive integer"),
+    (["--task", "mt", "--beam", "0"], "--beam 0: must be a positive integer"),
+    (["--task", "mt", "--families", "memsizer-x"], "unknown row 'memsizer-x'"),
+])
+def test_step_profile_refuses_bad_values(argv, message):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", *argv],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr
