@@ -187,6 +187,32 @@ def test_a_reorder_within_sentences_leaves_the_cross_attention_state_in_place(ca
         assert held and all(after[name] is value for name, value in held.items())
 
 
+@pytest.mark.parametrize("case", [c for c in ENC_DEC if "softmax" not in CASES[c][1]])
+def test_the_cross_attention_summarizes_each_sentence_once_per_beam(case, monkeypatch):
+    """Beam search hands the decoder one copy of each source per hypothesis:
+    decoding summarizes each sentence once, and every row gets the state that
+    summarizing it alone gives."""
+    h = Harness(case, B=2)
+    h.encoder_out = h.model.encoder.reorder_encoder_out(h.encoder_out, torch.arange(2).repeat_interleave(3))
+    cross = [m for m in h.model.decoder.modules() if isinstance(m, LinearAttention) and m.encoder_decoder_attention]
+    rows_summarized = []
+    for m in cross:
+        def counted(source, padding_mask, _summarize=m.summarize):
+            rows_summarized.append(source.shape[0])
+            return _summarize(source, padding_mask)
+        monkeypatch.setattr(m, "summarize", counted)
+    with torch.no_grad():
+        state = {}
+        h.steps(decoder_input(h.d, 6, 2), state)
+        rows_summarized_decoding = list(rows_summarized)
+        source = h.encoder_out["encoder_out"][0].transpose(0, 1)
+        mask = h.encoder_out["encoder_padding_mask"][0] if h.encoder_out["encoder_padding_mask"] else None
+        for m in cross:
+            for name, value in m.summarize(source, mask).items():
+                torch.testing.assert_close(m._get_input_buffer(state)[name], value, atol=1e-6, rtol=1e-5)
+    assert rows_summarized_decoding == [2] * len(cross)
+
+
 def state_numel(state, module=None):
     """Elements held in an incremental state (only by `module`'s submodules, if given)."""
     ids = None if module is None else tuple(

@@ -184,6 +184,27 @@ def test_state_is_bounded():
     assert sizes[0] == sizes[1]
 
 
+@pytest.mark.parametrize("t0", [3, 11], ids=["inside-the-first-chunk", "after-a-chunk"])
+@pytest.mark.parametrize("order", [[1, 1, 0, 3], [3, 0]], ids=["same-batch", "batch-shrinks"])
+def test_reorder_continues_each_rows_new_prefix(t0, order):
+    """After reorder, row i continues the prefix of row order[i] exactly as the
+    reference over the spliced sequences does; an order that keeps the batch
+    size reuses the chunk buffers."""
+    G, T = 8, 20
+    order = torch.tensor(order)
+    first, later = inputs(4, T, seed=1), inputs(4, T, seed=2)
+    spliced = [torch.cat([a[order, :t0], b[: len(order), t0:]], dim=1) for a, b in zip(first, later)]
+    with torch.no_grad():
+        _, state = recurrent(*(x[:, :t0] for x in first), G)
+        moved = F.reorder(state, order)
+        assert (moved["k_chunk"] is state["k_chunk"]) == (len(order) == 4)
+        outs = []
+        for t in range(t0, T):
+            out, moved = F.causal_step(*(x[:, t] for x in spliced), moved, chunk_size=G, relu2_norm="chunk")
+            outs.append(out)
+    assert_close(torch.stack(outs, dim=1), naive(*spliced, G, True)[:, t0:])
+
+
 def test_quadratic_mode_is_one_big_chunk_without_linear_part():
     q, k, ql, kl, v = inputs(2, 9)
     out = F.quadratic(q, k, v, True, chunk_size=16, relu2_norm="chunk")

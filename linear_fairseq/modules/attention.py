@@ -18,7 +18,9 @@ batch-first:
 
 A state is a dict of tensors whose first dimension is the batch; its size may
 not depend on the prefix length. ``reorder_incremental_state`` index-selects
-every entry, which is all that beam search needs.
+every entry (``reorder_state``), which is all that beam search needs. While
+decoding, a cross-attention summarizes each distinct source row once: beam
+search hands it one copy of the source per hypothesis.
 """
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -114,10 +116,25 @@ class LinearAttention(nn.Module):
     def _cross(self, x, source, padding_mask, incremental_state) -> Tensor:
         state = self._get_input_buffer(incremental_state)
         if not state:
-            state = self.summarize(source.transpose(0, 1), padding_mask)
-            if incremental_state is not None:
-                self._set_input_buffer(incremental_state, state)
+            source = source.transpose(0, 1)
+            if incremental_state is None:
+                return self.read(x, self.summarize(source, padding_mask))
+            state = self._summarize_distinct(source, padding_mask)
+            self._set_input_buffer(incremental_state, state)
         return self.read(x, state)
+
+    def _summarize_distinct(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
+        """summarize(), computed once for each run of equal consecutive rows
+        (source and padding) and copied to the run's rows."""
+        same = (source[1:] == source[:-1]).flatten(1).all(1)
+        if padding_mask is not None:
+            same &= (padding_mask[1:] == padding_mask[:-1]).all(1)
+        if not bool(same.any()):
+            return self.summarize(source, padding_mask)
+        first = torch.cat([same.new_ones(1), ~same])
+        rows = first.cumsum(0) - 1
+        state = self.summarize(source[first], None if padding_mask is None else padding_mask[first])
+        return {name: None if value is None else value.index_select(0, rows) for name, value in state.items()}
 
     def _decode(self, x, padding_mask, incremental_state) -> Tensor:
         state = self._get_input_buffer(incremental_state)
@@ -154,11 +171,13 @@ class LinearAttention(nn.Module):
         if buffer and self.encoder_decoder_attention and batch_size(buffer) == new_order.numel():
             return incremental_state
         if buffer and not is_identity(new_order, buffer):
-            for name, value in buffer.items():
-                if value is not None:
-                    buffer[name] = value.index_select(0, new_order)
-            incremental_state = self._set_input_buffer(incremental_state, buffer)
+            incremental_state = self._set_input_buffer(incremental_state, self.reorder_state(buffer, new_order))
         return incremental_state
+
+    def reorder_state(self, state: State, new_order: Tensor) -> State:
+        """The state's rows in `new_order`; a family whose state has slots it
+        never reads overrides this to move less."""
+        return {name: None if value is None else value.index_select(0, new_order) for name, value in state.items()}
 
 
 def batch_size(state: State) -> int:

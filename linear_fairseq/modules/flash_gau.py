@@ -169,6 +169,11 @@ class GatedAttentionUnit(LinearAttention):
         a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype)), state
 
+    def reorder_state(self, state: State, new_order: Tensor) -> State:
+        if self.mode == "quadratic":
+            return super().reorder_state(state, new_order)
+        return ops.reorder(state, new_order)
+
     def _quadratic_step(self, u, v, z, state: State, padding_mask) -> Tuple[Tensor, State]:
         """FLASH-Quad decoding keeps every key and value (like softmax attention's cache)."""
         B = u.shape[0]

@@ -218,6 +218,36 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
     }
 
 
+CHUNK_BUFFERS = ("k_chunk", "kl_chunk", "v_chunk")
+
+
+def reorder(state: State, new_order: Tensor) -> State:
+    """The state's rows in `new_order` (beam search). A chunk buffer is moved
+    only up to the fullest row's fill: causal_step writes a slot before any
+    query sees it and weights the slots past a row's fill by 0, so what lies
+    there is never read. Without autograd, an order that keeps the batch size
+    moves that prefix within the buffers instead of allocating new ones. Until
+    a row completes a chunk its linear sum is zero, so while no row has, the
+    sums are not moved either."""
+    B = new_order.numel()
+    n = int(state["fill"].max()) if state["fill"].numel() else 0
+    in_place = B == state["fill"].numel() and not torch.is_grad_enabled()
+    out = {name: x.index_select(0, new_order) for name, x in state.items()
+           if name not in CHUNK_BUFFERS and name != "kv_done"}
+    sums = state["kv_done"]
+    if bool(state["n_done"].any()):
+        out["kv_done"] = sums.index_select(0, new_order)
+    else:
+        out["kv_done"] = sums[:B] if B <= sums.shape[0] else sums.new_zeros(B, *sums.shape[1:])
+    for name in CHUNK_BUFFERS:
+        x = state[name]
+        head = x[:, :n].index_select(0, new_order)
+        buf = x if in_place else x.new_zeros(B, *x.shape[1:])
+        buf[:, :n] = head
+        out[name] = buf
+    return out
+
+
 def causal_step(
     q, k, ql, kl, v, state: Optional[State] = None, padding_mask: Optional[Tensor] = None,
     rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,
