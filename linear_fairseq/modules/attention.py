@@ -133,8 +133,7 @@ class LinearAttention(nn.Module):
             return self.summarize(source, padding_mask)
         first = torch.cat([same.new_ones(1), ~same])
         rows = first.cumsum(0) - 1
-        state = self.summarize(source[first], None if padding_mask is None else padding_mask[first])
-        return {name: None if value is None else value.index_select(0, rows) for name, value in state.items()}
+        return select_rows(self.summarize(source[first], None if padding_mask is None else padding_mask[first]), rows)
 
     def _decode(self, x, padding_mask, incremental_state) -> Tensor:
         state = self._get_input_buffer(incremental_state)
@@ -177,7 +176,12 @@ class LinearAttention(nn.Module):
     def reorder_state(self, state: State, new_order: Tensor) -> State:
         """The state's rows in `new_order`; a family whose state has slots it
         never reads overrides this to move less."""
-        return {name: None if value is None else value.index_select(0, new_order) for name, value in state.items()}
+        return select_rows(state, new_order)
+
+
+def select_rows(state: State, rows: Tensor) -> State:
+    """Every state tensor's rows `rows` (batch dimension first)."""
+    return {name: None if value is None else value.index_select(0, rows) for name, value in state.items()}
 
 
 def batch_size(state: State) -> int:
