@@ -210,7 +210,9 @@ def skips(results):
 def markdown(results, plots=()):
     m = results["machine"]
     head = [
-        f"Measured {results['created']} with `{results['command']}`" + (" (quick sizes)" if results["quick"] else ""),
+        f"Measured {results['created']} with `{results['command']}`" + (" (quick sizes)" if results["quick"] else "")
+        + "".join(f"; {', '.join(e['suites'])} measured {e['created']} with `{e['command']}`"
+                  for e in results.get("earlier", [])),
         f"on {m['cpu']} ({m['cpu_count']} CPUs, {m['memory_gib']} GiB"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"), device {m['device']}, {m['threads']} torch threads"
         + (f" pinned to {m['cpus_usable']} of the CPUs" if m.get("cpus_usable", m["cpu_count"]) < m["cpu_count"] else "") + ";",

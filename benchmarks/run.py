@@ -1,12 +1,15 @@
 """Speed and memory of every family against fairseq's softmax transformer.
 
     python -m benchmarks.run --suite decode|hybrid|mt|sum|beam|train|all [--device cpu|cuda] [--quick]
-        [--out DIR] [--budget SECONDS] [--readme README.md]
+        [--out DIR] [--budget SECONDS] [--readme README.md] [--resume]
 
 Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
 (the tables and the targets), one PNG per suite, and prints the tables.
 --readme replaces the block between the benchmark markers in that file with
 results.md, so the README's table is reproduced by the same command.
+The JSON is written after each suite; --resume keeps the suites an earlier
+run with the same sizes, budget, repeats and machine wrote there, and runs
+the rest.
 """
 import argparse
 import datetime
@@ -54,13 +57,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--readme", type=Path, help="a file whose benchmark block is replaced by the tables")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the suites OUT/results.json already holds from a run with the same options "
+                        "on this machine; measure the others")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     if args.budget is not None and args.budget <= 0:
         p.error(f"--budget {args.budget}: must be > 0")
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 3
+        args.repeats = default_repeats(args.quick)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: must be >= 1")
     if args.threads is not None and args.threads < 1:
@@ -70,6 +76,33 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = Path(__file__).parent / "results" / (args.device + ("-quick" if args.quick else ""))
     return args
+
+
+def default_repeats(quick: bool) -> int:
+    return 2 if quick else 3
+
+
+def resumed(path: Path, fresh: dict) -> dict:
+    """From an earlier run's JSON at `path`: the suites of `fresh["sizes"]` it
+    measured at the same sizes, and "earlier" (when, with which command, which
+    suites) for the header. Exits with one line if it was measured with other
+    options or on another machine; {} if there is no such file."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        sys.exit(f"--resume: {path} is not JSON ({e}); move it away or run without --resume")
+    old.setdefault("repeats", default_repeats(old.get("quick")))  # files from before the key was recorded
+    for key in ("schema", "quick", "budget_s", "repeats", "machine"):
+        if old.get(key) != fresh[key]:
+            sys.exit(f"--resume: {path} has {key} {old.get(key)!r}, this run {fresh[key]!r}; "
+                     f"rerun with the options it was made with, or without --resume")
+    kept = [n for n, size in fresh["sizes"].items() if n in old and old["sizes"].get(n) == size]
+    own = [n for n in old.get("ran", SUITES) if n in kept]
+    earlier = [{**e, "suites": [n for n in e["suites"] if n in kept]} for e in old.get("earlier", [])]
+    earlier.append({"created": old["created"], "command": old["command"], "suites": own})
+    return {"earlier": [e for e in earlier if e["suites"]], **{n: old[n] for n in kept}}
 
 
 def main(argv=None):
@@ -89,15 +122,24 @@ def main(argv=None):
         "command": " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
         "quick": args.quick,
         "budget_s": args.budget,
+        "repeats": args.repeats,
         "machine": machine(args.device),
         "sizes": {name: sizes[name] for name in chosen},
     }
-    progress = Progress(sum(suites.measurements(name, sizes[name]) for name in chosen))
+    if args.resume:
+        results.update(resumed(args.out / "results.json", results))
+    todo = [name for name in chosen if name not in results]
+    results["ran"] = todo
+    if args.resume:
+        echo(f"--resume: kept {', '.join(n for n in chosen if n not in todo) or 'nothing'}; "
+             f"measuring {', '.join(todo) or 'nothing'}")
+    progress = Progress(sum(suites.measurements(name, sizes[name]) for name in todo))
     count = iter(range(1, progress.total + 1))  # each suite logs one line a measurement (or skip)
     common = {"device": args.device, "budget": args.budget, "repeats": args.repeats,
               "log": lambda line: echo(f"{progress.after(next(count, progress.total))} {line}")}
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in chosen:  # the JSON is rewritten after each suite: a long run interrupted keeps what it measured
+    results["targets"] = report.targets(results)
+    for name in todo:  # the JSON is rewritten after each suite: a long run interrupted keeps what it measured
         results[name] = suites.RUN[name](**sizes[name], **common)
         results["targets"] = report.targets(results)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -19,19 +19,31 @@ def summary(x):
     return {"median": x, "min": x, "max": x, "runs": [x]}
 
 
-@pytest.mark.slow
-def test_quick_run_writes_json_tables_plots_and_readme_block(tmp_path):
-    readme = tmp_path / "README.md"
+# a budget no quick size can reach, so what runs does not depend on the machine's speed
+QUICK = ["--quick", "--budget", "1e9"]
+
+
+def bench(*argv):
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `--quick --suite all` run: (its output folder, the README it rewrote, its stdout)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    readme = tmp / "README.md"
     readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
-    out = tmp_path / "out"
-    r = subprocess.run(
-        # a budget no quick size can reach, so what runs does not depend on the machine's speed
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--budget", "1e9", "--out", str(out), "--readme", str(readme)],
-        capture_output=True, text=True, cwd=ROOT,
-    )
+    out = tmp / "out"
+    r = bench(*QUICK, "--out", str(out), "--readme", str(readme))
     assert r.returncode == 0, r.stderr[-3000:]
+    return out, readme, r.stdout
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_tables_plots_and_readme_block(quick_run):
+    out, readme, stdout = quick_run
     # a progress label on every measurement line, counting up to the total announced
-    labels = re.findall(r"^\[(\d+)/(\d+), \d+ min(?:, about \d+ min left)?\] (?:decode|hybrid|mt|sum|beam|train) ", r.stdout, re.M)
+    labels = re.findall(r"^\[(\d+)/(\d+), \d+ min(?:, about \d+ min left)?\] (?:decode|hybrid|mt|sum|beam|train) ", stdout, re.M)
     assert [int(k) for k, _ in labels] == list(range(1, len(labels) + 1)) and int(labels[-1][1]) == len(labels)
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == 1 and res["quick"] is True
@@ -76,6 +88,35 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "after" in text and "Decoding: generated tokens/s" in text
     assert f"]({out.name}/decode.png)" in text  # plots linked relative to the README
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_suites_measured_and_runs_the_rest(quick_run, tmp_path):
+    """An interrupted run (its JSON lacks the last suite) finished by --resume:
+    the kept suites' records are the earlier run's, only the missing suite is
+    measured, and the header names both runs; other options are refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    first = json.loads((quick_run[0] / "results.json").read_text())
+    interrupted = {k: v for k, v in first.items() if k != "train"}
+    (out / "results.json").write_text(json.dumps(interrupted))
+    r = bench(*QUICK, "--out", str(out), "--no-plots", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kept decode, hybrid, mt, sum, beam; measuring train" in r.stdout
+    assert re.findall(r"^\[\d+/\d+[^]]*\] (\w+) ", r.stdout, re.M) == ["train"] * len(first["train"])
+    res = json.loads((out / "results.json").read_text())
+    assert all(res[n] == first[n] for n in ("decode", "hybrid", "mt", "sum", "beam"))
+    assert res["ran"] == ["train"] and {rec["family"] for rec in res["train"]} == {*FAMILIES, "transformer_sdpa"}
+    assert res["earlier"] == [{"created": first["created"], "command": first["command"],
+                               "suites": ["decode", "hybrid", "mt", "sum", "beam"]}]
+    assert f"; decode, hybrid, mt, sum, beam measured {first['created']} with `{first['command']}`" in (
+        out / "results.md").read_text()
+    r = bench("--quick", "--budget", "5", "--out", str(out), "--resume")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        f"--resume: {out / 'results.json'} has budget_s 1000000000.0, this run 5.0")
+    (out / "results.json").write_text("{")
+    r = bench(*QUICK, "--out", str(out), "--resume")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(f"--resume: {out / 'results.json'} is not JSON")
 
 
 def records(tok):
