@@ -2,12 +2,14 @@
 bytes held in fairseq's incremental state, and what machine this is."""
 import ctypes
 import gc
+import hashlib
 import os
 import platform
 import statistics
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -162,6 +164,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def code_digest() -> str:
+    """sha256 of the code a measurement runs through: the plugin and the
+    harness (*.py) and the model configs the suites read (configs/mt/model)."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted([*root.glob("linear_fairseq/**/*.py"), *root.glob("benchmarks/*.py"),
+                    *root.glob("configs/mt/model/*.yaml")])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def machine(device: str) -> dict:

@@ -8,8 +8,8 @@ Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
 --readme replaces the block between the benchmark markers in that file with
 results.md, so the README's table is reproduced by the same command.
 The JSON is written after each suite; --resume keeps the suites an earlier
-run with the same sizes, budget, repeats and machine wrote there, and runs
-the rest.
+run with the same code, sizes, budget, repeats and machine wrote there, and
+runs the rest.
 """
 import argparse
 import datetime
@@ -94,6 +94,9 @@ def resumed(path: Path, fresh: dict) -> dict:
     except json.JSONDecodeError as e:
         sys.exit(f"--resume: {path} is not JSON ({e}); move it away or run without --resume")
     old.setdefault("repeats", default_repeats(old.get("quick")))  # files from before the key was recorded
+    if old.get("code") != fresh["code"]:
+        sys.exit(f"--resume: {path} was measured with other code (digest {old.get('code')}, now {fresh['code']}: "
+                 f"linear_fairseq, benchmarks or configs/mt/model changed); run without --resume")
     for key in ("schema", "quick", "budget_s", "repeats", "machine"):
         if old.get(key) != fresh[key]:
             sys.exit(f"--resume: {path} has {key} {old.get(key)!r}, this run {fresh[key]!r}; "
@@ -112,7 +115,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from . import report, suites
-    from .measure import machine
+    from .measure import code_digest, machine
 
     sizes = QUICK if args.quick else FULL
     chosen = SUITES if args.suite == "all" else (args.suite,)
@@ -124,6 +127,7 @@ def main(argv=None):
         "budget_s": args.budget,
         "repeats": args.repeats,
         "machine": machine(args.device),
+        "code": code_digest(),
         "sizes": {name: sizes[name] for name in chosen},
     }
     if args.resume:

@@ -94,7 +94,7 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(quick_run):
 def test_resume_keeps_the_suites_measured_and_runs_the_rest(quick_run, tmp_path):
     """An interrupted run (its JSON lacks the last suite) finished by --resume:
     the kept suites' records are the earlier run's, only the missing suite is
-    measured, and the header names both runs; other options are refused."""
+    measured, and the header names both runs; other options or code are refused."""
     out = tmp_path / "out"
     out.mkdir()
     first = json.loads((quick_run[0] / "results.json").read_text())
@@ -114,6 +114,9 @@ def test_resume_keeps_the_suites_measured_and_runs_the_rest(quick_run, tmp_path)
     r = bench("--quick", "--budget", "5", "--out", str(out), "--resume")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
         f"--resume: {out / 'results.json'} has budget_s 1000000000.0, this run 5.0")
+    (out / "results.json").write_text(json.dumps({**interrupted, "code": "0" * 16}))  # the code changed since
+    r = bench(*QUICK, "--out", str(out), "--resume")
+    assert r.returncode != 0 and "was measured with other code (digest 0000000000000000" in r.stderr
     (out / "results.json").write_text("{")
     r = bench(*QUICK, "--out", str(out), "--resume")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(f"--resume: {out / 'results.json'} is not JSON")
