@@ -169,9 +169,10 @@ def cpu_name() -> str:
 def code_digest() -> str:
     """sha256 of the code a measurement runs through: the plugin and the
     harness (*.py) and the model configs the suites read (configs/mt/model)."""
-    root = Path(__file__).resolve().parent.parent
-    files = sorted([*root.glob("linear_fairseq/**/*.py"), *root.glob("benchmarks/*.py"),
-                    *root.glob("configs/mt/model/*.yaml")])
+    from .models import RECOMMENDED
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*root.glob("linear_fairseq/**/*.py"), *root.glob("benchmarks/*.py"), *RECOMMENDED.glob("*.yaml")])
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")

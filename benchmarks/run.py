@@ -86,7 +86,7 @@ def resumed(path: Path, fresh: dict) -> dict:
     """From an earlier run's JSON at `path`: the suites of `fresh["sizes"]` it
     measured at the same sizes, and "earlier" (when, with which command, which
     suites) for the header. Exits with one line if it was measured with other
-    options or on another machine; {} if there is no such file."""
+    code or options or on another machine; {} if there is no such file."""
     if not path.exists():
         return {}
     try:
@@ -130,13 +130,13 @@ def main(argv=None):
         "code": code_digest(),
         "sizes": {name: sizes[name] for name in chosen},
     }
+    todo = list(chosen)
     if args.resume:
         results.update(resumed(args.out / "results.json", results))
-    todo = [name for name in chosen if name not in results]
-    results["ran"] = todo
-    if args.resume:
+        todo = [name for name in chosen if name not in results]
         echo(f"--resume: kept {', '.join(n for n in chosen if n not in todo) or 'nothing'}; "
              f"measuring {', '.join(todo) or 'nothing'}")
+    results["ran"] = todo
     progress = Progress(sum(suites.measurements(name, sizes[name]) for name in todo))
     count = iter(range(1, progress.total + 1))  # each suite logs one line a measurement (or skip)
     common = {"device": args.device, "budget": args.budget, "repeats": args.repeats,
