@@ -14,8 +14,10 @@ Stages per family (a line each; fairseq's own log streams underneath):
   (fairseq-generate, test set) or evaluate (fairseq-eval-lm) -> score (sacrebleu
   BLEU/chrF, rouge-score R1/R2/RL with stemming, perplexity) -> decoding speed
   and peak memory (resident set size of the decoding process).
-Writes <results>/<task>-<scale>.md and .csv. Re-running reuses finished steps
-(a trained model is not retrained; delete its folder under --work to redo it).
+Writes <work>/results/<task>-<scale>.md and .csv; --publish writes the
+committed results/ instead (scripts/publishing.py: a run that departs from the
+recipe is marked, and never replaces a recipe row). Re-running reuses finished
+steps (a trained model is not retrained; delete its folder under --work to redo it).
 
 --scale smoke is the cpu setup on a slice of the data with a tiny model and a
 few dozen updates: for tests, not for numbers.
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linear_fairseq import families, scoring  # noqa: E402
 from linear_fairseq.progress import Progress  # noqa: E402
+import publishing  # noqa: E402  (scripts/, beside this file)
 
 FAMILIES = families.names()  # the softmax baseline, then every registered family
 SP = ["--post-process", "sentencepiece"]
@@ -310,8 +313,8 @@ def with_earlier_rows(rows, stem: Path, task: str, ds: str) -> list:
     recommended config first. Rows of configs that no longer exist are dropped."""
     order = [model for family in FAMILIES for _, model in model_configs(task, ds, family)]
     done = {r["config"] for r in rows}
-    kept = [{k: number(v) for k, v in r.items()} for r in read_csv(Path(f"{stem}.csv"))
-            if r.get("config") in set(order) - done]
+    kept = [{k: number(v) for k, v in r.items()} | {"recipe": r.get("recipe") or publishing.RECIPE}
+            for r in read_csv(Path(f"{stem}.csv")) if r.get("config") in set(order) - done]
     return sorted(rows + kept, key=lambda r: order.index(r["config"]))
 
 
@@ -325,11 +328,17 @@ def extractive_note(ds: str, data: Path) -> list:
         f"{name} ROUGE-1/2/L {s['r1']:.2f} / {s['r2']:.2f} / {s['rl']:.2f}" for name, s in scores.items()) + ".", ""]
 
 
-def write_tables(rows, task, ds, args, results: Path, notes=()) -> Path:
+def table_stem(args, ds: str) -> Path:
+    """<results>/<task>-<scale>, with the dataset's name where it is not the scale's default."""
+    default = DEFAULT_DATASET[(args.task, "cpu" if args.scale == "smoke" else args.scale)]
+    return args.results / (f"{args.task}-{args.scale}" + ("" if ds == default else f"-{ds}"))
+
+
+def write_tables(rows, task, ds, args, notes=()) -> Path:
     metrics = METRICS[DATASETS[ds]["metric"]]
     speed = ["tok/s"] if task == "lm" else ["tok/s", "sent/s"]
-    columns = ["family", "config", "model", "params", "train min", *metrics, *speed, "peak MB", "paper", "run"]
-    stem = results / f"{task}-{args.scale}"
+    columns = ["family", "config", "model", "params", "train min", *metrics, *speed, "peak MB", "paper", "run", "recipe"]
+    stem = table_stem(args, ds)
     header = [
         f"# {task} at {args.scale} scale: {ds}" + (f" (configs/{task}/{args.config}.yaml)" if args.config else ""),
         "",
@@ -340,7 +349,8 @@ def write_tables(rows, task, ds, args, results: Path, notes=()) -> Path:
         + "; tok/s (" + ("fairseq-eval-lm scoring" if task == "lm" else "fairseq-generate decoding")
         + ") and peak MB (resident memory of that whole process) come from that run. "
         f"config: the model config under configs/{task}/model/ (<dataset>_<family>: the recommended "
-        "settings; _paper: the family as its paper sets it up, where that differs).",
+        "settings; _paper: the family as its paper sets it up, where that differs).  ",
+        publishing.header_line(args.departures),
         "",
         *notes,
     ]
@@ -420,7 +430,11 @@ def span_ppl(losses: dict, first: int, last: int) -> float:
     return math.exp(sum(n * c for n, c in zip(nll, count)) / sum(count))
 
 
-def write_positions(results: dict, args, ds: str, block, stem: Path, plot: Path) -> Path:
+def positions_stem(args) -> Path:
+    return args.results / f"positions-{args.task}-{args.scale}"
+
+
+def write_positions(results: dict, args, ds: str, block, stem: Path) -> Path:
     """results: config -> (family, losses). A table of perplexity per span of
     positions (against the softmax row where there is one) and a plot."""
     kind = "lm" if args.task == "lm" else "translation"
@@ -431,7 +445,8 @@ def write_positions(results: dict, args, ds: str, block, stem: Path, plot: Path)
     base = next((losses for family, losses in results.values() if family == families.BASELINE.name), None)
     rows = []
     for config, (family, losses) in results.items():
-        row = {"family": family, "config": config, f"ppl 1-{length}": span_ppl(losses, 1, length)}
+        row = {"family": family, "config": config, f"ppl 1-{length}": span_ppl(losses, 1, length),
+               "recipe": publishing.recipe_cell(args.departures)}
         for name, (a, b) in zip(names, spans):
             row[name] = span_ppl(losses, a, b)
             if base is not None and base is not losses:
@@ -439,13 +454,14 @@ def write_positions(results: dict, args, ds: str, block, stem: Path, plot: Path)
         rows.append(row)
     count = next(iter(results.values()))[1]["count"]
     counts = ", ".join(f"{label}: {sum(count[a - 1 : b])}" for label, (a, b) in zip(labels, spans))
-    columns = ["family", "config", f"ppl 1-{length}"] + [c for n in names for c in (n, f"{n} vs softmax")]
+    columns = ["family", "config", f"ppl 1-{length}"] + [c for n in names for c in (n, f"{n} vs softmax")] + ["recipe"]
     header = [f"# Loss by position, {args.task} ({ds}, {args.scale} scale, valid set)", "",
               f"Command: `{command_line(args.task)}`  ",
               f"Run {machine()}. {HOW_SCORED[kind].format(block=block)}; the models of the results table "
-              f"(checkpoint_best.pt of each config). Tokens per span: {counts}.", ""]
+              f"(checkpoint_best.pt of each config). Tokens per span: {counts}.  ",
+              publishing.header_line(args.departures), ""]
     table = write_table(stem, columns, rows, header)
-    plot_positions(results, base, length, kind, plot)
+    plot_positions(results, base, length, kind, publishing.plot_path(args, stem))
     return table
 
 
@@ -558,7 +574,7 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         spec["seeds"] = [seed for seed in spec["seeds"] if str(seed) in args.seeds.split(",")]
     metric = VALID_METRIC[args.task][0]
     table = spec.get("table", f"ablations-{args.task}")
-    stem = args.results.resolve() / (table + ("-smoke" if args.scale == "smoke" else ""))
+    stem = args.results / (table + ("-smoke" if args.scale == "smoke" else ""))
     runs = read_csv(Path(f"{stem}.runs.csv"))  # rows not retrained now stay in the table
     only = set(args.rows.split(",")) if args.rows else None
     todo = []
@@ -575,6 +591,8 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
             say(f"{rid}, seed {seed}: in {stem.name}.runs.csv; kept")
         else:
             todo.append((rid, row, seed, model, overrides, key, settings))
+    publishing.guard_recipe_rows(runs, {(rid, str(seed)) for rid, _, seed, *_ in todo}, args.departures,
+                                 Path(f"{stem}.runs.csv"), "runs (row, seed)", key=lambda r: (r["row"], r["seed"]))
     grid_runs = work / "runs" / spec["grid"]  # one folder per grid: rows of different grids may share ids
     say(f"{len(todo)} runs to train; logs under {grid_runs}")
     progress = Progress(len(todo))
@@ -593,11 +611,12 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         earlier = sum(float(r["train min"]) for r in runs if r["row"] == row.get("resume_from") and r["seed"] == str(seed))
         runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key, "settings": settings,
                      "updates": trained["updates"], "train min": earlier + trained["train_seconds"] / 60,
-                     "valid loss": trained["valid_loss"], "params": trained["params"], **scores})
+                     "valid loss": trained["valid_loss"], "params": trained["params"], **scores,
+                     "recipe": publishing.recipe_cell(args.departures)})
         say(f"{rid}, seed {seed}: {metric} {scores[metric]:.2f}")
         write_ablations(runs, spec, metric, stem, args, ds)
     if spec.get("plot"):
-        plot_curves(runs, spec, args.task, Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"{table}.png")
+        plot_curves(runs, spec, args.task, publishing.plot_path(args, stem))
     return write_ablations(runs, spec, metric, stem, args, ds)
 
 
@@ -719,7 +738,8 @@ def plot_curves(runs, spec: dict, task: str, path: Path) -> None:
 
 
 def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
-    run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides", "settings"]
+    run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides",
+                   "settings", "recipe"]
     write_table(Path(f"{stem}.runs"), run_columns, runs, header=None)
     label = VALID_METRIC[args.task][1]
     columns = ["row", "family", "setting", metric, "seeds", "spread", "valid loss", "updates", "train min", "params"]
@@ -734,7 +754,8 @@ def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
         f"sets its own, plus the row's overrides "
         f"(configs/{args.task}/ablations/{spec['grid']}.yaml); {metric} is the {label} of the best checkpoint "
         f"(mean over the seeds listed; spread = max - min). Per-run values, overrides included: "
-        f"{stem.name}.runs.csv.",
+        f"{stem.name}.runs.csv.  ",
+        publishing.header_line(args.departures),
         "",
     ]
     return write_table(stem, columns, ablation_summary(runs, spec, metric), header)
@@ -755,7 +776,10 @@ def main(argv=None):
                     help="which of each family's model configs to run: recommended, paper (where the family "
                          "has one), or both (default)")
     ap.add_argument("--work", type=Path, help="data, checkpoints, logs (default work/reproduce/<task>-<scale>)")
-    ap.add_argument("--results", type=Path, default=ROOT / "results", help="where the tables go (default results/)")
+    ap.add_argument("--results", type=Path, help="where the tables go (default <work>/results; results/ with --publish)")
+    ap.add_argument("--publish", action="store_true",
+                    help="update the committed tables in results/ (and plots in docs/); refused for a run that "
+                         "would replace a recipe row with other settings")
     ap.add_argument("--average", type=int, help="average the last N interval checkpoints "
                                                "(default 5 at paper scale; otherwise the best checkpoint)")
     ap.add_argument("--save-interval-updates", type=int, default=1000, help="with --average (default 1000)")
@@ -784,7 +808,6 @@ def main(argv=None):
         args.families = "transformer,memsizer" if args.families == ",".join(FAMILIES) else args.families
         args.configs = "recommended"
         args.work = args.work or ROOT / "work" / "demo_mt"
-        args.results = args.work / "results"
     families = args.families.split(",")
     for family in families:
         if family not in FAMILIES:
@@ -797,13 +820,19 @@ def main(argv=None):
     ds = args.dataset or DEFAULT_DATASET[(args.task, "cpu" if args.scale == "smoke" else args.scale)]
     if ds not in DATASETS or DATASETS[ds]["task"] != args.task:
         ap.error(f"--dataset {ds!r} is not a {args.task} dataset")
+    args.departures = publishing.deviations(args, ap)
     if args.average is None:
         args.average = 5 if args.scale == "paper" else 0
     kind = "ablations" if args.ablations is not None else "reproduce"
-    work = (args.work or ROOT / "work" / kind / f"{args.task}-{args.scale}").resolve()
+    work = (args.work or ROOT / "work" / kind / publishing.work_name(args.task, args.scale, args.departures)).resolve()
+    args.results = publishing.results_folder(args, args.departures) or work / "results"
 
     if args.ablations is not None:
         spec = load_ablations(args.task, args.ablations or ds, args.rows)  # bad grid or rows stop here, before data-prep
+    todo = [(family, kind, model) for family in families
+            for kind, model in model_configs(args.task, ds, family, args.configs.split(","))]
+    if args.ablations is None:
+        guard_table(args, ds, {model for _, _, model in todo})
     data = prepare(ds, args, work)
     if args.ablations is not None:
         table = ablations(args, spec, ds, data, work)
@@ -812,8 +841,6 @@ def main(argv=None):
         return
     rows, by_position = [], {}
     block = block_tokens(args, ds) if args.by_position else None
-    todo = [(family, kind, model) for family in families
-            for kind, model in model_configs(args.task, ds, family, args.configs.split(","))]
     progress = Progress(len(todo))
     for n, (family, kind, model) in enumerate(todo, 1):
         say(f"{progress.step(n)} {model}")
@@ -825,20 +852,29 @@ def main(argv=None):
         scores = evaluate(args.task, ds, model, data, choose_checkpoint(ckpt, args.average), args)
         row = {"family": family, "config": model, "model": _model_name(args.task, ds, family),
                "params": trained["params"], "train min": trained["train_seconds"] / 60, **scores,
-               "paper": PAPER.get((ds, family), "n/a"), "run": str(datetime.date.today())}
+               "paper": PAPER.get((ds, family), "n/a"), "run": str(datetime.date.today()),
+               "recipe": publishing.recipe_cell(args.departures)}
         say(f"{model}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         rows.append(row)
     if args.by_position:
-        stem = args.results.resolve() / f"positions-{args.task}-{args.scale}"
-        plot = Path(f"{stem}.png") if args.scale == "smoke" else ROOT / "docs" / f"{stem.name}.png"
-        table = write_positions(by_position, args, ds, block, stem, plot)
+        table = write_positions(by_position, args, ds, block, positions_stem(args))
         say(f"table: {table}")
         print(table.read_text())
         return
     notes = extractive_note(ds, data) if args.task == "sum" else ()
-    table = write_tables(rows, args.task, ds, args, args.results.resolve(), notes)
+    table = write_tables(rows, args.task, ds, args, notes)
     say(f"table: {table}")
     print(table.read_text())
+
+
+def guard_table(args, ds: str, configs) -> None:
+    """Before anything runs: a custom call may not replace the recipe rows of the
+    table it writes (the results table's rows of `configs`; every row of the
+    loss-by-position table, which a call writes whole)."""
+    stem = positions_stem(args) if args.by_position else table_stem(args, ds)
+    rows = read_csv(Path(f"{stem}.csv"))
+    keys = {r["config"] for r in rows} if args.by_position else configs
+    publishing.guard_recipe_rows(rows, keys, args.departures, Path(f"{stem}.csv"), "rows for")
 
 
 def _model_name(task: str, ds: str, family: str) -> str:

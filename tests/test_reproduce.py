@@ -1,7 +1,8 @@
 """The reproduction scripts end to end at smoke scale, as a user runs them:
 bash scripts/reproduce_{mt,sum,lm}.sh on a slice of the real data with a tiny
 model and a few dozen updates per family. Each must leave a table with one row
-per family asked for and real numbers in it."""
+per family asked for and real numbers in it, under its work folder: the
+committed tables in results/ change only with --publish."""
 import csv
 import math
 import re
@@ -16,23 +17,34 @@ from linear_fairseq import scoring
 pytestmark = pytest.mark.slow
 
 
+def committed():
+    """git's view of the committed tables and figures."""
+    return subprocess.run(["git", "status", "--porcelain", "--", "results", "docs"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+
+
 def reproduce(task, raw, tmp_path, *extra):
+    before = committed()
     r = subprocess.run(
         ["bash", str(ROOT / "scripts" / f"reproduce_{task}.sh"), "--scale", "smoke", "--raw", str(raw),
-         "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--quiet", *extra],
+         "--work", str(tmp_path / "work"), "--quiet", *extra],
         capture_output=True, text=True,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert committed() == before  # a run without --publish leaves results/ and docs/ as they were
     return r.stdout
 
 
 def table(tmp_path, task, configs):
     """The smoke table, checked to have one row per model config in `configs`."""
-    md = (tmp_path / "results" / f"{task}-smoke.md").read_text()
-    with open(tmp_path / "results" / f"{task}-smoke.csv") as f:
+    md = (tmp_path / "work" / "results" / f"{task}-smoke.md").read_text()
+    with open(tmp_path / "work" / "results" / f"{task}-smoke.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["config"] for r in rows] == configs
     assert all(f"| {r['family']} | {r['config']} |" in md for r in rows)
+    # a smoke run is marked as not the recipe, in the header and in every row
+    assert "Settings: NOT the recipe (smoke scale" in md
+    assert all(r["recipe"].startswith("smoke scale") for r in rows)
     for r in rows:
         assert int(r["params"]) > 0 and float(r["train min"]) > 0
         assert float(r["tok/s"]) > 0 and float(r["peak MB"]) > 50
@@ -74,11 +86,11 @@ def test_reproduce_mt_smoke(tmp_path):
     out = reproduce("mt", raw, tmp_path, "--families", "transformer,memsizer", "--configs", "recommended",
                     "--by-position", *average)
     assert "training" not in out and "(target positions)" in out
-    with open(tmp_path / "results" / "positions-mt-smoke.csv") as f:
+    with open(tmp_path / "work" / "results" / "positions-mt-smoke.csv") as f:
         spans = list(csv.DictReader(f))
     assert [r["config"] for r in spans] == ["multi30k_transformer", "multi30k_memsizer"]
     assert spans[1]["ppl 2 vs softmax"].endswith("%") and "ppl 17-" in " ".join(spans[0])
-    assert (tmp_path / "results" / "positions-mt-smoke.png").stat().st_size > 0
+    assert (tmp_path / "work" / "results" / "positions-mt-smoke.png").stat().st_size > 0
     # over all positions, the per-position scorer agrees with fairseq-validate's loss without smoothing
     ckpt = ckpts / "memsizer" / "checkpoint_best.pt"
     r = subprocess.run(["fairseq-validate", str(tmp_path / "work" / "data" / "bin"), "--task", "translation",
@@ -98,7 +110,7 @@ def test_reproduce_sum_smoke(tmp_path):
     for r in rows:
         assert all(finite(r[k]) and 0 <= float(r[k]) <= 100 for k in ("r1", "r2", "rl"))
     # what the article's opening scores without training, for scale
-    md = (tmp_path / "results" / "sum-smoke.md").read_text()
+    md = (tmp_path / "work" / "results" / "sum-smoke.md").read_text()
     assert re.search(r"Without training, on the same test set: lead-1 ROUGE-1/2/L [\d.]+ / [\d.]+ / [\d.]+; "
                      r"first 30 words ROUGE-1/2/L", md)
 
@@ -123,11 +135,11 @@ def test_reproduce_lm_smoke(tmp_path):
     out = reproduce("lm", require_data("austen"), tmp_path, "--families", "transformer,memsizer",
                     "--configs", "recommended", "--by-position")
     assert "training" not in out
-    with open(tmp_path / "results" / "positions-lm-smoke.csv") as f:
+    with open(tmp_path / "work" / "results" / "positions-lm-smoke.csv") as f:
         spans = list(csv.DictReader(f))
     assert [r["config"] for r in spans] == ["austen_transformer", "austen_memsizer"]
     assert spans[1]["ppl 33-128 vs softmax"].endswith("%")
-    assert (tmp_path / "results" / "positions-lm-smoke.png").stat().st_size > 0
+    assert (tmp_path / "work" / "results" / "positions-lm-smoke.png").stat().st_size > 0
     # over all positions, the per-position scorer agrees with fairseq's own on the same blocks
     ckpt = tmp_path / "work" / "checkpoints" / "transformer" / "checkpoint_best.pt"
     r = subprocess.run(["fairseq-eval-lm", str(tmp_path / "work" / "data" / "bin"), "--path", str(ckpt),
@@ -142,6 +154,38 @@ def table_after(task, raw, tmp_path, families):
     reproduce(task, raw, tmp_path, "--families", ",".join(families), "--configs", "recommended")
     ds = {"sum": "news", "lm": "austen"}[task]
     return table(tmp_path, task, [f"{ds}_{f}" for f in families])
+
+
+def run_reproduce(task, *args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), task, *args],
+                          capture_output=True, text=True)
+
+
+def one_line(r, text):
+    """A refusal: exit 1, one line on stderr that says `text`, nothing run."""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("[reproduce]")]
+    assert r.returncode == 1 and len(lines) == 1 and text in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "preparing" not in r.stdout
+
+
+def test_committed_tables_change_only_with_publish_and_only_by_the_recipe(tmp_path):
+    """The committed lm-cpu table holds the recipe's MemSizer row: a 50-update
+    run may not replace it, nor write results/ without --publish; smoke runs
+    are never published."""
+    before = committed()
+    one_line(run_reproduce("lm", "--max-update", "50", "--families", "memsizer", "--publish"),
+             "results/lm-cpu.csv holds the recipe's rows for austen_memsizer; a run with --max-update 50 cannot replace it")
+    one_line(run_reproduce("mt", "--set", "optimization.lr=[0.01]", "--configs", "recommended", "--publish"),
+             "a run with --set optimization.lr=[0.01] cannot replace it")
+    one_line(run_reproduce("lm", "--results", str(ROOT / "results" / "x")),
+             "the committed tables change only with --publish")
+    one_line(run_reproduce("mt", "--scale", "smoke", "--publish"), "--publish: a smoke scale run is not a result")
+    # a table a custom run wrote may take the same custom run again, but not the recipe's rows in another folder
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "lm-cpu.csv").write_text("family,config,recipe\nmemsizer,austen_memsizer,yes\n")
+    one_line(run_reproduce("lm", "--set", "common.seed=2", "--families", "memsizer", "--results", str(tmp_path / "mine")),
+             "lm-cpu.csv holds the recipe's rows for austen_memsizer")
+    assert committed() == before
 
 
 def test_unknown_family_is_named(tmp_path):
