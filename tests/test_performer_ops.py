@@ -1,6 +1,7 @@
-"""Kernel attention math: reference == chunked == recurrent for every feature
-map (outputs and gradients), padding, the causal stabilizer never looking
-ahead, and long-sequence / low-precision behaviour."""
+"""Kernel attention math: reference == chunked loop == chunkwise parallel ==
+recurrent for every feature map (outputs, gradients and final state), padding,
+the causal stabilizer never looking ahead, long-sequence / low-precision
+behaviour, and a parallel form whose number of kernels does not grow with T."""
 import math
 
 import pytest
@@ -42,14 +43,16 @@ def featurize(name, q, k, seed=0, m=16):
 
 
 MAPS = ["elu", "favor", "rfa", "t2r"]
+PARALLEL = {"chunked": K.causal_chunked, "parallel": K.causal_parallel}  # the forms over a whole sequence
+FORMS = ["naive", *PARALLEL, "step"]
 
 
 def run(form, name, q, k, v, gate=None, mask=None, chunk=5, eps=1e-6):
     pq, pk, s, sq = featurize(name, q, k)
     if form == "naive":
         return K.naive(pq, pk, v, True, mask, s, gate, q_log_scale=sq, eps=eps)
-    if form == "chunked":
-        return K.causal_chunked(pq, pk, v, mask, s, gate, chunk_size=chunk, eps=eps, q_log_scale=sq)[0]
+    if form in PARALLEL:
+        return PARALLEL[form](pq, pk, v, mask, s, gate, chunk_size=chunk, eps=eps, q_log_scale=sq)[0]
     state, outs = None, []
     for t in range(q.shape[2]):
         step = lambda x: None if x is None else x[:, :, t]  # noqa: E731
@@ -72,13 +75,13 @@ def test_chunked_and_recurrent_equal_reference_with_gradients(name, T, gated):
     q, k, v = qkv(T)
     gate = gate_logits(T) if gated else None
     results = {}
-    for form in ("naive", "chunked", "step"):
+    for form in FORMS:
         xs = [x.clone().requires_grad_() for x in (q, k, v)] + ([gate.clone().requires_grad_()] if gated else [])
         out = run(form, name, *xs[:3], gate=xs[3] if gated else None)
         w = torch.randn_like(out, generator=torch.Generator().manual_seed(9))
         results[form] = (out, torch.autograd.grad((out * w).sum(), xs, allow_unused=True))
     ref, ref_grads = results["naive"]
-    for form in ("chunked", "step"):
+    for form in FORMS[1:]:
         out, grads = results[form]
         assert_close(out, ref)
         for g, g_ref in zip(grads, ref_grads):
@@ -105,7 +108,7 @@ def test_left_padding_leaves_real_positions_unchanged(name, causal):
     mask[:, :pad] = True
     if causal:
         ref = run("naive", name, q, k, v)
-        for form in ("naive", "chunked", "step"):
+        for form in FORMS:
             assert_close(run(form, name, qp, kp, vp, mask=mask)[:, :, pad:], ref)
     else:
         pq, pk, s, sq = featurize(name, q, k)
@@ -114,7 +117,7 @@ def test_left_padding_leaves_real_positions_unchanged(name, causal):
         assert_close(K.read(pq, K.summarize(pk, vp, mask, s), v.dtype, sq, eps=1e-6)[:, :, pad:], ref)
 
 
-@pytest.mark.parametrize("form", ["naive", "chunked"])
+@pytest.mark.parametrize("form", ["naive", *PARALLEL])
 def test_favor_causal_stabilizer_does_not_look_ahead(form):
     """A huge future key (whose features would overflow) leaves earlier outputs bit-identical."""
     T, t = 40, 25
@@ -139,14 +142,17 @@ def test_favor_approximates_softmax_attention():
 
 
 @pytest.mark.parametrize("name", MAPS)
-def test_bf16_forward_at_4096_is_finite_and_close(name):
-    """bf16 inputs at T=4096: finite, within 3e-2 (relative to the output scale) of fp32."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_at_4096_is_finite_and_close(name, dtype):
+    """bf16 / fp16 inputs at T=4096: finite, within 3e-2 (relative to the output
+    scale) of fp32, the loop and the parallel form alike."""
     q, k, v = qkv(4096, seed=1)
     gate = gate_logits(4096) if name == "rfa" else None
     ref = run("chunked", name, q, k, v, gate=gate, chunk=64)
-    out = run("chunked", name, q.bfloat16(), k.bfloat16(), v.bfloat16(), gate=gate, chunk=64)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert_close(out.float(), ref, rtol=3e-2)
+    for form in PARALLEL:
+        out = run(form, name, q.to(dtype), k.to(dtype), v.to(dtype), gate=gate, chunk=64)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert_close(out.float(), ref, rtol=3e-2)
 
 
 @pytest.mark.parametrize("name,gated", [("elu", False), ("favor", False), ("rfa", True)])
@@ -156,7 +162,7 @@ def test_16k_decoding_steps_do_not_drift(name, gated):
     q, k, v = (x[:1, :1] for x in qkv(T, seed=2))
     pq, pk, s, sq = featurize(name, q, k)
     gate = gate_logits(T)[:1, :1] if gated else None
-    parallel, _ = K.causal_chunked(pq, pk, v, None, s, gate, chunk_size=256, eps=1e-6, q_log_scale=sq)
+    parallel, _ = K.causal_parallel(pq, pk, v, None, s, gate, chunk_size=256, eps=1e-6, q_log_scale=sq)
     state, outs = None, []
     at = lambda x, t: None if x is None else x[:, :, t]  # noqa: E731
     for t in range(T):
@@ -175,7 +181,7 @@ def causal_forms(pq, pk, v, s, sq, eps=1e-6):
         steps.append(out)
     return {
         "naive": K.naive(pq, pk, v, True, None, s, None, q_log_scale=sq, eps=eps),
-        "chunked": K.causal_chunked(pq, pk, v, None, s, None, chunk_size=8, eps=eps, q_log_scale=sq)[0],
+        **{form: f(pq, pk, v, None, s, None, chunk_size=8, eps=eps, q_log_scale=sq)[0] for form, f in PARALLEL.items()},
         "step": torch.stack(steps, dim=2),
     }
 
@@ -222,3 +228,62 @@ def test_an_empty_sum_gives_zero_not_nan():
     for eps in (0.0, 1e-6):
         out = K.naive(pq, pk, v, True, eps=eps)
         assert torch.equal(out, torch.zeros_like(out))
+
+
+def true_sums(state):
+    """A state's sums in true scale relative to a common reference: exp(M) (S, z) up to one factor."""
+    scale = torch.exp(state["M"] - state["M"].amax())
+    return state["S"] * scale[..., None, None], state["z"] * scale[..., None]
+
+
+@pytest.mark.parametrize("name", MAPS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_parallel_final_state_and_continuation(name, gated):
+    """The parallel form's final state equals the loop's (same true sums), and
+    running a sequence in two parts, the second from the first's state (with
+    padding in both), gives the outputs and final state of one run."""
+    T, cut, G = 41, 17, 6
+    q, k, v = qkv(T)
+    pq, pk, s, sq = featurize(name, q, k)
+    gate = gate_logits(T) if gated else None
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, :3] = True  # left padding of the first sentence
+    part = lambda x, sl: None if x is None else x[..., sl] if x.dim() == 3 else x[:, :, sl]  # noqa: E731
+    whole = {form: f(pq, pk, v, mask, s, gate, sq, chunk_size=G, eps=1e-6) for form, f in PARALLEL.items()}
+    for got, ref in zip(true_sums(whole["parallel"][1]), true_sums(whole["chunked"][1])):
+        assert_close(got, ref)
+    first, second = slice(0, cut), slice(cut, T)
+    out1, state = K.causal_parallel(part(pq, first), part(pk, first), part(v, first), mask[:, first],
+                                    part(s, first), part(gate, first), part(sq, first), chunk_size=G, eps=1e-6)
+    out2, end = K.causal_parallel(part(pq, second), part(pk, second), part(v, second), mask[:, second],
+                                  part(s, second), part(gate, second), part(sq, second), state, chunk_size=G, eps=1e-6)
+    real = ~mask[:, None, :, None]
+    assert_close((torch.cat([out1, out2], dim=2) * real), whole["parallel"][0] * real)
+    for got, ref in zip(true_sums(end), true_sums(whole["chunked"][1])):
+        assert_close(got, ref)
+
+
+def aten_ops(fn) -> int:
+    """The aten operators `fn` runs, counted by torch.profiler on this CPU: on a
+    GPU each is (at least) one kernel launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_parallel_form_runs_as_many_ops_at_every_length(gated):
+    """Forward and backward of the parallel form at T = 256, 1024 and 4096 run
+    the same number of aten operators (the loop's grows with T / G)."""
+    def forward_backward(T, form):
+        q, k, v = (x[:1, :1].requires_grad_() for x in qkv(T))
+        pq, pk, s, sq = featurize("favor", q, k)
+        gate = gate_logits(T)[:1, :1] if gated else None
+        return lambda: PARALLEL[form](pq, pk, v, None, s, gate, sq, chunk_size=64, eps=1e-6)[0].sum().backward(
+            retain_graph=True)
+
+    counts = [aten_ops(forward_backward(T, "parallel")) for T in (256, 1024, 4096)]
+    assert counts[0] == counts[1] == counts[2], counts
+    assert aten_ops(forward_backward(1024, "chunked")) > 2 * counts[1]  # the loop, for contrast

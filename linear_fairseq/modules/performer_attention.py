@@ -192,7 +192,7 @@ class PerformerAttention(LinearAttention):
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         phi_q, q_scale = self.features(x, self.q_proj)
         phi_k, log_scale = self.features(x, self.k_proj)
-        out, _ = K.causal_chunked(
+        out, _ = K.causal_parallel(
             phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale, self.gate_logits(x), q_scale,
             chunk_size=self.chunk_size, eps=self.eps,
         )

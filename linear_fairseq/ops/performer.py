@@ -33,10 +33,12 @@ nonnegative features the output is then the exact ratio of two sums of
 nonnegative terms, however small both are. Sums accumulate in float32
 (float64 if given).
 
-Forms: ``naive`` (quadratic reference), ``causal_chunked`` (training: a loop
-over chunks of G tokens, quadratic inside a chunk, the carried state across),
-``causal_step`` (decoding: the same update with G = 1, as a recurrence), and
-``summarize``/``read`` for the non-causal form.
+Forms: ``naive`` (quadratic reference), ``causal_chunked`` (a loop over chunks
+of G tokens, quadratic inside a chunk, the carried state across),
+``causal_parallel`` (training: the same function with every chunk at once, a
+number of kernels that does not grow with T), ``causal_step`` (decoding: the
+same update with G = 1, as a recurrence), and ``summarize``/``read`` for the
+non-causal form.
 """
 import math
 from itertools import repeat
@@ -200,11 +202,12 @@ def empty_state(B: int, H: int, m: int, d: int, like: Tensor) -> State:
     return {"S": S, "z": S.new_zeros(B, H, m), "M": S.new_full((B, H), NEG_INF)}
 
 
-def _chunk(phi_q, phi_k, v, a, lg, state: State, eps: float, q_log_scale) -> Tuple[Tensor, State]:
+def _chunk_out(phi_q, phi_k, v, r, L, state: State, eps: float, q_log_scale) -> Tensor:
+    """The outputs of a chunk (or of a batch of chunks, on a chunk axis before
+    the time axis) given the state carried into it. L: the decay from the
+    chunk's start to t; r = a - L: key j's log-weight up to the factor exp(L_t)."""
     S, z, M = state["S"], state["z"], state["M"]
-    G = phi_q.shape[2]
-    L = lg.cumsum(-1)  # decay from the chunk's start to t
-    r = a - L  # key j's log-weight, up to the common factor exp(L_t)
+    G = phi_q.shape[-2]
     R_raw = torch.maximum(M.unsqueeze(-1), r.cummax(-1).values).detach()  # prefix max: no look-ahead
     R = _finite(R_raw)
     future = torch.ones(G, G, dtype=torch.bool, device=v.device).triu(1)
@@ -213,14 +216,20 @@ def _chunk(phi_q, phi_k, v, a, lg, state: State, eps: float, q_log_scale) -> Tup
     w_state = torch.exp(M.unsqueeze(-1) - R)  # the carried state, seen from t
     num = scores @ v + w_state.unsqueeze(-1) * (phi_q @ S)
     den = scores.sum(-1) + w_state * (phi_q @ z.unsqueeze(-1)).squeeze(-1)
-    out = num / torch.maximum(den, clamp_floor(eps, R + L, q_log_scale)).unsqueeze(-1)
-    # the state at the chunk's end: S' = decay * S + sum_j weight_j phi(k_j) v_j^T
-    R_end = R[..., -1:]
+    return num / torch.maximum(den, clamp_floor(eps, R + L, q_log_scale)).unsqueeze(-1)
+
+
+def _chunk_end(phi_k, v, r, L, state: State) -> State:
+    """The state at a chunk's end: S' = decay * S + sum_j weight_j phi(k_j) v_j^T,
+    relative to the largest log-weight in it (the carried state's included)."""
+    S, z, M = state["S"], state["z"], state["M"]
+    top = torch.maximum(M, r.amax(-1)).detach()
+    R_end = _finite(top).unsqueeze(-1)
     w_keys = torch.exp(r - R_end).unsqueeze(-1)
     w_old = torch.exp(M.unsqueeze(-1) - R_end)
     S = w_old.unsqueeze(-1) * S + (phi_k * w_keys).transpose(-1, -2) @ v
     z = w_old * z + (phi_k * w_keys).sum(-2)
-    return out, {"S": S, "z": z, "M": R_raw[..., -1] + L[..., -1]}
+    return {"S": S, "z": z, "M": top + L[..., -1]}
 
 
 def causal_chunked(
@@ -236,8 +245,10 @@ def causal_chunked(
     chunk_size: int,
     eps: float,
 ) -> Tuple[Tensor, State]:
-    """Causal kernel attention over chunks of G tokens; returns (out, final state).
-    Memory O(T G + m d) beyond the inputs: no T x T or T x m x d tensor."""
+    """Causal kernel attention, a loop over chunks of G tokens carrying the
+    state; returns (out, final state). Memory O(T G + m d) beyond the inputs,
+    but T / G steps of kernel launches: the reference `causal_parallel` is
+    tested against, and the form to read first."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dtype = v.dtype
@@ -253,9 +264,83 @@ def causal_chunked(
     for q_c, k_c, v_c, a_c, lg_c, q_scale in zip(
         chunks(phi_q, 2), chunks(phi_k, 2), chunks(v, 2), chunks(a, -1), chunks(lg, -1), q_scales
     ):
-        out, state = _chunk(q_c, k_c, v_c, a_c, lg_c, state, eps, q_scale)
-        outs.append(out)
+        L = lg_c.cumsum(-1)
+        outs.append(_chunk_out(q_c, k_c, v_c, a_c - L, L, state, eps, q_scale))
+        state = _chunk_end(k_c, v_c, a_c - L, L, state)
     return torch.cat(outs, dim=2).to(dtype), state
+
+
+# -- causal, chunkwise parallel: every chunk at once --------------------------------
+def _by_chunk(x: Tensor, G: int, fill: float = 0.0) -> Tensor:
+    """(B, H, T, ...) -> (B, H, C, G, ...), the time axis padded with `fill` to C G."""
+    T = x.shape[2]
+    pad = -T % G
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad), value=fill)
+    return x.unflatten(2, (-1, G))
+
+
+def _carried(summaries: State, first: State) -> State:
+    """The state entering each chunk c = 0..C (C: the final state) from the
+    chunks' own summaries (S, z relative to M, their log-weight at the chunk's
+    end; M also holds each chunk's total decay in "decay") and the state given
+    before the first chunk. Chunk c' < c reaches chunk c decayed by the chunks
+    between them: log-weight M_c' + P_c - P_{c'+1}, P the decay before a chunk,
+    summed in float64 (a difference of long sums). Every entering state is
+    then one masked (C+1) x (C+1) weighting of the sources, relative to its own
+    largest log-weight: a constant number of kernels at any length."""
+    decay = summaries["decay"]  # (B, H, C)
+    P = F.pad(decay.double().cumsum(-1), (1, 0))  # (B, H, C+1): the decay before chunk c
+    source_M = torch.cat([first["M"].unsqueeze(-1), summaries["M"]], dim=-1).double()  # sources: first, chunks
+    logw = source_M[..., None, :] + P[..., :, None] - P[..., None, :]  # [c, j]: source j seen entering chunk c
+    later = torch.ones(logw.shape[-1], logw.shape[-1], dtype=torch.bool, device=logw.device).triu(1)
+    logw = logw.masked_fill(later, NEG_INF)
+    M = logw.amax(-1).detach()
+    w = torch.exp(logw - _finite(M).unsqueeze(-1)).to(summaries["S"].dtype)
+    stack = lambda name: torch.cat([first[name].unsqueeze(2), summaries[name]], dim=2)  # noqa: E731
+    S = (w @ stack("S").flatten(-2)).unflatten(-1, summaries["S"].shape[-2:])
+    z = w @ stack("z")
+    return {"S": S, "z": z, "M": M.to(S.dtype)}
+
+
+def causal_parallel(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    v: Tensor,
+    padding_mask: Optional[Tensor] = None,
+    log_scale: Optional[Tensor] = None,
+    gate_logits: Optional[Tensor] = None,
+    q_log_scale: Optional[Tensor] = None,
+    state: Optional[State] = None,
+    *,
+    chunk_size: int,
+    eps: float,
+) -> Tuple[Tensor, State]:
+    """Causal kernel attention, chunkwise parallel (the function of
+    `causal_chunked`, without its loop): every chunk's summary at once, the
+    state entering each chunk from those summaries (`_carried`), then every
+    chunk's outputs at once. The number of kernels does not grow with T.
+    Memory beyond the inputs, with C = T / G chunks: O(T G) for the scores
+    inside the chunks, O(C m d) for the summaries and entering states, O(C^2)
+    for their weights; the compute of the carry is O(C^2 m d)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    dtype, T, G = v.dtype, v.shape[2], chunk_size
+    phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
+    B, H, _, m = phi_k.shape
+    a, lg = key_log_weights((B, H, T), phi_k, padding_mask, log_scale, gate_logits)
+    # padded to whole chunks: the extra keys weigh nothing (a = -inf) and do not decay (log g = 0)
+    pq, pk, vc = _by_chunk(phi_q, G), _by_chunk(phi_k, G), _by_chunk(v, G)
+    a, lg = _by_chunk(a.unsqueeze(-1), G, NEG_INF).squeeze(-1), _by_chunk(lg.unsqueeze(-1), G).squeeze(-1)
+    qs = None if q_log_scale is None else _by_chunk(acc(q_log_scale).unsqueeze(-1), G).squeeze(-1)
+    L = lg.cumsum(-1)
+    r = a - L
+    nothing = empty_state(B, H, m, v.shape[-1], v)
+    own = _chunk_end(pk, vc, r, L, {k: x.unsqueeze(2) for k, x in nothing.items()})
+    entering = _carried({**own, "decay": L[..., -1]}, state if state is not None else nothing)
+    inside = {k: x[:, :, :-1] for k, x in entering.items()}
+    out = _chunk_out(pq, pk, vc, r, L, inside, eps, qs)
+    return out.flatten(2, 3)[:, :, :T].to(dtype), {k: x[:, :, -1] for k, x in entering.items()}
 
 
 def causal_step(
