@@ -243,3 +243,23 @@ def test_step_profile_refuses_bad_values(argv, message):
     r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", *argv],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr
+
+
+def test_gpu_ops_check_runs_every_family_on_this_machine(tmp_path):
+    """The device check a GPU session runs, here on the CPU with short sequences:
+    it imports, covers every family's fast forms, and they agree with the references."""
+    out = tmp_path / "ops.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ops_check.py"), "--device", "cpu", "--quick",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report_ = json.loads(out.read_text())
+    forms = {(row["family"], row["form"]) for row in report_["parity"]}
+    assert {("flash", "mixed_chunk"), ("memsizer", "chunked")} <= forms
+    assert {(f"kernel-{m}", "parallel") for m in ("elu", "favor", "rfa", "t2r")} <= forms
+    for row in report_["parity"]:
+        assert row["out_vs_naive"] < 1e-5 and row.get("grad_vs_naive", 0.0) < 1e-5, row
+    assert all(row["finite"] and row["rel_err_vs_fp32"] < 2e-2 for row in report_["low_precision"])
+    if not __import__("torch").cuda.is_available():  # asked for CUDA where there is none: one line
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ops_check.py")], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("gpu_ops_check: no CUDA device")
+        assert "Traceback" not in r.stderr
