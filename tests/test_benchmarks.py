@@ -263,3 +263,14 @@ def test_gpu_ops_check_runs_every_family_on_this_machine(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ops_check.py")], capture_output=True, text=True)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("gpu_ops_check: no CUDA device")
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("family", ["performer", "memsizer"])
+def test_training_runs_as_many_operators_at_every_length(family):
+    """The whole LM's forward+backward (benchmarks.op_counts, the CPU proxy for GPU
+    kernel launches) runs the same number of aten operators at T = 128 and 512:
+    no loop over chunks or positions anywhere in the family's training path."""
+    from benchmarks import models, op_counts
+
+    model, _, _ = models.build("lm", family)
+    assert op_counts.train_ops(model, 128) == op_counts.train_ops(model, 512)

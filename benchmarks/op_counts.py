@@ -1,0 +1,132 @@
+"""How many operators each family's model runs: a CPU proxy for GPU launch cost.
+
+    python -m benchmarks.op_counts [--families transformer,memsizer] [--out FILE.json]
+
+On a GPU every aten operator launches at least one kernel, so a form whose
+operator count grows with the sequence length launches O(T) kernels. With the
+benchmark suites' LMs (benchmarks/models.py, batch 1), torch.profiler counts
+the leaf aten operators (those that call no other aten operator) of
+
+  train   one forward + backward at T = 256, 1024 and 4096 tokens;
+  decode  one incremental decoding step after a prefix of 64 and of 512 tokens,
+          for the whole model and per decoder layer (the ops run inside
+          decoder.layers[i], averaged over the layers; a FLASH layer is a GAU,
+          which stands in for attention and FFN).
+
+Counts, not timings: the numbers do not depend on the machine's speed.
+Writes JSON and a markdown table beside it.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from . import models
+
+TRAIN_LENGTHS = (256, 1024, 4096)
+PREFIXES = (64, 512)
+LAYER = "op_counts.layer"
+
+
+def leaf_aten(prof) -> list:
+    """The profiled aten operators that call no other aten operator."""
+    return [e for e in prof.events() if e.name.startswith("aten::")
+            and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+
+
+def in_layer(event) -> bool:
+    while event is not None:
+        if event.name == LAYER:
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def count(fn, layers=()) -> tuple:
+    """(leaf aten ops of fn(), of those run inside `layers`)."""
+    handles = []
+    for layer in layers:
+        scope = {}
+        handles.append(layer.register_forward_pre_hook(lambda m, a, s=scope: s.update(r=record_function(LAYER).__enter__())))
+        handles.append(layer.register_forward_hook(lambda m, a, o, s=scope: s["r"].__exit__(None, None, None)))
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    ops = leaf_aten(prof)
+    return len(ops), sum(1 for e in ops if in_layer(e))
+
+
+def train_ops(model, T: int) -> int:
+    model.train()
+    tokens = torch.randint(4, models.VOCAB, (1, T))
+
+    def step():
+        logits, _ = model(tokens)
+        logits.float().sum().backward()
+
+    step()  # first call: lazy buffers, caches
+    return count(step)[0]
+
+
+def decode_ops(model, prefix: int) -> dict:
+    model.eval()
+    tokens = torch.randint(4, models.VOCAB, (1, prefix + 1))
+    state = {}
+    with torch.no_grad():
+        for t in range(1, prefix + 1):
+            model.decoder(tokens[:, :t], incremental_state=state)
+        layers = list(model.decoder.layers)
+        total, inside = count(lambda: model.decoder(tokens, incremental_state=state), layers)
+    return {"step": total, "per_layer": inside / len(layers), "layers": len(layers)}
+
+
+def measure(families) -> dict:
+    torch.manual_seed(0)
+    out = {}
+    for family in families:
+        model, _, info = models.build("lm", family)
+        out[family] = {"arch": info["arch"], "args": info["args"],
+                       "train": {str(T): train_ops(model, T) for T in TRAIN_LENGTHS},
+                       "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
+        print(f"{family}: {out[family]['train']} {out[family]['decode']}", flush=True)
+    return out
+
+
+def table(results: dict) -> str:
+    lines = ["| family | train ops " + " | ".join(f"T={T}" for T in TRAIN_LENGTHS) + " | decode step ops "
+             + " | ".join(f"after {L}" for L in PREFIXES) + " | per layer (layers) |",
+             "| --- " * (2 + len(TRAIN_LENGTHS) + len(PREFIXES)) + "|"]
+    for family, r in results.items():
+        last = r["decode"][str(PREFIXES[-1])]
+        lines.append(f"| {family} | " + " | ".join(str(r["train"][str(T)]) for T in TRAIN_LENGTHS) + " | "
+                     + " | ".join(str(r["decode"][str(L)]["step"]) for L in PREFIXES)
+                     + f" | {last['per_layer']:.0f} ({last['layers']}) |")
+    return "\n".join(lines).replace("| family | train ops T=", "| family | train T=") + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default=",".join(models.FAMILIES))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu/op-counts.json"))
+    args = ap.parse_args(argv)
+    families = args.families.split(",")
+    unknown = [f for f in families if f not in models.FAMILIES]
+    if unknown:
+        ap.error(f"--families: unknown family {unknown[0]!r} (choose from {', '.join(models.FAMILIES)})")
+    torch.set_num_threads(1)
+    results = measure(families)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"torch": torch.__version__, "batch": 1, "results": results}, indent=1))
+    args.out.with_suffix(".md").write_text(
+        "Leaf aten operators per forward+backward (train, batch 1) and per incremental decoding step "
+        "(`python -m benchmarks.op_counts`):\n\n" + table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
