@@ -232,6 +232,16 @@ def _chunk_end(phi_k, v, r, L, state: State) -> State:
     return {"S": S, "z": z, "M": top + L[..., -1]}
 
 
+def _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size: int):
+    """What both causal forms start from: the inputs in accumulation precision
+    (padded keys zeroed) and the keys' log-weights and log-decays."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
+    a, lg = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, gate_logits)
+    return phi_q, phi_k, v, a, lg
+
+
 def causal_chunked(
     phi_q: Tensor,
     phi_k: Tensor,
@@ -249,13 +259,9 @@ def causal_chunked(
     state; returns (out, final state). Memory O(T G + m d) beyond the inputs,
     but T / G steps of kernel launches: the reference `causal_parallel` is
     tested against, and the form to read first."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dtype = v.dtype
-    phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
-    B, H, T, m = phi_k.shape
-    a, lg = key_log_weights((B, H, T), phi_k, padding_mask, log_scale, gate_logits)
-    state = state if state is not None else empty_state(B, H, m, v.shape[-1], v)
+    phi_q, phi_k, v, a, lg = _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size)
+    state = state if state is not None else empty_state(*phi_k.shape[:2], phi_k.shape[-1], v.shape[-1], v)
     # split once rather than slice per chunk: the backward of a slice writes its
     # gradient into a zero tensor of the whole input, once per chunk (O(T^2 / G))
     chunks = lambda x, dim: x.split(chunk_size, dim=dim)  # noqa: E731
@@ -283,8 +289,8 @@ def _by_chunk(x: Tensor, G: int, fill: float = 0.0) -> Tensor:
 def _carried(summaries: State, first: State) -> State:
     """The state entering each chunk c = 0..C (C: the final state) from the
     chunks' own summaries (S, z relative to M, their log-weight at the chunk's
-    end; M also holds each chunk's total decay in "decay") and the state given
-    before the first chunk. Chunk c' < c reaches chunk c decayed by the chunks
+    end, and "decay", each chunk's total log-decay) and the state given before
+    the first chunk. Chunk c' < c reaches chunk c decayed by the chunks
     between them: log-weight M_c' + P_c - P_{c'+1}, P the decay before a chunk,
     summed in float64 (a difference of long sums). Every entering state is
     then one masked (C+1) x (C+1) weighting of the sources, relative to its own
@@ -304,17 +310,9 @@ def _carried(summaries: State, first: State) -> State:
 
 
 def causal_parallel(
-    phi_q: Tensor,
-    phi_k: Tensor,
-    v: Tensor,
-    padding_mask: Optional[Tensor] = None,
-    log_scale: Optional[Tensor] = None,
-    gate_logits: Optional[Tensor] = None,
-    q_log_scale: Optional[Tensor] = None,
-    state: Optional[State] = None,
-    *,
-    chunk_size: int,
-    eps: float,
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None,
+    log_scale: Optional[Tensor] = None, gate_logits: Optional[Tensor] = None, q_log_scale: Optional[Tensor] = None,
+    state: Optional[State] = None, *, chunk_size: int, eps: float,
 ) -> Tuple[Tensor, State]:
     """Causal kernel attention, chunkwise parallel (the function of
     `causal_chunked`, without its loop): every chunk's summary at once, the
@@ -323,12 +321,9 @@ def causal_parallel(
     Memory beyond the inputs, with C = T / G chunks: O(T G) for the scores
     inside the chunks, O(C m d) for the summaries and entering states, O(C^2)
     for their weights; the compute of the carry is O(C^2 m d)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dtype, T, G = v.dtype, v.shape[2], chunk_size
-    phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
+    phi_q, phi_k, v, a, lg = _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size)
     B, H, _, m = phi_k.shape
-    a, lg = key_log_weights((B, H, T), phi_k, padding_mask, log_scale, gate_logits)
     # padded to whole chunks: the extra keys weigh nothing (a = -inf) and do not decay (log g = 0)
     pq, pk, vc = _by_chunk(phi_q, G), _by_chunk(phi_k, G), _by_chunk(v, G)
     a, lg = _by_chunk(a.unsqueeze(-1), G, NEG_INF).squeeze(-1), _by_chunk(lg.unsqueeze(-1), G).squeeze(-1)
