@@ -5,7 +5,8 @@
 On a GPU every aten operator launches at least one kernel, so a form whose
 operator count grows with the sequence length launches O(T) kernels. With the
 benchmark suites' LMs (benchmarks/models.py, batch 1), torch.profiler counts
-the leaf aten operators (those that call no other aten operator) of
+the aten operators that do work (views and allocations left out) and call
+no other such operator, one per kernel a GPU would launch, of
 
   train   one forward + backward at T = 256, 1024 and 4096 tokens;
   decode  one incremental decoding step after a prefix of 64 and of 512 tokens,
@@ -30,10 +31,25 @@ PREFIXES = (64, 512)
 LAYER = "op_counts.layer"
 
 
+# operators that only describe memory (views, allocation, no-op conversions): no kernel of their own
+METADATA = {f"aten::{name}" for name in (
+    "view", "as_strided", "_unsafe_view", "_reshape_alias", "reshape", "resolve_conj", "resolve_neg", "detach",
+    "detach_", "empty", "empty_strided", "empty_like", "expand", "expand_as", "permute", "transpose", "t",
+    "unsqueeze", "squeeze", "select", "slice", "alias", "unflatten", "flatten", "split", "split_with_sizes",
+    "chunk", "narrow", "unbind", "lift_fresh", "to", "numpy_T", "view_as", "set_")}
+
+
+def works(event) -> bool:
+    return event.name.startswith("aten::") and event.name not in METADATA
+
+
 def leaf_aten(prof) -> list:
-    """The profiled aten operators that call no other aten operator."""
-    return [e for e in prof.events() if e.name.startswith("aten::")
-            and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    """The profiled aten operators that do work (not METADATA) and call no other
+    such operator: one per kernel a GPU would launch, composites counted once."""
+    def below(e):
+        return any(works(c) or below(c) for c in e.cpu_children)
+
+    return [e for e in prof.events() if works(e) and not below(e)]
 
 
 def in_layer(event) -> bool:

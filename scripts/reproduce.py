@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from linear_fairseq import families, scoring  # noqa: E402
 from linear_fairseq.progress import Progress  # noqa: E402
-import publishing  # noqa: E402  (scripts/, beside this file)
+import publishing  # noqa: E402
 
 FAMILIES = families.names()  # the softmax baseline, then every registered family
 SP = ["--post-process", "sentencepiece"]

@@ -19,14 +19,14 @@ def test_ablations_smoke_writes_rows_seeds_and_reuses_recorded_runs(tmp_path):
     rows = "softmax,flash-keys-paper-init"
     out = reproduce("mt", raw, tmp_path, "--ablations", "--rows", rows)
     assert re.search(r"\[3/3, \d+ min, about \d+ min left\] softmax, seed 2", out)
-    md = (tmp_path / "results" / "ablations-mt-smoke.md").read_text()
-    with open(tmp_path / "results" / "ablations-mt-smoke.csv") as f:
+    md = (tmp_path / "work" / "results" / "ablations-mt-smoke.md").read_text()
+    with open(tmp_path / "work" / "results" / "ablations-mt-smoke.csv") as f:
         table = {r["row"]: r for r in csv.DictReader(f)}
     assert set(table) == {"softmax", "flash-keys-paper-init"} and "| softmax | transformer |" in md
     assert table["softmax"]["seeds"].count("/") == 1 and table["flash-keys-paper-init"]["seeds"].count("/") == 0
     for r in table.values():
         assert 0 <= float(r["bleu"]) <= 100 and finite(r["valid loss"]) and int(r["updates"]) == 16
-    with open(tmp_path / "results" / "ablations-mt-smoke.runs.csv") as f:
+    with open(tmp_path / "work" / "results" / "ablations-mt-smoke.runs.csv") as f:
         runs = list(csv.DictReader(f))
     flash = next(r for r in runs if r["row"] == "flash-keys-paper-init")
     assert "++model.gau_relu2_norm=keys" in flash["overrides"] and "common.seed=1" in flash["overrides"]
@@ -37,7 +37,7 @@ def test_ablations_smoke_writes_rows_seeds_and_reuses_recorded_runs(tmp_path):
     # --fresh retrains the rows asked for and leaves the others' runs in the table
     fresh = reproduce("mt", raw, tmp_path, "--ablations", "--rows", "flash-keys-paper-init", "--fresh")
     assert "flash-keys-paper-init, seed 1: bleu" in fresh and "softmax, seed" not in fresh
-    with open(tmp_path / "results" / "ablations-mt-smoke.runs.csv") as f:
+    with open(tmp_path / "work" / "results" / "ablations-mt-smoke.runs.csv") as f:
         after = list(csv.DictReader(f))
     assert sorted((r["row"], r["seed"]) for r in after) == sorted((r["row"], r["seed"]) for r in runs)
     assert [r for r in after if r["row"] == "softmax"] == [r for r in runs if r["row"] == "softmax"]
@@ -59,7 +59,7 @@ def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(tmp_path):
     run = tmp_path / "work" / "runs" / "linearize" / "memsizer-linearized-10-s1"
     assert "| mapped: W_r = out_proj(v_proj(x)) |" in (run / "linearize.log").read_text()
     assert f"loading pretrained model from {run / 'linearized.pt'}" in (run / "train.log").read_text()
-    with open(tmp_path / "results" / "linearize-mt-smoke.runs.csv") as f:
+    with open(tmp_path / "work" / "results" / "linearize-mt-smoke.runs.csv") as f:
         runs = {r["row"]: r for r in csv.DictReader(f)}
     assert runs["memsizer-linearized-10"]["overrides"].endswith("linearize_from=softmax")
     assert 0 <= float(runs["memsizer-linearized-10"]["bleu"]) <= 100
@@ -84,10 +84,10 @@ def test_a_second_stage_row_continues_from_the_first_stages_checkpoint(tmp_path)
     log = (second / "train.log").read_text()
     assert f"loading pretrained model from {first / 'checkpoint_last.pt'}" in log
     assert "'train_attention_only': False" in log
-    with open(tmp_path / "results" / "linearize-mt-smoke.runs.csv") as f:
+    with open(tmp_path / "work" / "results" / "linearize-mt-smoke.runs.csv") as f:
         runs = {r["row"]: r for r in csv.DictReader(f)}
     assert runs["memsizer-attention-then-all-25"]["overrides"].endswith("finetune_from=memsizer-attention-10")
-    assert (tmp_path / "results" / "linearize-mt-smoke.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "work" / "results" / "linearize-mt-smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_resumed_row_continues_the_earlier_run_to_twice_its_updates(tmp_path):
@@ -100,7 +100,7 @@ def test_a_resumed_row_continues_the_earlier_run_to_twice_its_updates(tmp_path):
     log = (second / "train.log").read_text()
     assert f"Loaded checkpoint {first / 'checkpoint_last.pt'} (epoch" in log and "@ 16 updates)" in log
     assert "loading pretrained model" not in log  # resumed, not fine-tuned: nothing is reset
-    with open(tmp_path / "results" / "budget-mt-smoke.runs.csv") as f:
+    with open(tmp_path / "work" / "results" / "budget-mt-smoke.runs.csv") as f:
         runs = {r["row"]: r for r in csv.DictReader(f)}
     assert int(runs["softmax-1x"]["updates"]) == 16 and int(runs["softmax-2x"]["updates"]) == 32
     assert float(runs["softmax-2x"]["train min"]) > float(runs["softmax-1x"]["train min"])

@@ -220,6 +220,18 @@ def test_eps_clamps_the_true_normalizer():
         assert_close(got.double(), exact, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name,eps", [("favor", 0.5), ("elu", 100.0)])
+def test_eps_clamps_alike_in_every_form_with_a_gate(name, eps):
+    """A recency gate and a clamp that bites: every form clamps the same rows."""
+    T = 48
+    q, k, v = (x * 3.0 for x in qkv(T, seed=4))
+    gate = gate_logits(T) * 3
+    outs = {form: run(form, name, q, k, v, gate=gate, eps=eps, chunk=8) for form in FORMS}
+    assert (outs["naive"] - run("naive", name, q, k, v, gate=gate, eps=0.0)).abs().max() > 1e-2  # it bites
+    for form in FORMS[1:]:
+        assert_close(outs[form], outs["naive"], rtol=1e-4)
+
+
 def test_an_empty_sum_gives_zero_not_nan():
     """t2r features that are all zero (relu of negatives): output 0, gradients finite."""
     q, k, v = qkv(5)

@@ -147,7 +147,7 @@ class LinearAttention(nn.Module):
             out_t, state = self.step(x[:, t], state, mask_t)
             outs.append(out_t)
         self._set_input_buffer(incremental_state, state)
-        return torch.stack(outs, dim=1)
+        return outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
 
     # -- incremental state helpers (as in fairseq's MultiheadAttention) ----
     def _get_input_buffer(self, incremental_state) -> State:

@@ -199,15 +199,14 @@ class PerformerAttention(LinearAttention):
         return self.merge(out, x.dtype)
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        h = x.unsqueeze(1)  # (B, 1, C): the same projections as training, then the recurrence
-        phi_q, q_scale = self.features(h, self.q_proj)
-        phi_k, log_scale = self.features(h, self.k_proj)
-        one = lambda t: None if t is None else t.squeeze(2)  # noqa: E731  drop the time axis
-        out, state = K.causal_step(
-            one(phi_q), one(phi_k), one(self.heads(self.v_proj(h))), state or None,
-            padding_mask, one(log_scale), one(self.gate_logits(h)), one(q_scale), eps=self.eps,
-        )
-        return self.merge(out.unsqueeze(2), x.dtype).squeeze(1), state
+        # the query's and the key's features in one call: (B, 2, C) -> (B, H, 2, m)
+        phi, scale = self.phi(self.heads(torch.stack([self.q_proj(x), self.k_proj(x)], dim=1)))
+        at = lambda t, i: None if t is None else t[:, :, i]  # noqa: E731
+        gate = None if self.gate is None else self.gate(x)
+        v = self.v_proj(x).view(x.shape[0], self.num_heads, self.head_dim)
+        out, state = K.causal_step(phi[:, :, 0], phi[:, :, 1], v, state or None, padding_mask,
+                                   at(scale, 1), gate, at(scale, 0), eps=self.eps)
+        return self.out_proj(out.flatten(1).to(x.dtype)), state
 
 
 @register_attention("performer")

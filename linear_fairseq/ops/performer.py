@@ -118,20 +118,35 @@ def key_log_weights(
     return a, lg
 
 
+LOWEST = -1e30  # a reference where no key is visible yet: every visible log-weight is above it
+
+
 def _finite(R: Tensor) -> Tensor:
-    """A reference where no key is visible yet: any finite value does."""
-    return R.masked_fill(R == NEG_INF, 0.0)
+    """The reference R, or LOWEST where no key is visible yet (R = -inf), so
+    exp(w - R) is 0 for the invisible keys rather than nan."""
+    return R.clamp(min=LOWEST)
 
 
-def clamp_floor(eps: float, log_offset: Tensor, q_log_scale: Optional[Tensor]) -> Tensor:
+TINY = torch.finfo(torch.float32).tiny  # the smallest clamp: an empty sum gives 0, not 0/0
+
+
+def clamp_floor(eps: float, log_offset: Optional[Tensor], q_log_scale: Optional[Tensor]):
     """The clamp of a stabilized normalizer that is eps in true scale, where the
-    true normalizer is the stabilized one times exp(log_offset + q_log_scale)."""
-    tiny = torch.finfo(log_offset.dtype).tiny
+    true normalizer is the stabilized one times exp(log_offset + q_log_scale)
+    (None: 0): eps exp(-offset), kept between TINY and eps exp(80). A number
+    where it is the same for every query."""
     if not eps:
-        return log_offset.new_full((), tiny)
+        return TINY
     if q_log_scale is not None:
-        log_offset = log_offset + acc(q_log_scale)
-    return (eps * torch.exp((-log_offset).clamp(max=80.0))).clamp(min=tiny)  # exp(80) eps: never inf
+        log_offset = acc(q_log_scale) if log_offset is None else log_offset + acc(q_log_scale)
+    if log_offset is None:
+        return max(eps, TINY)
+    return torch.exp((math.log(eps) - log_offset).clamp(min=math.log(TINY), max=math.log(eps) + 80.0))
+
+
+def at_least(den: Tensor, floor) -> Tensor:
+    """den clamped below at floor (a number or a tensor, from clamp_floor)."""
+    return den.clamp(min=floor) if isinstance(floor, float) else torch.maximum(den, floor)
 
 
 # -- reference -------------------------------------------------------------------
@@ -162,7 +177,7 @@ def weights(
     R = _finite(w.amax(-1, keepdim=True)).detach()
     scores = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(w - R)
     floor = clamp_floor(eps, R, None if q_log_scale is None else q_log_scale.unsqueeze(-1))
-    return scores / torch.maximum(scores.sum(-1, keepdim=True), floor)
+    return scores / at_least(scores.sum(-1, keepdim=True), floor)
 
 
 def naive(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, *args, **kwargs) -> Tensor:
@@ -193,7 +208,7 @@ def read(
     phi_q = acc(phi_q)
     S, z, M = state["S"], state["z"], state["M"]
     floor = clamp_floor(eps, M[..., None, None], None if q_log_scale is None else q_log_scale.unsqueeze(-1))
-    return ((phi_q @ S) / torch.maximum(phi_q @ z.unsqueeze(-1), floor)).to(dtype)
+    return ((phi_q @ S) / at_least(phi_q @ z.unsqueeze(-1), floor)).to(dtype)
 
 
 # -- causal: chunks carrying the state; a decoding step is a chunk of one ------------
@@ -216,7 +231,7 @@ def _chunk_out(phi_q, phi_k, v, r, L, state: State, eps: float, q_log_scale) -> 
     w_state = torch.exp(M.unsqueeze(-1) - R)  # the carried state, seen from t
     num = scores @ v + w_state.unsqueeze(-1) * (phi_q @ S)
     den = scores.sum(-1) + w_state * (phi_q @ z.unsqueeze(-1)).squeeze(-1)
-    return num / torch.maximum(den, clamp_floor(eps, R + L, q_log_scale)).unsqueeze(-1)
+    return num / at_least(den, clamp_floor(eps, R + L, q_log_scale)).unsqueeze(-1)
 
 
 def _chunk_end(phi_k, v, r, L, state: State) -> State:
@@ -355,30 +370,63 @@ def causal_step(
     the reference M as in the chunked form (the same update with G = 1):
         S_i = w_old S_{i-1} + w_i phi(k_i) v_i^T,  z_i = w_old z_{i-1} + w_i phi(k_i),
         out_i = phi(q_i)^T S_i / max(phi(q_i)^T z_i, eps).
-    The state is O(m d) per head, whatever the prefix length; without autograd
-    (decoding) it is updated in place rather than copied every step."""
+    The state is O(m d) per head, whatever the prefix length. Without autograd
+    (decoding) it is updated in place rather than copied every step, and no
+    value is read back to the host (no device sync)."""
     dtype = v.dtype
     phi_q, phi_k, v = acc(phi_q), acc(phi_k), acc(v)
     B, H, m = phi_k.shape
-    column = lambda x: None if x is None else x.unsqueeze(-1)  # noqa: E731  a chunk of one token
-    a, lg = key_log_weights((B, H, 1), phi_k, column(padding_mask), column(log_scale), column(gate_logits))
-    a, lg = a.squeeze(-1), lg.squeeze(-1)
     state = state if state is not None else empty_state(B, H, m, v.shape[-1], v)
-    S, z, M = state["S"], state["z"], state["M"]
-    r = a - lg  # this key's log-weight, up to the common factor exp(lg)
-    R_raw = torch.maximum(M, r).detach()
-    R = _finite(R_raw)
-    w_old, w_new = torch.exp(M - R), torch.exp(r - R)  # (B, H), both <= 1
-    kw = (phi_k * w_new.unsqueeze(-1)).masked_fill(w_new.unsqueeze(-1) == 0, 0.0)  # padded keys add nothing
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v, S, z)):
-        S = w_old[..., None, None] * S + kw.unsqueeze(-1) * v.unsqueeze(-2)
-        z = w_old.unsqueeze(-1) * z + kw
+    if padding_mask is not None:  # a padded key adds nothing: zero features, weight 0
+        phi_k = phi_k.masked_fill(padding_mask[:, None, None], 0.0)
+    if log_scale is None and gate_logits is None:
+        S, z, M, w_old, kw = _unweighted_update(state, phi_k, padding_mask)
+        floor = clamp_floor(eps, None, q_log_scale)
     else:
-        if bool((w_old != 1).any()):
+        S, z, M, w_old, kw = _weighted_update(state, phi_k, padding_mask, log_scale, gate_logits)
+        column = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731
+        offset = _finite(M).unsqueeze(-1) if eps else None  # M: the new reference, decay included
+        floor = clamp_floor(eps, offset, column(q_log_scale))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v, S, z, kw)):
+        if w_old is not None:
+            S, z = w_old[..., None, None] * S, w_old.unsqueeze(-1) * z
+        S, z = S + kw.unsqueeze(-1) * v.unsqueeze(-2), z + kw
+    else:
+        if w_old is not None:
             S.mul_(w_old[..., None, None])
             z.mul_(w_old.unsqueeze(-1))
-        S.view(B * H, m, -1).baddbmm_(kw.view(B * H, m, 1), v.reshape(B * H, 1, -1))
+        S.view(B * H, m, -1).baddbmm_(kw.reshape(B * H, m, 1), v.reshape(B * H, 1, -1))
         z.add_(kw)
-    floor = clamp_floor(eps, R + lg, q_log_scale).unsqueeze(-1)
-    out = (phi_q.unsqueeze(-2) @ S).squeeze(-2) / torch.maximum((phi_q * z).sum(-1, keepdim=True), floor)
-    return out.to(dtype), {"S": S, "z": z, "M": R_raw + lg}
+    q = phi_q.unsqueeze(-2)
+    den = (q @ z.unsqueeze(-1)).squeeze(-2)
+    out = (q @ S).squeeze(-2) / at_least(den, floor)
+    return out.to(dtype), {"S": S, "z": z, "M": M}
+
+
+def _unweighted_update(state: State, phi_k: Tensor, padding_mask):
+    """Keys of weight 1 (no log-scale, no gate): the sums just grow. The
+    reference stays 0 once a key has been seen (-inf before: nothing yet)."""
+    M = state["M"] if padding_mask is None and not torch.is_grad_enabled() else state["M"].clone()
+    if padding_mask is None:
+        M.clamp_(min=0.0)
+    else:
+        M.masked_fill_(~padding_mask[:, None], 0.0)
+    return state["S"], state["z"], M, None, phi_k
+
+
+def _weighted_update(state: State, phi_k: Tensor, padding_mask, log_scale, gate_logits):
+    """Keys with a log-scale and/or a decay: the new reference R = max(M, r),
+    the old sums scaled by exp(M - R) <= 1, the new key weighted exp(r - R) <= 1."""
+    S, z, M = state["S"], state["z"], state["M"]
+    a = phi_k.new_zeros(phi_k.shape[:2]) if log_scale is None else acc(log_scale)
+    lg = None
+    if gate_logits is not None:
+        lg = F.logsigmoid(acc(gate_logits))  # log g: the decay of everything before
+        a = a + F.logsigmoid(-acc(gate_logits))  # log(1 - g): the weight of this key
+    if padding_mask is not None:
+        a = a.masked_fill(padding_mask[:, None], NEG_INF)
+        lg = None if lg is None else lg.masked_fill(padding_mask[:, None], 0.0)
+    r = a if lg is None else a - lg  # this key's log-weight, up to the common factor exp(lg)
+    R_raw = torch.maximum(M, r).detach()
+    w_old, w_new = torch.exp(torch.stack([M, r]) - _finite(R_raw)).unbind()  # (B, H) each, both <= 1
+    return S, z, R_raw if lg is None else R_raw + lg, w_old, phi_k * w_new.unsqueeze(-1)
