@@ -274,3 +274,24 @@ def test_training_runs_as_many_operators_at_every_length(family):
 
     model, _, _ = models.build("lm", family)
     assert op_counts.train_ops(model, 128) == op_counts.train_ops(model, 512)
+
+
+@pytest.mark.slow
+def test_train_check_trains_a_family_through_fairseq_train(tmp_path):
+    """benchmarks.train_check (the GPU check's fp16 step, here fp32 on the CPU):
+    generated data, fairseq-preprocess, fairseq-train; finite, falling loss."""
+    out = tmp_path / "train.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.train_check", "--families", "memsizer", "--updates", "8",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["ok"] and len(run["losses"]) >= 2 and run["losses"][-1] < run["losses"][0] and min(run["wps"]) > 0
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == ("gpu_check: no CUDA device visible to python3's torch on "
+                                                      "this machine; run it where one is")

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, on a machine with an NVIDIA GPU:
+#   bash scripts/gpu_check.sh [OUT]        (default benchmarks/results/cuda)
+# 1. benchmarks/gpu_ops_check.py: every family's fast forms against the quadratic
+#    references on the GPU (outputs, gradients), fp16/bf16 at T = 4096 and 16384,
+#    forward+backward time and memory against SDPA and fla-core      -> OUT/gpu_ops.json
+# 2. python -m benchmarks.run --device cuda, suites train and decode, GPU budgets
+#                                                                     -> OUT/results.{json,md}, plots
+# 3. python -m benchmarks.train_check --fp16: a short fairseq-train of every
+#    family through the stock CLI on generated data                   -> OUT/train_check.json
+# It uses the Python whose torch sees CUDA (python3, or $PYTHON). Where fairseq
+# is not installed, the wheels of ../shared/gpu/wheels.sh in .gpu/whl are
+# installed into a temporary folder first (no network needed). Each step's
+# output goes to OUT/gpu_check.log as well; a failed step is named at the end.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$(mkdir -p "${1:-$ROOT/benchmarks/results/cuda}" && cd "${1:-$ROOT/benchmarks/results/cuda}" && pwd)"
+PY="${PYTHON:-python3}"
+cd "$ROOT"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA device visible to $PY's torch on this machine; run it where one is" >&2
+    exit 1
+fi
+if ! "$PY" -c "import fairseq" 2>/dev/null; then
+    if ! ls .gpu/whl/*.whl >/dev/null 2>&1; then
+        echo "gpu_check: fairseq is not installed and .gpu/whl has no wheels: run bash ../shared/gpu/wheels.sh on a machine with package access and copy .gpu/ along" >&2
+        exit 1
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/gpu_check_site .gpu/whl/*.whl || exit 1
+    export PATH="/tmp/gpu_check_site/bin:$PATH"
+    export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+failed=()
+step() {  # step NAME COMMAND...: run it, its output to the console and the log
+    local name="$1"
+    shift
+    echo "== gpu_check: $name" | tee -a "$OUT/gpu_check.log"
+    "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("$name")
+}
+step ops "$PY" benchmarks/gpu_ops_check.py --device cuda --out "$OUT/gpu_ops.json"
+step train-suite "$PY" -m benchmarks.run --device cuda --suite train --budget 120 --out "$OUT/train" --no-plots
+step decode-suite "$PY" -m benchmarks.run --device cuda --suite decode --budget 30 --out "$OUT/decode" --no-plots
+step fp16-train "$PY" -m benchmarks.train_check --fp16 --updates 60 --out "$OUT/train_check.json"
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "gpu_check: failed steps: ${failed[*]} (log: $OUT/gpu_check.log)" >&2
+    exit 1
+fi
+echo "gpu_check: done; JSON and tables in $OUT"
