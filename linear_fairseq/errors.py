@@ -11,6 +11,7 @@ untouched.
 """
 import os
 import sys
+from pathlib import Path
 
 from hydra.errors import CompactHydraException
 
@@ -35,37 +36,64 @@ def _flag(*names) -> bool:
     return any(arg in names for arg in sys.argv[1:])
 
 
-def _checkpoint_args() -> str:
-    """The checkpoint files the command line names (--path a.pt:b.pt, --restore-file, ...)."""
-    names = ("--path", "--restore-file", "--finetune-from-model")
+def _option(name: str):
+    """The value the command line gives option `name` (--name V or --name=V), or None."""
     args = sys.argv[1:]
-    files = [v for flag, v in zip(args, args[1:]) if flag in names]
-    files += [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in names and "=" in a]
-    return ", ".join(files) or "the checkpoint"
+    values = [v for flag, v in zip(args, args[1:]) if flag == name]
+    values += [a.split("=", 1)[1] for a in args if a.startswith(name + "=")]
+    return values[-1] if values else None
 
 
-def _unreadable_checkpoint() -> str:
-    return (f"cannot read {_checkpoint_args()}: the file is empty or truncated (a copy or save that was cut "
-            "short); use another checkpoint, e.g. a numbered checkpoint_E_U.pt from the same run")
+def _checkpoint_args() -> str:
+    """The checkpoint files the command line names (--path a.pt:b.pt, --restore-file,
+    ...); for fairseq-train without them, the checkpoint it resumes from."""
+    files = [v for v in map(_option, ("--path", "--restore-file", "--finetune-from-model")) if v is not None]
+    if files:
+        return ", ".join(files)
+    if sys.argv[0].endswith("fairseq-train"):
+        return str(Path(_option("--save-dir") or "checkpoints") / "checkpoint_last.pt")
+    return "the checkpoint"
+
+
+def _unreadable_checkpoint(exc) -> str:
+    fix = ("move it away to start afresh, or resume from a numbered checkpoint_E_U.pt of the same run with "
+           "--restore-file" if sys.argv[0].endswith("fairseq-train") and not _flag("--finetune-from-model")
+           else "use another checkpoint, e.g. a numbered checkpoint_E_U.pt from the same run")
+    return f"cannot read {_checkpoint_args()}: the file is empty or truncated (a copy or save that was cut short); {fix}"
+
+
+def _loading_checkpoint(exc) -> bool:
+    """Whether `exc` was raised by torch.load (torch/serialization.py at the bottom of its traceback)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(os.path.join("torch", "serialization.py"))
+
+
+def _missing_checkpoint(exc) -> str:
+    path = str(exc).split("Model file not found:", 1)[1].strip()
+    return f"{path}: no such checkpoint file; check --path (a relative path is taken from where the command runs)"
 
 
 # (exception type, words in its message, when it applies, the one-line fix)
 KNOWN_FAILURES = [
-    (AssertionError, "Torch not compiled with CUDA enabled", lambda: _flag("--fp16", "--memory-efficient-fp16"),
-     lambda: "--fp16 without a GPU: fairseq flattens the fp32 master gradients on CUDA; add --fp16-no-flatten-grads"),
-    (AttributeError, "'xla_device'", lambda: _flag("--bf16"),
-     lambda: "fairseq-train --bf16 turns on fairseq's TPU path (--tpu); without a TPU use fairseq-hydra-train with "
+    (AssertionError, "Torch not compiled with CUDA enabled", lambda e: _flag("--fp16", "--memory-efficient-fp16"),
+     lambda e: "--fp16 without a GPU: fairseq flattens the fp32 master gradients on CUDA; add --fp16-no-flatten-grads"),
+    (AttributeError, "'xla_device'", lambda e: _flag("--bf16"),
+     lambda e: "fairseq-train --bf16 turns on fairseq's TPU path (--tpu); without a TPU use fairseq-hydra-train with "
      "common.bf16=true common.fp16_no_flatten_grads=true (docs/running-at-scale.md)"),
-    (RuntimeError, "PytorchStreamReader failed", lambda: True, _unreadable_checkpoint),
-    (EOFError, "", lambda: _flag("--path", "--restore-file", "--finetune-from-model"), _unreadable_checkpoint),
+    (RuntimeError, "PytorchStreamReader failed", lambda e: True, _unreadable_checkpoint),
+    (EOFError, "", lambda e: _flag("--path", "--restore-file", "--finetune-from-model"), _unreadable_checkpoint),
+    (OSError, "Invalid argument", _loading_checkpoint, _unreadable_checkpoint),  # torch's zip reader, cut early
+    (OSError, "Model file not found:", lambda e: True, _missing_checkpoint),  # fairseq's load_model_ensemble
 ]
 
 
 def known_failure(exc):
     """The one-line fix for a fairseq failure in KNOWN_FAILURES, or None."""
     for kind, words, applies, fix in KNOWN_FAILURES:
-        if isinstance(exc, kind) and words in str(exc) and applies():
-            return fix()
+        if isinstance(exc, kind) and words in str(exc) and applies(exc):
+            return fix(exc)
     return None
 
 

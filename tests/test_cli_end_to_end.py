@@ -279,6 +279,31 @@ def test_unreadable_checkpoint_is_named(multi30k, tmp_path):
         assert f"cannot read {tmp_path / name}: the file is empty or truncated" in r.stderr.splitlines()[-1]
 
 
+def test_a_real_checkpoint_cut_short_or_missing_is_named(austen_lm, tmp_path):
+    """A trained checkpoint cut at a few kB, 10 kB and half its size, given to
+    fairseq-eval-lm and resumed by fairseq-train; a path that does not exist."""
+    data, ckpt = austen_lm
+    whole = ckpt.read_bytes()
+    for size in (3_000, 10_000, len(whole) // 2):
+        cut = tmp_path / f"cut{size}.pt"
+        cut.write_bytes(whole[:size])
+        r = fairseq("eval-lm", data / "bin", "--path", cut, "--max-tokens", 512, check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert r.stderr.splitlines()[-1].startswith(f"error: cannot read {cut}: the file is empty or truncated")
+        save = tmp_path / f"save{size}"
+        save.mkdir()
+        (save / "checkpoint_last.pt").write_bytes(whole[:size])
+        r = fairseq("train", data / "bin", "--arch", "memsizer_lm", *TINY_LM, "--max-update", 1, "--save-dir", save,
+                    check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert f"cannot read {save / 'checkpoint_last.pt'}: the file is empty or truncated" in r.stderr.splitlines()[-1]
+        assert "--restore-file" in r.stderr.splitlines()[-1]
+    r = fairseq("eval-lm", data / "bin", "--path", tmp_path / "none.pt", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1] == (f"error: {tmp_path / 'none.pt'}: no such checkpoint file; check --path "
+                                         "(a relative path is taken from where the command runs)")
+
+
 def test_bad_value_through_hydra_is_one_line(multi30k, tmp_path):
     r = subprocess.run(
         ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / "mt"), "--config-name", "multi30k",

@@ -263,16 +263,15 @@ def causal_step(
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
     state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
-    rows = torch.arange(B, device=q.device)
-    real = torch.ones(B, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask
     fill = state["fill"]
 
     def write(name, x):  # this token into slot `fill` of the current chunk (padded rows write nothing)
         buf = state[name]
+        slot = fill.view(B, 1, 1).expand(B, 1, buf.shape[-1])
         if padding_mask is not None:
-            x = torch.where(real[:, None], x, buf[rows, fill])
+            x = torch.where(padding_mask[:, None], buf.gather(1, slot).squeeze(1), x)
         in_place = not (torch.is_grad_enabled() and (x.requires_grad or buf.requires_grad))
-        return buf.index_put_((rows, fill), x) if in_place else buf.index_put((rows, fill), x)
+        return buf.scatter_(1, slot, x.unsqueeze(1)) if in_place else buf.scatter(1, slot, x.unsqueeze(1))
 
     k_chunk, kl_chunk, v_chunk = write("k_chunk", k), write("kl_chunk", kl), write("v_chunk", v)
     # quadratic over the chunk's tokens so far, linear over completed chunks
@@ -283,7 +282,7 @@ def causal_step(
     quad = (scores.unsqueeze(1) @ v_chunk).squeeze(1) / relu2_divisor(relu2_norm, G, fill[:, None] + 1.0)
     lin = (ql.unsqueeze(1) @ state["kv_done"]).squeeze(1) / state["n_done"].clamp(min=1.0)[:, None]
     # advance; a completed chunk moves into the linear sum (Sec. 3.2: sum_j k'_j v_j^T over past chunks)
-    fill = fill + real.long()
+    fill = fill + 1 if padding_mask is None else fill + (~padding_mask).long()
     full = fill == G
     kv_done = state["kv_done"]
     if bool(full.any()):
@@ -295,6 +294,6 @@ def causal_step(
         "v_chunk": v_chunk,
         "kv_done": kv_done,
         "n_done": state["n_done"] + full * G,
-        "fill": torch.where(full, 0, fill),
+        "fill": fill.masked_fill(full, 0),
     }
     return quad + lin, state

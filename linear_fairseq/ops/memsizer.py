@@ -134,15 +134,22 @@ def causal_step(
     """One decoding step. p, K: (B, k); V: (B, d); state {S, n} (None: empty).
 
     Returns (out, state) with S = sum_j k_j v_j^T and n = number of real tokens so far.
-    A padded step (padding_mask True) leaves S and n unchanged.
+    A padded step (padding_mask True) leaves S and n unchanged. Without autograd
+    (decoding) the state is updated in place.
     """
     B, k = K.shape
     state = state if state is not None else empty_state(B, k, V.shape[-1], K)
     S, n = state["S"], state["n"]
-    real = n.new_ones(B) if padding_mask is None else (~padding_mask).to(n.dtype)
+    K, V = acc(K), acc(V)
+    if padding_mask is not None:
+        K = K.masked_fill(padding_mask[:, None], 0.0)
     # S_i = S_{i-1} + k_i v_i^T (unscaled); n_i = n_{i-1} + 1
-    S = S + real.view(B, 1, 1) * (acc(K).unsqueeze(-1) * acc(V).unsqueeze(-2))
-    n = n + real
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (K, V, S)):
+        S = torch.baddbmm(S, K.unsqueeze(-1), V.unsqueeze(-2))
+        n = n + (1.0 if padding_mask is None else (~padding_mask).to(n.dtype))
+    else:
+        S.baddbmm_(K.unsqueeze(-1), V.unsqueeze(-2))
+        n.add_(1.0 if padding_mask is None else (~padding_mask).to(n.dtype))
     # out_i = p_i S_i / sqrt(i)
     out = (acc(p).unsqueeze(1) @ S).squeeze(1) * n.clamp(min=1.0).rsqrt().unsqueeze(-1)
     return out.to(V.dtype), {"S": S, "n": n}
