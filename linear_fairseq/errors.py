@@ -86,6 +86,9 @@ KNOWN_FAILURES = [
     (EOFError, "", lambda e: _flag("--path", "--restore-file", "--finetune-from-model"), _unreadable_checkpoint),
     (OSError, "Invalid argument", _loading_checkpoint, _unreadable_checkpoint),  # torch's zip reader, cut early
     (OSError, "Model file not found:", lambda e: True, _missing_checkpoint),  # fairseq's load_model_ensemble
+    (AttributeError, "supported_targets", lambda e: sys.argv[0].endswith("fairseq-eval-lm"),
+     lambda e: f"{_checkpoint_args()} is a translation (encoder-decoder) model, and fairseq-eval-lm scores language "
+     "models: decode it with fairseq-generate"),  # fairseq's own transformer, as our models say themselves
 ]
 
 

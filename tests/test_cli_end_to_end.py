@@ -269,6 +269,14 @@ def test_checkpoint_for_the_other_kind_of_task_is_refused_in_one_line(multi30k, 
     r = fairseq("eval-lm", data / "bin", "--path", save / "checkpoint_last.pt", "--max-tokens", 512, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "is a translation (encoder-decoder) model" in r.stderr.splitlines()[-1]
+    # fairseq's own softmax transformer too
+    fairseq("train", multi30k / "bin", "--arch", "transformer", *TINY_MT, "--max-update", 1, "--save-dir", tmp_path / "sm")
+    r = fairseq("eval-lm", data / "bin", "--path", tmp_path / "sm" / "checkpoint_last.pt", "--max-tokens", 512,
+                check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1] == (f"error: {tmp_path / 'sm' / 'checkpoint_last.pt'} is a translation "
+                                         "(encoder-decoder) model, and fairseq-eval-lm scores language models: "
+                                         "decode it with fairseq-generate")
 
 
 def test_unreadable_checkpoint_is_named(multi30k, tmp_path):
