@@ -140,7 +140,8 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"torch": torch.__version__, "batch": 1, "results": results}, indent=1))
     args.out.with_suffix(".md").write_text(
-        "Leaf aten operators per forward+backward (train, batch 1) and per incremental decoding step "
+        "Aten operators that do work (views, allocations left out; composites counted once) per "
+        "forward+backward (train, batch 1) and per incremental decoding step "
         "(`python -m benchmarks.op_counts`):\n\n" + table(results))
     print(table(results))
 
