@@ -287,6 +287,21 @@ def test_unreadable_checkpoint_is_named(multi30k, tmp_path):
         assert f"cannot read {tmp_path / name}: the file is empty or truncated" in r.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize("arch,extra", [("memsizer_transformer", []), ("performer_transformer", []),
+                                        ("flash_transformer", ["--gau-s", 16, "--gau-chunk-size", 8])])
+def test_layerdrop_pruning_at_inference(multi30k, tmp_path, arch, extra):
+    """Trained with LayerDrop, decoded with one layer of each stack kept
+    (--model-overrides, as for fairseq's transformer): a smaller model that decodes."""
+    data, save = multi30k / "bin", tmp_path / "ckpt"
+    fairseq("train", data, "--arch", arch, *TINY_MT, *extra, "--encoder-layers", 2, "--encoder-layerdrop", 0.2,
+            "--decoder-layerdrop", 0.2, "--max-update", 3, "--save-dir", save)
+    keep = "{'encoder_layers_to_keep':'1','decoder_layers_to_keep':'0'}"
+    gen = fairseq("generate", data, "--path", save / "checkpoint_last.pt", "--gen-subset", "valid", "--beam", 2,
+                  "--max-len-b", 5, "--batch-size", 64, "--model-overrides", keep)
+    assert "Pruning model to specified layer configuration" in gen.stderr + gen.stdout
+    assert len(read_hypotheses(gen.stdout)) == 200
+
+
 def test_a_real_checkpoint_cut_short_or_missing_is_named(austen_lm, tmp_path):
     """A trained checkpoint cut at a few kB, 10 kB and half its size, given to
     fairseq-eval-lm and resumed by fairseq-train; a path that does not exist."""

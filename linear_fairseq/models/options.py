@@ -29,7 +29,9 @@ def _flat_fields(dc, prefix: str = ""):
                 # ${model.decoder.embed_dim} -> ${model.decoder_embed_dim}
                 default = "${model." + default[len("${model.") :].replace(".", "_")
             spec = dataclasses.field(default=default, metadata=f.metadata)
-        yield prefix + f.name, f.type, spec
+        # fairseq annotates layers_to_keep as a list but reads it as "0,2" (LayerDrop pruning), as its CLI gives it
+        kind = Optional[str] if f.name == "layers_to_keep" else f.type
+        yield prefix + f.name, kind, spec
 
 
 def option(default, help: str):
