@@ -123,7 +123,7 @@ def fittable(model: nn.Module, initialized: set) -> dict:
     `model` that can give their weights and have parameters named in `initialized`."""
     targets = {}
     for name, module in model.named_modules():
-        if hasattr(module, "attention_weights"):
+        if getattr(module, "gives_weights", False):
             params = [pname for pname, _ in module.named_parameters() if f"{name}.{pname}" in initialized]
             if params:
                 targets[name] = (module, params)

@@ -302,6 +302,38 @@ def test_layerdrop_pruning_at_inference(multi30k, tmp_path, arch, extra):
     assert len(read_hypotheses(gen.stdout)) == 200
 
 
+ALIGNED = {"kernel-cross": ["--arch", "performer_transformer"],
+           "flash-softmax-cross": ["--arch", "flash_transformer", "--gau-s", 16, "--cross-attn", "softmax"],
+           "flash-kernel-cross": ["--arch", "flash_transformer", "--gau-s", 16],
+           "memsizer-softmax-cross": ["--arch", "memsizer_transformer", "--cross-attn", "softmax"]}
+
+
+@pytest.mark.parametrize("model", [*ALIGNED, "memsizer-slots"])
+def test_print_alignment(multi30k, tmp_path, model):
+    """fairseq-generate --print-alignment: every cross-attention with weights over
+    source positions gives one alignment per hypothesis (a source position for
+    each target token); MemSizer's slot memory says in one line that it has none."""
+    args = ALIGNED.get(model, ["--arch", "memsizer_transformer"])  # its paper placement: slot cross-attention
+    data, save = multi30k / "bin", tmp_path / "ckpt"
+    fairseq("train", data, *args, *TINY_MT, "--max-update", 2, "--save-dir", save)
+    gen = fairseq("generate", data, "--path", save / "checkpoint_last.pt", "--gen-subset", "valid", "--beam", 2,
+                  "--max-len-b", 6, "--batch-size", 64, "--print-alignment", check=False)
+    if model == "memsizer-slots":
+        assert gen.returncode == 1 and "Traceback" not in gen.stderr
+        assert gen.stderr.splitlines()[-1].startswith("error: --print-alignment: MemSizer's cross-attention reads "
+                                                      "k memory slots, not source positions")
+        return
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    hyps = {line.split("\t")[0][2:]: line.split("\t")[2] for line in gen.stdout.splitlines() if line.startswith("H-")}
+    sources = {line.split("\t")[0][2:]: line.split("\t")[1] for line in gen.stdout.splitlines() if line.startswith("S-")}
+    aligned = {line.split("\t")[0][2:]: line.split("\t")[1] for line in gen.stdout.splitlines() if line.startswith("A-")}
+    assert len(hyps) == 200 and aligned.keys() == hyps.keys()
+    for i, pairs in aligned.items():
+        pairs = [tuple(map(int, p.split("-"))) for p in pairs.split()]
+        assert [t for _, t in pairs] == list(range(len(hyps[i].split())))  # one source position per target token
+        assert all(0 <= s <= len(sources[i].split()) for s, _ in pairs)  # within the source (its end included)
+
+
 def test_a_real_checkpoint_cut_short_or_missing_is_named(austen_lm, tmp_path):
     """A trained checkpoint cut at a few kB, 10 kB and half its size, given to
     fairseq-eval-lm and resumed by fairseq-train; a path that does not exist."""

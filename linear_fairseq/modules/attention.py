@@ -84,6 +84,23 @@ class LinearAttention(nn.Module):
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         raise NotImplementedError
 
+    gives_weights = False  # whether attention_weights computes weights (else it says why not)
+
+    def attention_weights(self, x: Tensor, source: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        """The weight each query of x (B, T, C) gives each source position (B, n, C):
+        (B, H, T, n), for fairseq-generate --print-alignment and calibration. A
+        family whose attention has such weights computes them (gives_weights);
+        the others say so."""
+        raise ConfigError(f"--print-alignment: {type(self).__name__} has no weights over source positions, so "
+                          "it gives no alignment; decode without --print-alignment, or use softmax cross-attention "
+                          "(--cross-attn softmax)")
+
+    # -- fairseq's generation hook: --print-alignment asks for the cross-attention weights
+    alignment = False
+
+    def make_generation_fast_(self, need_attn: bool = False, **kwargs):
+        self.alignment = need_attn
+
     # -- fairseq's MultiheadAttention contract ----------------------------
     def forward(
         self,
@@ -99,7 +116,8 @@ class LinearAttention(nn.Module):
         need_head_weights: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         # attn_mask is fairseq's future mask: causal families are causal by
-        # construction, and encoders pass none. Attention weights are not formed.
+        # construction, and encoders pass none. Attention weights are formed only
+        # for --print-alignment (cross-attention; `alignment`).
         x = query.transpose(0, 1)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.to(torch.bool)
@@ -111,7 +129,11 @@ class LinearAttention(nn.Module):
             out = self.causal_parallel(x, key_padding_mask)
         else:
             out = self._decode(x, key_padding_mask, incremental_state)
-        return out.transpose(0, 1), None
+        weights = None
+        if self.encoder_decoder_attention and need_weights and self.alignment:
+            weights = self.attention_weights(x, key.transpose(0, 1), key_padding_mask).float()
+            weights = weights.transpose(0, 1) if need_head_weights else weights.mean(1)  # as MultiheadAttention
+        return out.transpose(0, 1), weights
 
     def _cross(self, x, source, padding_mask, incremental_state) -> Tensor:
         state = self._get_input_buffer(incremental_state)

@@ -265,13 +265,20 @@ class GAUDecoderLayer(nn.Module):
         need_head_weights: bool = False,
     ):
         x = self.gau(x, self_attn_padding_mask, incremental_state)
+        attn = None
         if self.cross_attn is not None and encoder_out is not None:
-            h, _ = self.cross_attn(
+            h, attn = self.cross_attn(
                 self.cross_norm(x), encoder_out, encoder_out, key_padding_mask=encoder_padding_mask,
                 incremental_state=incremental_state, static_kv=True,
+                need_weights=need_attn and self.alignment, need_head_weights=need_head_weights,
             )
             x = x + self.dropout(h)
-        return x, None, None
+        return x, attn, None
+
+    alignment = False  # the cross-attention's weights are returned only for --print-alignment
+
+    def make_generation_fast_(self, need_attn: bool = False, **kwargs):
+        self.alignment = need_attn
 
 
 for _key in ("flash", "gau"):  # gau: the key's earlier name, in older checkpoints

@@ -82,6 +82,11 @@ class MemsizerAttention(LinearAttention):
         K, V = self.keys_values(x)
         return M.causal_chunked(self.slot_weights(x), K, V, padding_mask, chunk_size=self.chunk_size)
 
+    def attention_weights(self, x: Tensor, source: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        raise ConfigError("--print-alignment: MemSizer's cross-attention reads k memory slots, not source "
+                          "positions, so it gives no alignment; decode without --print-alignment, or use a model "
+                          "with softmax cross-attention (--cross-attn softmax, the recommended placement)")
+
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         K, V = self.keys_values(x)
         return M.causal_step(self.slot_weights(x), K, V, state or None, padding_mask)

@@ -171,6 +171,8 @@ class PerformerAttention(LinearAttention):
     def gate_logits(self, x: Tensor) -> Optional[Tensor]:
         return None if self.gate is None else self.gate(x).transpose(1, 2)  # (B, H, T)
 
+    gives_weights = True
+
     def attention_weights(self, x: Tensor, source: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         """The weight each query of x (B, T, C) gives each key of source (B, n, C),
         (B, H, T, n), computed quadratically (for inspection and calibration; the
