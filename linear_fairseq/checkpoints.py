@@ -45,7 +45,8 @@ def checkpoint_mismatch(model, state_dict) -> str:
     reasons = []
     shapes = {k: (tuple(v.shape), tuple(mine[k].shape)) for k, v in state_dict.items()
               if k in mine and hasattr(v, "shape") and tuple(v.shape) != tuple(mine[k].shape)}
-    vocab = [k for k in shapes if k.endswith(("embed_tokens.weight", "output_projection.weight"))]
+    vocab = [k for k in shapes if k.endswith(("embed_tokens.weight", "output_projection.weight"))
+             and shapes[k][0][0] != shapes[k][1][0]]  # rows differ: the vocabulary (columns: the model width)
     if vocab:
         (theirs, ours) = shapes[vocab[0]]
         reasons.append(

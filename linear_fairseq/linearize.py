@@ -136,7 +136,7 @@ def transfer(source: dict, model, family) -> tuple:
     for name, fresh in model.state_dict().items():
         if fresh.numel() and fresh.data_ptr() in tied:  # a tensor the model ties to an earlier one (shared embeddings) stays tied
             first = tied[fresh.data_ptr()]
-            out[name], how[name] = out[first], how[first]
+            out[name], how[name] = out[first], f"tied: to {first}"
             continue
         tied[fresh.data_ptr()] = name
         if name in source and source[name].shape == fresh.shape:
@@ -167,12 +167,13 @@ def report(how: dict, sizes: dict) -> str:
         group[0] += 1
         group[1] += sizes[name]
         totals[what.split(":")[0]] += sizes[name]
-    order = ("copied", "mapped", "calibrated", "initialized", "left out")
+    order = ("copied", "mapped", "calibrated", "initialized", "left out", "tied")
     lines = ["| what | tensors | parameters | module |", "| --- | --- | --- | --- |"]
     for (what, name), (n, params) in sorted(groups.items(), key=lambda g: (order.index(g[0][0].split(":")[0]), g[0][1])):
         lines.append(f"| {what} | {n} | {params:,} | {name} |")
     lines.append("")
-    lines.append("parameters: " + ", ".join(f"{totals[w]:,} {w}" for w in order if totals[w]))
+    lines.append("parameters (a tied tensor counted once): "
+                 + ", ".join(f"{totals[w]:,} {w}" for w in order[:-1] if totals[w]))
     return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ def test_all_roles_left_softmax_give_the_same_model(tmp_path, task, arch):
     roles = ["--decoder-self-attn", "softmax"] + (["--encoder-self-attn", "softmax", "--cross-attn", "softmax"]
                                                   if task == "translation" else [])
     out = linearize(src, tmp_path / "linear.pt", arch, roles)
-    assert "initialized" not in out.split("parameters:")[-1]
+    assert "initialized" not in out.split("counted once):")[-1]
     original, _ = load(src)
     converted, state = load(tmp_path / "linear.pt")
     assert state["cfg"]["model"]["_name"] == arch and state["optimizer_history"][-1]["num_updates"] == 0
@@ -95,6 +95,24 @@ def test_memsizer_copies_what_it_shares_and_maps_w_r(tmp_path, task, arch):
     same = saved["decoder.embed_tokens.weight"].data_ptr() == saved["decoder.output_projection.weight"].data_ptr()
     assert same == tied
     assert out.startswith(f"linearize: {SOFTMAX[task][0]} ({src}) -> {arch} (")
+    # the totals count every tensor once, a tied one too: they add up to the model's own size
+    totals = out.split("counted once): ")[-1].splitlines()[0]
+    counted = sum(int(part.split()[0].replace(",", "")) for part in totals.split(", ") if "left out" not in part)
+    unique = {t.data_ptr(): t.numel() for t in model.state_dict().values()}
+    assert counted == sum(unique.values()), totals
+    assert ("| tied: to " in out) == tied  # shared embeddings: one tensor, listed once as tied
+
+
+def test_a_checkpoint_of_another_width_is_not_blamed_on_the_vocabulary():
+    """Same vocabulary, other model width: the message names the shapes, not the data-bin."""
+    from linear_fairseq.checkpoints import checkpoint_mismatch
+
+    model = torch.nn.Module()
+    model.embed_tokens = torch.nn.Embedding(40, 8)
+    message = checkpoint_mismatch(model, {"embed_tokens.weight": torch.zeros(40, 16)})
+    assert "vocabulary" not in message and "embed_tokens.weight: [40, 16] in the checkpoint, [40, 8] here" in message
+    message = checkpoint_mismatch(model, {"embed_tokens.weight": torch.zeros(50, 8)})
+    assert "the checkpoint's vocabulary has 50 entries, this task's dictionary 40" in message
 
 
 def test_a_hybrid_keeps_its_softmax_layer_exactly(tmp_path):
