@@ -98,7 +98,8 @@ def run(cmd, log: Path, stream: bool):
     """Run a command; its output goes to `log` (and the console when `stream`).
     Returns (output, peak resident memory of the process in MB)."""
     with open(log, "w") as f:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # fairseq's log line by line, not in blocks
+        # fairseq's log line by line, not in blocks, with the whole configuration at its start
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LINEAR_FAIRSEQ_LOG_CONFIG": "1"}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         for line in proc.stdout:
             f.write(line)

@@ -334,6 +334,25 @@ def test_print_alignment(multi30k, tmp_path, model):
         assert all(0 <= s <= len(sources[i].split()) for s, _ in pairs)  # within the source (its end included)
 
 
+def test_plain_commands_print_no_deprecation_warning_nor_config_dump(austen_lm, tmp_path):
+    """fairseq-train and fairseq-eval-lm of a plugin model: none of the warnings
+    fairseq's use of hydra and torch raises, no configuration dump; both back
+    with LINEAR_FAIRSEQ_VERBOSE=1."""
+    data, ckpt = austen_lm
+    train = ["fairseq-train", str(data / "bin"), "--user-dir", str(ROOT / "linear_fairseq"), "--arch", "memsizer_lm",
+             *TINY_LM, "--max-update", 2, "--save-dir", str(tmp_path / "ckpt")]
+    evaluate = ["fairseq-eval-lm", str(data / "bin"), "--user-dir", str(ROOT / "linear_fairseq"), "--path", str(ckpt),
+                "--max-tokens", "512"]
+    for cmd in (train, evaluate):
+        r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "Warning" not in r.stderr + r.stdout, (r.stderr + r.stdout)[:3000]
+        assert "{'_name'" not in r.stderr + r.stdout
+    loud = subprocess.run(list(map(str, train)), capture_output=True, text=True,
+                          env={**os.environ, "LINEAR_FAIRSEQ_VERBOSE": "1"})
+    assert "is no longer experimental" in loud.stderr and "{'_name'" in loud.stderr + loud.stdout
+
+
 def test_a_real_checkpoint_cut_short_or_missing_is_named(austen_lm, tmp_path):
     """A trained checkpoint cut at a few kB, 10 kB and half its size, given to
     fairseq-eval-lm and resumed by fairseq-train; a path that does not exist."""
