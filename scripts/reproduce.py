@@ -94,13 +94,47 @@ def say(msg: str) -> None:
     print(f"[reproduce] {msg}", flush=True)
 
 
-def run(cmd, log: Path, stream: bool):
-    """Run a command; its output goes to `log` (and the console when `stream`).
-    Returns (output, peak resident memory of the process in MB)."""
+def one_cpu():
+    """Pin the calling (child) process to one CPU, the last this process may use."""
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+
+
+# how a timed command (decoding, scoring) runs: one thread, pinned where the OS allows it
+PINNED = hasattr(os, "sched_setaffinity")
+TIMED_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SPEED_CONDITIONS = ("one thread" + (" pinned to one CPU" if PINNED else " (this OS cannot pin it to a CPU)")
+                    + ", no warm-up (the first batch counts); others: the CPUs that other processes kept busy "
+                    "meanwhile, on average (near 0 on an idle machine; where it is not, the speeds are not comparable)")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (Linux /proc/stat), NaN elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def others_busy(fn):
+    """fn()'s result and the CPUs other processes kept busy while it ran (its own
+    and its children's CPU time taken out of the machine's)."""
+    t0, busy0, own0 = time.time(), busy_cpu_seconds(), sum(os.times()[:4])
+    result = fn()
+    wall, own = time.time() - t0, sum(os.times()[:4]) - own0
+    return result, max(0.0, (busy_cpu_seconds() - busy0 - own) / max(wall, 1e-9))
+
+
+def run(cmd, log: Path, stream: bool, timed: bool = False):
+    """Run a command; its output goes to `log` (and the console when `stream`);
+    `timed`: as SPEED_CONDITIONS says. Returns (output, peak resident memory of
+    the process in MB)."""
     with open(log, "w") as f:
         # fairseq's log line by line, not in blocks, with the whole configuration at its start
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LINEAR_FAIRSEQ_LOG_CONFIG": "1"}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LINEAR_FAIRSEQ_LOG_CONFIG": "1", **(TIMED_ENV if timed else {})}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                                preexec_fn=one_cpu if timed and PINNED else None)
         for line in proc.stdout:
             f.write(line)
             f.flush()
@@ -228,21 +262,24 @@ def evaluate(task: str, ds: str, name: str, data: Path, path: Path, args, subset
         say(f"{name}: fairseq-eval-lm on the {subset} set")
         flags = SMOKE_DECODE["lm"] if args.scale == "smoke" else spec["decode"]
         log = folder / f"eval_lm{suffix}.log"
-        out, rss = run(["fairseq-eval-lm", *common, "--max-tokens", "4096", *flags], log, stream=False)
+        (out, rss), others = others_busy(lambda: run(["fairseq-eval-lm", *common, "--max-tokens", "4096", *flags],
+                                                     log, stream=False, timed=True))
         speed = scoring.read_eval_lm_speed(out)
         expected = split_tokens(data / "bin", subset)
         if speed["tokens"] < expected:  # eval-lm skips blocks longer than the model's positions
             sys.exit(f"[reproduce] fairseq-eval-lm scored {speed['tokens']} of the {expected} {subset} tokens "
                      f"(log: {log}); are its --tokens-per-sample within the model's?")
-        return {"ppl": scoring.read_perplexity(out), "tok/s": speed["tokens_per_s"], "peak MB": rss}
+        return {"ppl": scoring.read_perplexity(out), "tok/s": speed["tokens_per_s"], "others": others, "peak MB": rss}
     say(f"{name}: fairseq-generate on the {subset} set")
-    out, rss = run(["fairseq-generate", *common, "--batch-size", str(args.batch_size), *WHOLE_SET, *spec["decode"]],
-                   folder / f"generate{suffix}.log", stream=False)
+    (out, rss), others = others_busy(lambda: run(
+        ["fairseq-generate", *common, "--batch-size", str(args.batch_size), *WHOLE_SET, *spec["decode"]],
+        folder / f"generate{suffix}.log", stream=False, timed=True))
     hyps = scoring.read_hypotheses(out)
     refs = scoring.read_references(data / spec["refs"].format(subset=subset))
     scores = scoring.bleu_chrf(hyps, refs) if spec["metric"] == "bleu" else scoring.rouge(hyps, refs)
     speed = scoring.read_generate_speed(out)
-    return {**scores, "tok/s": speed["tokens_per_s"], "sent/s": speed["sentences_per_s"], "peak MB": rss}
+    return {**scores, "tok/s": speed["tokens_per_s"], "sent/s": speed["sentences_per_s"], "others": others,
+            "peak MB": rss}
 
 
 def split_tokens(data_bin: Path, subset: str) -> int:
@@ -337,7 +374,7 @@ def table_stem(args, ds: str) -> Path:
 
 def write_tables(rows, task, ds, args, notes=()) -> Path:
     metrics = METRICS[DATASETS[ds]["metric"]]
-    speed = ["tok/s"] if task == "lm" else ["tok/s", "sent/s"]
+    speed = ["tok/s", "others"] if task == "lm" else ["tok/s", "sent/s", "others"]
     columns = ["family", "config", "model", "params", "train min", *metrics, *speed, "peak MB", "paper", "run", "recipe"]
     stem = table_stem(args, ds)
     header = [
@@ -348,7 +385,7 @@ def write_tables(rows, task, ds, args, notes=()) -> Path:
         "train are kept). Decoding: "
         f"`{' '.join(DATASETS[ds]['decode'])}`" + ("" if task == "lm" else f", batch {args.batch_size}")
         + "; tok/s (" + ("fairseq-eval-lm scoring" if task == "lm" else "fairseq-generate decoding")
-        + ") and peak MB (resident memory of that whole process) come from that run. "
+        + f", {SPEED_CONDITIONS}) and peak MB (resident memory of that whole process) come from that run. "
         f"config: the model config under configs/{task}/model/ (<dataset>_<family>: the recommended "
         "settings; _paper: the family as its paper sets it up, where that differs).  ",
         publishing.header_line(args.departures),

@@ -138,6 +138,7 @@ def causal_step(
     (decoding) the state is updated in place.
     """
     B, k = K.shape
+    dtype = V.dtype
     state = state if state is not None else empty_state(B, k, V.shape[-1], K)
     S, n = state["S"], state["n"]
     K, V = acc(K), acc(V)
@@ -152,4 +153,4 @@ def causal_step(
         n.add_(1.0 if padding_mask is None else (~padding_mask).to(n.dtype))
     # out_i = p_i S_i / sqrt(i)
     out = (acc(p).unsqueeze(1) @ S).squeeze(1) * n.clamp(min=1.0).rsqrt().unsqueeze(-1)
-    return out.to(V.dtype), {"S": S, "n": n}
+    return out.to(dtype), {"S": S, "n": n}
