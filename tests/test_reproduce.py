@@ -149,6 +149,27 @@ def test_reproduce_lm_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(spans[0]["ppl 1-128"]) == pytest.approx(scoring.read_perplexity(r.stdout + r.stderr), rel=1e-3)
 
+    # the README's LM examples, on this run's MemSizer LM
+    command, python = readme_examples("work/reproduce/lm-cpu", tmp_path / "work")
+    assert re.search(r"^H-0\t", command, re.M) and "tensor(" in python
+
+
+def readme_examples(folder: str, here) -> list:
+    """Run the README's code blocks that use `folder` (where a script leaves its
+    models) as written, from the repository root, with `folder` standing for
+    `here`; their outputs."""
+    outputs = []
+    for lang, code in re.findall(r"```(bash|python)\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        if folder not in code:
+            continue
+        code = code.replace(folder, str(here))
+        r = subprocess.run(["bash", "-c", code] if lang == "bash" else [sys.executable, "-c", code],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (code, r.stderr[-3000:])
+        outputs.append(r.stdout)
+    assert len(outputs) == 2, f"the README has {len(outputs)} examples on {folder}, not a command and a Python one"
+    return outputs
+
 
 def table_after(task, raw, tmp_path, families):
     """The recommended configs of `families`."""
@@ -224,3 +245,6 @@ def test_demo_is_the_pipeline_with_its_own_config(tmp_path):
     assert "(configs/mt/multi30k_demo.yaml)" in md and "| transformer |" in md and "| memsizer |" in md
     hydra = (tmp_path / "demo" / "checkpoints" / "memsizer" / "hydra" / ".hydra" / "hydra.yaml").read_text()
     assert "config_name: multi30k_demo" in hydra
+    # the README's examples after the demo, on the models it left
+    command, python = readme_examples("work/demo_mt", tmp_path / "demo")
+    assert re.search(r"^H-0\t", command, re.M) and python.strip()
