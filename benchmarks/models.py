@@ -43,6 +43,15 @@ PLACEMENTS = ("paper", "recommended")
 RECOMMENDED = Path(__file__).resolve().parents[1] / "configs" / "mt" / "model"
 
 
+def family_list(parser, text: str) -> list:
+    """--families a,b as a list, every name checked (parser.error names an unknown one)."""
+    names = text.split(",")
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown:
+        parser.error(f"--families: unknown family {unknown[0]!r} (choose from {', '.join(FAMILIES)})")
+    return names
+
+
 def placement_args(family: str, placement: str) -> list:
     """Flags that put a family's attention where `placement` says: "paper", the
     models' defaults, or "recommended", the roles (the *_attn options) of the

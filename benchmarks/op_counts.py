@@ -131,10 +131,7 @@ def main(argv=None):
     ap.add_argument("--families", default=",".join(models.FAMILIES))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu/op-counts.json"))
     args = ap.parse_args(argv)
-    families = args.families.split(",")
-    unknown = [f for f in families if f not in models.FAMILIES]
-    if unknown:
-        ap.error(f"--families: unknown family {unknown[0]!r} (choose from {', '.join(models.FAMILIES)})")
+    families = models.family_list(ap, args.families)
     torch.set_num_threads(1)
     results = measure(families)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from linear_fairseq import families
 
+from . import models
+
 ROOT = Path(__file__).resolve().parents[1]
 LOSS = re.compile(r"\bloss=([\d.]+).*?\bwps=([\d.]+)")  # fairseq's progress lines (simple format)
 
@@ -44,8 +46,6 @@ def make_data(folder: Path, lines: int = 4000, seed: int = 0) -> Path:
 
 
 def train(family: str, data: Path, save: Path, updates: int, fp16: bool) -> dict:
-    from . import models
-
     arch, args = models.LM[family]
     cmd = ["fairseq-train", str(data), "--user-dir", str(ROOT / "linear_fairseq"), "--task", "language_modeling",
            "--arch", arch, *models.LM_BASE, *args, "--tokens-per-sample", "512", "--max-tokens", "8192",
@@ -69,10 +69,7 @@ def main(argv=None):
     ap.add_argument("--fp16", action="store_true", help="fairseq's --fp16 (needs CUDA)")
     ap.add_argument("--out", type=Path, default=Path("train_check.json"))
     args = ap.parse_args(argv)
-    names = args.families.split(",")
-    unknown = [f for f in names if f not in families.names()]
-    if unknown:
-        ap.error(f"--families: unknown family {unknown[0]!r} (choose from {', '.join(families.names())})")
+    names = models.family_list(ap, args.families)
     if args.updates < 2:
         ap.error(f"--updates {args.updates}: must be at least 2 (a first and a last loss)")
     with tempfile.TemporaryDirectory() as tmp:

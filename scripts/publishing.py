@@ -45,7 +45,7 @@ def header_line(departures) -> str:
             "Do not compare these rows with the recipe's.")
 
 
-def results_folder(args, departures) -> Path:
+def results_folder(args) -> Path:
     """The folder this call's tables go to, checked: the committed results/
     only with --publish, and --publish only for a scale that makes numbers."""
     if args.publish and (args.scale == "smoke" or args.config):

@@ -863,7 +863,7 @@ def main(argv=None):
         args.average = 5 if args.scale == "paper" else 0
     kind = "ablations" if args.ablations is not None else "reproduce"
     work = (args.work or ROOT / "work" / kind / publishing.work_name(args.task, args.scale, args.departures)).resolve()
-    args.results = publishing.results_folder(args, args.departures) or work / "results"
+    args.results = publishing.results_folder(args) or work / "results"
 
     if args.ablations is not None:
         spec = load_ablations(args.task, args.ablations or ds, args.rows)  # bad grid or rows stop here, before data-prep

@@ -145,12 +145,12 @@ def causal_step(
     if padding_mask is not None:
         K = K.masked_fill(padding_mask[:, None], 0.0)
     # S_i = S_{i-1} + k_i v_i^T (unscaled); n_i = n_{i-1} + 1
+    real = 1.0 if padding_mask is None else (~padding_mask).to(n.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (K, V, S)):
-        S = torch.baddbmm(S, K.unsqueeze(-1), V.unsqueeze(-2))
-        n = n + (1.0 if padding_mask is None else (~padding_mask).to(n.dtype))
+        S, n = torch.baddbmm(S, K.unsqueeze(-1), V.unsqueeze(-2)), n + real
     else:
         S.baddbmm_(K.unsqueeze(-1), V.unsqueeze(-2))
-        n.add_(1.0 if padding_mask is None else (~padding_mask).to(n.dtype))
+        n.add_(real)
     # out_i = p_i S_i / sqrt(i)
     out = (acc(p).unsqueeze(1) @ S).squeeze(1) * n.clamp(min=1.0).rsqrt().unsqueeze(-1)
     return out.to(dtype), {"S": S, "n": n}

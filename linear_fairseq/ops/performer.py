@@ -103,18 +103,19 @@ def orthogonal_gaussian(m: int, d: int, generator: Optional[torch.Generator] = N
 # -- per-key log-weights --------------------------------------------------------
 def key_log_weights(
     shape, like: Tensor, padding_mask: Optional[Tensor], log_scale: Optional[Tensor], gate_logits: Optional[Tensor]
-) -> Tuple[Tensor, Tensor]:
-    """(a, lg), both (B, H, n): a_j = log-weight of key j when written,
-    lg_j = log g_j, the decay applied at step j (0 without a gate or at padding)."""
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """(a, lg), both of `shape`, (B, H, n) or (B, H) for one step (padding_mask
+    (B, n) or (B,)): a_j = log-weight of key j when written, lg_j = log g_j,
+    the decay applied at step j (0 at padding; None without a gate: no decay)."""
     a = like.new_zeros(shape) if log_scale is None else acc(log_scale)
-    lg = like.new_zeros(shape)
+    lg = None
     if gate_logits is not None:
         a = a + F.logsigmoid(-acc(gate_logits))  # log(1 - g_j)
         lg = F.logsigmoid(acc(gate_logits))  # log g_j
     if padding_mask is not None:
-        pad = padding_mask[:, None, :]
+        pad = padding_mask.unsqueeze(1)  # over the heads
         a = a.masked_fill(pad, NEG_INF)
-        lg = lg.masked_fill(pad, 0.0)
+        lg = None if lg is None else lg.masked_fill(pad, 0.0)
     return a, lg
 
 
@@ -168,7 +169,7 @@ def weights(
     B, H, n = phi_k.shape[:3]
     a, lg = key_log_weights((B, H, n), phi_k, padding_mask, log_scale, gate_logits if causal else None)
     if causal:
-        L = lg.cumsum(-1)
+        L = torch.zeros_like(a) if lg is None else lg.cumsum(-1)
         w = a[..., None, :] + L[..., :, None] - L[..., None, :]  # [i, j]: a_j + sum_{l=j+1..i} log g_l
         future = torch.ones(n, n, dtype=torch.bool, device=phi_k.device).triu(1)
         w = w.masked_fill(future, NEG_INF)
@@ -254,7 +255,7 @@ def _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
     a, lg = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, gate_logits)
-    return phi_q, phi_k, v, a, lg
+    return phi_q, phi_k, v, a, torch.zeros_like(a) if lg is None else lg
 
 
 def causal_chunked(
@@ -406,11 +407,7 @@ def causal_step(
 def _unweighted_update(state: State, phi_k: Tensor, padding_mask):
     """Keys of weight 1 (no log-scale, no gate): the sums just grow. The
     reference stays 0 once a key has been seen (-inf before: nothing yet)."""
-    M = state["M"] if padding_mask is None and not torch.is_grad_enabled() else state["M"].clone()
-    if padding_mask is None:
-        M.clamp_(min=0.0)
-    else:
-        M.masked_fill_(~padding_mask[:, None], 0.0)
+    M = state["M"].clamp(min=0.0) if padding_mask is None else state["M"].masked_fill(~padding_mask[:, None], 0.0)
     return state["S"], state["z"], M, None, phi_k
 
 
@@ -418,14 +415,7 @@ def _weighted_update(state: State, phi_k: Tensor, padding_mask, log_scale, gate_
     """Keys with a log-scale and/or a decay: the new reference R = max(M, r),
     the old sums scaled by exp(M - R) <= 1, the new key weighted exp(r - R) <= 1."""
     S, z, M = state["S"], state["z"], state["M"]
-    a = phi_k.new_zeros(phi_k.shape[:2]) if log_scale is None else acc(log_scale)
-    lg = None
-    if gate_logits is not None:
-        lg = F.logsigmoid(acc(gate_logits))  # log g: the decay of everything before
-        a = a + F.logsigmoid(-acc(gate_logits))  # log(1 - g): the weight of this key
-    if padding_mask is not None:
-        a = a.masked_fill(padding_mask[:, None], NEG_INF)
-        lg = None if lg is None else lg.masked_fill(padding_mask[:, None], 0.0)
+    a, lg = key_log_weights(phi_k.shape[:2], phi_k, padding_mask, log_scale, gate_logits)
     r = a if lg is None else a - lg  # this key's log-weight, up to the common factor exp(lg)
     R_raw = torch.maximum(M, r).detach()
     w_old, w_new = torch.exp(torch.stack([M, r]) - _finite(R_raw)).unbind()  # (B, H) each, both <= 1
