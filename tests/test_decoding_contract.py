@@ -7,73 +7,38 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import TINY_LM, TINY_MT, make_model, random_tokens
+from linear_fairseq import families
 from linear_fairseq.modules.attention import LinearAttention
+from linear_fairseq.modules.incremental import IncrementalState
 
 ATOL = 1e-4
+TINY = {"mt": TINY_MT, "lm": TINY_LM}
+TASK = {"mt": "translation", "lm": "language_modeling"}
+HYBRID_LAYER = {"mt": 0, "lm": 1}  # hybrid stacks: this decoder layer stays fairseq's softmax layer
 
 
-def kernel(feature_map, *extra):
-    return ["--feature-map", feature_map, *(["--num-features", "16"] if feature_map != "elu" else []), *extra]
+def family_cases():
+    """(arch, args, task) for each registered family's models, each option set
+    that changes its decoding path (Family.variants), and a hybrid stack of each
+    model; the cases whose state grows with the prefix; the hybrid cases."""
+    cases, growing, hybrid = {}, set(), {}
+    for family in families.FAMILIES.values():
+        for kind in ("mt", "lm"):
+            cases[f"{family.name}_{kind}"] = (family.model(kind), TINY[kind] + list(family.tiny), TASK[kind])
+            flags = ["--decoder-softmax-layers", str(HYBRID_LAYER[kind])]
+            cases[f"{family.name}_{kind}_hybrid"] = (family.model(kind), TINY[kind] + list(family.tiny) + flags,
+                                                     TASK[kind])
+            hybrid[f"{family.name}_{kind}_hybrid"] = {HYBRID_LAYER[kind]}
+        for name, variant in family.variants.items():
+            kind = variant.kind
+            cases[f"{family.name}_{name}"] = (family.model(kind), TINY[kind] + list(family.tiny) + list(variant.flags),
+                                              TASK[kind])
+            if variant.growing_state:
+                growing.add(f"{family.name}_{name}")
+    return cases, growing | set(hybrid), hybrid
 
 
-# (arch, args, task) for each family and option that changes the decode path
-CASES = {
-    "memsizer_mt": ("memsizer_transformer", TINY_MT, "translation"),
-    "memsizer_mt_all": (
-        "memsizer_transformer",
-        TINY_MT + ["--encoder-self-attn", "memsizer", "--encoder-self-memory-size", "8"],
-        "translation",
-    ),
-    "memsizer_lm": ("memsizer_lm", TINY_LM, "language_modeling"),
-    **{
-        f"performer_mt_{fm}": ("performer_transformer", TINY_MT + kernel(fm), "translation")
-        for fm in ("elu", "favor", "rfa", "t2r")
-    },
-    "performer_mt_rfa_gate": ("performer_transformer", TINY_MT + kernel("rfa", "--rfa-gate"), "translation"),
-    "performer_lm_favor": ("performer_lm", TINY_LM + kernel("favor"), "language_modeling"),
-    "performer_lm_t2r_gate": ("performer_lm", TINY_LM + kernel("t2r", "--rfa-gate"), "language_modeling"),
-    # small chunks so that decoding crosses many chunk boundaries
-    "flash_mt": ("flash_transformer", TINY_MT + ["--gau-s", "16", "--gau-chunk-size", "4"], "translation"),
-    "flash_mt_relbias": (
-        "flash_transformer", TINY_MT + ["--gau-s", "16", "--gau-chunk-size", "4", "--gau-rel-pos-bias"], "translation",
-    ),
-    "flash_lm": ("flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5"], "language_modeling"),
-    **{
-        f"flash_lm_{norm}": (
-            "flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--gau-relu2-norm", norm],
-            "language_modeling",
-        )
-        for norm in ("keys", "chunk")  # the default is none
-    },
-    "flash_mt_softmax_cross": (
-        "flash_transformer", TINY_MT + ["--gau-s", "16", "--gau-chunk-size", "4", "--cross-attn", "softmax"],
-        "translation",
-    ),
-    "flash_mt_keys": (
-        "flash_transformer", TINY_MT + ["--gau-s", "16", "--gau-chunk-size", "4", "--gau-relu2-norm", "keys"],
-        "translation",
-    ),
-    "flash_lm_quad_keys": (
-        "flash_lm",
-        TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--gau-attention", "quadratic", "--gau-relu2-norm", "keys"],
-        "language_modeling",
-    ),
-    "flash_lm_quad": (
-        "flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--gau-attention", "quadratic"],
-        "language_modeling",
-    ),
-    # hybrid stacks: fairseq's softmax layers among the family's (--*-softmax-layers)
-    "memsizer_mt_hybrid": ("memsizer_transformer", TINY_MT + ["--decoder-softmax-layers", "1",
-                                                              "--encoder-self-attn", "memsizer",
-                                                              "--encoder-softmax-layers", "0"], "translation"),
-    "performer_lm_hybrid": ("performer_lm", TINY_LM + kernel("favor") + ["--decoder-softmax-layers", "0"],
-                            "language_modeling"),
-    "flash_lm_hybrid": ("flash_lm", TINY_LM + ["--gau-s", "16", "--gau-chunk-size", "5", "--decoder-softmax-layers", "1"],
-                        "language_modeling"),
-}
-HYBRID = {"memsizer_mt_hybrid": {1}, "performer_lm_hybrid": {0}, "flash_lm_hybrid": {1}}  # the softmax decoder layers
-# FLASH-Quad keeps every key, as softmax attention does; so do the softmax layers of a hybrid
-GROWING_STATE = {"flash_lm_quad", "flash_lm_quad_keys", *HYBRID}
+CASES, GROWING_STATE, HYBRID = family_cases()  # FLASH-Quad and softmax layers keep every key
 ENC_DEC = [case for case, (_, _, task) in CASES.items() if task == "translation"]
 
 
@@ -235,7 +200,7 @@ def test_decode_state_does_not_grow_with_the_prefix(case):
     h = Harness(case)
     states = decode_states(h)
     assert state_numel(states[4]) == state_numel(states[64]) > 0
-    attn = [m for m in h.model.decoder.modules() if isinstance(m, LinearAttention)]
+    attn = [m for m in h.model.decoder.modules() if isinstance(m, IncrementalState)]
     assert attn, "the decoder has no linear attention"
 
 

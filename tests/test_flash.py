@@ -78,9 +78,9 @@ def test_bf16_gau_at_4096(mode):
     fp32 (max error over the max output; the residual is left out, its bf16
     rounding would swamp the branch)."""
     torch.manual_seed(0)
-    unit = GatedAttentionUnit(64, causal=True, s=32, expansion=2.0, chunk_size=256, mode=mode, rope=True,
-                              rel_pos_bias=False, norm="scalenorm", dropout=0.0, scale_init="paper",
-                              relu2_norm="chunk").eval()
+    unit = GatedAttentionUnit(64, causal=True, gau_s=32, gau_expansion=2.0, gau_chunk_size=256, gau_attention=mode,
+                              no_rope=False, gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0,
+                              gau_scale_init="paper", gau_relu2_norm="chunk").eval()
     torch.nn.init.normal_(unit.offset_scale.gamma, std=1.0)
     x = torch.randn(1, 4096, 64)
     with torch.no_grad():
@@ -92,18 +92,19 @@ def test_bf16_gau_at_4096(mode):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"s": 64}, "GatedAttentionUnit: s=64 must be <= d=32"),
-    ({"s": 15}, "GatedAttentionUnit: s=15 must be even with RoPE"),
-    ({"chunk_size": 0}, "GatedAttentionUnit: chunk_size=0 must be a positive integer"),
-    ({"relu2_norm": "mean"}, "GatedAttentionUnit: relu2_norm='mean' choose from"),
+    ({"gau_s": 64}, "GatedAttentionUnit: gau_s=64 must be <= d=32"),
+    ({"gau_s": 15}, "GatedAttentionUnit: gau_s=15 must be even with RoPE"),
+    ({"gau_chunk_size": 0}, "GatedAttentionUnit: gau_chunk_size=0 must be a positive integer"),
+    ({"gau_relu2_norm": "mean"}, "GatedAttentionUnit: gau_relu2_norm='mean' choose from"),
 ])
 def test_the_unit_checks_the_same_rules_as_the_options(change, message):
     """The rules live once (gau_problems): built directly, the unit names its own
     argument where the model names the command-line flag."""
     from linear_fairseq.errors import ConfigError
 
-    kwargs = dict(causal=True, s=16, expansion=2.0, chunk_size=8, mode="mixed", rope=True, rel_pos_bias=False,
-                  norm="scalenorm", dropout=0.0, scale_init="unit", relu2_norm="none")
+    kwargs = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=8, gau_attention="mixed", no_rope=False,
+                  gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0, gau_scale_init="unit",
+                  gau_relu2_norm="none")
     GatedAttentionUnit(32, **kwargs)
     with pytest.raises(ConfigError, match=message):
         GatedAttentionUnit(32, **{**kwargs, **change})

@@ -77,7 +77,8 @@ def test_bf16_module_forward_at_4096(feature_map):
     (max error over the output's max magnitude) of the fp32 module."""
     torch.manual_seed(0)
     attn = PerformerAttention(64, 4, feature_map=feature_map, num_features=None, redraw_interval=0,
-                              gate=feature_map == "rfa", chunk_size=64, eps=None, causal=True).eval()
+                              rfa_gate=feature_map == "rfa", kernel_chunk_size=64, kernel_eps=None,
+                              causal=True).eval()
     x = torch.randn(4096, 1, 64)
     with torch.no_grad():
         ref = attn(x)[0]
@@ -124,7 +125,7 @@ def test_normalizer_clamp_defaults(feature_map, eps):
     from linear_fairseq.modules.performer_attention import PerformerAttention
 
     attn = PerformerAttention(16, 2, feature_map=feature_map, num_features=None if feature_map == "elu" else 8,
-                              redraw_interval=0, gate=False, chunk_size=64, eps=None)
+                              redraw_interval=0, rfa_gate=False, kernel_chunk_size=64, kernel_eps=None)
     assert attn.eps == eps
 
 
@@ -137,7 +138,7 @@ def test_attention_weights_are_the_weights_the_module_applies(feature_map, gate,
     padded source."""
     torch.manual_seed(0)
     attn = PerformerAttention(32, 4, feature_map=feature_map, num_features=None if feature_map == "elu" else 16,
-                              redraw_interval=0, gate=gate, chunk_size=4, eps=None, causal=causal).double().eval()
+                              redraw_interval=0, rfa_gate=gate, kernel_chunk_size=4, kernel_eps=None, causal=causal).double().eval()
     x = torch.randn(3, 11, 32, dtype=torch.float64)
     pad = torch.zeros(3, 11, dtype=torch.bool)
     pad[1, 8:] = True

@@ -5,10 +5,11 @@ import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
+from linear_fairseq import families
 from linear_fairseq.modules.flash_gau import GatedAttentionUnit
 from test_decoding_contract import Harness, decoder_input
 
-MODELS = ["memsizer_mt", "memsizer_lm", "performer_mt_favor", "performer_lm_favor", "flash_mt", "flash_lm"]
+MODELS = [f"{family}_{kind}" for family in families.FAMILIES for kind in ("mt", "lm")]
 # largest |log-prob| difference allowed against fp32 (bf16 keeps 8 significant bits, fp16 11)
 TOL = {torch.bfloat16: 0.15, torch.float16: 0.03}
 

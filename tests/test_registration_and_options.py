@@ -1,4 +1,4 @@
-"""Plugin plumbing: idempotent registration, presets whose defaults are the
+"""Plugin plumbing: registration (once, or one line why not), presets whose defaults are the
 values a model really gets, checkpoint loading under torch's weights_only,
 option errors that name the option and the value, one-line errors at the top
 of a command, and checkpoints that do not fit explained."""
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fairseq import utils as fairseq_utils
-from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_DATACLASS_REGISTRY
+from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_DATACLASS_REGISTRY, MODEL_REGISTRY
 
 from conftest import ROOT, TINY_LM, TINY_MT, make_model, parse_model_args
 from linear_fairseq import families
@@ -29,8 +29,11 @@ def test_all_architectures_are_registered():
     assert set(ARCHS) <= set(ARCH_MODEL_REGISTRY)
 
 
-def test_importing_twice_does_not_register_twice():
-    # the same package under another module name re-runs every registration
+def test_importing_twice_registers_once_or_says_why_not():
+    # fairseq's own --user-dir import after the package was imported: nothing runs twice
+    fairseq_utils.import_user_module(argparse.Namespace(user_dir=str(ROOT / "linear_fairseq")))
+    assert MODEL_REGISTRY["memsizer_lm"].__module__ == "linear_fairseq.models.family"
+    # the same package under another module name cannot register its models again: one line says why
     spec = importlib.util.spec_from_file_location(
         "linear_fairseq_again", ROOT / "linear_fairseq" / "__init__.py",
         submodule_search_locations=[str(ROOT / "linear_fairseq")],
@@ -38,13 +41,13 @@ def test_importing_twice_does_not_register_twice():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
-        spec.loader.exec_module(module)
+        with pytest.raises(ValueError, match="model flash_transformer is already registered by "
+                                              "linear_fairseq.models.family: the plugin is imported twice, as "
+                                              "linear_fairseq and linear_fairseq_again"):
+            spec.loader.exec_module(module)
     finally:
         for name in [n for n in sys.modules if n.startswith("linear_fairseq_again")]:
             del sys.modules[name]
-    # and fairseq's own --user-dir import after a test imported the package
-    fairseq_utils.import_user_module(argparse.Namespace(user_dir=str(ROOT / "linear_fairseq")))
-    assert ARCH_MODEL_REGISTRY["memsizer_lm"].__module__ == "linear_fairseq.models.memsizer"
 
 
 def memsizer_modules(model):
@@ -125,12 +128,12 @@ def test_unknown_feature_map_is_rejected_by_the_parser(capsys):
 
 def test_module_rejects_bad_sizes_with_values():
     with pytest.raises(ValueError, match="num_heads=3 must be a positive divisor of embed_dim=32"):
-        MemsizerAttention(32, 3, 4, **MEMSIZER_OPTIONS)
+        MemsizerAttention(32, 3, memory_size=4, **MEMSIZER_OPTIONS)
     with pytest.raises(ValueError, match="MemsizerAttention: memory_size=0 must be a positive integer"):
-        MemsizerAttention(32, 4, 0, **MEMSIZER_OPTIONS)
+        MemsizerAttention(32, 4, memory_size=0, **MEMSIZER_OPTIONS)
 
 
-MEMSIZER_OPTIONS = dict(q_init_scale=1.0, kv_init_scale=1.0, chunk_size=64)
+MEMSIZER_OPTIONS = dict(q_init_scale=1.0, kv_init_scale=1.0, memsizer_chunk_size=64)
 
 
 def test_argparse_checkpoints_load_under_weights_only(tmp_path):
@@ -234,12 +237,3 @@ def test_a_family_has_one_name_across_ops_modules_models_and_options(name):
     assert (ROOT / "linear_fairseq" / "models" / f"{name}.py").is_file()
     assert list((ROOT / "linear_fairseq" / "modules").glob(f"{name}_*.py"))
 
-
-def test_flash_layers_still_build_under_their_earlier_key():
-    """Checkpoints trained before FLASH's attention key became "flash" say "gau"."""
-    torch.manual_seed(0)
-    new, _ = make_model("flash_lm", TINY_LM + ["--gau-s", "16"], "language_modeling")
-    torch.manual_seed(0)
-    old, _ = make_model("flash_lm", TINY_LM + ["--gau-s", "16", "--decoder-self-attn", "gau"], "language_modeling")
-    assert {k: v.shape for k, v in new.state_dict().items()} == {k: v.shape for k, v in old.state_dict().items()}
-    assert all(torch.equal(v, old.state_dict()[k]) for k, v in new.state_dict().items())

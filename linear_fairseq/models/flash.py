@@ -13,20 +13,18 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models.transformer import transformer_iwslt_de_en, transformer_wmt_en_de
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
-from ..modules import flash_gau as gau  # registers the "flash" layers
+from ..families import Family, Variant
+from ..modules.flash_gau import GAUDecoderLayer, GAUEncoderLayer, gau_problems
 from ..ops.flash import RELU2_NORMS
-from ..families import Family, register_family
-from ..registry import register_model
-from .linear_transformer import LinearLanguageModel, LinearTransformerModel, register_presets
-from .options import LinearLMConfig, LinearTransformerConfig, option, option_error
+from .family import register, role_choice
+from .options import LinearLMConfig, LinearTransformerConfig, option
 
-# "gau" is the key's earlier spelling, still in checkpoints trained before it was renamed
-GAU = ChoiceEnum(["flash", "gau"])
+GAU = role_choice("flash", softmax=False)
 
 
 @dataclass
 class FlashOptions(FairseqDataclass):
-    decoder_self_attn: GAU = option("flash", "decoder layers: gated attention units (gau: the same, the earlier name)")
+    decoder_self_attn: GAU = option("flash", "decoder layers: gated attention units")
     gau_attention: ChoiceEnum(["mixed", "quadratic"]) = option(
         "mixed", "FLASH mixed chunk attention (linear), or FLASH-Quad's full relu^2 attention"
     )
@@ -49,7 +47,7 @@ class FlashOptions(FairseqDataclass):
 
 @dataclass
 class FlashTransformerConfig(LinearTransformerConfig, FlashOptions):
-    encoder_self_attn: GAU = option("flash", "encoder layers: gated attention units (gau: the same, the earlier name)")
+    encoder_self_attn: GAU = option("flash", "encoder layers: gated attention units")
     cross_attn: ChoiceEnum(["kernel", "softmax"]) = option(
         "kernel", "decoder cross-attention: elu+1 kernel attention (the source summary is cached once, so a "
         "decoding step does not depend on the source length) or fairseq's softmax attention"
@@ -63,41 +61,12 @@ class FlashLMConfig(LinearLMConfig, FlashOptions):
     decoder_layers: int = option(12, "GAU layers")
 
 
-def check_flash_args(args: Namespace, roles) -> None:
-    """The GAU's rules (modules/flash_gau.py, gau_problems) for each side with GAU
-    layers, named as command-line options."""
-    for side in ("encoder", "decoder"):
-        if f"{side}_self" not in roles:
-            continue
-        found = gau.gau_problems(
-            getattr(args, f"{side}_embed_dim"), s=args.gau_s, expansion=args.gau_expansion,
-            chunk_size=args.gau_chunk_size, rope=not args.no_rope, mode=args.gau_attention, norm=args.gau_norm,
-            scale_init=args.gau_scale_init, relu2_norm=args.gau_relu2_norm, width=f"--{side}-embed-dim")
-        for name, value, why in found:
-            raise option_error(OPTION.get(name, f"gau_{name}"), value, why)
-
-
-OPTION = {"mode": "gau_attention", "norm": "gau_norm"}  # the GAU's argument names that differ from gau_<name>
-
-
 def derived_settings(args: Namespace) -> None:
     if not args.no_rope:
         args.no_token_positional_embeddings = True  # RoPE supplies the positions
     for side in ("encoder", "decoder"):
         if hasattr(args, f"{side}_normalize_before"):
             setattr(args, f"{side}_normalize_before", True)  # a final norm after pre-norm GAUs
-
-
-@register_model("flash_transformer", dataclass=FlashTransformerConfig)
-class FlashTransformerModel(LinearTransformerModel):
-    derive_family = staticmethod(derived_settings)
-    check_family = staticmethod(check_flash_args)
-
-
-@register_model("flash_lm", dataclass=FlashLMConfig)
-class FlashLanguageModel(LinearLanguageModel):
-    derive_family = staticmethod(derived_settings)
-    check_family = staticmethod(check_flash_args)
 
 
 def flash_preset(fairseq_arch, **layers):
@@ -109,15 +78,24 @@ def flash_preset(fairseq_arch, **layers):
     return arch
 
 
-register_family(Family(
-    "flash", "flash_transformer", "flash_lm", "Transformer Quality in Linear Time, arXiv 2202.10447",
+TINY = ("--gau-s", "16", "--gau-chunk-size", "4")  # small chunks: decoding crosses many chunk boundaries
+FAMILY = register(Family(
+    "flash", "Transformer Quality in Linear Time, arXiv 2202.10447",
+    layers=(GAUEncoderLayer, GAUDecoderLayer), options=FlashOptions, mt_config=FlashTransformerConfig,
+    lm_config=FlashLMConfig, shared_options=("dropout",), problems=gau_problems, derive=derived_settings,
+    mt_presets={"iwslt_de_en": flash_preset(transformer_iwslt_de_en, encoder=6, decoder=6),
+                "wmt_en_de": flash_preset(transformer_wmt_en_de, encoder=6, decoder=6)},
+    lm_presets={"wiki103": flash_preset(transformer_lm_baevski_wiki103, decoder=16),
+                "gpt": flash_preset(transformer_lm_gpt, decoder=12)},
+    smoke={"gau_s": 16}, tiny=TINY,
+    variants={
+        "mt_relbias": Variant("mt", ("--gau-rel-pos-bias",)),
+        **{f"lm_{norm}": Variant("lm", ("--gau-relu2-norm", norm)) for norm in ("keys", "chunk")},  # default none
+        "mt_softmax_cross": Variant("mt", ("--cross-attn", "softmax")),
+        "mt_keys": Variant("mt", ("--gau-relu2-norm", "keys")),
+        "lm_quad": Variant("lm", ("--gau-attention", "quadratic"), growing_state=True),
+        "lm_quad_keys": Variant("lm", ("--gau-attention", "quadratic", "--gau-relu2-norm", "keys"), growing_state=True),
+    },
     bench_mt_args=("--encoder-layers", "5", "--decoder-layers", "5"), bench_lm_args=("--decoder-layers", "8"),
+    targets={"train": {8192: 2.5}},
 ))
-register_presets("flash_transformer", {
-    "iwslt_de_en": flash_preset(transformer_iwslt_de_en, encoder=6, decoder=6),
-    "wmt_en_de": flash_preset(transformer_wmt_en_de, encoder=6, decoder=6),
-})
-register_presets("flash_lm", {
-    "wiki103": flash_preset(transformer_lm_baevski_wiki103, decoder=16),
-    "gpt": flash_preset(transformer_lm_gpt, decoder=12),
-})

@@ -1,11 +1,10 @@
 """Family-agnostic fairseq glue: the encoder, decoder and model base classes.
 
-A family's models file subclasses ``LinearTransformerModel`` (encoder-decoder)
-and ``LinearLanguageModel`` (decoder-only), adds its options to
-``LinearTransformerConfig`` / fairseq's ``TransformerLanguageModelConfig``
-(``models/options.py``), and registers presets. The model classes subclass
-fairseq's and swap in layers whose attention comes from the family registry
-(``modules.attention``).
+``models.family.register`` makes each family's models from
+``LinearTransformerModel`` (encoder-decoder) and ``LinearLanguageModel``
+(decoder-only), with the family's record as ``family``. They subclass
+fairseq's and swap in layers whose attention comes from the family named by
+each --*-attn option (``modules.layers``).
 """
 import functools
 from argparse import Namespace
@@ -24,9 +23,10 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from ..checkpoints import checkpoint_mismatch
 from ..errors import ConfigError
-from ..modules.attention import ROLES, LinearAttention, attention_kind
+from ..families import Family
+from ..modules.attention import ROLES, attention_kind, module_options, named_problems
+from ..modules.incremental import IncrementalState
 from ..modules.layers import decoder_layer, encoder_layer, softmax_layers
-from ..registry import register_model_architecture
 from .options import as_namespace, option_error, require_heads_divide, require_layer_indices
 
 
@@ -61,19 +61,18 @@ class LinearTransformerDecoder(TransformerDecoderBase):
 
 # -- models -----------------------------------------------------------------
 class LinearModelMixin:
-    """Option handling shared by the encoder-decoder and decoder-only models.
-    A family may set ``derive_family(args)`` (settings that follow from others)
-    and ``check_family(args, roles)`` (checks of its own options)."""
+    """Option handling shared by the encoder-decoder and decoder-only models:
+    the family's settings that follow from others (``Family.derive``), then the
+    checks of every option where it enters."""
 
     roles = ROLES
-    derive_family = None
-    check_family = None
+    family: Family = None
 
     @classmethod
     def prepare_args(cls, cfg) -> Namespace:
         args = as_namespace(cfg)
-        if cls.derive_family is not None:
-            cls.derive_family(args)
+        if cls.family.derive is not None:
+            cls.family.derive(args)
         cls.check_args(args)
         return args
 
@@ -89,7 +88,7 @@ class LinearModelMixin:
         """--train-attention-only: freeze every parameter outside the family's
         attention modules (a GAU counts whole)."""
         if getattr(args, "train_attention_only", False):
-            learn = {id(p) for m in model.modules() if isinstance(m, LinearAttention) for p in m.parameters()}
+            learn = {id(p) for m in model.modules() if isinstance(m, IncrementalState) for p in m.parameters()}
             if not learn:
                 raise option_error("train_attention_only", True, "this model has no linear attention to train "
                                    "(every role and layer is softmax)")
@@ -114,8 +113,18 @@ class LinearModelMixin:
             require_layer_indices(args, side)
         if getattr(args, "cross_self_attention", False):
             raise option_error("cross_self_attention", True, "is not supported with linear attention")
-        if cls.check_family is not None:
-            cls.check_family(args, [role for role in cls.roles if attention_kind(args, role) != "softmax"])
+        for role in cls.roles:
+            if attention_kind(args, role) == cls.family.name:
+                cls.check_family_options(args, role)
+
+    @classmethod
+    def check_family_options(cls, args: Namespace, role: str) -> None:
+        """The family's rules (Family.problems) for `role`, named as command-line options."""
+        side = "encoder" if role == "encoder_self" else "decoder"
+        options = module_options(cls.family, args, role)
+        dim = getattr(args, f"{side}_embed_dim")
+        for name, value, why in named_problems(cls.family, options, role, dim, width=f"--{side}-embed-dim"):
+            raise option_error(name, value, why)
 
 
 def require_task(model_cls, task, wanted: str, fix: str) -> None:
@@ -184,15 +193,9 @@ class LinearLanguageModel(LinearModelMixin, TransformerLanguageModel):
 
 
 # -- presets ------------------------------------------------------------------
-# fairseq's encoder-decoder sizes; every family registers <model>_<suffix>.
+# fairseq's encoder-decoder sizes, which a family may register as <model>_<suffix>.
 MT_PRESETS = {
     "iwslt_de_en": transformer_iwslt_de_en,
     "wmt_en_de": transformer_wmt_en_de,
     "vaswani_wmt_en_de_big": transformer_vaswani_wmt_en_de_big,
 }
-
-
-def register_presets(model_name: str, presets) -> None:
-    """Register `{model_name}_{suffix}` for each (suffix, arch function)."""
-    for suffix, arch in presets.items():
-        register_model_architecture(model_name, f"{model_name}_{suffix}")(arch)

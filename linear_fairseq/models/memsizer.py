@@ -7,19 +7,18 @@ encoder) with init scales 8/8; for LM, k=32 with init scales 32/1. A default
 here is the value a model gets: no argparse default overrides it.
 """
 import re
-from argparse import Namespace
 from dataclasses import dataclass
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import FairseqDataclass
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
-from ..modules.memsizer_attention import memsizer_problems  # registers the "memsizer" attention
-from ..families import Family, register_family
-from ..registry import register_model
-from .linear_transformer import MT_PRESETS, LinearLanguageModel, LinearTransformerModel, register_presets
-from .options import LinearLMConfig, LinearTransformerConfig, option, option_error
+from ..families import Family, Variant
+from ..modules.memsizer_attention import MemsizerAttention, memsizer_problems
+from .family import register, role_choice
+from .linear_transformer import MT_PRESETS
+from .options import LinearLMConfig, LinearTransformerConfig, option
 
-ATTENTION = ChoiceEnum(["softmax", "memsizer"])
+ATTENTION = role_choice("memsizer")
 
 
 @dataclass
@@ -46,27 +45,6 @@ class MemsizerLMConfig(LinearLMConfig, MemsizerOptions):
     kv_init_scale: float = option(1.0, "init gain of W_l and W_r is scale^-1/2")
 
 
-def check_memsizer_args(args: Namespace, roles) -> None:
-    """The module's rules (memsizer_problems) for each role that uses MemSizer,
-    named as command-line options."""
-    for role in roles:
-        found = memsizer_problems(memory_size=getattr(args, f"{role}_memory_size"), chunk_size=args.memsizer_chunk_size,
-                                  q_init_scale=args.q_init_scale, kv_init_scale=args.kv_init_scale)
-        for name, value, why in found:
-            raise option_error({"memory_size": f"{role}_memory_size", "chunk_size": "memsizer_chunk_size"}.get(name, name),
-                               value, why)
-
-
-@register_model("memsizer_transformer", dataclass=MemsizerTransformerConfig)
-class MemsizerTransformerModel(LinearTransformerModel):
-    check_family = staticmethod(check_memsizer_args)
-
-
-@register_model("memsizer_lm", dataclass=MemsizerLMConfig)
-class MemsizerLanguageModel(LinearLanguageModel):
-    check_family = staticmethod(check_memsizer_args)
-
-
 def memsizer_lm_wiki103(args):
     # the paper's WikiText-103 run (authors' lm_wikitext-103.sh): fairseq's
     # adaptive-input wiki103 LM with 32 MemSizer layers, layerdrop 0.2, dropout 0.2
@@ -90,10 +68,14 @@ def from_softmax(name: str, softmax: dict):
     return o @ softmax[f"{match[1]}.v_proj.bias"] + softmax[f"{match[1]}.out_proj.bias"], how
 
 
-register_family(Family(
-    "memsizer", "memsizer_transformer", "memsizer_lm", "Linearizing Transformer with Key-Value Memory, arXiv 2203.12644",
+FAMILY = register(Family(
+    "memsizer", "Linearizing Transformer with Key-Value Memory, arXiv 2203.12644",
+    attention=MemsizerAttention, options=MemsizerOptions, mt_config=MemsizerTransformerConfig,
+    lm_config=MemsizerLMConfig, role_options=("memory_size",), shared_options=("attention_dropout",),
+    problems=memsizer_problems,
+    mt_presets=MT_PRESETS, lm_presets={"wiki103": memsizer_lm_wiki103, "gpt": transformer_lm_gpt},
+    variants={"mt_all": Variant("mt", ("--encoder-self-attn", "memsizer", "--encoder-self-memory-size", "8"))},
     bench_mt_args=("--decoder-ffn-embed-dim", "1702"), bench_lm_args=("--decoder-ffn-embed-dim", "1328"),
+    targets={"decode_short": 1.3, "train": {8192: 3.0}, "seq2seq": {("mt", 2048): 2.0, ("sum", 400): 1.5}},
     from_softmax=from_softmax,
 ))
-register_presets("memsizer_transformer", MT_PRESETS)
-register_presets("memsizer_lm", {"wiki103": memsizer_lm_wiki103, "gpt": transformer_lm_gpt})

@@ -1,14 +1,14 @@
 """The contract every linear attention family implements.
 
-A family is one module class deriving from ``LinearAttention`` plus a builder
-registered with ``register_attention``. The base class speaks fairseq's
+A family's attention is one module class deriving from ``LinearAttention``,
+named in its ``families.Family`` record. The base class speaks fairseq's
 ``MultiheadAttention`` call signature (time-major tensors, ``key_padding_mask``,
 ``incremental_state``, ``static_kv``; returns ``(output, None)``), so it drops
 into ``TransformerEncoderLayerBase`` / ``TransformerDecoderLayerBase`` through
 their ``build_self_attention`` / ``build_encoder_attention`` hooks.
 
-It owns the incremental state. A family fills in three computations, all
-batch-first:
+It owns the incremental state (``IncrementalState``). A family fills in four
+computations, all batch-first:
 
 * ``summarize(source, padding_mask) -> state`` and ``read(x, state) -> out``:
   the non-causal form (encoder self-attention; cross-attention, whose state
@@ -16,27 +16,35 @@ batch-first:
 * ``causal_parallel(x, padding_mask) -> out``: the causal training form.
 * ``step(x_t, state, padding_mask_t) -> (out_t, state)``: one decoding step.
 
-A state is a dict of tensors whose first dimension is the batch; its size may
-not depend on the prefix length. ``reorder_incremental_state`` index-selects
-every entry (``reorder_state``), which is all that beam search needs. While
-decoding, a cross-attention summarizes each distinct source row once: beam
-search hands it one copy of the source per hypothesis.
+A state's size may not depend on the prefix length. While decoding, a
+cross-attention summarizes each distinct source row once: beam search hands it
+one copy of the source per hypothesis.
+
+A module's keyword arguments are its family's option names (the fields of the
+family's options dataclass); ``build_attention`` reads them from a model config.
 """
-from typing import Callable, Dict, List, Optional, Tuple
+import dataclasses
+from enum import Enum
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
+from .. import families
 from ..errors import ConfigError
+from ..families import Family, Problem
+from .incremental import IncrementalState, State, select_rows
 
-State = Dict[str, Optional[Tensor]]
 ROLES = ("encoder_self", "decoder_self", "cross")
-Problem = Tuple[str, object, str]  # (option, value, why)
 
 
 def is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value) -> bool:
@@ -46,8 +54,8 @@ def is_number(value) -> bool:
 def first_problem(rules) -> List[Problem]:
     """The first of (option, value, check, why) whose check fails, as a one-item
     list (later rules may assume the earlier ones hold), or []. A family's
-    `<family>_problems` lists its rules once: its module raises on them, its
-    models name the command-line options."""
+    `problems` (its record) lists its rules once: its module raises on them,
+    its models name the command-line options."""
     for name, value, ok, why in rules:
         if not ok():
             return [(name, value, why)]
@@ -55,7 +63,7 @@ def first_problem(rules) -> List[Problem]:
 
 
 @with_incremental_state
-class LinearAttention(nn.Module):
+class LinearAttention(IncrementalState, nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, cross: bool = False):
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
@@ -79,9 +87,6 @@ class LinearAttention(nn.Module):
         raise NotImplementedError
 
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         raise NotImplementedError
 
     gives_weights = False  # whether attention_weights computes weights (else it says why not)
@@ -157,98 +162,72 @@ class LinearAttention(nn.Module):
         rows = first.cumsum(0) - 1
         return select_rows(self.summarize(source[first], None if padding_mask is None else padding_mask[first]), rows)
 
-    def _decode(self, x, padding_mask, incremental_state) -> Tensor:
-        state = self._get_input_buffer(incremental_state)
-        # fairseq feeds one token per step; longer inputs are stepped through.
-        T = x.size(1)
-        if padding_mask is not None:
-            padding_mask = padding_mask[:, -T:]
-        outs = []
-        for t in range(T):
-            mask_t = None if padding_mask is None else padding_mask[:, t]
-            out_t, state = self.step(x[:, t], state, mask_t)
-            outs.append(out_t)
-        self._set_input_buffer(incremental_state, state)
-        return outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
-
-    # -- incremental state helpers (as in fairseq's MultiheadAttention) ----
-    def _get_input_buffer(self, incremental_state) -> State:
-        result = self.get_incremental_state(incremental_state, "attn_state")
-        return result if result is not None else {}
-
-    def _set_input_buffer(self, incremental_state, buffer: State):
-        return self.set_incremental_state(incremental_state, "attn_state", buffer)
-
-    @torch.jit.export
-    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        """Follow beam search: reorder every state tensor along the batch dimension.
-        fairseq reorders after every step, greedy search included; an identity
-        order is skipped, so a step can keep writing into the state it owns.
-        A cross-attention state is reordered only when the batch shrinks (a
-        sentence finished): until then beam search moves rows within a sentence,
-        whose rows all hold the same summary of its source (as fairseq's
-        MultiheadAttention skips its static key/value cache)."""
-        buffer = self._get_input_buffer(incremental_state)
-        if buffer and self.encoder_decoder_attention and batch_size(buffer) == new_order.numel():
-            return incremental_state
-        if buffer and not is_identity(new_order, buffer):
-            incremental_state = self._set_input_buffer(incremental_state, self.reorder_state(buffer, new_order))
-        return incremental_state
-
-    def reorder_state(self, state: State, new_order: Tensor) -> State:
-        """The state's rows in `new_order`; a family whose state has slots it
-        never reads overrides this to move less."""
-        return select_rows(state, new_order)
-
-
-def select_rows(state: State, rows: Tensor) -> State:
-    """Every state tensor's rows `rows` (batch dimension first)."""
-    return {name: None if value is None else value.index_select(0, rows) for name, value in state.items()}
-
-
-def batch_size(state: State) -> int:
-    return next(v.shape[0] for v in state.values() if v is not None)
-
-
-def is_identity(new_order: Tensor, state: State) -> bool:
-    """True when `new_order` is 0..B-1 over a state of batch size B."""
-    n = new_order.numel()
-    return n == batch_size(state) and bool((new_order == torch.arange(n, device=new_order.device)).all())
-
-
-# -- family registry ------------------------------------------------------
-# A builder receives the model's config (fairseq TransformerConfig carrying the
-# family's own options as attributes), the role, and the sizes.
-Builder = Callable[..., nn.Module]
-ATTENTION_FAMILIES: Dict[str, Builder] = {}
-
-
-def register_attention(name: str):
-    def wrap(builder: Builder) -> Builder:
-        ATTENTION_FAMILIES[name] = builder  # idempotent: re-import replaces itself
-        return builder
-
-    return wrap
-
-
+# -- building a family's attention from a model config ------------------------
 def attention_kind(cfg, role: str) -> str:
     """The option ``--{role}-attn`` (e.g. --decoder-self-attn); "softmax" if absent."""
-    return str(getattr(cfg, f"{role}_attn", "softmax"))
+    return plain(getattr(cfg, f"{role}_attn", "softmax"))
 
 
-def build_attention(
-    cfg, role: str, embed_dim: int, num_heads: int, kv_dim: Optional[int] = None
-) -> Optional[nn.Module]:
-    """The linear attention module for ``role``, or None where the role keeps softmax."""
+def plain(value):
+    """A config value as the module takes it (a choice's string, not fairseq's enum)."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def option_names(family: Family) -> Tuple[str, ...]:
+    """The module's keyword arguments: its per-role options (--<role>-<name>), the
+    family's other option fields (the --*-attn choices aside), and the fairseq
+    options it reads."""
+    fields = () if family.options is None else dataclasses.fields(family.options)
+    per_role = tuple(f"{role}_" for role in ROLES)
+    own = tuple(f.name for f in fields if not f.name.endswith("_attn") and not f.name.startswith(("_", *per_role)))
+    return family.role_options + own + family.shared_options
+
+
+def option_flag(family: Family, name: str, role: str) -> str:
+    """The configuration field that holds module argument `name` for `role`."""
+    return f"{role}_{name}" if name in family.role_options else name
+
+
+def module_options(family: Family, cfg, role: str, **given) -> Dict[str, object]:
+    """The keyword arguments of `family`'s module for `role`: `given`, else the
+    model config's value, else the family's options dataclass default."""
+    defaults = {} if family.options is None else {
+        f.name: f.default for f in dataclasses.fields(family.options) if f.default is not dataclasses.MISSING}
+    out = {}
+    for name in option_names(family):
+        flag = option_flag(family, name, role)
+        out[name] = plain(given[name] if name in given else getattr(cfg, flag, defaults.get(flag)))
+    return out
+
+
+def named_problems(family: Family, options: dict, role: str, embed_dim: int, width: str) -> List[Problem]:
+    """family.problems with each option named as its configuration field."""
+    if family.problems is None:
+        return []
+    return [(option_flag(family, name, role), value, why)
+            for name, value, why in family.problems(options, embed_dim=embed_dim, width=width)]
+
+
+def family_of(cfg, role: str) -> Optional[Family]:
+    """The family behind --{role}-attn, or None for softmax."""
     kind = attention_kind(cfg, role)
     if kind == "softmax":
         return None
-    if kind not in ATTENTION_FAMILIES:
+    if kind not in families.FAMILIES:
         option = "--" + f"{role}_attn".replace("_", "-")
-        raise ConfigError(
-            f"{option}={kind!r} is not a known attention; "
-            f"choose from softmax, {', '.join(sorted(ATTENTION_FAMILIES))}"
-        )
-    return ATTENTION_FAMILIES[kind](
-        cfg, role=role, embed_dim=embed_dim, num_heads=num_heads, kv_dim=kv_dim or embed_dim
-    )
+        raise ConfigError(f"{option}={kind!r} is not a known attention; choose from softmax, "
+                          f"{', '.join(families.FAMILIES)}")
+    return families.FAMILIES[kind]
+
+
+def build_attention(
+    cfg, role: str, embed_dim: int, num_heads: int, kv_dim: Optional[int] = None, kind: Optional[str] = None,
+    **given,
+) -> Optional[nn.Module]:
+    """The linear attention module for `role` (of family `kind`, else --{role}-attn),
+    or None where the role keeps softmax. `given` options override the config's."""
+    family = families.get(kind) if kind else family_of(cfg, role)
+    if family is None:
+        return None
+    return family.attention(embed_dim, num_heads, kv_dim=kv_dim or embed_dim, causal=role == "decoder_self",
+                            cross=role == "cross", **module_options(family, cfg, role, **given))

@@ -9,27 +9,28 @@ attention and feed-forward network of a transformer layer:
     out = x + (U * A(q, k, q', k', V)) W_o
 
 with A the mixed chunk attention of ``ops.flash`` (or FLASH-Quad's full
-relu^2 attention). Single head. The unit keeps the LinearAttention contract's
-incremental state: the decode state is bounded by the chunk size G.
+relu^2 attention). Single head. The unit keeps fairseq's incremental-state
+contract (``IncrementalState``): the decode state is bounded by the chunk size G.
 
 The encoder-decoder decoder layer adds a pre-norm cross-attention over the
-encoder output: by default kernel attention with phi = elu + 1, whose summary
-(S, z) is computed once per source and cached (``PerformerAttention``,
-cross=True), so a decode step does not depend on the source length; or
-fairseq's softmax attention (--cross-attn softmax).
+encoder output: by default the kernel family's attention with phi = elu + 1,
+whose summary (S, z) is computed once per source and cached, so a decode step
+does not depend on the source length; or fairseq's softmax attention
+(--cross-attn softmax).
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from fairseq.incremental_decoding_utils import with_incremental_state
 from fairseq.modules import LayerNorm, MultiheadAttention
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..families import Problem
 from ..ops import flash as ops
-from .attention import LinearAttention, State, first_problem, is_positive_int
-from .layers import register_layers
-from .performer_attention import PerformerAttention
+from .attention import build_attention, first_problem, is_number, is_positive_int
+from .incremental import IncrementalState, State
 
 
 class ScaleNorm(nn.Module):
@@ -62,61 +63,63 @@ def build_norm(kind: str, dim: int) -> nn.Module:
     return ScaleNorm(dim) if kind == "scalenorm" else LayerNorm(dim)
 
 
-def gau_problems(dim: int, *, s, expansion, chunk_size, rope: bool, mode, norm, scale_init, relu2_norm,
-                 width: str = "d") -> list:
-    """(option, value, why) for each value a GAU of width `dim` cannot take: the
-    one home of these rules. The unit raises on the first; the FLASH models
-    check them as options, naming the command-line flags (`width`: how the
-    message names `dim`)."""
-    rules = (
-        ("chunk_size", chunk_size, lambda: is_positive_int(chunk_size), "must be a positive integer"),
-        ("s", s, lambda: is_positive_int(s), "must be a positive integer"),
-        ("expansion", expansion, lambda: expansion > 0, "must be > 0"),
-        ("s", s, lambda: s <= dim, f"must be <= {width}={dim}"),  # rules across values after those of one
-        ("s", s, lambda: not rope or s % 2 == 0, "must be even with RoPE (or turn RoPE off: --no-rope)"),
-        ("expansion", expansion, lambda: round(expansion * dim) >= 1,
-         f"gives width e={round(expansion * dim)} at {width}={dim}; it must be >= 1"),
-        ("mode", mode, lambda: mode in ("mixed", "quadratic"), "choose mixed or quadratic"),
-        ("norm", norm, lambda: norm in ("scalenorm", "layernorm"), "choose scalenorm or layernorm"),
-        ("scale_init", scale_init, lambda: scale_init in ("paper", "unit"), "choose paper or unit"),
-        ("relu2_norm", relu2_norm, lambda: relu2_norm in ops.RELU2_NORMS, f"choose from {', '.join(ops.RELU2_NORMS)}"),
-    )
-    return first_problem(rules)
+def gau_problems(options: dict, embed_dim: int, width: str = "d") -> List[Problem]:
+    """The first value a GAU of width `embed_dim` cannot take (see first_problem;
+    `width`: how the message names the width)."""
+    o, d = options, embed_dim
+    s, expansion, chunk = o["gau_s"], o["gau_expansion"], o["gau_chunk_size"]
+    choices = {"gau_attention": ("mixed", "quadratic"), "gau_norm": ("scalenorm", "layernorm"),
+               "gau_scale_init": ("paper", "unit"), "gau_relu2_norm": ops.RELU2_NORMS}
+    return first_problem((
+        ("gau_chunk_size", chunk, lambda: is_positive_int(chunk), "must be a positive integer"),
+        ("gau_s", s, lambda: is_positive_int(s), "must be a positive integer"),
+        ("gau_expansion", expansion, lambda: is_number(expansion) and expansion > 0, "must be > 0"),
+        ("gau_s", s, lambda: s <= d, f"must be <= {width}={d}"),  # rules across values after those of one
+        ("gau_s", s, lambda: o["no_rope"] or s % 2 == 0, "must be even with RoPE (or turn RoPE off: --no-rope)"),
+        ("gau_expansion", expansion, lambda: round(expansion * d) >= 1,
+         f"gives width e={round(expansion * d)} at {width}={d}; it must be >= 1"),
+        *((name, o[name], lambda name=name, allowed=allowed: o[name] in allowed, f"choose from {', '.join(allowed)}")
+          for name, allowed in choices.items()),
+    ))
 
 
-class GatedAttentionUnit(LinearAttention):
+@with_incremental_state
+class GatedAttentionUnit(IncrementalState, nn.Module):
     def __init__(
         self,
         dim: int,
         *,
         causal: bool,
-        s: int,
-        expansion: float,
-        chunk_size: int,
-        mode: str,
-        rope: bool,
-        rel_pos_bias: bool,
-        norm: str,
+        gau_attention: str,
+        gau_chunk_size: int,
+        gau_s: int,
+        gau_expansion: float,
+        gau_norm: str,
+        no_rope: bool,
+        gau_rel_pos_bias: bool,
+        gau_scale_init: str,
+        gau_relu2_norm: str,
         dropout: float,
-        scale_init: str,
-        relu2_norm: str,
     ):
-        """Every option is required: the defaults live in the model options
-        (linear_fairseq/models/flash.py, FlashOptions)."""
-        super().__init__(dim, 1, causal=causal)
-        e = int(round(expansion * dim))
-        for name, value, why in gau_problems(dim, s=s, expansion=expansion, chunk_size=chunk_size, rope=rope,
-                                             mode=mode, norm=norm, scale_init=scale_init, relu2_norm=relu2_norm):
+        """The options as models/flash.py's dataclass names them (and where their
+        defaults live), every one required."""
+        super().__init__()
+        options = dict(gau_attention=gau_attention, gau_chunk_size=gau_chunk_size, gau_s=gau_s,
+                       gau_expansion=gau_expansion, gau_norm=gau_norm, no_rope=no_rope,
+                       gau_scale_init=gau_scale_init, gau_relu2_norm=gau_relu2_norm)
+        for name, value, why in gau_problems(options, dim):
             raise ConfigError(f"GatedAttentionUnit: {name}={value!r} {why}")
-        self.s, self.e, self.chunk_size, self.mode, self.rope = s, e, chunk_size, mode, rope
-        self.relu2_norm = relu2_norm
-        self.norm = build_norm(norm, dim)
-        self.to_uv = nn.Linear(dim, 2 * e)
-        self.to_z = nn.Linear(dim, s)
+        self.causal = causal
+        self.s, self.e, self.chunk_size = gau_s, int(round(gau_expansion * dim)), gau_chunk_size
+        self.mode, self.rope, self.relu2_norm = gau_attention, not no_rope, gau_relu2_norm
+        self.norm = build_norm(gau_norm, dim)
+        self.to_uv = nn.Linear(dim, 2 * self.e)
+        self.to_z = nn.Linear(dim, self.s)
         # gamma ~ N(0, 0.02) as in the paper, or N(1, 0.02): q = k = Z at the start (--gau-scale-init)
-        self.offset_scale = OffsetScale(s, 4 if mode == "mixed" else 2, 1.0 if scale_init == "unit" else 0.0)
-        self.rel_bias = nn.Parameter(torch.zeros(2 * chunk_size - 1)) if rel_pos_bias else None
-        self.to_out = nn.Linear(e, dim)
+        self.offset_scale = OffsetScale(self.s, 4 if self.mode == "mixed" else 2,
+                                        1.0 if gau_scale_init == "unit" else 0.0)
+        self.rel_bias = nn.Parameter(torch.zeros(2 * gau_chunk_size - 1)) if gau_rel_pos_bias else None
+        self.to_out = nn.Linear(self.e, dim)
         self.dropout = nn.Dropout(dropout)
 
     @property
@@ -191,32 +194,13 @@ class GatedAttentionUnit(LinearAttention):
         return self.to_out(u * a.to(u.dtype)), state
 
 
-def build_gau(cfg, dim: int, causal: bool) -> GatedAttentionUnit:
-    """Options read from the model config: --gau-attention, --gau-s, --gau-expansion,
-    --gau-chunk-size, --no-rope, --gau-rel-pos-bias, --gau-norm, --gau-scale-init,
-    --gau-relu2-norm, --dropout."""
-    return GatedAttentionUnit(
-        dim,
-        causal=causal,
-        s=int(cfg.gau_s),
-        expansion=float(cfg.gau_expansion),
-        chunk_size=int(cfg.gau_chunk_size),
-        mode=str(cfg.gau_attention),
-        rope=not cfg.no_rope,
-        rel_pos_bias=bool(cfg.gau_rel_pos_bias),
-        norm=str(cfg.gau_norm),
-        dropout=cfg.dropout,
-        scale_init=str(cfg.gau_scale_init),
-        relu2_norm=str(cfg.gau_relu2_norm),
-    )
-
-
 class GAUEncoderLayer(nn.Module):
-    """One non-causal GAU; called like fairseq's TransformerEncoderLayerBase."""
+    """One non-causal GAU; called like fairseq's TransformerEncoderLayerBase.
+    `options`: the GAU's keyword arguments."""
 
-    def __init__(self, cfg, return_fc: bool = False):
+    def __init__(self, cfg, options: dict, return_fc: bool = False):
         super().__init__()
-        self.gau = build_gau(cfg, cfg.encoder.embed_dim, causal=False)
+        self.gau = GatedAttentionUnit(cfg.encoder.embed_dim, causal=False, **options)
 
     def forward(self, x, encoder_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None):
         return self.gau(x, encoder_padding_mask)
@@ -226,28 +210,27 @@ class GAUEncoderLayer(nn.Module):
 
 
 def build_cross_attention(cfg, dim: int) -> nn.Module:
-    """--cross-attn: kernel (elu+1, PerformerAttention) or softmax (fairseq's
-    MultiheadAttention, as its decoder layers build it); both cache what they
-    need of the source in the incremental state."""
+    """--cross-attn: kernel (the kernel family's attention with phi = elu + 1) or
+    softmax (fairseq's MultiheadAttention, as its decoder layers build it); both
+    cache what they need of the source in the incremental state."""
     heads, source_dim = cfg.decoder.attention_heads, cfg.encoder.embed_dim
     if str(cfg.cross_attn) == "softmax":
         return MultiheadAttention(dim, heads, kdim=source_dim, vdim=source_dim, dropout=cfg.attention_dropout,
                                   encoder_decoder_attention=True)
-    return PerformerAttention(dim, heads, feature_map="elu", num_features=None, redraw_interval=0, gate=False,
-                              chunk_size=1, eps=None, kv_dim=source_dim, cross=True)  # chunks: causal form only
+    return build_attention(cfg, "cross", dim, heads, kv_dim=source_dim, kind="performer", feature_map="elu")
 
 
 class GAUDecoderLayer(nn.Module):
     """A causal GAU, then (encoder-decoder models) cross-attention over the
     encoder output; called like fairseq's TransformerDecoderLayerBase."""
 
-    def __init__(self, cfg, no_encoder_attn: bool = False):
+    def __init__(self, cfg, options: dict, no_encoder_attn: bool = False):
         super().__init__()
         dim = cfg.decoder.embed_dim
-        self.gau = build_gau(cfg, dim, causal=True)
+        self.gau = GatedAttentionUnit(dim, causal=True, **options)
         self.cross_attn = None
         if not no_encoder_attn:
-            self.cross_norm = build_norm(str(cfg.gau_norm), dim)
+            self.cross_norm = build_norm(options["gau_norm"], dim)
             self.cross_attn = build_cross_attention(cfg, dim)
             self.dropout = nn.Dropout(cfg.dropout)
 
@@ -279,7 +262,3 @@ class GAUDecoderLayer(nn.Module):
 
     def make_generation_fast_(self, need_attn: bool = False, **kwargs):
         self.alignment = need_attn
-
-
-for _key in ("flash", "gau"):  # gau: the key's earlier name, in older checkpoints
-    register_layers(_key, encoder=GAUEncoderLayer, decoder=GAUDecoderLayer)

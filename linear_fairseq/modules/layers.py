@@ -2,29 +2,16 @@
 
 Only the ``build_*_attention`` hooks are overridden; a role whose option is
 "softmax" keeps fairseq's MultiheadAttention. A family that replaces the whole
-layer (FLASH's GAU replaces attention and FFN) registers its encoder and
-decoder layer classes with ``register_layers`` instead.
+layer (FLASH's GAU replaces attention and FFN) names its encoder and decoder
+layer classes in its record (``Family.layers``); they are built as
+``encoder(cfg, options, return_fc=...)`` and ``decoder(cfg, options,
+no_encoder_attn)``, `options` being the family's module options.
 """
-from typing import Dict, NamedTuple
-
 from fairseq.distributed import fsdp_wrap
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
-from .attention import attention_kind, build_attention
-
-
-class LayerFamily(NamedTuple):
-    encoder: type  # built as encoder(cfg, return_fc=...)
-    decoder: type  # built as decoder(cfg, no_encoder_attn)
-
-
-LAYER_FAMILIES: Dict[str, LayerFamily] = {}
-
-
-def register_layers(name: str, encoder: type, decoder: type) -> None:
-    """Whole-layer family `name`, selected by --encoder-self-attn / --decoder-self-attn."""
-    LAYER_FAMILIES[name] = LayerFamily(encoder, decoder)
+from .attention import build_attention, family_of, module_options
 
 
 class LinearEncoderLayer(TransformerEncoderLayerBase):
@@ -55,21 +42,25 @@ def softmax_layers(cfg, side: str) -> set:
 
 def encoder_layer(cfg, index: int, return_fc: bool = False):
     """Encoder layer `index`: fairseq's own where --encoder-softmax-layers lists it."""
-    family = LAYER_FAMILIES.get(attention_kind(cfg, "encoder_self"))
+    family = family_of(cfg, "encoder_self")
     if index in softmax_layers(cfg, "encoder"):
         layer = TransformerEncoderLayerBase(cfg, return_fc=return_fc)
+    elif family is not None and family.layers:
+        layer = family.layers[0](cfg, module_options(family, cfg, "encoder_self"), return_fc=return_fc)
     else:
-        layer = family.encoder(cfg, return_fc=return_fc) if family else LinearEncoderLayer(cfg, return_fc=return_fc)
+        layer = LinearEncoderLayer(cfg, return_fc=return_fc)
     return wrap_layer(layer, cfg)
 
 
 def decoder_layer(cfg, index: int, no_encoder_attn: bool = False):
     """Decoder layer `index`: fairseq's own where --decoder-softmax-layers lists it."""
-    family = LAYER_FAMILIES.get(attention_kind(cfg, "decoder_self"))
+    family = family_of(cfg, "decoder_self")
     if index in softmax_layers(cfg, "decoder"):
         layer = TransformerDecoderLayerBase(cfg, no_encoder_attn)
+    elif family is not None and family.layers:
+        layer = family.layers[1](cfg, module_options(family, cfg, "decoder_self"), no_encoder_attn)
     else:
-        layer = family.decoder(cfg, no_encoder_attn) if family else LinearDecoderLayer(cfg, no_encoder_attn)
+        layer = LinearDecoderLayer(cfg, no_encoder_attn)
     return wrap_layer(layer, cfg)
 
 

@@ -13,16 +13,18 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import memsizer as M
-from .attention import LinearAttention, Problem, State, first_problem, is_number, is_positive_int, register_attention
+from .attention import LinearAttention, Problem, State, first_problem, is_number, is_positive_int
 
 
-def memsizer_problems(*, memory_size, chunk_size, q_init_scale, kv_init_scale) -> List[Problem]:
-    """The values a MemSizer attention cannot take (see first_problem)."""
+def memsizer_problems(options: dict, embed_dim: int = 0, width: str = "") -> List[Problem]:
+    """The first value a MemSizer attention cannot take (see first_problem)."""
+    k, q_scale, kv_scale, chunk = (options[name] for name in (
+        "memory_size", "q_init_scale", "kv_init_scale", "memsizer_chunk_size"))
     return first_problem((
-        ("memory_size", memory_size, lambda: is_positive_int(memory_size), "must be a positive integer"),
-        ("q_init_scale", q_init_scale, lambda: is_number(q_init_scale) and q_init_scale > 0, "must be > 0"),
-        ("kv_init_scale", kv_init_scale, lambda: is_number(kv_init_scale) and kv_init_scale > 0, "must be > 0"),
-        ("chunk_size", chunk_size, lambda: is_positive_int(chunk_size), "must be a positive integer"),
+        ("memory_size", k, lambda: is_positive_int(k), "must be a positive integer"),
+        ("q_init_scale", q_scale, lambda: is_number(q_scale) and q_scale > 0, "must be > 0"),
+        ("kv_init_scale", kv_scale, lambda: is_number(kv_scale) and kv_scale > 0, "must be > 0"),
+        ("memsizer_chunk_size", chunk, lambda: is_positive_int(chunk), "must be a positive integer"),
     ))
 
 
@@ -31,31 +33,32 @@ class MemsizerAttention(LinearAttention):
         self,
         embed_dim: int,
         num_heads: int,
-        memory_size: int,
         *,
+        memory_size: int,
         q_init_scale: float,
         kv_init_scale: float,
-        chunk_size: int,
+        memsizer_chunk_size: int,
+        attention_dropout: float = 0.0,
         kv_dim: Optional[int] = None,
         causal: bool = False,
         cross: bool = False,
-        dropout: float = 0.0,
     ):
-        """The options as the models' dataclasses define them (models/memsizer.py,
-        where their defaults live)."""
+        """The options as models/memsizer.py's dataclass names them (and where their
+        defaults live); memory_size is the role's --<role>-memory-size."""
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
-        for name, value, why in memsizer_problems(memory_size=memory_size, chunk_size=chunk_size,
-                                                  q_init_scale=q_init_scale, kv_init_scale=kv_init_scale):
+        options = dict(memory_size=memory_size, q_init_scale=q_init_scale, kv_init_scale=kv_init_scale,
+                       memsizer_chunk_size=memsizer_chunk_size)
+        for name, value, why in memsizer_problems(options):
             raise ConfigError(f"MemsizerAttention: {name}={value!r} {why}")
         kv_dim = kv_dim or embed_dim
         self.memory_size = memory_size
-        self.chunk_size = chunk_size
+        self.chunk_size = memsizer_chunk_size
         self.phi = nn.Linear(embed_dim, num_heads * memory_size)  # key slots Phi_h, one set per head
         self.w_l = nn.Linear(kv_dim, memory_size)  # source -> keys K (n x k)
         self.w_r = nn.Linear(kv_dim, embed_dim)  # source -> values V (n x d)
         self.k_norm = LayerNorm(memory_size)
         self.v_norm = LayerNorm(embed_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(attention_dropout)
         nn.init.xavier_uniform_(self.phi.weight, gain=q_init_scale**-0.5)
         nn.init.xavier_uniform_(self.w_l.weight, gain=kv_init_scale**-0.5)
         nn.init.xavier_uniform_(self.w_r.weight, gain=kv_init_scale**-0.5)
@@ -90,21 +93,3 @@ class MemsizerAttention(LinearAttention):
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         K, V = self.keys_values(x)
         return M.causal_step(self.slot_weights(x), K, V, state or None, padding_mask)
-
-
-@register_attention("memsizer")
-def build_memsizer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: int) -> MemsizerAttention:
-    """Options read from the model config: --{role}-memory-size, --q-init-scale,
-    --kv-init-scale, --memsizer-chunk-size, --attention-dropout."""
-    return MemsizerAttention(
-        embed_dim,
-        num_heads,
-        int(getattr(cfg, f"{role}_memory_size")),
-        kv_dim=kv_dim,
-        causal=role == "decoder_self",
-        cross=role == "cross",
-        dropout=cfg.attention_dropout,
-        q_init_scale=float(cfg.q_init_scale),
-        kv_init_scale=float(cfg.kv_init_scale),
-        chunk_size=int(cfg.memsizer_chunk_size),
-    )

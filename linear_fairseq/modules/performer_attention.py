@@ -11,33 +11,14 @@ and after reloading. They are redrawn only in training, every
 `redraw_interval` updates (0: never).
 """
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import performer as K
-from .attention import LinearAttention, Problem, State, first_problem, is_number, is_positive_int, register_attention
-
-FEATURE_MAPS = ("elu", "favor", "rfa", "t2r")
-
-
-def default_num_features(feature_map: str, head_dim: int) -> int:
-    """elu: none (phi has the head's width); favor: d ln d (Performer's choice);
-    rfa: d sin/cos pairs; t2r: 32 (T2R's choice)."""
-    return {"elu": head_dim, "favor": max(1, round(head_dim * math.log(max(head_dim, 2)))),
-            "rfa": head_dim, "t2r": 32}[feature_map]
-
-
-def default_eps(feature_map: str) -> float:
-    """The normalizer's clamp, in true scale. rfa's sin/cos features can cancel to
-    ~0 or below, and t2r's relu features can all vanish for a query (its
-    gradient then grows like 1/phi(q).z): 1e-6 for both. elu + 1 and FAVOR+
-    (largest feature 1/sqrt(m) after stabilization) never vanish: no clamp,
-    which for them would only distort the ratio (only an empty sum is guarded)."""
-    return 1e-6 if feature_map in ("rfa", "t2r") else 0.0
-
+from .attention import LinearAttention, Problem, State, first_problem, is_int, is_number, is_positive_int
 
 class EluFeatures(nn.Module):
     """Each feature module returns (phi(x), its log-scale or None)."""
@@ -69,11 +50,6 @@ class RandomFeatures(nn.Module):
             generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + num_updates)
             self.projection.copy_(self.draw(generator).to(self.projection))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "seed", self.seed.clone())  # checkpoints from before the seed buffer
-        state_dict.pop(prefix + "training_calls", None)  # ... and with the per-forward counter
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
 
 class FavorFeatures(RandomFeatures):
     def forward(self, x):
@@ -99,20 +75,41 @@ class T2RFeatures(nn.Module):
         return K.t2r_features(x, self.weight, self.bias), None
 
 
-def performer_problems(*, feature_map, num_features, redraw_interval, chunk_size, eps) -> List[Problem]:
-    """The values a kernel attention cannot take (see first_problem); None for
-    num_features or eps stands for the feature map's own."""
+class FeatureMap(NamedTuple):
+    """A feature map phi: its module, and its own number of features m and
+    normalizer clamp eps, which --num-features and --kernel-eps replace."""
+    build: Callable[[int, int, int, int], nn.Module]  # (heads, head_dim, m, redraw_interval) -> module
+    num_features: Callable[[int], int]  # head_dim -> m
+    eps: float  # lower clamp of phi(q).z, in true scale
+    about: str  # how m and eps are chosen
+
+
+# rfa's sin/cos features can cancel to ~0 or below, and t2r's relu features can all vanish for a query
+# (its gradient then grows like 1/phi(q).z): a clamp for both. elu + 1 and FAVOR+ (largest feature
+# 1/sqrt(m) after stabilization) never vanish: no clamp, which would only distort the ratio for them
+# (an empty sum is still guarded).
+FEATURE_MAPS = {
+    "elu": FeatureMap(lambda h, d, m, r: EluFeatures(), lambda d: d, 0.0, "none: phi has the head's width"),
+    "favor": FeatureMap(lambda h, d, m, r: FavorFeatures(d, m, r), lambda d: max(1, round(d * math.log(max(d, 2)))),
+                        0.0, "m = d ln d (Performer's choice)"),
+    "rfa": FeatureMap(lambda h, d, m, r: RFAFeatures(d, m, r), lambda d: d, 1e-6, "m = d sin/cos pairs"),
+    "t2r": FeatureMap(lambda h, d, m, r: T2RFeatures(h, d, m), lambda d: 32, 1e-6, "m = 32 (T2R's choice)"),
+}
+
+
+def performer_problems(options: dict, embed_dim: int = 0, width: str = "") -> List[Problem]:
+    """The first value a kernel attention cannot take (see first_problem); None
+    for num_features or kernel_eps stands for the feature map's own."""
+    fm, m, eps = options["feature_map"], options["num_features"], options["kernel_eps"]
+    redraw, chunk = options["redraw_interval"], options["kernel_chunk_size"]
     return first_problem((
-        ("feature_map", feature_map, lambda: feature_map in FEATURE_MAPS, f"choose from {', '.join(FEATURE_MAPS)}"),
-        ("num_features", num_features, lambda: num_features is None or is_positive_int(num_features),
-         "must be a positive integer"),
-        ("num_features", num_features, lambda: feature_map != "elu" or num_features is None,
-         "elu has no features to choose (phi has the head's width)"),
-        ("redraw_interval", redraw_interval,
-         lambda: isinstance(redraw_interval, int) and not isinstance(redraw_interval, bool) and redraw_interval >= 0,
-         "must be an integer >= 0"),
-        ("eps", eps, lambda: eps is None or (is_number(eps) and eps >= 0), "must be >= 0"),
-        ("chunk_size", chunk_size, lambda: is_positive_int(chunk_size), "must be a positive integer"),
+        ("feature_map", fm, lambda: fm in FEATURE_MAPS, f"choose from {', '.join(FEATURE_MAPS)}"),
+        ("num_features", m, lambda: m is None or is_positive_int(m), "must be a positive integer"),
+        ("num_features", m, lambda: fm != "elu" or m is None, "elu has no features to choose (phi has the head's "
+                                                             "width)"),
+        ("redraw_interval", redraw, lambda: is_int(redraw) and redraw >= 0, "must be an integer >= 0"),
+        ("kernel_eps", eps, lambda: eps is None or (is_number(eps) and eps >= 0), "must be >= 0"),
+        ("kernel_chunk_size", chunk, lambda: is_positive_int(chunk), "must be a positive integer"),
     ))
 
 
@@ -125,35 +122,32 @@ class PerformerAttention(LinearAttention):
         feature_map: str,
         num_features: Optional[int],
         redraw_interval: int,
-        gate: bool,
-        chunk_size: int,
-        eps: Optional[float],
+        rfa_gate: bool,
+        kernel_eps: Optional[float],
+        kernel_chunk_size: int,
         kv_dim: Optional[int] = None,
         causal: bool = False,
         cross: bool = False,
     ):
-        """The options as the models' dataclasses define them (models/performer.py,
-        where their defaults live); num_features and eps None: the feature map's own."""
+        """The options as models/performer.py's dataclass names them (and where their
+        defaults live); num_features and kernel_eps None: the feature map's own."""
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
-        for name, value, why in performer_problems(feature_map=feature_map, num_features=num_features,
-                                                   redraw_interval=redraw_interval, chunk_size=chunk_size, eps=eps):
+        options = dict(feature_map=feature_map, num_features=num_features, redraw_interval=redraw_interval,
+                       kernel_eps=kernel_eps, kernel_chunk_size=kernel_chunk_size)
+        for name, value, why in performer_problems(options):
             raise ConfigError(f"PerformerAttention: {name}={value!r} {why}")
-        m = default_num_features(feature_map, self.head_dim) if num_features is None else num_features
-        eps = default_eps(feature_map) if eps is None else eps
+        phi = FEATURE_MAPS[feature_map]
+        m = phi.num_features(self.head_dim) if num_features is None else num_features
         kv_dim = kv_dim or embed_dim
-        self.feature_map_name, self.chunk_size, self.eps = feature_map, chunk_size, eps
+        self.feature_map_name, self.chunk_size = feature_map, kernel_chunk_size
+        self.eps = phi.eps if kernel_eps is None else kernel_eps
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(kv_dim, embed_dim)
         self.v_proj = nn.Linear(kv_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.phi = {
-            "elu": lambda: EluFeatures(),
-            "favor": lambda: FavorFeatures(self.head_dim, m, redraw_interval),
-            "rfa": lambda: RFAFeatures(self.head_dim, m, redraw_interval),
-            "t2r": lambda: T2RFeatures(num_heads, self.head_dim, m),
-        }[feature_map]()
+        self.phi = phi.build(num_heads, self.head_dim, m, redraw_interval)
         # RFA's recency gate g_t = sigmoid(w_h . x_t + b_h), one per head (causal only)
-        self.gate = nn.Linear(embed_dim, num_heads) if gate and causal else None
+        self.gate = nn.Linear(embed_dim, num_heads) if rfa_gate and causal else None
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)  # as fairseq's MultiheadAttention
         nn.init.xavier_uniform_(self.out_proj.weight)
@@ -209,23 +203,3 @@ class PerformerAttention(LinearAttention):
         out, state = K.causal_step(phi[:, :, 0], phi[:, :, 1], v, state or None, padding_mask,
                                    at(scale, 1), gate, at(scale, 0), eps=self.eps)
         return self.out_proj(out.flatten(1).to(x.dtype)), state
-
-
-@register_attention("performer")
-def build_performer(cfg, *, role: str, embed_dim: int, num_heads: int, kv_dim: int) -> PerformerAttention:
-    """Options read from the model config: --feature-map, --num-features,
-    --redraw-interval, --rfa-gate, --kernel-eps, --kernel-chunk-size."""
-    num_features, eps = cfg.num_features, cfg.kernel_eps
-    return PerformerAttention(
-        embed_dim,
-        num_heads,
-        feature_map=str(cfg.feature_map),
-        num_features=None if num_features is None else int(num_features),
-        kv_dim=kv_dim,
-        causal=role == "decoder_self",
-        cross=role == "cross",
-        gate=bool(cfg.rfa_gate),
-        redraw_interval=int(cfg.redraw_interval),
-        chunk_size=int(cfg.kernel_chunk_size),
-        eps=None if eps is None else float(eps),
-    )

@@ -1,0 +1,83 @@
+"""fairseq's incremental-state contract, shared by every module that decodes
+step by step (a family's attention, FLASH's gated attention unit).
+
+A module owns one buffer in fairseq's ``incremental_state``: a dict of tensors
+whose first dimension is the batch, its size independent of the prefix
+length (FLASH-Quad and softmax-like caches excepted). ``reorder_incremental_state``
+index-selects every entry along the batch (``reorder_state``), which is all
+that beam search needs. A class using the mixin is decorated with fairseq's
+``with_incremental_state`` and implements ``step(x_t, state, padding_mask_t)
+-> (out_t, state)`` on batch-first tensors.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+State = Dict[str, Optional[Tensor]]
+
+
+class IncrementalState:
+    encoder_decoder_attention = False  # a cross-attention's state is a summary of the source
+
+    def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def _decode(self, x: Tensor, padding_mask: Optional[Tensor], incremental_state) -> Tensor:
+        """Step through x (B, T, C) from the stored state, then store the new one.
+        fairseq feeds one token per step; longer inputs are stepped through."""
+        state = self._get_input_buffer(incremental_state)
+        T = x.size(1)
+        if padding_mask is not None:
+            padding_mask = padding_mask[:, -T:]
+        outs = []
+        for t in range(T):
+            mask_t = None if padding_mask is None else padding_mask[:, t]
+            out_t, state = self.step(x[:, t], state, mask_t)
+            outs.append(out_t)
+        self._set_input_buffer(incremental_state, state)
+        return outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
+
+    # -- the buffer (as in fairseq's MultiheadAttention) --------------------
+    def _get_input_buffer(self, incremental_state) -> State:
+        result = self.get_incremental_state(incremental_state, "attn_state")
+        return result if result is not None else {}
+
+    def _set_input_buffer(self, incremental_state, buffer: State):
+        return self.set_incremental_state(incremental_state, "attn_state", buffer)
+
+    @torch.jit.export
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
+        """Follow beam search: reorder every state tensor along the batch dimension.
+        fairseq reorders after every step, greedy search included; an identity
+        order is skipped, so a step can keep writing into the state it owns.
+        A cross-attention state is reordered only when the batch shrinks (a
+        sentence finished): until then beam search moves rows within a sentence,
+        whose rows all hold the same summary of its source (as fairseq's
+        MultiheadAttention skips its static key/value cache)."""
+        buffer = self._get_input_buffer(incremental_state)
+        if buffer and self.encoder_decoder_attention and batch_size(buffer) == new_order.numel():
+            return incremental_state
+        if buffer and not is_identity(new_order, buffer):
+            incremental_state = self._set_input_buffer(incremental_state, self.reorder_state(buffer, new_order))
+        return incremental_state
+
+    def reorder_state(self, state: State, new_order: Tensor) -> State:
+        """The state's rows in `new_order`; a module whose state has slots it
+        never reads overrides this to move less."""
+        return select_rows(state, new_order)
+
+
+def select_rows(state: State, rows: Tensor) -> State:
+    """Every state tensor's rows `rows` (batch dimension first)."""
+    return {name: None if value is None else value.index_select(0, rows) for name, value in state.items()}
+
+
+def batch_size(state: State) -> int:
+    return next(v.shape[0] for v in state.values() if v is not None)
+
+
+def is_identity(new_order: Tensor, state: State) -> bool:
+    """True when `new_order` is 0..B-1 over a state of batch size B."""
+    n = new_order.numel()
+    return n == batch_size(state) and bool((new_order == torch.arange(n, device=new_order.device)).all())
