@@ -4,11 +4,11 @@ from functools import partial
 from pathlib import Path
 
 import linear_fairseq  # noqa: F401  registers the families
-from linear_fairseq import families
+from linear_fairseq import families as family_list
 
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
-BASELINE = families.BASELINE.name
-LINEAR = families.names(baseline=False)
+BASELINE = family_list.BASELINE.name
+LINEAR = family_list.names(baseline=False)
 
 
 def ok(records):
@@ -62,27 +62,34 @@ def targets(results):
         for f in LINEAR:
             mine = lookup(dec, "tokens_per_s", family=f, L=256, batch=1)
             out.append(target(f"decode {f}: tokens/s vs transformer_lm, L=256, batch 1", ratio(mine, base),
-                              SHORT_DECODE.get(f, 1.0)))
-    if results.get("mt") is not None:
-        mine, base = (lookup(results["mt"], "sentences_per_s", family=f, src_len=2048) for f in ("memsizer", BASELINE))
-        out.append(target("mt memsizer: sentences/s vs transformer, source length 2048", ratio(mine, base), 2.0))
-    if results.get("sum") is not None:
-        mine, base = (lookup(results["sum"], "sentences_per_s", family=f, src_len=400) for f in ("memsizer", BASELINE))
-        out.append(target("sum memsizer: sentences/s vs transformer, source length 400", ratio(mine, base), 1.5))
+                              wanted_speedup(f, "decode_short")))
+    for f in LINEAR:
+        for (task, src_len), wanted in wanted_speedup(f, "seq2seq").items():
+            if results.get(task) is not None:
+                mine, base = (lookup(results[task], "sentences_per_s", family=x, src_len=src_len) for x in (f, BASELINE))
+                out.append(target(f"{task} {f}: sentences/s vs transformer, source length {src_len}",
+                                  ratio(mine, base), wanted))
     if results.get("beam") is not None:
         out += beam_targets(results["beam"])
     if results.get("train") is not None:
-        for T, wanted in TRAIN.items():
+        for T in TRAIN_CONTEXTS:
             base = lookup(results["train"], "tokens_per_s", family=BASELINE, ctx=T)
             for f in LINEAR:
                 mine = lookup(results["train"], "tokens_per_s", family=f, ctx=T)
                 out.append(target(f"train {f}: tokens/s vs transformer_lm, context {T}", ratio(mine, base),
-                                  wanted.get(f, 1.0)))
+                                  wanted_speedup(f, "train").get(T, 1.0)))
     return out
 
 
-SHORT_DECODE = {"memsizer": 1.3}  # decode at L=256, batch 1: speed-up wanted (others 1.0)
-TRAIN = {2048: {}, 8192: {"memsizer": 3.0, "performer": 1.5, "flash": 2.5}}  # by context (others 1.0)
+TRAIN_CONTEXTS = (2048, 8192)
+
+
+def wanted_speedup(family: str, what: str):
+    """A family's own speed-up targets (Family.targets): "decode_short" (decoding at
+    L=256, batch 1; else 1.0x), "train" {context: x} (else 1.0x), "seq2seq"
+    {(task, source length): x}."""
+    default = 1.0 if what == "decode_short" else {}
+    return family_list.get(family).targets.get(what, default)
 
 
 def beam_targets(recs):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from linear_fairseq.progress import Progress
+from scripts.progress import Progress
 
 SCHEMA = 1
 FULL = {

@@ -17,6 +17,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
 
 def log(msg: str) -> None:
     print(f"[data-prep] {msg}", file=sys.stderr, flush=True)
@@ -94,7 +96,7 @@ def download(url: str, dest: Path, hint: str = "") -> Path:
 def copy_with_progress(src, dest, size: int, block: int = 1 << 20, every: float = 30.0) -> None:
     """Copy a stream; with a known size, log the share done and the time left
     about every `every` seconds."""
-    from linear_fairseq.progress import Progress
+    from progress import Progress  # scripts/progress.py
 
     progress, done, shown = Progress(size or 1), 0, time.time()
     while chunk := src.read(block):
@@ -201,7 +203,7 @@ def encode_sentencepiece(model: Path, src: Path, dest: Path, max_pieces: int = 0
         return
     import sentencepiece as spm
 
-    from linear_fairseq.progress import Progress
+    from progress import Progress  # scripts/progress.py
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
     lines = read_lines(src)

@@ -44,6 +44,7 @@ import torch
 import yaml
 
 from . import families
+from .checkpoints import allow_fairseq_checkpoints
 from .errors import ConfigError
 
 KINDS = {"translation": "translation", "language_modeling": "language model"}
@@ -63,6 +64,7 @@ def load_softmax(path: Path) -> dict:
 
     if not path.is_file():
         fail(f"{path}: no such file")
+    allow_fairseq_checkpoints()  # fairseq's argparse-configured transformers pickle a Namespace
     try:
         state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
     except Exception as err:  # truncated, not a checkpoint, pickled objects we cannot load

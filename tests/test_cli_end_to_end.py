@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, require_data
-from linear_fairseq.scoring import bleu_chrf, read_hypotheses, read_references
+from scripts.scoring import bleu_chrf, read_hypotheses, read_references
 
 pytestmark = pytest.mark.slow
 

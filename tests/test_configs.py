@@ -22,6 +22,8 @@ from conftest import ROOT, make_dictionary
 spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
 reproduce = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reproduce)
+from reproduction import ablations  # noqa: E402  (importable once reproduce.py has run)
+from reproduction.datasets import row_config  # noqa: E402
 
 # every model config: each family's recommended one and, where it has one, its paper config
 CASES = [(spec["task"], ds, family, model) for ds, spec in reproduce.DATASETS.items() for family in reproduce.FAMILIES
@@ -126,7 +128,7 @@ def test_every_ablation_row_composes(task, grid):
     spec = reproduce.load_ablations(task, grid)
     ds = reproduce.DEFAULT_DATASET[(task, "cpu")]
     for rid, row in spec["rows"].items():
-        model = reproduce.row_config(task, ds, row["family"], spec)
+        model = row_config(task, ds, row["family"], spec)
         overrides = [*row.get("budget", spec["budget"]), *row.get("set", [])]
         cfg = load(task, ds, row["family"], tuple(overrides), model=model)
         if spec.get("config") == "recommended" or row["family"] == "transformer":
@@ -151,6 +153,6 @@ def test_every_ablation_row_composes(task, grid):
 def test_a_grid_row_starts_only_from_an_earlier_row_it_can_start_from(rows, message, tmp_path, monkeypatch):
     (tmp_path / "configs" / "mt" / "ablations").mkdir(parents=True)
     (tmp_path / "configs" / "mt" / "ablations" / "g.yaml").write_text(OmegaConf.to_yaml({"budget": [], "seeds": [1], "rows": rows}))
-    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(ablations, "ROOT", tmp_path)
     with pytest.raises(SystemExit, match=re.escape(message)):
-        reproduce.load_ablations("mt", "g")
+        ablations.load_ablations("mt", "g")

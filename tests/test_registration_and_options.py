@@ -32,7 +32,7 @@ def test_all_architectures_are_registered():
 def test_importing_twice_registers_once_or_says_why_not():
     # fairseq's own --user-dir import after the package was imported: nothing runs twice
     fairseq_utils.import_user_module(argparse.Namespace(user_dir=str(ROOT / "linear_fairseq")))
-    assert MODEL_REGISTRY["memsizer_lm"].__module__ == "linear_fairseq.models.family"
+    assert MODEL_REGISTRY["memsizer_lm"].__module__ == "linear_fairseq.models.memsizer"
     # the same package under another module name cannot register its models again: one line says why
     spec = importlib.util.spec_from_file_location(
         "linear_fairseq_again", ROOT / "linear_fairseq" / "__init__.py",
@@ -42,7 +42,7 @@ def test_importing_twice_registers_once_or_says_why_not():
     sys.modules[spec.name] = module
     try:
         with pytest.raises(ValueError, match="model flash_transformer is already registered by "
-                                              "linear_fairseq.models.family: the plugin is imported twice, as "
+                                              "linear_fairseq.models.flash: the plugin is imported twice, as "
                                               "linear_fairseq and linear_fairseq_again"):
             spec.loader.exec_module(module)
     finally:
@@ -136,17 +136,28 @@ def test_module_rejects_bad_sizes_with_values():
 MEMSIZER_OPTIONS = dict(q_init_scale=1.0, kv_init_scale=1.0, memsizer_chunk_size=64)
 
 
-def test_argparse_checkpoints_load_under_weights_only(tmp_path):
-    """fairseq's softmax baselines pickle a Namespace; the plugin allow-lists it."""
+def test_argparse_checkpoints_load_under_weights_only_in_a_fairseq_command(tmp_path):
+    """fairseq's softmax baselines pickle a Namespace; in a fairseq command the
+    plugin allow-lists it. Imported anywhere else, it leaves torch as it was."""
     path = tmp_path / "legacy.pt"
     torch.save({"args": argparse.Namespace(arch="transformer"), "model": {"w": torch.ones(2)}}, path)
     code = f"import torch; torch.load({str(path)!r}); print('ok')"
-    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert bare.returncode != 0 and "Namespace" in bare.stderr  # stock torch refuses it
-    plugin = subprocess.run(
-        [sys.executable, "-c", "import linear_fairseq; " + code], capture_output=True, text=True, cwd=ROOT
-    )
-    assert plugin.returncode == 0, plugin.stderr[-2000:]
+    as_command = "import sys; sys.argv[0] = '/venv/bin/fairseq-generate'; import linear_fairseq; "
+    for prefix, loads in (("", False), ("import linear_fairseq; ", False), (as_command, True)):
+        result = subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True, cwd=ROOT)
+        assert (result.returncode == 0) == loads, (prefix, result.stderr[-2000:])
+        assert loads or "Namespace" in result.stderr  # stock torch refuses it
+
+
+def test_importing_the_package_registers_models_and_nothing_else():
+    code = ("import sys, warnings, logging, fairseq.models, fairseq.modules; "  # what fairseq itself sets, first
+            "hook, filters = sys.excepthook, list(warnings.filters); "
+            "import linear_fairseq; from fairseq.models import MODEL_REGISTRY; "
+            "assert 'memsizer_lm' in MODEL_REGISTRY; assert sys.excepthook is hook, 'excepthook'; "
+            "assert warnings.filters == filters, 'warning filters'; "
+            "assert not logging.getLogger('fairseq_cli.train').filters, 'log filters'; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 def test_our_errors_print_one_line_at_the_top_of_a_command(capsys, monkeypatch):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import ROOT, require_data
-from linear_fairseq import scoring
+from scripts import scoring
 
 pytestmark = pytest.mark.slow
 

@@ -21,21 +21,25 @@ def role_choice(name: str, softmax: bool = True):
     return ChoiceEnum((["softmax"] if softmax else []) + [name])
 
 
-def register(family: Family) -> Family:
+def register(family: Family):
+    """Register `family`; returns its encoder-decoder and language model classes
+    (for the Python API: ``<Class>.from_pretrained``)."""
     taken = MODEL_REGISTRY.get(family.mt_model)
     if taken is not None:  # fairseq's registries are global: a second copy of the plugin cannot register
         raise ConfigError(f"model {family.mt_model} is already registered by {taken.__module__}: the plugin is "
                           f"imported twice, as {taken.__module__.split('.')[0]} and {__name__.split('.')[0]}; "
                           "import it under one name (--user-dir the folder Python imports it from)")
     families.add(family)
+    classes = []
     camel = "".join(part.capitalize() for part in family.name.split("_"))
     for kind, base, config, presets in (
         ("mt", LinearTransformerModel, family.mt_config, family.mt_presets),
         ("lm", LinearLanguageModel, family.lm_config, family.lm_presets),
     ):
         name = family.model(kind)
-        cls = type(camel + base.__name__[len("Linear"):], (base,), {"family": family, "__module__": __name__})
-        register_model(name, dataclass=config)(cls)
+        module = family.options.__module__  # the family's models file
+        cls = type(camel + base.__name__[len("Linear"):], (base,), {"family": family, "__module__": module})
+        classes.append(register_model(name, dataclass=config)(cls))
         for suffix, arch in presets.items():
             register_model_architecture(name, f"{name}_{suffix}")(arch)
-    return family
+    return tuple(classes)

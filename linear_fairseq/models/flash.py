@@ -79,7 +79,7 @@ def flash_preset(fairseq_arch, **layers):
 
 
 TINY = ("--gau-s", "16", "--gau-chunk-size", "4")  # small chunks: decoding crosses many chunk boundaries
-FAMILY = register(Family(
+FAMILY = Family(
     "flash", "Transformer Quality in Linear Time, arXiv 2202.10447",
     layers=(GAUEncoderLayer, GAUDecoderLayer), options=FlashOptions, mt_config=FlashTransformerConfig,
     lm_config=FlashLMConfig, shared_options=("dropout",), problems=gau_problems, derive=derived_settings,
@@ -98,4 +98,5 @@ FAMILY = register(Family(
     },
     bench_mt_args=("--encoder-layers", "5", "--decoder-layers", "5"), bench_lm_args=("--decoder-layers", "8"),
     targets={"train": {8192: 2.5}},
-))
+)
+FlashTransformerModel, FlashLanguageModel = register(FAMILY)

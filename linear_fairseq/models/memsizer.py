@@ -68,7 +68,7 @@ def from_softmax(name: str, softmax: dict):
     return o @ softmax[f"{match[1]}.v_proj.bias"] + softmax[f"{match[1]}.out_proj.bias"], how
 
 
-FAMILY = register(Family(
+FAMILY = Family(
     "memsizer", "Linearizing Transformer with Key-Value Memory, arXiv 2203.12644",
     attention=MemsizerAttention, options=MemsizerOptions, mt_config=MemsizerTransformerConfig,
     lm_config=MemsizerLMConfig, role_options=("memory_size",), shared_options=("attention_dropout",),
@@ -78,4 +78,5 @@ FAMILY = register(Family(
     bench_mt_args=("--decoder-ffn-embed-dim", "1702"), bench_lm_args=("--decoder-ffn-embed-dim", "1328"),
     targets={"decode_short": 1.3, "train": {8192: 3.0}, "seq2seq": {("mt", 2048): 2.0, ("sum", 400): 1.5}},
     from_softmax=from_softmax,
-))
+)
+MemsizerTransformerModel, MemsizerLanguageModel = register(FAMILY)

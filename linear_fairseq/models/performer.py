@@ -50,7 +50,7 @@ def kernel(feature_map: str, *extra: str):
     return ("--feature-map", feature_map, *(("--num-features", "16") if feature_map != "elu" else ()), *extra)
 
 
-FAMILY = register(Family(
+FAMILY = Family(
     "performer", "Transformers are RNNs, arXiv 2006.16236 (FAVOR+, RFA, T2R feature maps)",
     attention=PerformerAttention, options=PerformerOptions, mt_config=PerformerTransformerConfig,
     lm_config=PerformerLMConfig, problems=performer_problems,
@@ -61,4 +61,5 @@ FAMILY = register(Family(
         "lm_t2r_gate": Variant("lm", kernel("t2r", "--rfa-gate")),
     },
     targets={"train": {8192: 1.5}},
-))
+)
+PerformerTransformerModel, PerformerLanguageModel = register(FAMILY)

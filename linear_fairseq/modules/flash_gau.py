@@ -109,7 +109,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
                        gau_scale_init=gau_scale_init, gau_relu2_norm=gau_relu2_norm)
         for name, value, why in gau_problems(options, dim):
             raise ConfigError(f"GatedAttentionUnit: {name}={value!r} {why}")
-        self.causal = causal
+        self.embed_dim, self.causal = dim, causal
         self.s, self.e, self.chunk_size = gau_s, int(round(gau_expansion * dim)), gau_chunk_size
         self.mode, self.rope, self.relu2_norm = gau_attention, not no_rope, gau_relu2_norm
         self.norm = build_norm(gau_norm, dim)

@@ -29,9 +29,10 @@ class RunMeanLMConfig(LinearLMConfig, RunMeanOptions):
     pass
 
 
-FAMILY = register(Family(
+FAMILY = Family(
     "runmean", "a toy family: a decayed running mean of values",
     attention=RunningMean, options=RunMeanOptions, mt_config=RunMeanTransformerConfig, lm_config=RunMeanLMConfig,
     problems=runmean_problems,
     variants={"lm_decay": Variant("lm", ("--runmean-decay", "0.5"))},
-))
+)
+RunMeanTransformerModel, RunMeanLanguageModel = register(FAMILY)

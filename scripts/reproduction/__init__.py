@@ -1,0 +1,1 @@
+"""The reproduce pipeline's parts; scripts/reproduce.py is its entry point."""
