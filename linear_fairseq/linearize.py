@@ -11,7 +11,8 @@ sizes come from the checkpoint. Every tensor of the new model is
 
 * copied where the softmax model has a tensor of the same name and shape
   (embeddings, feed-forward layers, layer norms, output projection, kernel
-  attention's q/k/v/out projections, any role left as softmax);
+  attention's q/k/v/out projections, any role left as softmax; the
+  projections of a --local-window's softmax, from the attention it joins);
 * mapped where the family derives it from the softmax weights (its
   ``from_softmax`` hook in the family registry; MemSizer: W_r from the value
   then output projection);
@@ -143,6 +144,10 @@ def transfer(source: dict, model, family) -> tuple:
         tied[fresh.data_ptr()] = name
         if name in source and source[name].shape == fresh.shape:
             out[name], how[name] = source[name].to(fresh.dtype).clone(), "copied"
+            continue
+        window = name.replace(".window.", ".", 1)  # --local-window: exact softmax, from the softmax attention's
+        if window != name and window in source and source[window].shape == fresh.shape:
+            out[name], how[name] = source[window].to(fresh.dtype).clone(), f"copied: {pattern(window)} (the window's softmax)"
             continue
         mapped = hook(name, source) if hook else None
         if mapped is not None and mapped[0].shape == fresh.shape:

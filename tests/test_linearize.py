@@ -244,3 +244,20 @@ def test_calibration_fits_only_the_new_parameters_and_brings_the_weights_closer(
             assert torch.equal(fitted[name], state["model"][name]), name
         elif what == "initialized":
             assert torch.equal(fitted[name], start[name]) != name.endswith((".phi.weight", ".phi.bias")), name
+
+
+def test_a_local_window_starts_from_the_softmax_attention_it_joins(tmp_path):
+    """--local-window is exact softmax: its projections are the softmax attention's."""
+    src = softmax_checkpoint(tmp_path / "softmax.pt", "language_modeling")
+    out = linearize(src, tmp_path / "local.pt", "performer_lm", ["--local-window", "4", "--short-conv", "3"])
+    softmax = torch.load(src, weights_only=False)["model"]
+    model, state = load(tmp_path / "local.pt")
+    assert state["cfg"]["model"]["local_window"] == 4 and state["cfg"]["model"]["short_conv"] == 3
+    weights = model.state_dict()
+    for layer in (0, 1):
+        attn = f"decoder.layers.{layer}.self_attn"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            for kind in ("weight", "bias"):
+                assert torch.equal(weights[f"{attn}.window.{proj}.{kind}"], softmax[f"{attn}.{proj}.{kind}"])
+    assert "| copied: decoder.layers.*.self_attn.q_proj (the window's softmax) | 4 | 2,112 |" in out  # 2 layers
+    assert torch.isfinite(forward(model, "language_modeling")).all()

@@ -9,20 +9,19 @@ here is the value a model gets: no argparse default overrides it.
 import re
 from dataclasses import dataclass
 
-from fairseq.dataclass import FairseqDataclass
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..families import Family, Variant
 from ..modules.memsizer_attention import MemsizerAttention, memsizer_problems
 from .family import register, role_choice
 from .linear_transformer import MT_PRESETS
-from .options import LinearLMConfig, LinearTransformerConfig, option
+from .options import LinearLMConfig, LinearTransformerConfig, LocalOptions, option
 
 ATTENTION = role_choice("memsizer")
 
 
 @dataclass
-class MemsizerOptions(FairseqDataclass):
+class MemsizerOptions(LocalOptions):
     decoder_self_attn: ATTENTION = option("memsizer", "decoder self-attention")
     decoder_self_memory_size: int = option(4, "k, memory slots of the causal decoder self-attention")
     q_init_scale: float = option(8.0, "init gain of the key slots Phi is scale^-1/2")
@@ -68,13 +67,16 @@ def from_softmax(name: str, softmax: dict):
     return o @ softmax[f"{match[1]}.v_proj.bias"] + softmax[f"{match[1]}.out_proj.bias"], how
 
 
+LOCAL = ("--short-conv", "3", "--local-window", "5")  # test widths: odd and even, both far below the lengths
 FAMILY = Family(
     "memsizer", "Linearizing Transformer with Key-Value Memory, arXiv 2203.12644",
     attention=MemsizerAttention, options=MemsizerOptions, mt_config=MemsizerTransformerConfig,
     lm_config=MemsizerLMConfig, role_options=("memory_size",), shared_options=("attention_dropout",),
     problems=memsizer_problems,
     mt_presets=MT_PRESETS, lm_presets={"wiki103": memsizer_lm_wiki103, "gpt": transformer_lm_gpt},
-    variants={"mt_all": Variant("mt", ("--encoder-self-attn", "memsizer", "--encoder-self-memory-size", "8"))},
+    variants={"mt_all": Variant("mt", ("--encoder-self-attn", "memsizer", "--encoder-self-memory-size", "8")),
+              "mt_local": Variant("mt", ("--encoder-self-attn", "memsizer", *LOCAL)),
+              "lm_local": Variant("lm", LOCAL)},
     bench_mt_args=("--decoder-ffn-embed-dim", "1702"), bench_lm_args=("--decoder-ffn-embed-dim", "1328"),
     targets={"decode_short": 1.3, "train": {8192: 3.0}, "seq2seq": {("mt", 2048): 2.0, ("sum", 400): 1.5}},
     from_softmax=from_softmax,

@@ -39,6 +39,16 @@ def option(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+@dataclasses.dataclass
+class LocalOptions(FairseqDataclass):
+    """Local precision beside a family's attention (modules/local.py), for every
+    self-attention role the family fills; cross-attention reads the whole source."""
+    short_conv: int = option(0, "K, width of a depthwise convolution over the attention's input (causal in the "
+                                "decoder, centred in the encoder); 0: none")
+    local_window: int = option(0, "W, exact softmax attention over the last W positions (the decoder) or the W//2 "
+                                  "on each side (the encoder), added to the family's; 0: none")
+
+
 def softmax_layers_option(side: str):
     return option(None, f"comma-separated {side} layer indices (from 0) that stay fairseq's softmax transformer "
                         "layers: a hybrid stack")

@@ -5,14 +5,14 @@ presets named after fairseq's own. The feature map is chosen by name with
 from dataclasses import dataclass
 from typing import Optional
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..families import Family, Variant
 from ..modules.performer_attention import FEATURE_MAPS, PerformerAttention, performer_problems
 from .family import register, role_choice
 from .linear_transformer import MT_PRESETS
-from .options import LinearLMConfig, LinearTransformerConfig, option
+from .options import LinearLMConfig, LinearTransformerConfig, LocalOptions, option
 
 ATTENTION = role_choice("performer")
 
@@ -22,7 +22,7 @@ def per_map(what: str) -> str:
 
 
 @dataclass
-class PerformerOptions(FairseqDataclass):
+class PerformerOptions(LocalOptions):
     decoder_self_attn: ATTENTION = option("performer", "decoder self-attention")
     feature_map: ChoiceEnum(list(FEATURE_MAPS)) = option("favor", "kernel feature map phi")
     num_features: Optional[int] = option(None, f"m, features per head (default, the feature map's: {per_map('about')})")
@@ -59,6 +59,8 @@ FAMILY = Family(
         **{f"mt_{fm}": Variant("mt", kernel(fm)) for fm in FEATURE_MAPS if fm != "favor"},  # favor: the default
         "mt_rfa_gate": Variant("mt", kernel("rfa", "--rfa-gate")),
         "lm_t2r_gate": Variant("lm", kernel("t2r", "--rfa-gate")),
+        "mt_local": Variant("mt", ("--short-conv", "4", "--local-window", "6")),
+        "lm_local": Variant("lm", ("--short-conv", "2", "--local-window", "3")),
     },
     targets={"train": {8192: 1.5}},
 )

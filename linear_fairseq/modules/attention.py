@@ -35,6 +35,7 @@ from .. import families
 from ..errors import ConfigError
 from ..families import Family, Problem
 from .incremental import IncrementalState, State, select_rows
+from .local import ShortConv, SlidingWindow
 
 ROLES = ("encoder_self", "decoder_self", "cross")
 
@@ -62,9 +63,21 @@ def first_problem(rules) -> List[Problem]:
     return []
 
 
+def local_problems(options: dict) -> List[Problem]:
+    """The values --short-conv and --local-window cannot take (0: off)."""
+    K, W = options.get("short_conv", 0), options.get("local_window", 0)
+    return first_problem((
+        ("short_conv", K, lambda: is_int(K) and K >= 0, "must be an integer >= 0 (0: no convolution)"),
+        ("local_window", W, lambda: is_int(W) and W >= 0, "must be an integer >= 0 (0: no window)"),
+    ))
+
+
 @with_incremental_state
 class LinearAttention(IncrementalState, nn.Module):
-    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, cross: bool = False):
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, cross: bool = False,
+                 short_conv: int = 0, local_window: int = 0):
+        """short_conv, local_window: local precision for a self-attention (modules/local.py;
+        0: off); cross-attention takes neither."""
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
             raise ConfigError(
@@ -73,11 +86,15 @@ class LinearAttention(IncrementalState, nn.Module):
             )
         if causal and cross:
             raise ConfigError("cross-attention cannot be causal")
+        for name, value, why in local_problems({"short_conv": short_conv, "local_window": local_window}):
+            raise ConfigError(f"{type(self).__name__}: {name}={value!r} {why}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.causal = causal
         self.encoder_decoder_attention = cross
+        self.short_conv = ShortConv(embed_dim, short_conv, causal) if short_conv and not cross else None
+        self.window = SlidingWindow(embed_dim, num_heads, local_window, causal) if local_window and not cross else None
 
     # -- what a family implements (batch-first tensors) --------------------
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
@@ -128,17 +145,41 @@ class LinearAttention(IncrementalState, nn.Module):
             key_padding_mask = key_padding_mask.to(torch.bool)
         if self.encoder_decoder_attention:
             out = self._cross(x, key, key_padding_mask, incremental_state)
-        elif not self.causal:
-            out = self.read(x, self.summarize(x, key_padding_mask))
-        elif incremental_state is None:
-            out = self.causal_parallel(x, key_padding_mask)
-        else:
+        elif incremental_state is not None and self.causal:
             out = self._decode(x, key_padding_mask, incremental_state)
+        else:
+            out = self._self(x, key_padding_mask)
         weights = None
         if self.encoder_decoder_attention and need_weights and self.alignment:
             weights = self.attention_weights(x, key.transpose(0, 1), key_padding_mask).float()
             weights = weights.transpose(0, 1) if need_head_weights else weights.mean(1)  # as MultiheadAttention
         return out.transpose(0, 1), weights
+
+    def _self(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        """Self-attention over the whole input: the family's form, with local precision."""
+        if self.short_conv is not None:
+            x = self.short_conv(x, padding_mask)
+        if self.causal:
+            out = self.causal_parallel(x, padding_mask)
+        else:
+            out = self.read(x, self.summarize(x, padding_mask))
+        return out if self.window is None else out + self.window(x, padding_mask).to(out.dtype)
+
+    LOCAL = ("local_conv", "local_k", "local_v", "local_real")  # the state entries of local precision
+
+    def decode_step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        """One decoding step: the family's `step`, with local precision."""
+        own = {name: value for name, value in state.items() if name not in self.LOCAL}
+        local = {}
+        if self.short_conv is not None:
+            x, local["local_conv"] = self.short_conv.step(x, state.get("local_conv"), padding_mask)
+        out, own = self.step(x, own, padding_mask)
+        if self.window is not None:
+            window = {name: state[f"local_{name}"] for name in ("k", "v", "real")} if "local_k" in state else None
+            extra, window = self.window.step(x, window, padding_mask)
+            out = out + extra.to(out.dtype)
+            local.update({f"local_{name}": value for name, value in window.items()})
+        return out, {**own, **local}
 
     def _cross(self, x, source, padding_mask, incremental_state) -> Tensor:
         state = self._get_input_buffer(incremental_state)
@@ -202,10 +243,10 @@ def module_options(family: Family, cfg, role: str, **given) -> Dict[str, object]
 
 def named_problems(family: Family, options: dict, role: str, embed_dim: int, width: str) -> List[Problem]:
     """family.problems with each option named as its configuration field."""
-    if family.problems is None:
-        return []
-    return [(option_flag(family, name, role), value, why)
-            for name, value, why in family.problems(options, embed_dim=embed_dim, width=width)]
+    found = local_problems(options)
+    if family.problems is not None:
+        found += family.problems(options, embed_dim=embed_dim, width=width)
+    return [(option_flag(family, name, role), value, why) for name, value, why in found[:1]]
 
 
 def family_of(cfg, role: str) -> Optional[Family]:

@@ -23,6 +23,10 @@ class IncrementalState:
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         raise NotImplementedError
 
+    def decode_step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        """What decoding runs each step: `step`, unless a subclass adds to it."""
+        return self.step(x, state, padding_mask)
+
     def _decode(self, x: Tensor, padding_mask: Optional[Tensor], incremental_state) -> Tensor:
         """Step through x (B, T, C) from the stored state, then store the new one.
         fairseq feeds one token per step; longer inputs are stepped through."""
@@ -33,7 +37,7 @@ class IncrementalState:
         outs = []
         for t in range(T):
             mask_t = None if padding_mask is None else padding_mask[:, t]
-            out_t, state = self.step(x[:, t], state, mask_t)
+            out_t, state = self.decode_step(x[:, t], state, mask_t)
             outs.append(out_t)
         self._set_input_buffer(incremental_state, state)
         return outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)

@@ -125,13 +125,16 @@ class PerformerAttention(LinearAttention):
         rfa_gate: bool,
         kernel_eps: Optional[float],
         kernel_chunk_size: int,
+        short_conv: int = 0,
+        local_window: int = 0,
         kv_dim: Optional[int] = None,
         causal: bool = False,
         cross: bool = False,
     ):
         """The options as models/performer.py's dataclass names them (and where their
         defaults live); num_features and kernel_eps None: the feature map's own."""
-        super().__init__(embed_dim, num_heads, causal=causal, cross=cross)
+        super().__init__(embed_dim, num_heads, causal=causal, cross=cross, short_conv=short_conv,
+                         local_window=local_window)
         options = dict(feature_map=feature_map, num_features=num_features, redraw_interval=redraw_interval,
                        kernel_eps=kernel_eps, kernel_chunk_size=kernel_chunk_size)
         for name, value, why in performer_problems(options):

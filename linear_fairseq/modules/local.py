@@ -1,0 +1,68 @@
+"""Local precision for a family's self-attention (--short-conv K, --local-window W).
+
+``ShortConv``: a depthwise convolution of width K over the attention's input,
+causal in the decoder (its last K-1 inputs are decoding state) and centred in
+the encoder. It starts as the identity (the current input's tap 1, the others
+0), so a model gains it without changing at initialization.
+
+``SlidingWindow``: exact softmax attention over the last W positions (the
+decoder; its last W keys and values are decoding state) or the W//2 on each
+side (the encoder), with its own projections, added to the family's output.
+Its heads are scaled by a learned per-head weight before the output
+projection: a mix rather than one normalizer over both branches, because not
+every family has a normalizer to share (MemSizer reads a memory, not a
+normalized sum over positions).
+
+Cross-attention reads the whole source and takes neither.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import local as L
+from .incremental import State
+
+
+class ShortConv(nn.Module):
+    def __init__(self, dim: int, width: int, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.weight = nn.Parameter(torch.zeros(dim, width))
+        with torch.no_grad():
+            self.weight[:, width - 1 if causal else (width - 1) // 2] = 1.0  # the identity
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        return L.conv(x, self.weight, self.causal, padding_mask)
+
+    def step(self, x: Tensor, state: Optional[Tensor], padding_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        return L.conv_step(x, self.weight, state, padding_mask)
+
+
+class SlidingWindow(nn.Module):
+    def __init__(self, dim: int, num_heads: int, width: int, causal: bool):
+        super().__init__()
+        self.num_heads, self.width, self.causal = num_heads, width, causal
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.head_weight = nn.Parameter(torch.ones(num_heads))
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)  # as fairseq's MultiheadAttention
+        nn.init.xavier_uniform_(self.out_proj.weight)
+
+    def heads(self, x: Tensor) -> Tensor:
+        """(B, ..., C) -> (B, H, ..., d)"""
+        return x.unflatten(-1, (self.num_heads, -1)).movedim(-2, 1)
+
+    def merge(self, out: Tensor) -> Tensor:
+        """(B, H, ..., d), scaled per head -> (B, ..., C)"""
+        out = out * self.head_weight.view(-1, *([1] * (out.dim() - 2))).to(out.dtype)
+        return self.out_proj(out.movedim(1, -2).flatten(-2))
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.merge(L.window(q, k, v, self.width, self.causal, padding_mask))
+
+    def step(self, x: Tensor, state: Optional[State], padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out, state = L.window_step(q, k, v, state, self.width, padding_mask)
+        return self.merge(out), state

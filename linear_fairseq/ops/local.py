@@ -1,0 +1,136 @@
+"""Local precision beside a linear attention (torch only): a short depthwise
+convolution over time, and exact softmax attention over a sliding window.
+
+Both keep a decoding state bounded by their width: the last K-1 inputs of the
+convolution, the last W keys and values of the window.
+
+Convolution (width K, weight (C, K)): causal, y_t = sum_i w[:, i] x_{t-K+1+i};
+non-causal, the same window centred on t (K//2 positions after it). Padded
+inputs count as zero.
+
+Window (width W): causal, query i attends to keys j with i - W < j <= i;
+non-causal, to keys with |i - j| <= W // 2. Padded keys are never attended to.
+The parallel forms work on blocks of W queries (a block sees itself and its
+neighbours), so their operator count does not grow with T and their memory is
+O(T W), not O(T^2).
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import acc, zero_padded
+
+
+# -- short convolution -------------------------------------------------------------------
+def conv(x: Tensor, weight: Tensor, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """x (B, T, C), weight (C, K) -> (B, T, C)."""
+    C, K = weight.shape
+    x = zero_padded(x, padding_mask, 1).transpose(1, 2)
+    left = K - 1 if causal else (K - 1) // 2
+    x = F.pad(x, (left, K - 1 - left))
+    return F.conv1d(x, weight.unsqueeze(1).to(x.dtype), groups=C).transpose(1, 2)
+
+
+def conv_step(x: Tensor, weight: Tensor, state: Optional[Tensor], padding_mask: Optional[Tensor] = None
+              ) -> Tuple[Tensor, Tensor]:
+    """One causal step: x (B, C), state (B, K-1, C) the previous inputs (None:
+    zeros) -> (y (B, C), next state)."""
+    C, K = weight.shape
+    if padding_mask is not None:
+        x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+    if state is None:
+        state = x.new_zeros(x.shape[0], K - 1, C)
+    window = torch.cat([state, x.unsqueeze(1)], dim=1)  # (B, K, C), oldest first
+    return torch.einsum("bkc,ck->bc", window, weight.to(x.dtype)), window[:, 1:]
+
+
+def conv_naive(x: Tensor, weight: Tensor, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """The definition, position by position (tests)."""
+    B, T, C = x.shape
+    K = weight.shape[1]
+    x = zero_padded(x, padding_mask, 1)
+    left = K - 1 if causal else (K - 1) // 2
+    out = torch.zeros_like(x)
+    for t in range(T):
+        for i in range(K):
+            s = t - left + i
+            if 0 <= s < T:
+                out[:, t] += weight[:, i] * x[:, s]
+    return out
+
+
+# -- sliding-window softmax attention -------------------------------------------------------
+def window_mask(T: int, W: int, causal: bool, device=None) -> Tensor:
+    """(T, T) bool, True where query i may attend to key j."""
+    i = torch.arange(T, device=device)
+    offset = i[:, None] - i[None, :]
+    return (offset >= 0) & (offset < W) if causal else offset.abs() <= W // 2
+
+
+def window_naive(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool,
+                 padding_mask: Optional[Tensor] = None) -> Tensor:
+    """q, k, v (B, H, T, d) -> (B, H, T, d), the whole T x T score matrix (tests)."""
+    T = q.shape[2]
+    scores = acc(q) @ acc(k).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    allowed = window_mask(T, W, causal, q.device)
+    if padding_mask is not None:
+        allowed = allowed & ~padding_mask[:, None, None, :]
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (weights @ acc(v)).to(v.dtype)
+
+
+def window(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """q, k, v (B, H, T, d) -> (B, H, T, d), block by block: queries in blocks of
+    n = W (causal: a block's keys are its own and the block before) or n = W//2 + 1
+    (non-causal: the blocks before and after too)."""
+    B, H, T, d = q.shape
+    n = W if causal else W // 2 + 1
+    blocks = -(-T // n)
+    pad = blocks * n - T
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask
+    q, k, v = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (blocks, n)) for t in (q, k, v))
+    real = F.pad(real, (0, pad)).unflatten(1, (blocks, n))
+    span = (1, 0) if causal else (1, 1)  # neighbouring blocks before and after
+    keys, values, key_real = (neighbours(t, span, dim) for t, dim in ((k, 2), (v, 2), (real, 1)))
+    positions = torch.arange(n, device=q.device)
+    key_positions = torch.arange(-span[0] * n, (1 + span[1]) * n, device=q.device)
+    offset = positions[:, None] - key_positions[None, :]  # query - key, within the block
+    allowed = (offset >= 0) & (offset < W) if causal else offset.abs() <= W // 2
+    allowed = allowed & key_real[:, None, :, None, :]  # (B, 1, blocks, n, keys)
+    # batched matrix products over (B H blocks), on 3-d tensors
+    m = keys.shape[3]
+    scores = (acc(q).reshape(-1, n, d) @ acc(keys).reshape(-1, m, d).transpose(1, 2)).view(B, H, blocks, n, m)
+    weights = torch.softmax((scores / math.sqrt(d)).masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    out = (weights.reshape(-1, n, m) @ acc(values).reshape(-1, m, d)).view(B, H, blocks * n, d)[:, :, :T]
+    return out.to(v.dtype)
+
+
+def neighbours(x: Tensor, span: Tuple[int, int], dim: int) -> Tensor:
+    """Each block of x (blocks at `dim`, positions at dim + 1) joined, along the
+    positions, with the `span[0]` blocks before it and `span[1]` after it
+    (zeros, or False, past the ends)."""
+    before, after = span
+    edge = x.new_zeros(x.shape[:dim] + (1,) + x.shape[dim + 1:])
+    padded = torch.cat([edge] * before + [x] + [edge] * after, dim=dim)
+    return torch.cat([padded.narrow(dim, s, x.shape[dim]) for s in range(before + after + 1)], dim=dim + 1)
+
+
+def window_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], W: int,
+                padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """One causal step: q, k, v (B, H, d); state holds the last W keys and values
+    and which of them are real: {"k": (B, H, W, d), "v": ..., "real": (B, W)}."""
+    B, H, d = q.shape
+    if state is None:
+        state = {"k": k.new_zeros(B, H, W, d), "v": v.new_zeros(B, H, W, d),
+                 "real": torch.zeros(B, W, dtype=torch.bool, device=q.device)}
+    real_t = torch.ones(B, 1, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask[:, None]
+    keys = torch.cat([state["k"][:, :, 1:], k.unsqueeze(2)], dim=2)
+    values = torch.cat([state["v"][:, :, 1:], v.unsqueeze(2)], dim=2)
+    real = torch.cat([state["real"][:, 1:], real_t], dim=1)
+    scores = (acc(keys) @ acc(q).unsqueeze(-1)).squeeze(-1) / math.sqrt(d)  # (B, H, W)
+    weights = torch.softmax(scores.masked_fill(~real[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    out = (weights.unsqueeze(-2) @ acc(values)).squeeze(-2).to(v.dtype)
+    return out, {"k": keys, "v": values, "real": real}

@@ -1,0 +1,114 @@
+"""Local precision's ops (ops/local.py) against their definitions: the short
+convolution and the sliding-window softmax, parallel and step by step, with
+padding, gradients and the decoding state; the parallel forms run a number of
+operators that does not grow with the length."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from linear_fairseq.ops import local as L
+
+
+def padding(B, T, seed=0):
+    """Row 1 left-padded by a third of T (fairseq's source layout), row 0 not padded."""
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, : T // 3] = True
+    return mask
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_conv_equals_its_definition_outputs_and_gradients(causal, K):
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(2, 11, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, K, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = padding(2, 11)
+    fast, ref = L.conv(x, w, causal, mask), L.conv_naive(x, w, causal, mask)
+    torch.testing.assert_close(fast, ref)
+    grads = [torch.autograd.grad(out.pow(2).sum(), (x, w)) for out in (fast, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_conv_steps_equal_the_causal_form_and_keep_the_last_inputs(K):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 9, 5, generator=g), torch.randn(5, K, generator=g)
+    mask = padding(2, 9)
+    state, outs = None, []
+    for t in range(9):
+        out, state = L.conv_step(x[:, t], w, state, mask[:, t])
+        outs.append(out)
+    torch.testing.assert_close(torch.stack(outs, 1), L.conv(x, w, True, mask))
+    assert state.shape == (2, K - 1, 5)
+    torch.testing.assert_close(state, x[:, 9 - (K - 1):] if K > 1 else x[:, :0])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("W", [1, 2, 5, 8])
+@pytest.mark.parametrize("T", [1, 7, 24])
+def test_window_equals_the_masked_softmax_outputs_and_gradients(causal, W, T):
+    g = torch.Generator().manual_seed(W * 100 + T)
+    q, k, v = (torch.randn(2, 3, T, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    mask = padding(2, T)
+    fast, ref = L.window(q, k, v, W, causal, mask), L.window_naive(q, k, v, W, causal, mask)
+    torch.testing.assert_close(fast, ref)
+    grads = [torch.autograd.grad(out.pow(2).sum(), (q, k, v)) for out in (fast, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_window_reaches_exactly_its_width():
+    """A key W positions back (causal) or W//2 + 1 away (non-causal) is out of reach."""
+    T, W = 12, 4
+    v = torch.eye(T).view(1, 1, T, T)  # each key's value names it
+    q = k = torch.zeros(1, 1, T, T)  # equal scores: the output is the mean over the keys in reach
+    causal = L.window(q, k, v, W, True)[0, 0]
+    assert (causal[8] > 0).nonzero().flatten().tolist() == [5, 6, 7, 8]
+    both = L.window(q, k, v, W, False)[0, 0]
+    assert (both[8] > 0).nonzero().flatten().tolist() == [6, 7, 8, 9, 10]
+
+
+@pytest.mark.parametrize("W", [1, 3, 8])
+def test_window_steps_equal_the_causal_form_with_a_state_of_w_keys(W):
+    g = torch.Generator().manual_seed(W)
+    q, k, v = (torch.randn(2, 3, 20, 4, generator=g) for _ in range(3))
+    mask = padding(2, 20)
+    state, outs = None, []
+    for t in range(20):
+        out, state = L.window_step(q[:, :, t], k[:, :, t], v[:, :, t], state, W, mask[:, t])
+        outs.append(out)
+        assert state["k"].shape == (2, 3, W, 4) and state["real"].shape == (2, W)  # whatever the prefix
+    torch.testing.assert_close(torch.stack(outs, 2), L.window(q, k, v, W, True, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state["k"], k[:, :, 20 - W:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_follow_fp32(dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 300, 16, generator=g) * 3 for _ in range(3))
+    ref = L.window(q, k, v, 64, True)
+    half = L.window(q.to(dtype), k.to(dtype), v.to(dtype), 64, True)
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    assert (half.float() - ref).abs().max() < (0.05 if dtype == torch.float16 else 0.2)  # bf16: 8 bits
+
+
+def aten_ops(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_parallel_forms_run_as_many_operators_at_any_length(causal):
+    """Forward and backward with a dense output gradient, as training has (the
+    gradient of a plain sum is a broadcast scalar, which CPU batched products
+    copy out one matrix at a time)."""
+    def run(T):
+        q, k, v = (torch.randn(1, 2, T, 8, requires_grad=True) for _ in range(3))
+        x, w = torch.randn(1, T, 16, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+        g1, g2 = torch.randn(1, 2, T, 8), torch.randn(1, T, 16)
+        return lambda: ((L.window(q, k, v, 16, causal) * g1).sum() + (L.conv(x, w, causal) * g2).sum()).backward()
+
+    counts = {T: aten_ops(run(T)) for T in (64, 256, 1024)}
+    assert len(set(counts.values())) == 1, counts
