@@ -7,6 +7,8 @@ tool reads) and registers the fairseq models ``<name>_transformer`` and
 the family's layers (``linear_transformer``); they check the family's options
 with its ``problems`` and derive its settings with ``derive``.
 """
+import dataclasses
+
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import MODEL_REGISTRY, register_model, register_model_architecture
 
@@ -14,6 +16,7 @@ from .. import families
 from ..errors import ConfigError
 from ..families import Family
 from .linear_transformer import LinearLanguageModel, LinearTransformerModel
+from .options import LinearLMConfig, LinearTransformerConfig, option
 
 
 def role_choice(name: str, softmax: bool = True):
@@ -21,9 +24,30 @@ def role_choice(name: str, softmax: bool = True):
     return ChoiceEnum((["softmax"] if softmax else []) + [name])
 
 
+def camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def default_configs(family: Family) -> Family:
+    """`family` with the configs of a family whose options take the same defaults
+    in both model kinds, every attention role its own, where it names none."""
+    if family.mt_config is not None:
+        return family
+    name, options = family.name, family.options
+    roles = [(f"{role}_attn", role_choice(name), option(name, what)) for role, what in (
+        ("encoder_self", "encoder self-attention"), ("cross", "decoder cross-attention"))]
+    mt = dataclasses.make_dataclass(f"{camel(name)}TransformerConfig", roles, bases=(LinearTransformerConfig, options))
+    lm = dataclasses.make_dataclass(f"{camel(name)}LMConfig", [], bases=(LinearLMConfig, options))
+    for config in (mt, lm):
+        config.__module__ = options.__module__
+    return dataclasses.replace(family, mt_config=mt, lm_config=lm)
+
+
 def register(family: Family):
     """Register `family`; returns its encoder-decoder and language model classes
-    (for the Python API: ``<Class>.from_pretrained``)."""
+    (for the Python API: ``<Class>.from_pretrained``). A family that names no
+    configs gets ``default_configs``."""
+    family = default_configs(family)
     taken = MODEL_REGISTRY.get(family.mt_model)
     if taken is not None:  # fairseq's registries are global: a second copy of the plugin cannot register
         raise ConfigError(f"model {family.mt_model} is already registered by {taken.__module__}: the plugin is "
@@ -31,14 +55,13 @@ def register(family: Family):
                           "import it under one name (--user-dir the folder Python imports it from)")
     families.add(family)
     classes = []
-    camel = "".join(part.capitalize() for part in family.name.split("_"))
     for kind, base, config, presets in (
         ("mt", LinearTransformerModel, family.mt_config, family.mt_presets),
         ("lm", LinearLanguageModel, family.lm_config, family.lm_presets),
     ):
         name = family.model(kind)
         module = family.options.__module__  # the family's models file
-        cls = type(camel + base.__name__[len("Linear"):], (base,), {"family": family, "__module__": module})
+        cls = type(camel(family.name) + base.__name__[len("Linear"):], (base,), {"family": family, "__module__": module})
         classes.append(register_model(name, dataclass=config)(cls))
         for suffix, arch in presets.items():
             register_model_architecture(name, f"{name}_{suffix}")(arch)

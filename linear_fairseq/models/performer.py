@@ -12,7 +12,7 @@ from ..families import Family, Variant
 from ..modules.performer_attention import FEATURE_MAPS, PerformerAttention, performer_problems
 from .family import register, role_choice
 from .linear_transformer import MT_PRESETS
-from .options import LinearLMConfig, LinearTransformerConfig, LocalOptions, option
+from .options import LocalOptions, option
 
 ATTENTION = role_choice("performer")
 
@@ -34,17 +34,6 @@ class PerformerOptions(LocalOptions):
     kernel_chunk_size: int = option(64, "chunk length of the causal training form (speed/memory only)")
 
 
-@dataclass
-class PerformerTransformerConfig(LinearTransformerConfig, PerformerOptions):
-    encoder_self_attn: ATTENTION = option("performer", "encoder self-attention")
-    cross_attn: ATTENTION = option("performer", "decoder cross-attention")
-
-
-@dataclass
-class PerformerLMConfig(LinearLMConfig, PerformerOptions):
-    pass
-
-
 def kernel(feature_map: str, *extra: str):
     """Test flags of a feature map (a few features, to keep the tiny models tiny)."""
     return ("--feature-map", feature_map, *(("--num-features", "16") if feature_map != "elu" else ()), *extra)
@@ -52,8 +41,7 @@ def kernel(feature_map: str, *extra: str):
 
 FAMILY = Family(
     "performer", "Transformers are RNNs, arXiv 2006.16236 (FAVOR+, RFA, T2R feature maps)",
-    attention=PerformerAttention, options=PerformerOptions, mt_config=PerformerTransformerConfig,
-    lm_config=PerformerLMConfig, problems=performer_problems,
+    attention=PerformerAttention, options=PerformerOptions, problems=performer_problems,
     mt_presets=MT_PRESETS, lm_presets={"wiki103": transformer_lm_baevski_wiki103, "gpt": transformer_lm_gpt},
     variants={
         **{f"mt_{fm}": Variant("mt", kernel(fm)) for fm in FEATURE_MAPS if fm != "favor"},  # favor: the default

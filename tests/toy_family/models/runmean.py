@@ -1,5 +1,6 @@
 """A toy family's models (docs/development.md's example): runmean_transformer
-and runmean_lm, every attention role a decayed running mean by default."""
+and runmean_lm, every attention role a decayed running mean by default (the
+configs register derives: the same defaults in both model kinds)."""
 from dataclasses import dataclass
 
 from fairseq.dataclass import FairseqDataclass
@@ -7,7 +8,7 @@ from fairseq.dataclass import FairseqDataclass
 from ..families import Family, Variant
 from ..modules.runmean_attention import RunningMean, runmean_problems
 from .family import register, role_choice
-from .options import LinearLMConfig, LinearTransformerConfig, option
+from .options import option
 
 ATTENTION = role_choice("runmean")
 
@@ -18,21 +19,9 @@ class RunMeanOptions(FairseqDataclass):
     runmean_decay: float = option(1.0, "weight of the previous mean at each step (1: a plain running mean)")
 
 
-@dataclass
-class RunMeanTransformerConfig(LinearTransformerConfig, RunMeanOptions):
-    encoder_self_attn: ATTENTION = option("runmean", "encoder self-attention")
-    cross_attn: ATTENTION = option("runmean", "decoder cross-attention")
-
-
-@dataclass
-class RunMeanLMConfig(LinearLMConfig, RunMeanOptions):
-    pass
-
-
 FAMILY = Family(
     "runmean", "a toy family: a decayed running mean of values",
-    attention=RunningMean, options=RunMeanOptions, mt_config=RunMeanTransformerConfig, lm_config=RunMeanLMConfig,
-    problems=runmean_problems,
+    attention=RunningMean, options=RunMeanOptions, problems=runmean_problems,
     variants={"lm_decay": Variant("lm", ("--runmean-decay", "0.5"))},
 )
 RunMeanTransformerModel, RunMeanLanguageModel = register(FAMILY)
