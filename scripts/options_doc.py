@@ -12,7 +12,6 @@ side. The tests run --check.
 """
 import argparse
 import dataclasses
-import enum
 import sys
 from pathlib import Path
 
@@ -35,8 +34,8 @@ def defaults(dc) -> dict:
             continue
         value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_ = f.metadata.get("help", "")
-        if isinstance(f.type, type) and issubclass(f.type, enum.Enum):
-            help_ += " {" + ", ".join(str(c.value) for c in f.type) + "}"
+        if "choices" in f.metadata:
+            help_ += " {" + ", ".join(f.metadata["choices"]) + "}"
         out[f.name] = (value, help_)
     return out
 

@@ -378,12 +378,18 @@ def test_a_real_checkpoint_cut_short_or_missing_is_named(austen_lm, tmp_path):
                                          "(a relative path is taken from where the command runs)")
 
 
-def test_bad_value_through_hydra_is_one_line(multi30k, tmp_path):
+@pytest.mark.parametrize("model,override,message", [
+    ("memsizer", "model.decoder_self_memory_size=0", "--decoder-self-memory-size=0: must be a positive integer"),
+    ("performer", "model.feature_map=foo", "--feature-map='foo': choose from elu, favor, rfa, t2r"),
+    ("memsizer", "model.cross_attn=performer", "--cross-attn='performer': choose from softmax, memsizer"),
+    ("flash", "model.gau_relu2_norm=mean", "--gau-relu2-norm='mean': choose from keys, chunk, none"),
+])
+def test_bad_value_through_hydra_is_one_line(multi30k, tmp_path, model, override, message):
     r = subprocess.run(
         ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / "mt"), "--config-name", "multi30k",
-         "model=multi30k_memsizer", f"task.data={multi30k / 'bin'}", f"common.user_dir={ROOT / 'linear_fairseq'}",
-         f"checkpoint.save_dir={tmp_path / 'ckpt'}", "model.decoder_self_memory_size=0"],
+         f"model=multi30k_{model}", f"task.data={multi30k / 'bin'}", f"common.user_dir={ROOT / 'linear_fairseq'}",
+         f"checkpoint.save_dir={tmp_path / 'ckpt'}", override],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "--decoder-self-memory-size=0: must be a positive integer" in r.stderr.splitlines()
+    assert message in r.stderr.splitlines()

@@ -9,19 +9,18 @@ with its ``problems`` and derive its settings with ``derive``.
 """
 import dataclasses
 
-from fairseq.dataclass import ChoiceEnum
 from fairseq.models import MODEL_REGISTRY, register_model, register_model_architecture
 
 from .. import families
 from ..errors import ConfigError
 from ..families import Family
 from .linear_transformer import LinearLanguageModel, LinearTransformerModel
-from .options import LinearLMConfig, LinearTransformerConfig, option
+from .options import LinearLMConfig, LinearTransformerConfig, choice
 
 
-def role_choice(name: str, softmax: bool = True):
+def role_choice(name: str, softmax: bool = True) -> tuple:
     """The choices of a --*-attn option of family `name`'s models."""
-    return ChoiceEnum((["softmax"] if softmax else []) + [name])
+    return (("softmax",) if softmax else ()) + (name,)
 
 
 def camel(name: str) -> str:
@@ -34,7 +33,7 @@ def default_configs(family: Family) -> Family:
     if family.mt_config is not None:
         return family
     name, options = family.name, family.options
-    roles = [(f"{role}_attn", role_choice(name), option(name, what)) for role, what in (
+    roles = [(f"{role}_attn", str, choice(name, role_choice(name), what)) for role, what in (
         ("encoder_self", "encoder self-attention"), ("cross", "decoder cross-attention"))]
     mt = dataclasses.make_dataclass(f"{camel(name)}TransformerConfig", roles, bases=(LinearTransformerConfig, options))
     lm = dataclasses.make_dataclass(f"{camel(name)}LMConfig", [], bases=(LinearLMConfig, options))

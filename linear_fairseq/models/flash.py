@@ -9,49 +9,45 @@ follows the stack of pre-norm GAUs (--encoder/decoder-normalize-before)."""
 from argparse import Namespace
 from dataclasses import dataclass
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import FairseqDataclass
 from fairseq.models.transformer import transformer_iwslt_de_en, transformer_wmt_en_de
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..families import Family, Variant
-from ..modules.flash_gau import GAUDecoderLayer, GAUEncoderLayer, gau_problems
-from ..ops.flash import RELU2_NORMS
+from ..modules.flash_gau import GAU_CHOICES, GAUDecoderLayer, GAUEncoderLayer, gau_problems
 from .family import register, role_choice
-from .options import LinearLMConfig, LinearTransformerConfig, option
+from .options import LinearLMConfig, LinearTransformerConfig, choice, option
 
 GAU = role_choice("flash", softmax=False)
 
 
 @dataclass
 class FlashOptions(FairseqDataclass):
-    decoder_self_attn: GAU = option("flash", "decoder layers: gated attention units")
-    gau_attention: ChoiceEnum(["mixed", "quadratic"]) = option(
-        "mixed", "FLASH mixed chunk attention (linear), or FLASH-Quad's full relu^2 attention"
-    )
+    decoder_self_attn: str = choice("flash", GAU, "decoder layers: gated attention units")
+    gau_attention: str = choice(
+        "mixed", GAU_CHOICES["gau_attention"], "FLASH mixed chunk attention (linear), or FLASH-Quad's full relu^2 "
+        "attention")
     gau_chunk_size: int = option(256, "G, chunk length of mixed chunk attention")
     gau_s: int = option(128, "s, width of the shared Z (queries and keys)")
     gau_expansion: float = option(2.0, "e = expansion * d, width of U and V")
-    gau_norm: ChoiceEnum(["scalenorm", "layernorm"]) = option("scalenorm", "pre-norm of each GAU")
+    gau_norm: str = choice("scalenorm", GAU_CHOICES["gau_norm"], "pre-norm of each GAU")
     no_rope: bool = option(False, "no rotary position embedding on queries and keys")
     gau_rel_pos_bias: bool = option(False, "learned relative position bias inside relu^2 (offsets up to G)")
     # unit and none train best on Multi30k and Austen validation (results/ablations-{mt,lm}.md)
-    gau_scale_init: ChoiceEnum(["paper", "unit"]) = option(
-        "unit", "init of the per-dimension scales of Q and K: N(1, 0.02), so q = k = Z at the start, or "
-        "N(0, 0.02) as in the paper (paper)"
-    )
-    gau_relu2_norm: ChoiceEnum(list(RELU2_NORMS)) = option(
-        "none", "relu^2 scores unscaled (none), divided by the number of keys a query sees (keys), or by G "
-        "as in the paper (chunk)"
-    )
+    gau_scale_init: str = choice(
+        "unit", GAU_CHOICES["gau_scale_init"], "init of the per-dimension scales of Q and K: N(1, 0.02), so "
+        "q = k = Z at the start, or N(0, 0.02) as in the paper (paper)")
+    gau_relu2_norm: str = choice(
+        "none", GAU_CHOICES["gau_relu2_norm"], "relu^2 scores unscaled (none), divided by the number of keys a "
+        "query sees (keys), or by G as in the paper (chunk)")
 
 
 @dataclass
 class FlashTransformerConfig(LinearTransformerConfig, FlashOptions):
-    encoder_self_attn: GAU = option("flash", "encoder layers: gated attention units")
-    cross_attn: ChoiceEnum(["kernel", "softmax"]) = option(
-        "kernel", "decoder cross-attention: elu+1 kernel attention (the source summary is cached once, so a "
-        "decoding step does not depend on the source length) or fairseq's softmax attention"
-    )
+    encoder_self_attn: str = choice("flash", GAU, "encoder layers: gated attention units")
+    cross_attn: str = choice(
+        "kernel", ("kernel", "softmax"), "decoder cross-attention: elu+1 kernel attention (the source summary is "
+        "cached once, so a decoding step does not depend on the source length) or fairseq's softmax attention")
     encoder_layers: int = option(12, "GAU layers in the encoder")
     decoder_layers: int = option(12, "GAU layers in the decoder")
 

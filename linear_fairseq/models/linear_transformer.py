@@ -27,7 +27,7 @@ from ..families import Family
 from ..modules.attention import ROLES, attention_kind, module_options, named_problems
 from ..modules.incremental import IncrementalState
 from ..modules.layers import decoder_layer, encoder_layer, softmax_layers
-from .options import as_namespace, option_error, require_heads_divide, require_layer_indices
+from .options import as_namespace, choices_of, option_error, require_heads_divide, require_layer_indices
 
 
 # -- encoder / decoder ------------------------------------------------------
@@ -82,6 +82,9 @@ class LinearModelMixin:
         dc = getattr(cls, "__dataclass", None)
         if dc is not None:
             gen_parser_from_dataclass(parser, dc(), delete_default=True)
+            choices = choices_of(dc)
+            for action in parser._actions:  # argparse offers and checks the choice fields' choices
+                action.choices = choices.get(action.dest, action.choices)
 
     @classmethod
     def set_trainable(cls, model, args: Namespace):
@@ -105,7 +108,11 @@ class LinearModelMixin:
 
     @classmethod
     def check_args(cls, args: Namespace) -> None:
-        """Raise a ValueError naming the option and its value; families extend it."""
+        """Raise a ValueError naming the option and its value."""
+        for name, allowed in choices_of(getattr(cls, "__dataclass")).items():
+            value = getattr(args, name, None)
+            if value is not None and value not in allowed:  # hydra, a checkpoint: argparse did not see it
+                raise option_error(name, value, f"choose from {', '.join(allowed)}")
         for role in cls.roles:
             if attention_kind(args, role) != "softmax":
                 require_heads_divide(args, "encoder" if role == "encoder_self" else "decoder")

@@ -15,14 +15,14 @@ from ..families import Family, Variant
 from ..modules.memsizer_attention import MemsizerAttention, memsizer_problems
 from .family import register, role_choice
 from .linear_transformer import MT_PRESETS
-from .options import LinearLMConfig, LinearTransformerConfig, LocalOptions, option
+from .options import LinearLMConfig, LinearTransformerConfig, LocalOptions, choice, option
 
 ATTENTION = role_choice("memsizer")
 
 
 @dataclass
 class MemsizerOptions(LocalOptions):
-    decoder_self_attn: ATTENTION = option("memsizer", "decoder self-attention")
+    decoder_self_attn: str = choice("memsizer", ATTENTION, "decoder self-attention")
     decoder_self_memory_size: int = option(4, "k, memory slots of the causal decoder self-attention")
     q_init_scale: float = option(8.0, "init gain of the key slots Phi is scale^-1/2")
     kv_init_scale: float = option(8.0, "init gain of W_l and W_r is scale^-1/2")
@@ -31,8 +31,8 @@ class MemsizerOptions(LocalOptions):
 
 @dataclass
 class MemsizerTransformerConfig(LinearTransformerConfig, MemsizerOptions):
-    encoder_self_attn: ATTENTION = option("softmax", "encoder self-attention")
-    cross_attn: ATTENTION = option("memsizer", "decoder cross-attention")
+    encoder_self_attn: str = choice("softmax", ATTENTION, "encoder self-attention")
+    cross_attn: str = choice("memsizer", ATTENTION, "decoder cross-attention")
     encoder_self_memory_size: int = option(32, "k, memory slots of the encoder self-attention")
     cross_memory_size: int = option(32, "k, memory slots of the cross-attention")
 

@@ -39,6 +39,18 @@ def option(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def choice(default: str, choices, help: str):
+    """A field (type str) that takes one of `choices`: argparse offers and checks
+    them, and a model checks them where its options enter (hydra, checkpoints),
+    so a bad one is a line naming the option, whichever way it comes."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices)})
+
+
+def choices_of(dc) -> dict:
+    """{field: its choices} of a dataclass's choice fields."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(dc) if "choices" in f.metadata}
+
+
 @dataclasses.dataclass
 class LocalOptions(FairseqDataclass):
     """Local precision beside a family's attention (modules/local.py), for every

@@ -5,14 +5,13 @@ presets named after fairseq's own. The feature map is chosen by name with
 from dataclasses import dataclass
 from typing import Optional
 
-from fairseq.dataclass import ChoiceEnum
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..families import Family, Variant
 from ..modules.performer_attention import FEATURE_MAPS, PerformerAttention, performer_problems
 from .family import register, role_choice
 from .linear_transformer import MT_PRESETS
-from .options import LocalOptions, option
+from .options import LocalOptions, choice, option
 
 ATTENTION = role_choice("performer")
 
@@ -23,8 +22,8 @@ def per_map(what: str) -> str:
 
 @dataclass
 class PerformerOptions(LocalOptions):
-    decoder_self_attn: ATTENTION = option("performer", "decoder self-attention")
-    feature_map: ChoiceEnum(list(FEATURE_MAPS)) = option("favor", "kernel feature map phi")
+    decoder_self_attn: str = choice("performer", ATTENTION, "decoder self-attention")
+    feature_map: str = choice("favor", FEATURE_MAPS, "kernel feature map phi")
     num_features: Optional[int] = option(None, f"m, features per head (default, the feature map's: {per_map('about')})")
     redraw_interval: int = option(1000, "redraw favor/rfa random projections every N training updates; 0: never")
     rfa_gate: bool = option(False, "RFA's learned recency gate on the causal self-attention (any feature map)")

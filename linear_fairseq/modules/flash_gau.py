@@ -63,13 +63,15 @@ def build_norm(kind: str, dim: int) -> nn.Module:
     return ScaleNorm(dim) if kind == "scalenorm" else LayerNorm(dim)
 
 
+GAU_CHOICES = {"gau_attention": ("mixed", "quadratic"), "gau_norm": ("scalenorm", "layernorm"),
+               "gau_scale_init": ("paper", "unit"), "gau_relu2_norm": ops.RELU2_NORMS}
+
+
 def gau_problems(options: dict, embed_dim: int, width: str = "d") -> List[Problem]:
     """The first value a GAU of width `embed_dim` cannot take (see first_problem;
     `width`: how the message names the width)."""
     o, d = options, embed_dim
     s, expansion, chunk = o["gau_s"], o["gau_expansion"], o["gau_chunk_size"]
-    choices = {"gau_attention": ("mixed", "quadratic"), "gau_norm": ("scalenorm", "layernorm"),
-               "gau_scale_init": ("paper", "unit"), "gau_relu2_norm": ops.RELU2_NORMS}
     return first_problem((
         ("gau_chunk_size", chunk, lambda: is_positive_int(chunk), "must be a positive integer"),
         ("gau_s", s, lambda: is_positive_int(s), "must be a positive integer"),
@@ -79,7 +81,7 @@ def gau_problems(options: dict, embed_dim: int, width: str = "d") -> List[Proble
         ("gau_expansion", expansion, lambda: round(expansion * d) >= 1,
          f"gives width e={round(expansion * d)} at {width}={d}; it must be >= 1"),
         *((name, o[name], lambda name=name, allowed=allowed: o[name] in allowed, f"choose from {', '.join(allowed)}")
-          for name, allowed in choices.items()),
+          for name, allowed in GAU_CHOICES.items()),
     ))
 
 

@@ -8,14 +8,14 @@ from fairseq.dataclass import FairseqDataclass
 from ..families import Family, Variant
 from ..modules.runmean_attention import RunningMean, runmean_problems
 from .family import register, role_choice
-from .options import option
+from .options import choice, option
 
 ATTENTION = role_choice("runmean")
 
 
 @dataclass
 class RunMeanOptions(FairseqDataclass):
-    decoder_self_attn: ATTENTION = option("runmean", "decoder self-attention")
+    decoder_self_attn: str = choice("runmean", ATTENTION, "decoder self-attention")
     runmean_decay: float = option(1.0, "weight of the previous mean at each step (1: a plain running mean)")
 
 
