@@ -10,6 +10,7 @@ the full traceback. A few failures inside fairseq that a flag explains
 untouched.
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +76,12 @@ def _missing_checkpoint(exc) -> str:
     return f"{path}: no such checkpoint file; check --path (a relative path is taken from where the command runs)"
 
 
+def _max_positions(exc) -> str:
+    """'max_positions=64' or 'max_positions=(1024, 1024)' from fairseq's message."""
+    found = re.search(r"since (max_positions=(\([^)]*\)|[^,\s]+))", str(exc))
+    return found[1] if found else "max_positions"
+
+
 # (exception type, words in its message, when it applies, the one-line fix)
 KNOWN_FAILURES = [
     (AssertionError, "Torch not compiled with CUDA enabled", lambda e: _flag("--fp16", "--memory-efficient-fp16"),
@@ -86,6 +93,9 @@ KNOWN_FAILURES = [
     (EOFError, "", lambda e: _flag("--path", "--restore-file", "--finetune-from-model"), _unreadable_checkpoint),
     (OSError, "Invalid argument", _loading_checkpoint, _unreadable_checkpoint),  # torch's zip reader, cut early
     (OSError, "Model file not found:", lambda e: True, _missing_checkpoint),  # fairseq's load_model_ensemble
+    (Exception, "since max_positions=", lambda e: True,  # fairseq's batching of a too-long input
+     lambda e: f"an input is longer than the model's positions ({_max_positions(e)}): pass "
+     "--skip-invalid-size-inputs-valid-test to skip such inputs, or shorten them"),
     (AttributeError, "supported_targets", lambda e: sys.argv[0].endswith("fairseq-eval-lm"),
      lambda e: f"{_checkpoint_args()} is a translation (encoder-decoder) model, and fairseq-eval-lm scores language "
      "models: decode it with fairseq-generate"),  # fairseq's own transformer, as our models say themselves

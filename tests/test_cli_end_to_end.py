@@ -219,6 +219,19 @@ def test_lm_interactive_decoding(austen_lm):
     assert not any("<unk>" in line for line in lines if line.startswith("S-"))
 
 
+def test_an_input_longer_than_the_model_is_one_line(austen_lm):
+    """fairseq-interactive stops at a line the model cannot take: one line says why and which flag skips it."""
+    data, ckpt = austen_lm
+    r = subprocess.run(
+        ["fairseq-interactive", str(data / "bin"), "--task", "language_modeling", "--path", str(ckpt),
+         "--beam", "1", "--max-len-b", "4", "--user-dir", str(ROOT / "linear_fairseq")],
+        input=" ".join(["the"] * 300) + "\n", capture_output=True, text=True,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ("error: an input is longer than the model's positions (max_positions=64): pass "
+            "--skip-invalid-size-inputs-valid-test to skip such inputs, or shorten them") in r.stderr.splitlines()
+
+
 def test_lm_hub_score_and_sample(austen_lm):
     """The Python API as the README shows it: load, score a sentence, sample a continuation."""
     from fairseq.models.transformer_lm import TransformerLanguageModel
