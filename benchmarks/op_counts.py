@@ -102,15 +102,27 @@ def decode_ops(model, prefix: int) -> dict:
     return {"step": total, "per_layer": inside / len(layers), "layers": len(layers)}
 
 
+# local precision (--short-conv, --local-window) as a row of its own, for the families that offer it
+LOCAL = ("--short-conv", "4", "--local-window", "64")
+
+
+def rows(families) -> list:
+    """(row name, family, extra flags): each family, then each that offers local
+    precision (its options have short_conv) with LOCAL."""
+    local = [(f"{f}+local", f, LOCAL) for f in families
+             if f in models.FAMILIES[1:] and "short_conv" in models.option_fields(f)]
+    return [(f, f, ()) for f in families] + local
+
+
 def measure(families) -> dict:
     torch.manual_seed(0)
     out = {}
-    for family in families:
-        model, _, info = models.build("lm", family)
-        out[family] = {"arch": info["arch"], "args": info["args"],
-                       "train": {str(T): train_ops(model, T) for T in TRAIN_LENGTHS},
-                       "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
-        print(f"{family}: {out[family]['train']} {out[family]['decode']}", flush=True)
+    for name, family, extra in rows(families):
+        model, _, info = models.build("lm", family, extra=extra)
+        out[name] = {"arch": info["arch"], "args": info["args"],
+                     "train": {str(T): train_ops(model, T) for T in TRAIN_LENGTHS},
+                     "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
+        print(f"{name}: {out[name]['train']} {out[name]['decode']}", flush=True)
     return out
 
 
@@ -139,7 +151,7 @@ def main(argv=None):
     args.out.with_suffix(".md").write_text(
         "Aten operators that do work (views, allocations left out; composites counted once) per "
         "forward+backward (train, batch 1) and per incremental decoding step "
-        "(`python -m benchmarks.op_counts`):\n\n" + table(results))
+        "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`:\n\n" + table(results))
     print(table(results))
 
 

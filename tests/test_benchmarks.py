@@ -265,14 +265,16 @@ def test_gpu_ops_check_runs_every_family_on_this_machine(tmp_path):
         assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("family", ["performer", "memsizer"])
-def test_training_runs_as_many_operators_at_every_length(family):
+@pytest.mark.parametrize("family,extra", [("performer", ()), ("memsizer", ()),
+                                          ("memsizer", ("--short-conv", "4", "--local-window", "32"))])
+def test_training_runs_as_many_operators_at_every_length(family, extra):
     """The whole LM's forward+backward (benchmarks.op_counts, the CPU proxy for GPU
     kernel launches) runs the same number of aten operators at T = 128 and 512:
-    no loop over chunks or positions anywhere in the family's training path."""
+    no loop over chunks or positions anywhere in the family's training path
+    (local precision's included)."""
     from benchmarks import models, op_counts
 
-    model, _, _ = models.build("lm", family)
+    model, _, _ = models.build("lm", family, extra=extra)
     assert op_counts.train_ops(model, 128) == op_counts.train_ops(model, 512)
 
 
