@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the test suite, one pytest worker per core
 # (pytest-xdist; a test file stays on one worker, so its shared fixtures are
-# built once). Extra arguments go to pytest: -n 0 runs in one process.
+# built once); the 25 slowest tests are listed at the end. Extra arguments go to
+# pytest: -n 0 runs in one process.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 # shellcheck disable=SC1091
 [ -n "${VIRTUAL_ENV:-}" ] || . "$ROOT/.venv/bin/activate"
 cd "$ROOT"
-exec python -m pytest -q -ra -n auto --dist loadfile "$@"
+exec python -m pytest -q -ra -n auto --dist loadfile --durations=25 "$@"

@@ -136,6 +136,21 @@ def naive(
 
 
 # -- chunked (training) form ------------------------------------------------------
+def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Tensor, causal: bool) -> Tensor:
+    """The linear part of mixed chunk attention, chunked tensors (B, N, L, .):
+    each query's mean of k' v^T over the real tokens of the chunks it sees (the
+    completed ones before its own, if causal; all of them otherwise)."""
+    B, N, _, s = kl.shape
+    KV = kl.transpose(-1, -2) @ v  # (B, N, s, e)
+    n = real.sum(-1)  # (B, N)
+    if causal:  # completed chunks only: exclusive prefix sums
+        KV = torch.cat([KV.new_zeros(B, 1, s, v.shape[-1]), KV.cumsum(1)[:, :-1]], dim=1)
+        n = torch.cat([n.new_zeros(B, 1), n.cumsum(1)[:, :-1]], dim=1)
+    else:
+        KV, n = KV.sum(1, keepdim=True), n.sum(1, keepdim=True)
+    return (ql @ KV) / n.clamp(min=1.0)[..., None, None]
+
+
 def mixed_chunk(
     q: Tensor, k: Tensor, ql: Tensor, kl: Tensor, v: Tensor,
     causal: bool, padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
@@ -145,7 +160,7 @@ def mixed_chunk(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dtype = v.dtype
-    B, T, s = q.shape
+    B, T = q.shape[:2]
     e, G = v.shape[-1], chunk_size
     order = None
     if padding_mask is not None and padding_mask.any():
@@ -172,16 +187,7 @@ def mixed_chunk(
         A = A.tril()
     seen = real_c.cumsum(-1) if causal else real_c.sum(-1, keepdim=True)  # keys each query sees
     quad = (A @ v) / relu2_divisor(relu2_norm, G, seen).unsqueeze(-1)
-    # linear across chunks: mean of k' v^T over the visible real tokens
-    KV = kl.transpose(-1, -2) @ v  # (B, N, s, e)
-    n = real_c.sum(-1)  # (B, N)
-    if causal:  # completed chunks only: exclusive prefix sums
-        KV = torch.cat([KV.new_zeros(B, 1, s, e), KV.cumsum(1)[:, :-1]], dim=1)
-        n = torch.cat([n.new_zeros(B, 1), n.cumsum(1)[:, :-1]], dim=1)
-    else:
-        KV, n = KV.sum(1, keepdim=True), n.sum(1, keepdim=True)
-    lin = (ql @ KV) / n.clamp(min=1.0)[..., None, None]
-    out = (quad + lin).view(B, N * L, e)[:, :T]
+    out = (quad + across_chunks(ql, kl, v, real_c, causal)).view(B, N * L, e)[:, :T]
     if order is not None:
         out = scatter_time(out, order)
     return out.to(dtype)
@@ -248,6 +254,17 @@ def reorder(state: State, new_order: Tensor) -> State:
     return out
 
 
+def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+    """buf (B, G, .) with x (B, .) in slot `fill` of each row (a padded row writes
+    nothing); in place without autograd, as a KV cache is written."""
+    B = x.shape[0]
+    slot = fill.view(B, 1, 1).expand(B, 1, buf.shape[-1])
+    if padding_mask is not None:
+        x = torch.where(padding_mask[:, None], buf.gather(1, slot).squeeze(1), x)
+    in_place = not (torch.is_grad_enabled() and (x.requires_grad or buf.requires_grad))
+    return buf.scatter_(1, slot, x.unsqueeze(1)) if in_place else buf.scatter(1, slot, x.unsqueeze(1))
+
+
 def causal_step(
     q, k, ql, kl, v, state: Optional[State] = None, padding_mask: Optional[Tensor] = None,
     rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,
@@ -264,16 +281,8 @@ def causal_step(
     B = q.shape[0]
     state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
     fill = state["fill"]
-
-    def write(name, x):  # this token into slot `fill` of the current chunk (padded rows write nothing)
-        buf = state[name]
-        slot = fill.view(B, 1, 1).expand(B, 1, buf.shape[-1])
-        if padding_mask is not None:
-            x = torch.where(padding_mask[:, None], buf.gather(1, slot).squeeze(1), x)
-        in_place = not (torch.is_grad_enabled() and (x.requires_grad or buf.requires_grad))
-        return buf.scatter_(1, slot, x.unsqueeze(1)) if in_place else buf.scatter(1, slot, x.unsqueeze(1))
-
-    k_chunk, kl_chunk, v_chunk = write("k_chunk", k), write("kl_chunk", kl), write("v_chunk", v)
+    k_chunk, kl_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
+                                  for name, x in (("k_chunk", k), ("kl_chunk", kl), ("v_chunk", v)))
     # quadratic over the chunk's tokens so far, linear over completed chunks
     slots = torch.arange(G, device=q.device)[None, :]
     seen = slots <= fill[:, None]
@@ -288,12 +297,6 @@ def causal_step(
     if bool(full.any()):
         done = full.nonzero().squeeze(1)
         kv_done = kv_done.index_add(0, done, kl_chunk[done].transpose(1, 2) @ v_chunk[done])
-    state = {
-        "k_chunk": k_chunk,
-        "kl_chunk": kl_chunk,
-        "v_chunk": v_chunk,
-        "kv_done": kv_done,
-        "n_done": state["n_done"] + full * G,
-        "fill": fill.masked_fill(full, 0),
-    }
+    state = {"k_chunk": k_chunk, "kl_chunk": kl_chunk, "v_chunk": v_chunk, "kv_done": kv_done,
+             "n_done": state["n_done"] + full * G, "fill": fill.masked_fill(full, 0)}
     return quad + lin, state

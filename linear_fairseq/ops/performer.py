@@ -388,20 +388,26 @@ def causal_step(
         column = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731
         offset = _finite(M).unsqueeze(-1) if eps else None  # M: the new reference, decay included
         floor = clamp_floor(eps, offset, column(q_log_scale))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v, S, z, kw)):
-        if w_old is not None:
-            S, z = w_old[..., None, None] * S, w_old.unsqueeze(-1) * z
-        S, z = S + kw.unsqueeze(-1) * v.unsqueeze(-2), z + kw
-    else:
-        if w_old is not None:
-            S.mul_(w_old[..., None, None])
-            z.mul_(w_old.unsqueeze(-1))
-        S.view(B * H, m, -1).baddbmm_(kw.reshape(B * H, m, 1), v.reshape(B * H, 1, -1))
-        z.add_(kw)
+    S, z = _accumulate(S, z, w_old, kw, v, in_place=not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (phi_q, phi_k, v, S, z, kw))))
     q = phi_q.unsqueeze(-2)
     den = (q @ z.unsqueeze(-1)).squeeze(-2)
     out = (q @ S).squeeze(-2) / at_least(den, floor)
     return out.to(dtype), {"S": S, "z": z, "M": M}
+
+
+def _accumulate(S: Tensor, z: Tensor, w_old: Optional[Tensor], kw: Tensor, v: Tensor, in_place: bool):
+    """S = w_old S + kw v^T, z = w_old z + kw (w_old None: 1), in place when allowed."""
+    if not in_place:
+        if w_old is not None:
+            S, z = w_old[..., None, None] * S, w_old.unsqueeze(-1) * z
+        return S + kw.unsqueeze(-1) * v.unsqueeze(-2), z + kw
+    if w_old is not None:
+        S.mul_(w_old[..., None, None])
+        z.mul_(w_old.unsqueeze(-1))
+    B, H, m = kw.shape
+    S.view(B * H, m, -1).baddbmm_(kw.reshape(B * H, m, 1), v.reshape(B * H, 1, -1))
+    return S, z.add_(kw)
 
 
 def _unweighted_update(state: State, phi_k: Tensor, padding_mask):
