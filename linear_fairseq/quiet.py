@@ -13,11 +13,13 @@ import warnings
 # (category, the start of the message): raised by fairseq's calls, not by anything a user chose
 KNOWN_WARNINGS = [
     (UserWarning, r"hydra\.experimental\.(initialize|compose)\(\) is no longer experimental"),
-    (UserWarning, r"In '\w+': Usage of deprecated keyword in package header"),
+    (UserWarning, r"In '[\w/]+': Usage of deprecated keyword in package header"),
+    (UserWarning, r"In '[\w/]+': Defaults list is missing `_self_`"),
     (UserWarning, r"\s*'\w+' is validated against ConfigStore schema with the same name"),
     (UserWarning, r"\s*The strict flag in the compose API is deprecated"),
     (Warning, r"\s*The version_base parameter is not specified"),  # hydra's Hydra14MigrationWarning
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
+    (UserWarning, r"Support for mismatched key_padding_mask and attn_mask is deprecated"),  # fairseq's softmax
     (FutureWarning, r"`torch\.cuda\.amp\.(autocast|GradScaler)\(args\.\.\.\)` is deprecated"),
 ]
 # the fairseq commands that log their whole configuration at start

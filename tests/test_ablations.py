@@ -31,7 +31,7 @@ def test_ablations_smoke_writes_rows_seeds_and_reuses_recorded_runs(tmp_path):
     flash = next(r for r in runs if r["row"] == "flash-keys-paper-init")
     assert "++model.gau_relu2_norm=keys" in flash["overrides"] and "common.seed=1" in flash["overrides"]
     log = (tmp_path / "work" / "runs" / "multi30k" / "flash-keys-paper-init-s1" / "train.log").read_text()
-    assert "'gau_relu2_norm': keys" in log and "'gau_scale_init': paper" in log
+    assert "'gau_relu2_norm': 'keys'" in log and "'gau_scale_init': 'paper'" in log
     again = reproduce("mt", raw, tmp_path, "--ablations", "--rows", "softmax")
     assert "softmax, seed 1: in ablations-mt-smoke.runs.csv; kept" in again and "training" not in again
     # --fresh retrains the rows asked for and leaves the others' runs in the table

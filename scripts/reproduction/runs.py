@@ -48,6 +48,10 @@ def others_busy(fn):
     return result, max(0.0, (busy_cpu_seconds() - busy0 - own) / max(wall, 1e-9))
 
 
+def command_name(cmd) -> str:
+    return "fairseq-hydra-train" if cmd[:len(HYDRA_TRAIN)] == HYDRA_TRAIN else Path(cmd[0]).name
+
+
 def run(cmd, log: Path, stream: bool, timed: bool = False):
     """Run a command; its output goes to `log` (and the console when `stream`);
     `timed`: as SPEED_CONDITIONS says. Returns (output, peak resident memory of
@@ -66,7 +70,7 @@ def run(cmd, log: Path, stream: bool, timed: bool = False):
         proc.returncode = os.waitstatus_to_exitcode(status)
     out = log.read_text()
     if proc.returncode != 0:
-        sys.exit(f"[reproduce] {Path(cmd[0]).name} failed (exit {proc.returncode}; log: {log}):\n{out[-3000:]}")
+        sys.exit(f"[reproduce] {command_name(cmd)} failed (exit {proc.returncode}; log: {log}):\n{out[-3000:]}")
     return out, usage.ru_maxrss / 1024
 
 
@@ -82,6 +86,13 @@ def prepare(ds: str, args, work: Path) -> Path:
     if subprocess.run(cmd).returncode != 0:
         sys.exit(1)
     return data
+
+
+# fairseq-hydra-train, quiet from its start: hydra composes the configuration (and warns) before
+# fairseq imports the plugin, so the known warnings are filtered first (linear_fairseq/quiet.py)
+HYDRA_TRAIN = [sys.executable, "-c", "import sys; sys.argv[0] = 'fairseq-hydra-train'; "
+               f"sys.path.insert(0, {str(ROOT)!r}); from linear_fairseq.quiet import quiet_fairseq; quiet_fairseq(); "
+               "from fairseq_cli.hydra_train import cli_main; cli_main()"]
 
 
 def train(task: str, ds: str, family: str, model: str, data: Path, ckpt: Path, args, extra=()) -> dict:
@@ -110,7 +121,7 @@ def train(task: str, ds: str, family: str, model: str, data: Path, ckpt: Path, a
         say(f"{model}: already trained ({ckpt}); reusing")
         return {**scoring.read_train_log(log.read_text()), "train_seconds": float(done.read_text())}
     ckpt.mkdir(parents=True, exist_ok=True)
-    cmd = ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / task), "--config-name", args.config or ds,
+    cmd = [*HYDRA_TRAIN, "--config-dir", str(ROOT / "configs" / task), "--config-name", args.config or ds,
            f"model={model}", f"task.data={data / 'bin'}", f"checkpoint.save_dir={ckpt}",
            f"common.user_dir={ROOT / 'linear_fairseq'}", f"hydra.run.dir={ckpt / 'hydra'}", *tail]
     record.write_text(settings)
