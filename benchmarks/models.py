@@ -43,14 +43,6 @@ PLACEMENTS = ("paper", "recommended")
 RECOMMENDED = Path(__file__).resolve().parents[1] / "configs" / "mt" / "model"
 
 
-def option_fields(family: str) -> set:
-    """The names of a family's own options (its options dataclass's fields)."""
-    import dataclasses
-
-    options = families.get(family).options
-    return {f.name for f in dataclasses.fields(options)} if options is not None else set()
-
-
 def family_list(parser, text: str) -> list:
     """--families a,b as a list, every name checked (parser.error names an unknown one)."""
     names = text.split(",")

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from linear_fairseq import families as family_list
+from linear_fairseq.modules.attention import option_names
+
 from . import models
 
 TRAIN_LENGTHS = (256, 1024, 4096)
@@ -110,7 +113,7 @@ def rows(families) -> list:
     """(row name, family, extra flags): each family, then each that offers local
     precision (its options have short_conv) with LOCAL."""
     local = [(f"{f}+local", f, LOCAL) for f in families
-             if f in models.FAMILIES[1:] and "short_conv" in models.option_fields(f)]
+             if f in models.FAMILIES[1:] and "short_conv" in option_names(family_list.get(f))]
     return [(f, f, ()) for f in families] + local
 
 

@@ -24,7 +24,6 @@ A module's keyword arguments are its family's option names (the fields of the
 family's options dataclass); ``build_attention`` reads them from a model config.
 """
 import dataclasses
-from enum import Enum
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -169,6 +168,8 @@ class LinearAttention(IncrementalState, nn.Module):
 
     def decode_step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         """One decoding step: the family's `step`, with local precision."""
+        if self.short_conv is None and self.window is None:
+            return self.step(x, state, padding_mask)
         own = {name: value for name, value in state.items() if name not in self.LOCAL}
         local = {}
         if self.short_conv is not None:
@@ -206,12 +207,7 @@ class LinearAttention(IncrementalState, nn.Module):
 # -- building a family's attention from a model config ------------------------
 def attention_kind(cfg, role: str) -> str:
     """The option ``--{role}-attn`` (e.g. --decoder-self-attn); "softmax" if absent."""
-    return plain(getattr(cfg, f"{role}_attn", "softmax"))
-
-
-def plain(value):
-    """A config value as the module takes it (a choice's string, not fairseq's enum)."""
-    return value.value if isinstance(value, Enum) else value
+    return str(getattr(cfg, f"{role}_attn", "softmax"))
 
 
 def option_names(family: Family) -> Tuple[str, ...]:
@@ -237,7 +233,7 @@ def module_options(family: Family, cfg, role: str, **given) -> Dict[str, object]
     out = {}
     for name in option_names(family):
         flag = option_flag(family, name, role)
-        out[name] = plain(given[name] if name in given else getattr(cfg, flag, defaults.get(flag)))
+        out[name] = given[name] if name in given else getattr(cfg, flag, defaults.get(flag))
     return out
 
 
