@@ -221,6 +221,36 @@ def test_rope_is_relative():
     assert not torch.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
 
 
+def test_rope_turns_each_pair_by_its_angle():
+    """rope against the rotation written out: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos),
+    angle = position * 10000^(-2i/s); low precision in, the same precision out."""
+    g = torch.Generator().manual_seed(0)
+    x, positions = torch.randn(2, 5, 3, S, generator=g), torch.arange(10).view(2, 5, 1) * 7
+    angle = positions[..., None].float() * 10000.0 ** (-torch.arange(0, S, 2).float() / S)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    ref = torch.stack([x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()], -1).flatten(-2)
+    assert_close(F.rope(x, positions), ref)
+    half = F.rope(x.half(), positions)
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), ref, atol=2e-3)
+
+
+def test_decoding_steps_read_nothing_back_to_the_host():
+    """A step that completes a chunk moves its sum with a masked add: no value is
+    read back to the host (on a GPU, no synchronization per step)."""
+    G = 4
+    xs = inputs(2, 2 * G + 1)
+    mask = torch.zeros(2, dtype=torch.bool)
+    mask[1] = True
+    with torch.no_grad():
+        _, state = recurrent(*(x[:, : G - 1] for x in xs), G)
+        with torch.profiler.profile() as prof:
+            for t in range(G - 1, 2 * G):
+                _, state = F.causal_step(*(x[:, t] for x in xs), state, mask if t == G else None,
+                                         chunk_size=G, relu2_norm="keys")
+    reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    assert not reads and state["n_done"].tolist() == [2 * G, G]
+
+
 def test_bf16_at_4096_is_finite_and_close():
     """bf16 inputs at T=4096, G=256: finite, within 2e-2 (relative to the output scale) of fp32."""
     xs = inputs(1, 4096, seed=3)

@@ -56,7 +56,7 @@ class OffsetScale(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """(..., s) -> (..., heads, s)"""
-        return z.unsqueeze(-2) * self.gamma + self.beta
+        return torch.addcmul(self.beta, z.unsqueeze(-2), self.gamma)
 
 
 def build_norm(kind: str, dim: int) -> nn.Module:
@@ -169,8 +169,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
             return self._quadratic_step(u, v, z, state, padding_mask)
         if not state:
             state = ops.empty_state(B, self.chunk_size, self.s, self.e, v)
-        position = state["n_done"].long() + state["fill"]  # real tokens so far
-        qk = self.queries_keys(z, position)
+        qk = self.queries_keys(z, state["position"])
         a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype)), state
 

@@ -46,13 +46,18 @@ def rope_freqs(s: int, base: float, device: torch.device) -> Tensor:
     return base ** (-torch.arange(0, s, 2, device=device, dtype=torch.float32) / s)
 
 
+@functools.lru_cache(maxsize=16)
+def _one(device: torch.device) -> Tensor:
+    return torch.ones((), device=device)
+
+
 def rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Rotary position embedding (Su et al., arXiv 2104.09864) on the last dim
-    (even width): pairs (x_2i, x_2i+1) rotate by positions * base^(-2i/s)."""
+    (even width): each pair (x_2i, x_2i+1), as the complex number x_2i + i x_2i+1,
+    turns by the angle positions * base^(-2i/s). Computed in float32."""
     angle = positions.to(torch.float32).unsqueeze(-1) * rope_freqs(x.shape[-1], base, x.device)  # (..., s/2)
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.polar(_one(x.device), angle)).flatten(-2).to(x.dtype)
 
 
 def real_positions(padding_mask: Optional[Tensor], B: int, T: int, device) -> Tensor:
@@ -216,15 +221,16 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
     z = acc(like)
     return {
         "k_chunk": z.new_zeros(B, G, s),  # quadratic keys of the current chunk
-        "kl_chunk": z.new_zeros(B, G, s),  # linear keys of the current chunk
         "v_chunk": z.new_zeros(B, G, e),  # values of the current chunk
+        "kv_chunk": z.new_zeros(B, s, e),  # sum of k' v^T over the current chunk
         "kv_done": z.new_zeros(B, s, e),  # sum of k' v^T over completed chunks
         "n_done": z.new_zeros(B),  # real tokens in completed chunks
+        "position": z.new_zeros(B),  # real tokens so far (RoPE's position of the next one)
         "fill": torch.zeros(B, dtype=torch.long, device=like.device),  # tokens in the current chunk
     }
 
 
-CHUNK_BUFFERS = ("k_chunk", "kl_chunk", "v_chunk")
+CHUNK_BUFFERS = ("k_chunk", "v_chunk")
 
 
 def reorder(state: State, new_order: Tensor) -> State:
@@ -254,6 +260,11 @@ def reorder(state: State, new_order: Tensor) -> State:
     return out
 
 
+def writable(*tensors: Tensor) -> bool:
+    """Whether the state may be updated in place: no autograd through it (decoding)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
     """buf (B, G, .) with x (B, .) in slot `fill` of each row (a padded row writes
     nothing); in place without autograd, as a KV cache is written."""
@@ -261,8 +272,25 @@ def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tens
     slot = fill.view(B, 1, 1).expand(B, 1, buf.shape[-1])
     if padding_mask is not None:
         x = torch.where(padding_mask[:, None], buf.gather(1, slot).squeeze(1), x)
-    in_place = not (torch.is_grad_enabled() and (x.requires_grad or buf.requires_grad))
-    return buf.scatter_(1, slot, x.unsqueeze(1)) if in_place else buf.scatter(1, slot, x.unsqueeze(1))
+    return buf.scatter_(1, slot, x.unsqueeze(1)) if writable(x, buf) else buf.scatter(1, slot, x.unsqueeze(1))
+
+
+@functools.lru_cache(maxsize=16)
+def slot_weights(G: int, norm: str, device: torch.device) -> Tensor:
+    """(G, G): row f weights the chunk's slots for a query at fill f: 1/c over
+    slots 0..f (c from relu2_divisor), 0 past them (slots not written yet)."""
+    slots = torch.arange(G, device=device, dtype=torch.float32)
+    seen = slots[None, :] <= slots[:, None]
+    return seen / relu2_divisor(norm, G, slots[:, None] + 1.0)
+
+
+def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
+    """q k^T / sqrt(s) (+ b[fill - slot]) against every slot of the chunk: (B, 1, G), one kernel."""
+    scale = q.shape[-1] ** -0.5
+    if rel_bias is None:  # beta = 0: the (unfilled) input is not read
+        return torch.baddbmm(q.new_empty(1, 1, 1), q.unsqueeze(1), k_chunk.transpose(1, 2), beta=0.0, alpha=scale)
+    bias = offset_bias(rel_bias, fill[:, None] - torch.arange(k_chunk.shape[1], device=q.device))
+    return torch.baddbmm(bias.unsqueeze(1), q.unsqueeze(1), k_chunk.transpose(1, 2), alpha=scale)
 
 
 def causal_step(
@@ -270,33 +298,41 @@ def causal_step(
     rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,
 ) -> Tuple[Tensor, State]:
     """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
-    most G tokens plus one s x e sum, whatever the prefix length; the current
-    chunk's k' v^T joins the sum once, when the chunk completes. A padded step
-    (padding_mask True) leaves the state unchanged.
+    most G tokens plus two s x e sums, whatever the prefix length: the current
+    chunk's k' v^T grows by one token a step and joins the completed chunks' sum
+    when the chunk completes (a masked add, so no value is read back to the
+    host). A padded step (padding_mask True) leaves the state unchanged.
 
-    Without autograd (decoding) the chunk buffers are written in place, as a KV
-    cache is: copying G tokens per step would cost as much as the attention."""
+    Without autograd (decoding) the state is updated in place, as a KV cache is
+    written: copying G tokens per step would cost as much as the attention."""
     G = chunk_size
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
     state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
     fill = state["fill"]
-    k_chunk, kl_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
-                                  for name, x in (("k_chunk", k), ("kl_chunk", kl), ("v_chunk", v)))
+    k_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
+                        for name, x in (("k_chunk", k), ("v_chunk", v)))
     # quadratic over the chunk's tokens so far, linear over completed chunks
-    slots = torch.arange(G, device=q.device)[None, :]
-    seen = slots <= fill[:, None]
-    bias = offset_bias(rel_bias, fill[:, None] - slots)
-    scores = relu2(q.unsqueeze(1), k_chunk, None if bias is None else bias.unsqueeze(1)).squeeze(1) * seen
-    quad = (scores.unsqueeze(1) @ v_chunk).squeeze(1) / relu2_divisor(relu2_norm, G, fill[:, None] + 1.0)
-    lin = (ql.unsqueeze(1) @ state["kv_done"]).squeeze(1) / state["n_done"].clamp(min=1.0)[:, None]
-    # advance; a completed chunk moves into the linear sum (Sec. 3.2: sum_j k'_j v_j^T over past chunks)
-    fill = fill + 1 if padding_mask is None else fill + (~padding_mask).long()
+    scores = step_scores(q, k_chunk, fill, rel_bias)
+    a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill].unsqueeze(1)
+    lin = (ql / state["n_done"].clamp(min=1.0)[:, None]).unsqueeze(1) @ state["kv_done"]
+    out = torch.baddbmm(lin, a, v_chunk).squeeze(1)
+    return out, advance(state, k_chunk, v_chunk, kl, v, padding_mask, G)
+
+
+def advance(state: State, k_chunk, v_chunk, kl, v, padding_mask, G: int) -> State:
+    """The state after a step: k' v^T into the chunk's sum; a completed chunk's
+    sum moves into the completed chunks' (Sec. 3.2: sum_j k'_j v_j^T over past chunks)."""
+    real = None if padding_mask is None else ~padding_mask
+    if real is not None:
+        kl = kl * real[:, None]
+    in_place = writable(kl, v, state["kv_chunk"], state["kv_done"])
+    update = lambda x, op, *args: getattr(x, op + "_" if in_place else op)(*args)  # noqa: E731
+    kv_chunk = update(state["kv_chunk"], "baddbmm", kl.unsqueeze(2), v.unsqueeze(1))
+    fill = state["fill"] + (1 if real is None else real.long())
     full = fill == G
-    kv_done = state["kv_done"]
-    if bool(full.any()):
-        done = full.nonzero().squeeze(1)
-        kv_done = kv_done.index_add(0, done, kl_chunk[done].transpose(1, 2) @ v_chunk[done])
-    state = {"k_chunk": k_chunk, "kl_chunk": kl_chunk, "v_chunk": v_chunk, "kv_done": kv_done,
-             "n_done": state["n_done"] + full * G, "fill": fill.masked_fill(full, 0)}
-    return quad + lin, state
+    done = full.to(kv_chunk.dtype)  # 1.0 where this step completed the chunk
+    kv_done = update(state["kv_done"], "addcmul", kv_chunk, done[:, None, None])
+    return {"k_chunk": k_chunk, "v_chunk": v_chunk, "kv_chunk": update(kv_chunk, "masked_fill", full[:, None, None], 0.0),
+            "kv_done": kv_done, "n_done": state["n_done"].add(done, alpha=G), "fill": fill.remainder(G),
+            "position": state["position"] + (1.0 if real is None else real.to(done.dtype))}
