@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY_LM, TINY_MT, make_model, parse_model_args, random_tokens
+from linear_fairseq.errors import ConfigError
 from linear_fairseq.modules.performer_attention import PerformerAttention
 
 ARGS = TINY_LM + ["--feature-map", "favor", "--num-features", "16", "--redraw-interval", "3"]
@@ -150,3 +151,69 @@ def test_attention_weights_are_the_weights_the_module_applies(feature_map, gate,
     assert weights[1, :, :, 8:].abs().max() == 0  # padded keys get nothing
     if causal:
         assert weights.triu(1).abs().max() == 0  # nor future ones
+
+
+def causal_attention(backend, feature_map="favor", gate=False):
+    torch.manual_seed(0)
+    return PerformerAttention(32, 4, feature_map=feature_map, num_features=None if feature_map == "elu" else 16,
+                              redraw_interval=0, rfa_gate=gate, kernel_chunk_size=8, kernel_eps=None,
+                              kernel_backend=backend, causal=True)
+
+
+def test_kernel_backend_fla_off_cuda_is_one_line_naming_why():
+    attn = causal_attention("fla")
+    with pytest.raises(ConfigError) as err:
+        attn(torch.randn(10, 2, 32))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--kernel-backend fla: the model runs on cpu, not CUDA")
+    assert "--kernel-backend auto" in message and "kernel_backend" in message
+
+
+def test_kernel_backend_auto_runs_the_torch_form_off_cuda():
+    x = torch.randn(10, 2, 32)
+    assert torch.equal(causal_attention("auto")(x)[0], causal_attention("torch")(x)[0])
+
+
+@pytest.mark.parametrize("feature_map,gate", [("favor", False), ("elu", False), ("rfa", True)])
+def test_module_on_the_fla_form_equals_the_torch_form(monkeypatch, feature_map, gate):
+    """The module's arguments reach ops.performer_fla in the right order: with
+    fla-core's kernel written out (tests/test_performer_ops.py), the module's
+    output and gradients equal the torch form's, left padding included."""
+    from test_performer_ops import simple_gla_written_out
+
+    from linear_fairseq.ops import performer_fla
+
+    x = torch.randn(13, 2, 32)
+    mask = torch.zeros(2, 13, dtype=torch.bool)
+    mask[1, :4] = True
+    results = []
+    for backend in ("torch", "fla"):
+        attn = causal_attention("torch", feature_map, gate)
+        if backend == "fla":
+            monkeypatch.setattr(attn, "runs_on_fla", lambda x: True)
+            monkeypatch.setattr(performer_fla, "kernel", lambda: simple_gla_written_out)
+        xs = x.clone().requires_grad_()
+        out = attn(xs, key_padding_mask=mask)[0]
+        out[:, 0].sum().backward()  # the unpadded row
+        results.append((out[:, 0], xs.grad, out[4:, 1]))
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fla-core's kernels are Triton, CUDA)")
+@pytest.mark.parametrize("feature_map,gate", [("favor", False), ("elu", False), ("rfa", True), ("t2r", False)])
+def test_fla_backend_on_cuda_equals_the_torch_form(feature_map, gate):
+    from linear_fairseq.ops import performer_fla
+
+    if performer_fla.unavailable():
+        pytest.skip(performer_fla.unavailable())
+    x = torch.randn(700, 2, 32, device="cuda")
+    outs = []
+    for backend in ("torch", "fla"):
+        attn = causal_attention(backend, feature_map, gate).cuda()
+        xs = x.clone().requires_grad_()
+        out = attn(xs)[0]
+        out.sum().backward()
+        outs.append((out, xs.grad))
+    for ours, theirs in zip(*outs):
+        assert (ours - theirs).abs().max() <= 1e-3 * theirs.abs().max().clamp(min=1.0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from linear_fairseq.ops import performer as K
+from linear_fairseq.ops import performer_fla
 
 RTOL = 1e-5
 B, H, D = 2, 2, 8
@@ -42,9 +43,21 @@ def featurize(name, q, k, seed=0, m=16):
     raise KeyError(name)
 
 
+def simple_gla_written_out(q, k, v, g=None, scale=1.0):
+    """fla-core's chunk_simple_gla as its docs define it, on (B, T, H, .) tensors:
+    o_i = scale sum_{j<=i} exp(G_i - G_j) q_i . k_j v_j, G the prefix sum of g (B, T, H)."""
+    q, k, v = (x.transpose(1, 2).double() for x in (q, k, v))
+    T = q.shape[2]
+    G = q.new_zeros(q.shape[:3]) if g is None else g.transpose(1, 2).double().cumsum(-1)
+    later = ~torch.ones(T, T, dtype=torch.bool).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(later, float("-inf")).exp()
+    return ((q @ k.transpose(-1, -2)) * scale * decay @ v).transpose(1, 2).float(), None
+
+
 MAPS = ["elu", "favor", "rfa", "t2r"]
 PARALLEL = {"chunked": K.causal_chunked, "parallel": K.causal_parallel}  # the forms over a whole sequence
-FORMS = ["naive", *PARALLEL, "step"]
+# fla: ops.performer_fla's mapping onto fla-core's kernel, here with the kernel written out
+FORMS = ["naive", *PARALLEL, "step", "fla"]
 
 
 def run(form, name, q, k, v, gate=None, mask=None, chunk=5, eps=1e-6):
@@ -53,6 +66,8 @@ def run(form, name, q, k, v, gate=None, mask=None, chunk=5, eps=1e-6):
         return K.naive(pq, pk, v, True, mask, s, gate, q_log_scale=sq, eps=eps)
     if form in PARALLEL:
         return PARALLEL[form](pq, pk, v, mask, s, gate, chunk_size=chunk, eps=eps, q_log_scale=sq)[0]
+    if form == "fla":
+        return performer_fla.causal(pq, pk, v, mask, s, gate, sq, eps=eps, chunk_simple_gla=simple_gla_written_out)
     state, outs = None, []
     for t in range(q.shape[2]):
         step = lambda x: None if x is None else x[:, :, t]  # noqa: E731

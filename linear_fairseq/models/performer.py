@@ -8,7 +8,7 @@ from typing import Optional
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..families import Family, Variant
-from ..modules.performer_attention import FEATURE_MAPS, PerformerAttention, performer_problems
+from ..modules.performer_attention import FEATURE_MAPS, KERNEL_BACKENDS, PerformerAttention, performer_problems
 from .family import register, role_choice
 from .linear_transformer import MT_PRESETS
 from .options import LocalOptions, choice, option
@@ -31,6 +31,9 @@ class PerformerOptions(LocalOptions):
         None, f"lower clamp of the attention normalizer phi(q).z, in true scale (default, the feature map's: "
         f"{per_map('eps')})")
     kernel_chunk_size: int = option(64, "chunk length of the causal training form (speed/memory only)")
+    kernel_backend: str = choice(
+        "auto", KERNEL_BACKENDS, "causal training form: torch (any device), fla (fla-core's Triton kernels: CUDA, "
+        "pip install '.[gpu]'), or auto: fla where the model runs on CUDA and fla-core imports, else torch")
 
 
 def kernel(feature_map: str, *extra: str):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import performer as K
+from ..ops import performer_fla
 from .attention import LinearAttention, Problem, State, first_problem, is_int, is_number, is_positive_int
 
 class EluFeatures(nn.Module):
@@ -97,6 +98,11 @@ FEATURE_MAPS = {
 }
 
 
+# the causal training form: ops.performer (torch), ops.performer_fla (fla-core's
+# Triton kernels), or auto: fla where the tensors are on CUDA and fla-core imports
+KERNEL_BACKENDS = ("auto", "torch", "fla")
+
+
 def performer_problems(options: dict, embed_dim: int = 0, width: str = "") -> List[Problem]:
     """The first value a kernel attention cannot take (see first_problem); None
     for num_features or kernel_eps stands for the feature map's own."""
@@ -110,6 +116,8 @@ def performer_problems(options: dict, embed_dim: int = 0, width: str = "") -> Li
         ("redraw_interval", redraw, lambda: is_int(redraw) and redraw >= 0, "must be an integer >= 0"),
         ("kernel_eps", eps, lambda: eps is None or (is_number(eps) and eps >= 0), "must be >= 0"),
         ("kernel_chunk_size", chunk, lambda: is_positive_int(chunk), "must be a positive integer"),
+        ("kernel_backend", options["kernel_backend"], lambda: options["kernel_backend"] in KERNEL_BACKENDS,
+         f"choose from {', '.join(KERNEL_BACKENDS)}"),
     ))
 
 
@@ -125,6 +133,7 @@ class PerformerAttention(LinearAttention):
         rfa_gate: bool,
         kernel_eps: Optional[float],
         kernel_chunk_size: int,
+        kernel_backend: str = "auto",
         short_conv: int = 0,
         local_window: int = 0,
         kv_dim: Optional[int] = None,
@@ -136,13 +145,13 @@ class PerformerAttention(LinearAttention):
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross, short_conv=short_conv,
                          local_window=local_window)
         options = dict(feature_map=feature_map, num_features=num_features, redraw_interval=redraw_interval,
-                       kernel_eps=kernel_eps, kernel_chunk_size=kernel_chunk_size)
+                       kernel_eps=kernel_eps, kernel_chunk_size=kernel_chunk_size, kernel_backend=kernel_backend)
         for name, value, why in performer_problems(options):
             raise ConfigError(f"PerformerAttention: {name}={value!r} {why}")
         phi = FEATURE_MAPS[feature_map]
         m = phi.num_features(self.head_dim) if num_features is None else num_features
         kv_dim = kv_dim or embed_dim
-        self.feature_map_name, self.chunk_size = feature_map, kernel_chunk_size
+        self.feature_map_name, self.chunk_size, self.kernel_backend = feature_map, kernel_chunk_size, kernel_backend
         self.eps = phi.eps if kernel_eps is None else kernel_eps
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(kv_dim, embed_dim)
@@ -191,11 +200,24 @@ class PerformerAttention(LinearAttention):
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         phi_q, q_scale = self.features(x, self.q_proj)
         phi_k, log_scale = self.features(x, self.k_proj)
-        out, _ = K.causal_parallel(
-            phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale, self.gate_logits(x), q_scale,
-            chunk_size=self.chunk_size, eps=self.eps,
-        )
+        args = (phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale, self.gate_logits(x), q_scale)
+        if self.runs_on_fla(x):
+            out = performer_fla.causal(*args, eps=self.eps)
+        else:
+            out, _ = K.causal_parallel(*args, chunk_size=self.chunk_size, eps=self.eps)
         return self.merge(out, x.dtype)
+
+    def runs_on_fla(self, x: Tensor) -> bool:
+        """Whether the causal training form runs on fla-core (--kernel-backend);
+        `fla` where it cannot is one line naming why."""
+        if self.kernel_backend == "torch":
+            return False
+        why = performer_fla.unavailable() if x.is_cuda else f"the model runs on {x.device.type}, not CUDA"
+        if why and self.kernel_backend == "fla":
+            raise ConfigError(f"--kernel-backend fla: {why}; fla-core's kernels need CUDA and `pip install "
+                              f"'.[gpu]'` (or --kernel-backend auto: fla where it can run, torch elsewhere; for a "
+                              f"trained model, --model-overrides \"{{'kernel_backend': 'auto'}}\")")
+        return why is None
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         # the query's and the key's features in one call: (B, 2, C) -> (B, H, 2, m)

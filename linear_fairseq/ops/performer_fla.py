@@ -1,0 +1,73 @@
+"""Causal kernel attention on fla-core's Triton kernels (CUDA only).
+
+The function of ``performer.causal_parallel``, computed by fla-core's
+``chunk_simple_gla`` (flash-linear-attention; ``pip install '.[gpu]'``), which
+takes q, k, v of shape (B, T, H, .) and per-head log-decays g (B, T, H) and
+returns, with G_i = g_1 + ... + g_i,
+
+    o_i = sum_{j<=i} exp(G_i - G_j) q_i . k_j v_j.
+
+Kernel attention maps onto it as: q = phi(q); g = log g_t, RFA's gate (none:
+no decay); k_j = phi(k_j) exp(a_j - c), a_j the key's log-weight (FAVOR+'s
+log-scale, log(1 - g_j) under the gate, -inf at padding) and c its largest
+value in the sequence, per head; v_j = [v_j, 1], so the last column of o is
+the normalizer phi(q_i).z_i. Then out = num / max(den, floor), the floor
+being eps in true scale exactly as in the torch forms (`clamp_floor` with the
+offset c).
+
+Where the two can differ: the torch forms keep the sums relative to a running
+maximum of the log-weights, this form relative to one maximum per sequence,
+so a key whose log-weight lies more than about 87 below the largest one of
+its sequence (float32 and bfloat16 inputs alike; fp16 models run this form in
+float32) underflows to weight 0, and a query that sees only such keys gets
+the floor. FAVOR+'s log-scales differ by tens at most for unit-scale inputs.
+"""
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .common import acc
+from .performer import LOWEST, at_least, clamp_floor, key_log_weights
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable() -> Optional[str]:
+    """Why fla-core's kernel cannot be used here (None: it imports)."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+    except Exception as error:  # not installed, or no Triton for this machine
+        return f"fla-core does not import ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    return None
+
+
+def kernel():
+    from fla.ops.simple_gla import chunk_simple_gla
+    return chunk_simple_gla
+
+
+def fla_inputs(phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask, log_scale, gate_logits):
+    """q, k, v (B, T, H, .) and g (B, T, H) or None, as described above, and the offset c (B, H, 1)."""
+    a, lg = key_log_weights(phi_k.shape[:3], acc(phi_k), padding_mask, log_scale, gate_logits)
+    c = a.amax(-1, keepdim=True).clamp(min=LOWEST).detach()
+    k = acc(phi_k) * torch.exp(a - c).unsqueeze(-1)
+    v1 = torch.cat([v, v.new_ones(v.shape[:-1]).unsqueeze(-1)], dim=-1)
+    dtype = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32  # fp16: too narrow for the sums
+    time_major = lambda x: x.transpose(1, 2).to(dtype).contiguous()  # noqa: E731
+    g = None if lg is None else lg.transpose(1, 2).float().contiguous()
+    return time_major(phi_q), time_major(k), time_major(v1), g, c
+
+
+def causal(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None,
+    log_scale: Optional[Tensor] = None, gate_logits: Optional[Tensor] = None, q_log_scale: Optional[Tensor] = None,
+    *, eps: float, chunk_simple_gla=None,
+) -> Tensor:
+    """Causal kernel attention (shapes as in ops.performer) by `chunk_simple_gla`
+    (default: fla-core's). Returns out (B, H, T, d) in v's dtype."""
+    q, k, v1, g, c = fla_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits)
+    o, _ = (chunk_simple_gla or kernel())(q, k, v1, g=g, scale=1.0)
+    o = acc(o).transpose(1, 2)
+    floor = clamp_floor(eps, c, q_log_scale)
+    return (o[..., :-1] / at_least(o[..., -1], floor).unsqueeze(-1)).to(v.dtype)
