@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import report
 from conftest import ROOT
@@ -247,19 +248,32 @@ def test_step_profile_refuses_bad_values(argv, message):
 
 def test_gpu_ops_check_runs_every_family_on_this_machine(tmp_path):
     """The device check a GPU session runs, here on the CPU with short sequences:
-    it imports, covers every family's fast forms, and they agree with the references."""
+    it imports, covers every registered family (each through its
+    benchmarks/ops_cases module), and their forms agree with the references."""
+    from benchmarks import gpu_ops_check
+    from linear_fairseq import families
+
     out = tmp_path / "ops.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ops_check.py"), "--device", "cpu", "--quick",
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report_ = json.loads(out.read_text())
+    assert report_["families_without_ops_cases"] == []
+    covered = {row["family"].split("-")[0] for row in report_["parity"]}
+    assert covered == set(families.names(baseline=False))
     forms = {(row["family"], row["form"]) for row in report_["parity"]}
-    assert {("flash", "mixed_chunk"), ("memsizer", "chunked")} <= forms
-    assert {(f"kernel-{m}", "parallel") for m in ("elu", "favor", "rfa", "t2r")} <= forms
+    assert {("flash", "mixed_chunk"), ("flash", "step"), ("memsizer", "chunked")} <= forms
+    assert {(f"performer-{m}", "parallel") for m in ("elu", "favor", "rfa", "t2r")} <= forms
     for row in report_["parity"]:
         assert row["out_vs_naive"] < 1e-5 and row.get("grad_vs_naive", 0.0) < 1e-5, row
     assert all(row["finite"] and row["rel_err_vs_fp32"] < 2e-2 for row in report_["low_precision"])
-    if not __import__("torch").cuda.is_available():  # asked for CUDA where there is none: one line
+    # the speed section's forward+backward closures (timed on CUDA only) build and run here
+    cases, _ = gpu_ops_check.all_cases(torch.device("cpu"))
+    timed = gpu_ops_check.family_forms(cases, 1, 64, torch.device("cpu"))
+    assert {"memsizer-chunked", "flash-mixed_chunk-bf16", "performer-favor-parallel"} <= set(timed)
+    for make in timed.values():
+        make()()
+    if not torch.cuda.is_available():  # asked for CUDA where there is none: one line
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ops_check.py")], capture_output=True, text=True)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("gpu_ops_check: no CUDA device")
         assert "Traceback" not in r.stderr

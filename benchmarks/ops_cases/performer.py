@@ -1,0 +1,65 @@
+"""Kernel attention (arXiv 2006.16236), one case per feature map, for the device
+check: the chunk loop, the chunkwise-parallel form and, on CUDA where fla-core
+imports, the fla form (--kernel-backend fla)."""
+import math
+
+import torch
+
+from linear_fairseq.ops import performer as K
+from linear_fairseq.ops import performer_fla
+
+from . import OpsCase, generator, stepped
+
+EPS = 1e-6  # the normalizer clamp (--kernel-eps) of rfa and t2r
+MAPS = ("elu", "favor", "rfa", "t2r")
+
+
+def features(name, q, k, D, m, seed):
+    """(phi_q, phi_k, key log-scale, query log-scale) of a feature map, fixed random draws."""
+    cpu = torch.Generator().manual_seed(seed)
+    if name == "elu":
+        return K.elu_features(q), K.elu_features(k), None, None
+    if name == "favor":
+        W = K.orthogonal_gaussian(m, D, cpu).to(q.device)
+        (pq, sq), (pk, s) = K.favor_features(q, W), K.favor_features(k, W)
+        return pq, pk, s, sq
+    if name == "rfa":
+        W = torch.randn(m, D, generator=cpu).to(q.device)
+        return K.rfa_features(q, W), K.rfa_features(k, W), None, None
+    w, b = torch.randn(q.shape[1], m, D, generator=cpu).to(q.device), torch.randn(q.shape[1], m, generator=cpu)
+    return K.t2r_features(q, w, b.to(q.device)), K.t2r_features(k, w, b.to(q.device)), None, None
+
+
+def inputs_of(name):
+    def inputs(B, T, dtype, device, seed=0, large=False):
+        """phi_q, phi_k, v (B, H, T, .), the key and query log-scales, the gate logits (rfa)."""
+        H, D = (8, 64) if large else (2, 16)
+        m = round(D * math.log(D)) if large else (256 if name == "rfa" else 64)
+        g = generator(device, seed)
+        q, k, v = (torch.randn(B, H, T, D, device=device, generator=g) for _ in range(3))
+        gate = torch.randn(B, H, T, device=device, generator=g) * 2 if name == "rfa" else None
+        pq, pk, s, sq = features(name, q, k, D, m, seed)
+        low = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+        return [low(pq), low(pk), low(v), low(s), gate, low(sq)]  # the gate's logits stay float32
+    return inputs
+
+
+def naive(pq, pk, v, padding_mask, s, gate, sq, eps):
+    return K.naive(pq, pk, v, True, padding_mask, s, gate, q_log_scale=sq, eps=eps)
+
+
+def step(x, state):
+    pq, pk, v, s, gate, sq = x
+    return K.causal_step(pq, pk, v, state, None, s, gate, sq, eps=EPS)
+
+
+def cases(device):
+    def form(f, **kw):
+        return lambda xs: f(*xs[:3], None, *xs[3:], eps=EPS, **kw)
+
+    forms = {"chunked": form(lambda *a, **kw: K.causal_chunked(*a, **kw)[0], chunk_size=64),
+             "parallel": form(lambda *a, **kw: K.causal_parallel(*a, **kw)[0], chunk_size=64)}
+    if torch.device(device).type == "cuda" and performer_fla.unavailable() is None:
+        forms["fla"] = form(performer_fla.causal)
+    return [OpsCase(f"performer-{name}", inputs_of(name), reference=form(naive), forms=forms,
+                    step=lambda xs: stepped(step, xs, 2), timed=("parallel", "fla")) for name in MAPS]
