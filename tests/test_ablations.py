@@ -23,6 +23,9 @@ def test_ablations_smoke_writes_rows_seeds_and_reuses_recorded_runs(tmp_path):
     with open(tmp_path / "work" / "results" / "ablations-mt-smoke.csv") as f:
         table = {r["row"]: r for r in csv.DictReader(f)}
     assert set(table) == {"softmax", "flash-keys-paper-init"} and "| softmax | transformer |" in md
+    # the header's command is the whole grid's (recorded runs are kept); this run's follows
+    assert re.search(r"Command: `bash scripts/reproduce_mt.sh (?:(?!--rows)[^`])*--ablations` "
+                     r"\(this run: `[^`]*--rows softmax,flash-keys-paper-init`\)", md), md[:600]
     assert table["softmax"]["seeds"].count("/") == 1 and table["flash-keys-paper-init"]["seeds"].count("/") == 0
     for r in table.values():
         assert 0 <= float(r["bleu"]) <= 100 and finite(r["valid loss"]) and int(r["updates"]) == 16
@@ -32,8 +35,10 @@ def test_ablations_smoke_writes_rows_seeds_and_reuses_recorded_runs(tmp_path):
     assert "++model.gau_relu2_norm=keys" in flash["overrides"] and "common.seed=1" in flash["overrides"]
     log = (tmp_path / "work" / "runs" / "multi30k" / "flash-keys-paper-init-s1" / "train.log").read_text()
     assert "'gau_relu2_norm': 'keys'" in log and "'gau_scale_init': 'paper'" in log
-    again = reproduce("mt", raw, tmp_path, "--ablations", "--rows", "softmax")
-    assert "softmax, seed 1: in ablations-mt-smoke.runs.csv; kept" in again and "training" not in again
+    # --seeds 2 keeps the grid's rule: the second seed is the headline rows' only
+    again = reproduce("mt", raw, tmp_path, "--ablations", "--rows", rows, "--seeds", "2")
+    assert "softmax, seed 2: in ablations-mt-smoke.runs.csv; kept" in again and "training" not in again
+    assert "seed 1" not in again and "flash-keys-paper-init, seed" not in again
     # --fresh retrains the rows asked for and leaves the others' runs in the table
     fresh = reproduce("mt", raw, tmp_path, "--ablations", "--rows", "flash-keys-paper-init", "--fresh")
     assert "flash-keys-paper-init, seed 1: bleu" in fresh and "softmax, seed" not in fresh

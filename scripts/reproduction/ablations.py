@@ -53,11 +53,13 @@ def load_ablations(task: str, grid: str, rows=None) -> dict:
     return spec
 
 
-def ablation_runs(spec: dict, only):
-    """(row id, row, seed): every row with the first seed, then the headline rows with the others."""
-    seeds = spec["seeds"]
+def ablation_runs(spec: dict, only, seeds=None):
+    """(row id, row, seed): every row with the grid's first seed, then the headline
+    rows with its others; `only` rows and `seeds` (None: all) of those."""
     rows = {rid: row for rid, row in spec["rows"].items() if not only or rid in only}
-    for i, seed in enumerate(seeds):
+    for i, seed in enumerate(spec["seeds"]):
+        if seeds and str(seed) not in seeds:
+            continue
         for rid, row in rows.items():
             if i == 0 or row.get("headline"):
                 yield rid, row, seed
@@ -92,8 +94,6 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
     retrains the rows asked for; the others stay as recorded). A grid with
     `plot: true` also draws the metric against updates, one line per `curve`,
     as docs/<table>.png."""
-    if args.seeds:
-        spec["seeds"] = [seed for seed in spec["seeds"] if str(seed) in args.seeds.split(",")]
     metric = VALID_METRIC[args.task][0]
     stem = args.results / (spec.get("table", f"ablations-{args.task}") + ("-smoke" if args.scale == "smoke" else ""))
     runs = read_csv(Path(f"{stem}.runs.csv"))  # rows not retrained now stay in the table
@@ -121,7 +121,7 @@ def plan_runs(args, spec: dict, ds: str, runs: list, stem: Path) -> list:
     a recipe run with other settings."""
     only = set(args.rows.split(",")) if args.rows else None
     todo = []
-    for rid, row, seed in ablation_runs(spec, only):
+    for rid, row, seed in ablation_runs(spec, only, args.seeds.split(",") if args.seeds else None):
         budget = smoke_budget(args.task, row) if args.scale == "smoke" else list(row.get("budget", spec["budget"]))
         overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
         if args.scale == "smoke":
@@ -219,6 +219,21 @@ def plot_curves(runs, spec: dict, task: str, path: Path) -> None:
     save_plot(plt, fig, ax, path)
 
 
+def grid_command(task: str) -> str:
+    """The command that reproduces the whole table (runs already recorded are kept,
+    so after partial runs the table is the whole grid's), and this run's where it
+    ran part of the grid (--rows, --seeds, --fresh)."""
+    args, whole = iter(sys.argv[2:]), ["bash scripts/reproduce_" + task + ".sh"]
+    for arg in args:
+        name = arg.split("=")[0]
+        if name in ("--rows", "--seeds") and "=" not in arg:
+            next(args, None)  # its value
+        elif name not in ("--rows", "--seeds", "--fresh"):
+            whole.append(arg)
+    this = command_line(task)
+    return f"`{' '.join(whole)}`" + ("" if this == " ".join(whole) else f" (this run: `{this}`)")
+
+
 def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
     run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides",
                    "settings", "recipe"]
@@ -228,7 +243,7 @@ def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
     header = [
         f"# {spec.get('title', 'Ablations')}, {args.task} ({ds}, {args.scale} scale)",
         "",
-        f"Command: `{command_line(args.task)}`  ",
+        f"Command: {grid_command(args.task)}  ",
         f"Run {machine()}. Every row trains with configs/{args.task}/{ds}.yaml and the family's "
         + ("recommended model config" if spec.get("config") == "recommended" else "paper model config "
            f"(configs/{args.task}/model/{ds}_<family>_paper.yaml where it exists, else {ds}_<family>.yaml)")
