@@ -6,6 +6,8 @@ from pathlib import Path
 import linear_fairseq  # noqa: F401  registers the families
 from linear_fairseq import families as family_list
 
+from .suites import LOCAL
+
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 BASELINE = family_list.BASELINE.name
 LINEAR = family_list.names(baseline=False)
@@ -78,10 +80,26 @@ def targets(results):
                 mine = lookup(results["train"], "tokens_per_s", family=f, ctx=T)
                 out.append(target(f"train {f}: tokens/s vs transformer_lm, context {T}", ratio(mine, base),
                                   wanted_speedup(f, "train").get(T, 1.0)))
+    if results.get("local") is not None:
+        out += local_targets(results["local"])
     return out
 
 
 TRAIN_CONTEXTS = (2048, 8192)
+
+
+def local_targets(recs):
+    """Local precision's cost (issue: decoding within 15% of the family without it
+    at L=4096, batch 16; the state constant in L)."""
+    out = []
+    for f in [f for f in families(recs) if not f.endswith("+local")]:
+        mine, base = (lookup(recs, "tokens_per_s", family=x, L=4096, batch=16) for x in (f + "+local", f))
+        out.append(target(f"local {f}: decode tokens/s with the window / without, L=4096, batch 16",
+                          ratio(mine, base), 0.85))
+        sizes = {r["L"]: r["state_bytes_per_seq"] for r in ok(recs) if r["family"] == f + "+local" and "L" in r}
+        out.append(target(f"local {f}: state bytes per sequence with the window constant over L={sorted(set(sizes))}",
+                          None if len(set(sizes)) < 2 else float(len(set(sizes.values())) == 1), 1.0, unit="bool"))
+    return out
 
 
 def wanted_speedup(family: str, what: str):
@@ -190,6 +208,22 @@ def train_tables(recs):
     ]
 
 
+def local_tables(recs):
+    """The local suite: its decoding records (L, batch) and its training records (ctx)."""
+    label = lambda f: arch_label(recs, f) + (" + window" if f.endswith("+local") else "")  # noqa: E731
+    dec, tr = [r for r in recs if "L" in r], [r for r in recs if "ctx" in r]
+    cols = [(f"L={L}, batch {B}", {"L": L, "batch": B}) for B in sorted({r["batch"] for r in dec})
+            for L in sorted({r["L"] for r in dec})]
+    rows = [(label(f), {"family": f}) for f in families(recs)]
+    ctx = [(f"ctx={T}", {"ctx": T}) for T in sorted({r["ctx"] for r in tr})]
+    what = "each family that offers it, without and with `" + " ".join(LOCAL) + "`"
+    return [
+        table(dec, rows, cols, "tokens_per_s", "{:,.0f}", f"Local precision: decoding tokens/s ({what})"),
+        table(dec, rows, cols, "state_bytes_per_seq", "{:,.0f}", "Local precision: decoding state bytes per sequence"),
+        table(tr, rows, ctx, "tokens_per_s", "{:,.0f}", "Local precision: training tokens/s, forward + backward"),
+    ]
+
+
 def target_table(ts):
     lines = ["**Targets**", "", "| target | measured | wanted | met |", "|---|---:|---:|:---:|"]
     for t in ts:
@@ -238,7 +272,7 @@ def markdown(results, plots=()):
     return "\n".join(parts)
 
 
-TABLES = {"decode": decode_tables, "hybrid": hybrid_tables, **{suite: partial(seq2seq_tables, suite) for suite in SEQ2SEQ}, "train": train_tables}
+TABLES = {"decode": decode_tables, "hybrid": hybrid_tables, **{suite: partial(seq2seq_tables, suite) for suite in SEQ2SEQ}, "train": train_tables, "local": local_tables}
 
 
 def update_readme(readme: Path, tables: str, out: Path):

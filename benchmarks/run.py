@@ -1,6 +1,6 @@
 """Speed and memory of every family against fairseq's softmax transformer.
 
-    python -m benchmarks.run --suite decode|hybrid|mt|sum|beam|train|all [--device cpu|cuda] [--quick]
+    python -m benchmarks.run --suite decode|hybrid|mt|sum|beam|train|local|all [--device cpu|cuda] [--quick]
         [--out DIR] [--budget SECONDS] [--readme README.md] [--resume]
 
 Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
@@ -31,6 +31,7 @@ FULL = {
     "sum": {"src_lengths": [400, 1000], "tgt_len": 48, "sentences": 4, "beam": 4},
     "beam": {"beams": [1, 4, 16, 64], "src_len": 512, "tgt_len": 48, "sentences": 2},
     "train": {"contexts": [512, 2048, 8192], "tokens_per_batch": 8192},
+    "local": {"lengths": [256, 4096], "batches": [1, 16], "contexts": [2048], "tokens_per_batch": 8192},
 }
 QUICK = {
     "decode": {"lengths": [16, 64], "batches": [1, 2]},
@@ -39,6 +40,7 @@ QUICK = {
     "sum": {"src_lengths": [16, 32], "tgt_len": 4, "sentences": 2, "beam": 2},
     "beam": {"beams": [1, 4], "src_len": 16, "tgt_len": 4, "sentences": 2},
     "train": {"contexts": [32, 64], "tokens_per_batch": 128},
+    "local": {"lengths": [16, 64], "batches": [1, 2], "contexts": [64], "tokens_per_batch": 128},
 }
 SUITES = tuple(FULL)
 

@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from fairseq.sequence_generator import SequenceGenerator
 
+from linear_fairseq import families as family_records
+from linear_fairseq.modules.attention import option_names
+
 from . import models
 from .measure import PeakMemory, projected_seconds, softmax_cache_bytes, state_bytes, summary, sync
 
@@ -67,19 +70,21 @@ def median(xs):
     return xs[len(xs) // 2] if xs else None
 
 
-def decode(lengths, batches, device, budget, repeats, families=models.FAMILIES, log=print):
+def decode(lengths, batches, device, budget, repeats, families=models.FAMILIES, log=print, extra=None):
+    """LM generation at each length and batch; `extra`: row -> (family, flags), the
+    rows measured instead of the families as they are."""
     records = []
-    for family in families:
-        model, d, info = models.build("lm", family, device)
+    for row, (family, flags) in (extra or {f: (f, ()) for f in families}).items():
+        model, d, info = models.build("lm", family, device, extra=list(flags))
         timed_generation(model, d, 16, max(batches), device)  # warm-up
         for B in batches:
             history = []
             for L in lengths:
-                rec = {"family": family, "arch": info["arch"], "params": info["params"], "L": L, "batch": B}
+                rec = {"family": row, "arch": info["arch"], "params": info["params"], "L": L, "batch": B}
                 projected = projected_seconds(history, L)
                 if projected > budget:
                     records.append(skipped(rec, projected, budget))
-                    log(f"decode {family:<11} L={L:<6} B={B:<3} skipped: {rec['reason']}")
+                    log(f"decode {row:<11} L={L:<6} B={B:<3} skipped: {rec['reason']}")
                     continue
                 seconds, steps, state, mem = timed_generation(model, d, L, B, device)
                 more = repeated(lambda: timed_generation(model, d, L, B, device)[0], seconds, budget, repeats)
@@ -96,7 +101,7 @@ def decode(lengths, batches, device, budget, repeats, families=models.FAMILIES, 
                 )
                 records.append(rec)
                 log(
-                    f"decode {family:<11} L={L:<6} B={B:<3} {rec['tokens_per_s']['median']:8.0f} tok/s  "
+                    f"decode {row:<11} L={L:<6} B={B:<3} {rec['tokens_per_s']['median']:8.0f} tok/s  "
                     f"step {rec['step_ms_start']:.2f}->{rec['step_ms_end']:.2f} ms  "
                     f"state {rec['state_bytes_per_seq'] / 1024:.0f} KiB/seq  peak {mem:.0f} MiB"
                 )
@@ -229,12 +234,14 @@ def measurements(suite: str, sizes: dict) -> int:
              "sum": lambda: len(seq2seq_rows()) * len(sizes["src_lengths"]),
              "beam": lambda: len(seq2seq_rows()) * len(sizes["beams"]),
              "hybrid": lambda: (len(models.FAMILIES) - 1) * len(sizes["lengths"]),
-             "train": lambda: len(TRAIN_ROWS) * len(sizes["contexts"])}
+             "train": lambda: len(TRAIN_ROWS) * len(sizes["contexts"]),
+             "local": lambda: len(local_rows()) * (len(sizes["batches"]) * len(sizes["lengths"])
+                                                  + len(sizes["contexts"]))}
     return cells[suite]()
 
 
-def train_model(row, device):
-    model, d, info = models.build("lm", TRAIN_ROWS[row], device)
+def train_model(row, device, flags=()):
+    model, d, info = models.build("lm", TRAIN_ROWS.get(row, row.split("+")[0]), device, extra=list(flags))
     if row == "transformer_sdpa":
         for layer in model.decoder.layers:
             layer.self_attn.forward = types.MethodType(sdpa_forward, layer.self_attn)
@@ -255,12 +262,12 @@ def train_step(model, tokens, device):
     return time.perf_counter() - start
 
 
-def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_ROWS), log=print):
+def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_ROWS), log=print, flags=None):
     """Forward + backward of a language model over batches of `tokens_per_batch`
-    tokens cut into sequences of each context length."""
+    tokens cut into sequences of each context length; `flags`: row -> extra flags."""
     records = []
     for row in rows:
-        model, d, info = train_model(row, device)
+        model, d, info = train_model(row, device, (flags or {}).get(row, ()))
         g = torch.Generator().manual_seed(0)
         history = []
         for T in contexts:
@@ -285,4 +292,23 @@ def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_
     return records
 
 
-RUN = {"decode": decode, "hybrid": hybrid, "mt": mt, "sum": summarization, "beam": beam_width, "train": train}  # --suite NAME
+# -- local precision ----------------------------------------------------------------------------
+LOCAL = ("--local-window", "16")  # the window of the recommended Austen configs
+
+
+def local_rows() -> dict:
+    """row -> (family, flags): each family that offers local precision, as it is and with LOCAL."""
+    offered = [f for f in models.FAMILIES[1:] if "local_window" in option_names(family_records.get(f))]
+    return {row: value for f in offered for row, value in ((f, (f, ())), (f"{f}+local", (f, LOCAL)))}
+
+
+def local(lengths, batches, contexts, tokens_per_batch, device, budget, repeats, log=print):
+    """What local precision costs: LM decoding (tokens/s, state) and training
+    (tokens/s) of each family that offers it, without and with LOCAL."""
+    rows = local_rows()
+    return (decode(lengths, batches, device, budget, repeats, log=log, extra=rows)
+            + train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(rows), log=log,
+                    flags={row: flags for row, (_, flags) in rows.items()}))
+
+
+RUN = {"decode": decode, "hybrid": hybrid, "mt": mt, "sum": summarization, "beam": beam_width, "train": train, "local": local}  # --suite NAME

@@ -55,8 +55,9 @@ def parser() -> argparse.ArgumentParser:
                     help="the quick start (mt): transformer and memsizer with configs/mt/multi30k_demo.yaml "
                          "(400 updates), table and logs in work/demo_mt/")
     ap.add_argument("--configs", default=",".join(CONFIG_KINDS),
-                    help="which of each family's model configs to run: recommended, paper (where the family "
-                         "has one), or both (default)")
+                    help="which of each family's model configs to run, comma-separated: recommended, paper "
+                         "(where the family's paper sets it up otherwise), nolocal (the recommended config without "
+                         "local precision, where it has it); default: all")
     ap.add_argument("--work", type=Path, help="data, checkpoints, logs (default work/reproduce/<task>-<scale>)")
     ap.add_argument("--results", type=Path, help="where the tables go (default <work>/results; results/ with --publish)")
     ap.add_argument("--publish", action="store_true",

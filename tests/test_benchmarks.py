@@ -12,6 +12,7 @@ import torch
 from benchmarks import report
 from conftest import ROOT
 from linear_fairseq import families
+from linear_fairseq.modules.attention import option_names
 
 FAMILIES = list(families.names())
 
@@ -82,7 +83,15 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(quick_run):
     assert {rec["beam"] for rec in res["beam"]} == {1, 4}
     assert {rec["family"] for rec in res["train"]} == {*FAMILIES, "transformer_sdpa"}
     assert all(rec["tokens_per_s"]["median"] > 0 for rec in res["train"] if rec["status"] == "ok")
-    assert {t["name"].split(":")[0] for t in res["targets"]} >= {
+    # local precision: each family that offers it, without and with the window; the window's state is bounded
+    offered = [f for f in FAMILIES[1:] if "local_window" in option_names(families.get(f))]
+    assert {rec["family"] for rec in res["local"]} == {*offered, *(f + "+local" for f in offered)}
+    local = {(rec["family"], rec["L"]): rec["state_bytes_per_seq"] for rec in res["local"] if rec.get("batch") == 1
+             and "L" in rec}
+    for f in offered:
+        assert local[(f + "+local", 64)] == local[(f + "+local", 16)] > local[(f, 16)], f
+    assert any("ctx" in rec and rec["family"] == f + "+local" for rec in res["local"] for f in offered)
+    assert {t["name"].split(":")[0] for t in res["targets"]} >= {"local memsizer",
         "decode memsizer", "mt memsizer", "sum memsizer", "beam flash", "train flash"}
     for name in ("decode.png", "hybrid.png", "mt.png", "sum.png", "beam.png", "train.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

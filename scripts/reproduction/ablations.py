@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 import publishing
 from progress import Progress
-from .datasets import FAMILIES, ROOT, SMOKE, SMOKE_MODEL, row_config, settings_digest, smoke_family
+from .datasets import CONFIG_KINDS, FAMILIES, ROOT, SMOKE, SMOKE_MODEL, row_config, settings_digest, smoke_family
 from .runs import evaluate, linearized, say, train, untrained
 from .tables import command_line, machine, pyplot, read_csv, save_plot, write_table
 
@@ -30,8 +30,8 @@ def load_ablations(task: str, grid: str, rows=None) -> dict:
         known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml"))) or "none"
         sys.exit(f"[reproduce] --ablations {grid}: no such grid ({path} does not exist; {task} grids: {known})")
     spec = OmegaConf.to_container(OmegaConf.load(path))
-    if spec.get("config", "paper") not in ("paper", "recommended"):
-        sys.exit(f"[reproduce] {path}: config: {spec['config']!r} (choose paper or recommended)")
+    if spec.get("config", "paper") not in CONFIG_KINDS:
+        sys.exit(f"[reproduce] {path}: config: {spec['config']!r} (choose from {', '.join(CONFIG_KINDS)})")
     for i, (rid, row) in enumerate(spec["rows"].items()):
         if row.get("family") not in FAMILIES:
             sys.exit(f"[reproduce] {path}: row {rid!r} has family {row.get('family')!r} (choose from {', '.join(FAMILIES)})")
@@ -234,6 +234,15 @@ def grid_command(task: str) -> str:
     return f"`{' '.join(whole)}`" + ("" if this == " ".join(whole) else f" (this run: `{this}`)")
 
 
+def config_words(task: str, ds: str, kind: str) -> str:
+    """How a grid's header names the model config its rows start from."""
+    if kind == "recommended":
+        return "recommended model config"
+    what = "paper model config" if kind == "paper" else "recommended model config without local precision"
+    return (f"{what} (configs/{task}/model/{ds}_<family>{CONFIG_KINDS[kind]}.yaml where it exists, "
+            f"else {ds}_<family>.yaml)")
+
+
 def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
     run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides",
                    "settings", "recipe"]
@@ -245,8 +254,7 @@ def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
         "",
         f"Command: {grid_command(args.task)}  ",
         f"Run {machine()}. Every row trains with configs/{args.task}/{ds}.yaml and the family's "
-        + ("recommended model config" if spec.get("config") == "recommended" else "paper model config "
-           f"(configs/{args.task}/model/{ds}_<family>_paper.yaml where it exists, else {ds}_<family>.yaml)")
+        + config_words(args.task, ds, spec.get("config", "paper"))
         + f", cut to the budget `{' '.join(spec['budget']) or 'none: the full recipe'}` unless the row "
         f"sets its own, plus the row's overrides "
         f"(configs/{args.task}/ablations/{spec['grid']}.yaml); {metric} is the {label} of the best checkpoint "

@@ -67,13 +67,16 @@ PAPER = {
 }
 
 
-CONFIG_KINDS = {"recommended": "", "paper": "_paper"}  # --configs: the model config file's suffix
+# --configs: the model config file's suffix. nolocal: the recommended config without
+# local precision (--short-conv, --local-window), where the recommended one has it
+CONFIG_KINDS = {"recommended": "", "paper": "_paper", "nolocal": "_nolocal"}
 
 
 def model_configs(task: str, ds: str, family: str, kinds=tuple(CONFIG_KINDS)) -> list:
     """(kind, model config name) for each of `kinds` the family has under
     configs/<task>/model/: every family has its recommended config; a paper
-    config exists where the paper sets the family up otherwise."""
+    config exists where the paper sets the family up otherwise, a nolocal one
+    where the recommended config adds local precision."""
     names = [(kind, f"{ds}_{family}{CONFIG_KINDS[kind]}") for kind in kinds]
     return [(kind, name) for kind, name in names if (ROOT / "configs" / task / "model" / f"{name}.yaml").is_file()]
 
@@ -114,11 +117,10 @@ def model_values(task: str, model: str, overrides) -> list:
 
 
 def row_config(task: str, ds: str, family: str, spec: dict) -> str:
-    """The model config a grid's rows start from: the family's paper config
-    where it has one, else its recommended config (`config: paper`, the
-    default), or the recommended config (`config: recommended`)."""
-    kinds = ("recommended", "paper") if spec.get("config", "paper") == "paper" else ("recommended",)
-    return model_configs(task, ds, family, kinds)[-1][1]
+    """The model config a grid's rows start from: the family's config of the
+    grid's kind (`config: paper`, the default, or nolocal) where it has one,
+    else its recommended config."""
+    return model_configs(task, ds, family, ("recommended", spec.get("config", "paper")))[-1][1]
 
 
 def model_name(task: str, ds: str, family: str) -> str:
