@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.ops_cases.performer import features
 from linear_fairseq.ops import performer as K
 from linear_fairseq.ops import performer_fla
 
@@ -26,21 +27,9 @@ def qkv(T, seed=0, dtype=torch.float32):
 
 
 def featurize(name, q, k, seed=0, m=16):
-    """phi_q, phi_k, key log-scale, query log-scale for a named feature map (fixed random draws)."""
-    g = torch.Generator().manual_seed(seed + 100)
-    if name == "elu":
-        return K.elu_features(q), K.elu_features(k), None, None
-    if name == "favor":
-        W = K.orthogonal_gaussian(m, D, g).to(q.dtype)
-        (pq, sq), (pk, s) = K.favor_features(q, W), K.favor_features(k, W)
-        return pq, pk, s, sq
-    if name == "rfa":
-        W = torch.randn(256, D, generator=g, dtype=q.dtype)  # enough for a positive normalizer
-        return K.rfa_features(q, W), K.rfa_features(k, W), None, None
-    if name == "t2r":
-        w, b = torch.randn(H, 32, D, generator=g, dtype=q.dtype), torch.randn(H, 32, generator=g, dtype=q.dtype)
-        return K.t2r_features(q, w, b), K.t2r_features(k, w, b), None, None
-    raise KeyError(name)
+    """phi_q, phi_k, key log-scale, query log-scale for a named feature map (fixed random draws;
+    rfa with enough features for a positive normalizer, t2r with its paper's 32)."""
+    return features(name, q, k, {"rfa": 256, "t2r": 32}.get(name, m), torch.Generator().manual_seed(seed + 100))
 
 
 def simple_gla_written_out(q, k, v, g=None, scale=1.0):

@@ -14,20 +14,24 @@ EPS = 1e-6  # the normalizer clamp (--kernel-eps) of rfa and t2r
 MAPS = ("elu", "favor", "rfa", "t2r")
 
 
-def features(name, q, k, D, m, seed):
-    """(phi_q, phi_k, key log-scale, query log-scale) of a feature map, fixed random draws."""
-    cpu = torch.Generator().manual_seed(seed)
+def features(name, q, k, m, generator):
+    """(phi_q, phi_k, key log-scale, query log-scale) of a feature map with m features,
+    its random draws from `generator` (CPU), cast to q's device and dtype."""
+    H, D = q.shape[1], q.shape[-1]
+    like = lambda x: x.to(q)  # noqa: E731
     if name == "elu":
         return K.elu_features(q), K.elu_features(k), None, None
     if name == "favor":
-        W = K.orthogonal_gaussian(m, D, cpu).to(q.device)
+        W = like(K.orthogonal_gaussian(m, D, generator))
         (pq, sq), (pk, s) = K.favor_features(q, W), K.favor_features(k, W)
         return pq, pk, s, sq
     if name == "rfa":
-        W = torch.randn(m, D, generator=cpu).to(q.device)
+        W = like(torch.randn(m, D, generator=generator))
         return K.rfa_features(q, W), K.rfa_features(k, W), None, None
-    w, b = torch.randn(q.shape[1], m, D, generator=cpu).to(q.device), torch.randn(q.shape[1], m, generator=cpu)
-    return K.t2r_features(q, w, b.to(q.device)), K.t2r_features(k, w, b.to(q.device)), None, None
+    if name == "t2r":
+        w, b = like(torch.randn(H, m, D, generator=generator)), like(torch.randn(H, m, generator=generator))
+        return K.t2r_features(q, w, b), K.t2r_features(k, w, b), None, None
+    raise KeyError(name)
 
 
 def inputs_of(name):
@@ -38,7 +42,7 @@ def inputs_of(name):
         g = generator(device, seed)
         q, k, v = (torch.randn(B, H, T, D, device=device, generator=g) for _ in range(3))
         gate = torch.randn(B, H, T, device=device, generator=g) * 2 if name == "rfa" else None
-        pq, pk, s, sq = features(name, q, k, D, m, seed)
+        pq, pk, s, sq = features(name, q, k, m, torch.Generator().manual_seed(seed))
         low = lambda x: None if x is None else x.to(dtype)  # noqa: E731
         return [low(pq), low(pk), low(v), low(s), gate, low(sq)]  # the gate's logits stay float32
     return inputs
