@@ -60,22 +60,25 @@ def test_causal_chunked_and_recurrent_equal_reference_with_gradients(T, G):
             assert_close(g, g_ref)
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("norm", F.RELU2_NORMS)
-@pytest.mark.parametrize("T,G", [(3, 4), (13, 4), (70, 16)])
-def test_every_relu2_norm_agrees_across_forms_with_gradients_and_padding(norm, T, G):
+@pytest.mark.parametrize("T,G", [(3, 4), (13, 4), (16, 4), (70, 16)])
+def test_every_relu2_norm_agrees_across_forms_with_gradients_and_padding(norm, T, G, padded):
     """reference == chunked == recurrent for each normalization of relu^2, across
-    chunk boundaries, with left padding on one row (outputs and gradients)."""
+    chunk boundaries, with left padding on one row or none (outputs and gradients;
+    T = 16, G = 4: whole chunks, where the chunked form applies no mask)."""
     xs = [x.requires_grad_() for x in inputs(2, T, seed=5)]
     mask = torch.zeros(2, T, dtype=torch.bool)
-    mask[1, :2] = True
+    mask[1, :2] = padded
     real = (~mask).unsqueeze(-1)
     w = torch.randn(2, T, E, generator=torch.Generator().manual_seed(7))
     for causal in (True, False):
-        ref = naive(*xs, G, causal, mask, relu2_norm=norm) * real
+        given = mask if padded else None
+        ref = naive(*xs, G, causal, given, relu2_norm=norm) * real
         ref_grads = grads(ref, w, xs)
-        outs = [mixed_chunk(*xs, G, causal, mask, relu2_norm=norm)]
+        outs = [mixed_chunk(*xs, G, causal, given, relu2_norm=norm)]
         if causal:
-            outs.append(recurrent(*xs, G, mask, relu2_norm=norm)[0])
+            outs.append(recurrent(*xs, G, given, relu2_norm=norm)[0])
         for out in outs:
             assert_close(out * real, ref)
             for g, g_ref in zip(grads(out * real, w, xs), ref_grads):

@@ -145,15 +145,22 @@ def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Tensor, causal: bool)
     """The linear part of mixed chunk attention, chunked tensors (B, N, L, .):
     each query's mean of k' v^T over the real tokens of the chunks it sees (the
     completed ones before its own, if causal; all of them otherwise)."""
-    B, N, _, s = kl.shape
+    B, N, L, s = kl.shape
     KV = kl.transpose(-1, -2) @ v  # (B, N, s, e)
-    n = real.sum(-1)  # (B, N)
+    n = kl.new_full((B, N), float(L)) if real is None else real.sum(-1)  # (B, N)
     if causal:  # completed chunks only: exclusive prefix sums
         KV = torch.cat([KV.new_zeros(B, 1, s, v.shape[-1]), KV.cumsum(1)[:, :-1]], dim=1)
         n = torch.cat([n.new_zeros(B, 1), n.cumsum(1)[:, :-1]], dim=1)
     else:
         KV, n = KV.sum(1, keepdim=True), n.sum(1, keepdim=True)
     return (ql @ KV) / n.clamp(min=1.0)[..., None, None]
+
+
+def keys_seen(real_c: Optional[Tensor], L: int, causal: bool, like: Tensor) -> Tensor:
+    """The number of keys each query sees in its chunk: (B, N, L), or broadcastable to it."""
+    if real_c is None:
+        return torch.arange(1, L + 1, device=like.device, dtype=like.dtype) if causal else like.new_full((1,), L)
+    return real_c.cumsum(-1) if causal else real_c.sum(-1, keepdim=True)
 
 
 def mixed_chunk(
@@ -172,26 +179,33 @@ def mixed_chunk(
         order = real_first(padding_mask)
         q, k, ql, kl, v = (gather_time(x, order) for x in (q, k, ql, kl, v))
         padding_mask = padding_mask.gather(1, order)
-    real = acc(q).new_ones(B, T) if padding_mask is None else (~padding_mask).to(acc(q).dtype)
     # a sequence shorter than G is one chunk: tile it at its own length (the
     # scale stays 1/G), instead of padding every short sentence to G tokens
     L = min(G, T)
     N = -(-T // L)
     pad = N * L - T
+    # which tokens are real, by chunk (None: all of them, and no mask is applied)
+    real = None if padding_mask is None and not pad else acc(q).new_ones(B, T) if padding_mask is None \
+        else (~padding_mask).to(acc(q).dtype)
 
     def chunks(x: Tensor) -> Tensor:
-        return F.pad(acc(x), (0, 0, 0, pad)).view(B, N, L, x.shape[-1])
+        x = acc(x)
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(B, N, L, x.shape[-1])
 
-    real_c = F.pad(real, (0, pad)).view(B, N, L)
-    q, k, ql, v = chunks(q), chunks(k), chunks(ql), chunks(v)
-    kl = chunks(kl) * real_c.unsqueeze(-1)  # padded keys add nothing to the linear sums
+    real_c = None if real is None else chunks(real.unsqueeze(-1)).squeeze(-1)
+    q, k, ql, kl, v = chunks(q), chunks(k), chunks(ql), chunks(kl), chunks(v)
+    if real_c is not None:
+        kl = kl * real_c.unsqueeze(-1)  # padded keys add nothing to the linear sums
     # quadratic inside each chunk: relu(q k^T / sqrt(s))^2 / c over real (and, if causal, earlier) keys
     within = torch.arange(L, device=q.device)
-    A = relu2(q, k, offset_bias(rel_bias, within[:, None] - within[None, :])) * real_c.unsqueeze(-2)
+    A = relu2(q, k, offset_bias(rel_bias, within[:, None] - within[None, :]))
+    if real_c is not None:
+        A = A * real_c.unsqueeze(-2)
     if causal:
         A = A.tril()
-    seen = real_c.cumsum(-1) if causal else real_c.sum(-1, keepdim=True)  # keys each query sees
-    quad = (A @ v) / relu2_divisor(relu2_norm, G, seen).unsqueeze(-1)
+    quad = A @ v
+    if relu2_norm != "none":
+        quad = quad / relu2_divisor(relu2_norm, G, keys_seen(real_c, L, causal, A)).unsqueeze(-1)
     out = (quad + across_chunks(ql, kl, v, real_c, causal)).view(B, N * L, e)[:, :T]
     if order is not None:
         out = scatter_time(out, order)
