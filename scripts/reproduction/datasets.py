@@ -96,10 +96,16 @@ def config_files(task: str, config: str, model: str) -> list:
 
 def settings_digest(task: str, config: str, model: str, overrides) -> str:
     """A digest of what a run trains with: its config files' contents (comments
-    aside) and its overrides."""
+    aside, and a `_self_` that ends a defaults list: Hydra puts a file's own
+    values after its defaults either way) and its overrides."""
 
+    def content(path):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        if (node.get("defaults") or [None])[-1] == "_self_":
+            node["defaults"] = node["defaults"][:-1]
+        return node
 
-    contents = [OmegaConf.to_container(OmegaConf.load(f)) for f in config_files(task, config, model)]
+    contents = [content(f) for f in config_files(task, config, model)]
     return hashlib.sha256(json.dumps([contents, list(overrides)], sort_keys=True).encode()).hexdigest()[:12]
 
 
