@@ -40,7 +40,7 @@ QUICK = {
     "sum": {"src_lengths": [16, 32], "tgt_len": 4, "sentences": 2, "beam": 2},
     "beam": {"beams": [1, 4], "src_len": 16, "tgt_len": 4, "sentences": 2},
     "train": {"contexts": [32, 64], "tokens_per_batch": 128},
-    "local": {"lengths": [16, 64], "batches": [1, 2], "contexts": [64], "tokens_per_batch": 128},
+    "local": {"lengths": [16, 64], "batches": [1], "contexts": [64], "tokens_per_batch": 128},
 }
 SUITES = tuple(FULL)
 
