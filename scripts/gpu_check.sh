@@ -4,7 +4,7 @@
 # 1. benchmarks/gpu_ops_check.py: every family's fast forms against the quadratic
 #    references on the GPU (outputs, gradients), fp16/bf16 at T = 4096 and 16384,
 #    forward+backward time and memory against SDPA and fla-core      -> OUT/gpu_ops.json
-# 2. python -m benchmarks.run --device cuda, suites train and decode, GPU budgets
+# 2. python -m benchmarks.run --device cuda, suites train, decode and local, GPU budgets
 #                                                                     -> OUT/results.{json,md}, plots
 # 3. python -m benchmarks.train_check --fp16: a short fairseq-train of every
 #    family through the stock CLI on generated data                   -> OUT/train_check.json
@@ -42,6 +42,7 @@ step() {  # step NAME COMMAND...: run it, its output to the console and the log
 step ops "$PY" benchmarks/gpu_ops_check.py --device cuda --out "$OUT/gpu_ops.json"
 step train-suite "$PY" -m benchmarks.run --device cuda --suite train --budget 120 --out "$OUT/train" --no-plots
 step decode-suite "$PY" -m benchmarks.run --device cuda --suite decode --budget 30 --out "$OUT/decode" --no-plots
+step local-suite "$PY" -m benchmarks.run --device cuda --suite local --budget 30 --out "$OUT/local" --no-plots
 step fp16-train "$PY" -m benchmarks.train_check --fp16 --updates 60 --out "$OUT/train_check.json"
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "gpu_check: failed steps: ${failed[*]} (log: $OUT/gpu_check.log)" >&2
