@@ -109,7 +109,8 @@ def write_tables(rows, task, ds, args, notes=()) -> Path:
         + "; tok/s (" + ("fairseq-eval-lm scoring" if task == "lm" else "fairseq-generate decoding")
         + f", {SPEED_CONDITIONS}) and peak MB (resident memory of that whole process) come from that run. "
         f"config: the model config under configs/{task}/model/ (<dataset>_<family>: the recommended "
-        "settings; _paper: the family as its paper sets it up, where that differs).  ",
+        "settings; _paper: the family as its paper sets it up, where that differs; _nolocal: the recommended "
+        "settings without local precision, where they have it).  ",
         publishing.header_line(args.departures),
         "",
         *notes,
