@@ -272,7 +272,8 @@ def markdown(results, plots=()):
     return "\n".join(parts)
 
 
-TABLES = {"decode": decode_tables, "hybrid": hybrid_tables, **{suite: partial(seq2seq_tables, suite) for suite in SEQ2SEQ}, "train": train_tables, "local": local_tables}
+TABLES = {"decode": decode_tables, "hybrid": hybrid_tables, **{suite: partial(seq2seq_tables, suite) for suite in SEQ2SEQ},
+          "train": train_tables, "local": local_tables}
 
 
 def update_readme(readme: Path, tables: str, out: Path):

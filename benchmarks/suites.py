@@ -311,4 +311,5 @@ def local(lengths, batches, contexts, tokens_per_batch, device, budget, repeats,
                     flags={row: flags for row, (_, flags) in rows.items()}))
 
 
-RUN = {"decode": decode, "hybrid": hybrid, "mt": mt, "sum": summarization, "beam": beam_width, "train": train, "local": local}  # --suite NAME
+RUN = {"decode": decode, "hybrid": hybrid, "mt": mt, "sum": summarization, "beam": beam_width, "train": train,
+       "local": local}  # --suite NAME

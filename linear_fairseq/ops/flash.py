@@ -347,6 +347,7 @@ def advance(state: State, k_chunk, v_chunk, kl, v, padding_mask, G: int) -> Stat
     full = fill == G
     done = full.to(kv_chunk.dtype)  # 1.0 where this step completed the chunk
     kv_done = update(state["kv_done"], "addcmul", kv_chunk, done[:, None, None])
-    return {"k_chunk": k_chunk, "v_chunk": v_chunk, "kv_chunk": update(kv_chunk, "masked_fill", full[:, None, None], 0.0),
-            "kv_done": kv_done, "n_done": state["n_done"].add(done, alpha=G), "fill": fill.remainder(G),
+    kv_chunk = update(kv_chunk, "masked_fill", full[:, None, None], 0.0)  # a completed chunk starts anew
+    return {"k_chunk": k_chunk, "v_chunk": v_chunk, "kv_chunk": kv_chunk, "kv_done": kv_done,
+            "n_done": state["n_done"].add(done, alpha=G), "fill": fill.remainder(G),
             "position": state["position"] + (1.0 if real is None else real.to(done.dtype))}
