@@ -112,14 +112,14 @@ def test_resume_keeps_the_suites_measured_and_runs_the_rest(quick_run, tmp_path)
     (out / "results.json").write_text(json.dumps(interrupted))
     r = bench(*QUICK, "--out", str(out), "--no-plots", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "kept decode, hybrid, mt, sum, beam; measuring train" in r.stdout
+    assert "kept decode, hybrid, mt, sum, beam, local; measuring train" in r.stdout
     assert re.findall(r"^\[\d+/\d+[^]]*\] (\w+) ", r.stdout, re.M) == ["train"] * len(first["train"])
     res = json.loads((out / "results.json").read_text())
-    assert all(res[n] == first[n] for n in ("decode", "hybrid", "mt", "sum", "beam"))
+    assert all(res[n] == first[n] for n in ("decode", "hybrid", "mt", "sum", "beam", "local"))
     assert res["ran"] == ["train"] and {rec["family"] for rec in res["train"]} == {*FAMILIES, "transformer_sdpa"}
     assert res["earlier"] == [{"created": first["created"], "command": first["command"],
-                               "suites": ["decode", "hybrid", "mt", "sum", "beam"]}]
-    assert f"; decode, hybrid, mt, sum, beam measured {first['created']} with `{first['command']}`" in (
+                               "suites": ["decode", "hybrid", "mt", "sum", "beam", "local"]}]
+    assert f"; decode, hybrid, mt, sum, beam, local measured {first['created']} with `{first['command']}`" in (
         out / "results.md").read_text()
     r = bench("--quick", "--budget", "5", "--out", str(out), "--resume")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(

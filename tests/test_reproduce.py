@@ -193,12 +193,13 @@ def one_line(r, text):
 
 
 def test_committed_tables_change_only_with_publish_and_only_by_the_recipe(tmp_path):
-    """The committed lm-cpu table holds the recipe's MemSizer row: a 50-update
+    """The committed lm-cpu table holds the recipe's MemSizer rows: a 50-update
     run may not replace it, nor write results/ without --publish; smoke runs
     are never published."""
     before = committed()
     one_line(run_reproduce("lm", "--max-update", "50", "--families", "memsizer", "--publish"),
-             "results/lm-cpu.csv holds the recipe's rows for austen_memsizer; a run with --max-update 50 cannot replace it")
+             "results/lm-cpu.csv holds the recipe's rows for austen_memsizer, austen_memsizer_nolocal; a run with "
+             "--max-update 50 cannot replace it")
     one_line(run_reproduce("mt", "--set", "optimization.lr=[0.01]", "--configs", "recommended", "--publish"),
              "a run with --set optimization.lr=[0.01] cannot replace it")
     one_line(run_reproduce("lm", "--results", str(ROOT / "results" / "x")),
