@@ -97,8 +97,8 @@ def local_targets(recs):
         out.append(target(f"local {f}: decode tokens/s with the window / without, L=4096, batch 16",
                           ratio(mine, base), 0.85))
         sizes = {r["L"]: r["state_bytes_per_seq"] for r in ok(recs) if r["family"] == f + "+local" and "L" in r}
-        out.append(target(f"local {f}: state bytes per sequence with the window constant over L={sorted(set(sizes))}",
-                          None if len(set(sizes)) < 2 else float(len(set(sizes.values())) == 1), 1.0, unit="bool"))
+        out.append(target(f"local {f}: state bytes per sequence with the window constant over L={sorted(sizes)}",
+                          None if len(sizes) < 2 else float(len(set(sizes.values())) == 1), 1.0, unit="bool"))
     return out
 
 

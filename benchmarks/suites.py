@@ -240,8 +240,8 @@ def measurements(suite: str, sizes: dict) -> int:
     return cells[suite]()
 
 
-def train_model(row, device, flags=()):
-    model, d, info = models.build("lm", TRAIN_ROWS.get(row, row.split("+")[0]), device, extra=list(flags))
+def train_model(row, device, family=None, flags=()):
+    model, d, info = models.build("lm", family or TRAIN_ROWS[row], device, extra=list(flags))
     if row == "transformer_sdpa":
         for layer in model.decoder.layers:
             layer.self_attn.forward = types.MethodType(sdpa_forward, layer.self_attn)
@@ -262,12 +262,13 @@ def train_step(model, tokens, device):
     return time.perf_counter() - start
 
 
-def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_ROWS), log=print, flags=None):
+def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_ROWS), log=print, extra=None):
     """Forward + backward of a language model over batches of `tokens_per_batch`
-    tokens cut into sequences of each context length; `flags`: row -> extra flags."""
+    tokens cut into sequences of each context length; `extra`: row -> (family,
+    flags), the rows measured instead of `rows`."""
     records = []
-    for row in rows:
-        model, d, info = train_model(row, device, (flags or {}).get(row, ()))
+    for row, (family, flags) in (extra or {r: (None, ()) for r in rows}).items():
+        model, d, info = train_model(row, device, family, flags)
         g = torch.Generator().manual_seed(0)
         history = []
         for T in contexts:
@@ -307,8 +308,7 @@ def local(lengths, batches, contexts, tokens_per_batch, device, budget, repeats,
     (tokens/s) of each family that offers it, without and with LOCAL."""
     rows = local_rows()
     return (decode(lengths, batches, device, budget, repeats, log=log, extra=rows)
-            + train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(rows), log=log,
-                    flags={row: flags for row, (_, flags) in rows.items()}))
+            + train(contexts, tokens_per_batch, device, budget, repeats, log=log, extra=rows))
 
 
 RUN = {"decode": decode, "hybrid": hybrid, "mt": mt, "sum": summarization, "beam": beam_width, "train": train,
