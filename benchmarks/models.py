@@ -60,8 +60,14 @@ def placement_args(family: str, placement: str) -> list:
         raise ValueError(f"placement {placement!r}: choose from {', '.join(PLACEMENTS)}")
     if placement == "paper" or family == families.BASELINE.name:
         return []
-    config = OmegaConf.load(RECOMMENDED / f"multi30k_{family}.yaml")
+    config = recommended_config(f"multi30k_{family}")
     return [f"--{key.replace('_', '-')}={value}" for key, value in config.items() if key.endswith("_attn")]
+
+
+def recommended_config(name: str):
+    """configs/mt/model/<name>.yaml after the files it extends (`defaults`)."""
+    node = OmegaConf.load(RECOMMENDED / f"{name}.yaml")
+    return OmegaConf.merge(*(recommended_config(base) for base in node.pop("defaults", [])), node)
 
 
 def dictionary(size: int = VOCAB) -> Dictionary:

@@ -153,6 +153,17 @@ def test_targets_compare_against_the_softmax_baseline():
     assert constant["met"]
 
 
+def test_recommended_placement_takes_the_roles_of_the_files_a_config_extends():
+    """The benchmarks' recommended placement is the roles of the recommended
+    Multi30k config, read through the files it extends: kernel attention and
+    MemSizer keep softmax in the roles their recommended configs leave to it."""
+    from benchmarks.models import placement_args
+
+    assert placement_args("performer", "recommended") == ["--encoder-self-attn=softmax", "--cross-attn=softmax"]
+    assert placement_args("memsizer", "recommended") == ["--cross-attn=softmax"]
+    assert placement_args("memsizer", "paper") == placement_args("transformer", "recommended") == []
+
+
 def test_targets_not_measured_are_none_not_met():
     ts = report.targets({"decode": records({("memsizer", 256): 600}), "mt": [], "train": []})
     assert all(t["met"] is None for t in ts)

@@ -122,22 +122,43 @@ GRIDS = sorted((p.parent.parent.name, p.stem) for p in (ROOT / "configs").glob("
 
 @pytest.mark.parametrize("task,grid", GRIDS, ids=[f"{t}-{g}" for t, g in GRIDS])
 def test_every_ablation_row_composes(task, grid):
-    """Each row of each grid: its start config (the family's paper config, or its
-    recommended one with `config: recommended`) plus the row's overrides is a
-    config fairseq-hydra-train accepts."""
+    """Each row of each grid: its start config (the grid's `config:` kind, paper
+    by default, where the family has that file: a paper grid falls back to the
+    config without local precision, then the recommended one) plus the row's
+    overrides is a config fairseq-hydra-train accepts."""
     spec = reproduce.load_ablations(task, grid)
     ds = reproduce.DEFAULT_DATASET[(task, "cpu")]
+    fallback = {"recommended": [""], "nolocal": ["_nolocal", ""], "paper": ["_paper", "_nolocal", ""]}
     for rid, row in spec["rows"].items():
         model = row_config(task, ds, row["family"], spec)
         overrides = [*row.get("budget", spec["budget"]), *row.get("set", [])]
         cfg = load(task, ds, row["family"], tuple(overrides), model=model)
-        if spec.get("config") == "recommended" or row["family"] == "transformer":
-            assert model == f"{ds}_{row['family']}", rid
-        elif (ROOT / "configs" / task / "model" / f"{ds}_{row['family']}_paper.yaml").is_file():
-            assert model == f"{ds}_{row['family']}_paper", rid
+        names = [f"{ds}_{row['family']}{suffix}" for suffix in fallback[spec.get("config", "paper")]]
+        assert model == next(n for n in names if (ROOT / "configs" / task / "model" / f"{n}.yaml").is_file()), rid
         for override in row.get("set", []):
             key, value = override.lstrip("+").split("=", 1)
             assert OmegaConf.select(cfg, key) == yaml.safe_load(value), (rid, key)  # the value hydra parses
+
+
+@pytest.mark.parametrize("task,grid", GRIDS, ids=[f"{t}-{g}" for t, g in GRIDS])
+def test_every_recorded_grid_run_was_trained_with_todays_configs(task, grid):
+    """Each run in a grid's committed results/<table>.runs.csv carries the key
+    (overrides, starting point) and settings digest (config values, overrides)
+    that the grid and its config files give today, so the grid's command from
+    a fresh clone keeps every recorded run and retrains none: a change to a
+    config a grid starts from either re-runs the grid or pins the grid to a
+    config kind that keeps its runs (`config: nolocal`). Runs recorded before
+    digests were kept have an empty digest."""
+    spec = reproduce.load_ablations(task, grid)
+    ds = reproduce.DEFAULT_DATASET[(task, "cpu")]
+    path = ROOT / "results" / f"{spec.get('table', f'ablations-{task}')}.runs.csv"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not committed")
+    rows = {(rid, str(seed)): (row, seed) for rid, row, seed in ablations.ablation_runs(spec, None)}
+    for record in reproduce.read_csv(path):
+        row, seed = rows[(record["row"], record["seed"])]
+        _, _, key, settings = ablations.run_settings(task, "cpu", ds, spec, row, seed)
+        assert (record["overrides"], record["settings"] or settings) == (key, settings), (path.name, record["row"], seed)
 
 
 @pytest.mark.parametrize("rows,message", [

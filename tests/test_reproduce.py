@@ -62,7 +62,7 @@ def test_reproduce_mt_smoke(tmp_path):
     MemSizer's paper placement (MemSizer cross-attention) is a row of its own."""
     raw = require_data("multi30k")
     out = reproduce("mt", raw, tmp_path, "--average", "2", "--save-interval-updates", "8",
-                    "--families", "transformer,memsizer")
+                    "--families", "transformer,memsizer", "--configs", "recommended,paper")
     assert out.count("averaging checkpoint_1_8.pt, checkpoint_1_16.pt") == 3
     rows = table(tmp_path, "mt", ["multi30k_transformer", "multi30k_memsizer", "multi30k_memsizer_paper"])
     for r in rows:
@@ -72,6 +72,9 @@ def test_reproduce_mt_smoke(tmp_path):
     ckpts = tmp_path / "work" / "checkpoints"
     assert "'cross_attn': 'softmax'" in (ckpts / "memsizer" / "train.log").read_text()
     assert "'cross_attn': 'memsizer'" in (ckpts / "memsizer-paper" / "train.log").read_text()
+    # the recommended config adds a window to the files it extends; the paper's placement has none
+    assert "'local_window': 16" in (ckpts / "memsizer" / "train.log").read_text()
+    assert "'local_window': 0" in (ckpts / "memsizer-paper" / "train.log").read_text()
     for log in ckpts.glob("*/train.log"):  # hydra's and fairseq's known warnings are left out from the start
         assert "Warning" not in log.read_text(), log
     # trained models are reused, and the rows of configs not asked for again are kept

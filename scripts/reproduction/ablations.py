@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 import publishing
 from progress import Progress
-from .datasets import CONFIG_KINDS, FAMILIES, ROOT, SMOKE, SMOKE_MODEL, row_config, settings_digest, smoke_family
+from .datasets import CONFIG_KINDS, FAMILIES, GRID_FALLBACK, ROOT, SMOKE, SMOKE_MODEL, row_config, settings_digest, smoke_family
 from .runs import evaluate, linearized, say, train, untrained
 from .tables import command_line, machine, pyplot, read_csv, save_plot, write_table
 
@@ -122,13 +122,7 @@ def plan_runs(args, spec: dict, ds: str, runs: list, stem: Path) -> list:
     only = set(args.rows.split(",")) if args.rows else None
     todo = []
     for rid, row, seed in ablation_runs(spec, only, args.seeds.split(",") if args.seeds else None):
-        budget = smoke_budget(args.task, row) if args.scale == "smoke" else list(row.get("budget", spec["budget"]))
-        overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
-        if args.scale == "smoke":
-            overrides += SMOKE_MODEL[args.task] + smoke_family(row["family"])
-        key = " ".join(overrides + [f"{k}={row[k]}" for k in (*STARTS, "calibrate", "train") if k in row])
-        model = row_config(args.task, ds, row["family"], spec)
-        settings = settings_digest(args.task, ds, model, overrides)
+        model, overrides, key, settings = run_settings(args.task, args.scale, ds, spec, row, seed)
         if not args.fresh and any(r["row"] == rid and r["seed"] == str(seed) and r["overrides"] == key
                                   and r.get("settings") in (None, "", settings) for r in runs):
             say(f"{rid}, seed {seed}: in {stem.name}.runs.csv; kept")
@@ -137,6 +131,19 @@ def plan_runs(args, spec: dict, ds: str, runs: list, stem: Path) -> list:
     publishing.guard_recipe_rows(runs, {(rid, str(seed)) for rid, _, seed, *_ in todo}, args.departures,
                                  Path(f"{stem}.runs.csv"), "runs (row, seed)", key=lambda r: (r["row"], r["seed"]))
     return todo
+
+
+def run_settings(task: str, scale: str, ds: str, spec: dict, row: dict, seed: int):
+    """(model config, overrides, key, settings digest) of one run of a grid row:
+    the key (overrides and starting point) and digest (config values and
+    overrides) that its record in <table>.runs.csv carries."""
+    budget = smoke_budget(task, row) if scale == "smoke" else list(row.get("budget", spec["budget"]))
+    overrides = [*budget, f"common.seed={seed}", *row.get("set", [])]
+    if scale == "smoke":
+        overrides += SMOKE_MODEL[task] + smoke_family(row["family"])
+    key = " ".join(overrides + [f"{k}={row[k]}" for k in (*STARTS, "calibrate", "train") if k in row])
+    model = row_config(task, ds, row["family"], spec)
+    return model, overrides, key, settings_digest(task, ds, model, overrides)
 
 
 def train_and_score(args, ds: str, data: Path, grid_runs: Path, rid: str, row: dict, seed: int, model: str,
@@ -236,11 +243,12 @@ def grid_command(task: str) -> str:
 
 def config_words(task: str, ds: str, kind: str) -> str:
     """How a grid's header names the model config its rows start from."""
-    if kind == "recommended":
-        return "recommended model config"
-    what = "paper model config" if kind == "paper" else "recommended model config without local precision"
-    return (f"{what} (configs/{task}/model/{ds}_<family>{CONFIG_KINDS[kind]}.yaml where it exists, "
-            f"else {ds}_<family>.yaml)")
+    what = {"recommended": "recommended model config", "paper": "paper model config",
+            "nolocal": "recommended model config without local precision"}[kind]
+    files = [f"{ds}_<family>{CONFIG_KINDS[k]}.yaml" for k in reversed(GRID_FALLBACK[kind])]
+    if len(files) == 1:
+        return what
+    return f"{what} (configs/{task}/model/{files[0]} where it exists, else " + ", else ".join(files[1:]) + ")"
 
 
 def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:

@@ -89,44 +89,50 @@ def model_files(task: str, model: str) -> list:
     return [*(folder / f"{base}.yaml" for base in bases), folder / f"{model}.yaml"]
 
 
-def config_files(task: str, config: str, model: str) -> list:
-    """The YAML files a run is composed from: the task config, then the model's."""
-    return [ROOT / "configs" / task / f"{config}.yaml", *model_files(task, model)]
+def model_config(task: str, model: str) -> dict:
+    """A model config's values, `_name` included, after the files it extends."""
+    merged = OmegaConf.merge(*(OmegaConf.load(f) for f in model_files(task, model)))
+    return {k: v for k, v in OmegaConf.to_container(merged).items() if k != "defaults"}
 
 
 def settings_digest(task: str, config: str, model: str, overrides) -> str:
-    """A digest of what a run trains with: its config files' contents (comments
-    aside, and a `_self_` that ends a defaults list: Hydra puts a file's own
-    values after its defaults either way) and its overrides."""
-
-    def content(path):
-        node = OmegaConf.to_container(OmegaConf.load(path))
-        if (node.get("defaults") or [None])[-1] == "_self_":
-            node["defaults"] = node["defaults"][:-1]
-        return node
-
-    contents = [content(f) for f in config_files(task, config, model)]
-    return hashlib.sha256(json.dumps([contents, list(overrides)], sort_keys=True).encode()).hexdigest()[:12]
+    """A digest of what a run trains with: the task config's content (comments
+    aside, and a `_self_` that ends its defaults list: Hydra puts a file's own
+    values after its defaults either way), the model config's values (so a
+    model file split or renamed with the same values keeps its runs) and the
+    overrides."""
+    task_config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / task / f"{config}.yaml"))
+    if (task_config.get("defaults") or [None])[-1] == "_self_":
+        task_config["defaults"] = task_config["defaults"][:-1]
+    settings = [task_config, model_config(task, model), list(overrides)]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def model_values(task: str, model: str, overrides) -> list:
     """KEY=VALUE for every option of a model config (a file it extends through
     `defaults` first), then the model.* hydra overrides."""
 
-    merged = OmegaConf.merge(*(OmegaConf.load(f) for f in model_files(task, model)))
-    values = {k: json.dumps(v) for k, v in OmegaConf.to_container(merged).items() if k not in ("_name", "defaults")}
+    config = model_config(task, model)
+    values = {k: json.dumps(v) for k, v in config.items() if k != "_name"}
     for override in overrides:
         key, _, value = override.lstrip("+").partition("=")
         if key.startswith("model."):
             values[key[len("model."):]] = value
-    return [merged["_name"], [f"{k}={v}" for k, v in values.items()]]
+    return [config["_name"], [f"{k}={v}" for k, v in values.items()]]
+
+
+# A grid's `config:` kind -> the kinds its rows fall back to, last first: a
+# paper config where the family has one, else its config without local
+# precision (no paper uses it), else its recommended one
+GRID_FALLBACK = {"recommended": ("recommended",), "nolocal": ("recommended", "nolocal"),
+                 "paper": ("recommended", "nolocal", "paper")}
 
 
 def row_config(task: str, ds: str, family: str, spec: dict) -> str:
     """The model config a grid's rows start from: the family's config of the
-    grid's kind (`config: paper`, the default, or nolocal) where it has one,
-    else its recommended config."""
-    return model_configs(task, ds, family, ("recommended", spec.get("config", "paper")))[-1][1]
+    grid's kind (`config: paper`, the default; nolocal; recommended) where it
+    has one, else the next kind of GRID_FALLBACK."""
+    return model_configs(task, ds, family, GRID_FALLBACK[spec.get("config", "paper")])[-1][1]
 
 
 def model_name(task: str, ds: str, family: str) -> str:
