@@ -55,21 +55,32 @@ def test_unknown_ablation_row_is_named(tmp_path):
     assert r.returncode != 0 and "unknown row(s) nope" in (r.stdout + r.stderr)
 
 
-def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def linearize_grid(tmp_path_factory):
+    """One smoke run of the linearize grid's rows that start from other rows:
+    the softmax row, a linearized row, a calibrated row scored as converted, and
+    a two-stage row (attention alone, then everything). The work folder."""
+    raw = require_data("multi30k")
+    tmp_path = tmp_path_factory.mktemp("linearize")
+    rows = "softmax,memsizer-linearized-10,t2r-calibrated-0,memsizer-attention-10,memsizer-attention-then-all-25"
+    reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", rows)
+    with open(tmp_path / "work" / "results" / "linearize-mt-smoke.runs.csv") as f:
+        runs = {r["row"]: r for r in csv.DictReader(f)}
+    return tmp_path / "work", runs
+
+
+def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(linearize_grid):
     """--ablations linearize: a row with linearize_from converts the earlier softmax
     row's best checkpoint (python -m linear_fairseq.linearize, with the row's model
     config and overrides) and fine-tunes from it (checkpoint.finetune_from_model)."""
-    raw = require_data("multi30k")
-    reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", "softmax,memsizer-linearized-10,t2r-calibrated-0")
-    run = tmp_path / "work" / "runs" / "linearize" / "memsizer-linearized-10-s1"
+    work, runs = linearize_grid
+    run = work / "runs" / "linearize" / "memsizer-linearized-10-s1"
     assert "| mapped: W_r = out_proj(v_proj(x)) |" in (run / "linearize.log").read_text()
     assert f"loading pretrained model from {run / 'linearized.pt'}" in (run / "train.log").read_text()
-    with open(tmp_path / "work" / "results" / "linearize-mt-smoke.runs.csv") as f:
-        runs = {r["row"]: r for r in csv.DictReader(f)}
     assert runs["memsizer-linearized-10"]["overrides"].endswith("linearize_from=softmax")
     assert 0 <= float(runs["memsizer-linearized-10"]["bleu"]) <= 100
     # calibrate: N converts with linearize --calibrate; train: false scores the converted model as it is
-    calibrated = tmp_path / "work" / "runs" / "linearize" / "t2r-calibrated-0-s1"
+    calibrated = work / "runs" / "linearize" / "t2r-calibrated-0-s1"
     assert "| calibrated | " in (calibrated / "linearize.log").read_text()
     assert not (calibrated / "train.log").exists() and (calibrated / "validate.log").is_file()
     row = runs["t2r-calibrated-0"]
@@ -77,22 +88,19 @@ def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(tmp_path):
     assert row["overrides"].endswith("linearize_from=softmax calibrate=8 train=False")
 
 
-def test_a_second_stage_row_continues_from_the_first_stages_checkpoint(tmp_path):
+def test_a_second_stage_row_continues_from_the_first_stages_checkpoint(linearize_grid):
     """T2R's recipe in the linearize grid: the attention alone first
     (model.train_attention_only), then a `finetune_from` row trains everything
     from that row's last checkpoint."""
-    raw = require_data("multi30k")
-    rows = "softmax,memsizer-attention-10,memsizer-attention-then-all-25"
-    reproduce("mt", raw, tmp_path, "--ablations", "linearize", "--rows", rows)
-    first, second = (tmp_path / "work" / "runs" / "linearize" / f"{r}-s1" for r in rows.split(",")[1:])
+    work, runs = linearize_grid
+    first, second = (work / "runs" / "linearize" / f"{r}-s1" for r in ("memsizer-attention-10",
+                                                                      "memsizer-attention-then-all-25"))
     assert "'train_attention_only': True" in (first / "train.log").read_text()
     log = (second / "train.log").read_text()
     assert f"loading pretrained model from {first / 'checkpoint_last.pt'}" in log
     assert "'train_attention_only': False" in log
-    with open(tmp_path / "work" / "results" / "linearize-mt-smoke.runs.csv") as f:
-        runs = {r["row"]: r for r in csv.DictReader(f)}
     assert runs["memsizer-attention-then-all-25"]["overrides"].endswith("finetune_from=memsizer-attention-10")
-    assert (tmp_path / "work" / "results" / "linearize-mt-smoke.png").read_bytes()[:4] == b"\x89PNG"
+    assert (work / "results" / "linearize-mt-smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_resumed_row_continues_the_earlier_run_to_twice_its_updates(tmp_path):

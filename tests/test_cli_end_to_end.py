@@ -268,7 +268,7 @@ def test_hydra_train_with_relative_paths_as_the_docs_show(multi30k, tmp_path):
     assert num_updates(tmp_path / "ckpt" / "checkpoint_last.pt") == 2
 
 
-def test_checkpoint_for_the_other_kind_of_task_is_refused_in_one_line(multi30k, austen_lm, tmp_path):
+def test_checkpoint_for_the_other_kind_of_task_is_refused_in_one_line(multi30k, austen_lm, tiny_mt, tmp_path):
     """An LM checkpoint given to translation decoding, or a translation checkpoint
     to fairseq-eval-lm: one line naming the mismatch, not garbage or a traceback."""
     _, lm_ckpt = austen_lm
@@ -276,10 +276,8 @@ def test_checkpoint_for_the_other_kind_of_task_is_refused_in_one_line(multi30k, 
                 check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "MemsizerLanguageModel is a language model: pass --task language_modeling" in r.stderr.splitlines()[-1]
-    save = tmp_path / "mt"
-    fairseq("train", multi30k / "bin", "--arch", "memsizer_transformer", *TINY_MT, "--max-update", 1, "--save-dir", save)
     data, _ = austen_lm
-    r = fairseq("eval-lm", data / "bin", "--path", save / "checkpoint_last.pt", "--max-tokens", 512, check=False)
+    r = fairseq("eval-lm", data / "bin", "--path", tiny_mt(*MEMSIZER_PAPER), "--max-tokens", 512, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "is a translation (encoder-decoder) model" in r.stderr.splitlines()[-1]
     # fairseq's own softmax transformer too
@@ -300,36 +298,52 @@ def test_unreadable_checkpoint_is_named(multi30k, tmp_path):
         assert f"cannot read {tmp_path / name}: the file is empty or truncated" in r.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize("arch,extra", [("memsizer_transformer", []), ("performer_transformer", []),
-                                        ("flash_transformer", ["--gau-s", 16, "--gau-chunk-size", 8])])
-def test_layerdrop_pruning_at_inference(multi30k, tmp_path, arch, extra):
+@pytest.fixture(scope="module")
+def tiny_mt(multi30k, tmp_path_factory):
+    """setup flags -> the last checkpoint of a tiny translation model trained 3
+    updates with them, once a module; two layers a stack, with LayerDrop, so
+    that the same models serve layer pruning at inference."""
+    cache = {}
+
+    def trained(*setup):
+        if setup not in cache:
+            save = tmp_path_factory.mktemp("tiny_mt")
+            fairseq("train", multi30k / "bin", *setup, *TINY_MT, "--encoder-layers", 2, "--encoder-layerdrop", 0.2,
+                    "--decoder-layerdrop", 0.2, "--max-update", 3, "--save-dir", save)
+            cache[setup] = save / "checkpoint_last.pt"
+        return cache[setup]
+    return trained
+
+
+MEMSIZER_PAPER = ("--arch", "memsizer_transformer")  # its paper placement: slot cross-attention
+KERNEL = ("--arch", "performer_transformer")
+FLASH = ("--arch", "flash_transformer", "--gau-s", 16, "--gau-chunk-size", 8)
+
+
+@pytest.mark.parametrize("setup", [MEMSIZER_PAPER, KERNEL, FLASH], ids=["memsizer", "performer", "flash"])
+def test_layerdrop_pruning_at_inference(multi30k, tiny_mt, setup):
     """Trained with LayerDrop, decoded with one layer of each stack kept
     (--model-overrides, as for fairseq's transformer): a smaller model that decodes."""
-    data, save = multi30k / "bin", tmp_path / "ckpt"
-    fairseq("train", data, "--arch", arch, *TINY_MT, *extra, "--encoder-layers", 2, "--encoder-layerdrop", 0.2,
-            "--decoder-layerdrop", 0.2, "--max-update", 3, "--save-dir", save)
     keep = "{'encoder_layers_to_keep':'1','decoder_layers_to_keep':'0'}"
-    gen = fairseq("generate", data, "--path", save / "checkpoint_last.pt", "--gen-subset", "valid", "--beam", 2,
+    gen = fairseq("generate", multi30k / "bin", "--path", tiny_mt(*setup), "--gen-subset", "valid", "--beam", 2,
                   "--max-len-b", 5, "--batch-size", 64, "--model-overrides", keep)
     assert "Pruning model to specified layer configuration" in gen.stderr + gen.stdout
     assert len(read_hypotheses(gen.stdout)) == 200
 
 
-ALIGNED = {"kernel-cross": ["--arch", "performer_transformer"],
-           "flash-softmax-cross": ["--arch", "flash_transformer", "--gau-s", 16, "--cross-attn", "softmax"],
-           "flash-kernel-cross": ["--arch", "flash_transformer", "--gau-s", 16],
-           "memsizer-softmax-cross": ["--arch", "memsizer_transformer", "--cross-attn", "softmax"]}
+ALIGNED = {"kernel-cross": KERNEL,
+           "flash-softmax-cross": ("--arch", "flash_transformer", "--gau-s", 16, "--cross-attn", "softmax"),
+           "flash-kernel-cross": FLASH,
+           "memsizer-softmax-cross": ("--arch", "memsizer_transformer", "--cross-attn", "softmax")}
 
 
 @pytest.mark.parametrize("model", [*ALIGNED, "memsizer-slots"])
-def test_print_alignment(multi30k, tmp_path, model):
+def test_print_alignment(multi30k, tiny_mt, model):
     """fairseq-generate --print-alignment: every cross-attention with weights over
     source positions gives one alignment per hypothesis (a source position for
     each target token); MemSizer's slot memory says in one line that it has none."""
-    args = ALIGNED.get(model, ["--arch", "memsizer_transformer"])  # its paper placement: slot cross-attention
-    data, save = multi30k / "bin", tmp_path / "ckpt"
-    fairseq("train", data, *args, *TINY_MT, "--max-update", 2, "--save-dir", save)
-    gen = fairseq("generate", data, "--path", save / "checkpoint_last.pt", "--gen-subset", "valid", "--beam", 2,
+    checkpoint = tiny_mt(*ALIGNED.get(model, MEMSIZER_PAPER))
+    gen = fairseq("generate", multi30k / "bin", "--path", checkpoint, "--gen-subset", "valid", "--beam", 2,
                   "--max-len-b", 6, "--batch-size", 64, "--print-alignment", check=False)
     if model == "memsizer-slots":
         assert gen.returncode == 1 and "Traceback" not in gen.stderr

@@ -13,7 +13,7 @@ from fairseq.models import build_model
 from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY_LM, TINY_MT, make_dictionary, random_tokens
-from linear_fairseq.linearize import linearize
+from linear_fairseq.linearize import linearize, main as linearize_main
 
 SOFTMAX = {"translation": ("transformer", TINY_MT + ["--share-all-embeddings"]),
            "language_modeling": ("transformer_lm", TINY_LM)}
@@ -144,7 +144,7 @@ def cli(*args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_is_one_line(tmp_path, capsys):
     src = softmax_checkpoint(tmp_path / "softmax.pt", "translation")
     linearize(src, tmp_path / "memsizer.pt", "memsizer_transformer")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
@@ -165,10 +165,17 @@ def test_bad_input_is_one_line(tmp_path):
         ((src, tmp_path / "o.pt", "--arch", "performer_transformer", "--calibrate", 1, "--calibrate-lr", 0),
          "--calibrate-lr 0.0: must be > 0"),
     ]
+    # the command as a user runs it, once: exit status, one line, no traceback
+    r = cli(*cases[0][0])
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert cases[0][1] in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    # every case through the same entry point in this process: it stops (SystemExit, not another
+    # exception) with the message as the last line it prints
     for args, message in cases:
-        r = cli(*args)
-        assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-2000:])
-        assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+        with pytest.raises(SystemExit) as stop:
+            linearize_main(list(map(str, args)))
+        printed = stop.value.code if isinstance(stop.value.code, str) else capsys.readouterr().err
+        assert stop.value.code not in (0, None) and message in printed.strip().splitlines()[-1], (args, printed)
 
 
 # -- calibration: the new attention parameters fitted to the softmax attention --------------------

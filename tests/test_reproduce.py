@@ -4,15 +4,20 @@ model and a few dozen updates per family. Each must leave a table with one row
 per family asked for and real numbers in it, under its work folder: the
 committed tables in results/ change only with --publish."""
 import csv
+import functools
 import math
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, require_data
 from scripts import scoring
+from scripts.reproduction.datasets import DATASETS
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +28,27 @@ def committed():
                           capture_output=True, text=True, check=True).stdout
 
 
+@functools.lru_cache(maxsize=None)
+def smoke_data(raw: Path) -> Path:
+    """The smoke-scale slice of the dataset in `raw`, prepared once a test process
+    as reproduce.py prepares it (its data-prep script with the smoke flags)."""
+    spec = DATASETS[raw.name]
+    out = Path(tempfile.mkdtemp(prefix=f"smoke-{raw.name}-")) / "data"
+    subprocess.run([sys.executable, str(ROOT / "data-prep" / spec["prep"]), "--out", str(out), "--raw", str(raw),
+                    *spec["smoke_prep"]], capture_output=True, check=True)
+    return out
+
+
+def with_smoke_data(raw: Path, work: Path) -> None:
+    """A copy of smoke_data(raw) as `work`'s data folder: data-prep skips every
+    step whose outputs exist, so each run after a process's first prepares
+    nothing and the suite prepares each slice once a process, not once a test."""
+    if not (work / "data").exists():
+        shutil.copytree(smoke_data(Path(raw)), work / "data")
+
+
 def reproduce(task, raw, tmp_path, *extra):
+    with_smoke_data(raw, tmp_path / "work")
     before = committed()
     r = subprocess.run(
         ["bash", str(ROOT / "scripts" / f"reproduce_{task}.sh"), "--scale", "smoke", "--raw", str(raw),
@@ -244,6 +269,7 @@ def test_demo_is_the_pipeline_with_its_own_config(tmp_path):
     """bash scripts/demo_mt.sh runs reproduce.py mt --demo: transformer and memsizer
     with configs/mt/multi30k_demo.yaml, the table under its work folder."""
     raw = require_data("multi30k")
+    with_smoke_data(raw, tmp_path / "demo")
     r = subprocess.run(["bash", str(ROOT / "scripts" / "demo_mt.sh"), "--data", str(raw), "--scale", "smoke",
                         "--work", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
