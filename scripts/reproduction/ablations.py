@@ -1,5 +1,6 @@
 """Ablation grids (--ablations): rows of settings from configs/<task>/ablations/,
 trained and scored on the validation set."""
+import re
 import sys
 from pathlib import Path
 
@@ -108,10 +109,10 @@ def ablations(args, spec: dict, ds: str, data: Path, work: Path) -> Path:
         runs.append({"row": rid, "seed": str(seed), "family": row["family"], "overrides": key, "settings": settings,
                      **record, **scores, "recipe": publishing.recipe_cell(args.departures)})
         say(f"{rid}, seed {seed}: {metric} {scores[metric]:.2f}")
-        write_ablations(runs, spec, metric, stem, args, ds)
+        write_ablations(runs, spec, metric, stem, args, ds, trained=True)
     if spec.get("plot"):
         plot_curves(runs, spec, args.task, publishing.plot_path(args, stem))
-    return write_ablations(runs, spec, metric, stem, args, ds)
+    return write_ablations(runs, spec, metric, stem, args, ds, trained=bool(todo))
 
 
 def plan_runs(args, spec: dict, ds: str, runs: list, stem: Path) -> list:
@@ -251,7 +252,19 @@ def config_words(task: str, ds: str, kind: str) -> str:
     return f"{what} (configs/{task}/model/{files[0]} where it exists, else " + ", else ".join(files[1:]) + ")"
 
 
-def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
+def run_line(stem: Path, trained: bool) -> str:
+    """The header's "Run <date, machine>": this call's where it trained runs; a
+    call that trained none (all recorded) keeps the line of the table it
+    rewrites, the machine its runs were trained on."""
+    table = Path(f"{stem}.md")
+    if not trained and table.is_file():
+        kept = re.search(r"^(Run .*?)\. Every row", table.read_text(), re.M)
+        if kept:
+            return kept.group(1)
+    return f"Run {machine()}"
+
+
+def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str, trained: bool) -> Path:
     run_columns = ["row", "seed", "family", "updates", "train min", "valid loss", metric, "params", "overrides",
                    "settings", "recipe"]
     write_table(Path(f"{stem}.runs"), run_columns, runs, header=None)
@@ -261,7 +274,7 @@ def write_ablations(runs, spec, metric: str, stem: Path, args, ds: str) -> Path:
         f"# {spec.get('title', 'Ablations')}, {args.task} ({ds}, {args.scale} scale)",
         "",
         f"Command: {grid_command(args.task)}  ",
-        f"Run {machine()}. Every row trains with configs/{args.task}/{ds}.yaml and the family's "
+        f"{run_line(stem, trained)}. Every row trains with configs/{args.task}/{ds}.yaml and the family's "
         + config_words(args.task, ds, spec.get("config", "paper"))
         + f", cut to the budget `{' '.join(spec['budget']) or 'none: the full recipe'}` unless the row "
         f"sets its own, plus the row's overrides "
