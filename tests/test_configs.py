@@ -195,3 +195,14 @@ def test_our_configs_raise_no_hydra_warning(task, ds, family, model):
             compose(config_name=ds, overrides=[f"model={model}", "task.data=/unused"])
     ours = [str(w.message) for w in caught if "_group_" in str(w.message) or "_self_" in str(w.message)]
     assert not ours, ours
+
+
+def test_a_grid_call_that_trains_nothing_keeps_the_date_and_machine_of_its_runs(tmp_path):
+    """The header's Run line: a call that trained runs dates itself; one that
+    trained none (every run recorded) keeps the line of the table it rewrites."""
+    stem = tmp_path / "grid"
+    (tmp_path / "grid.md").write_text("# t\n\nCommand: `x`  \nRun 2000-01-02 on m with 3 CPUs, torch 0, 4 threads. "
+                                      "Every row trains with ...\n")
+    assert ablations.run_line(stem, trained=False) == "Run 2000-01-02 on m with 3 CPUs, torch 0, 4 threads"
+    assert ablations.run_line(stem, trained=True) == f"Run {ablations.machine()}"
+    assert ablations.run_line(tmp_path / "new", trained=False) == f"Run {ablations.machine()}"
