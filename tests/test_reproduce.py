@@ -3,6 +3,7 @@ bash scripts/reproduce_{mt,sum,lm}.sh on a slice of the real data with a tiny
 model and a few dozen updates per family. Each must leave a table with one row
 per family asked for and real numbers in it, under its work folder: the
 committed tables in results/ change only with --publish."""
+import atexit
 import csv
 import functools
 import math
@@ -33,7 +34,9 @@ def smoke_data(raw: Path) -> Path:
     """The smoke-scale slice of the dataset in `raw`, prepared once a test process
     as reproduce.py prepares it (its data-prep script with the smoke flags)."""
     spec = DATASETS[raw.name]
-    out = Path(tempfile.mkdtemp(prefix=f"smoke-{raw.name}-")) / "data"
+    folder = tempfile.mkdtemp(prefix=f"smoke-{raw.name}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    out = Path(folder) / "data"
     subprocess.run([sys.executable, str(ROOT / "data-prep" / spec["prep"]), "--out", str(out), "--raw", str(raw),
                     *spec["smoke_prep"]], capture_output=True, check=True)
     return out
