@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 import publishing
 from progress import Progress
-from .datasets import CONFIG_KINDS, FAMILIES, GRID_FALLBACK, ROOT, SMOKE, SMOKE_MODEL, row_config, settings_digest, smoke_family
+from .datasets import (CONFIG_KINDS, FAMILIES, GRID_FALLBACK, ROOT, SMOKE, SMOKE_MODEL, row_config, settings_digest,
+                       smoke_family)
 from .runs import evaluate, linearized, say, train, untrained
 from .tables import command_line, machine, pyplot, read_csv, save_plot, write_table
 
