@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import linear_fairseq  # noqa: F401  registers the families
 from linear_fairseq import families
+from scripts.reproduction.datasets import model_config
 
 VOCAB = 8192
 MAX_POSITIONS = 16400  # > the longest generation (16384 tokens + eos)
@@ -60,14 +61,8 @@ def placement_args(family: str, placement: str) -> list:
         raise ValueError(f"placement {placement!r}: choose from {', '.join(PLACEMENTS)}")
     if placement == "paper" or family == families.BASELINE.name:
         return []
-    config = recommended_config(f"multi30k_{family}")
+    config = model_config("mt", f"multi30k_{family}")  # after the files it extends
     return [f"--{key.replace('_', '-')}={value}" for key, value in config.items() if key.endswith("_attn")]
-
-
-def recommended_config(name: str):
-    """configs/mt/model/<name>.yaml after the files it extends (`defaults`)."""
-    node = OmegaConf.load(RECOMMENDED / f"{name}.yaml")
-    return OmegaConf.merge(*(recommended_config(base) for base in node.pop("defaults", [])), node)
 
 
 def dictionary(size: int = VOCAB) -> Dictionary:

@@ -13,12 +13,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import ROOT, require_data
 from scripts import scoring
-from scripts.reproduction.datasets import DATASETS
+
+sys.path.insert(0, str(ROOT / "scripts"))  # the pipeline's modules import their siblings as reproduce.py does
+from reproduction.runs import prepare  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +36,9 @@ def committed():
 def smoke_data(raw: Path) -> Path:
     """The smoke-scale slice of the dataset in `raw`, prepared once a test process
     as reproduce.py prepares it (its data-prep script with the smoke flags)."""
-    spec = DATASETS[raw.name]
     folder = tempfile.mkdtemp(prefix=f"smoke-{raw.name}-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    out = Path(folder) / "data"
-    subprocess.run([sys.executable, str(ROOT / "data-prep" / spec["prep"]), "--out", str(out), "--raw", str(raw),
-                    *spec["smoke_prep"]], capture_output=True, check=True)
-    return out
+    return prepare(raw.name, SimpleNamespace(raw=raw, scale="smoke"), Path(folder))
 
 
 def with_smoke_data(raw: Path, work: Path) -> None:
