@@ -25,12 +25,16 @@ def skipped(record, projected, budget):
     return record
 
 
+def more_runs(first_seconds, budget, repeats) -> int:
+    """How many runs may follow a first one: up to repeats - 1, while all of them
+    fit in a tenth of the budget; long runs are measured once (their per-step
+    times still show the spread within the run)."""
+    return max(0, min(repeats - 1, int(budget / 10 / max(first_seconds, 1e-9)) - 1))
+
+
 def repeated(run, first_seconds, budget, repeats):
-    """Up to repeats - 1 more runs of `run` (returning a measurement), while all
-    of them fit in a tenth of the budget; long runs are measured once (their
-    per-step times still show the spread within the run)."""
-    n = min(repeats - 1, int(budget / 10 / max(first_seconds, 1e-9)) - 1)
-    return [run() for _ in range(max(0, n))]
+    """more_runs() more runs of `run` (each returning a measurement)."""
+    return [run() for _ in range(more_runs(first_seconds, budget, repeats))]
 
 
 # -- decode ---------------------------------------------------------------------
@@ -72,40 +76,54 @@ def median(xs):
 
 def decode(lengths, batches, device, budget, repeats, families=models.FAMILIES, log=print, extra=None):
     """LM generation at each length and batch; `extra`: row -> (family, flags), the
-    rows measured instead of the families as they are."""
-    records = []
+    rows measured instead of the families as they are. The rows take turns at
+    each size (every row's first run, then their repeats in the same order), so
+    the rows a ratio compares are timed side by side, not minutes apart."""
+    built = {}
     for row, (family, flags) in (extra or {f: (f, ()) for f in families}).items():
-        model, d, info = models.build("lm", family, device, extra=list(flags))
-        timed_generation(model, d, 16, max(batches), device)  # warm-up
-        for B in batches:
-            history = []
-            for L in lengths:
+        built[row] = models.build("lm", family, device, extra=list(flags))
+        timed_generation(*built[row][:2], 16, max(batches), device)  # warm-up
+    records, history = [], {}
+    for B in batches:
+        for L in lengths:
+            runs = {}
+            for row, (model, d, info) in built.items():
                 rec = {"family": row, "arch": info["arch"], "params": info["params"], "L": L, "batch": B}
-                projected = projected_seconds(history, L)
+                projected = projected_seconds(history.setdefault((row, B), []), L)
                 if projected > budget:
                     records.append(skipped(rec, projected, budget))
                     log(f"decode {row:<11} L={L:<6} B={B:<3} skipped: {rec['reason']}")
                     continue
-                seconds, steps, state, mem = timed_generation(model, d, L, B, device)
-                more = repeated(lambda: timed_generation(model, d, L, B, device)[0], seconds, budget, repeats)
-                history.append((L, seconds))
-                times = [seconds, *more]
-                rec.update(
-                    status="ok",
-                    seconds=summary(times),
-                    tokens_per_s=summary([B * L / t for t in times]),
-                    step_ms_start=1000 * median(steps[1 : EDGE + 1]),
-                    step_ms_end=1000 * median(steps[-EDGE:]),
-                    state_bytes_per_seq=state_bytes(state) / B,
-                    peak_mem_mib=mem,
-                )
-                records.append(rec)
+                runs[row] = (rec, timed_generation(model, d, L, B, device))
+                history[row, B].append((L, runs[row][1][0]))
+            more = {row: more_runs(first[0], budget, repeats) for row, (_, first) in runs.items()}
+            times = {row: [first[0]] for row, (_, first) in runs.items()}
+            for i in range(max(more.values(), default=0)):
+                for row in (row for row in runs if more[row] > i):
+                    times[row].append(timed_generation(*built[row][:2], L, B, device)[0])
+            for row, (rec, (_, steps, state, mem)) in runs.items():
+                records.append(decode_record(rec, times[row], steps, state, mem))
                 log(
                     f"decode {row:<11} L={L:<6} B={B:<3} {rec['tokens_per_s']['median']:8.0f} tok/s  "
                     f"step {rec['step_ms_start']:.2f}->{rec['step_ms_end']:.2f} ms  "
                     f"state {rec['state_bytes_per_seq'] / 1024:.0f} KiB/seq  peak {mem:.0f} MiB"
                 )
     return records
+
+
+def decode_record(rec, times, steps, state, mem):
+    """rec with the runs' times (s), the first run's step intervals, state and peak memory."""
+    L, B = rec["L"], rec["batch"]
+    rec.update(
+        status="ok",
+        seconds=summary(times),
+        tokens_per_s=summary([B * L / t for t in times]),
+        step_ms_start=1000 * median(steps[1 : EDGE + 1]),
+        step_ms_end=1000 * median(steps[-EDGE:]),
+        state_bytes_per_seq=state_bytes(state) / B,
+        peak_mem_mib=mem,
+    )
+    return rec
 
 
 # -- hybrid stacks ---------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import yaml
 from . import families
 from .checkpoints import allow_fairseq_checkpoints
 from .errors import ConfigError
+from .modules.local import stack_qkv
 
 KINDS = {"translation": "translation", "language_modeling": "language model"}
 
@@ -146,8 +147,10 @@ def transfer(source: dict, model, family) -> tuple:
             out[name], how[name] = source[name].to(fresh.dtype).clone(), "copied"
             continue
         window = name.replace(".window.", ".", 1)  # --local-window: exact softmax, from the softmax attention's
-        if window != name and window in source and source[window].shape == fresh.shape:
-            out[name], how[name] = source[window].to(fresh.dtype).clone(), f"copied: {pattern(window)} (the window's softmax)"
+        softmax = source.get(window, stack_qkv(source, window)) if window != name else None
+        if softmax is not None and softmax.shape == fresh.shape:
+            what = pattern(window).replace("qkv_proj", "q/k/v_proj")
+            out[name], how[name] = softmax.to(fresh.dtype).clone(), f"copied: {what} (the window's softmax)"
             continue
         mapped = hook(name, source) if hook else None
         if mapped is not None and mapped[0].shape == fresh.shape:

@@ -13,6 +13,7 @@ from fairseq.models import build_model
 from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY_LM, TINY_MT, make_dictionary, random_tokens
+from linear_fairseq.checkpoints import allow_fairseq_checkpoints
 from linear_fairseq.linearize import linearize, main as linearize_main
 
 SOFTMAX = {"translation": ("transformer", TINY_MT + ["--share-all-embeddings"]),
@@ -38,6 +39,7 @@ def softmax_checkpoint(path: Path, task: str) -> Path:
 
 def load(path: Path):
     """The model a linearized checkpoint describes, with its weights (strict)."""
+    allow_fairseq_checkpoints()  # what fairseq's commands do on loading the plugin (cli.py)
     state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
     d = make_dictionary(40)
     model = build_model(state["cfg"]["model"], type("Task", (), {"source_dictionary": d, "target_dictionary": d})())
@@ -263,8 +265,9 @@ def test_a_local_window_starts_from_the_softmax_attention_it_joins(tmp_path):
     weights = model.state_dict()
     for layer in (0, 1):
         attn = f"decoder.layers.{layer}.self_attn"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            for kind in ("weight", "bias"):
-                assert torch.equal(weights[f"{attn}.window.{proj}.{kind}"], softmax[f"{attn}.{proj}.{kind}"])
-    assert "| copied: decoder.layers.*.self_attn.q_proj (the window's softmax) | 4 | 2,112 |" in out  # 2 layers
+        for kind in ("weight", "bias"):
+            assert torch.equal(weights[f"{attn}.window.out_proj.{kind}"], softmax[f"{attn}.out_proj.{kind}"])
+            stacked = torch.cat([softmax[f"{attn}.{proj}_proj.{kind}"] for proj in "qkv"])
+            assert torch.equal(weights[f"{attn}.window.qkv_proj.{kind}"], stacked)
+    assert "| copied: decoder.layers.*.self_attn.q/k/v_proj (the window's softmax) | 4 | 6,336 |" in out  # 2 layers
     assert torch.isfinite(forward(model, "language_modeling")).all()

@@ -1,11 +1,13 @@
 """Local precision's ops (ops/local.py) against their definitions: the short
 convolution and the sliding-window softmax, parallel and step by step, with
 padding, gradients and the decoding state; the parallel forms run a number of
-operators that does not grow with the length."""
+operators that does not grow with the length; a window's projections load
+from a state dict that keeps them apart."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import TINY_LM, make_model, random_tokens
 from linear_fairseq.ops import local as L
 
 
@@ -70,17 +72,26 @@ def test_window_reaches_exactly_its_width():
 
 
 @pytest.mark.parametrize("W", [1, 3, 8])
-def test_window_steps_equal_the_causal_form_with_a_state_of_w_keys(W):
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("grad", [False, True])  # without autograd the ring is written in place
+def test_window_steps_equal_the_causal_form_with_a_state_of_w_keys(W, padded, grad):
     g = torch.Generator().manual_seed(W)
-    q, k, v = (torch.randn(2, 3, 20, 4, generator=g) for _ in range(3))
-    mask = padding(2, 20)
+    q, k, v = (torch.randn(2, 3, 20, 4, generator=g, requires_grad=grad) for _ in range(3))
+    mask = padding(2, 20) if padded else None
     state, outs = None, []
     for t in range(20):
-        out, state = L.window_step(q[:, :, t], k[:, :, t], v[:, :, t], state, W, mask[:, t])
+        out, state = L.window_step(q[:, :, t], k[:, :, t], v[:, :, t], state, W, None if mask is None else mask[:, t])
         outs.append(out)
-        assert state["k"].shape == (2, 3, W, 4) and state["real"].shape == (2, W)  # whatever the prefix
-    torch.testing.assert_close(torch.stack(outs, 2), L.window(q, k, v, W, True, mask), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(state["k"], k[:, :, 20 - W:])
+        assert state["k"].shape == (2, 3, W, 4) and state["bias"].shape == (2, 1, 1, W)  # whatever the prefix
+    steps, parallel = torch.stack(outs, 2), L.window(q, k, v, W, True, mask)
+    torch.testing.assert_close(steps, parallel, atol=1e-5, rtol=1e-5)
+    ring = [t % W for t in range(20 - W, 20)]  # step t writes slot t mod W
+    torch.testing.assert_close(state["k"][:, :, ring], k[:, :, 20 - W:])
+    assert (state["bias"][:, 0, 0, ring] == 0).all() and state["slot"].tolist() == [20 % W] * 2
+    if grad:
+        g_out = torch.randn(steps.shape, generator=g)
+        for a, b in zip(*(torch.autograd.grad((out * g_out).sum(), (q, k, v)) for out in (steps, parallel))):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -112,3 +123,20 @@ def test_parallel_forms_run_as_many_operators_at_any_length(causal):
 
     counts = {T: aten_ops(run(T)) for T in (64, 256, 1024)}
     assert len(set(counts.values())) == 1, counts
+
+
+def test_window_projections_kept_apart_load_into_the_stacked_one():
+    """fairseq's load path (upgrade_state_dict_named) stacks a state dict's
+    window q_proj, k_proj and v_proj into qkv_proj: the same model."""
+    args = TINY_LM + ["--local-window", "4"]
+    model, d = make_model("memsizer_lm", args, task="language_modeling")
+    apart = {}
+    for name, tensor in model.state_dict().items():
+        parts = tensor.chunk(3) if ".window.qkv_proj." in name else [tensor]
+        names = [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")] if len(parts) == 3 else [name]
+        apart.update({n: p.clone() for n, p in zip(names, parts)})
+    assert sum(".window.k_proj.weight" in name for name in apart) == 2  # one per layer
+    other, _ = make_model("memsizer_lm", args, task="language_modeling", seed=1)
+    other.load_state_dict(apart, strict=True)
+    tokens = random_tokens(d, 2, 9)
+    torch.testing.assert_close(other(tokens)[0], model(tokens)[0], rtol=0, atol=0)

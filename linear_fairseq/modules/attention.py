@@ -164,7 +164,7 @@ class LinearAttention(IncrementalState, nn.Module):
             out = self.read(x, self.summarize(x, padding_mask))
         return out if self.window is None else out + self.window(x, padding_mask).to(out.dtype)
 
-    LOCAL = ("local_conv", "local_k", "local_v", "local_real")  # the state entries of local precision
+    LOCAL = ("local_conv", *(f"local_{name}" for name in SlidingWindow.STATE))  # the state entries of local precision
 
     def decode_step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         """One decoding step: the family's `step`, with local precision."""
@@ -176,7 +176,7 @@ class LinearAttention(IncrementalState, nn.Module):
             x, local["local_conv"] = self.short_conv.step(x, state.get("local_conv"), padding_mask)
         out, own = self.step(x, own, padding_mask)
         if self.window is not None:
-            window = {name: state[f"local_{name}"] for name in ("k", "v", "real")} if "local_k" in state else None
+            window = {name: state[f"local_{name}"] for name in SlidingWindow.STATE} if "local_k" in state else None
             extra, window = self.window.step(x, window, padding_mask)
             out = out + extra.to(out.dtype)
             local.update({f"local_{name}": value for name, value in window.items()})

@@ -40,18 +40,21 @@ class ShortConv(nn.Module):
 
 
 class SlidingWindow(nn.Module):
+    STATE = L.WINDOW_STATE  # the names of step's state entries
+
     def __init__(self, dim: int, num_heads: int, width: int, causal: bool):
         super().__init__()
         self.num_heads, self.width, self.causal = num_heads, width, causal
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+        q_proj, k_proj, v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
         self.head_weight = nn.Parameter(torch.ones(num_heads))
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
+        for proj in (q_proj, k_proj, v_proj):
             nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)  # as fairseq's MultiheadAttention
         nn.init.xavier_uniform_(self.out_proj.weight)
+        self.qkv_proj = stacked(q_proj, k_proj, v_proj)  # one matrix product for the three
 
-    def heads(self, x: Tensor) -> Tensor:
-        """(B, ..., C) -> (B, H, ..., d)"""
-        return x.unflatten(-1, (self.num_heads, -1)).movedim(-2, 1)
+    def qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(B, ..., C) -> q, k, v, each (B, H, ..., d)"""
+        return self.qkv_proj(x).unflatten(-1, (3, self.num_heads, -1)).movedim(-3, 0).movedim(-2, 2).unbind(0)
 
     def merge(self, out: Tensor) -> Tensor:
         """(B, H, ..., d), scaled per head -> (B, ..., C)"""
@@ -59,10 +62,41 @@ class SlidingWindow(nn.Module):
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.merge(L.window(q, k, v, self.width, self.causal, padding_mask))
+        return self.merge(L.window(*self.qkv(x), self.width, self.causal, padding_mask))
 
     def step(self, x: Tensor, state: Optional[State], padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out, state = L.window_step(q, k, v, state, self.width, padding_mask)
+        out, state = L.window_step(*self.qkv(x), state, self.width, padding_mask)
         return self.merge(out), state
+
+    def upgrade_state_dict_named(self, state_dict, name: str):
+        """fairseq's loading hook: a state dict that holds the query, key and value
+        projections apart (q_proj, k_proj, v_proj) loads into qkv_proj."""
+        for kind in ("weight", "bias"):
+            fused = f"{name}.qkv_proj.{kind}"
+            parts = stack_qkv(state_dict, fused)
+            if parts is not None and fused not in state_dict:
+                state_dict[fused] = parts
+                for proj in QKV:
+                    del state_dict[f"{name}.{proj}.{kind}"]
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def stack_qkv(tensors: dict, name: str) -> Optional[Tensor]:
+    """For `name` = MODULE.qkv_proj.KIND: the tensors MODULE.{q,k,v}_proj.KIND of
+    `tensors` stacked as qkv_proj holds them; None where one is missing."""
+    module, fused, kind = name.rpartition(".qkv_proj.")
+    parts = [f"{module}.{proj}.{kind}" for proj in QKV]
+    if not fused or not all(part in tensors for part in parts):
+        return None
+    return torch.cat([tensors[part] for part in parts])
+
+
+def stacked(*projections: nn.Linear) -> nn.Linear:
+    """One nn.Linear whose outputs are the projections' outputs side by side."""
+    out = nn.utils.skip_init(nn.Linear, projections[0].in_features, sum(p.out_features for p in projections))
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([p.weight for p in projections]))
+        out.bias.copy_(torch.cat([p.bias for p in projections]))
+    return out

@@ -15,6 +15,11 @@ def acc(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def writable(*tensors: Tensor) -> bool:
+    """Whether a state may be updated in place: no autograd through it (decoding)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def zero_padded(x: Tensor, padding_mask: Optional[Tensor], time_dim: int) -> Tensor:
     """x with its padded time steps set to 0. padding_mask (B, T) is True at
     padding; x has batch first and time at `time_dim`."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc
+from .common import State, acc, writable
 
 
 # -- positions ---------------------------------------------------------------
@@ -272,11 +272,6 @@ def reorder(state: State, new_order: Tensor) -> State:
         buf[:, :n] = head
         out[name] = buf
     return out
-
-
-def writable(*tensors: Tensor) -> bool:
-    """Whether the state may be updated in place: no autograd through it (decoding)."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tensor]) -> Tensor:

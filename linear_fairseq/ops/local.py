@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import acc, zero_padded
+from .common import acc, writable, zero_padded
 
 
 # -- short convolution -------------------------------------------------------------------
@@ -118,19 +118,36 @@ def neighbours(x: Tensor, span: Tuple[int, int], dim: int) -> Tensor:
     return torch.cat([padded.narrow(dim, s, x.shape[dim]) for s in range(before + after + 1)], dim=dim + 1)
 
 
+WINDOW_STATE = ("k", "v", "bias", "slot")  # the entries of window_step's state
+
+
 def window_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], W: int,
                 padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """One causal step: q, k, v (B, H, d); state holds the last W keys and values
-    and which of them are real: {"k": (B, H, W, d), "v": ..., "real": (B, W)}."""
+    """One causal step: q, k, v (B, H, d). The state is a ring of W slots: "k",
+    "v" (B, H, W, d), "bias" (B, 1, 1, W) 0 where a slot holds a real key and -inf
+    where it is empty or padded, "slot" (B,) where this step writes (the same in
+    every row). Softmax ignores the order of its keys, so the step writes one
+    slot (in place without autograd, as a KV cache is written) and runs one
+    fused attention (torch's scaled_dot_product_attention) over the ring; a
+    query with no real key (padding from the start) reads zeros."""
     B, H, d = q.shape
     if state is None:
         state = {"k": k.new_zeros(B, H, W, d), "v": v.new_zeros(B, H, W, d),
-                 "real": torch.zeros(B, W, dtype=torch.bool, device=q.device)}
-    real_t = torch.ones(B, 1, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask[:, None]
-    keys = torch.cat([state["k"][:, :, 1:], k.unsqueeze(2)], dim=2)
-    values = torch.cat([state["v"][:, :, 1:], v.unsqueeze(2)], dim=2)
-    real = torch.cat([state["real"][:, 1:], real_t], dim=1)
-    scores = (acc(keys) @ acc(q).unsqueeze(-1)).squeeze(-1) / math.sqrt(d)  # (B, H, W)
-    weights = torch.softmax(scores.masked_fill(~real[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
-    out = (weights.unsqueeze(-2) @ acc(values)).squeeze(-2).to(v.dtype)
-    return out, {"k": keys, "v": values, "real": real}
+                 "bias": q.new_full((B, 1, 1, W), float("-inf")),
+                 "slot": torch.zeros(B, dtype=torch.long, device=q.device)}
+    slot, in_place = state["slot"][:1], writable(k, v, state["k"], state["v"])
+    keys, values = (write(state[name], 2, slot, x.unsqueeze(2), in_place) for name, x in (("k", k), ("v", v)))
+    if padding_mask is None:
+        bias = state["bias"].index_fill_(3, slot, 0.0) if in_place else state["bias"].index_fill(3, slot, 0.0)
+    else:
+        padded = q.new_zeros(B, 1, 1, 1).masked_fill(padding_mask.view(B, 1, 1, 1), float("-inf"))
+        bias = write(state["bias"], 3, slot, padded, in_place)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=bias).squeeze(2)
+    if padding_mask is not None:
+        out = out.nan_to_num(0.0)
+    return out, {"k": keys, "v": values, "bias": bias, "slot": (state["slot"] + 1) % W}
+
+
+def write(buf: Tensor, dim: int, index: Tensor, x: Tensor, in_place: bool) -> Tensor:
+    """buf with x at `index` along `dim`: written into buf in place, or a copy."""
+    return buf.index_copy_(dim, index, x) if in_place else buf.index_copy(dim, index, x)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, zero_padded
+from .common import State, acc, writable, zero_padded
 
 # State of the causal form: {"S": (B, k, d) unscaled running sum of k_j v_j^T, fp32;
 # "n": (B,) real tokens so far}; of the non-causal form: {"S": K^T V / sqrt(n)}.
@@ -146,7 +146,7 @@ def causal_step(
         K = K.masked_fill(padding_mask[:, None], 0.0)
     # S_i = S_{i-1} + k_i v_i^T (unscaled); n_i = n_{i-1} + 1
     real = 1.0 if padding_mask is None else (~padding_mask).to(n.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (K, V, S)):
+    if not writable(K, V, S):
         S, n = torch.baddbmm(S, K.unsqueeze(-1), V.unsqueeze(-2)), n + real
     else:
         S.baddbmm_(K.unsqueeze(-1), V.unsqueeze(-2))

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, zero_padded
+from .common import State, acc, writable, zero_padded
 
 # State: {"S": (B, H, m, d), "z": (B, H, m), "M": (B, H)}, the true sums being exp(M) * (S, z)
 NEG_INF = float("-inf")
@@ -388,8 +388,7 @@ def causal_step(
         column = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731
         offset = _finite(M).unsqueeze(-1) if eps else None  # M: the new reference, decay included
         floor = clamp_floor(eps, offset, column(q_log_scale))
-    S, z = _accumulate(S, z, w_old, kw, v, in_place=not (torch.is_grad_enabled() and any(
-        t.requires_grad for t in (phi_q, phi_k, v, S, z, kw))))
+    S, z = _accumulate(S, z, w_old, kw, v, in_place=writable(phi_q, phi_k, v, S, z, kw))
     q = phi_q.unsqueeze(-2)
     den = (q @ z.unsqueeze(-1)).squeeze(-2)
     out = (q @ S).squeeze(-2) / at_least(den, floor)
