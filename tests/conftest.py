@@ -2,6 +2,7 @@
 parsing, and the location of the real data beside the project."""
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,3 +71,13 @@ def require_data(name):
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (set LINEAR_FAIRSEQ_DATA to the folder holding {name}/)")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end (slow) tests run first, the file with the most such
+    tests first; a file's tests keep their order. scripts/test.sh hands whole
+    files to its workers in this order (pytest-xdist --dist loadfile
+    --no-loadscope-reorder), so the long files start early and the many short
+    ones even out the workers at the end."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
