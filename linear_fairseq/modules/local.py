@@ -95,7 +95,9 @@ def stack_qkv(tensors: dict, name: str) -> Optional[Tensor]:
 
 def stacked(*projections: nn.Linear) -> nn.Linear:
     """One nn.Linear whose outputs are the projections' outputs side by side."""
-    out = nn.utils.skip_init(nn.Linear, projections[0].in_features, sum(p.out_features for p in projections))
+    weight = projections[0].weight
+    out = nn.utils.skip_init(nn.Linear, weight.shape[1], sum(p.out_features for p in projections),
+                             device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         out.weight.copy_(torch.cat([p.weight for p in projections]))
         out.bias.copy_(torch.cat([p.bias for p in projections]))
