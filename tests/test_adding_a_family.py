@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import forked
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -61,8 +62,7 @@ def corpus(folder):
 
 def fairseq(project, cli, *args):
     root, _ = project
-    result = subprocess.run([f"fairseq-{cli}", *map(str, args), "--user-dir", str(root / "linear_fairseq")],
-                            capture_output=True, text=True)
+    result = forked.run([f"fairseq-{cli}", *map(str, args), "--user-dir", str(root / "linear_fairseq")])
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -83,7 +83,7 @@ def test_the_toy_family_trains_and_decodes_with_beam_search(project, tmp_path, a
         hyps = re.findall(r"^H-\d+\t(-?[\d.]+)\t", out, flags=re.M)
     else:
         prompts = "w1 w2\nw3\n"
-        result = subprocess.run(["fairseq-interactive", str(data), "--task", task, "--path", str(checkpoint),
+        result = forked.run(["fairseq-interactive", str(data), "--task", task, "--path", str(checkpoint),
                                  "--beam", "3", "--max-len-b", "6", "--user-dir",
                                  str(project[0] / "linear_fairseq")], input=prompts, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -118,7 +118,7 @@ def test_the_toy_family_is_in_every_list_the_tools_read(project):
 
 def test_a_bad_toy_option_is_one_line(project, tmp_path):
     root, data = project
-    result = subprocess.run(["fairseq-train", str(data), "--arch", "runmean_transformer", "--runmean-decay", "2",
+    result = forked.run(["fairseq-train", str(data), "--arch", "runmean_transformer", "--runmean-decay", "2",
                              *SMALL["translation"], "--save-dir", str(tmp_path), "--user-dir", str(root / "linear_fairseq")],
                             capture_output=True, text=True)
     assert result.returncode != 0

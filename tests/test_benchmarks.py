@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import report
+import forked
 from conftest import ROOT
 from linear_fairseq import families
 from linear_fairseq.modules.attention import option_names
@@ -26,7 +27,7 @@ QUICK = ["--quick", "--budget", "1e9"]
 
 
 def bench(*argv):
-    return subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], capture_output=True, text=True, cwd=ROOT)
+    return forked.run([sys.executable, "-m", "benchmarks.run", *argv], capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_step_profile_splits_each_familys_step_by_module(tmp_path):
     """python -m benchmarks.profile_step: every family's step split into attention,
     FFN, output projection and the rest (timings themselves not asserted)."""
     out = tmp_path / "profile.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--length", "4", "--repeats", "1",
+    r = forked.run([sys.executable, "-m", "benchmarks.profile_step", "--length", "4", "--repeats", "1",
                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads(out.read_text())
@@ -242,7 +243,7 @@ def test_beam_profile_splits_encoder_decoder_steps(tmp_path):
     encoder pass and the reorders of beam search are timed apart."""
     out = tmp_path / "profile.json"
     rows = ["transformer", "memsizer", "flash-rec"]
-    r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--task", "mt", "--families", ",".join(rows),
+    r = forked.run([sys.executable, "-m", "benchmarks.profile_step", "--task", "mt", "--families", ",".join(rows),
                         "--length", "3", "--src-len", "8", "--beam", "3", "--repeats", "1", "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -261,7 +262,7 @@ def test_beam_profile_splits_encoder_decoder_steps(tmp_path):
     (["--task", "mt", "--families", "memsizer-x"], "unknown row 'memsizer-x'"),
 ])
 def test_step_profile_refuses_bad_values(argv, message):
-    r = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", *argv],
+    r = forked.run([sys.executable, "-m", "benchmarks.profile_step", *argv],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr
 
@@ -317,7 +318,7 @@ def test_train_check_trains_a_family_through_fairseq_train(tmp_path):
     """benchmarks.train_check (the GPU check's fp16 step, here fp32 on the CPU):
     generated data, fairseq-preprocess, fairseq-train; finite, falling loss."""
     out = tmp_path / "train.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.train_check", "--families", "memsizer", "--updates", "8",
+    r = forked.run([sys.executable, "-m", "benchmarks.train_check", "--families", "memsizer", "--updates", "8",
                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     (run,) = json.loads(out.read_text())["runs"]

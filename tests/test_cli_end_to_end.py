@@ -1,5 +1,7 @@
 """End to end through the stock fairseq CLIs with --user-dir linear_fairseq, on
-slices of the real data beside the project (skipped when it is absent)."""
+slices of the real data beside the project (skipped when it is absent). The
+commands fork from a server that has imported fairseq (tests/forked.py), but
+for the test of what a plain command prints."""
 import math
 import os
 import re
@@ -9,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import forked
 from conftest import ROOT, require_data
 from scripts.scoring import bleu_chrf, read_hypotheses, read_references
 
@@ -26,7 +29,7 @@ TINY_MT = (
 
 def fairseq(cli, *args, check=True):
     cmd = [f"fairseq-{cli}", *map(str, args), "--user-dir", str(ROOT / "linear_fairseq")]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = forked.run(cmd, capture_output=True, text=True)
     if check and result.returncode != 0:
         pytest.fail(f"fairseq-{cli} failed:\n{result.stderr[-4000:]}")
     return result
@@ -77,7 +80,7 @@ def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
 
     # fairseq-interactive on sentencepiece pieces
     spm = (multi30k / "spm" / "test.de").read_text().splitlines()[:2]
-    inter = subprocess.run(
+    inter = forked.run(
         ["fairseq-interactive", str(data), "--path", str(save / "checkpoint_last.pt"), "--beam", "2",
          "--source-lang", "de", "--target-lang", "en", "--user-dir", str(ROOT / "linear_fairseq")],
         input="\n".join(spm) + "\n", capture_output=True, text=True,
@@ -87,7 +90,7 @@ def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
 
     # ... and on raw text, as the README shows it: sentencepiece applied by fairseq
     raw = (multi30k / "raw" / "test.de").read_text().splitlines()[:2]
-    inter = subprocess.run(
+    inter = forked.run(
         ["fairseq-interactive", str(data), "--path", str(save / "checkpoint_last.pt"), "--beam", "2",
          "--source-lang", "de", "--target-lang", "en", "--bpe", "sentencepiece",
          "--sentencepiece-model", str(multi30k / "spm.model"), "--user-dir", str(ROOT / "linear_fairseq")],
@@ -135,7 +138,7 @@ def test_linearize_a_trained_transformer_then_finetune_and_generate(multi30k, tm
     data = multi30k / "bin"
     fairseq("train", data, "--arch", "transformer", *TINY_MT, "--max-update", 12, "--save-dir", tmp_path / "softmax")
     memsizer = ["--arch", "memsizer_transformer", "--decoder-self-memory-size", "4", "--cross-attn", "softmax"]
-    r = subprocess.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
+    r = forked.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
                         tmp_path / "linear.pt", *memsizer], capture_output=True, text=True)
     assert r.returncode == 0 and "| mapped: W_r = out_proj(v_proj(x)) |" in r.stdout, r.stderr[-3000:]
     # T2R's recipe: the attention alone first, then everything
@@ -155,7 +158,7 @@ def test_linearize_a_trained_transformer_then_finetune_and_generate(multi30k, tm
     assert len(read_hypotheses(gen.stdout)) == 200
     # T2R with its feature map first fitted to the softmax attention on the training data
     t2r = ["--arch", "performer_transformer", "--feature-map", "t2r", "--num-features", "8", "--cross-attn", "softmax"]
-    r = subprocess.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
+    r = forked.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
                         tmp_path / "t2r.pt", *t2r, "--calibrate", "2", "--calibrate-steps", "20"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "| calibrated | 4 |" in r.stdout, r.stderr[-3000:]
@@ -207,7 +210,7 @@ def test_lm_interactive_decoding(austen_lm):
     """Raw text in, as the README shows it (sentencepiece applied by fairseq)."""
     data, ckpt = austen_lm
     prompts = [" ".join(line.split()[:5]) for line in (data / "raw" / "test.txt").read_text().splitlines()[:2]]
-    r = subprocess.run(
+    r = forked.run(
         ["fairseq-interactive", str(data / "bin"), "--task", "language_modeling", "--path", str(ckpt),
          "--bpe", "sentencepiece", "--sentencepiece-model", str(data / "spm.model"),
          "--beam", "1", "--sampling", "--max-len-b", "8", "--seed", "1", "--user-dir", str(ROOT / "linear_fairseq")],
@@ -222,7 +225,7 @@ def test_lm_interactive_decoding(austen_lm):
 def test_an_input_longer_than_the_model_is_one_line(austen_lm):
     """fairseq-interactive stops at a line the model cannot take: one line says why and which flag skips it."""
     data, ckpt = austen_lm
-    r = subprocess.run(
+    r = forked.run(
         ["fairseq-interactive", str(data / "bin"), "--task", "language_modeling", "--path", str(ckpt),
          "--beam", "1", "--max-len-b", "4", "--user-dir", str(ROOT / "linear_fairseq")],
         input=" ".join(["the"] * 300) + "\n", capture_output=True, text=True,
@@ -257,7 +260,7 @@ def test_hydra_train_with_relative_paths_as_the_docs_show(multi30k, tmp_path):
     """docs/reproducing.md's fairseq-hydra-train shape, run from a data folder with
     relative task.data and save_dir: the configs keep hydra from changing directory."""
     (tmp_path / "data-bin").symlink_to(multi30k)
-    r = subprocess.run(
+    r = forked.run(
         ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / "mt"), "--config-name", "multi30k",
          "model=multi30k_memsizer", "task.data=data-bin/bin", f"common.user_dir={ROOT / 'linear_fairseq'}",
          "checkpoint.save_dir=ckpt", "optimization.max_epoch=0", "optimization.max_update=2",
@@ -412,7 +415,7 @@ def test_a_real_checkpoint_cut_short_or_missing_is_named(austen_lm, tmp_path):
     ("flash", "model.gau_relu2_norm=mean", "--gau-relu2-norm='mean': choose from keys, chunk, none"),
 ])
 def test_bad_value_through_hydra_is_one_line(multi30k, tmp_path, model, override, message):
-    r = subprocess.run(
+    r = forked.run(
         ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / "mt"), "--config-name", "multi30k",
          f"model=multi30k_{model}", f"task.data={multi30k / 'bin'}", f"common.user_dir={ROOT / 'linear_fairseq'}",
          f"checkpoint.save_dir={tmp_path / 'ckpt'}", override],

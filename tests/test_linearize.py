@@ -12,6 +12,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import build_model
 from omegaconf import OmegaConf
 
+import forked
 from conftest import ROOT, TINY_LM, TINY_MT, make_dictionary, random_tokens
 from linear_fairseq.checkpoints import allow_fairseq_checkpoints
 from linear_fairseq.linearize import linearize, main as linearize_main
@@ -142,7 +143,7 @@ def test_a_hybrid_keeps_its_softmax_layer_exactly(tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "linear_fairseq.linearize", *map(str, args)],
+    return forked.run([sys.executable, "-m", "linear_fairseq.linearize", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT)
 
 

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+import forked
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def command(cli, *args):
 
 
 def run(cli, *args, check=True, **kw):
-    result = subprocess.run(command(cli, *args), capture_output=True, text=True, env=ONE_THREAD, **kw)
+    result = forked.run(command(cli, *args), env=ONE_THREAD, **kw)
     if check and result.returncode != 0:
         pytest.fail(f"fairseq-{cli} failed:\n{result.stderr[-4000:]}")
     return result

@@ -6,7 +6,9 @@ committed tables in results/ change only with --publish."""
 import atexit
 import csv
 import functools
+import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -17,11 +19,12 @@ from types import SimpleNamespace
 
 import pytest
 
+import forked
 from conftest import ROOT, require_data
 from scripts import scoring
 
 sys.path.insert(0, str(ROOT / "scripts"))  # the pipeline's modules import their siblings as reproduce.py does
-from reproduction.runs import prepare  # noqa: E402
+from reproduction.runs import current_cpu, one_cpu, prepare  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +129,7 @@ def test_reproduce_mt_smoke(tmp_path):
     assert (tmp_path / "work" / "results" / "positions-mt-smoke.png").stat().st_size > 0
     # over all positions, the per-position scorer agrees with fairseq-validate's loss without smoothing
     ckpt = ckpts / "memsizer" / "checkpoint_best.pt"
-    r = subprocess.run(["fairseq-validate", str(tmp_path / "work" / "data" / "bin"), "--task", "translation",
+    r = forked.run(["fairseq-validate", str(tmp_path / "work" / "data" / "bin"), "--task", "translation",
                         "--path", str(ckpt), "--user-dir", str(ROOT / "linear_fairseq"), "--valid-subset", "valid",
                         "--max-tokens", "4096", "--num-workers", "0", "--required-batch-size-multiple", "1"],
                        capture_output=True, text=True)
@@ -175,7 +178,7 @@ def test_reproduce_lm_smoke(tmp_path):
     assert (tmp_path / "work" / "results" / "positions-lm-smoke.png").stat().st_size > 0
     # over all positions, the per-position scorer agrees with fairseq's own on the same blocks
     ckpt = tmp_path / "work" / "checkpoints" / "transformer" / "checkpoint_best.pt"
-    r = subprocess.run(["fairseq-eval-lm", str(tmp_path / "work" / "data" / "bin"), "--path", str(ckpt),
+    r = forked.run(["fairseq-eval-lm", str(tmp_path / "work" / "data" / "bin"), "--path", str(ckpt),
                         "--user-dir", str(ROOT / "linear_fairseq"), "--gen-subset", "valid", "--num-workers", "0",
                         "--tokens-per-sample", "128", "--context-window", "0"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -282,3 +285,12 @@ def test_demo_is_the_pipeline_with_its_own_config(tmp_path):
     # the README's examples after the demo, on the models it left
     command, python = readme_examples("work/demo_mt", tmp_path / "demo")
     assert re.search(r"^H-0\t", command, re.M) and python.strip()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="this OS cannot pin a process to a CPU")
+def test_a_timed_command_is_pinned_to_one_cpu_it_may_use():
+    """runs.one_cpu (a timed command's preexec_fn): exactly one CPU, one of the allowed."""
+    r = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                       preexec_fn=one_cpu, capture_output=True, text=True)
+    (cpu,) = json.loads(r.stdout)
+    assert cpu in os.sched_getaffinity(0) and current_cpu() in os.sched_getaffinity(0)

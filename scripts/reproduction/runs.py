@@ -17,8 +17,20 @@ def say(msg: str) -> None:
 
 
 def one_cpu():
-    """Pin the calling (child) process to one CPU, the last this process may use."""
-    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    """Pin the calling (child) process to one CPU: the one it runs on (where the
+    OS says, and it may use it), else the last it may use. Two pipelines running
+    side by side so tend to time their commands on different CPUs."""
+    allowed = os.sched_getaffinity(0)
+    here = current_cpu()
+    os.sched_setaffinity(0, {here if here in allowed else max(allowed)})
+
+
+def current_cpu() -> int:
+    """The CPU this process last ran on (Linux /proc/self/stat, field 39); -1 elsewhere."""
+    try:
+        return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 # how a timed command (decoding, scoring) runs: one thread, pinned where the OS allows it
