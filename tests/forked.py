@@ -3,10 +3,11 @@ forked from a server which has already imported torch and fairseq (about 2.5 s
 of every command's start on the development CPU, and the end-to-end tests
 start a few hundred).
 
-A command runs as its console script (or ``python -m MODULE``) does: a fresh
+A command runs as its console script (or ``python -m MODULE``, ``python
+SCRIPT.py``) does: a fresh
 process with the test's arguments, environment, working folder and standard
 input; its entry point (fairseq-train -> fairseq_cli.train:cli_main, or the
-module as __main__) called with sys.argv and sys.path[0] set; the
+module or script as __main__) called with sys.argv and sys.path[0] set; the
 exit code, an uncaught exception (through sys.excepthook, which the plugin
 sets in a fairseq command) and the exit handlers as at the end of a Python
 process. What differs: torch's and fairseq's import-time output went to the
@@ -17,6 +18,7 @@ import-time logging) starts its command with subprocess instead.
         -> subprocess.CompletedProcess with text stdout and stderr
 """
 import atexit
+import functools
 import json
 import os
 import subprocess
@@ -91,19 +93,24 @@ def entry_point(argv, cwd):
     import runpy
 
     if argv[0] in COMMANDS:  # a console script: its folder first on the path
-        sys.argv, sys.path[0] = [str(Path(sys.executable).parent / argv[0]), *argv[1:]], str(Path(sys.executable).parent)
+        scripts = Path(sys.executable).parent
+        sys.argv, sys.path[0] = [str(scripts / argv[0]), *argv[1:]], str(scripts)
         module, _, function = COMMANDS[argv[0]].partition(":")
         return getattr(__import__(module, fromlist=[function]), function)
-    sys.argv, sys.path[0] = [argv[2], *argv[3:]], cwd  # python -m MODULE: the working folder first
-
-    def main():
-        runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
-    return main
+    if argv[1] == "-m":  # python -m MODULE: the working folder first
+        sys.argv, sys.path[0] = [argv[2], *argv[3:]], cwd
+        run = functools.partial(runpy.run_module, argv[2], run_name="__main__", alter_sys=True)
+    else:  # python SCRIPT: the script's folder first
+        script = Path(cwd, argv[1])
+        sys.argv, sys.path[0] = argv[1:], str(script.resolve().parent)
+        run = functools.partial(runpy.run_path, str(script), run_name="__main__")
+    return lambda: run() and None  # the module's globals are no exit code
 
 
 def forkable(cmd) -> bool:
-    """A fairseq console script, or `python -m MODULE` with this interpreter."""
-    return cmd[0] in COMMANDS or (cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m")
+    """A fairseq console script, `python -m MODULE` or `python SCRIPT.py` with this interpreter."""
+    python = cmd[0] == sys.executable and len(cmd) > 1
+    return cmd[0] in COMMANDS or (python and cmd[1] == "-m" and len(cmd) > 2) or (python and cmd[1].endswith(".py"))
 
 
 class Server:
@@ -123,9 +130,9 @@ _server = []
 
 def run(cmd, *, env=None, cwd=None, input=None, stdin=None, capture_output=True, text=True
         ) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd, capture_output=True, text=True, ...) for a fairseq
-    console script or `python -m MODULE`, forked from the server; any other
-    command through subprocess. Standard input: `input`, else empty (stdin=subprocess.DEVNULL
+    """subprocess.run(cmd, capture_output=True, text=True, ...) for a command
+    forkable() accepts, forked from the server; any other through subprocess.
+    Standard input: `input`, else empty (stdin=subprocess.DEVNULL
     or None alike)."""
     assert capture_output and text and stdin in (None, subprocess.DEVNULL), "forked.run captures text output"
     cmd = [str(c) for c in cmd]

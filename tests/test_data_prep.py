@@ -5,17 +5,16 @@ import gzip
 import hashlib
 import json
 import re
-import subprocess
 import sys
 
 import pytest
 
+import forked
 from conftest import ROOT, require_data
 
 
 def prep(script, *args, check=True):
-    r = subprocess.run([sys.executable, str(ROOT / "data-prep" / script), *map(str, args)],
-                       capture_output=True, text=True)
+    r = forked.run([sys.executable, str(ROOT / "data-prep" / script), *map(str, args)])
     if check:
         assert r.returncode == 0, r.stderr[-2000:]
     return r

@@ -1,7 +1,6 @@
 """python -m linear_fairseq.linearize: a softmax checkpoint turned into a linear
 model's, with every shared tensor copied exactly, MemSizer's W_r mapped from the
 value and output projections, and the result loadable by fairseq."""
-import subprocess
 import sys
 from pathlib import Path
 

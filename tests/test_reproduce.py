@@ -214,8 +214,7 @@ def table_after(task, raw, tmp_path, families):
 
 
 def run_reproduce(task, *args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), task, *args],
-                          capture_output=True, text=True)
+    return forked.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), task, *args])
 
 
 def one_line(r, text):
@@ -262,10 +261,10 @@ def test_by_position_is_refused_with_ablations():
 
 def test_positions_refuses_a_bad_block_and_a_missing_checkpoint(tmp_path):
     script = str(ROOT / "scripts" / "positions.py")
-    r = subprocess.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--block", "0",
+    r = forked.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--block", "0",
                         "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "--block 0: must be a positive number of tokens" in r.stderr
-    r = subprocess.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--out", str(tmp_path / "x.json")],
+    r = forked.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--out", str(tmp_path / "x.json")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "none.pt: no such checkpoint" in r.stderr
 
