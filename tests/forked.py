@@ -128,13 +128,12 @@ class Server:
 _server = []
 
 
-def run(cmd, *, env=None, cwd=None, input=None, stdin=None, capture_output=True, text=True
-        ) -> subprocess.CompletedProcess:
+def run(cmd, *, env=None, cwd=None, input=None, stdin=None) -> subprocess.CompletedProcess:
     """subprocess.run(cmd, capture_output=True, text=True, ...) for a command
     forkable() accepts, forked from the server; any other through subprocess.
     Standard input: `input`, else empty (stdin=subprocess.DEVNULL
     or None alike)."""
-    assert capture_output and text and stdin in (None, subprocess.DEVNULL), "forked.run captures text output"
+    assert stdin in (None, subprocess.DEVNULL), "forked.run takes standard input as `input`"
     cmd = [str(c) for c in cmd]
     if not forkable(cmd):
         return subprocess.run(cmd, env=env, cwd=cwd, input=input, stdin=stdin, capture_output=True, text=True)

@@ -84,8 +84,8 @@ def test_the_toy_family_trains_and_decodes_with_beam_search(project, tmp_path, a
     else:
         prompts = "w1 w2\nw3\n"
         result = forked.run(["fairseq-interactive", str(data), "--task", task, "--path", str(checkpoint),
-                                 "--beam", "3", "--max-len-b", "6", "--user-dir",
-                                 str(project[0] / "linear_fairseq")], input=prompts, capture_output=True, text=True)
+                             "--beam", "3", "--max-len-b", "6", "--user-dir",
+                             str(project[0] / "linear_fairseq")], input=prompts)
         assert result.returncode == 0, result.stderr[-3000:]
         hyps = re.findall(r"^H-\d+\t(-?[\d.]+)\t", result.stdout, flags=re.M)
     assert hyps and all(float(score) <= 0 for score in hyps), "beam search gave no scored hypotheses"
@@ -119,7 +119,6 @@ def test_the_toy_family_is_in_every_list_the_tools_read(project):
 def test_a_bad_toy_option_is_one_line(project, tmp_path):
     root, data = project
     result = forked.run(["fairseq-train", str(data), "--arch", "runmean_transformer", "--runmean-decay", "2",
-                             *SMALL["translation"], "--save-dir", str(tmp_path), "--user-dir", str(root / "linear_fairseq")],
-                            capture_output=True, text=True)
+                         *SMALL["translation"], "--save-dir", str(tmp_path), "--user-dir", str(root / "linear_fairseq")])
     assert result.returncode != 0
     assert "--runmean-decay=2.0: must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr

@@ -27,7 +27,7 @@ QUICK = ["--quick", "--budget", "1e9"]
 
 
 def bench(*argv):
-    return forked.run([sys.executable, "-m", "benchmarks.run", *argv], capture_output=True, text=True, cwd=ROOT)
+    return forked.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_step_profile_splits_each_familys_step_by_module(tmp_path):
     FFN, output projection and the rest (timings themselves not asserted)."""
     out = tmp_path / "profile.json"
     r = forked.run([sys.executable, "-m", "benchmarks.profile_step", "--length", "4", "--repeats", "1",
-                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+                    "--out", str(out)], cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads(out.read_text())
     assert [rec["family"] for rec in records] == FAMILIES
@@ -244,8 +244,7 @@ def test_beam_profile_splits_encoder_decoder_steps(tmp_path):
     out = tmp_path / "profile.json"
     rows = ["transformer", "memsizer", "flash-rec"]
     r = forked.run([sys.executable, "-m", "benchmarks.profile_step", "--task", "mt", "--families", ",".join(rows),
-                        "--length", "3", "--src-len", "8", "--beam", "3", "--repeats", "1", "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT)
+                    "--length", "3", "--src-len", "8", "--beam", "3", "--repeats", "1", "--out", str(out)], cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads(out.read_text())
     assert [rec["family"] for rec in records] == rows
@@ -262,8 +261,7 @@ def test_beam_profile_splits_encoder_decoder_steps(tmp_path):
     (["--task", "mt", "--families", "memsizer-x"], "unknown row 'memsizer-x'"),
 ])
 def test_step_profile_refuses_bad_values(argv, message):
-    r = forked.run([sys.executable, "-m", "benchmarks.profile_step", *argv],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = forked.run([sys.executable, "-m", "benchmarks.profile_step", *argv], cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr
 
 
@@ -319,7 +317,7 @@ def test_train_check_trains_a_family_through_fairseq_train(tmp_path):
     generated data, fairseq-preprocess, fairseq-train; finite, falling loss."""
     out = tmp_path / "train.json"
     r = forked.run([sys.executable, "-m", "benchmarks.train_check", "--families", "memsizer", "--updates", "8",
-                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+                    "--out", str(out)], cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     (run,) = json.loads(out.read_text())["runs"]
     assert run["ok"] and len(run["losses"]) >= 2 and run["losses"][-1] < run["losses"][0] and min(run["wps"]) > 0

@@ -29,7 +29,7 @@ TINY_MT = (
 
 def fairseq(cli, *args, check=True):
     cmd = [f"fairseq-{cli}", *map(str, args), "--user-dir", str(ROOT / "linear_fairseq")]
-    result = forked.run(cmd, capture_output=True, text=True)
+    result = forked.run(cmd)
     if check and result.returncode != 0:
         pytest.fail(f"fairseq-{cli} failed:\n{result.stderr[-4000:]}")
     return result
@@ -83,7 +83,7 @@ def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
     inter = forked.run(
         ["fairseq-interactive", str(data), "--path", str(save / "checkpoint_last.pt"), "--beam", "2",
          "--source-lang", "de", "--target-lang", "en", "--user-dir", str(ROOT / "linear_fairseq")],
-        input="\n".join(spm) + "\n", capture_output=True, text=True,
+        input="\n".join(spm) + "\n",
     )
     assert inter.returncode == 0, inter.stderr[-3000:]
     assert sum(line.startswith("H-") for line in inter.stdout.splitlines()) == 2
@@ -94,7 +94,7 @@ def test_memsizer_translation_train_generate_score_resume(multi30k, tmp_path):
         ["fairseq-interactive", str(data), "--path", str(save / "checkpoint_last.pt"), "--beam", "2",
          "--source-lang", "de", "--target-lang", "en", "--bpe", "sentencepiece",
          "--sentencepiece-model", str(multi30k / "spm.model"), "--user-dir", str(ROOT / "linear_fairseq")],
-        input="\n".join(raw) + "\n", capture_output=True, text=True,
+        input="\n".join(raw) + "\n",
     )
     assert inter.returncode == 0, inter.stderr[-3000:]
     sources = [line for line in inter.stdout.splitlines() if line.startswith("S-")]
@@ -139,7 +139,7 @@ def test_linearize_a_trained_transformer_then_finetune_and_generate(multi30k, tm
     fairseq("train", data, "--arch", "transformer", *TINY_MT, "--max-update", 12, "--save-dir", tmp_path / "softmax")
     memsizer = ["--arch", "memsizer_transformer", "--decoder-self-memory-size", "4", "--cross-attn", "softmax"]
     r = forked.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
-                        tmp_path / "linear.pt", *memsizer], capture_output=True, text=True)
+                    tmp_path / "linear.pt", *memsizer])
     assert r.returncode == 0 and "| mapped: W_r = out_proj(v_proj(x)) |" in r.stdout, r.stderr[-3000:]
     # T2R's recipe: the attention alone first, then everything
     fairseq("train", data, *memsizer, *TINY_MT, "--max-update", 4, "--save-dir", tmp_path / "attn",
@@ -159,8 +159,7 @@ def test_linearize_a_trained_transformer_then_finetune_and_generate(multi30k, tm
     # T2R with its feature map first fitted to the softmax attention on the training data
     t2r = ["--arch", "performer_transformer", "--feature-map", "t2r", "--num-features", "8", "--cross-attn", "softmax"]
     r = forked.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
-                        tmp_path / "t2r.pt", *t2r, "--calibrate", "2", "--calibrate-steps", "20"],
-                       capture_output=True, text=True)
+                    tmp_path / "t2r.pt", *t2r, "--calibrate", "2", "--calibrate-steps", "20"])
     assert r.returncode == 0 and "| calibrated | 4 |" in r.stdout, r.stderr[-3000:]
     kl = [line.split("|")[2:4] for line in r.stdout.splitlines() if line.startswith("| decoder.layers.")]
     assert len(kl) == 2 and all(float(after) < float(before) for before, after in kl), r.stdout
@@ -214,7 +213,7 @@ def test_lm_interactive_decoding(austen_lm):
         ["fairseq-interactive", str(data / "bin"), "--task", "language_modeling", "--path", str(ckpt),
          "--bpe", "sentencepiece", "--sentencepiece-model", str(data / "spm.model"),
          "--beam", "1", "--sampling", "--max-len-b", "8", "--seed", "1", "--user-dir", str(ROOT / "linear_fairseq")],
-        input="\n".join(prompts) + "\n", capture_output=True, text=True,
+        input="\n".join(prompts) + "\n",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
@@ -228,7 +227,7 @@ def test_an_input_longer_than_the_model_is_one_line(austen_lm):
     r = forked.run(
         ["fairseq-interactive", str(data / "bin"), "--task", "language_modeling", "--path", str(ckpt),
          "--beam", "1", "--max-len-b", "4", "--user-dir", str(ROOT / "linear_fairseq")],
-        input=" ".join(["the"] * 300) + "\n", capture_output=True, text=True,
+        input=" ".join(["the"] * 300) + "\n",
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert ("error: an input is longer than the model's positions (max_positions=64): pass "
@@ -265,7 +264,7 @@ def test_hydra_train_with_relative_paths_as_the_docs_show(multi30k, tmp_path):
          "model=multi30k_memsizer", "task.data=data-bin/bin", f"common.user_dir={ROOT / 'linear_fairseq'}",
          "checkpoint.save_dir=ckpt", "optimization.max_epoch=0", "optimization.max_update=2",
          "model.encoder_layers=1", "model.decoder_layers=1", "model.encoder_embed_dim=32", "model.decoder_embed_dim=32"],
-        capture_output=True, text=True, cwd=tmp_path,
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert num_updates(tmp_path / "ckpt" / "checkpoint_last.pt") == 2
@@ -419,7 +418,7 @@ def test_bad_value_through_hydra_is_one_line(multi30k, tmp_path, model, override
         ["fairseq-hydra-train", "--config-dir", str(ROOT / "configs" / "mt"), "--config-name", "multi30k",
          f"model=multi30k_{model}", f"task.data={multi30k / 'bin'}", f"common.user_dir={ROOT / 'linear_fairseq'}",
          f"checkpoint.save_dir={tmp_path / 'ckpt'}", override],
-        capture_output=True, text=True, cwd=tmp_path,
+        cwd=tmp_path,
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert message in r.stderr.splitlines()

@@ -142,8 +142,7 @@ def test_a_hybrid_keeps_its_softmax_layer_exactly(tmp_path):
 
 
 def cli(*args):
-    return forked.run([sys.executable, "-m", "linear_fairseq.linearize", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)
+    return forked.run([sys.executable, "-m", "linear_fairseq.linearize", *map(str, args)], cwd=ROOT)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

@@ -130,9 +130,8 @@ def test_reproduce_mt_smoke(tmp_path):
     # over all positions, the per-position scorer agrees with fairseq-validate's loss without smoothing
     ckpt = ckpts / "memsizer" / "checkpoint_best.pt"
     r = forked.run(["fairseq-validate", str(tmp_path / "work" / "data" / "bin"), "--task", "translation",
-                        "--path", str(ckpt), "--user-dir", str(ROOT / "linear_fairseq"), "--valid-subset", "valid",
-                        "--max-tokens", "4096", "--num-workers", "0", "--required-batch-size-multiple", "1"],
-                       capture_output=True, text=True)
+                    "--path", str(ckpt), "--user-dir", str(ROOT / "linear_fairseq"), "--valid-subset", "valid",
+                    "--max-tokens", "4096", "--num-workers", "0", "--required-batch-size-multiple", "1"])
     assert r.returncode == 0, r.stderr[-2000:]
     every = next(k for k in spans[1] if k.startswith("ppl 1-") and "vs" not in k)
     assert float(spans[1][every]) == pytest.approx(2 ** scoring.read_validate_loss(r.stdout + r.stderr, "nll_loss"),
@@ -179,8 +178,8 @@ def test_reproduce_lm_smoke(tmp_path):
     # over all positions, the per-position scorer agrees with fairseq's own on the same blocks
     ckpt = tmp_path / "work" / "checkpoints" / "transformer" / "checkpoint_best.pt"
     r = forked.run(["fairseq-eval-lm", str(tmp_path / "work" / "data" / "bin"), "--path", str(ckpt),
-                        "--user-dir", str(ROOT / "linear_fairseq"), "--gen-subset", "valid", "--num-workers", "0",
-                        "--tokens-per-sample", "128", "--context-window", "0"], capture_output=True, text=True)
+                    "--user-dir", str(ROOT / "linear_fairseq"), "--gen-subset", "valid", "--num-workers", "0",
+                    "--tokens-per-sample", "128", "--context-window", "0"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(spans[0]["ppl 1-128"]) == pytest.approx(scoring.read_perplexity(r.stdout + r.stderr), rel=1e-3)
 
@@ -262,10 +261,9 @@ def test_by_position_is_refused_with_ablations():
 def test_positions_refuses_a_bad_block_and_a_missing_checkpoint(tmp_path):
     script = str(ROOT / "scripts" / "positions.py")
     r = forked.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--block", "0",
-                        "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
+                    "--out", str(tmp_path / "x.json")])
     assert r.returncode == 2 and "--block 0: must be a positive number of tokens" in r.stderr
-    r = forked.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--out", str(tmp_path / "x.json")],
-                       capture_output=True, text=True)
+    r = forked.run([sys.executable, script, str(tmp_path / "none.pt"), str(tmp_path), "--out", str(tmp_path / "x.json")])
     assert r.returncode == 2 and "none.pt: no such checkpoint" in r.stderr
 
 
