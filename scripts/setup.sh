@@ -16,7 +16,10 @@ fi
 PIP="python -m pip install --quiet"
 stamp="$VIRTUAL_ENV/.linear_fairseq-installed"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | cksum)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import fairseq, linear_fairseq" 2>/dev/null; then
+# installed already: the stamp matches and the packages are found (found, not imported: importing
+# torch and fairseq takes seconds, and every script runs this check)
+found="import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('torch', 'fairseq', 'linear_fairseq'))))"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "$found" 2>/dev/null; then
     exit 0 2>/dev/null || return 0
 fi
 echo "[setup] installing into $VIRTUAL_ENV" >&2

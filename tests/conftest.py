@@ -1,5 +1,7 @@
 """Shared test helpers: tiny fairseq models built through fairseq's own option
 parsing, and the location of the real data beside the project."""
+import copy
+import functools
 import os
 import sys
 from collections import Counter
@@ -39,7 +41,15 @@ TINY_LM = (
 
 
 def parse_model_args(arch, args=(), task="translation"):
-    """The model config exactly as `fairseq-train --arch ARCH ARGS` would build it."""
+    """The model config exactly as `fairseq-train --arch ARCH ARGS` would build it:
+    parsed once a test process for each (arch, args, task), since fairseq's parse
+    composes a hydra config (most of a tiny model's build time); every call gets
+    a copy of its own."""
+    return copy.deepcopy(parsed_model_args(arch, tuple(args), task))
+
+
+@functools.lru_cache(maxsize=None)
+def parsed_model_args(arch, args, task):
     parser = options.get_training_parser()
     ns = options.parse_args_and_arch(parser, ["/unused-data", "--task", task, "--arch", arch, *args])
     return convert_namespace_to_omegaconf(ns).model

@@ -15,6 +15,7 @@ from fairseq.dataclass.initialize import add_defaults, hydra_init
 from fairseq.dataclass.utils import omegaconf_no_object_check
 from fairseq.models.transformer import TransformerModel
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from conftest import ROOT, make_dictionary
@@ -30,11 +31,21 @@ CASES = [(spec["task"], ds, family, model) for ds, spec in reproduce.DATASETS.it
          for _, model in reproduce.model_configs(spec["task"], ds, family)]
 
 
+def schema_for(ds):
+    """fairseq-hydra-train's hydra_init(ds): fairseq's schema stored under the
+    config's name. Only this config's: hydra copies every stored node at each
+    compose, and a test process composes the configs of every dataset."""
+    store = ConfigStore.instance()
+    for other in reproduce.DATASETS:
+        store.repo.pop(f"{other}.yaml", None)
+    hydra_init(ds)
+
+
 @functools.lru_cache(maxsize=None)
 def load(task, ds, family, overrides=(), model=None):
     """The config fairseq-hydra-train would run (model=<ds>_<family> unless `model`
     names another model config), as a plain OmegaConf tree."""
-    hydra_init(ds)
+    schema_for(ds)
     with initialize_config_dir(config_dir=str(ROOT / "configs" / task), version_base="1.1"):
         cfg = compose(config_name=ds, overrides=[f"model={model or f'{ds}_{family}'}", "task.data=/unused", *overrides])
     add_defaults(cfg)  # merges the model block into its dataclass: unknown keys fail here
@@ -188,7 +199,7 @@ def test_our_configs_raise_no_hydra_warning(task, ds, family, model):
     `_self_`."""
     import warnings
 
-    hydra_init(ds)
+    schema_for(ds)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with initialize_config_dir(config_dir=str(ROOT / "configs" / task), version_base="1.1"):

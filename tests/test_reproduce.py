@@ -1,6 +1,6 @@
 """The reproduction scripts end to end at smoke scale, as a user runs them:
-bash scripts/reproduce_{mt,sum,lm}.sh on a slice of the real data with a tiny
-model and a few dozen updates per family. Each must leave a table with one row
+scripts/reproduce.py (what bash scripts/reproduce_{mt,sum,lm}.sh run) on a
+slice of the real data with a tiny model and a few dozen updates per family. Each must leave a table with one row
 per family asked for and real numbers in it, under its work folder: the
 committed tables in results/ change only with --publish."""
 import atexit
@@ -53,13 +53,11 @@ def with_smoke_data(raw: Path, work: Path) -> None:
 
 
 def reproduce(task, raw, tmp_path, *extra):
+    """reproduce.py at smoke scale, what bash scripts/reproduce_<task>.sh runs
+    after its set-up check (the wrappers themselves: the demo and refusal tests)."""
     with_smoke_data(raw, tmp_path / "work")
     before = committed()
-    r = subprocess.run(
-        ["bash", str(ROOT / "scripts" / f"reproduce_{task}.sh"), "--scale", "smoke", "--raw", str(raw),
-         "--work", str(tmp_path / "work"), "--quiet", *extra],
-        capture_output=True, text=True,
-    )
+    r = run_reproduce(task, "--scale", "smoke", "--raw", str(raw), "--work", str(tmp_path / "work"), "--quiet", *extra)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert committed() == before  # a run without --publish leaves results/ and docs/ as they were
     return r.stdout
