@@ -38,7 +38,8 @@ LAYER = "op_counts.layer"
 METADATA = {f"aten::{name}" for name in (
     "view", "as_strided", "_unsafe_view", "_reshape_alias", "reshape", "resolve_conj", "resolve_neg", "detach",
     "detach_", "empty", "empty_strided", "empty_like", "expand", "expand_as", "permute", "transpose", "t",
-    "unsqueeze", "squeeze", "select", "slice", "alias", "unflatten", "flatten", "split", "split_with_sizes",
+    "unsqueeze", "squeeze", "select", "slice", "alias", "unflatten", "flatten", "movedim", "moveaxis", "split",
+    "split_with_sizes",
     "chunk", "narrow", "unbind", "lift_fresh", "to", "numpy_T", "view_as", "set_", "new_empty",
     "view_as_complex", "view_as_real",
     "dropout")}  # in eval an identity; in training its own operators (bernoulli_, mul) count

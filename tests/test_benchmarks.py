@@ -311,6 +311,16 @@ def test_training_runs_as_many_operators_at_every_length(family, extra):
     assert op_counts.train_ops(model, 128) == op_counts.train_ops(model, 512)
 
 
+def test_a_view_counts_no_operator_and_a_copy_one():
+    """benchmarks.op_counts counts kernels: views (movedim, unsqueeze, ...) launch
+    none; flattening a permuted tensor copies it, one."""
+    from benchmarks import op_counts
+
+    x = torch.randn(2, 3, 4)
+    assert op_counts.count(lambda: x.movedim(0, 2).unsqueeze(0).transpose(0, 1).flatten(0, 1))[0] == 0
+    assert op_counts.count(lambda: x.movedim(0, 2).flatten(1))[0] == 1
+
+
 @pytest.mark.slow
 def test_train_check_trains_a_family_through_fairseq_train(tmp_path):
     """benchmarks.train_check (the GPU check's fp16 step, here fp32 on the CPU):
