@@ -1,8 +1,9 @@
 """The reproduction scripts end to end at smoke scale, as a user runs them:
 scripts/reproduce.py (what bash scripts/reproduce_{mt,sum,lm}.sh run) on a
-slice of the real data with a tiny model and a few dozen updates per family. Each must leave a table with one row
-per family asked for and real numbers in it, under its work folder: the
-committed tables in results/ change only with --publish."""
+slice of the real data with a tiny model and a few dozen updates per family.
+Each must leave a table with one row per family asked for and real numbers in
+it, under its work folder: the committed tables in results/ change only with
+--publish."""
 import atexit
 import csv
 import functools
