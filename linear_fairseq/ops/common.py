@@ -20,6 +20,11 @@ def writable(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def update(x: Tensor, op: str, in_place: bool, *args) -> Tensor:
+    """x.op(*args), written into x (x.op_) where `in_place`, else a new tensor."""
+    return getattr(x, f"{op}_" if in_place else op)(*args)
+
+
 def zero_padded(x: Tensor, padding_mask: Optional[Tensor], time_dim: int) -> Tensor:
     """x with its padded time steps set to 0. padding_mask (B, T) is True at
     padding; x has batch first and time at `time_dim`."""

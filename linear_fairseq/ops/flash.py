@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, writable
+from .common import State, acc, update, writable
 
 
 # -- positions ---------------------------------------------------------------
@@ -281,7 +281,7 @@ def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tens
     slot = fill.view(B, 1, 1).expand(B, 1, buf.shape[-1])
     if padding_mask is not None:
         x = torch.where(padding_mask[:, None], buf.gather(1, slot).squeeze(1), x)
-    return buf.scatter_(1, slot, x.unsqueeze(1)) if writable(x, buf) else buf.scatter(1, slot, x.unsqueeze(1))
+    return update(buf, "scatter", writable(x, buf), 1, slot, x.unsqueeze(1))
 
 
 @functools.lru_cache(maxsize=16)
@@ -336,13 +336,12 @@ def advance(state: State, k_chunk, v_chunk, kl, v, padding_mask, G: int) -> Stat
     if real is not None:
         kl = kl * real[:, None]
     in_place = writable(kl, v, state["kv_chunk"], state["kv_done"])
-    update = lambda x, op, *args: getattr(x, op + "_" if in_place else op)(*args)  # noqa: E731
-    kv_chunk = update(state["kv_chunk"], "baddbmm", kl.unsqueeze(2), v.unsqueeze(1))
+    kv_chunk = update(state["kv_chunk"], "baddbmm", in_place, kl.unsqueeze(2), v.unsqueeze(1))
     fill = state["fill"] + (1 if real is None else real.long())
     full = fill == G
     done = full.to(kv_chunk.dtype)  # 1.0 where this step completed the chunk
-    kv_done = update(state["kv_done"], "addcmul", kv_chunk, done[:, None, None])
-    kv_chunk = update(kv_chunk, "masked_fill", full[:, None, None], 0.0)  # a completed chunk starts anew
+    kv_done = update(state["kv_done"], "addcmul", in_place, kv_chunk, done[:, None, None])
+    kv_chunk = update(kv_chunk, "masked_fill", in_place, full[:, None, None], 0.0)  # a completed chunk starts anew
     return {"k_chunk": k_chunk, "v_chunk": v_chunk, "kv_chunk": kv_chunk, "kv_done": kv_done,
             "n_done": state["n_done"].add(done, alpha=G), "fill": fill.remainder(G),
             "position": state["position"] + (1.0 if real is None else real.to(done.dtype))}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import acc, writable, zero_padded
+from .common import acc, update, writable, zero_padded
 
 
 # -- short convolution -------------------------------------------------------------------
@@ -136,18 +136,14 @@ def window_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[Dict[str, Tenso
                  "bias": q.new_full((B, 1, 1, W), float("-inf")),
                  "slot": torch.zeros(B, dtype=torch.long, device=q.device)}
     slot, in_place = state["slot"][:1], writable(k, v, state["k"], state["v"])
-    keys, values = (write(state[name], 2, slot, x.unsqueeze(2), in_place) for name, x in (("k", k), ("v", v)))
+    keys, values = (update(state[name], "index_copy", in_place, 2, slot, x.unsqueeze(2))
+                    for name, x in (("k", k), ("v", v)))
     if padding_mask is None:
-        bias = state["bias"].index_fill_(3, slot, 0.0) if in_place else state["bias"].index_fill(3, slot, 0.0)
+        bias = update(state["bias"], "index_fill", in_place, 3, slot, 0.0)
     else:
         padded = q.new_zeros(B, 1, 1, 1).masked_fill(padding_mask.view(B, 1, 1, 1), float("-inf"))
-        bias = write(state["bias"], 3, slot, padded, in_place)
+        bias = update(state["bias"], "index_copy", in_place, 3, slot, padded)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=bias).squeeze(2)
     if padding_mask is not None:
         out = out.nan_to_num(0.0)
     return out, {"k": keys, "v": values, "bias": bias, "slot": (state["slot"] + 1) % W}
-
-
-def write(buf: Tensor, dim: int, index: Tensor, x: Tensor, in_place: bool) -> Tensor:
-    """buf with x at `index` along `dim`: written into buf in place, or a copy."""
-    return buf.index_copy_(dim, index, x) if in_place else buf.index_copy(dim, index, x)
