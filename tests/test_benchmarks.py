@@ -311,6 +311,18 @@ def test_training_runs_as_many_operators_at_every_length(family, extra):
     assert op_counts.train_ops(model, 128) == op_counts.train_ops(model, 512)
 
 
+def test_memsizer_decoding_step_runs_no_more_operators_a_layer_than_softmax():
+    """benchmarks.op_counts' decoding step, per decoder layer: MemSizer's layer runs
+    no more aten operators than fairseq's softmax layer (the issue's launch
+    target, met by this family), and its count does not grow with the prefix."""
+    from benchmarks import models, op_counts
+
+    def per_layer(family, prefix):
+        return op_counts.decode_ops(models.build("lm", family)[0], prefix)["per_layer"]
+
+    assert per_layer("memsizer", 16) == per_layer("memsizer", 64) <= per_layer("transformer", 16)
+
+
 def test_a_view_counts_no_operator_and_a_copy_one():
     """benchmarks.op_counts counts kernels: views (movedim, unsqueeze, ...) launch
     none; flattening a permuted tensor copies it, one."""

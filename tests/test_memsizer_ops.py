@@ -61,6 +61,30 @@ def test_recurrent_matches_naive_with_gradients(T, k):
         assert_close(g, g_ref)
 
 
+def test_step_averages_per_head_probabilities_as_given_their_mean():
+    """causal_step takes each head's slot probabilities (B, H, k) and averages them
+    itself (one batched product with the 1/sqrt(i) scale): the same outputs,
+    gradients and state as with their mean, also across a padded first step
+    (n = 0 there: the output is finite, not 0/0)."""
+    g = torch.Generator().manual_seed(3)
+    probs = M.slot_probs(torch.randn(2, 6, 3, 4, generator=g))
+    K, V = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 5, generator=g)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, :2] = True
+
+    def run(probs, K, V, per_head):
+        p = probs if per_head else probs.mean(dim=-2)
+        out, S, n = recurrent(p, K, V, mask)
+        return torch.cat([out.flatten(), S.flatten(), n])
+
+    ref, ref_grads = grads(lambda *x: run(*x, per_head=False), probs, K, V)
+    out, out_grads = grads(lambda *x: run(*x, per_head=True), probs, K, V)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref)
+    for g_out, g_ref in zip(out_grads, ref_grads):
+        assert_close(g_out, g_ref)
+
+
 def test_recurrent_state_is_the_unscaled_memory():
     p, K, V = inputs(2, 9, 4, 8)
     _, S, n = recurrent(p, K, V)
@@ -130,3 +154,20 @@ def test_invalid_chunk_size_is_named():
     p, K, V = inputs(1, 4, 2, 4)
     with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
         M.causal_chunked(p, K, V, chunk_size=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_module_step_drops_out_the_heads_mean_in_training(training):
+    """The module's step hands the op each head's probabilities, except where
+    attention dropout acts (training): dropout then applies to their mean, as
+    in the parallel forms."""
+    from linear_fairseq.modules.memsizer_attention import MemsizerAttention
+
+    attn = MemsizerAttention(16, 2, memory_size=4, q_init_scale=1.0, kv_init_scale=1.0, memsizer_chunk_size=4,
+                             attention_dropout=0.5, causal=True).train(training)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    out, _ = attn.step(x, {}, None)
+    torch.manual_seed(1)
+    expected, _ = M.causal_step(attn.slot_weights(x), *attn.keys_values(x))
+    assert_close(out, expected)

@@ -34,9 +34,14 @@ from .common import State, acc, writable, zero_padded
 # "n": (B,) real tokens so far}; of the non-causal form: {"S": K^T V / sqrt(n)}.
 
 
+def slot_probs(logits: Tensor) -> Tensor:
+    """Each head's softmax over the k memory slots: logits (..., H, k) -> (..., H, k)."""
+    return acc(logits).softmax(dim=-1)
+
+
 def slot_weights(logits: Tensor) -> Tensor:
     """p = mean over heads of softmax over the k memory slots; logits (..., H, k)."""
-    return acc(logits).softmax(dim=-1).mean(dim=-2)
+    return slot_probs(logits).mean(dim=-2)
 
 
 def _real_tokens(padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
@@ -131,7 +136,9 @@ def causal_step(
     state: Optional[State] = None,
     padding_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, State]:
-    """One decoding step. p, K: (B, k); V: (B, d); state {S, n} (None: empty).
+    """One decoding step. p: (B, k) slot weights, or (B, H, k) each head's slot
+    probabilities (slot_probs), averaged here; K: (B, k); V: (B, d); state {S, n}
+    (None: empty).
 
     Returns (out, state) with S = sum_j k_j v_j^T and n = number of real tokens so far.
     A padded step (padding_mask True) leaves S and n unchanged. Without autograd
@@ -151,6 +158,14 @@ def causal_step(
     else:
         S.baddbmm_(K.unsqueeze(-1), V.unsqueeze(-2))
         n.add_(real)
-    # out_i = p_i S_i / sqrt(i)
-    out = (acc(p).unsqueeze(1) @ S).squeeze(1) * n.clamp(min=1.0).rsqrt().unsqueeze(-1)
-    return out.to(dtype), {"S": S, "n": n}
+    # out_i = p_i S_i / sqrt(i); without padding this step's token makes i >= 1
+    scale = (n if padding_mask is None else n.clamp(min=1.0)).rsqrt()
+    return (scaled_mean(acc(p), scale) @ S).squeeze(1).to(dtype), {"S": S, "n": n}
+
+
+def scaled_mean(p: Tensor, scale: Tensor) -> Tensor:
+    """scale_b * mean over heads of p: p (B, k) or (B, H, k), scale (B,) -> (B, 1, k),
+    as one batched product (B, 1, H) @ (B, H, k)."""
+    P = p if p.dim() == 3 else p.unsqueeze(1)
+    B, H = P.shape[:2]
+    return torch.baddbmm(P[:, :1], scale.view(B, 1, 1).expand(B, 1, H), P, beta=0.0, alpha=1.0 / H)
