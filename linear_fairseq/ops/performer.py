@@ -69,7 +69,8 @@ def favor_features(x: Tensor, projection: Tensor) -> Tuple[Tensor, Tensor]:
     weights; for a query it cancels, and places the normalizer's clamp.
     """
     x = acc(x) * x.shape[-1] ** -0.25
-    a = x @ acc(projection).t() - 0.5 * (x * x).sum(-1, keepdim=True)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    a = torch.addcmul(x @ acc(projection).t(), norm, norm, value=-0.5)  # w_r . x' - |x'|^2 / 2
     s = a.amax(dim=-1, keepdim=True).detach()
     phi = torch.exp(a - s) / math.sqrt(projection.shape[0])
     return phi, s.squeeze(-1)
@@ -423,5 +424,6 @@ def _weighted_update(state: State, phi_k: Tensor, padding_mask, log_scale, gate_
     a, lg = key_log_weights(phi_k.shape[:2], phi_k, padding_mask, log_scale, gate_logits)
     r = a if lg is None else a - lg  # this key's log-weight, up to the common factor exp(lg)
     R_raw = torch.maximum(M, r).detach()
-    w_old, w_new = torch.exp(torch.stack([M, r]) - _finite(R_raw)).unbind()  # (B, H) each, both <= 1
+    R = R_raw if padding_mask is None else _finite(R_raw)  # without padding every log-weight, so R, is finite
+    w_old, w_new = torch.exp(torch.stack([M, r]) - R).unbind()  # (B, H) each, both <= 1
     return S, z, R_raw if lg is None else R_raw + lg, w_old, phi_k * w_new.unsqueeze(-1)
