@@ -11,8 +11,9 @@ sizes come from the checkpoint. Every tensor of the new model is
 
 * copied where the softmax model has a tensor of the same name and shape
   (embeddings, feed-forward layers, layer norms, output projection, kernel
-  attention's q/k/v/out projections, any role left as softmax; the
-  projections of a --local-window's softmax, from the attention it joins);
+  attention's q/k/v/out projections, a self-attention's q/k/v stacked into
+  its qkv_proj, any role left as softmax; the projections of a
+  --local-window's softmax, from the attention it joins);
 * mapped where the family derives it from the softmax weights (its
   ``from_softmax`` hook in the family registry; MemSizer: W_r from the value
   then output projection);
@@ -47,7 +48,7 @@ import yaml
 from . import families
 from .checkpoints import allow_fairseq_checkpoints
 from .errors import ConfigError
-from .modules.local import stack_qkv
+from .modules.projections import stack_qkv
 
 KINDS = {"translation": "translation", "language_modeling": "language model"}
 
@@ -143,11 +144,12 @@ def transfer(source: dict, model, family) -> tuple:
             out[name], how[name] = out[first], f"tied: to {first}"
             continue
         tied[fresh.data_ptr()] = name
-        if name in source and source[name].shape == fresh.shape:
-            out[name], how[name] = source[name].to(fresh.dtype).clone(), "copied"
+        own = softmax_tensor(source, name)
+        if own is not None and own.shape == fresh.shape:
+            out[name], how[name] = own.to(fresh.dtype).clone(), "copied" if name in source else "copied: q/k/v_proj stacked"
             continue
         window = name.replace(".window.", ".", 1)  # --local-window: exact softmax, from the softmax attention's
-        softmax = source.get(window, stack_qkv(source, window)) if window != name else None
+        softmax = softmax_tensor(source, window) if window != name else None
         if softmax is not None and softmax.shape == fresh.shape:
             what = pattern(window).replace("qkv_proj", "q/k/v_proj")
             out[name], how[name] = softmax.to(fresh.dtype).clone(), f"copied: {what} (the window's softmax)"
@@ -161,6 +163,12 @@ def transfer(source: dict, model, family) -> tuple:
         if name not in how:
             how[name] = "left out"
     return out, how
+
+
+def softmax_tensor(source: dict, name: str) -> Optional[torch.Tensor]:
+    """The softmax model's tensor `name`, or for a qkv_proj the q/k/v_proj tensors
+    it stacks (None: neither)."""
+    return source[name] if name in source else stack_qkv(source, name)
 
 
 def pattern(name: str) -> str:

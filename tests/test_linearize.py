@@ -255,7 +255,8 @@ def test_calibration_fits_only_the_new_parameters_and_brings_the_weights_closer(
 
 
 def test_a_local_window_starts_from_the_softmax_attention_it_joins(tmp_path):
-    """--local-window is exact softmax: its projections are the softmax attention's."""
+    """--local-window is exact softmax: its projections are the softmax attention's;
+    kernel attention's stacked q/k/v projection is the softmax attention's too."""
     src = softmax_checkpoint(tmp_path / "softmax.pt", "language_modeling")
     out = linearize(src, tmp_path / "local.pt", "performer_lm", ["--local-window", "4", "--short-conv", "3"])
     softmax = torch.load(src, weights_only=False)["model"]
@@ -268,5 +269,7 @@ def test_a_local_window_starts_from_the_softmax_attention_it_joins(tmp_path):
             assert torch.equal(weights[f"{attn}.window.out_proj.{kind}"], softmax[f"{attn}.out_proj.{kind}"])
             stacked = torch.cat([softmax[f"{attn}.{proj}_proj.{kind}"] for proj in "qkv"])
             assert torch.equal(weights[f"{attn}.window.qkv_proj.{kind}"], stacked)
+            assert torch.equal(weights[f"{attn}.qkv_proj.{kind}"], stacked)  # kernel attention's own, likewise
     assert "| copied: decoder.layers.*.self_attn.q/k/v_proj (the window's softmax) | 4 | 6,336 |" in out  # 2 layers
+    assert "| copied: q/k/v_proj stacked | 4 | 6,336 | decoder.layers.*.self_attn.qkv_proj |" in out
     assert torch.isfinite(forward(model, "language_modeling")).all()

@@ -125,18 +125,24 @@ def test_parallel_forms_run_as_many_operators_at_any_length(causal):
     assert len(set(counts.values())) == 1, counts
 
 
-def test_window_projections_kept_apart_load_into_the_stacked_one():
+@pytest.mark.parametrize("arch,extra,stacked", [
+    ("memsizer_lm", ["--local-window", "4"], 2),  # the window's, one per layer
+    ("performer_lm", [], 2),  # kernel attention's own
+    ("performer_lm", ["--local-window", "4"], 4),  # both
+])
+def test_projections_kept_apart_load_into_the_stacked_one(arch, extra, stacked):
     """fairseq's load path (upgrade_state_dict_named) stacks a state dict's
-    window q_proj, k_proj and v_proj into qkv_proj: the same model."""
-    args = TINY_LM + ["--local-window", "4"]
-    model, d = make_model("memsizer_lm", args, task="language_modeling")
+    q_proj, k_proj and v_proj into qkv_proj (the window's, a self-attention's):
+    the same model."""
+    args = TINY_LM + extra
+    model, d = make_model(arch, args, task="language_modeling")
     apart = {}
     for name, tensor in model.state_dict().items():
-        parts = tensor.chunk(3) if ".window.qkv_proj." in name else [tensor]
+        parts = tensor.chunk(3) if ".qkv_proj." in name else [tensor]
         names = [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")] if len(parts) == 3 else [name]
         apart.update({n: p.clone() for n, p in zip(names, parts)})
-    assert sum(".window.k_proj.weight" in name for name in apart) == 2  # one per layer
-    other, _ = make_model("memsizer_lm", args, task="language_modeling", seed=1)
+    assert sum("k_proj.weight" in name for name in apart) == stacked
+    other, _ = make_model(arch, args, task="language_modeling", seed=1)
     other.load_state_dict(apart, strict=True)
     tokens = random_tokens(d, 2, 9)
     torch.testing.assert_close(other(tokens)[0], model(tokens)[0], rtol=0, atol=0)

@@ -145,7 +145,7 @@ def test_attention_weights_are_the_weights_the_module_applies(feature_map, gate,
     pad[1, 8:] = True
     weights = attn.attention_weights(x, x, pad)
     assert weights.shape == (3, 4, 11, 11)
-    out = attn.merge(weights @ attn.heads(attn.v_proj(x)), x.dtype)
+    out = attn.merge(weights @ attn.heads(*attn.project(x, "v")), x.dtype)
     expected = attn.causal_parallel(x, pad) if causal else attn.read(x, attn.summarize(x, pad))
     torch.testing.assert_close(out, expected)
     assert weights[1, :, :, 8:].abs().max() == 0  # padded keys get nothing

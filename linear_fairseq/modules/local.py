@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..ops import local as L
 from .incremental import State
+from .projections import load_apart, stacked
 
 
 class ShortConv(nn.Module):
@@ -69,36 +70,5 @@ class SlidingWindow(nn.Module):
         return self.merge(out), state
 
     def upgrade_state_dict_named(self, state_dict, name: str):
-        """fairseq's loading hook: a state dict that holds the query, key and value
-        projections apart (q_proj, k_proj, v_proj) loads into qkv_proj."""
-        for kind in ("weight", "bias"):
-            fused = f"{name}.qkv_proj.{kind}"
-            parts = stack_qkv(state_dict, fused)
-            if parts is not None and fused not in state_dict:
-                state_dict[fused] = parts
-                for proj in QKV:
-                    del state_dict[f"{name}.{proj}.{kind}"]
-
-
-QKV = ("q_proj", "k_proj", "v_proj")
-
-
-def stack_qkv(tensors: dict, name: str) -> Optional[Tensor]:
-    """For `name` = MODULE.qkv_proj.KIND: the tensors MODULE.{q,k,v}_proj.KIND of
-    `tensors` stacked as qkv_proj holds them; None where one is missing."""
-    module, fused, kind = name.rpartition(".qkv_proj.")
-    parts = [f"{module}.{proj}.{kind}" for proj in QKV]
-    if not fused or not all(part in tensors for part in parts):
-        return None
-    return torch.cat([tensors[part] for part in parts])
-
-
-def stacked(*projections: nn.Linear) -> nn.Linear:
-    """One nn.Linear whose outputs are the projections' outputs side by side."""
-    weight = projections[0].weight
-    out = nn.utils.skip_init(nn.Linear, weight.shape[1], sum(p.out_features for p in projections),
-                             device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(torch.cat([p.weight for p in projections]))
-        out.bias.copy_(torch.cat([p.bias for p in projections]))
-    return out
+        """fairseq's loading hook: q_proj, k_proj and v_proj kept apart load into qkv_proj."""
+        load_apart(state_dict, name)

@@ -14,12 +14,14 @@ import math
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import performer as K
 from ..ops import performer_fla
 from .attention import LinearAttention, Problem, State, first_problem, is_int, is_number, is_positive_int
+from .projections import load_apart, stacked
 
 class EluFeatures(nn.Module):
     """Each feature module returns (phi(x), its log-scale or None)."""
@@ -153,16 +155,32 @@ class PerformerAttention(LinearAttention):
         kv_dim = kv_dim or embed_dim
         self.feature_map_name, self.chunk_size, self.kernel_backend = feature_map, kernel_chunk_size, kernel_backend
         self.eps = phi.eps if kernel_eps is None else kernel_eps
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.k_proj = nn.Linear(kv_dim, embed_dim)
-        self.v_proj = nn.Linear(kv_dim, embed_dim)
+        q_proj, k_proj, v_proj = nn.Linear(embed_dim, embed_dim), nn.Linear(kv_dim, embed_dim), nn.Linear(kv_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.phi = phi.build(num_heads, self.head_dim, m, redraw_interval)
         # RFA's recency gate g_t = sigmoid(w_h . x_t + b_h), one per head (causal only)
         self.gate = nn.Linear(embed_dim, num_heads) if rfa_gate and causal else None
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
+        for proj in (q_proj, k_proj, v_proj):
             nn.init.xavier_uniform_(proj.weight, gain=2**-0.5)  # as fairseq's MultiheadAttention
         nn.init.xavier_uniform_(self.out_proj.weight)
+        # self-attention projects one input: one matrix product (modules/projections.py)
+        if cross:
+            self.q_proj, self.k_proj, self.v_proj = q_proj, k_proj, v_proj
+        else:
+            self.qkv_proj = stacked(q_proj, k_proj, v_proj)
+
+    def project(self, x: Tensor, names: str) -> Tuple[Tensor, ...]:
+        """x's projections `names`, a run of "qkv" ("q", "kv", "qkv", ...): one
+        matrix product of qkv_proj's rows in self-attention."""
+        if self.encoder_decoder_attention:
+            return tuple(getattr(self, f"{name}_proj")(x) for name in names)
+        rows = slice("qkv".index(names) * self.embed_dim, ("qkv".index(names) + len(names)) * self.embed_dim)
+        return F.linear(x, self.qkv_proj.weight[rows], self.qkv_proj.bias[rows]).chunk(len(names), dim=-1)
+
+    def upgrade_state_dict_named(self, state_dict, name: str):
+        """fairseq's loading hook: a self-attention's q_proj, k_proj and v_proj kept apart load into qkv_proj."""
+        if not self.encoder_decoder_attention:
+            load_apart(state_dict, name)
 
     # (B, T, C) -> (B, H, T, d) and back
     def heads(self, x: Tensor) -> Tensor:
@@ -171,8 +189,9 @@ class PerformerAttention(LinearAttention):
     def merge(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         return self.out_proj(x.transpose(1, 2).flatten(2).to(dtype))
 
-    def features(self, x: Tensor, proj: nn.Linear):
-        return self.phi(self.heads(proj(x)))
+    def features(self, projected: Tensor):
+        """phi and its log-scale (or None) of a query or key projection (B, T, C), per head."""
+        return self.phi(self.heads(projected))
 
     def gate_logits(self, x: Tensor) -> Optional[Tensor]:
         return None if self.gate is None else self.gate(x).transpose(1, 2)  # (B, H, T)
@@ -183,24 +202,26 @@ class PerformerAttention(LinearAttention):
         """The weight each query of x (B, T, C) gives each key of source (B, n, C),
         (B, H, T, n), computed quadratically (for inspection and calibration; the
         forms above never build it). padding_mask (B, n) marks padded keys."""
-        phi_q, q_scale = self.features(x, self.q_proj)
-        phi_k, log_scale = self.features(source, self.k_proj)
+        (q,), (k,) = self.project(x, "q"), self.project(source, "k")
+        phi_q, q_scale = self.features(q)
+        phi_k, log_scale = self.features(k)
         gate = self.gate_logits(source) if self.causal else None
         return K.weights(phi_q, phi_k, self.causal, padding_mask, log_scale, gate, q_scale, eps=self.eps)
 
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
-        phi_k, log_scale = self.features(source, self.k_proj)
-        return K.summarize(phi_k, self.heads(self.v_proj(source)), padding_mask, log_scale)
+        k, v = self.project(source, "kv")
+        phi_k, log_scale = self.features(k)
+        return K.summarize(phi_k, self.heads(v), padding_mask, log_scale)
 
     def read(self, x: Tensor, state: State) -> Tensor:
-        phi_q, q_scale = self.features(x, self.q_proj)
+        phi_q, q_scale = self.features(*self.project(x, "q"))
         out = K.read(phi_q, state, x.dtype, q_scale, eps=self.eps)
         return self.merge(out, x.dtype)
 
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        phi_q, q_scale = self.features(x, self.q_proj)
-        phi_k, log_scale = self.features(x, self.k_proj)
-        args = (phi_q, phi_k, self.heads(self.v_proj(x)), padding_mask, log_scale, self.gate_logits(x), q_scale)
+        q, k, v = self.project(x, "qkv")
+        (phi_q, q_scale), (phi_k, log_scale) = self.features(q), self.features(k)
+        args = (phi_q, phi_k, self.heads(v), padding_mask, log_scale, self.gate_logits(x), q_scale)
         if self.runs_on_fla(x):
             out = performer_fla.causal(*args, eps=self.eps)
         else:
@@ -220,11 +241,13 @@ class PerformerAttention(LinearAttention):
         return why is None
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        # the query's and the key's features in one call: (B, 2, C) -> (B, H, 2, m)
-        phi, scale = self.phi(self.heads(torch.stack([self.q_proj(x), self.k_proj(x)], dim=1)))
+        # q, k, v of one step as a sequence of three (B, 3, C); the query's and the
+        # key's features in one call: (B, H, 2, m)
+        qkv = self.qkv_proj(x).unflatten(-1, (3, self.embed_dim))
+        phi, scale = self.features(qkv[:, :2])
         at = lambda t, i: None if t is None else t[:, :, i]  # noqa: E731
         gate = None if self.gate is None else self.gate(x)
-        v = self.v_proj(x).view(x.shape[0], self.num_heads, self.head_dim)
+        v = qkv[:, 2].view(x.shape[0], self.num_heads, self.head_dim)
         out, state = K.causal_step(phi[:, :, 0], phi[:, :, 1], v, state or None, padding_mask,
                                    at(scale, 1), gate, at(scale, 0), eps=self.eps)
         return self.out_proj(out.flatten(1).to(x.dtype)), state
