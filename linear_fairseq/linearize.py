@@ -48,7 +48,7 @@ import yaml
 from . import families
 from .checkpoints import allow_fairseq_checkpoints
 from .errors import ConfigError
-from .modules.projections import stack_qkv
+from .modules.projections import stack_apart
 
 KINDS = {"translation": "translation", "language_modeling": "language model"}
 
@@ -168,7 +168,7 @@ def transfer(source: dict, model, family) -> tuple:
 def softmax_tensor(source: dict, name: str) -> Optional[torch.Tensor]:
     """The softmax model's tensor `name`, or for a qkv_proj the q/k/v_proj tensors
     it stacks (None: neither)."""
-    return source[name] if name in source else stack_qkv(source, name)
+    return source[name] if name in source else stack_apart(source, name)
 
 
 def pattern(name: str) -> str:

@@ -108,3 +108,26 @@ def test_the_unit_checks_the_same_rules_as_the_options(change, message):
     GatedAttentionUnit(32, **kwargs)
     with pytest.raises(ConfigError, match=message):
         GatedAttentionUnit(32, **{**kwargs, **change})
+
+
+@pytest.mark.parametrize("arch,args,task", [
+    ("flash_lm", TINY_LM, "language_modeling"), ("flash_transformer", TINY_MT, "translation")])
+def test_u_v_z_projections_kept_apart_load_into_the_stacked_one(arch, args, task):
+    """fairseq's load path (upgrade_state_dict_named) stacks a state dict's to_uv
+    and to_z into to_uvz, in the decoder's units and the encoder's: the same model."""
+    model, d = make_model(arch, args + ["--gau-s", "16"], task)
+    widths = {u.e: u for u in model.modules() if isinstance(u, GatedAttentionUnit)}
+    (e, unit), = widths.items()
+    apart = {}
+    for name, tensor in model.state_dict().items():
+        if ".to_uvz." in name:
+            to_uv, to_z = tensor.split((2 * e, unit.s))
+            apart[name.replace("to_uvz", "to_uv")], apart[name.replace("to_uvz", "to_z")] = to_uv.clone(), to_z.clone()
+        else:
+            apart[name] = tensor.clone()
+    assert sum(".to_z.weight" in name for name in apart) == (4 if task == "translation" else 2)
+    other, _ = make_model(arch, args + ["--gau-s", "16"], task, seed=1)
+    other.load_state_dict(apart, strict=True)
+    tokens = torch.randint(4, len(d), (2, 9), generator=torch.Generator().manual_seed(0))
+    inputs = (tokens, torch.full((2,), 9), tokens) if task == "translation" else (tokens,)
+    torch.testing.assert_close(other(*inputs)[0], model(*inputs)[0], rtol=0, atol=0)

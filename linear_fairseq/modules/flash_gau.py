@@ -31,6 +31,7 @@ from ..families import Problem
 from ..ops import flash as ops
 from .attention import build_attention, first_problem, is_number, is_positive_int
 from .incremental import IncrementalState, State
+from .projections import load_apart, stacked
 
 
 class ScaleNorm(nn.Module):
@@ -115,14 +116,14 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         self.s, self.e, self.chunk_size = gau_s, int(round(gau_expansion * dim)), gau_chunk_size
         self.mode, self.rope, self.relu2_norm = gau_attention, not no_rope, gau_relu2_norm
         self.norm = build_norm(gau_norm, dim)
-        self.to_uv = nn.Linear(dim, 2 * self.e)
-        self.to_z = nn.Linear(dim, self.s)
+        to_uv, to_z = nn.Linear(dim, 2 * self.e), nn.Linear(dim, self.s)
         # gamma ~ N(0, 0.02) as in the paper, or N(1, 0.02): q = k = Z at the start (--gau-scale-init)
         self.offset_scale = OffsetScale(self.s, 4 if self.mode == "mixed" else 2,
                                         1.0 if gau_scale_init == "unit" else 0.0)
         self.rel_bias = nn.Parameter(torch.zeros(2 * gau_chunk_size - 1)) if gau_rel_pos_bias else None
         self.to_out = nn.Linear(self.e, dim)
         self.dropout = nn.Dropout(dropout)
+        self.to_uvz = stacked(to_uv, to_z)  # U, V and Z from one matrix product (modules/projections.py)
 
     @property
     def options(self) -> dict:
@@ -131,9 +132,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
 
     def gates(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """U, V (width e) and Z (width s) from the normalized input."""
-        n = self.norm(x)
-        u, v = F.silu(self.to_uv(n)).chunk(2, dim=-1)
-        return u, v, F.silu(self.to_z(n))
+        return F.silu(self.to_uvz(self.norm(x))).split((self.e, self.e, self.s), dim=-1)
 
     def queries_keys(self, z: Tensor, positions: Tensor):
         qk = self.offset_scale(z)  # (..., heads, s): all heads rotate by the same positions
@@ -172,6 +171,10 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         qk = self.queries_keys(z, state["position"])
         a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype)), state
+
+    def upgrade_state_dict_named(self, state_dict, name: str):
+        """fairseq's loading hook: to_uv and to_z kept apart load into to_uvz."""
+        load_apart(state_dict, name, ("to_uv", "to_z"), "to_uvz")
 
     def reorder_state(self, state: State, new_order: Tensor) -> State:
         if self.mode == "quadratic":

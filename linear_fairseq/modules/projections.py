@@ -1,10 +1,12 @@
-"""One matrix product for an attention's query, key and value projections.
+"""One matrix product for several projections of the same input.
 
-A self-attention module holds them as one nn.Linear, ``qkv_proj``, whose
-outputs are q, k and v side by side: one kernel instead of three, at every
-training pass and decoding step. A state dict that holds them apart
-(``q_proj``, ``k_proj``, ``v_proj``: a softmax attention's, or a checkpoint
-saved that way) loads into it through fairseq's ``upgrade_state_dict_named``.
+A self-attention module holds its query, key and value projections as one
+nn.Linear, ``qkv_proj``, whose outputs are q, k and v side by side (FLASH's
+gated attention unit likewise its U, V and Z projections, ``to_uvz``): one
+kernel instead of three, at every training pass and decoding step. A state
+dict that holds the parts apart (``q_proj``, ``k_proj``, ``v_proj``: a
+softmax attention's, or a checkpoint saved that way) loads into the stacked
+one through fairseq's ``upgrade_state_dict_named``.
 """
 from typing import Optional
 
@@ -25,23 +27,23 @@ def stacked(*projections: nn.Linear) -> nn.Linear:
     return out
 
 
-def stack_qkv(tensors: dict, name: str) -> Optional[Tensor]:
-    """For `name` = MODULE.qkv_proj.KIND: the tensors MODULE.{q,k,v}_proj.KIND of
-    `tensors` stacked as qkv_proj holds them; None where one is missing."""
-    module, fused, kind = name.rpartition(".qkv_proj.")
-    parts = [f"{module}.{proj}.{kind}" for proj in QKV]
-    if not fused or not all(part in tensors for part in parts):
+def stack_apart(tensors: dict, name: str, parts=QKV, fused: str = "qkv_proj") -> Optional[Tensor]:
+    """For `name` = MODULE.<fused>.KIND: the tensors MODULE.<part>.KIND of `tensors`
+    stacked as <fused> holds them; None where one is missing."""
+    module, found, kind = name.rpartition(f".{fused}.")
+    names = [f"{module}.{part}.{kind}" for part in parts]
+    if not found or not all(part in tensors for part in names):
         return None
-    return torch.cat([tensors[part] for part in parts])
+    return torch.cat([tensors[part] for part in names])
 
 
-def load_apart(state_dict: dict, name: str) -> None:
-    """In `state_dict`, the module `name`'s q_proj, k_proj and v_proj tensors,
-    where it holds them apart and no qkv_proj, replaced by qkv_proj's."""
+def load_apart(state_dict: dict, name: str, parts=QKV, fused: str = "qkv_proj") -> None:
+    """In `state_dict`, the module `name`'s `parts` tensors, where it holds them
+    apart and not `fused`, replaced by `fused`'s."""
     for kind in ("weight", "bias"):
-        fused = f"{name}.qkv_proj.{kind}"
-        parts = stack_qkv(state_dict, fused)
-        if parts is not None and fused not in state_dict:
-            state_dict[fused] = parts
-            for proj in QKV:
-                del state_dict[f"{name}.{proj}.{kind}"]
+        stacked_name = f"{name}.{fused}.{kind}"
+        tensor = stack_apart(state_dict, stacked_name, parts, fused)
+        if tensor is not None and stacked_name not in state_dict:
+            state_dict[stacked_name] = tensor
+            for part in parts:
+                del state_dict[f"{name}.{part}.{kind}"]

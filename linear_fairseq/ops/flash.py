@@ -337,11 +337,10 @@ def advance(state: State, k_chunk, v_chunk, kl, v, padding_mask, G: int) -> Stat
         kl = kl * real[:, None]
     in_place = writable(kl, v, state["kv_chunk"], state["kv_done"])
     kv_chunk = update(state["kv_chunk"], "baddbmm", in_place, kl.unsqueeze(2), v.unsqueeze(1))
-    fill = state["fill"] + (1 if real is None else real.long())
-    full = fill == G
-    done = full.to(kv_chunk.dtype)  # 1.0 where this step completed the chunk
-    kv_done = update(state["kv_done"], "addcmul", in_place, kv_chunk, done[:, None, None])
+    fill = state["fill"] + (1 if real is None else real)
+    full = fill == G  # where this step completed the chunk (bool, counting as 1 and 0 below)
+    kv_done = update(state["kv_done"], "addcmul", in_place, kv_chunk, full[:, None, None])
     kv_chunk = update(kv_chunk, "masked_fill", in_place, full[:, None, None], 0.0)  # a completed chunk starts anew
     return {"k_chunk": k_chunk, "v_chunk": v_chunk, "kv_chunk": kv_chunk, "kv_done": kv_done,
-            "n_done": state["n_done"].add(done, alpha=G), "fill": fill.remainder(G),
-            "position": state["position"] + (1.0 if real is None else real.to(done.dtype))}
+            "n_done": state["n_done"].add(full, alpha=G), "fill": fill.remainder(G),
+            "position": state["position"] + (1.0 if real is None else real)}
