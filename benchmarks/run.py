@@ -1,7 +1,7 @@
 """Speed and memory of every family against fairseq's softmax transformer.
 
     python -m benchmarks.run --suite decode|hybrid|mt|sum|beam|train|local|all [--device cpu|cuda] [--quick]
-        [--out DIR] [--budget SECONDS] [--readme README.md] [--resume]
+        [--out DIR] [--budget SECONDS] [--readme README.md] [--resume | --replace]
 
 Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
 (the tables and the targets), one PNG per suite, and prints the tables.
@@ -9,7 +9,8 @@ Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
 results.md, so the README's table is reproduced by the same command.
 The JSON is written after each suite; --resume keeps the suites an earlier
 run with the same code, sizes, budget, repeats and machine wrote there, and
-runs the rest.
+runs the rest. A DIR that holds an earlier run's results.json is refused
+unless --resume finishes it or --replace measures it anew.
 """
 import argparse
 import datetime
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="keep the suites OUT/results.json already holds from a run with the same options "
                         "on this machine; measure the others")
+    p.add_argument("--replace", action="store_true",
+                   help="measure anew where OUT/results.json holds an earlier run (it is rewritten)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
@@ -77,6 +80,12 @@ def parse_args(argv=None):
         args.budget = 30.0 if args.quick else 600.0
     if args.out is None:
         args.out = Path(__file__).parent / "results" / (args.device + ("-quick" if args.quick else ""))
+    if args.resume and args.replace:
+        p.error("--resume keeps an earlier run's suites, --replace measures them anew: choose one")
+    earlier = args.out / "results.json"
+    if earlier.exists() and not (args.resume or args.replace):
+        sys.exit(f"benchmarks.run: {earlier} holds an earlier run; --resume to finish it, --replace to measure "
+                 f"anew (rewriting it), or another --out")
     return args
 
 

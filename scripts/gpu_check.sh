@@ -12,6 +12,7 @@
 # is not installed, the wheels of ../shared/gpu/wheels.sh in .gpu/whl are
 # installed into a temporary folder first (no network needed). Each step's
 # output goes to OUT/gpu_check.log as well; a failed step is named at the end.
+# An OUT that holds an earlier check (its gpu_check.log) is refused.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/benchmarks/results/cuda}" && cd "${1:-$ROOT/benchmarks/results/cuda}" && pwd)"
@@ -19,6 +20,10 @@ PY="${PYTHON:-python3}"
 cd "$ROOT"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_check: no CUDA device visible to $PY's torch on this machine; run it where one is" >&2
+    exit 1
+fi
+if [ -e "$OUT/gpu_check.log" ]; then
+    echo "gpu_check: $OUT holds an earlier check (gpu_check.log); give another OUT, or move that one away" >&2
     exit 1
 fi
 if ! "$PY" -c "import fairseq" 2>/dev/null; then

@@ -2,6 +2,7 @@
 JSON's schema, the tables and plots; timings are not asserted), and the
 target arithmetic on hand-made records."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -131,6 +132,27 @@ def test_resume_keeps_the_suites_measured_and_runs_the_rest(quick_run, tmp_path)
     (out / "results.json").write_text("{")
     r = bench(*QUICK, "--out", str(out), "--resume")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(f"--resume: {out / 'results.json'} is not JSON")
+
+
+def test_an_earlier_run_is_refused_unless_resumed_or_replaced(tmp_path):
+    """An OUT holding an earlier run's results.json is not measured over: one
+    line naming the file and the flags, the file untouched; --replace lets the
+    run rewrite it; --resume with --replace is refused."""
+    from benchmarks import run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": 1}')
+    r = bench("--quick", "--suite", "train", "--out", str(out))
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"benchmarks.run: {out / 'results.json'} holds an earlier run; --resume to finish it, --replace to "
+        f"measure anew (rewriting it), or another --out")
+    assert (out / "results.json").read_text() == '{"earlier": 1}'
+    assert run.parse_args(["--quick", "--out", str(out), "--replace"]).replace
+    r = bench("--quick", "--out", str(out), "--replace", "--resume")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--resume keeps an earlier run's "
+                                                                             "suites, --replace measures them "
+                                                                             "anew: choose one")
 
 
 def records(tok):
@@ -343,6 +365,23 @@ def test_train_check_trains_a_family_through_fairseq_train(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     (run,) = json.loads(out.read_text())["runs"]
     assert run["ok"] and len(run["losses"]) >= 2 and run["losses"][-1] < run["losses"][0] and min(run["wps"]) > 0
+
+
+def test_gpu_check_does_not_write_over_an_earlier_check(tmp_path):
+    """An OUT that holds an earlier check's log is refused in one line before
+    anything runs (a stand-in Python that reports CUDA gets past the device check)."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 0\n")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gpu_check.log").write_text("earlier\n")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(python)})
+    assert r.returncode == 1 and r.stderr.strip() == (f"gpu_check: {out} holds an earlier check (gpu_check.log); "
+                                                      f"give another OUT, or move that one away")
+    assert (out / "gpu_check.log").read_text() == "earlier\n" and sorted(p.name for p in out.iterdir()) == [
+        "gpu_check.log"]
 
 
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):

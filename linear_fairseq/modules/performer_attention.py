@@ -155,7 +155,8 @@ class PerformerAttention(LinearAttention):
         kv_dim = kv_dim or embed_dim
         self.feature_map_name, self.chunk_size, self.kernel_backend = feature_map, kernel_chunk_size, kernel_backend
         self.eps = phi.eps if kernel_eps is None else kernel_eps
-        q_proj, k_proj, v_proj = nn.Linear(embed_dim, embed_dim), nn.Linear(kv_dim, embed_dim), nn.Linear(kv_dim, embed_dim)
+        q_proj = nn.Linear(embed_dim, embed_dim)
+        k_proj, v_proj = nn.Linear(kv_dim, embed_dim), nn.Linear(kv_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.phi = phi.build(num_heads, self.head_dim, m, redraw_interval)
         # RFA's recency gate g_t = sigmoid(w_h . x_t + b_h), one per head (causal only)
@@ -174,7 +175,8 @@ class PerformerAttention(LinearAttention):
         matrix product of qkv_proj's rows in self-attention."""
         if self.encoder_decoder_attention:
             return tuple(getattr(self, f"{name}_proj")(x) for name in names)
-        rows = slice("qkv".index(names) * self.embed_dim, ("qkv".index(names) + len(names)) * self.embed_dim)
+        first = "qkv".index(names) * self.embed_dim
+        rows = slice(first, first + len(names) * self.embed_dim)
         return F.linear(x, self.qkv_proj.weight[rows], self.qkv_proj.bias[rows]).chunk(len(names), dim=-1)
 
     def upgrade_state_dict_named(self, state_dict, name: str):
