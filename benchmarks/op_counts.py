@@ -1,6 +1,6 @@
 """How many operators each family's model runs: a CPU proxy for GPU launch cost.
 
-    python -m benchmarks.op_counts [--families transformer,memsizer] [--out FILE.json]
+    python -m benchmarks.op_counts [--families transformer,memsizer] [--out FILE.json] [--replace]
 
 On a GPU every aten operator launches at least one kernel, so a form whose
 operator count grows with the sequence length launches O(T) kernels. With the
@@ -15,10 +15,12 @@ no other such operator, one per kernel a GPU would launch, of
           which stands in for attention and FFN).
 
 Counts, not timings: the numbers do not depend on the machine's speed.
-Writes JSON and a markdown table beside it.
+Writes JSON and a markdown table beside it; an existing FILE.json (the
+committed counts by default) is rewritten only with --replace.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -147,8 +149,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default=",".join(models.FAMILIES))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu/op-counts.json"))
+    ap.add_argument("--replace", action="store_true", help="rewrite --out where it holds earlier counts")
     args = ap.parse_args(argv)
     families = models.family_list(ap, args.families)
+    if args.out.exists() and not args.replace:
+        sys.exit(f"benchmarks.op_counts: {args.out} holds earlier counts; --replace to count anew (rewriting "
+                 f"it), or another --out")
     torch.set_num_threads(1)
     results = measure(families)
     args.out.parent.mkdir(parents=True, exist_ok=True)

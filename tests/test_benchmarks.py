@@ -345,6 +345,16 @@ def test_memsizer_decoding_step_runs_no_more_operators_a_layer_than_softmax():
     assert per_layer("memsizer", 16) == per_layer("memsizer", 64) <= per_layer("transformer", 16)
 
 
+def test_op_counts_does_not_write_over_earlier_counts(tmp_path):
+    out = tmp_path / "counts.json"
+    out.write_text("{}")
+    r = forked.run([sys.executable, "-m", "benchmarks.op_counts", "--families", "memsizer", "--out", str(out)],
+                   cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip() == (f"benchmarks.op_counts: {out} holds earlier counts; "
+                                                      f"--replace to count anew (rewriting it), or another --out")
+    assert out.read_text() == "{}"
+
+
 def test_a_view_counts_no_operator_and_a_copy_one():
     """benchmarks.op_counts counts kernels: views (movedim, unsqueeze, ...) launch
     none; flattening a permuted tensor copies it, one."""
