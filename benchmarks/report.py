@@ -276,15 +276,15 @@ TABLES = {"decode": decode_tables, "hybrid": hybrid_tables, **{suite: partial(se
           "train": train_tables, "local": local_tables}
 
 
-def update_readme(readme: Path, tables: str, out: Path):
+def update_readme(readme: Path, tables: str, out: Path, begin: str = BEGIN, end: str = END):
     """Replace the block between the markers with `tables`, plots linked relative to the README."""
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: no {BEGIN} ... {END} block to replace")
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme}: no {begin} ... {end} block to replace")
     rel = os.path.relpath(out, readme.parent)
     tables = tables.replace("](", f"]({rel}/")
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    readme.write_text(text[:start] + "\n" + tables + text[end:])
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    readme.write_text(text[:start] + "\n" + tables + text[stop:])
 
 
 # -- plots ------------------------------------------------------------------------------------

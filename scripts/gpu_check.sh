@@ -8,6 +8,9 @@
 #                                                                     -> OUT/results.{json,md}, plots
 # 3. python -m benchmarks.train_check --fp16: a short fairseq-train of every
 #    family through the stock CLI on generated data                   -> OUT/train_check.json
+# 4. python -m benchmarks.gpu_block: the GPU targets as measured, and the
+#    checks, as the GPU block of docs/performance.md                  -> OUT/gpu_check.md
+#    (python -m benchmarks.gpu_block OUT --readme docs/performance.md puts it there)
 # It uses the Python whose torch sees CUDA (python3, or $PYTHON). Where fairseq
 # is not installed, the wheels of ../shared/gpu/wheels.sh in .gpu/whl are
 # installed into a temporary folder first (no network needed). Each step's
@@ -49,6 +52,7 @@ step train-suite "$PY" -m benchmarks.run --device cuda --suite train --budget 12
 step decode-suite "$PY" -m benchmarks.run --device cuda --suite decode --budget 30 --out "$OUT/decode" --no-plots
 step local-suite "$PY" -m benchmarks.run --device cuda --suite local --budget 30 --out "$OUT/local" --no-plots
 step fp16-train "$PY" -m benchmarks.train_check --fp16 --updates 60 --out "$OUT/train_check.json"
+step block "$PY" -m benchmarks.gpu_block "$OUT"
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "gpu_check: failed steps: ${failed[*]} (log: $OUT/gpu_check.log)" >&2
     exit 1

@@ -394,6 +394,25 @@ def test_gpu_check_does_not_write_over_an_earlier_check(tmp_path):
         "gpu_check.log"]
 
 
+def test_gpu_check_runs_every_step_and_writes_the_block(tmp_path):
+    """The check's steps in order, then the block from what they wrote: with a
+    stand-in Python that reports CUDA and does nothing but the block, every
+    step passes and the block names every file as not measured."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m benchmarks.gpu_block" ] && exec {sys.executable} "$@"\nexit 0\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(python)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.findall(r"^== gpu_check: (\S+)", r.stdout, re.M) == ["ops", "train-suite", "decode-suite", "local-suite",
+                                                                     "fp16-train", "block"]
+    block = (out / "gpu_check.md").read_text()
+    assert "| train memsizer: tokens/s vs softmax with SDPA, context 8192 | not measured | >= 2.0x |  |" in block
+    assert ("Not measured (the check wrote no such file): " + ", ".join(str(out / f) for f in (
+        "gpu_ops.json", "train/results.json", "decode/results.json", "local/results.json", "train_check.json"))) in block
+
+
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA: the check would run")
@@ -401,3 +420,60 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == ("gpu_check: no CUDA device visible to python3's torch on "
                                                       "this machine; run it where one is")
+
+
+def gpu_out(tmp_path):
+    """A folder as scripts/gpu_check.sh leaves it, with made-up figures: gpu_ops.json,
+    train/ and decode/ results; no local suite, no fp16 fairseq-train run."""
+    out = tmp_path / "cuda"
+    speed = [{"op": op, "T": T, "B": 4, "fwd_bwd_ms": ms} for op, T, ms in [
+        ("sdpa-bf16", 16384, 8.7), ("performer-elu-parallel-bf16", 16384, 4.35), ("performer-elu-parallel", 4096, 4.0),
+        ("fla-core-chunk_linear_attn-elu-bf16", 4096, 2.6), ("performer-elu-fla-bf16", 4096, 2.0),
+        ("fla-core-chunk_linear_attn-elu-bf16", 16384, 3.0), ("performer-elu-fla-bf16", 16384, 6.0)]]
+    parity = [{"family": "performer-elu", "form": "parallel", "T": 7, "out_vs_naive": 3e-7, "grad_vs_naive": 2e-6},
+              {"family": "performer-elu", "form": "step", "T": 7, "out_vs_naive": 5e-7}]
+    low = [{"family": "performer-elu", "form": "parallel", "T": 4096, "dtype": d, "finite": True,
+            "rel_err_vs_fp32": e} for d, e in (("torch.float16", 1e-3), ("torch.bfloat16", 4e-3))]
+    (out / "train").mkdir(parents=True)
+    (out / "decode").mkdir()
+    (out / "gpu_ops.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11.0+cu130", "fla_core": "imports",
+                                                  "parity": parity, "low_precision": low, "speed": speed}))
+    tok = lambda family, value, **key: {"family": family, "status": "ok", "tokens_per_s": {"median": value}, **key}  # noqa: E731
+    train = [tok(f, v, ctx=T) for T, row in ((2048, {"transformer_sdpa": 400.0, **dict.fromkeys(report.LINEAR, 500.0)}),
+                                            (8192, {"transformer_sdpa": 200.0, **dict.fromkeys(report.LINEAR, 300.0)}))
+             for f, v in row.items()]
+    decode = [tok(f, v, L=256, batch=1) for f, v in {"transformer": 200.0, **dict.fromkeys(report.LINEAR, 250.0)}.items()]
+    (out / "train" / "results.json").write_text(json.dumps({"train": train}))
+    (out / "decode" / "results.json").write_text(json.dumps({"decode": decode}))
+    return out
+
+
+def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
+    """benchmarks.gpu_block: the issue's GPU targets computed from the check's JSON
+    (ratios, met or not), the parity rows, the files the check did not write
+    named, and --readme replacing only the gpu block."""
+    from benchmarks import gpu_block
+
+    out = gpu_out(tmp_path)
+    readme = tmp_path / "perf.md"
+    readme.write_text(f"before\n{gpu_block.BEGIN}\nold\n{gpu_block.END}\nafter\n")
+    r = forked.run([sys.executable, "-m", "benchmarks.gpu_block", str(out), "--readme", str(readme)], cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (out / "gpu_check.md").read_text()
+    assert text.startswith("Measured by `bash scripts/gpu_check.sh` on NVIDIA H200, torch 2.11.0+cu130, fla-core: imports.")
+    for row in ("| performer-elu parallel (torch) bf16: SDPA bf16's time / ours, T=16384 | 2.00x | >= 1.0x | yes |",
+                "| performer-elu parallel fp32: the first GPU run's chunk loop / ours, T=4096 | 22.90x | >= 20.0x | yes |",
+                "| performer-elu fla bf16: fla-core's chunk_linear_attn time / ours (within 1.3x), T=4096 | 1.30x | "
+                ">= 0.77x | yes |",
+                "| performer-elu fla bf16: fla-core's chunk_linear_attn time / ours (within 1.3x), T=16384 | 0.50x | "
+                ">= 0.77x | **no** |",
+                "| train memsizer: tokens/s vs softmax with SDPA, context 2048 | 1.25x | >= 1.0x | yes |",
+                "| train flash: tokens/s vs softmax with SDPA, context 8192 | 1.50x | >= 2.0x | **no** |",
+                "| decode performer: softmax's ms a step / ours, L=256, batch 1 | 1.25x | >= 1.0x | yes |",
+                "| performer-elu | 5.0e-07 / 2.0e-06 | yes | 4.0e-03 |"):
+        assert row in text, row
+    assert f"Not measured (the check wrote no such file): {out / 'local' / 'results.json'}, {out / 'train_check.json'}." in text
+    assert readme.read_text() == f"before\n{gpu_block.BEGIN}\n{text}{gpu_block.END}\nafter\n"
+    r = forked.run([sys.executable, "-m", "benchmarks.gpu_block", str(tmp_path / "nowhere")], cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip() == (f"benchmarks.gpu_block: {tmp_path / 'nowhere'} is not a folder; "
+                                                      f"give the OUT of scripts/gpu_check.sh")

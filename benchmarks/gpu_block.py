@@ -1,0 +1,149 @@
+"""The GPU block of docs/performance.md, from what scripts/gpu_check.sh wrote.
+
+    python -m benchmarks.gpu_block OUT [--readme docs/performance.md]
+
+Reads OUT/gpu_ops.json, OUT/{train,decode,local}/results.json and
+OUT/train_check.json, and writes OUT/gpu_check.md: the device and versions,
+then the GPU targets of the "Fast on the GPU" issue as measured (kernel
+attention's forward+backward against SDPA, the first GPU run and fla-core; LM
+training against softmax with SDPA; decoding at L = 256, batch 1 against
+softmax), the parity and precision checks, and the fp16 fairseq-train runs.
+A file the check did not write is named as not measured. --readme replaces
+the block between the gpu markers in that file. It runs anywhere (no GPU).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from . import report
+from .report import LINEAR, lookup, ratio, target, target_table
+
+BEGIN, END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
+SUITES = ("train", "decode", "local")
+# forward+backward ms at T = 4096, fp32, of the chunk loop the first GPU run timed
+# (one H200, code at 3d86c7c; ../shared/gpu/gpu-2026-12-04.md), the reference of
+# the "20x faster than today" target
+FIRST_RUN_4096_MS = {"performer-elu": 91.6, "performer-favor": 95.1}
+SDPA, FLA_CORE = "sdpa-bf16", "fla-core-chunk_linear_attn-elu-bf16"
+SOFTMAX_SDPA = "transformer_sdpa"
+
+
+def read(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        sys.exit(f"benchmarks.gpu_block: {path} is not JSON ({e}); rerun the step that writes it")
+
+
+def ms(speed: list, op: str, T: int) -> Optional[float]:
+    """The median forward+backward ms of `op` at length T (None: not timed, or out of memory)."""
+    for row in speed:
+        if row["op"] == op and row["T"] == T and row["fwd_bwd_ms"] == row["fwd_bwd_ms"]:
+            return row["fwd_bwd_ms"]
+    return None
+
+
+def kernel_targets(speed: list) -> list:
+    """Kernel attention's forward+backward targets, for each feature map timed."""
+    out = []
+    for fam in dict.fromkeys(row["op"].rsplit("-parallel", 1)[0] for row in speed if "-parallel" in row["op"]):
+        out.append(target(f"{fam} parallel (torch) bf16: SDPA bf16's time / ours, T=16384",
+                          ratio(ms(speed, SDPA, 16384), ms(speed, f"{fam}-parallel-bf16", 16384)), 1.0))
+        if fam in FIRST_RUN_4096_MS:
+            out.append(target(f"{fam} parallel fp32: the first GPU run's chunk loop / ours, T=4096",
+                              ratio(FIRST_RUN_4096_MS[fam], ms(speed, f"{fam}-parallel", 4096)), 20.0))
+        for T in (4096, 16384):
+            out.append(target(f"{fam} fla bf16: fla-core's chunk_linear_attn time / ours (within 1.3x), T={T}",
+                              ratio(ms(speed, FLA_CORE, T), ms(speed, f"{fam}-fla-bf16", T)), round(1 / 1.3, 2)))
+    return out
+
+
+def tokens_per_s(suites: dict, suite: str, family: str, **key) -> Optional[float]:
+    results = suites.get(suite)
+    return None if results is None else lookup(results[suite], "tokens_per_s", family=family, **key)
+
+
+def model_targets(suites: dict) -> list:
+    """LM training against softmax with SDPA; decoding against softmax, whose
+    tokens/s ratio at batch 1 is the inverse ratio of ms a step."""
+    out = []
+    for f in LINEAR:
+        for T, wanted in ((2048, 1.0), (8192, 2.0)):
+            out.append(target(f"train {f}: tokens/s vs softmax with SDPA, context {T}",
+                              ratio(*(tokens_per_s(suites, "train", x, ctx=T) for x in (f, SOFTMAX_SDPA))), wanted))
+        out.append(target(f"decode {f}: softmax's ms a step / ours, L=256, batch 1",
+                          ratio(*(tokens_per_s(suites, "decode", x, L=256, batch=1) for x in (f, report.BASELINE))),
+                          1.0))
+    return out
+
+
+def checks(ops: dict) -> list:
+    """Parity and low-precision rows, one line per family."""
+    lines = ["| family | forms vs naive, max relative error (outputs / gradients) | fp16, bf16 finite | "
+             "max relative error vs fp32 |", "|---|---|:---:|---:|"]
+    for fam in dict.fromkeys(row["family"] for row in ops.get("parity", [])):
+        par = [r for r in ops["parity"] if r["family"] == fam]
+        low = [r for r in ops.get("low_precision", []) if r["family"] == fam]
+        grads = [r["grad_vs_naive"] for r in par if "grad_vs_naive" in r]
+        lines.append(f"| {fam} | {max(r['out_vs_naive'] for r in par):.1e} / "
+                     + (f"{max(grads):.1e}" if grads else "-") + " | "
+                     + ("yes" if low and all(r["finite"] for r in low) else "**no**" if low else "-") + " | "
+                     + (f"{max(r['rel_err_vs_fp32'] for r in low):.1e}" if low else "-") + " |")
+    return lines
+
+
+def fp16_runs(check: dict) -> list:
+    lines = [f"`fairseq-train {'--fp16 ' if check['fp16'] else ''}`, {check['updates']} updates on generated data:",
+             "", "| family | trained (finite, falling loss) | first / last loss | words/s |", "|---|:---:|---|---:|"]
+    for run in check["runs"]:
+        losses, wps = run.get("losses") or [None], run.get("wps") or [None]
+        loss = "-" if losses[0] is None else f"{losses[0]:.2f} / {losses[-1]:.2f}"
+        lines.append(f"| {run['family']} | {'yes' if run['ok'] else '**no**'} | {loss} | "
+                     + ("-" if wps[-1] is None else f"{wps[-1]:,.0f}") + " |")
+    return lines
+
+
+def block(out: Path) -> str:
+    ops = read(out / "gpu_ops.json")
+    suites = {name: read(out / name / "results.json") for name in SUITES}
+    check = read(out / "train_check.json")
+    missing = [str(p) for p, x in [(out / "gpu_ops.json", ops), *((out / n / "results.json", suites[n]) for n in SUITES),
+                                   (out / "train_check.json", check)] if x is None]
+    head = ops or next((s for s in suites.values() if s), {})
+    device = head.get("device") or head.get("machine", {}).get("gpu", "unknown")
+    torch_version = head.get("torch") or head.get("machine", {}).get("torch", "unknown")
+    parts = [f"Measured by `bash scripts/gpu_check.sh` on {device}, torch {torch_version}"
+             + (f", fla-core: {ops['fla_core']}" if ops else "") + ".", ""]
+    ts = kernel_targets(ops.get("speed", []) if ops else []) + model_targets(suites)
+    parts += [target_table(ts)]
+    if ops:
+        parts += ["**Parity and precision** (gpu_ops.json)", "", *checks(ops), ""]
+    if check:
+        parts += fp16_runs(check) + [""]
+    parts += ["Tables of each suite: " + ", ".join(f"{n}/results.md" for n in SUITES if suites[n]) + "."
+              if any(suites.values()) else "No suite ran."]
+    if missing:
+        parts += ["", "Not measured (the check wrote no such file): " + ", ".join(missing) + "."]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_block", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, help="the folder scripts/gpu_check.sh wrote")
+    ap.add_argument("--readme", type=Path, help="a file whose gpu block is replaced")
+    args = ap.parse_args(argv)
+    if not args.out.is_dir():
+        sys.exit(f"benchmarks.gpu_block: {args.out} is not a folder; give the OUT of scripts/gpu_check.sh")
+    text = block(args.out)
+    (args.out / "gpu_check.md").write_text(text)
+    print(text)
+    if args.readme:
+        report.update_readme(args.readme, text, args.out, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
