@@ -107,27 +107,33 @@ def fp16_runs(check: dict) -> list:
     return lines
 
 
+FILES = ("gpu_ops.json", *(f"{suite}/results.json" for suite in SUITES), "train_check.json")
+
+
+def header(ops: Optional[dict], suites: dict) -> str:
+    """Where and when: the device, torch, fla-core, the suites' date and code digest."""
+    run = next((s for s in suites.values() if s), {})
+    machine = run.get("machine", {})
+    return (f"Measured by `bash scripts/gpu_check.sh` on {(ops or {}).get('device') or machine.get('gpu', 'unknown')}, "
+            f"torch {(ops or {}).get('torch') or machine.get('torch', 'unknown')}"
+            + (f", fla-core: {ops['fla_core']}" if ops else "")
+            + (f"; suites run {run['created']}, code digest {run['code']}" if "created" in run else "") + ".")
+
+
 def block(out: Path) -> str:
-    ops = read(out / "gpu_ops.json")
-    suites = {name: read(out / name / "results.json") for name in SUITES}
-    check = read(out / "train_check.json")
-    missing = [str(p) for p, x in [(out / "gpu_ops.json", ops), *((out / n / "results.json", suites[n]) for n in SUITES),
-                                   (out / "train_check.json", check)] if x is None]
-    head = ops or next((s for s in suites.values() if s), {})
-    device = head.get("device") or head.get("machine", {}).get("gpu", "unknown")
-    torch_version = head.get("torch") or head.get("machine", {}).get("torch", "unknown")
-    parts = [f"Measured by `bash scripts/gpu_check.sh` on {device}, torch {torch_version}"
-             + (f", fla-core: {ops['fla_core']}" if ops else "") + ".", ""]
-    ts = kernel_targets(ops.get("speed", []) if ops else []) + model_targets(suites)
-    parts += [target_table(ts)]
+    found = {name: read(out / name) for name in FILES}
+    ops, check = found["gpu_ops.json"], found["train_check.json"]
+    suites = {suite: found[f"{suite}/results.json"] for suite in SUITES}
+    parts = [header(ops, suites), "", target_table(kernel_targets((ops or {}).get("speed", [])) + model_targets(suites))]
     if ops:
         parts += ["**Parity and precision** (gpu_ops.json)", "", *checks(ops), ""]
     if check:
         parts += fp16_runs(check) + [""]
-    parts += ["Tables of each suite: " + ", ".join(f"{n}/results.md" for n in SUITES if suites[n]) + "."
-              if any(suites.values()) else "No suite ran."]
+    ran = [f"{suite}/results.md" for suite in SUITES if suites[suite]]
+    parts.append(f"Tables of each suite: {', '.join(ran)}." if ran else "No suite ran.")
+    missing = [name for name, x in found.items() if x is None]
     if missing:
-        parts += ["", "Not measured (the check wrote no such file): " + ", ".join(missing) + "."]
+        parts += ["", f"Not measured (the check wrote no such file under its OUT): {', '.join(missing)}."]
     return "\n".join(parts) + "\n"
 
 

@@ -409,8 +409,8 @@ def test_gpu_check_runs_every_step_and_writes_the_block(tmp_path):
                                                                      "fp16-train", "block"]
     block = (out / "gpu_check.md").read_text()
     assert "| train memsizer: tokens/s vs softmax with SDPA, context 8192 | not measured | >= 2.0x |  |" in block
-    assert ("Not measured (the check wrote no such file): " + ", ".join(str(out / f) for f in (
-        "gpu_ops.json", "train/results.json", "decode/results.json", "local/results.json", "train_check.json"))) in block
+    assert ("Not measured (the check wrote no such file under its OUT): gpu_ops.json, train/results.json, "
+            "decode/results.json, local/results.json, train_check.json.") in block
 
 
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
@@ -443,7 +443,8 @@ def gpu_out(tmp_path):
                                             (8192, {"transformer_sdpa": 200.0, **dict.fromkeys(report.LINEAR, 300.0)}))
              for f, v in row.items()]
     decode = [tok(f, v, L=256, batch=1) for f, v in {"transformer": 200.0, **dict.fromkeys(report.LINEAR, 250.0)}.items()]
-    (out / "train" / "results.json").write_text(json.dumps({"train": train}))
+    (out / "train" / "results.json").write_text(json.dumps({"train": train, "created": "2026-12-05T12:00:00+00:00",
+                                                            "code": "0123456789abcdef"}))
     (out / "decode" / "results.json").write_text(json.dumps({"decode": decode}))
     return out
 
@@ -460,7 +461,8 @@ def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
     r = forked.run([sys.executable, "-m", "benchmarks.gpu_block", str(out), "--readme", str(readme)], cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     text = (out / "gpu_check.md").read_text()
-    assert text.startswith("Measured by `bash scripts/gpu_check.sh` on NVIDIA H200, torch 2.11.0+cu130, fla-core: imports.")
+    assert text.startswith("Measured by `bash scripts/gpu_check.sh` on NVIDIA H200, torch 2.11.0+cu130, fla-core: "
+                           "imports; suites run 2026-12-05T12:00:00+00:00, code digest 0123456789abcdef.")
     for row in ("| performer-elu parallel (torch) bf16: SDPA bf16's time / ours, T=16384 | 2.00x | >= 1.0x | yes |",
                 "| performer-elu parallel fp32: the first GPU run's chunk loop / ours, T=4096 | 22.90x | >= 20.0x | yes |",
                 "| performer-elu fla bf16: fla-core's chunk_linear_attn time / ours (within 1.3x), T=4096 | 1.30x | "
@@ -472,7 +474,7 @@ def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
                 "| decode performer: softmax's ms a step / ours, L=256, batch 1 | 1.25x | >= 1.0x | yes |",
                 "| performer-elu | 5.0e-07 / 2.0e-06 | yes | 4.0e-03 |"):
         assert row in text, row
-    assert f"Not measured (the check wrote no such file): {out / 'local' / 'results.json'}, {out / 'train_check.json'}." in text
+    assert "Not measured (the check wrote no such file under its OUT): local/results.json, train_check.json." in text
     assert readme.read_text() == f"before\n{gpu_block.BEGIN}\n{text}{gpu_block.END}\nafter\n"
     r = forked.run([sys.executable, "-m", "benchmarks.gpu_block", str(tmp_path / "nowhere")], cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip() == (f"benchmarks.gpu_block: {tmp_path / 'nowhere'} is not a folder; "
