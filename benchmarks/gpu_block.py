@@ -13,6 +13,7 @@ the block between the gpu markers in that file. It runs anywhere (no GPU).
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -42,7 +43,7 @@ def read(path: Path) -> Optional[dict]:
 def ms(speed: list, op: str, T: int) -> Optional[float]:
     """The median forward+backward ms of `op` at length T (None: not timed, or out of memory)."""
     for row in speed:
-        if row["op"] == op and row["T"] == T and row["fwd_bwd_ms"] == row["fwd_bwd_ms"]:
+        if row["op"] == op and row["T"] == T and not math.isnan(row["fwd_bwd_ms"]):
             return row["fwd_bwd_ms"]
     return None
 
