@@ -96,6 +96,11 @@ KNOWN_FAILURES = [
     (Exception, "since max_positions=", lambda e: True,  # fairseq's batching of a too-long input
      lambda e: f"an input is longer than the model's positions ({_max_positions(e)}): pass "
      "--skip-invalid-size-inputs-valid-test to skip such inputs, or shorten them"),
+    (ValueError, "loaded state dict contains a parameter group that doesn't match the size of optimizer's group",
+     lambda e: True,  # torch's Optimizer.load_state_dict, resuming a run whose parameters were laid out otherwise
+     lambda e: f"the optimizer state in {_checkpoint_args()} holds other parameters than this model (a run saved "
+     "before a self-attention's q/k/v or a GAU's U/V/Z became one matrix, or with other model options); add "
+     "--reset-optimizer to resume from its weights with the optimizer started anew, or move it away to start afresh"),
     (AttributeError, "supported_targets", lambda e: sys.argv[0].endswith("fairseq-eval-lm"),
      lambda e: f"{_checkpoint_args()} is a translation (encoder-decoder) model, and fairseq-eval-lm scores language "
      "models: decode it with fairseq-generate"),  # fairseq's own transformer, as our models say themselves

@@ -254,6 +254,26 @@ def test_resuming_into_another_architecture_says_so(corpus, tmp_path):
     assert "another architecture or attention" in result.stderr
 
 
+def test_resuming_an_optimizer_state_of_other_parameters_says_so(corpus, tmp_path):
+    """A run saved with another parameter layout (its optimizer state lists two
+    tensors more, as a run from before FLASH's U/V/Z became one matrix does):
+    resuming is refused in one line naming --reset-optimizer, with which it
+    resumes from the saved weights."""
+    save = trained(corpus, tmp_path, "flash")
+    state = torch.load(save / "checkpoint_last.pt", weights_only=False)
+    group = state["last_optimizer_state"]["param_groups"][0]
+    group["params"] = group["params"] + [max(group["params"]) + 1, max(group["params"]) + 2]
+    torch.save(state, save / "checkpoint_last.pt")
+    result = run("train", corpus, *FAMILIES["flash"], *LM, "--max-update", 4, "--save-dir", save, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the optimizer state in {save / 'checkpoint_last.pt'} holds other parameters than this model (a run "
+        "saved before a self-attention's q/k/v or a GAU's U/V/Z became one matrix, or with other model options); add "
+        "--reset-optimizer to resume from its weights with the optimizer started anew, or move it away to start afresh")
+    run("train", corpus, *FAMILIES["flash"], *LM, "--max-update", 4, "--save-dir", save, "--reset-optimizer")
+    assert torch.load(save / "checkpoint_last.pt", weights_only=False)["optimizer_history"][-1]["num_updates"] == 4
+
+
 def test_checkpoint_with_another_vocabulary_says_so(corpus, tmp_path):
     save = trained(corpus, tmp_path, "memsizer")
     other = tmp_path / "other"
