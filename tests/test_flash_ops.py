@@ -166,6 +166,25 @@ def test_padding_never_leaks(causal, side):
         assert_close(recurrent(*padded, G, mask)[0][:, real], ref)
 
 
+def test_a_padded_step_anywhere_leaves_the_state_unchanged():
+    """Padded steps between real ones (garbage inputs), one where the chunk's last
+    slot is next (fill = G - 1) and one at a chunk's start: the real steps' outputs
+    and the final state are those of the sequence without them."""
+    G, T = 4, 10
+    xs = inputs(2, T, seed=9)
+    at = [3, 4 + 4]  # after 3 real tokens (fill 3 = G - 1), after 7 (fill 3 again, in the second chunk)
+    garbage = inputs(2, len(at), seed=10)
+    padded = [torch.cat([x[:, :3], g[:, :1], x[:, 3:7], g[:, 1:], x[:, 7:]], 1) for x, g in zip(xs, garbage)]
+    mask = torch.zeros(2, T + len(at), dtype=torch.bool)
+    mask[:, at] = True
+    out, state = recurrent(*padded, G, mask)
+    ref, ref_state = recurrent(*xs, G)
+    assert_close(out[:, ~mask[0]], ref)
+    assert_close(out[:, ~mask[0]], naive(*xs, G, causal=True))
+    for name, x in ref_state.items():
+        assert torch.equal(state[name], x) if x.dtype == torch.long else torch.allclose(state[name], x, atol=1e-6), name
+
+
 def test_batch_rows_with_different_padding_match_each_row_alone():
     G = 4
     xs = inputs(3, 11)
@@ -251,7 +270,7 @@ def test_decoding_steps_read_nothing_back_to_the_host():
                 _, state = F.causal_step(*(x[:, t] for x in xs), state, mask if t == G else None,
                                          chunk_size=G, relu2_norm="keys")
     reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
-    assert not reads and state["n_done"].tolist() == [2 * G, G]
+    assert not reads and F.fill_and_done(state["position"], G)[1].tolist() == [2 * G, G]
 
 
 def test_bf16_at_4096_is_finite_and_close():

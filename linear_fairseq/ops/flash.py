@@ -55,7 +55,7 @@ def rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Rotary position embedding (Su et al., arXiv 2104.09864) on the last dim
     (even width): each pair (x_2i, x_2i+1), as the complex number x_2i + i x_2i+1,
     turns by the angle positions * base^(-2i/s). Computed in float32."""
-    angle = positions.to(torch.float32).unsqueeze(-1) * rope_freqs(x.shape[-1], base, x.device)  # (..., s/2)
+    angle = positions.unsqueeze(-1) * rope_freqs(x.shape[-1], base, x.device)  # (..., s/2), float32
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * torch.polar(_one(x.device), angle)).flatten(-2).to(x.dtype)
 
@@ -238,10 +238,16 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
         "v_chunk": z.new_zeros(B, G, e),  # values of the current chunk
         "kv_chunk": z.new_zeros(B, s, e),  # sum of k' v^T over the current chunk
         "kv_done": z.new_zeros(B, s, e),  # sum of k' v^T over completed chunks
-        "n_done": z.new_zeros(B),  # real tokens in completed chunks
-        "position": z.new_zeros(B),  # real tokens so far (RoPE's position of the next one)
-        "fill": torch.zeros(B, dtype=torch.long, device=like.device),  # tokens in the current chunk
+        # real tokens so far: RoPE's position of the next one; of them, position % G are in the
+        # current chunk (its fill) and the rest in completed chunks
+        "position": torch.zeros(B, dtype=torch.long, device=like.device),
     }
+
+
+def fill_and_done(position: Tensor, G: int) -> Tuple[Tensor, Tensor]:
+    """(tokens in the current chunk, tokens in completed chunks), from the real tokens so far."""
+    fill = position.remainder(G)
+    return fill, position - fill
 
 
 CHUNK_BUFFERS = ("k_chunk", "v_chunk")
@@ -255,13 +261,14 @@ def reorder(state: State, new_order: Tensor) -> State:
     moves that prefix within the buffers instead of allocating new ones. Until
     a row completes a chunk its linear sum is zero, so while no row has, the
     sums are not moved either."""
-    B = new_order.numel()
-    n = int(state["fill"].max()) if state["fill"].numel() else 0
-    in_place = B == state["fill"].numel() and not torch.is_grad_enabled()
+    B, G = new_order.numel(), state["k_chunk"].shape[1]
+    fill, done = fill_and_done(state["position"], G)
+    n = int(fill.max()) if fill.numel() else 0
+    in_place = B == fill.numel() and not torch.is_grad_enabled()
     out = {name: x.index_select(0, new_order) for name, x in state.items()
            if name not in CHUNK_BUFFERS and name != "kv_done"}
     sums = state["kv_done"]
-    if bool(state["n_done"].any()):
+    if bool(done.any()):
         out["kv_done"] = sums.index_select(0, new_order)
     else:
         out["kv_done"] = sums[:B] if B <= sums.shape[0] else sums.new_zeros(B, *sums.shape[1:])
@@ -318,29 +325,28 @@ def causal_step(
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
     state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
-    fill = state["fill"]
+    fill, done = fill_and_done(state["position"], G)
     k_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
                         for name, x in (("k_chunk", k), ("v_chunk", v)))
     # quadratic over the chunk's tokens so far, linear over completed chunks
     scores = step_scores(q, k_chunk, fill, rel_bias)
     a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill].unsqueeze(1)
-    lin = (ql / state["n_done"].clamp(min=1.0)[:, None]).unsqueeze(1) @ state["kv_done"]
+    lin = (ql / done.clamp(min=1)[:, None]).unsqueeze(1) @ state["kv_done"]
     out = torch.baddbmm(lin, a, v_chunk).squeeze(1)
-    return out, advance(state, k_chunk, v_chunk, kl, v, padding_mask, G)
+    return out, advance(state, k_chunk, v_chunk, kl, v, padding_mask, fill == G - 1)
 
 
-def advance(state: State, k_chunk, v_chunk, kl, v, padding_mask, G: int) -> State:
+def advance(state: State, k_chunk, v_chunk, kl, v, padding_mask, last_slot: Tensor) -> State:
     """The state after a step: k' v^T into the chunk's sum; a completed chunk's
-    sum moves into the completed chunks' (Sec. 3.2: sum_j k'_j v_j^T over past chunks)."""
+    sum moves into the completed chunks' (Sec. 3.2: sum_j k'_j v_j^T over past chunks).
+    `last_slot`: where this step's token took the chunk's last slot."""
     real = None if padding_mask is None else ~padding_mask
     if real is not None:
         kl = kl * real[:, None]
     in_place = writable(kl, v, state["kv_chunk"], state["kv_done"])
     kv_chunk = update(state["kv_chunk"], "baddbmm", in_place, kl.unsqueeze(2), v.unsqueeze(1))
-    fill = state["fill"] + (1 if real is None else real)
-    full = fill == G  # where this step completed the chunk (bool, counting as 1 and 0 below)
+    full = last_slot if real is None else last_slot & real  # where this step completed the chunk
     kv_done = update(state["kv_done"], "addcmul", in_place, kv_chunk, full[:, None, None])
     kv_chunk = update(kv_chunk, "masked_fill", in_place, full[:, None, None], 0.0)  # a completed chunk starts anew
     return {"k_chunk": k_chunk, "v_chunk": v_chunk, "kv_chunk": kv_chunk, "kv_done": kv_done,
-            "n_done": state["n_done"].add(full, alpha=G), "fill": fill.remainder(G),
-            "position": state["position"] + (1.0 if real is None else real)}
+            "position": state["position"] + (1 if real is None else real)}
