@@ -68,13 +68,13 @@ class MemsizerAttention(LinearAttention):
         for linear in (self.phi, self.w_l, self.w_r):
             nn.init.zeros_(linear.bias)
 
-    def slot_probs(self, x: Tensor) -> Tensor:
-        """softmax(x Phi_h^T) for each head h: (..., H, k)."""
-        return M.slot_probs(self.phi(x).unflatten(-1, (self.num_heads, self.memory_size)))
+    def slot_logits(self, x: Tensor) -> Tensor:
+        """x Phi_h^T for each head h: (..., H, k)."""
+        return self.phi(x).unflatten(-1, (self.num_heads, self.memory_size))
 
     def slot_weights(self, x: Tensor) -> Tensor:
         """p = mean_h softmax(x Phi_h^T), with attention dropout on the weights."""
-        return self.dropout(self.slot_probs(x).mean(dim=-2))
+        return self.dropout(M.slot_weights(self.slot_logits(x)))
 
     def keys_values(self, source: Tensor) -> Tuple[Tensor, Tensor]:
         """K = LN(X W_l), V = LN(X W_r)."""
@@ -99,5 +99,5 @@ class MemsizerAttention(LinearAttention):
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         K, V = self.keys_values(x)
         dropped = self.training and self.dropout.p > 0  # dropout acts on the heads' mean
-        p = self.slot_weights(x) if dropped else self.slot_probs(x)  # the op averages the heads
+        p = self.slot_weights(x) if dropped else M.slot_probs(self.slot_logits(x))  # the op averages the heads
         return M.causal_step(p, K, V, state or None, padding_mask)
