@@ -146,26 +146,30 @@ def test_favor_approximates_softmax_attention():
 
 
 def test_favor_features_are_their_definition_with_gradients():
-    """phi(x) exp(s) = exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x d^-1/4, its largest
-    exponent s detached: values and gradients as written out, a zero input included."""
+    """phi(x) exp(s) = exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x d^-1/4, with the
+    log-scale s detached and the largest feature 1: values and gradients as
+    written out, a zero input included."""
     x = torch.randn(2, 3, 5, D, generator=torch.Generator().manual_seed(4))
     x[0, 0, 0] = 0.0
     W = K.orthogonal_gaussian(24, D, torch.Generator().manual_seed(5))
 
     def written_out(x):
         x = x * D**-0.25
-        a = x @ W.t() - 0.5 * (x * x).sum(-1, keepdim=True)
-        s = a.amax(-1, keepdim=True).detach()
-        return torch.exp(a - s) / math.sqrt(24), s.squeeze(-1)
+        return torch.exp(x @ W.t() - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(24)
 
     def values_and_gradient(fn):
         x_ = x.clone().requires_grad_()
-        phi, s = fn(x_)
-        out = torch.cat([phi.flatten(), s.flatten()])
-        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
-        return out, torch.autograd.grad((out * w).sum(), x_)[0]
+        phi = fn(x_)
+        w = torch.randn(phi.shape, generator=torch.Generator().manual_seed(6))
+        return phi, torch.autograd.grad((phi * w).sum(), x_)[0]
 
-    out, grad = values_and_gradient(lambda x: K.favor_features(x, W))
+    def features(x):
+        phi, s = K.favor_features(x, W)
+        assert not s.requires_grad
+        assert_close(phi.amax(-1), torch.ones_like(s))
+        return phi * torch.exp(s).unsqueeze(-1)
+
+    out, grad = values_and_gradient(features)
     ref, ref_grad = values_and_gradient(written_out)
     assert_close(out, ref)
     assert_close(grad, ref_grad)

@@ -89,7 +89,7 @@ class FeatureMap(NamedTuple):
 
 # rfa's sin/cos features can cancel to ~0 or below, and t2r's relu features can all vanish for a query
 # (its gradient then grows like 1/phi(q).z): a clamp for both. elu + 1 and FAVOR+ (largest feature
-# 1/sqrt(m) after stabilization) never vanish: no clamp, which would only distort the ratio for them
+# 1 after stabilization) never vanish: no clamp, which would only distort the ratio for them
 # (an empty sum is still guarded).
 FEATURE_MAPS = {
     "elu": FeatureMap(lambda h, d, m, r: EluFeatures(), lambda d: d, 0.0, "none: phi has the head's width"),

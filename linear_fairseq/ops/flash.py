@@ -148,9 +148,10 @@ def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Tensor, causal: bool)
     B, N, L, s = kl.shape
     KV = kl.transpose(-1, -2) @ v  # (B, N, s, e)
     n = kl.new_full((B, N), float(L)) if real is None else real.sum(-1)  # (B, N)
-    if causal:  # completed chunks only: exclusive prefix sums
-        KV = torch.cat([KV.new_zeros(B, 1, s, v.shape[-1]), KV.cumsum(1)[:, :-1]], dim=1)
-        n = torch.cat([n.new_zeros(B, 1), n.cumsum(1)[:, :-1]], dim=1)
+    if causal:  # completed chunks only: exclusive prefix sums, as products with a strictly lower triangle
+        before = torch.ones(N, N, dtype=KV.dtype, device=KV.device).tril(-1)  # [c, c']: c' < c
+        KV = (before @ KV.flatten(2)).view_as(KV)
+        n = n @ before.t()
     else:
         KV, n = KV.sum(1, keepdim=True), n.sum(1, keepdim=True)
     return (ql @ KV) / n.clamp(min=1.0)[..., None, None]

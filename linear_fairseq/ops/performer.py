@@ -64,16 +64,16 @@ def favor_features(x: Tensor, projection: Tensor) -> Tuple[Tensor, Tensor]:
     """Performer FAVOR+ positive random features of the softmax kernel exp(q.k / sqrt(d)).
 
     phi(x) = exp(w_r . x' - |x'|^2 / 2) / sqrt(m), x' = x d^{-1/4}, rows w_r of
-    `projection` (m, d). Returned as (exp(a - s) / sqrt(m), s) with s = max_r a,
-    a constant per token: the log-scale. For keys it keeps their relative
-    weights; for a query it cancels, and places the normalizer's clamp.
+    `projection` (m, d). Returned as (exp(a - s), s - log(m) / 2) with
+    s = max_r a, a constant per token: the log-scale, so the largest feature
+    is 1. For keys it keeps their relative weights; for a query it cancels,
+    and places the normalizer's clamp.
     """
     x = acc(x) * x.shape[-1] ** -0.25
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     a = torch.addcmul(x @ acc(projection).t(), norm, norm, value=-0.5)  # w_r . x' - |x'|^2 / 2
     s = a.amax(dim=-1, keepdim=True).detach()
-    phi = torch.exp(a - s) / math.sqrt(projection.shape[0])
-    return phi, s.squeeze(-1)
+    return torch.exp(a - s), s.squeeze(-1) - 0.5 * math.log(projection.shape[0])
 
 
 def rfa_features(x: Tensor, projection: Tensor) -> Tensor:
