@@ -5,8 +5,8 @@ operators that does not grow with the length; a window's projections load
 from a state dict that keeps them apart."""
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.op_counts import count
 from conftest import TINY_LM, make_model, random_tokens
 from linear_fairseq.ops import local as L
 
@@ -104,12 +104,6 @@ def test_half_precision_inputs_follow_fp32(dtype):
     assert (half.float() - ref).abs().max() < (0.05 if dtype == torch.float16 else 0.2)  # bf16: 8 bits
 
 
-def aten_ops(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_parallel_forms_run_as_many_operators_at_any_length(causal):
     """Forward and backward with a dense output gradient, as training has (the
@@ -121,7 +115,7 @@ def test_parallel_forms_run_as_many_operators_at_any_length(causal):
         g1, g2 = torch.randn(1, 2, T, 8), torch.randn(1, T, 16)
         return lambda: ((L.window(q, k, v, 16, causal) * g1).sum() + (L.conv(x, w, causal) * g2).sum()).backward()
 
-    counts = {T: aten_ops(run(T)) for T in (64, 256, 1024)}
+    counts = {T: count(run(T))[0] for T in (64, 256, 1024)}
     assert len(set(counts.values())) == 1, counts
 
 

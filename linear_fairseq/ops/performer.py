@@ -50,8 +50,19 @@ from torch import Tensor
 
 from .common import State, acc, writable, zero_padded
 
-# State: {"S": (B, H, m, d), "z": (B, H, m), "M": (B, H)}, the true sums being exp(M) * (S, z)
+# State: {"S": (B, H, m, d + 1), "M": (B, H)}: S = [sum phi(k) v^T, z] (z its last column), the true
+# sums being exp(M) S. The values enter as [v, 1] (`with_ones`), so one product with phi(q) gives the
+# numerator and the normalizer together, and one update moves both.
 NEG_INF = float("-inf")
+
+
+def with_ones(v: Tensor) -> Tensor:
+    """[v, 1]: (..., d) -> (..., d + 1)."""
+    return torch.cat([v, v.new_ones(v.shape[:-1]).unsqueeze(-1)], dim=-1)
+
+
+def _column(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.unsqueeze(-1)
 
 
 # -- feature maps phi ---------------------------------------------------------
@@ -151,6 +162,12 @@ def at_least(den: Tensor, floor) -> Tensor:
     return den.clamp(min=floor) if isinstance(floor, float) else torch.maximum(den, floor)
 
 
+def normalized(num: Tensor, floor) -> Tensor:
+    """phi(q).S over max(phi(q).z, floor), from num = phi(q) [S, z] (..., d + 1);
+    a tensor floor has num's shape with a last axis of 1."""
+    return num[..., :-1] / at_least(num[..., -1:], floor)
+
+
 # -- reference -------------------------------------------------------------------
 def weights(
     phi_q: Tensor,
@@ -194,69 +211,66 @@ def naive(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, *args, **kwargs
 def summarize(
     phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None, log_scale: Optional[Tensor] = None
 ) -> State:
-    """{S, z, M}: S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j), both relative to
-    M (B, H), the largest key log-scale: the true sums are exp(M) (S, z)."""
+    """{S, M}: S = sum_j phi(k_j) [v_j, 1]^T relative to M (B, H), the largest
+    key log-scale: the true sums are exp(M) S."""
     phi_k, v = zero_padded(acc(phi_k), padding_mask, 2), acc(v)
     a, _ = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, None)
     M = _finite(a.amax(-1, keepdim=True)).detach()
     w = torch.exp(a - M).unsqueeze(-1)
-    return {"S": (phi_k * w).transpose(-1, -2) @ v, "z": (phi_k * w).sum(-2), "M": M.squeeze(-1)}
+    return {"S": (phi_k * w).transpose(-1, -2) @ with_ones(v), "M": M.squeeze(-1)}
 
 
 def read(
     phi_q: Tensor, state: State, dtype: torch.dtype, q_log_scale: Optional[Tensor] = None, *, eps: float
 ) -> Tensor:
     """out = phi(q)^T S / max(phi(q)^T z, eps), the clamp in true scale."""
-    phi_q = acc(phi_q)
-    S, z, M = state["S"], state["z"], state["M"]
-    floor = clamp_floor(eps, M[..., None, None], None if q_log_scale is None else q_log_scale.unsqueeze(-1))
-    return ((phi_q @ S) / at_least(phi_q @ z.unsqueeze(-1), floor)).to(dtype)
+    floor = clamp_floor(eps, state["M"][..., None, None], _column(q_log_scale))
+    return normalized(acc(phi_q) @ state["S"], floor).to(dtype)
 
 
 # -- causal: chunks carrying the state; a decoding step is a chunk of one ------------
 def empty_state(B: int, H: int, m: int, d: int, like: Tensor) -> State:
-    S = acc(like).new_zeros(B, H, m, d)
-    return {"S": S, "z": S.new_zeros(B, H, m), "M": S.new_full((B, H), NEG_INF)}
+    """The state before any key, for values of width d."""
+    S = acc(like).new_zeros(B, H, m, d + 1)
+    return {"S": S, "M": S.new_full((B, H), NEG_INF)}
 
 
-def _chunk_out(phi_q, phi_k, v, r, L, state: State, eps: float, q_log_scale) -> Tensor:
+def _chunk_out(phi_q, phi_k, v1, r, L, state: State, eps: float, q_log_scale) -> Tensor:
     """The outputs of a chunk (or of a batch of chunks, on a chunk axis before
-    the time axis) given the state carried into it. L: the decay from the
-    chunk's start to t; r = a - L: key j's log-weight up to the factor exp(L_t)."""
-    S, z, M = state["S"], state["z"], state["M"]
+    the time axis) given the state carried into it; v1 = [v, 1]. L: the decay from
+    the chunk's start to t; r = a - L: key j's log-weight up to the factor exp(L_t)."""
+    S, M = state["S"], state["M"]
     G = phi_q.shape[-2]
     R_raw = torch.maximum(M.unsqueeze(-1), r.cummax(-1).values).detach()  # prefix max: no look-ahead
     R = _finite(R_raw)
-    future = torch.ones(G, G, dtype=torch.bool, device=v.device).triu(1)
+    future = torch.ones(G, G, dtype=torch.bool, device=v1.device).triu(1)
     w = torch.exp((r[..., None, :] - R[..., :, None]).masked_fill(future, NEG_INF))  # [t, j], j <= t
     scores = (phi_q @ phi_k.transpose(-1, -2)) * w
     w_state = torch.exp(M.unsqueeze(-1) - R)  # the carried state, seen from t
-    num = scores @ v + w_state.unsqueeze(-1) * (phi_q @ S)
-    den = scores.sum(-1) + w_state * (phi_q @ z.unsqueeze(-1)).squeeze(-1)
-    return num / at_least(den, clamp_floor(eps, R + L, q_log_scale)).unsqueeze(-1)
+    num = scores @ v1 + w_state.unsqueeze(-1) * (phi_q @ S)
+    return normalized(num, clamp_floor(eps, (R + L).unsqueeze(-1), _column(q_log_scale)))
 
 
-def _chunk_end(phi_k, v, r, L, state: State) -> State:
-    """The state at a chunk's end: S' = decay * S + sum_j weight_j phi(k_j) v_j^T,
+def _chunk_end(phi_k, v1, r, L, state: State) -> State:
+    """The state at a chunk's end: S' = decay * S + sum_j weight_j phi(k_j) [v_j, 1]^T,
     relative to the largest log-weight in it (the carried state's included)."""
-    S, z, M = state["S"], state["z"], state["M"]
+    S, M = state["S"], state["M"]
     top = torch.maximum(M, r.amax(-1)).detach()
     R_end = _finite(top).unsqueeze(-1)
     w_keys = torch.exp(r - R_end).unsqueeze(-1)
     w_old = torch.exp(M.unsqueeze(-1) - R_end)
-    S = w_old.unsqueeze(-1) * S + (phi_k * w_keys).transpose(-1, -2) @ v
-    z = w_old * z + (phi_k * w_keys).sum(-2)
-    return {"S": S, "z": z, "M": top + L[..., -1]}
+    S = w_old.unsqueeze(-1) * S + (phi_k * w_keys).transpose(-1, -2) @ v1
+    return {"S": S, "M": top + L[..., -1]}
 
 
 def _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size: int):
     """What both causal forms start from: the inputs in accumulation precision
-    (padded keys zeroed) and the keys' log-weights and log-decays."""
+    (padded keys zeroed, the values as [v, 1]) and the keys' log-weights and log-decays."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    phi_q, phi_k, v = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), acc(v)
+    phi_q, phi_k, v1 = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), with_ones(acc(v))
     a, lg = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, gate_logits)
-    return phi_q, phi_k, v, a, torch.zeros_like(a) if lg is None else lg
+    return phi_q, phi_k, v1, a, torch.zeros_like(a) if lg is None else lg
 
 
 def causal_chunked(
@@ -276,9 +290,9 @@ def causal_chunked(
     state; returns (out, final state). Memory O(T G + m d) beyond the inputs,
     but T / G steps of kernel launches: the reference `causal_parallel` is
     tested against, and the form to read first."""
-    dtype = v.dtype
+    dtype, d = v.dtype, v.shape[-1]
     phi_q, phi_k, v, a, lg = _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size)
-    state = state if state is not None else empty_state(*phi_k.shape[:2], phi_k.shape[-1], v.shape[-1], v)
+    state = state if state is not None else empty_state(*phi_k.shape[:2], phi_k.shape[-1], d, v)
     # split once rather than slice per chunk: the backward of a slice writes its
     # gradient into a zero tensor of the whole input, once per chunk (O(T^2 / G))
     chunks = lambda x, dim: x.split(chunk_size, dim=dim)  # noqa: E731
@@ -305,7 +319,7 @@ def _by_chunk(x: Tensor, G: int, fill: float = 0.0) -> Tensor:
 
 def _carried(summaries: State, first: State) -> State:
     """The state entering each chunk c = 0..C (C: the final state) from the
-    chunks' own summaries (S, z relative to M, their log-weight at the chunk's
+    chunks' own summaries (S relative to M, their log-weight at the chunk's
     end, and "decay", each chunk's total log-decay) and the state given before
     the first chunk. Chunk c' < c reaches chunk c decayed by the chunks
     between them: log-weight M_c' + P_c - P_{c'+1}, P the decay before a chunk,
@@ -320,10 +334,9 @@ def _carried(summaries: State, first: State) -> State:
     logw = logw.masked_fill(later, NEG_INF)
     M = logw.amax(-1).detach()
     w = torch.exp(logw - _finite(M).unsqueeze(-1)).to(summaries["S"].dtype)
-    stack = lambda name: torch.cat([first[name].unsqueeze(2), summaries[name]], dim=2)  # noqa: E731
-    S = (w @ stack("S").flatten(-2)).unflatten(-1, summaries["S"].shape[-2:])
-    z = w @ stack("z")
-    return {"S": S, "z": z, "M": M.to(S.dtype)}
+    sources = torch.cat([first["S"].unsqueeze(2), summaries["S"]], dim=2)
+    S = (w @ sources.flatten(-2)).unflatten(-1, summaries["S"].shape[-2:])
+    return {"S": S, "M": M.to(S.dtype)}
 
 
 def causal_parallel(
@@ -338,7 +351,7 @@ def causal_parallel(
     Memory beyond the inputs, with C = T / G chunks: O(T G) for the scores
     inside the chunks, O(C m d) for the summaries and entering states, O(C^2)
     for their weights; the compute of the carry is O(C^2 m d)."""
-    dtype, T, G = v.dtype, v.shape[2], chunk_size
+    dtype, (T, d), G = v.dtype, v.shape[2:], chunk_size
     phi_q, phi_k, v, a, lg = _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size)
     B, H, _, m = phi_k.shape
     # padded to whole chunks: the extra keys weigh nothing (a = -inf) and do not decay (log g = 0)
@@ -347,7 +360,7 @@ def causal_parallel(
     qs = None if q_log_scale is None else _by_chunk(acc(q_log_scale).unsqueeze(-1), G).squeeze(-1)
     L = lg.cumsum(-1)
     r = a - L
-    nothing = empty_state(B, H, m, v.shape[-1], v)
+    nothing = empty_state(B, H, m, d, v)
     own = _chunk_end(pk, vc, r, L, {k: x.unsqueeze(2) for k, x in nothing.items()})
     entering = _carried({**own, "decay": L[..., -1]}, state if state is not None else nothing)
     inside = {k: x[:, :, :-1] for k, x in entering.items()}
@@ -371,7 +384,8 @@ def causal_step(
     padding_mask (B,). The recurrence of Katharopoulos et al. (Eq. 18-20), relative to
     the reference M as in the chunked form (the same update with G = 1):
         S_i = w_old S_{i-1} + w_i phi(k_i) v_i^T,  z_i = w_old z_{i-1} + w_i phi(k_i),
-        out_i = phi(q_i)^T S_i / max(phi(q_i)^T z_i, eps).
+        out_i = phi(q_i)^T S_i / max(phi(q_i)^T z_i, eps),
+    S and z kept side by side as one (m, d + 1) matrix.
     The state is O(m d) per head, whatever the prefix length. Without autograd
     (decoding) it is updated in place rather than copied every step, and no
     value is read back to the host (no device sync)."""
@@ -382,48 +396,44 @@ def causal_step(
     if padding_mask is not None:  # a padded key adds nothing: zero features, weight 0
         phi_k = phi_k.masked_fill(padding_mask[:, None, None], 0.0)
     if log_scale is None and gate_logits is None:
-        S, z, M, w_old, kw = _unweighted_update(state, phi_k, padding_mask)
-        floor = clamp_floor(eps, None, q_log_scale)
+        S, M, w_old, kw = _unweighted_update(state, phi_k, padding_mask)
+        offset = None
     else:
-        S, z, M, w_old, kw = _weighted_update(state, phi_k, padding_mask, log_scale, gate_logits)
-        column = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731
+        S, M, w_old, kw = _weighted_update(state, phi_k, padding_mask, log_scale, gate_logits)
         offset = _finite(M).unsqueeze(-1) if eps else None  # M: the new reference, decay included
-        floor = clamp_floor(eps, offset, column(q_log_scale))
-    S, z = _accumulate(S, z, w_old, kw, v, in_place=writable(phi_q, phi_k, v, S, z, kw))
-    q = phi_q.unsqueeze(-2)
-    den = (q @ z.unsqueeze(-1)).squeeze(-2)
-    out = (q @ S).squeeze(-2) / at_least(den, floor)
-    return out.to(dtype), {"S": S, "z": z, "M": M}
+    S = _accumulate(S, w_old, kw, v, in_place=writable(phi_q, phi_k, v, S, kw))
+    num = (phi_q.unsqueeze(-2) @ S).squeeze(-2)  # phi(q) [S, z]
+    return normalized(num, clamp_floor(eps, offset, _column(q_log_scale))).to(dtype), {"S": S, "M": M}
 
 
-def _accumulate(S: Tensor, z: Tensor, w_old: Optional[Tensor], kw: Tensor, v: Tensor, in_place: bool):
-    """S = w_old S + kw v^T, z = w_old z + kw (w_old None: 1), in place when allowed."""
+def _accumulate(S: Tensor, w_old: Optional[Tensor], kw: Tensor, v: Tensor, in_place: bool) -> Tensor:
+    """S = w_old S + kw [v, 1]^T (w_old None: 1), in place when allowed: there the
+    new key's v^T goes into S's first d columns and kw into its last, z."""
     if not in_place:
         if w_old is not None:
-            S, z = w_old[..., None, None] * S, w_old.unsqueeze(-1) * z
-        return S + kw.unsqueeze(-1) * v.unsqueeze(-2), z + kw
+            S = w_old[..., None, None] * S
+        return S + kw.unsqueeze(-1) * with_ones(v).unsqueeze(-2)
     if w_old is not None:
         S.mul_(w_old[..., None, None])
-        z.mul_(w_old.unsqueeze(-1))
-    B, H, m = kw.shape
-    S.view(B * H, m, -1).baddbmm_(kw.reshape(B * H, m, 1), v.reshape(B * H, 1, -1))
-    return S, z.add_(kw)
+    S[..., :-1].addcmul_(kw.unsqueeze(-1), v.unsqueeze(-2))
+    S[..., -1].add_(kw)
+    return S
 
 
 def _unweighted_update(state: State, phi_k: Tensor, padding_mask):
     """Keys of weight 1 (no log-scale, no gate): the sums just grow. The
     reference stays 0 once a key has been seen (-inf before: nothing yet)."""
     M = state["M"].clamp(min=0.0) if padding_mask is None else state["M"].masked_fill(~padding_mask[:, None], 0.0)
-    return state["S"], state["z"], M, None, phi_k
+    return state["S"], M, None, phi_k
 
 
 def _weighted_update(state: State, phi_k: Tensor, padding_mask, log_scale, gate_logits):
     """Keys with a log-scale and/or a decay: the new reference R = max(M, r),
     the old sums scaled by exp(M - R) <= 1, the new key weighted exp(r - R) <= 1."""
-    S, z, M = state["S"], state["z"], state["M"]
+    S, M = state["S"], state["M"]
     a, lg = key_log_weights(phi_k.shape[:2], phi_k, padding_mask, log_scale, gate_logits)
     r = a if lg is None else a - lg  # this key's log-weight, up to the common factor exp(lg)
     R_raw = torch.maximum(M, r).detach()
     R = R_raw if padding_mask is None else _finite(R_raw)  # without padding every log-weight, so R, is finite
     w_old, w_new = torch.exp(torch.stack([M, r]) - R).unbind()  # (B, H) each, both <= 1
-    return S, z, R_raw if lg is None else R_raw + lg, w_old, phi_k * w_new.unsqueeze(-1)
+    return S, R_raw if lg is None else R_raw + lg, w_old, phi_k * w_new.unsqueeze(-1)
