@@ -1,7 +1,7 @@
 """Speed and memory of every family against fairseq's softmax transformer.
 
     python -m benchmarks.run --suite decode|hybrid|mt|sum|beam|train|local|all [--device cpu|cuda] [--quick]
-        [--out DIR] [--budget SECONDS] [--readme README.md] [--resume | --replace]
+        [--out DIR] [--budget SECONDS] [--lengths 256,1024] [--readme README.md] [--resume | --replace]
 
 Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
 (the tables and the targets), one PNG per suite, and prints the tables.
@@ -46,6 +46,23 @@ QUICK = {
 SUITES = tuple(FULL)
 
 
+def lengths_arg(text: str) -> list:
+    """--lengths: comma-separated positive integers."""
+    try:
+        lengths = [int(x) for x in text.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive whole numbers separated by commas, e.g. 256,1024")
+    return lengths
+
+
+def with_lengths(sizes: dict, lengths) -> dict:
+    """The suites' sizes, with `lengths` (None: their own) for those that generate to lengths."""
+    return {name: {**size, "lengths": lengths} if lengths and "lengths" in size else size
+            for name, size in sizes.items()}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", choices=[*SUITES, "all"], default="all")
@@ -55,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help="seconds a single measurement may take; longer projected runs are skipped "
                         "(default 600, 30 with --quick)")
+    p.add_argument("--lengths", type=lengths_arg, default=None,
+                   help="the lengths the decode, hybrid and local suites generate to, comma-separated "
+                        "(default: each suite's own, e.g. decode " + ",".join(map(str, FULL["decode"]["lengths"])) + ")")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per measurement, budget allowing (default 3, 2 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -128,7 +148,7 @@ def main(argv=None):
     from . import report, suites
     from .measure import code_digest, machine
 
-    sizes = QUICK if args.quick else FULL
+    sizes = with_lengths(QUICK if args.quick else FULL, args.lengths)
     chosen = SUITES if args.suite == "all" else (args.suite,)
     results = {
         "schema": SCHEMA,

@@ -162,6 +162,22 @@ def records(tok):
             for (f, L), v in tok.items()]
 
 
+def test_lengths_replace_what_the_generating_suites_generate_to(capsys):
+    """--lengths 256,1024 sets the decode, hybrid and local suites' lengths (and
+    no other suite's sizes); a bad value is one line naming it."""
+    from benchmarks import run
+
+    sizes = run.with_lengths(run.FULL, run.parse_args(["--lengths", "256,1024", "--out", "/nonexistent"]).lengths)
+    assert {n for n in sizes if sizes[n] != run.FULL[n]} == {"decode", "hybrid", "local"}
+    assert all(sizes[n] == {**run.FULL[n], "lengths": [256, 1024]} for n in ("decode", "hybrid", "local"))
+    for bad in ("0", "256,x", ""):
+        with pytest.raises(SystemExit):
+            run.parse_args(["--lengths", bad])
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"python -m benchmarks.run: error: argument --lengths: {bad!r}: give positive whole numbers separated "
+            f"by commas, e.g. 256,1024")
+
+
 def test_targets_compare_against_the_softmax_baseline():
     tok = {("transformer", 256): 800, ("transformer", 4096): 100}
     tok.update({(f, L): v for f in ("memsizer", "performer", "flash") for L, v in ((256, 600), (4096, 550))})
@@ -405,12 +421,41 @@ def test_gpu_check_runs_every_step_and_writes_the_block(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
                        env={**os.environ, "PYTHON": str(python)})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.findall(r"^== gpu_check: (\S+)", r.stdout, re.M) == ["ops", "train-suite", "decode-suite", "local-suite",
-                                                                     "fp16-train", "block"]
+    assert re.findall(r"^== gpu_check: (\S+)", r.stdout, re.M) == ["ops", "train-suite", "decode-suite", "fp16-train",
+                                                                     "local-suite", "block"]
+    assert "== gpu_check: ops (at most 180 s)" in r.stdout
     block = (out / "gpu_check.md").read_text()
     assert "| train memsizer: tokens/s vs softmax with SDPA, context 8192 | not measured | >= 2.0x |  |" in block
     assert ("Not measured (the check wrote no such file under its OUT): gpu_ops.json, train/results.json, "
             "decode/results.json, local/results.json, train_check.json.") in block
+
+
+def test_gpu_check_keeps_to_its_time(tmp_path):
+    """GPU_CHECK_SECONDS bounds the whole check: a step that outlasts the time
+    left (less the block's 30 s) is stopped and named, the steps no time is left
+    for are skipped and named, and the block is still written."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m benchmarks.gpu_block" ] && exec {sys.executable} "$@"\n'
+                      f'[ "$1" = benchmarks/gpu_ops_check.py ] && exec sleep 60\nexit 0\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(python), "GPU_CHECK_SECONDS": "42"}, timeout=50)
+    assert r.returncode == 1
+    limit = int(re.search(r"^== gpu_check: ops \(at most (\d+) s\)", r.stdout, re.M).group(1))
+    assert 10 <= limit <= 12
+    skipped = ["train-suite", "decode-suite", "fp16-train", "local-suite"]
+    assert re.findall(r"^== gpu_check: (\S+) skipped: no time left of GPU_CHECK_SECONDS=42$", r.stdout, re.M) == skipped
+    assert r.stderr.strip() == ("gpu_check: steps that did not finish: " + f"ops (stopped after {limit} s), "
+                                + ", ".join(f"{name} (skipped, no time left)" for name in skipped)
+                                + f" (log: {out}/gpu_check.log)")
+    assert (out / "gpu_check.md").exists()
+
+
+def test_gpu_check_refuses_a_bad_time_in_one_line(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True,
+                       text=True, env={**os.environ, "GPU_CHECK_SECONDS": "9m"})
+    assert r.returncode == 1 and r.stderr.strip() == "gpu_check: GPU_CHECK_SECONDS=9m: give whole seconds, e.g. 540"
 
 
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
