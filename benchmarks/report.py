@@ -248,6 +248,10 @@ def skips(results):
     return lines
 
 
+FREED_MEMORY = {"kept": " Training steps timed with freed memory kept for reuse (`--freed-memory kept`).",
+                "default": " Training steps timed with the allocator as it is (`--freed-memory default`)."}
+
+
 def markdown(results, plots=()):
     m = results["machine"]
     head = [
@@ -257,7 +261,8 @@ def markdown(results, plots=()):
         f"on {m['cpu']} ({m['cpu_count']} CPUs, {m['memory_gib']} GiB"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"), device {m['device']}, {m['threads']} torch threads"
         + (f" pinned to {m['cpus_usable']} of the CPUs" if m.get("cpus_usable", m["cpu_count"]) < m["cpu_count"] else "") + ";",
-        f"torch {m['torch']}, fairseq {m['fairseq']}, Python {m['python']}. Untrained models, greedy decoding for LMs.",
+        f"torch {m['torch']}, fairseq {m['fairseq']}, Python {m['python']}. Untrained models, greedy decoding for LMs."
+        + (FREED_MEMORY[results.get("freed_memory", "default")] if set(results) & {"train", "local"} else ""),
         "",
     ]
     parts = ["\n".join(head)]

@@ -78,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per measurement, budget allowing (default 3, 2 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--freed-memory", choices=["default", "kept"], default="default",
+                   help="while training steps are timed (train, local suites): default: the allocator as it "
+                        "is; kept: glibc keeps freed memory for reuse, so the steps are not timed faulting "
+                        "their temporaries in anew (docs/performance.md)")
     p.add_argument("--readme", type=Path, help="a file whose benchmark block is replaced by the tables")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--resume", action="store_true",
@@ -125,10 +129,11 @@ def resumed(path: Path, fresh: dict) -> dict:
     except json.JSONDecodeError as e:
         sys.exit(f"--resume: {path} is not JSON ({e}); move it away or run without --resume")
     old.setdefault("repeats", default_repeats(old.get("quick")))  # files from before the key was recorded
+    old.setdefault("freed_memory", "default")
     if old.get("code") != fresh["code"]:
         sys.exit(f"--resume: {path} was measured with other code (digest {old.get('code')}, now {fresh['code']}: "
                  f"linear_fairseq, benchmarks or configs/mt/model changed); run without --resume")
-    for key in ("schema", "quick", "budget_s", "repeats", "machine"):
+    for key in ("schema", "quick", "budget_s", "repeats", "freed_memory", "machine"):
         if old.get(key) != fresh[key]:
             sys.exit(f"--resume: {path} has {key} {old.get(key)!r}, this run {fresh[key]!r}; "
                      f"rerun with the options it was made with, or without --resume")
@@ -157,6 +162,7 @@ def main(argv=None):
         "quick": args.quick,
         "budget_s": args.budget,
         "repeats": args.repeats,
+        "freed_memory": args.freed_memory,
         "machine": machine(args.device),
         "code": code_digest(),
         "sizes": {name: sizes[name] for name in chosen},
@@ -175,7 +181,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results["targets"] = report.targets(results)
     for name in todo:  # the JSON is rewritten after each suite: a long run interrupted keeps what it measured
-        results[name] = suites.RUN[name](**sizes[name], **common)
+        own = {"freed_memory_mode": args.freed_memory} if name in suites.TRAINING else {}
+        results[name] = suites.RUN[name](**sizes[name], **common, **own)
         results["targets"] = report.targets(results)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plots = [] if args.no_plots else report.plots(results, args.out)

@@ -15,7 +15,7 @@ from linear_fairseq import families as family_records
 from linear_fairseq.modules.attention import option_names
 
 from . import models
-from .measure import PeakMemory, projected_seconds, softmax_cache_bytes, state_bytes, summary, sync
+from .measure import PeakMemory, freed_memory, projected_seconds, softmax_cache_bytes, state_bytes, summary, sync
 
 EDGE = 32  # steps averaged for the latency at the start and at the end
 
@@ -280,10 +280,13 @@ def train_step(model, tokens, device):
     return time.perf_counter() - start
 
 
-def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_ROWS), log=print, extra=None):
+def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_ROWS), log=print, extra=None,
+          freed_memory_mode="default"):
     """Forward + backward of a language model over batches of `tokens_per_batch`
     tokens cut into sequences of each context length; `extra`: row -> (family,
-    flags), the rows measured instead of `rows`."""
+    flags), the rows measured instead of `rows`. The steps are timed with the
+    allocator's freed memory `freed_memory_mode` (measure.freed_memory), the
+    peak memory in a step of its own."""
     records = []
     for row, (family, flags) in (extra or {r: (None, ()) for r in rows}).items():
         model, d, info = train_model(row, device, family, flags)
@@ -292,16 +295,18 @@ def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_
         for T in contexts:
             B = max(1, tokens_per_batch // T)
             rec = {"family": row, "arch": info["arch"], "params": info["params"], "ctx": T, "batch": B}
-            projected = projected_seconds(history, T) * 2  # warm-up + one timed step
+            projected = projected_seconds(history, T) * 3  # warm-up, one timed step, the memory's
             if projected > budget:
                 records.append(skipped(rec, projected, budget))
                 log(f"train  {row:<16} ctx={T:<6} skipped: {rec['reason']}")
                 continue
             tokens = torch.randint(d.nspecial, len(d), (B, T + 1), generator=g).to(device)
-            train_step(model, tokens, device)  # warm-up
-            with PeakMemory(device) as mem:
+            with freed_memory(freed_memory_mode) as rec["freed_memory"]:
+                train_step(model, tokens, device)  # warm-up
                 seconds = train_step(model, tokens, device)
-            more = repeated(lambda: train_step(model, tokens, device), seconds, budget, repeats)
+                more = repeated(lambda: train_step(model, tokens, device), seconds, budget, repeats)
+            with PeakMemory(device) as mem:  # untimed: the resident set's peak needs freed memory handed back
+                train_step(model, tokens, device)
             history.append((T, seconds))
             times = [seconds, *more]
             rec.update(status="ok", seconds=summary(times),
@@ -321,13 +326,16 @@ def local_rows() -> dict:
     return {row: value for f in offered for row, value in ((f, (f, ())), (f"{f}+local", (f, LOCAL)))}
 
 
-def local(lengths, batches, contexts, tokens_per_batch, device, budget, repeats, log=print):
+def local(lengths, batches, contexts, tokens_per_batch, device, budget, repeats, log=print,
+          freed_memory_mode="default"):
     """What local precision costs: LM decoding (tokens/s, state) and training
     (tokens/s) of each family that offers it, without and with LOCAL."""
     rows = local_rows()
     return (decode(lengths, batches, device, budget, repeats, log=log, extra=rows)
-            + train(contexts, tokens_per_batch, device, budget, repeats, log=log, extra=rows))
+            + train(contexts, tokens_per_batch, device, budget, repeats, log=log, extra=rows,
+                    freed_memory_mode=freed_memory_mode))
 
 
+TRAINING = ("train", "local")  # the suites that time training steps (and take freed_memory_mode)
 RUN = {"decode": decode, "hybrid": hybrid, "mt": mt, "sum": summarization, "beam": beam_width, "train": train,
        "local": local}  # --suite NAME

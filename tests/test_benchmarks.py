@@ -50,7 +50,10 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(quick_run):
     labels = re.findall(r"^\[(\d+)/(\d+), \d+ min(?:, about \d+ min left)?\] (?:decode|hybrid|mt|sum|beam|train) ", stdout, re.M)
     assert [int(k) for k, _ in labels] == list(range(1, len(labels) + 1)) and int(labels[-1][1]) == len(labels)
     res = json.loads((out / "results.json").read_text())
-    assert res["schema"] == 1 and res["quick"] is True
+    assert res["schema"] == 1 and res["quick"] is True and res["freed_memory"] == "default"
+    assert {rec["freed_memory"] for rec in res["train"] + res["local"] if "ctx" in rec} == {"default"}
+    assert "Training steps timed with the allocator as it is (`--freed-memory default`)." in (
+        out / "results.md").read_text()
     for key in ("cpu", "cpu_count", "threads", "torch", "fairseq", "python", "device"):
         assert res["machine"][key], key
     assert {r["family"] for r in res["decode"]} == set(FAMILIES)
@@ -126,6 +129,9 @@ def test_resume_keeps_the_suites_measured_and_runs_the_rest(quick_run, tmp_path)
     r = bench("--quick", "--budget", "5", "--out", str(out), "--resume")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
         f"--resume: {out / 'results.json'} has budget_s 1000000000.0, this run 5.0")
+    r = bench(*QUICK, "--out", str(out), "--resume", "--freed-memory", "kept")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        f"--resume: {out / 'results.json'} has freed_memory 'default', this run 'kept'")
     (out / "results.json").write_text(json.dumps({**interrupted, "code": "0" * 16}))  # the code changed since
     r = bench(*QUICK, "--out", str(out), "--resume")
     assert r.returncode != 0 and "was measured with other code (digest 0000000000000000" in r.stderr
@@ -160,6 +166,43 @@ def records(tok):
     return [{"family": f, "arch": f, "params": 1, "L": L, "batch": 16, "status": "ok",
              "tokens_per_s": summary(v), "state_bytes_per_seq": 100 if f != "transformer" else L}
             for (f, L), v in tok.items()]
+
+
+FAULTS = """
+import resource, sys, torch
+from benchmarks.measure import freed_memory
+
+
+def faults():
+    x = torch.ones(2**24)  # 64 MiB, above what glibc ever takes from its heap by default
+    del x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = torch.ones(2**23)  # 32 MiB: fits where x was
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+with freed_memory(sys.argv[1]) as mode:
+    inside = faults()
+print(mode, inside, faults())
+"""
+
+
+def test_kept_freed_memory_is_reused_without_page_faults():
+    """With freed memory kept, a block freed by one step is reused by the next
+    (here 32 MiB where 64 MiB were): it faults in (almost) no pages, where by
+    default, and again after the kept block, it is mapped anew and faulted in
+    page by page."""
+    def run(mode):  # in a fresh interpreter
+        r = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        mode, inside, after = r.stdout.split()
+        return mode, int(inside), int(after)
+
+    pages = 2**25 // os.sysconf("SC_PAGE_SIZE")
+    mode, inside, after = run("kept")
+    assert mode == "kept" and inside < pages // 100 and after > pages // 2
+    mode, inside, after = run("default")
+    assert mode == "default" and inside > pages // 2 and after > pages // 2
 
 
 def test_lengths_replace_what_the_generating_suites_generate_to(capsys):
