@@ -135,6 +135,9 @@ def block(out: Path) -> str:
     missing = [name for name, x in found.items() if x is None]
     if missing:
         parts += ["", f"Not measured (the check wrote no such file under its OUT): {', '.join(missing)}."]
+    failed = [f"{key[:-len('_error')]} ({error})" for key, error in (ops or {}).items() if key.endswith("_error")]
+    if failed:
+        parts += ["", f"Failed in gpu_ops.json: {'; '.join(failed)}."]
     return "\n".join(parts) + "\n"
 
 

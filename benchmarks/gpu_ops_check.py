@@ -20,6 +20,7 @@ import functools
 import json
 import platform
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -181,12 +182,21 @@ def main():
                 (low_precision, (512,) if args.quick else (4096, 16384))]
     if args.device == "cuda":
         sections.append((speed, (1024, 4096, 16384)))
-    for section, lengths in sections:
-        report[section.__name__] = rows = section(cases, device, lengths)
-        print(f"== {section.__name__}")
+    failed = []
+    for section, lengths in sections:  # the JSON after each section: a check stopped early keeps what it did
+        print(f"== {section.__name__}", flush=True)
+        try:
+            report[section.__name__] = rows = section(cases, device, lengths)
+        except Exception as error:  # noqa: BLE001  the other sections still run; named at the end
+            report[f"{section.__name__}_error"] = f"{type(error).__name__}: {error}"
+            failed.append(section.__name__)
+            traceback.print_exc()
+            rows = []
         for row in rows:
             print("  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    args.out.write_text(json.dumps(report, indent=1))
+        args.out.write_text(json.dumps(report, indent=1))
+    if failed:
+        sys.exit(f"gpu_ops_check: {', '.join(failed)} failed (the traceback above; {args.out} has the rest)")
 
 
 if __name__ == "__main__":

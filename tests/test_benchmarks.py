@@ -346,6 +346,26 @@ def test_step_profile_refuses_bad_values(argv, message):
     assert r.returncode == 2 and message in r.stderr
 
 
+def test_gpu_ops_check_keeps_the_other_sections_when_one_fails(tmp_path, monkeypatch, capsys):
+    """A section that raises (a kernel that fails to compile, say) is recorded
+    with its error; the sections after it still run and the JSON, written after
+    each, holds them; the check ends with one line naming the failed section."""
+    from benchmarks import gpu_ops_check
+
+    def parity(*args):
+        raise RuntimeError("no kernel for this device")
+
+    out = tmp_path / "ops.json"
+    monkeypatch.setattr(gpu_ops_check, "parity", parity)
+    monkeypatch.setattr(gpu_ops_check, "all_cases", lambda device: ([], []))
+    monkeypatch.setattr(sys, "argv", ["gpu_ops_check.py", "--device", "cpu", "--quick", "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        gpu_ops_check.main()
+    assert stop.value.code == f"gpu_ops_check: parity failed (the traceback above; {out} has the rest)"
+    saved = json.loads(out.read_text())
+    assert saved["parity_error"] == "RuntimeError: no kernel for this device" and saved["low_precision"] == []
+
+
 def test_gpu_ops_check_runs_every_family_on_this_machine(tmp_path):
     """The device check a GPU session runs, here on the CPU with short sequences:
     it imports, covers every registered family (each through its
@@ -566,6 +586,13 @@ def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
         assert row in text, row
     assert "Not measured (the check wrote no such file under its OUT): local/results.json, train_check.json." in text
     assert readme.read_text() == f"before\n{gpu_block.BEGIN}\n{text}{gpu_block.END}\nafter\n"
+    assert "Failed in gpu_ops.json" not in text
     r = forked.run([sys.executable, "-m", "benchmarks.gpu_block", str(tmp_path / "nowhere")], cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip() == (f"benchmarks.gpu_block: {tmp_path / 'nowhere'} is not a folder; "
                                                       f"give the OUT of scripts/gpu_check.sh")
+    ops = json.loads((out / "gpu_ops.json").read_text())
+    del ops["speed"]
+    (out / "gpu_ops.json").write_text(json.dumps({**ops, "speed_error": "RuntimeError: no kernel"}))
+    text = gpu_block.block(out)
+    assert text.rstrip().endswith("Failed in gpu_ops.json: speed (RuntimeError: no kernel).")
+    assert "| performer-elu | 5.0e-07 / 2.0e-06 | yes | 4.0e-03 |" in text
