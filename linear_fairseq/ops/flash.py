@@ -145,7 +145,7 @@ def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Tensor, causal: bool)
     """The linear part of mixed chunk attention, chunked tensors (B, N, L, .):
     each query's mean of k' v^T over the real tokens of the chunks it sees (the
     completed ones before its own, if causal; all of them otherwise)."""
-    B, N, L, s = kl.shape
+    B, N, L = kl.shape[:3]
     KV = kl.transpose(-1, -2) @ v  # (B, N, s, e)
     n = kl.new_full((B, N), float(L)) if real is None else real.sum(-1)  # (B, N)
     if causal:  # completed chunks only: exclusive prefix sums, as products with a strictly lower triangle

@@ -195,7 +195,7 @@ def weights(
         w = a[..., None, :].expand(B, H, phi_q.shape[2], n)
     R = _finite(w.amax(-1, keepdim=True)).detach()
     scores = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(w - R)
-    floor = clamp_floor(eps, R, None if q_log_scale is None else q_log_scale.unsqueeze(-1))
+    floor = clamp_floor(eps, R, _column(q_log_scale))
     return scores / at_least(scores.sum(-1, keepdim=True), floor)
 
 
