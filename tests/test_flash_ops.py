@@ -256,6 +256,33 @@ def test_rope_turns_each_pair_by_its_angle():
     assert half.dtype == torch.float16 and torch.allclose(half.float(), ref, atol=2e-3)
 
 
+def test_first_turns_are_rope_at_positions_from_zero():
+    """The cached turns of positions 0 .. T-1 (kept at a power of two) rotate as rope does."""
+    x = torch.randn(2, 37, 3, S, generator=torch.Generator().manual_seed(0))
+    for T in (1, 2, 3, 37):
+        assert_close(F.rotate(x[:, :T], F.first_turns(T, S, x.device).unsqueeze(-2)),
+                     F.rope(x[:, :T], torch.arange(T).view(1, T, 1)))
+
+
+def test_tables_first_built_in_inference_mode_serve_training():
+    """The cached constants (chunk tables, RoPE's turns) built by a first call in
+    inference mode (e.g. generation) are ordinary tensors: training afterwards can
+    save them for backward. Sizes no other test uses, so this call builds them."""
+    G, T, s = 7, 23, 6
+    g = torch.Generator().manual_seed(0)
+
+    def run():
+        q, k, ql, kl = (torch.randn(2, T, s, generator=g, requires_grad=True) for _ in range(4))
+        v = torch.randn(2, T, E, generator=g, requires_grad=True)
+        q = F.rotate(q, F.first_turns(T, s, q.device))
+        return sum(F.mixed_chunk(q, k, ql, kl, v, causal, chunk_size=G, relu2_norm=norm).sum()
+                   for causal in (True, False) for norm in F.RELU2_NORMS)
+
+    with torch.inference_mode():
+        run()
+    run().backward()
+
+
 def test_decoding_steps_read_nothing_back_to_the_host():
     """A step that completes a chunk moves its sum with a masked add: no value is
     read back to the host (on a GPU, no synchronization per step)."""

@@ -134,10 +134,13 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         """U, V (width e) and Z (width s) from the normalized input."""
         return F.silu(self.to_uvz(self.norm(x))).split((self.e, self.e, self.s), dim=-1)
 
-    def queries_keys(self, z: Tensor, positions: Tensor):
-        qk = self.offset_scale(z)  # (..., heads, s): all heads rotate by the same positions
+    def queries_keys(self, z: Tensor, positions: Optional[Tensor]):
+        """The heads of Z (..., s), turned by RoPE at `positions` ((B, T) or (B,));
+        None: 0 .. T-1 along Z's time axis (dim 1), the turns from a cached table."""
+        qk = self.offset_scale(z)  # (..., heads, s): all heads turn by the same positions
         if self.rope:
-            qk = ops.rope(qk, positions.unsqueeze(-1))
+            turns = ops.first_turns(z.shape[1], self.s, z.device) if positions is None else ops.turns(positions, self.s)
+            qk = ops.rotate(qk, turns.unsqueeze(-2))
         return qk.unbind(dim=-2)
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, incremental_state=None) -> Tensor:
@@ -153,7 +156,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
 
     def parallel(self, h: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         u, v, z = self.gates(h)
-        positions = ops.real_positions(padding_mask, h.shape[0], h.shape[1], h.device)
+        positions = None if padding_mask is None else ops.real_positions(padding_mask, *h.shape[:2], h.device)
         qk = self.queries_keys(z, positions)
         if self.mode == "mixed":
             a = ops.mixed_chunk(*qk, v, self.causal, padding_mask, self.rel_bias, **self.options)

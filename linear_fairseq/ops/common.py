@@ -1,4 +1,5 @@
 """Helpers the families' ops share (torch only)."""
+import functools
 from typing import Dict, Optional
 
 import torch
@@ -8,6 +9,21 @@ from torch import Tensor
 # Its ops create it (empty_state, summarize), take it and return the next one
 # (causal_step); the modules keep it in fairseq's incremental state as it is.
 State = Dict[str, Tensor]
+
+
+def constant(maxsize: int):
+    """Caches a function that builds a constant tensor (a mask, a table of weights)
+    by its arguments, keeping `maxsize` of them. The tensor is built outside
+    inference mode, so autograd may save it for backward wherever it is used
+    later (an inference tensor cannot be saved)."""
+    def wrap(build):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(build)
+        def cached(*args, **kwargs) -> Tensor:
+            with torch.inference_mode(False):
+                return build(*args, **kwargs)
+        return cached
+    return wrap
 
 
 def acc(x: Tensor) -> Tensor:

@@ -36,28 +36,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, update, writable
+from .common import State, acc, constant, update, writable
 
 
 # -- positions ---------------------------------------------------------------
-@functools.lru_cache(maxsize=16)
+@constant(maxsize=16)
 def rope_freqs(s: int, base: float, device: torch.device) -> Tensor:
     """base^(-2i/s), i = 0 .. s/2 - 1."""
     return base ** (-torch.arange(0, s, 2, device=device, dtype=torch.float32) / s)
 
 
-@functools.lru_cache(maxsize=16)
+@constant(maxsize=16)
 def _one(device: torch.device) -> Tensor:
     return torch.ones((), device=device)
 
 
+def turns(positions: Tensor, s: int, base: float = 10000.0) -> Tensor:
+    """e^(i positions base^(-2j/s)), j = 0 .. s/2 - 1: the turn of each pair of
+    RoPE's width s at `positions` (any shape), complex (..., s/2)."""
+    return torch.polar(_one(positions.device), positions.unsqueeze(-1) * rope_freqs(s, base, positions.device))
+
+
+@constant(maxsize=8)
+def _first_turns(n: int, s: int, base: float, device: torch.device) -> Tensor:
+    return turns(torch.arange(n, device=device), s, base)
+
+
+def first_turns(T: int, s: int, device: torch.device, base: float = 10000.0) -> Tensor:
+    """turns at positions 0 .. T-1, (T, s/2): a view of a table kept at the next power of two."""
+    return _first_turns(1 << max(T - 1, 0).bit_length(), s, base, device)[:T]
+
+
+def rotate(x: Tensor, turns: Tensor) -> Tensor:
+    """Each pair (x_2j, x_2j+1) of x's last dim, as the complex number x_2j + i x_2j+1,
+    times its turn (broadcast): RoPE's rotation, computed in float32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * turns).flatten(-2).to(x.dtype)
+
+
 def rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Rotary position embedding (Su et al., arXiv 2104.09864) on the last dim
-    (even width): each pair (x_2i, x_2i+1), as the complex number x_2i + i x_2i+1,
-    turns by the angle positions * base^(-2i/s). Computed in float32."""
-    angle = positions.unsqueeze(-1) * rope_freqs(x.shape[-1], base, x.device)  # (..., s/2), float32
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * torch.polar(_one(x.device), angle)).flatten(-2).to(x.dtype)
+    (even width s): pair j turns by the angle positions * base^(-2j/s)."""
+    return rotate(x, turns(positions, x.shape[-1], base))
 
 
 def real_positions(padding_mask: Optional[Tensor], B: int, T: int, device) -> Tensor:
@@ -141,27 +161,69 @@ def naive(
 
 
 # -- chunked (training) form ------------------------------------------------------
-def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Tensor, causal: bool) -> Tensor:
+@constant(maxsize=32)
+def chunk_table(L: int, G: int, causal: bool, norm: str, scale: float, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """(L, L) weights of a full chunk's relu^2 scores: [i, j] = scale / c_i where
+    query i sees key j (j <= i if causal), 0 elsewhere; c_i from relu2_divisor."""
+    i = torch.arange(L, device=device, dtype=dtype)
+    seen = i[None, :] <= i[:, None] if causal else torch.ones(L, L, dtype=torch.bool, device=device)
+    keys = i + 1.0 if causal else torch.full_like(i, float(L))
+    return seen * (scale / relu2_divisor(norm, G, keys[:, None]))
+
+
+def within_chunks(q: Tensor, k: Tensor, real_c: Optional[Tensor], rel_bias: Optional[Tensor], causal: bool,
+                  G: int, norm: str) -> Tensor:
+    """The quadratic part's weights (B, N, L, L), chunked q and k: relu(q k^T / sqrt(s) + b)^2 / c_i
+    over the real keys query i sees in its chunk; c_i as `norm` says (relu2_divisor)."""
+    L, s = q.shape[-2:]
+    by_row = norm == "keys" and real_c is not None  # c_i then depends on each row's padding
+    table = functools.partial(chunk_table, L, G, causal, "none" if by_row else norm, device=q.device, dtype=q.dtype)
+    if rel_bias is None:  # relu(x / sqrt(s))^2 = relu(x)^2 / s: the 1/s joins the table
+        A = F.relu(q @ k.transpose(-1, -2)).square() * table(1.0 / s)
+    else:
+        within = torch.arange(L, device=q.device)
+        A = relu2(q, k, offset_bias(rel_bias, within[:, None] - within[None, :])) * table(1.0)
+    if real_c is None:
+        return A
+    keys = real_c.unsqueeze(-2)  # padded keys weigh nothing
+    if by_row:
+        seen = real_c.cumsum(-1) if causal else real_c.sum(-1, keepdim=True)
+        keys = keys / relu2_divisor(norm, G, seen).unsqueeze(-1)
+    return A * keys
+
+
+@constant(maxsize=32)
+def chunks_seen(N: int, causal: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[c, c'] = 1 where chunk c's queries see chunk c' in the linear part: c' < c
+    (N, N) if causal; every chunk (1, N) otherwise, one row all chunks share."""
+    if causal:
+        return torch.ones(N, N, device=device, dtype=dtype).tril(-1)
+    return torch.ones(1, N, device=device, dtype=dtype)
+
+
+@constant(maxsize=32)
+def chunk_means(N: int, L: int, causal: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """chunks_seen, each row divided by the number of tokens it covers (L per chunk,
+    at least 1): the weights of the mean over the chunks a query sees, no padding."""
+    seen = chunks_seen(N, causal, device, dtype)
+    return seen / (seen.sum(-1, keepdim=True) * L).clamp(min=1.0)
+
+
+def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Optional[Tensor], causal: bool) -> Tensor:
     """The linear part of mixed chunk attention, chunked tensors (B, N, L, .):
     each query's mean of k' v^T over the real tokens of the chunks it sees (the
-    completed ones before its own, if causal; all of them otherwise)."""
-    B, N, L = kl.shape[:3]
-    KV = kl.transpose(-1, -2) @ v  # (B, N, s, e)
-    n = kl.new_full((B, N), float(L)) if real is None else real.sum(-1)  # (B, N)
-    if causal:  # completed chunks only: exclusive prefix sums, as products with a strictly lower triangle
-        before = torch.ones(N, N, dtype=KV.dtype, device=KV.device).tril(-1)  # [c, c']: c' < c
-        KV = (before @ KV.flatten(2)).view_as(KV)
-        n = n @ before.t()
+    completed ones before its own, if causal; all of them otherwise). The chunks'
+    sums are weighted by one (N, N) product (O(N^2 s e)); `real` (B, N, L) or None."""
+    B, N, L, s = kl.shape
+    KV = (kl.transpose(-1, -2) @ v).flatten(2)  # (B, N, s e)
+    if real is None:
+        means = chunk_means(N, L, causal, KV.device, KV.dtype)
     else:
-        KV, n = KV.sum(1, keepdim=True), n.sum(1, keepdim=True)
-    return (ql @ KV) / n.clamp(min=1.0)[..., None, None]
-
-
-def keys_seen(real_c: Optional[Tensor], L: int, causal: bool, like: Tensor) -> Tensor:
-    """The number of keys each query sees in its chunk: (B, N, L), or broadcastable to it."""
-    if real_c is None:
-        return torch.arange(1, L + 1, device=like.device, dtype=like.dtype) if causal else like.new_full((1,), L)
-    return real_c.cumsum(-1) if causal else real_c.sum(-1, keepdim=True)
+        seen = chunks_seen(N, causal, KV.device, KV.dtype)
+        means = seen / (real.sum(-1) @ seen.t()).clamp(min=1.0).unsqueeze(-1)  # (B, N or 1, N)
+    KV = (means @ KV).view(B, -1, s, v.shape[-1])  # (B, N or 1, s, e)
+    return ql.reshape(B, KV.shape[1], -1, s) @ KV  # a query's chunks as one block where all share KV
 
 
 def mixed_chunk(
@@ -197,17 +259,9 @@ def mixed_chunk(
     q, k, ql, kl, v = chunks(q), chunks(k), chunks(ql), chunks(kl), chunks(v)
     if real_c is not None:
         kl = kl * real_c.unsqueeze(-1)  # padded keys add nothing to the linear sums
-    # quadratic inside each chunk: relu(q k^T / sqrt(s))^2 / c over real (and, if causal, earlier) keys
-    within = torch.arange(L, device=q.device)
-    A = relu2(q, k, offset_bias(rel_bias, within[:, None] - within[None, :]))
-    if real_c is not None:
-        A = A * real_c.unsqueeze(-2)
-    if causal:
-        A = A.tril()
-    quad = A @ v
-    if relu2_norm != "none":
-        quad = quad / relu2_divisor(relu2_norm, G, keys_seen(real_c, L, causal, A)).unsqueeze(-1)
-    out = (quad + across_chunks(ql, kl, v, real_c, causal)).view(B, N * L, e)[:, :T]
+    A = within_chunks(q, k, real_c, rel_bias, causal, G, relu2_norm)
+    lin = across_chunks(ql, kl, v, real_c, causal)
+    out = torch.baddbmm(lin.view(B * N, L, e), A.flatten(0, 1), v.flatten(0, 1)).view(B, N * L, e)[:, :T]
     if order is not None:
         out = scatter_time(out, order)
     return out.to(dtype)
@@ -292,13 +346,10 @@ def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tens
     return update(buf, "scatter", writable(x, buf), 1, slot, x.unsqueeze(1))
 
 
-@functools.lru_cache(maxsize=16)
 def slot_weights(G: int, norm: str, device: torch.device) -> Tensor:
     """(G, G): row f weights the chunk's slots for a query at fill f: 1/c over
     slots 0..f (c from relu2_divisor), 0 past them (slots not written yet)."""
-    slots = torch.arange(G, device=device, dtype=torch.float32)
-    seen = slots[None, :] <= slots[:, None]
-    return seen / relu2_divisor(norm, G, slots[:, None] + 1.0)
+    return chunk_table(G, G, True, norm, 1.0, device)
 
 
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
