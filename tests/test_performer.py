@@ -196,8 +196,8 @@ def test_module_on_the_fla_form_equals_the_torch_form(monkeypatch, feature_map, 
         out = attn(xs, key_padding_mask=mask)[0]
         out[:, 0].sum().backward()  # the unpadded row
         results.append((out[:, 0], xs.grad, out[4:, 1]))
-    for ours, theirs in zip(*results):
-        assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    for ours, theirs in zip(*results):  # relative to each tensor's scale: RFA's random features reach 1e4
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max().clamp(min=1.0), (ours - theirs).abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fla-core's kernels are Triton, CUDA)")

@@ -313,7 +313,7 @@ def test_parallel_final_state_and_continuation(name, gated):
 @pytest.mark.parametrize("gated", [False, True])
 def test_parallel_form_runs_as_many_ops_at_every_length(gated):
     """Forward and backward of the parallel form at T = 256, 1024 and 4096 run
-    the same number of aten operators (the loop's grows with T / G)."""
+    the same number of aten operators after a first call (the loop's grows with T / G)."""
     def forward_backward(T, form):
         q, k, v = (x[:1, :1].requires_grad_() for x in qkv(T))
         pq, pk, s, sq = featurize("favor", q, k)
@@ -323,6 +323,10 @@ def test_parallel_form_runs_as_many_ops_at_every_length(gated):
         return lambda: PARALLEL[form](pq, pk, v, None, s, gate, sq, chunk_size=64, eps=1e-6)[0].backward(
             torch.ones(1, 1, T, D), retain_graph=True)
 
-    counts = [count(forward_backward(T, "parallel"))[0] for T in (256, 1024, 4096)]
+    def counted(fn):
+        fn()  # a first call builds the cached masks
+        return count(fn)[0]
+
+    counts = [counted(forward_backward(T, "parallel")) for T in (256, 1024, 4096)]
     assert counts[0] == counts[1] == counts[2], counts
     assert count(forward_backward(1024, "chunked"))[0] > 2 * counts[1]  # the loop, for contrast

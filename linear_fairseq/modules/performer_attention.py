@@ -221,9 +221,11 @@ class PerformerAttention(LinearAttention):
         return self.merge(out, x.dtype)
 
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        q, k, v = self.project(x, "qkv")
-        (phi_q, q_scale), (phi_k, log_scale) = self.features(q), self.features(k)
-        args = (phi_q, phi_k, self.heads(v), padding_mask, log_scale, self.gate_logits(x), q_scale)
+        # the queries' and the keys' features in one call, on a pair axis after time: (B, H, T, 2, m)
+        qkv = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, T, 3, H, d)
+        phi, scale = self.phi(qkv[:, :, :2].permute(0, 3, 1, 2, 4))
+        (phi_q, phi_k), (q_scale, log_scale) = phi.unbind(-2), (None, None) if scale is None else scale.unbind(-1)
+        args = (phi_q, phi_k, qkv[:, :, 2].transpose(1, 2), padding_mask, log_scale, self.gate_logits(x), q_scale)
         if self.runs_on_fla(x):
             out = performer_fla.causal(*args, eps=self.eps)
         else:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, writable, zero_padded
+from .common import State, acc, constant, writable, zero_padded
 
 # State: {"S": (B, H, m, d + 1), "M": (B, H)}: S = [sum phi(k) v^T, z] (z its last column), the true
 # sums being exp(M) S. The values enter as [v, 1] (`with_ones`), so one product with phi(q) gives the
@@ -96,8 +96,9 @@ def rfa_features(x: Tensor, projection: Tensor) -> Tensor:
 
 def t2r_features(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """T2R's learned feature map, phi(x) = relu(W_h x + b_h) per head (Kasai et al., EMNLP 2021).
-    x (B, H, T, d), weight (H, m, d), bias (H, m)."""
-    return F.relu(torch.einsum("bhtd,hmd->bhtm", acc(x), acc(weight)) + acc(bias)[:, None, :])
+    x (B, H, ..., d), weight (H, m, d), bias (H, m)."""
+    phi = torch.einsum("bh...d,hmd->bh...m", acc(x), acc(weight))
+    return F.relu(phi + acc(bias).view(bias.shape[0], *[1] * (x.dim() - 3), bias.shape[1]))
 
 
 def orthogonal_gaussian(m: int, d: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -129,6 +130,18 @@ def key_log_weights(
         a = a.masked_fill(pad, NEG_INF)
         lg = None if lg is None else lg.masked_fill(pad, 0.0)
     return a, lg
+
+
+@constant(maxsize=32)
+def later(n: int, device: torch.device) -> Tensor:
+    """(n, n) boolean, True at [i, j] for j > i: what row i may not see."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
+@constant(maxsize=32)
+def later_log_mask(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n, n): -inf where column j is later than row i, 0 elsewhere; added to log-weights."""
+    return torch.zeros(n, n, device=device, dtype=dtype).masked_fill(later(n, device), NEG_INF)
 
 
 LOWEST = -1e30  # a reference where no key is visible yet: every visible log-weight is above it
@@ -189,8 +202,7 @@ def weights(
     if causal:
         L = torch.zeros_like(a) if lg is None else lg.cumsum(-1)
         w = a[..., None, :] + L[..., :, None] - L[..., None, :]  # [i, j]: a_j + sum_{l=j+1..i} log g_l
-        future = torch.ones(n, n, dtype=torch.bool, device=phi_k.device).triu(1)
-        w = w.masked_fill(future, NEG_INF)
+        w = w.masked_fill(later(n, phi_k.device), NEG_INF)
     else:
         w = a[..., None, :].expand(B, H, phi_q.shape[2], n)
     R = _finite(w.amax(-1, keepdim=True)).detach()
@@ -238,39 +250,45 @@ def empty_state(B: int, H: int, m: int, d: int, like: Tensor) -> State:
 def _chunk_out(phi_q, phi_k, v1, r, L, state: State, eps: float, q_log_scale) -> Tensor:
     """The outputs of a chunk (or of a batch of chunks, on a chunk axis before
     the time axis) given the state carried into it; v1 = [v, 1]. L: the decay from
-    the chunk's start to t; r = a - L: key j's log-weight up to the factor exp(L_t)."""
+    the chunk's start to t (None: no decay); r = a - L: key j's log-weight up to
+    the factor exp(L_t)."""
     S, M = state["S"], state["M"]
-    G = phi_q.shape[-2]
     R_raw = torch.maximum(M.unsqueeze(-1), r.cummax(-1).values).detach()  # prefix max: no look-ahead
     R = _finite(R_raw)
-    future = torch.ones(G, G, dtype=torch.bool, device=v1.device).triu(1)
-    w = torch.exp((r[..., None, :] - R[..., :, None]).masked_fill(future, NEG_INF))  # [t, j], j <= t
+    w = torch.exp(r[..., None, :] - R[..., :, None] + later_log_mask(r.shape[-1], r.device, r.dtype))  # j <= t
     scores = (phi_q @ phi_k.transpose(-1, -2)) * w
     w_state = torch.exp(M.unsqueeze(-1) - R)  # the carried state, seen from t
     num = scores @ v1 + w_state.unsqueeze(-1) * (phi_q @ S)
-    return normalized(num, clamp_floor(eps, (R + L).unsqueeze(-1), _column(q_log_scale)))
+    return normalized(num, clamp_floor(eps, (R if L is None else R + L).unsqueeze(-1), _column(q_log_scale)))
+
+
+def _summaries(phi_k, v1, r, L) -> State:
+    """Each chunk's own sums at its end, nothing carried in: sum_j weight_j phi(k_j) [v_j, 1]^T
+    relative to M, the chunk's largest log-weight at its end (the decay over the chunk included)."""
+    top = r.amax(-1).detach()
+    w = torch.exp(r - _finite(top).unsqueeze(-1)).unsqueeze(-1)
+    return {"S": (phi_k * w).transpose(-1, -2) @ v1, "M": top if L is None else top + L[..., -1]}
 
 
 def _chunk_end(phi_k, v1, r, L, state: State) -> State:
-    """The state at a chunk's end: S' = decay * S + sum_j weight_j phi(k_j) [v_j, 1]^T,
-    relative to the largest log-weight in it (the carried state's included)."""
-    S, M = state["S"], state["M"]
-    top = torch.maximum(M, r.amax(-1)).detach()
-    R_end = _finite(top).unsqueeze(-1)
-    w_keys = torch.exp(r - R_end).unsqueeze(-1)
-    w_old = torch.exp(M.unsqueeze(-1) - R_end)
-    S = w_old.unsqueeze(-1) * S + (phi_k * w_keys).transpose(-1, -2) @ v1
-    return {"S": S, "M": top + L[..., -1]}
+    """The state at a chunk's end: S' = decay * S + the chunk's own sums (`_summaries`),
+    relative to the larger of their log-weights."""
+    own = _summaries(phi_k, v1, r, L)
+    M = state["M"] if L is None else state["M"] + L[..., -1]  # the carried state, decayed over the chunk
+    top = torch.maximum(M, own["M"]).detach()  # the new reference; the decays' gradients reach w_old, w_own
+    w_old, w_own = torch.exp(torch.stack([M, own["M"]]) - _finite(top)).unsqueeze(-1).unsqueeze(-1).unbind()
+    return {"S": w_old * state["S"] + w_own * own["S"], "M": top}
 
 
 def _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size: int):
     """What both causal forms start from: the inputs in accumulation precision
-    (padded keys zeroed, the values as [v, 1]) and the keys' log-weights and log-decays."""
+    (padded keys zeroed, the values as [v, 1]) and the keys' log-weights and
+    log-decays (None without a gate: nothing decays)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     phi_q, phi_k, v1 = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), with_ones(acc(v))
     a, lg = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, gate_logits)
-    return phi_q, phi_k, v1, a, torch.zeros_like(a) if lg is None else lg
+    return phi_q, phi_k, v1, a, lg
 
 
 def causal_chunked(
@@ -297,13 +315,15 @@ def causal_chunked(
     # gradient into a zero tensor of the whole input, once per chunk (O(T^2 / G))
     chunks = lambda x, dim: x.split(chunk_size, dim=dim)  # noqa: E731
     q_scales = repeat(None) if q_log_scale is None else chunks(q_log_scale, -1)
+    decays = repeat(None) if lg is None else chunks(lg, -1)
     outs = []
     for q_c, k_c, v_c, a_c, lg_c, q_scale in zip(
-        chunks(phi_q, 2), chunks(phi_k, 2), chunks(v, 2), chunks(a, -1), chunks(lg, -1), q_scales
+        chunks(phi_q, 2), chunks(phi_k, 2), chunks(v, 2), chunks(a, -1), decays, q_scales
     ):
-        L = lg_c.cumsum(-1)
-        outs.append(_chunk_out(q_c, k_c, v_c, a_c - L, L, state, eps, q_scale))
-        state = _chunk_end(k_c, v_c, a_c - L, L, state)
+        L = None if lg_c is None else lg_c.cumsum(-1)
+        r = a_c if L is None else a_c - L
+        outs.append(_chunk_out(q_c, k_c, v_c, r, L, state, eps, q_scale))
+        state = _chunk_end(k_c, v_c, r, L, state)
     return torch.cat(outs, dim=2).to(dtype), state
 
 
@@ -317,21 +337,23 @@ def _by_chunk(x: Tensor, G: int, fill: float = 0.0) -> Tensor:
     return x.unflatten(2, (-1, G))
 
 
-def _carried(summaries: State, first: State) -> State:
+def _carried(summaries: State, first: State, decay: Optional[Tensor]) -> State:
     """The state entering each chunk c = 0..C (C: the final state) from the
     chunks' own summaries (S relative to M, their log-weight at the chunk's
-    end, and "decay", each chunk's total log-decay) and the state given before
-    the first chunk. Chunk c' < c reaches chunk c decayed by the chunks
-    between them: log-weight M_c' + P_c - P_{c'+1}, P the decay before a chunk,
-    summed in float64 (a difference of long sums). Every entering state is
-    then one masked (C+1) x (C+1) weighting of the sources, relative to its own
-    largest log-weight: a constant number of kernels at any length."""
-    decay = summaries["decay"]  # (B, H, C)
-    P = F.pad(decay.double().cumsum(-1), (1, 0))  # (B, H, C+1): the decay before chunk c
-    source_M = torch.cat([first["M"].unsqueeze(-1), summaries["M"]], dim=-1).double()  # sources: first, chunks
-    logw = source_M[..., None, :] + P[..., :, None] - P[..., None, :]  # [c, j]: source j seen entering chunk c
-    later = torch.ones(logw.shape[-1], logw.shape[-1], dtype=torch.bool, device=logw.device).triu(1)
-    logw = logw.masked_fill(later, NEG_INF)
+    end), the state given before the first chunk and each chunk's total
+    log-decay (None: nothing decays). Chunk c' < c reaches chunk c decayed by
+    the chunks between them: log-weight M_c' + P_c - P_{c'+1}, P the decay
+    before a chunk, summed in float64 (a difference of long sums). Every
+    entering state is then one masked (C+1) x (C+1) weighting of the sources,
+    relative to its own largest log-weight: a constant number of kernels at
+    any length."""
+    logw = torch.cat([first["M"].unsqueeze(-1), summaries["M"]], dim=-1)  # (B, H, C+1) sources: first, chunks
+    if decay is not None:
+        P = F.pad(decay.double().cumsum(-1), (1, 0))  # (B, H, C+1): the decay before chunk c
+        logw = logw.double()[..., None, :] + P[..., :, None] - P[..., None, :]  # [c, j]: source j entering chunk c
+    else:
+        logw = logw[..., None, :]
+    logw = logw + later_log_mask(logw.shape[-1], logw.device, logw.dtype)
     M = logw.amax(-1).detach()
     w = torch.exp(logw - _finite(M).unsqueeze(-1)).to(summaries["S"].dtype)
     sources = torch.cat([first["S"].unsqueeze(2), summaries["S"]], dim=2)
@@ -356,13 +378,12 @@ def causal_parallel(
     B, H, _, m = phi_k.shape
     # padded to whole chunks: the extra keys weigh nothing (a = -inf) and do not decay (log g = 0)
     pq, pk, vc = _by_chunk(phi_q, G), _by_chunk(phi_k, G), _by_chunk(v, G)
-    a, lg = _by_chunk(a.unsqueeze(-1), G, NEG_INF).squeeze(-1), _by_chunk(lg.unsqueeze(-1), G).squeeze(-1)
     qs = None if q_log_scale is None else _by_chunk(acc(q_log_scale).unsqueeze(-1), G).squeeze(-1)
-    L = lg.cumsum(-1)
-    r = a - L
-    nothing = empty_state(B, H, m, d, v)
-    own = _chunk_end(pk, vc, r, L, {k: x.unsqueeze(2) for k, x in nothing.items()})
-    entering = _carried({**own, "decay": L[..., -1]}, state if state is not None else nothing)
+    a = _by_chunk(a.unsqueeze(-1), G, NEG_INF).squeeze(-1)
+    L = None if lg is None else _by_chunk(lg.unsqueeze(-1), G).squeeze(-1).cumsum(-1)
+    r = a if L is None else a - L
+    first = state if state is not None else empty_state(B, H, m, d, v)
+    entering = _carried(_summaries(pk, vc, r, L), first, None if L is None else L[..., -1])
     inside = {k: x[:, :, :-1] for k, x in entering.items()}
     out = _chunk_out(pq, pk, vc, r, L, inside, eps, qs)
     return out.flatten(2, 3)[:, :, :T].to(dtype), {k: x[:, :, -1] for k, x in entering.items()}
