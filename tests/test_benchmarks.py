@@ -399,8 +399,10 @@ def test_gpu_ops_check_runs_every_family_on_this_machine(tmp_path):
         assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("family,extra", [("performer", ()), ("memsizer", ()),
-                                          ("memsizer", ("--short-conv", "4", "--local-window", "32"))])
+@pytest.mark.parametrize("family,extra", [
+    ("performer", ()), ("memsizer", ()), ("memsizer", ("--short-conv", "4", "--local-window", "32")),
+    ("flash", ("--gau-chunk-size", "64")),  # more than one chunk at both lengths
+])
 def test_training_runs_as_many_operators_at_every_length(family, extra):
     """The whole LM's forward+backward (benchmarks.op_counts, the CPU proxy for GPU
     kernel launches) runs the same number of aten operators at T = 128 and 512:
