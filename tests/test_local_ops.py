@@ -140,3 +140,14 @@ def test_projections_kept_apart_load_into_the_stacked_one(arch, extra, stacked):
     other.load_state_dict(apart, strict=True)
     tokens = random_tokens(d, 2, 9)
     torch.testing.assert_close(other(tokens)[0], model(tokens)[0], rtol=0, atol=0)
+
+
+def test_window_mask_first_built_in_inference_mode_serves_training():
+    """The window's cached mask built by a first call in inference mode (e.g.
+    generation) is an ordinary tensor: training afterwards saves it for backward.
+    A length and width no other test uses, so this call builds it."""
+    q, k, v = (torch.randn(1, 2, 37, 4, requires_grad=True) for _ in range(3))
+    with torch.inference_mode():
+        L.window(q, k, v, 11, True)
+    L.window(q, k, v, 11, True).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

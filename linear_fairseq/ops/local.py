@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import acc, update, writable, zero_padded
+from .common import acc, constant, update, writable, zero_padded
 
 
 # -- short convolution -------------------------------------------------------------------
@@ -63,11 +63,15 @@ def conv_naive(x: Tensor, weight: Tensor, causal: bool, padding_mask: Optional[T
 
 
 # -- sliding-window softmax attention -------------------------------------------------------
+def in_window(offset: Tensor, W: int, causal: bool) -> Tensor:
+    """Whether a key `offset` = query - key positions before its query is in the query's window."""
+    return (offset >= 0) & (offset < W) if causal else offset.abs() <= W // 2
+
+
 def window_mask(T: int, W: int, causal: bool, device=None) -> Tensor:
     """(T, T) bool, True where query i may attend to key j."""
     i = torch.arange(T, device=device)
-    offset = i[:, None] - i[None, :]
-    return (offset >= 0) & (offset < W) if causal else offset.abs() <= W // 2
+    return in_window(i[:, None] - i[None, :], W, causal)
 
 
 def window_naive(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool,
@@ -90,22 +94,39 @@ def window(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool, padding_mask: 
     n = W if causal else W // 2 + 1
     blocks = -(-T // n)
     pad = blocks * n - T
-    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if padding_mask is None else ~padding_mask
-    q, k, v = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (blocks, n)) for t in (q, k, v))
-    real = F.pad(real, (0, pad)).unflatten(1, (blocks, n))
     span = (1, 0) if causal else (1, 1)  # neighbouring blocks before and after
-    keys, values, key_real = (neighbours(t, span, dim) for t, dim in ((k, 2), (v, 2), (real, 1)))
-    positions = torch.arange(n, device=q.device)
-    key_positions = torch.arange(-span[0] * n, (1 + span[1]) * n, device=q.device)
-    offset = positions[:, None] - key_positions[None, :]  # query - key, within the block
-    allowed = (offset >= 0) & (offset < W) if causal else offset.abs() <= W // 2
-    allowed = allowed & key_real[:, None, :, None, :]  # (B, 1, blocks, n, keys)
-    # batched matrix products over (B H blocks), on 3-d tensors
+    q, k, v = ((F.pad(t, (0, 0, 0, pad)) if pad else t).unflatten(2, (blocks, n)) for t in (q, k, v))
+    keys, values = neighbours(k, span, 2), neighbours(v, span, 2)
     m = keys.shape[3]
-    scores = (acc(q).reshape(-1, n, d) @ acc(keys).reshape(-1, m, d).transpose(1, 2)).view(B, H, blocks, n, m)
-    weights = torch.softmax((scores / math.sqrt(d)).masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    out = (weights.reshape(-1, n, m) @ acc(values).reshape(-1, m, d)).view(B, H, blocks * n, d)[:, :, :T]
+    hidden = window_hidden(T, W, causal, q.device)  # (blocks, n, m)
+    if padding_mask is not None:  # padded keys too: (B, 1, blocks, n, m)
+        padded = neighbours(F.pad(padding_mask, (0, pad)).unflatten(1, (blocks, n)), span, 1)
+        hidden = hidden | padded[:, None, :, None, :]
+    # batched matrix products over (B H blocks), on 3-d tensors; masked_fill's backward also
+    # zeroes the gradient of a row with nothing to see (softmax gives nan there)
+    scores = torch.baddbmm(q.new_empty(1, 1, 1, dtype=acc(q).dtype), acc(q).reshape(-1, n, d),
+                           acc(keys).reshape(-1, m, d).transpose(1, 2), beta=0.0, alpha=1.0 / math.sqrt(d))
+    scores = scores.view(B, H, blocks, n, m).masked_fill(hidden, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if padding_mask is not None:  # a query whose window holds only padding reads zeros
+        weights = weights.nan_to_num(0.0)
+    out = (weights.view(-1, n, m) @ acc(values).reshape(-1, m, d)).view(B, H, blocks * n, d)[:, :, :T]
     return out.to(v.dtype)
+
+
+@constant(maxsize=8)
+def window_hidden(T: int, W: int, causal: bool, device: torch.device) -> Tensor:
+    """(blocks, n, m) bool: True where a query of `window`'s blocks may not attend
+    to a key of its block's neighbourhood (outside its window or outside the
+    sequence). A query past the end, which only fills the last block, sees
+    itself, so no row is empty."""
+    n = W if causal else W // 2 + 1
+    before, after = (1, 0) if causal else (1, 1)
+    blocks = -(-T // n)
+    query = torch.arange(blocks * n, device=device).view(blocks, n, 1)
+    key = query[:, :1] + torch.arange(-before * n, (1 + after) * n, device=device)  # (blocks, 1, m)
+    offset = query - key
+    return ~(in_window(offset, W, causal) & (((key >= 0) & (key < T)) | (offset == 0)))
 
 
 def neighbours(x: Tensor, span: Tuple[int, int], dim: int) -> Tensor:
