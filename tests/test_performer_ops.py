@@ -310,13 +310,13 @@ def test_parallel_final_state_and_continuation(name, gated):
         assert_close(got, ref)
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_parallel_form_runs_as_many_ops_at_every_length(gated):
+@pytest.mark.parametrize("name,gated", [("favor", False), ("favor", True), ("elu", False)])
+def test_parallel_form_runs_as_many_ops_at_every_length(name, gated):
     """Forward and backward of the parallel form at T = 256, 1024 and 4096 run
     the same number of aten operators after a first call (the loop's grows with T / G)."""
     def forward_backward(T, form):
         q, k, v = (x[:1, :1].requires_grad_() for x in qkv(T))
-        pq, pk, s, sq = featurize("favor", q, k)
+        pq, pk, s, sq = featurize(name, q, k)
         gate = gate_logits(T)[:1, :1] if gated else None
         # backward from a given gradient: a sum over the output would add the CPU's
         # two-pass reduction of large tensors to the count

@@ -26,6 +26,12 @@ def constant(maxsize: int):
     return wrap
 
 
+@constant(maxsize=64)
+def lower_triangle(rows: int, cols: int, diagonal: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(rows, cols): 1 where column j <= row i + diagonal, 0 elsewhere."""
+    return torch.ones(rows, cols, device=device, dtype=dtype).tril(diagonal)
+
+
 def acc(x: Tensor) -> Tensor:
     """Accumulation precision: float32, or float64 when given float64."""
     return x if x.dtype == torch.float64 else x.float()

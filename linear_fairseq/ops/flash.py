@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, constant, update, writable
+from .common import State, acc, constant, lower_triangle, update, writable
 
 
 # -- positions ---------------------------------------------------------------
@@ -197,9 +197,7 @@ def within_chunks(q: Tensor, k: Tensor, real_c: Optional[Tensor], rel_bias: Opti
 def chunks_seen(N: int, causal: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
     """[c, c'] = 1 where chunk c's queries see chunk c' in the linear part: c' < c
     (N, N) if causal; every chunk (1, N) otherwise, one row all chunks share."""
-    if causal:
-        return torch.ones(N, N, device=device, dtype=dtype).tril(-1)
-    return torch.ones(1, N, device=device, dtype=dtype)
+    return lower_triangle(N, N, -1, device, dtype) if causal else torch.ones(1, N, device=device, dtype=dtype)
 
 
 @constant(maxsize=32)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, constant, writable, zero_padded
+from .common import State, acc, constant, lower_triangle, writable, zero_padded
 
 # State: {"S": (B, H, m, d + 1), "M": (B, H)}: S = [sum phi(k) v^T, z] (z its last column), the true
 # sums being exp(M) S. The values enter as [v, 1] (`with_ones`), so one product with phi(q) gives the
@@ -280,13 +280,17 @@ def _chunk_end(phi_k, v1, r, L, state: State) -> State:
     return {"S": w_old * state["S"] + w_own * own["S"], "M": top}
 
 
-def _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size: int):
-    """What both causal forms start from: the inputs in accumulation precision
-    (padded keys zeroed, the values as [v, 1]) and the keys' log-weights and
-    log-decays (None without a gate: nothing decays)."""
+def _causal_values(phi_q, phi_k, v, padding_mask, chunk_size: int):
+    """The inputs in accumulation precision, padded keys zeroed, the values as [v, 1]."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    phi_q, phi_k, v1 = acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), with_ones(acc(v))
+    return acc(phi_q), zero_padded(acc(phi_k), padding_mask, 2), with_ones(acc(v))
+
+
+def _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size: int):
+    """What both causal forms start from: `_causal_values` and the keys' log-weights
+    and log-decays (None without a gate: nothing decays)."""
+    phi_q, phi_k, v1 = _causal_values(phi_q, phi_k, v, padding_mask, chunk_size)
     a, lg = key_log_weights(phi_k.shape[:3], phi_k, padding_mask, log_scale, gate_logits)
     return phi_q, phi_k, v1, a, lg
 
@@ -372,8 +376,13 @@ def causal_parallel(
     chunk's outputs at once. The number of kernels does not grow with T.
     Memory beyond the inputs, with C = T / G chunks: O(T G) for the scores
     inside the chunks, O(C m d) for the summaries and entering states, O(C^2)
-    for their weights; the compute of the carry is O(C^2 m d)."""
+    for their weights; the compute of the carry is O(C^2 m d). Keys of weight 1
+    (no log-scale, gate or state given: elu, T2R, RFA without its gate) take
+    `_unweighted_parallel`, the same sums without log-weights."""
     dtype, (T, d), G = v.dtype, v.shape[2:], chunk_size
+    if log_scale is None and gate_logits is None and q_log_scale is None and state is None:
+        out, S = _unweighted_parallel(*_causal_values(phi_q, phi_k, v, padding_mask, chunk_size), G, eps)
+        return out[:, :, :T].to(dtype), {"S": S, "M": S.new_zeros(S.shape[:2])}
     phi_q, phi_k, v, a, lg = _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size)
     B, H, _, m = phi_k.shape
     # padded to whole chunks: the extra keys weigh nothing (a = -inf) and do not decay (log g = 0)
@@ -387,6 +396,20 @@ def causal_parallel(
     inside = {k: x[:, :, :-1] for k, x in entering.items()}
     out = _chunk_out(pq, pk, vc, r, L, inside, eps, qs)
     return out.flatten(2, 3)[:, :, :T].to(dtype), {k: x[:, :, -1] for k, x in entering.items()}
+
+
+def _unweighted_parallel(phi_q, phi_k, v1, G: int, eps: float) -> Tuple[Tensor, Tensor]:
+    """`causal_parallel` for keys of weight 1 (no log-scale, no gate, no state
+    given; padded keys are zero features): plain sums, no stabilizer. Returns the
+    outputs (B, H, C G, d) and the final S (B, H, m, d + 1)."""
+    pq, pk, vc = _by_chunk(phi_q, G), _by_chunk(phi_k, G), _by_chunk(v1, G)
+    C = pk.shape[2]
+    own = (pk.transpose(-1, -2) @ vc).flatten(-2)  # (B, H, C, m (d + 1)): each chunk's sums
+    before = lower_triangle(C + 1, C, -1, pk.device, pk.dtype)  # [c, c'] = 1 where c' < c
+    entering = (before @ own).unflatten(-1, (pk.shape[-1], vc.shape[-1]))  # into chunk c = 0 .. C (C: the end)
+    causal = lower_triangle(G, G, 0, pk.device, pk.dtype)
+    num = ((pq @ pk.transpose(-1, -2)) * causal) @ vc + pq @ entering[:, :, :-1]
+    return normalized(num, clamp_floor(eps, None, None)).flatten(2, 3), entering[:, :, -1]
 
 
 def causal_step(
