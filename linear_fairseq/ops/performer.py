@@ -178,7 +178,8 @@ def at_least(den: Tensor, floor) -> Tensor:
 def normalized(num: Tensor, floor) -> Tensor:
     """phi(q).S over max(phi(q).z, floor), from num = phi(q) [S, z] (..., d + 1);
     a tensor floor has num's shape with a last axis of 1."""
-    return num[..., :-1] / at_least(num[..., -1:], floor)
+    values, den = num.split([num.shape[-1] - 1, 1], dim=-1)  # split: its backward is one concatenation
+    return values / at_least(den, floor)
 
 
 # -- reference -------------------------------------------------------------------
