@@ -139,8 +139,8 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         None: 0 .. T-1 along Z's time axis (dim 1), the turns from a cached table."""
         qk = self.offset_scale(z)  # (..., heads, s): all heads turn by the same positions
         if self.rope:
-            turns = ops.first_turns(z.shape[1], self.s, z.device) if positions is None else ops.turns(positions, self.s)
-            qk = ops.rotate(qk, turns.unsqueeze(-2))
+            qk = ops.rope(qk, positions.unsqueeze(-1)) if positions is not None \
+                else ops.rotate(qk, ops.first_turns(z.shape[1], self.s, z.device).unsqueeze(-2))
         return qk.unbind(dim=-2)
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, incremental_state=None) -> Tensor:

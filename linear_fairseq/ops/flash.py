@@ -166,8 +166,8 @@ def chunk_table(L: int, G: int, causal: bool, norm: str, scale: float, device: t
                 dtype: torch.dtype = torch.float32) -> Tensor:
     """(L, L) weights of a full chunk's relu^2 scores: [i, j] = scale / c_i where
     query i sees key j (j <= i if causal), 0 elsewhere; c_i from relu2_divisor."""
+    seen = lower_triangle(L, L, 0, device, dtype) if causal else torch.ones(L, L, device=device, dtype=dtype)
     i = torch.arange(L, device=device, dtype=dtype)
-    seen = i[None, :] <= i[:, None] if causal else torch.ones(L, L, dtype=torch.bool, device=device)
     keys = i + 1.0 if causal else torch.full_like(i, float(L))
     return seen * (scale / relu2_divisor(norm, G, keys[:, None]))
 

@@ -86,15 +86,19 @@ def window_naive(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool,
     return (weights @ acc(v)).to(v.dtype)
 
 
+def block_layout(W: int, causal: bool) -> Tuple[int, Tuple[int, int]]:
+    """`window`'s blocks: (n, the neighbouring blocks before and after a block's own)."""
+    return (W, (1, 0)) if causal else (W // 2 + 1, (1, 1))
+
+
 def window(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
     """q, k, v (B, H, T, d) -> (B, H, T, d), block by block: queries in blocks of
     n = W (causal: a block's keys are its own and the block before) or n = W//2 + 1
     (non-causal: the blocks before and after too)."""
     B, H, T, d = q.shape
-    n = W if causal else W // 2 + 1
+    n, span = block_layout(W, causal)
     blocks = -(-T // n)
     pad = blocks * n - T
-    span = (1, 0) if causal else (1, 1)  # neighbouring blocks before and after
     q, k, v = ((F.pad(t, (0, 0, 0, pad)) if pad else t).unflatten(2, (blocks, n)) for t in (q, k, v))
     keys, values = neighbours(k, span, 2), neighbours(v, span, 2)
     m = keys.shape[3]
@@ -120,8 +124,7 @@ def window_hidden(T: int, W: int, causal: bool, device: torch.device) -> Tensor:
     to a key of its block's neighbourhood (outside its window or outside the
     sequence). A query past the end, which only fills the last block, sees
     itself, so no row is empty."""
-    n = W if causal else W // 2 + 1
-    before, after = (1, 0) if causal else (1, 1)
+    n, (before, after) = block_layout(W, causal)
     blocks = -(-T // n)
     query = torch.arange(blocks * n, device=device).view(blocks, n, 1)
     key = query[:, :1] + torch.arange(-before * n, (1 + after) * n, device=device)  # (blocks, 1, m)
