@@ -18,6 +18,12 @@ for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = "1"
 torch.set_num_threads(1)
 
+# Triton kernels (fla-core's and ours) run on CPU tensors through Triton's
+# interpreter where there is no CUDA device; the switch is read when a kernel
+# is defined, so it is set before anything imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -81,6 +87,22 @@ def require_data(name):
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (set LINEAR_FAIRSEQ_DATA to the folder holding {name}/)")
     return path
+
+
+@pytest.fixture
+def triton_device(monkeypatch):
+    """Where Triton kernels run: "cuda", or "cpu" through Triton's interpreter
+    (skips where Triton does not import). The interpreter cannot time an
+    autotuner's configurations, so there each autotuned kernel takes its first."""
+    try:
+        import triton.runtime.autotuner as autotuner
+    except Exception as error:
+        pytest.skip(f"Triton does not import ({type(error).__name__}); `pip install triton` runs its kernels "
+                    f"on CPU through its interpreter")
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setattr(autotuner.Autotuner, "_bench", lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0])
+    return "cpu"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -200,20 +200,60 @@ def test_module_on_the_fla_form_equals_the_torch_form(monkeypatch, feature_map, 
         assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max().clamp(min=1.0), (ours - theirs).abs().max()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fla-core's kernels are Triton, CUDA)")
 @pytest.mark.parametrize("feature_map,gate", [("favor", False), ("elu", False), ("rfa", True), ("t2r", False)])
-def test_fla_backend_on_cuda_equals_the_torch_form(feature_map, gate):
+def test_fla_backend_equals_the_torch_form(monkeypatch, triton_device, feature_map, gate):
+    """fla-core's own chunk_simple_gla (on CUDA, or on CPU through Triton's
+    interpreter) computes the torch form's function: outputs and gradients,
+    left padding included, over several chunks and a partial one."""
     from linear_fairseq.ops import performer_fla
 
     if performer_fla.unavailable():
         pytest.skip(performer_fla.unavailable())
-    x = torch.randn(700, 2, 32, device="cuda")
+    T = 700 if triton_device == "cuda" else 150
+    x = torch.randn(T, 2, 32, device=triton_device)
+    mask = torch.zeros(2, T, dtype=torch.bool, device=triton_device)
+    mask[1, :5] = True
     outs = []
     for backend in ("torch", "fla"):
-        attn = causal_attention(backend, feature_map, gate).cuda()
+        attn = causal_attention(backend, feature_map, gate).to(triton_device)
+        if triton_device == "cpu":
+            monkeypatch.setattr(attn, "runs_on_fla", lambda x: backend == "fla")
         xs = x.clone().requires_grad_()
-        out = attn(xs)[0]
-        out.sum().backward()
-        outs.append((out, xs.grad))
+        out = attn(xs, key_padding_mask=mask)[0]
+        (out[:, 0].sum() + out[5:, 1].sum()).backward()  # the real queries, as a loss that skips padding
+        outs.append((out[:, 0], out[5:, 1], xs.grad))
     for ours, theirs in zip(*outs):
-        assert (ours - theirs).abs().max() <= 1e-3 * theirs.abs().max().clamp(min=1.0)
+        assert (ours - theirs).abs().max() <= 1e-3 * theirs.abs().max().clamp(min=1.0), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("case", ["performer_lm", "performer_mt_rfa_gate", "performer_lm_t2r_gate"])
+def test_beam_search_on_the_fused_step_equals_the_torch_step(monkeypatch, triton_device, case):
+    """fairseq's beam search (state reordered between steps) with every causal kernel
+    attention decoding on the fused Triton step finds the torch step's hypotheses and scores."""
+    from fairseq.sequence_generator import SequenceGenerator
+    from test_decoding_contract import Harness
+    from test_decoding_contract import random_tokens
+
+    from linear_fairseq.ops import performer_fla
+
+    if performer_fla.unavailable():
+        pytest.skip(performer_fla.unavailable())
+    h = Harness(case)
+    h.model.to(triton_device)
+    if h.encoder_out is not None:
+        net_input = {"src_tokens": h.src, "src_lengths": h.src_lengths}
+    else:
+        net_input = {"src_tokens": random_tokens(h.d, 4, 3, seed=5), "src_lengths": torch.full((4,), 3)}
+    net_input = {key: x.to(triton_device) for key, x in net_input.items()}
+    found = []
+    for fused in (False, True):
+        for module in h.model.modules():
+            if isinstance(module, PerformerAttention) and module.causal:
+                monkeypatch.setattr(module, "runs_on_fla", lambda x, fused=fused: fused)
+        gen = SequenceGenerator([h.model], h.d, beam_size=3, max_len_a=0, max_len_b=8, min_len=3)
+        with torch.no_grad():
+            found.append(gen.forward({"net_input": net_input}))
+    for ours, theirs in zip(*found):
+        for hyp, their_hyp in zip(ours, theirs):
+            assert torch.equal(hyp["tokens"], their_hyp["tokens"])
+            torch.testing.assert_close(their_hyp["positional_scores"], hyp["positional_scores"], atol=1e-4, rtol=1e-4)

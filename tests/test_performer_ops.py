@@ -330,3 +330,64 @@ def test_parallel_form_runs_as_many_ops_at_every_length(name, gated):
     counts = [counted(forward_backward(T, "parallel")) for T in (256, 1024, 4096)]
     assert counts[0] == counts[1] == counts[2], counts
     assert count(forward_backward(1024, "chunked"))[0] > 2 * counts[1]  # the loop, for contrast
+
+
+def torch_and_triton_steps(pq, pk, v, s, gate, sq, mask, eps, device, reorder_at=None):
+    """Each step's output and state from K.causal_step and ops.performer_triton's
+    fused step side by side, without autograd (as in decoding: states updated in
+    place); at step `reorder_at` both states' batch rows are swapped, as beam search does."""
+    from linear_fairseq.ops import performer_triton
+
+    states, pairs = [None, None], []
+    with torch.no_grad():
+        for t in range(v.shape[2]):
+            at = lambda x: None if x is None else x[:, :, t].to(device)  # noqa: E731
+            if t == reorder_at:
+                order = torch.arange(B - 1, -1, -1, device=device)
+                states = [{key: x.index_select(0, order) for key, x in state.items()} for state in states]
+            outs = []
+            for i, step in enumerate((K.causal_step, performer_triton.causal_step)):
+                out, states[i] = step(at(pq), at(pk), at(v), states[i], mask[:, t].to(device), at(s), at(gate),
+                                      at(sq), eps=eps)
+                outs.append(out)
+            pairs.append((outs, [{key: x.clone() for key, x in state.items()} for state in states]))
+    return pairs
+
+
+@pytest.mark.parametrize("name", MAPS)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.5, 100.0])
+def test_triton_step_equals_the_torch_step(triton_device, name, gated, eps):
+    """The fused decoding step (ops.performer_triton; on CUDA, or on CPU through
+    Triton's interpreter) writes the torch step's output and moves its state (S, M)
+    alike at every step: log-scales, RFA's gate, a row whose first steps are
+    padding, a clamp that bites (eps 0.5, 100), beams reordered halfway."""
+    T = 8
+    q, k, v = (x * 3.0 for x in qkv(T, seed=5))
+    pq, pk, s, sq = featurize(name, q, k)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, :3] = True
+    pairs = torch_and_triton_steps(pq, pk, v, s, gate_logits(T) if gated else None, sq, mask, eps, triton_device,
+                                   reorder_at=T // 2)
+    for (out, theirs), (state, their_state) in pairs:
+        assert_close(theirs.cpu(), out.cpu())
+        assert_close(their_state["S"].cpu(), state["S"].cpu())
+        M, their_M = state["M"].cpu(), their_state["M"].cpu()
+        assert torch.equal(M.isinf(), their_M.isinf())
+        assert_close(their_M.nan_to_num(0.0, 0.0, 0.0), M.nan_to_num(0.0, 0.0, 0.0))
+
+
+def test_triton_step_takes_strided_half_inputs(triton_device):
+    """The fused step reads features, values and log-scales through their strides
+    (views of one projection, as the module passes them) and writes values of v's dtype."""
+    T = 6
+    q, k, v = qkv(T, seed=6)
+    pq, pk, s, sq = featurize("favor", q, k)
+    packed = torch.stack([pq, pk], dim=-2)  # (B, H, T, 2, m): the module's pair axis
+    v = torch.cat([v, v], dim=-1)[..., ::2].half()  # every other column: strided
+    pairs = torch_and_triton_steps(packed[..., 0, :], packed[..., 1, :], v, s, None, sq,
+                                   torch.zeros(B, T, dtype=torch.bool), 0.0, triton_device)
+    for (out, theirs), (state, their_state) in pairs:
+        assert theirs.dtype == torch.float16
+        assert_close(theirs.float().cpu(), out.float().cpu(), rtol=1e-3)
+        assert_close(their_state["S"].cpu(), state["S"].cpu())

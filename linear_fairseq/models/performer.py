@@ -32,8 +32,9 @@ class PerformerOptions(LocalOptions):
         f"{per_map('eps')})")
     kernel_chunk_size: int = option(64, "chunk length of the causal training form (speed/memory only)")
     kernel_backend: str = choice(
-        "auto", KERNEL_BACKENDS, "causal training form: torch (any device), fla (fla-core's Triton kernels: CUDA, "
-        "pip install '.[gpu]'), or auto: fla where the model runs on CUDA and fla-core imports, else torch")
+        "auto", KERNEL_BACKENDS, "causal forms: torch (any device), fla (Triton kernels, CUDA, pip install '.[gpu]': "
+        "fla-core's chunked kernel to train, one fused kernel a decoding step), or auto: fla where the model runs on "
+        "CUDA and fla-core imports, else torch")
 
 
 def kernel(feature_map: str, *extra: str):

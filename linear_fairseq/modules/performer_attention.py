@@ -233,7 +233,8 @@ class PerformerAttention(LinearAttention):
         return self.merge(out, x.dtype)
 
     def runs_on_fla(self, x: Tensor) -> bool:
-        """Whether the causal training form runs on fla-core (--kernel-backend);
+        """Whether the causal forms run on Triton (--kernel-backend): training on fla-core's
+        kernel, decoding (without autograd) on ops.performer_triton's step;
         `fla` where it cannot is one line naming why."""
         if self.kernel_backend == "torch":
             return False
@@ -252,6 +253,7 @@ class PerformerAttention(LinearAttention):
         at = lambda t, i: None if t is None else t[:, :, i]  # noqa: E731
         gate = None if self.gate is None else self.gate(x)
         v = qkv[:, 2].view(x.shape[0], self.num_heads, self.head_dim)
-        out, state = K.causal_step(phi[:, :, 0], phi[:, :, 1], v, state or None, padding_mask,
-                                   at(scale, 1), gate, at(scale, 0), eps=self.eps)
+        causal_step = performer_fla.step() if self.runs_on_fla(x) and not torch.is_grad_enabled() else K.causal_step
+        out, state = causal_step(phi[:, :, 0], phi[:, :, 1], v, state or None, padding_mask,
+                                 at(scale, 1), gate, at(scale, 0), eps=self.eps)
         return self.out_proj(out.flatten(1).to(x.dtype)), state

@@ -47,6 +47,12 @@ def kernel():
     return chunk_simple_gla
 
 
+def step():
+    """The decoding step in one Triton kernel (ops.performer_triton, imported here: it needs Triton)."""
+    from .performer_triton import causal_step
+    return causal_step
+
+
 def fla_inputs(phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask, log_scale, gate_logits):
     """q, k, v (B, T, H, .) and g (B, T, H) or None, as described above, and the offset c (B, H, 1)."""
     a, lg = key_log_weights(phi_k.shape[:3], acc(phi_k), padding_mask, log_scale, gate_logits)
