@@ -72,8 +72,9 @@ def parity(cases, device, lengths):
                 out = f(xs)
                 rows.append({"family": case.name, "form": form, "T": T, "out_vs_naive": rel_err(out, ref),
                              "grad_vs_naive": grad_err(out, ref, xs[:case.leaves])})
-            if case.step is not None:
-                rows.append({"family": case.name, "form": "step", "T": T, "out_vs_naive": rel_err(case.step(xs), ref)})
+            for form, step in (("step", case.step), ("fused-step", case.fused_step)):
+                if step is not None:
+                    rows.append({"family": case.name, "form": form, "T": T, "out_vs_naive": rel_err(step(xs), ref)})
     return rows
 
 

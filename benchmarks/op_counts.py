@@ -14,12 +14,20 @@ no other such operator, one per kernel a GPU would launch, of
           decoder.layers[i], averaged over the layers; a FLASH layer is a GAU,
           which stands in for attention and FFN).
 
+A family whose attention can decode on Triton kernels (`--kernel-backend
+fla` on CUDA) gets a "+triton" row, decoding only, where Triton imports: its
+modules are told they run on Triton, the kernels run on the CPU through
+Triton's interpreter, and each launch counts as one operator (the
+interpreter's copies of the arguments inside it do not count).
+
 Counts, not timings: the numbers do not depend on the machine's speed.
 Writes JSON and a markdown table beside it; an existing FILE.json (the
 committed counts by default) is rewritten only with --replace.
 """
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from . import models
 TRAIN_LENGTHS = (256, 1024, 4096)
 PREFIXES = (64, 512)
 LAYER = "op_counts.layer"
+TRITON = "triton::"  # a profiled Triton launch (triton_launches_profiled)
 
 
 # operators that only describe memory (views, allocation, no-op conversions): no kernel of their own
@@ -48,24 +57,52 @@ METADATA = {f"aten::{name}" for name in (
 
 
 def works(event) -> bool:
-    return event.name.startswith("aten::") and event.name not in METADATA
+    return event.name.startswith(TRITON) or (event.name.startswith("aten::") and event.name not in METADATA)
+
+
+def within(event, prefix: str) -> bool:
+    """Whether an enclosing event's name starts with prefix."""
+    event = event.cpu_parent
+    while event is not None:
+        if event.name.startswith(prefix):
+            return True
+        event = event.cpu_parent
+    return False
 
 
 def leaf_aten(prof) -> list:
     """The profiled aten operators that do work (not METADATA) and call no other
-    such operator: one per kernel a GPU would launch, composites counted once."""
+    such operator, and the Triton launches: one per kernel a GPU would launch,
+    composites counted once, nothing inside a launch counted again."""
     def below(e):
         return any(works(c) or below(c) for c in e.cpu_children)
 
-    return [e for e in prof.events() if works(e) and not below(e)]
+    return [e for e in prof.events() if works(e) and not within(e, TRITON)
+            and (e.name.startswith(TRITON) or not below(e))]
+
+
+@contextlib.contextmanager
+def triton_launches_profiled():
+    """Each launch of a Triton kernel under Triton's interpreter as one profiled
+    event, "triton::<kernel>" (the interpreter must be on: TRITON_INTERPRET=1
+    before Triton is imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+
+    def profiled(self, *args, **kwargs):
+        with record_function(TRITON + self.fn.__name__):
+            return run(self, *args, **kwargs)
+
+    InterpretedFunction.run = profiled
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
 
 
 def in_layer(event) -> bool:
-    while event is not None:
-        if event.name == LAYER:
-            return True
-        event = event.cpu_parent
-    return False
+    return event.name == LAYER or within(event, LAYER)
 
 
 def count(fn, layers=()) -> tuple:
@@ -97,7 +134,9 @@ def train_ops(model, T: int) -> int:
     return count(step)[0]
 
 
-def decode_ops(model, prefix: int) -> dict:
+def decode_ops(model, prefix: int, triton: bool = False) -> dict:
+    """The counts of one decoding step after `prefix` steps; triton: that step on
+    the Triton kernels (the prefix's steps fill the same state on the torch path)."""
     model.eval()
     tokens = torch.randint(4, models.VOCAB, (1, prefix + 1))
     state = {}
@@ -105,8 +144,29 @@ def decode_ops(model, prefix: int) -> dict:
         for t in range(1, prefix + 1):
             model.decoder(tokens[:, :t], incremental_state=state)
         layers = list(model.decoder.layers)
-        total, inside = count(lambda: model.decoder(tokens, incremental_state=state), layers)
+        with on_triton(model) if triton else contextlib.nullcontext():
+            total, inside = count(lambda: model.decoder(tokens, incremental_state=state), layers)
     return {"step": total, "per_layer": inside / len(layers), "layers": len(layers)}
+
+
+def can_run_on_triton(model) -> bool:
+    """Whether some module of the model can run on Triton kernels (it has runs_on_fla)."""
+    return any(hasattr(m, "runs_on_fla") for m in model.modules())
+
+
+@contextlib.contextmanager
+def on_triton(model):
+    """The model's modules that can run on Triton kernels told they do, each
+    launch profiled as one event, for the block."""
+    modules = [m for m in model.modules() if hasattr(m, "runs_on_fla")]
+    for m in modules:
+        m.runs_on_fla = lambda x: True
+    try:
+        with triton_launches_profiled():
+            yield
+    finally:
+        for m in modules:
+            del m.runs_on_fla
 
 
 # local precision (--short-conv, --local-window) as a row of its own, for the families that offer it
@@ -121,6 +181,17 @@ def rows(families) -> list:
     return [(f, f, ()) for f in families] + local
 
 
+def triton_missing():
+    """Why Triton's kernels cannot be counted here (None: they can)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:
+        return f"Triton does not import ({type(error).__name__}; pip install triton)"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "TRITON_INTERPRET=1 was not set before Triton was imported"
+    return None
+
+
 def measure(families) -> dict:
     torch.manual_seed(0)
     out = {}
@@ -130,6 +201,15 @@ def measure(families) -> dict:
                      "train": {str(T): train_ops(model, T) for T in TRAIN_LENGTHS},
                      "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
         print(f"{name}: {out[name]['train']} {out[name]['decode']}", flush=True)
+        if not extra and can_run_on_triton(model):
+            why = triton_missing()
+            if why:
+                print(f"{name}+triton: not counted: {why}", flush=True)
+                continue
+            out[f"{name}+triton"] = {"arch": info["arch"], "args": info["args"] + " --kernel-backend fla",
+                                     "train": None, "decode": {str(L): decode_ops(model, L, triton=True)
+                                                               for L in PREFIXES}}
+            print(f"{name}+triton: {out[f'{name}+triton']['decode']}", flush=True)
     return out
 
 
@@ -139,7 +219,8 @@ def table(results: dict) -> str:
              "| --- " * (2 + len(TRAIN_LENGTHS) + len(PREFIXES)) + "|"]
     for family, r in results.items():
         last = r["decode"][str(PREFIXES[-1])]
-        lines.append(f"| {family} | " + " | ".join(str(r["train"][str(T)]) for T in TRAIN_LENGTHS) + " | "
+        lines.append(f"| {family} | " + " | ".join(str(r["train"][str(T)]) if r["train"] else "–"
+                                                  for T in TRAIN_LENGTHS) + " | "
                      + " | ".join(str(r["decode"][str(L)]["step"]) for L in PREFIXES)
                      + f" | {last['per_layer']:.0f} ({last['layers']}) |")
     return "\n".join(lines).replace("| family | train ops T=", "| family | train T=") + "\n"
@@ -156,13 +237,17 @@ def main(argv=None):
         sys.exit(f"benchmarks.op_counts: {args.out} holds earlier counts; --replace to count anew (rewriting "
                  f"it), or another --out")
     torch.set_num_threads(1)
+    if not torch.cuda.is_available():  # Triton kernels run (and are counted) through the interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     results = measure(families)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"torch": torch.__version__, "batch": 1, "results": results}, indent=1))
     args.out.with_suffix(".md").write_text(
         "Aten operators that do work (views, allocations left out; composites counted once) per "
         "forward+backward (train, batch 1) and per incremental decoding step "
-        "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`:\n\n" + table(results))
+        "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`; +triton: decoding on the "
+        "Triton kernels (`--kernel-backend fla` on CUDA; counted here through Triton's interpreter, a launch "
+        "one operator):\n\n" + table(results))
     print(table(results))
 
 

@@ -426,6 +426,22 @@ def test_memsizer_decoding_step_runs_no_more_operators_a_layer_than_softmax():
     assert per_layer("memsizer", 16) == per_layer("memsizer", 64) <= per_layer("transformer", 16)
 
 
+def test_kernel_attention_on_the_fused_step_runs_no_more_operators_a_layer_than_softmax(triton_device):
+    """The same count with kernel attention decoding on its Triton step (counted
+    on CPU through Triton's interpreter, each launch one operator, as
+    `benchmarks.op_counts` does): no more than softmax's layer, flat in the prefix."""
+    from benchmarks import models, op_counts
+
+    if triton_device != "cpu":
+        pytest.skip("the count runs Triton's interpreter; this machine runs Triton on CUDA")
+    softmax = op_counts.decode_ops(models.build("lm", "transformer")[0], 16)["per_layer"]
+    model = models.build("lm", "performer")[0]
+    assert op_counts.can_run_on_triton(model)
+    fused = [op_counts.decode_ops(model, prefix, triton=True)["per_layer"] for prefix in (16, 64)]
+    torch_step = op_counts.decode_ops(model, 16)["per_layer"]
+    assert fused[0] == fused[1] <= softmax < torch_step
+
+
 def test_op_counts_does_not_write_over_earlier_counts(tmp_path):
     out = tmp_path / "counts.json"
     out.write_text("{}")

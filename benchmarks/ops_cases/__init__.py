@@ -23,6 +23,7 @@ class OpsCase:
     reference: Callable[[Tensors], Tensor]  # the quadratic reference
     forms: Dict[str, Callable[[Tensors], Tensor]]  # the training forms, differentiable
     step: Optional[Callable[[Tensors], Tensor]] = None  # the decoding recurrence over all of T
+    fused_step: Optional[Callable[[Tensors], Tensor]] = None  # the same on a Triton kernel, where one runs
     leaves: int = 3
     timed: Tuple[str, ...] = field(default=())  # the forms timed on CUDA (default: all)
 

@@ -1,6 +1,6 @@
 """Kernel attention (arXiv 2006.16236), one case per feature map, for the device
 check: the chunk loop, the chunkwise-parallel form and, on CUDA where fla-core
-imports, the fla form (--kernel-backend fla)."""
+imports, the fla form and the fused decoding step (--kernel-backend fla)."""
 import math
 
 import torch
@@ -52,9 +52,11 @@ def naive(pq, pk, v, padding_mask, s, gate, sq, eps):
     return K.naive(pq, pk, v, True, padding_mask, s, gate, q_log_scale=sq, eps=eps)
 
 
-def step(x, state):
-    pq, pk, v, s, gate, sq = x
-    return K.causal_step(pq, pk, v, state, None, s, gate, sq, eps=EPS)
+def step_of(causal_step):
+    def step(x, state):
+        pq, pk, v, s, gate, sq = x
+        return causal_step(pq, pk, v, state, None, s, gate, sq, eps=EPS)
+    return step
 
 
 def cases(device):
@@ -63,7 +65,10 @@ def cases(device):
 
     forms = {"chunked": form(lambda *a, **kw: K.causal_chunked(*a, **kw)[0], chunk_size=64),
              "parallel": form(lambda *a, **kw: K.causal_parallel(*a, **kw)[0], chunk_size=64)}
+    fused_step = None
     if torch.device(device).type == "cuda" and performer_fla.unavailable() is None:
         forms["fla"] = form(performer_fla.causal)
+        fused_step = lambda xs: stepped(step_of(performer_fla.step()), xs, 2)  # noqa: E731
     return [OpsCase(f"performer-{name}", inputs_of(name), reference=form(naive), forms=forms,
-                    step=lambda xs: stepped(step, xs, 2), timed=("parallel", "fla")) for name in MAPS]
+                    step=lambda xs: stepped(step_of(K.causal_step), xs, 2), fused_step=fused_step,
+                    timed=("parallel", "fla")) for name in MAPS]
