@@ -94,6 +94,11 @@ def checks(ops: dict) -> list:
                      + (f"{max(grads):.1e}" if grads else "-") + " | "
                      + ("yes" if low and all(r["finite"] for r in low) else "**no**" if low else "-") + " | "
                      + (f"{max(r['rel_err_vs_fp32'] for r in low):.1e}" if low else "-") + " |")
+    fused = ops.get("fused_steps", [])
+    if fused:
+        lines += ["", "| family | decoding on Triton kernels ran | LM outputs vs the torch steps, max relative error |",
+                  "|---|---|---:|"]
+        lines += [f"| {r['family']} ({r['T']} steps) | {r['ran']} | {r['out_vs_torch_step']:.1e} |" for r in fused]
     return lines
 
 

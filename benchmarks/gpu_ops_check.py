@@ -11,6 +11,8 @@ benchmarks/ops_cases/<family>.py (a family without one is listed as such):
    forms, fp32 and bf16, against torch's scaled_dot_product_attention (causal)
    and, where fla-core imports, its own `chunk_linear_attn` on elu+1 inputs,
    T = 1024 / 4096 / 16384.
+4. (CUDA only) the decoding steps on Triton kernels (kernel attention, FLASH):
+   each family's benchmark LM, 300 steps on the kernels against the torch steps.
 
 Writes JSON (--out) and prints a summary. Needs torch and fairseq (importing
 the plugin registers the families):  python benchmarks/gpu_ops_check.py --device cuda
@@ -164,6 +166,39 @@ def speed(cases, device, lengths):
     return rows
 
 
+# -- 4. fused decoding steps (CUDA) ---------------------------------------------------
+def fused_steps(cases, device, lengths):
+    """Every family that decodes on Triton kernels (modules with runs_on_triton): its
+    benchmark LM's outputs over T steps of random tokens (2 rows, fp32) on the kernels,
+    the default on CUDA, against the torch steps; where the kernels cannot run, why."""
+    from benchmarks import models
+
+    rows = []
+    for family in models.FAMILIES:
+        model = models.build("lm", family, device=str(device))[0].eval()
+        modules = [m for m in model.modules() if hasattr(m, "runs_on_triton")]
+        if not modules:
+            continue
+        probe = torch.zeros(1, device=device)
+        why = None if all(m.runs_on_triton(probe) for m in modules) else "auto chose the torch step here"
+        for T in lengths:
+            tokens = torch.randint(4, models.VOCAB, (2, T), device=device)
+            outs = []
+            for fused in (False, True):
+                for m in modules:
+                    if fused:
+                        del m.runs_on_triton  # the module's own choice again (auto: the kernels on CUDA)
+                    else:
+                        m.runs_on_triton = lambda x: False
+                state = {}
+                with torch.no_grad():
+                    outs.append(torch.cat([model.decoder(tokens[:, :t + 1], incremental_state=state)[0]
+                                           for t in range(T)], dim=1))
+            rows.append({"family": family, "form": "fused-step", "T": T, "ran": why or "yes",
+                         "out_vs_torch_step": rel_err(outs[1], outs[0])})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("gpu_ops.json"))
@@ -182,7 +217,7 @@ def main():
     sections = [(parity, (7, 100) if args.quick else (7, 300, 1000)),
                 (low_precision, (512,) if args.quick else (4096, 16384))]
     if args.device == "cuda":
-        sections.append((speed, (1024, 4096, 16384)))
+        sections += [(speed, (1024, 4096, 16384)), (fused_steps, (300,))]  # 300: past FLASH's first chunk
     failed = []
     for section, lengths in sections:  # the JSON after each section: a check stopped early keeps what it did
         print(f"== {section.__name__}", flush=True)

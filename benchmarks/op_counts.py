@@ -14,11 +14,12 @@ no other such operator, one per kernel a GPU would launch, of
           decoder.layers[i], averaged over the layers; a FLASH layer is a GAU,
           which stands in for attention and FFN).
 
-A family whose attention can decode on Triton kernels (`--kernel-backend
-fla` on CUDA) gets a "+triton" row, decoding only, where Triton imports: its
-modules are told they run on Triton, the kernels run on the CPU through
-Triton's interpreter, and each launch counts as one operator (the
-interpreter's copies of the arguments inside it do not count).
+A family that can decode on Triton kernels on CUDA (its modules have
+runs_on_triton: `--kernel-backend`, `--gau-backend`) gets a "+triton" row,
+decoding only, where Triton imports: the prefix fills the state on the torch
+step, then the counted step runs on the kernels, on the CPU through Triton's
+interpreter, each launch one operator (the interpreter's copies of the
+arguments inside it do not count).
 
 Counts, not timings: the numbers do not depend on the machine's speed.
 Writes JSON and a markdown table beside it; an existing FILE.json (the
@@ -36,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from linear_fairseq import families as family_list
 from linear_fairseq.modules.attention import option_names
+from linear_fairseq.ops.common import triton_unavailable
 
 from . import models
 
@@ -150,23 +152,23 @@ def decode_ops(model, prefix: int, triton: bool = False) -> dict:
 
 
 def can_run_on_triton(model) -> bool:
-    """Whether some module of the model can run on Triton kernels (it has runs_on_fla)."""
-    return any(hasattr(m, "runs_on_fla") for m in model.modules())
+    """Whether some module of the model can run on Triton kernels (it has runs_on_triton)."""
+    return any(hasattr(m, "runs_on_triton") for m in model.modules())
 
 
 @contextlib.contextmanager
 def on_triton(model):
     """The model's modules that can run on Triton kernels told they do, each
     launch profiled as one event, for the block."""
-    modules = [m for m in model.modules() if hasattr(m, "runs_on_fla")]
+    modules = [m for m in model.modules() if hasattr(m, "runs_on_triton")]
     for m in modules:
-        m.runs_on_fla = lambda x: True
+        m.runs_on_triton = lambda x: True
     try:
         with triton_launches_profiled():
             yield
     finally:
         for m in modules:
-            del m.runs_on_fla
+            del m.runs_on_triton
 
 
 # local precision (--short-conv, --local-window) as a row of its own, for the families that offer it
@@ -183,13 +185,9 @@ def rows(families) -> list:
 
 def triton_missing():
     """Why Triton's kernels cannot be counted here (None: they can)."""
-    try:
-        import triton  # noqa: F401
-    except Exception as error:
-        return f"Triton does not import ({type(error).__name__}; pip install triton)"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        return "TRITON_INTERPRET=1 was not set before Triton was imported"
-    return None
+        return "they are counted through Triton's interpreter (TRITON_INTERPRET=1, set where there is no CUDA)"
+    return triton_unavailable()
 
 
 def measure(families) -> dict:
@@ -206,7 +204,7 @@ def measure(families) -> dict:
             if why:
                 print(f"{name}+triton: not counted: {why}", flush=True)
                 continue
-            out[f"{name}+triton"] = {"arch": info["arch"], "args": info["args"] + " --kernel-backend fla",
+            out[f"{name}+triton"] = {"arch": info["arch"], "args": info["args"], "triton": True,
                                      "train": None, "decode": {str(L): decode_ops(model, L, triton=True)
                                                                for L in PREFIXES}}
             print(f"{name}+triton: {out[f'{name}+triton']['decode']}", flush=True)
@@ -246,8 +244,8 @@ def main(argv=None):
         "Aten operators that do work (views, allocations left out; composites counted once) per "
         "forward+backward (train, batch 1) and per incremental decoding step "
         "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`; +triton: decoding on the "
-        "Triton kernels (`--kernel-backend fla` on CUDA; counted here through Triton's interpreter, a launch "
-        "one operator):\n\n" + table(results))
+        "Triton kernels (on CUDA; counted here through Triton's interpreter, a launch one operator):\n\n"
+        + table(results))
     print(table(results))
 
 

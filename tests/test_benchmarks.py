@@ -426,20 +426,42 @@ def test_memsizer_decoding_step_runs_no_more_operators_a_layer_than_softmax():
     assert per_layer("memsizer", 16) == per_layer("memsizer", 64) <= per_layer("transformer", 16)
 
 
-def test_kernel_attention_on_the_fused_step_runs_no_more_operators_a_layer_than_softmax(triton_device):
-    """The same count with kernel attention decoding on its Triton step (counted
-    on CPU through Triton's interpreter, each launch one operator, as
-    `benchmarks.op_counts` does): no more than softmax's layer, flat in the prefix."""
+def test_gpu_ops_check_compares_the_fused_steps_with_the_torch_steps(monkeypatch, triton_device):
+    """The GPU check's fused-steps section: every family whose LM can decode on
+    Triton kernels is listed, the kernels ran (here told to, through the
+    interpreter), and their outputs follow the torch steps."""
+    from benchmarks import gpu_ops_check
+    from linear_fairseq.modules.flash_gau import GatedAttentionUnit
+    from linear_fairseq.modules.performer_attention import PerformerAttention
+
+    for module in (GatedAttentionUnit, PerformerAttention):
+        monkeypatch.setattr(module, "runs_on_triton", lambda self, x: True)
+    rows = gpu_ops_check.fused_steps(None, torch.device(triton_device), (3,))
+    assert sorted(r["family"] for r in rows) == ["flash", "performer"]
+    for row in rows:
+        assert row["ran"] == "yes" and row["out_vs_torch_step"] < 1e-4, row
+
+
+@pytest.mark.parametrize("family", ["performer", "flash"])
+def test_decoding_on_the_fused_steps_runs_no_more_operators_than_softmax(triton_device, family):
+    """The same count with the family decoding on its Triton kernels (counted on
+    CPU through Triton's interpreter, each launch one operator, as
+    `benchmarks.op_counts` does): its layers (a FLASH layer is a GAU, half a
+    transformer layer) and its whole step run no more operators than softmax's,
+    fewer than its torch step, flat in the prefix."""
     from benchmarks import models, op_counts
 
     if triton_device != "cpu":
         pytest.skip("the count runs Triton's interpreter; this machine runs Triton on CUDA")
-    softmax = op_counts.decode_ops(models.build("lm", "transformer")[0], 16)["per_layer"]
-    model = models.build("lm", "performer")[0]
+    softmax = op_counts.decode_ops(models.build("lm", "transformer")[0], 16)
+    model = models.build("lm", family)[0]
     assert op_counts.can_run_on_triton(model)
-    fused = [op_counts.decode_ops(model, prefix, triton=True)["per_layer"] for prefix in (16, 64)]
-    torch_step = op_counts.decode_ops(model, 16)["per_layer"]
-    assert fused[0] == fused[1] <= softmax < torch_step
+    fused = [op_counts.decode_ops(model, prefix, triton=True) for prefix in (16, 64)]
+    torch_step = op_counts.decode_ops(model, 16)
+    assert fused[0] == fused[1]
+    in_layers = lambda c: c["per_layer"] * c["layers"]  # noqa: E731
+    assert in_layers(fused[0]) <= in_layers(softmax) < in_layers(torch_step)
+    assert fused[0]["step"] <= softmax["step"] < torch_step["step"]
 
 
 def test_op_counts_does_not_write_over_earlier_counts(tmp_path):

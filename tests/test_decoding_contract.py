@@ -271,3 +271,30 @@ def test_source_padding_does_not_change_a_sentence(case):
         alone = h.model.decoder(prev[3:], encoder_out=alone_enc)[0][0]
     assert (h.src[3] == h.d.pad()).sum() == 9
     torch.testing.assert_close(in_batch, alone, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["performer_lm", "performer_mt_rfa_gate", "flash_lm", "flash_mt_relbias"])
+def test_beam_search_on_the_fused_steps_equals_the_torch_steps(monkeypatch, triton_device, case):
+    """fairseq's beam search (states reordered between steps) with every module that
+    can decode on a Triton kernel (runs_on_triton) doing so finds the torch steps'
+    hypotheses and scores; on CPU the kernels run through Triton's interpreter."""
+    h = Harness(case)
+    h.model.to(triton_device)
+    if h.encoder_out is not None:
+        net_input = {"src_tokens": h.src, "src_lengths": h.src_lengths}
+    else:
+        net_input = {"src_tokens": random_tokens(h.d, 4, 3, seed=5), "src_lengths": torch.full((4,), 3)}
+    net_input = {key: x.to(triton_device) for key, x in net_input.items()}
+    modules = [m for m in h.model.modules() if hasattr(m, "runs_on_triton")]
+    assert modules
+    found = []
+    for fused in (False, True):
+        for module in modules:
+            monkeypatch.setattr(module, "runs_on_triton", lambda x, fused=fused: fused)
+        gen = SequenceGenerator([h.model], h.d, beam_size=2, max_len_a=0, max_len_b=7, min_len=3)
+        with torch.no_grad():
+            found.append(gen.forward({"net_input": net_input}))
+    for ours, theirs in zip(*found):
+        for hyp, their_hyp in zip(ours, theirs):
+            assert torch.equal(hyp["tokens"], their_hyp["tokens"])
+            torch.testing.assert_close(their_hyp["positional_scores"], hyp["positional_scores"], atol=ATOL, rtol=1e-4)

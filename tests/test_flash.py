@@ -80,7 +80,7 @@ def test_bf16_gau_at_4096(mode):
     torch.manual_seed(0)
     unit = GatedAttentionUnit(64, causal=True, gau_s=32, gau_expansion=2.0, gau_chunk_size=256, gau_attention=mode,
                               no_rope=False, gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0,
-                              gau_scale_init="paper", gau_relu2_norm="chunk").eval()
+                              gau_scale_init="paper", gau_relu2_norm="chunk", gau_backend="auto").eval()
     torch.nn.init.normal_(unit.offset_scale.gamma, std=1.0)
     x = torch.randn(1, 4096, 64)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_the_unit_checks_the_same_rules_as_the_options(change, message):
 
     kwargs = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=8, gau_attention="mixed", no_rope=False,
                   gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0, gau_scale_init="unit",
-                  gau_relu2_norm="none")
+                  gau_relu2_norm="none", gau_backend="auto")
     GatedAttentionUnit(32, **kwargs)
     with pytest.raises(ConfigError, match=message):
         GatedAttentionUnit(32, **{**kwargs, **change})
@@ -131,3 +131,58 @@ def test_u_v_z_projections_kept_apart_load_into_the_stacked_one(arch, args, task
     tokens = torch.randint(4, len(d), (2, 9), generator=torch.Generator().manual_seed(0))
     inputs = (tokens, torch.full((2,), 9), tokens) if task == "translation" else (tokens,)
     torch.testing.assert_close(other(*inputs)[0], model(*inputs)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("relu2_norm,rel_bias,rope", [("none", False, True), ("keys", True, True),
+                                                       ("chunk", True, False)])
+def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, relu2_norm, rel_bias, rope):
+    """The GAU's decoding step on ops.flash_triton's kernel (CUDA, or CPU through
+    Triton's interpreter) writes the torch step's output and state at every step:
+    chunks of 4 completed twice, a row whose first steps are padding, beams
+    reordered halfway, each relu^2 normalization, the relative bias, RoPE on and off."""
+    torch.manual_seed(0)
+    unit = GatedAttentionUnit(32, causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed",
+                              no_rope=not rope, gau_rel_pos_bias=rel_bias, gau_norm="scalenorm", dropout=0.0,
+                              gau_scale_init="unit", gau_relu2_norm=relu2_norm, gau_backend="auto")
+    with torch.no_grad():  # unit scale, and k = q before RoPE: positive scores, outputs that depend on every slot
+        for p in (unit.offset_scale.gamma, unit.offset_scale.beta, *([unit.rel_bias] if rel_bias else [])):
+            torch.nn.init.normal_(p)
+        for p in (unit.offset_scale.gamma, unit.offset_scale.beta):
+            p[1] = p[0]
+    unit = unit.eval().to(triton_device)
+    T = 11
+    x = torch.randn(3, T, 32, device=triton_device)
+    mask = torch.zeros(3, T, dtype=torch.bool, device=triton_device)
+    mask[1, :3] = True
+    states = [{}, {}]
+    with torch.no_grad():
+        for t in range(T):
+            if t == 6:
+                order = torch.tensor([2, 0, 1], device=triton_device)
+                states = [unit.reorder_state(state, order) for state in states]
+            outs = []
+            for i, fused in enumerate((False, True)):
+                monkeypatch.setattr(unit, "runs_on_triton", lambda h, fused=fused: fused)
+                out, states[i] = unit.step(x[:, t], states[i], mask[:, t])
+                outs.append(out)
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+            assert states[0].keys() == states[1].keys()
+            for name in states[0]:
+                torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_gau_backend_triton_off_cuda_is_one_line_naming_why():
+    """--gau-backend triton where the kernel cannot run: one line naming why and the
+    way out; auto decodes on the torch step there."""
+    from linear_fairseq.errors import ConfigError
+
+    kwargs = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed", no_rope=False,
+                  gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0, gau_scale_init="unit",
+                  gau_relu2_norm="none")
+    h = torch.randn(2, 32)
+    with pytest.raises(ConfigError) as err:
+        GatedAttentionUnit(32, gau_backend="triton", **kwargs).eval().step(h, {}, None)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--gau-backend triton: the model runs on cpu, not CUDA")
+    assert "--gau-backend auto" in message
+    assert not GatedAttentionUnit(32, gau_backend="auto", **kwargs).runs_on_triton(h)

@@ -190,7 +190,7 @@ def test_module_on_the_fla_form_equals_the_torch_form(monkeypatch, feature_map, 
     for backend in ("torch", "fla"):
         attn = causal_attention("torch", feature_map, gate)
         if backend == "fla":
-            monkeypatch.setattr(attn, "runs_on_fla", lambda x: True)
+            monkeypatch.setattr(attn, "runs_on_triton", lambda x: True)
             monkeypatch.setattr(performer_fla, "kernel", lambda: simple_gla_written_out)
         xs = x.clone().requires_grad_()
         out = attn(xs, key_padding_mask=mask)[0]
@@ -217,7 +217,7 @@ def test_fla_backend_equals_the_torch_form(monkeypatch, triton_device, feature_m
     for backend in ("torch", "fla"):
         attn = causal_attention(backend, feature_map, gate).to(triton_device)
         if triton_device == "cpu":
-            monkeypatch.setattr(attn, "runs_on_fla", lambda x: backend == "fla")
+            monkeypatch.setattr(attn, "runs_on_triton", lambda x: backend == "fla")
         xs = x.clone().requires_grad_()
         out = attn(xs, key_padding_mask=mask)[0]
         (out[:, 0].sum() + out[5:, 1].sum()).backward()  # the real queries, as a loss that skips padding
@@ -225,35 +225,3 @@ def test_fla_backend_equals_the_torch_form(monkeypatch, triton_device, feature_m
     for ours, theirs in zip(*outs):
         assert (ours - theirs).abs().max() <= 1e-3 * theirs.abs().max().clamp(min=1.0), (ours - theirs).abs().max()
 
-
-@pytest.mark.parametrize("case", ["performer_lm", "performer_mt_rfa_gate", "performer_lm_t2r_gate"])
-def test_beam_search_on_the_fused_step_equals_the_torch_step(monkeypatch, triton_device, case):
-    """fairseq's beam search (state reordered between steps) with every causal kernel
-    attention decoding on the fused Triton step finds the torch step's hypotheses and scores."""
-    from fairseq.sequence_generator import SequenceGenerator
-    from test_decoding_contract import Harness
-    from test_decoding_contract import random_tokens
-
-    from linear_fairseq.ops import performer_fla
-
-    if performer_fla.unavailable():
-        pytest.skip(performer_fla.unavailable())
-    h = Harness(case)
-    h.model.to(triton_device)
-    if h.encoder_out is not None:
-        net_input = {"src_tokens": h.src, "src_lengths": h.src_lengths}
-    else:
-        net_input = {"src_tokens": random_tokens(h.d, 4, 3, seed=5), "src_lengths": torch.full((4,), 3)}
-    net_input = {key: x.to(triton_device) for key, x in net_input.items()}
-    found = []
-    for fused in (False, True):
-        for module in h.model.modules():
-            if isinstance(module, PerformerAttention) and module.causal:
-                monkeypatch.setattr(module, "runs_on_fla", lambda x, fused=fused: fused)
-        gen = SequenceGenerator([h.model], h.d, beam_size=3, max_len_a=0, max_len_b=8, min_len=3)
-        with torch.no_grad():
-            found.append(gen.forward({"net_input": net_input}))
-    for ours, theirs in zip(*found):
-        for hyp, their_hyp in zip(ours, theirs):
-            assert torch.equal(hyp["tokens"], their_hyp["tokens"])
-            torch.testing.assert_close(their_hyp["positional_scores"], hyp["positional_scores"], atol=1e-4, rtol=1e-4)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..families import Problem
 from ..ops import flash as ops
+from ..ops.common import triton_unavailable
 from .attention import build_attention, first_problem, is_number, is_positive_int
 from .incremental import IncrementalState, State
 from .projections import load_apart, stacked
@@ -65,7 +66,8 @@ def build_norm(kind: str, dim: int) -> nn.Module:
 
 
 GAU_CHOICES = {"gau_attention": ("mixed", "quadratic"), "gau_norm": ("scalenorm", "layernorm"),
-               "gau_scale_init": ("paper", "unit"), "gau_relu2_norm": ops.RELU2_NORMS}
+               "gau_scale_init": ("paper", "unit"), "gau_relu2_norm": ops.RELU2_NORMS,
+               "gau_backend": ("auto", "torch", "triton")}
 
 
 def gau_problems(options: dict, embed_dim: int, width: str = "d") -> List[Problem]:
@@ -86,6 +88,12 @@ def gau_problems(options: dict, embed_dim: int, width: str = "d") -> List[Proble
     ))
 
 
+def fused_step():
+    """The mixed chunk decoding step in one Triton kernel (ops.flash_triton, imported here: it needs Triton)."""
+    from ..ops.flash_triton import gau_step
+    return gau_step
+
+
 @with_incremental_state
 class GatedAttentionUnit(IncrementalState, nn.Module):
     def __init__(
@@ -102,6 +110,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         gau_rel_pos_bias: bool,
         gau_scale_init: str,
         gau_relu2_norm: str,
+        gau_backend: str,
         dropout: float,
     ):
         """The options as models/flash.py's dataclass names them (and where their
@@ -109,12 +118,13 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         super().__init__()
         options = dict(gau_attention=gau_attention, gau_chunk_size=gau_chunk_size, gau_s=gau_s,
                        gau_expansion=gau_expansion, gau_norm=gau_norm, no_rope=no_rope,
-                       gau_scale_init=gau_scale_init, gau_relu2_norm=gau_relu2_norm)
+                       gau_scale_init=gau_scale_init, gau_relu2_norm=gau_relu2_norm, gau_backend=gau_backend)
         for name, value, why in gau_problems(options, dim):
             raise ConfigError(f"GatedAttentionUnit: {name}={value!r} {why}")
         self.embed_dim, self.causal = dim, causal
         self.s, self.e, self.chunk_size = gau_s, int(round(gau_expansion * dim)), gau_chunk_size
         self.mode, self.rope, self.relu2_norm = gau_attention, not no_rope, gau_relu2_norm
+        self.gau_backend = gau_backend
         self.norm = build_norm(gau_norm, dim)
         to_uv, to_z = nn.Linear(dim, 2 * self.e), nn.Linear(dim, self.s)
         # gamma ~ N(0, 0.02) as in the paper, or N(1, 0.02): q = k = Z at the start (--gau-scale-init)
@@ -169,11 +179,28 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         u, v, z = self.gates(h)
         if self.mode == "quadratic":
             return self._quadratic_step(u, v, z, state, padding_mask)
+        if self.runs_on_triton(h) and not torch.is_grad_enabled():
+            ua, state = fused_step()(u, v, z, self.offset_scale.gamma, self.offset_scale.beta, state or None,
+                                     padding_mask, self.rel_bias, rope=self.rope, **self.options)
+            return self.to_out(ua), state
         if not state:
             state = ops.empty_state(B, self.chunk_size, self.s, self.e, v)
         qk = self.queries_keys(z, state["position"])
         a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype)), state
+
+    def runs_on_triton(self, h: Tensor) -> bool:
+        """Whether the mixed chunk decoding step runs on ops.flash_triton's kernel
+        (--gau-backend); `triton` where it cannot is one line naming why."""
+        if self.gau_backend == "torch" or self.mode != "mixed":
+            return False
+        why = triton_unavailable() if h.is_cuda else f"the model runs on {h.device.type}, not CUDA"
+        if why is None and self.s % 2:
+            why = f"the kernel takes an even --gau-s, not {self.s}"
+        if why and self.gau_backend == "triton":
+            raise ConfigError(f"--gau-backend triton: {why} (or --gau-backend auto: triton where it can run, torch "
+                              f"elsewhere; for a trained model, --model-overrides \"{{'gau_backend': 'auto'}}\")")
+        return why is None
 
     def upgrade_state_dict_named(self, state_dict, name: str):
         """fairseq's loading hook: to_uv and to_z kept apart load into to_uvz."""

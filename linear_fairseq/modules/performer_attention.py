@@ -226,13 +226,13 @@ class PerformerAttention(LinearAttention):
         phi, scale = self.phi(qkv[:, :, :2].permute(0, 3, 1, 2, 4))
         (phi_q, phi_k), (q_scale, log_scale) = phi.unbind(-2), (None, None) if scale is None else scale.unbind(-1)
         args = (phi_q, phi_k, qkv[:, :, 2].transpose(1, 2), padding_mask, log_scale, self.gate_logits(x), q_scale)
-        if self.runs_on_fla(x):
+        if self.runs_on_triton(x):
             out = performer_fla.causal(*args, eps=self.eps)
         else:
             out, _ = K.causal_parallel(*args, chunk_size=self.chunk_size, eps=self.eps)
         return self.merge(out, x.dtype)
 
-    def runs_on_fla(self, x: Tensor) -> bool:
+    def runs_on_triton(self, x: Tensor) -> bool:
         """Whether the causal forms run on Triton (--kernel-backend): training on fla-core's
         kernel, decoding (without autograd) on ops.performer_triton's step;
         `fla` where it cannot is one line naming why."""
@@ -253,7 +253,7 @@ class PerformerAttention(LinearAttention):
         at = lambda t, i: None if t is None else t[:, :, i]  # noqa: E731
         gate = None if self.gate is None else self.gate(x)
         v = qkv[:, 2].view(x.shape[0], self.num_heads, self.head_dim)
-        causal_step = performer_fla.step() if self.runs_on_fla(x) and not torch.is_grad_enabled() else K.causal_step
+        causal_step = performer_fla.step() if self.runs_on_triton(x) and not torch.is_grad_enabled() else K.causal_step
         out, state = causal_step(phi[:, :, 0], phi[:, :, 1], v, state or None, padding_mask,
                                  at(scale, 1), gate, at(scale, 0), eps=self.eps)
         return self.out_proj(out.flatten(1).to(x.dtype)), state

@@ -26,6 +26,16 @@ def constant(maxsize: int):
     return wrap
 
 
+@functools.lru_cache(maxsize=1)
+def triton_unavailable() -> Optional[str]:
+    """Why Triton kernels (ops/*_triton.py) cannot be used here (None: Triton imports)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # not installed, or no build for this machine
+        return f"Triton does not import ({type(error).__name__}; a CUDA torch brings it, or pip install triton)"
+    return None
+
+
 @constant(maxsize=64)
 def lower_triangle(rows: int, cols: int, diagonal: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(rows, cols): 1 where column j <= row i + diagonal, 0 elsewhere."""

@@ -1,0 +1,172 @@
+"""FLASH's decoding step (mixed chunk attention) as one Triton kernel.
+
+From the gated attention unit's U, V and Z (after the SiLU), one program per
+batch row computes what ``flash_gau``'s step computes with ``ops.flash``:
+the four offset-scaled heads of Z (q, k for the chunk, ql, kl for the linear
+part), RoPE at the row's position, relu^2 scores against the current chunk's
+keys with the slot weights of ``slot_weights``, the linear part read from the
+completed chunks' sum, U times their sum; and it advances the state as
+``ops.flash.causal_step`` does (the chunk's slot written, k' v^T added, a
+completed chunk's sum moved). A padded step reads the state and leaves it
+unchanged. Decoding only (no autograd): the state is updated in place. On
+CUDA it runs compiled; elsewhere only through Triton's interpreter
+(TRITON_INTERPRET=1, which the tests use).
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import State
+from .flash import RELU2_NORMS, empty_state, rope_freqs
+
+BLOCK_G = 32  # chunk slots a program scores at a time
+BLOCK_E = 64  # value columns a program moves at a time
+
+
+@triton.jit
+def _heads(z_even, z_odd, gamma, beta, head, pairs, s, mask):
+    """Head `head` of the offset-scale, z * gamma_h + beta_h, as its (even, odd) pair halves."""
+    g_even = tl.load(gamma + head * s + 2 * pairs, mask=mask, other=0.0).to(tl.float32)
+    g_odd = tl.load(gamma + head * s + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32)
+    b_even = tl.load(beta + head * s + 2 * pairs, mask=mask, other=0.0).to(tl.float32)
+    b_odd = tl.load(beta + head * s + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32)
+    return z_even * g_even + b_even, z_odd * g_odd + b_odd
+
+
+@triton.jit
+def _turned(x_even, x_odd, cos, sin):
+    """RoPE: each pair (x_2j, x_2j+1) as a complex number times e^(i angle_j)."""
+    return x_even * cos - x_odd * sin, x_even * sin + x_odd * cos
+
+
+@triton.jit
+def _gau_step_kernel(
+    u, v, z, gamma, beta, freqs, rel_bias, padding_mask, out,
+    k_chunk, v_chunk, kv_chunk, kv_done, position,
+    s, e, G, scale,
+    su_b, su_e, sv_b, sv_e, sz_b, sz_s, spm_b, so_b, so_e,
+    skc_b, skc_g, skc_s, svc_b, svc_g, svc_e, skv_b, skv_s, skv_e, skd_b, skd_s, skd_e,
+    ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pairs = tl.arange(0, BLOCK_P)
+    has_pair = pairs < s // 2
+    if HAS_MASK:
+        real = tl.load(padding_mask + b * spm_b) == 0
+    p = tl.load(position + b)
+    fill = p % G
+    done = p - fill
+
+    z_even = tl.load(z + b * sz_b + 2 * pairs * sz_s, mask=has_pair, other=0.0).to(tl.float32)
+    z_odd = tl.load(z + b * sz_b + (2 * pairs + 1) * sz_s, mask=has_pair, other=0.0).to(tl.float32)
+    q_even, q_odd = _heads(z_even, z_odd, gamma, beta, 0, pairs, s, has_pair)
+    k_even, k_odd = _heads(z_even, z_odd, gamma, beta, 1, pairs, s, has_pair)
+    ql_even, ql_odd = _heads(z_even, z_odd, gamma, beta, 2, pairs, s, has_pair)
+    kl_even, kl_odd = _heads(z_even, z_odd, gamma, beta, 3, pairs, s, has_pair)
+    if ROPE:
+        angle = p.to(tl.float32) * tl.load(freqs + pairs, mask=has_pair, other=0.0)
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+        q_even, q_odd = _turned(q_even, q_odd, cos, sin)
+        k_even, k_odd = _turned(k_even, k_odd, cos, sin)
+        ql_even, ql_odd = _turned(ql_even, ql_odd, cos, sin)
+        kl_even, kl_odd = _turned(kl_even, kl_odd, cos, sin)
+    slot_k = k_chunk + b * skc_b + fill * skc_g
+    if HAS_MASK:  # a padded step sees what its slot holds, and writes nothing
+        k_even = tl.where(real, k_even, tl.load(slot_k + 2 * pairs * skc_s, mask=has_pair, other=0.0))
+        k_odd = tl.where(real, k_odd, tl.load(slot_k + (2 * pairs + 1) * skc_s, mask=has_pair, other=0.0))
+        kl_even = tl.where(real, kl_even, 0.0)
+        kl_odd = tl.where(real, kl_odd, 0.0)
+    qk_now = tl.sum(q_even * k_even + q_odd * k_odd, axis=0)
+
+    c = 1.0  # relu^2's divisor for a query at this fill (slot_weights)
+    if NORM == 0:
+        c = (fill + 1).to(tl.float32)
+    elif NORM == 1:
+        c = G * 1.0
+    linear_scale = 1.0 / tl.maximum(done, 1).to(tl.float32)
+    full = fill == G - 1  # this step completes the chunk
+    if HAS_MASK:
+        full = full & real
+
+    for e0 in range(0, e, BLOCK_E):
+        cols = e0 + tl.arange(0, BLOCK_E)
+        has_col = cols < e
+        v_now = tl.load(v + b * sv_b + cols * sv_e, mask=has_col, other=0.0).to(tl.float32)
+        slot_v = v_chunk + b * svc_b + fill * svc_g + cols * svc_e
+        if HAS_MASK:
+            v_now = tl.where(real, v_now, tl.load(slot_v, mask=has_col, other=0.0))
+        # quadratic part: the chunk's slots 0 .. fill, this step's key and value in slot fill
+        quad = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for g0 in range(0, fill + 1, BLOCK_G):
+            slots = g0 + tl.arange(0, BLOCK_G)
+            seen = slots <= fill
+            keys = k_chunk + b * skc_b + slots[:, None] * skc_g
+            kc_even = tl.load(keys + 2 * pairs[None, :] * skc_s, mask=seen[:, None] & has_pair[None, :], other=0.0)
+            kc_odd = tl.load(keys + (2 * pairs[None, :] + 1) * skc_s, mask=seen[:, None] & has_pair[None, :],
+                             other=0.0)
+            scores = tl.sum(kc_even * q_even[None, :] + kc_odd * q_odd[None, :], axis=1)
+            scores = tl.where(slots == fill, qk_now, scores) * scale
+            if HAS_BIAS:
+                scores += tl.load(rel_bias + fill - slots + G - 1, mask=seen, other=0.0).to(tl.float32)
+            weights = tl.where(seen, tl.maximum(scores, 0.0) * tl.maximum(scores, 0.0) / c, 0.0)
+            values = tl.load(v_chunk + b * svc_b + slots[:, None] * svc_g + cols[None, :] * svc_e,
+                             mask=seen[:, None] & has_col[None, :], other=0.0)
+            values = tl.where(slots[:, None] == fill, v_now[None, :], values)
+            quad += tl.sum(weights[:, None] * values, axis=0)
+        # linear part: ql over the completed chunks' mean sum; then k' v^T into the chunk's sum
+        rows_even = 2 * pairs[:, None]
+        both = has_pair[:, None] & has_col[None, :]
+        done_even = tl.load(kv_done + b * skd_b + rows_even * skd_s + cols[None, :] * skd_e, mask=both, other=0.0)
+        done_odd = tl.load(kv_done + b * skd_b + (rows_even + 1) * skd_s + cols[None, :] * skd_e, mask=both,
+                           other=0.0)
+        lin = tl.sum(ql_even[:, None] * done_even + ql_odd[:, None] * done_odd, axis=0) * linear_scale
+        u_now = tl.load(u + b * su_b + cols * su_e, mask=has_col, other=0.0).to(tl.float32)
+        tl.store(out + b * so_b + cols * so_e, u_now * (quad + lin), mask=has_col)
+
+        at_even = kv_chunk + b * skv_b + rows_even * skv_s + cols[None, :] * skv_e
+        chunk_even = tl.load(at_even, mask=both, other=0.0) + kl_even[:, None] * v_now[None, :]
+        chunk_odd = tl.load(at_even + skv_s, mask=both, other=0.0) + kl_odd[:, None] * v_now[None, :]
+        at_done = kv_done + b * skd_b + rows_even * skd_s + cols[None, :] * skd_e
+        tl.store(at_done, tl.where(full, done_even + chunk_even, done_even), mask=both)
+        tl.store(at_done + skd_s, tl.where(full, done_odd + chunk_odd, done_odd), mask=both)
+        tl.store(at_even, tl.where(full, 0.0, chunk_even), mask=both)
+        tl.store(at_even + skv_s, tl.where(full, 0.0, chunk_odd), mask=both)
+        tl.store(slot_v, v_now, mask=has_col)
+    tl.store(slot_k + 2 * pairs * skc_s, k_even, mask=has_pair)
+    tl.store(slot_k + (2 * pairs + 1) * skc_s, k_odd, mask=has_pair)
+    if HAS_MASK:
+        tl.store(position + b, p + real.to(p.dtype))
+    else:
+        tl.store(position + b, p + 1)
+
+
+def gau_step(
+    u: Tensor, v: Tensor, z: Tensor, gamma: Tensor, beta: Tensor, state: Optional[State],
+    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, *,
+    rope: bool, chunk_size: int, relu2_norm: str,
+) -> Tuple[Tensor, State]:
+    """U * (the mixed chunk attention of one step) and the state after it: u, v
+    (B, e), z (B, s) after the SiLU, any strides; gamma, beta (4, s) the offset-scale
+    of q, k, ql, kl; state as ``ops.flash.empty_state`` makes it, updated in place.
+    Returns (B, e) in u's dtype."""
+    B, s = z.shape
+    e = v.shape[-1]
+    state = state if state is not None else empty_state(B, chunk_size, s, e, v)
+    out = u.new_empty(B, e)
+    kc, vc, kv, kd = (state[name] for name in ("k_chunk", "v_chunk", "kv_chunk", "kv_done"))
+    _gau_step_kernel[(B,)](
+        u, v, z, gamma.contiguous(), beta.contiguous(), rope_freqs(s, 10000.0, z.device), rel_bias, padding_mask,
+        out, kc, vc, kv, kd, state["position"],
+        s, e, chunk_size, s ** -0.5,
+        *u.stride(), *v.stride(), *z.stride(), *(padding_mask.stride() if padding_mask is not None else (0,)),
+        *out.stride(), *kc.stride(), *vc.stride(), *kv.stride(), *kd.stride(),
+        ROPE=rope, HAS_BIAS=rel_bias is not None, HAS_MASK=padding_mask is not None,
+        NORM=RELU2_NORMS.index(relu2_norm), BLOCK_P=triton.next_power_of_2(s // 2), BLOCK_G=BLOCK_G,
+        BLOCK_E=BLOCK_E,
+    )
+    return out, state
