@@ -371,10 +371,15 @@ def test_triton_step_equals_the_torch_step(triton_device, name, gated, eps):
                                    reorder_at=T // 2)
     for (out, theirs), (state, their_state) in pairs:
         assert_close(theirs.cpu(), out.cpu())
-        assert_close(their_state["S"].cpu(), state["S"].cpu())
-        M, their_M = state["M"].cpu(), their_state["M"].cpu()
-        assert torch.equal(M.isinf(), their_M.isinf())
-        assert_close(their_M.nan_to_num(0.0, 0.0, 0.0), M.nan_to_num(0.0, 0.0, 0.0))
+        assert_same_state(their_state, state)
+
+
+def assert_same_state(actual, expected):
+    """[S, z] close; the reference M close where finite, -inf (no key yet) in the same places."""
+    assert_close(actual["S"].cpu(), expected["S"].cpu())
+    M, their_M = expected["M"].cpu(), actual["M"].cpu()
+    assert torch.equal(M.isinf(), their_M.isinf())
+    assert_close(their_M.nan_to_num(0.0, 0.0, 0.0), M.nan_to_num(0.0, 0.0, 0.0))
 
 
 def test_triton_step_takes_strided_half_inputs(triton_device):
@@ -391,3 +396,34 @@ def test_triton_step_takes_strided_half_inputs(triton_device):
         assert theirs.dtype == torch.float16
         assert_close(theirs.float().cpu(), out.float().cpu(), rtol=1e-3)
         assert_close(their_state["S"].cpu(), state["S"].cpu())
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.5])
+def test_triton_favor_step_equals_favor_features_then_the_torch_step(triton_device, gated, eps):
+    """With FAVOR+ the fused step computes the features too (from q, k and the
+    projection, as favor_features defines them, 20 features in blocks of 32 and
+    a head width of 8): the torch step's output and state at every step, a row
+    whose first steps are padding, beams reordered halfway."""
+    from linear_fairseq.ops import performer_triton
+
+    T, m = 8, 20
+    q, k, v = (x * 2.0 for x in qkv(T, seed=7))
+    W = K.orthogonal_gaussian(m, D, torch.Generator().manual_seed(1))
+    gate = gate_logits(T) if gated else None
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, :2] = True
+    to = lambda x: None if x is None else x.to(triton_device)  # noqa: E731
+    states = [None, None]
+    with torch.no_grad():
+        for t in range(T):
+            if t == T // 2:
+                order = torch.arange(B - 1, -1, -1, device=triton_device)
+                states = [{key: x.index_select(0, order) for key, x in state.items()} for state in states]
+            at = lambda x: None if x is None else to(x[:, :, t])  # noqa: E731
+            (pq, sq), (pk, s) = K.favor_features(at(q), to(W)), K.favor_features(at(k), to(W))
+            out, states[0] = K.causal_step(pq, pk, at(v), states[0], to(mask[:, t]), s, at(gate), sq, eps=eps)
+            theirs, states[1] = performer_triton.favor_step(at(q), at(k), at(v), to(W), states[1], to(mask[:, t]),
+                                                             at(gate), eps=eps)
+            assert_close(theirs.cpu(), out.cpu())
+            assert_same_state(states[1], states[0])

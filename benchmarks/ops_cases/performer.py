@@ -68,7 +68,7 @@ def cases(device):
     fused_step = None
     if torch.device(device).type == "cuda" and performer_fla.unavailable() is None:
         forms["fla"] = form(performer_fla.causal)
-        fused_step = lambda xs: stepped(step_of(performer_fla.step()), xs, 2)  # noqa: E731
+        fused_step = lambda xs: stepped(step_of(performer_fla.fused().causal_step), xs, 2)  # noqa: E731
     return [OpsCase(f"performer-{name}", inputs_of(name), reference=form(naive), forms=forms,
                     step=lambda xs: stepped(step_of(K.causal_step), xs, 2), fused_step=fused_step,
                     timed=("parallel", "fla")) for name in MAPS]

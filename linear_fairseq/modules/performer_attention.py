@@ -246,14 +246,20 @@ class PerformerAttention(LinearAttention):
         return why is None
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        # q, k, v of one step as a sequence of three (B, 3, C); the query's and the
-        # key's features in one call: (B, H, 2, m)
+        # q, k, v of one step as a sequence of three (B, 3, C)
         qkv = self.qkv_proj(x).unflatten(-1, (3, self.embed_dim))
-        phi, scale = self.features(qkv[:, :2])
-        at = lambda t, i: None if t is None else t[:, :, i]  # noqa: E731
         gate = None if self.gate is None else self.gate(x)
         v = qkv[:, 2].view(x.shape[0], self.num_heads, self.head_dim)
-        causal_step = performer_fla.step() if self.runs_on_triton(x) and not torch.is_grad_enabled() else K.causal_step
+        fused = performer_fla.fused() if self.runs_on_triton(x) and not torch.is_grad_enabled() else None
+        if fused is not None and isinstance(self.phi, FavorFeatures):  # the features in the same kernel
+            q, k = qkv[:, :2].unflatten(-1, (self.num_heads, self.head_dim)).unbind(1)
+            out, state = fused.favor_step(q, k, v, self.phi.projection, state or None, padding_mask, gate,
+                                          eps=self.eps)
+            return self.out_proj(out.flatten(1).to(x.dtype)), state
+        # the query's and the key's features in one call: (B, H, 2, m)
+        phi, scale = self.features(qkv[:, :2])
+        at = lambda t, i: None if t is None else t[:, :, i]  # noqa: E731
+        causal_step = K.causal_step if fused is None else fused.causal_step
         out, state = causal_step(phi[:, :, 0], phi[:, :, 1], v, state or None, padding_mask,
                                  at(scale, 1), gate, at(scale, 0), eps=self.eps)
         return self.out_proj(out.flatten(1).to(x.dtype)), state

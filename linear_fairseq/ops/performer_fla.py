@@ -47,10 +47,10 @@ def kernel():
     return chunk_simple_gla
 
 
-def step():
-    """The decoding step in one Triton kernel (ops.performer_triton, imported here: it needs Triton)."""
-    from .performer_triton import causal_step
-    return causal_step
+def fused():
+    """ops.performer_triton, the decoding step in one Triton kernel (imported here: it needs Triton)."""
+    from . import performer_triton
+    return performer_triton
 
 
 def fla_inputs(phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask, log_scale, gate_logits):

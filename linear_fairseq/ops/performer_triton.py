@@ -28,14 +28,23 @@ def _log_sigmoid(x):
 
 
 @triton.jit
+def _favor_exponents(x, half_sq, W, rows, dims, m, dk, sW_m, sW_d):
+    """FAVOR+'s exponents w_r . x' - |x'|^2 / 2 at feature rows `rows` (x = x', scaled by d^-1/4)."""
+    w = tl.load(W + rows[:, None] * sW_m + dims[None, :] * sW_d, mask=(rows[:, None] < m) & (dims[None, :] < dk),
+                other=0.0).to(tl.float32)
+    return tl.sum(w * x[None, :], axis=1) - half_sq
+
+
+@triton.jit
 def _step_kernel(
-    phi_q, phi_k, v, S, M, out, log_scale, gate_logits, q_log_scale, padding_mask,
-    H, m, d,
+    phi_q, phi_k, v, S, M, out, log_scale, gate_logits, q_log_scale, padding_mask, W,
+    H, m, d, dk,
     sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_d, sS_b, sS_h, sS_m, sS_d, sM_b, sM_h,
-    so_b, so_h, so_d, sl_b, sl_h, sg_b, sg_h, sql_b, sql_h, spm_b,
-    log_eps, lowest, tiny,
+    so_b, so_h, so_d, sl_b, sl_h, sg_b, sg_h, sql_b, sql_h, spm_b, sW_m, sW_d,
+    log_eps, lowest, tiny, x_scale, half_log_m,
     WEIGHTED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_Q_SCALE: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_EPS: tl.constexpr, FAVOR: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b = tl.program_id(0) // H
     h = tl.program_id(0) % H
@@ -44,6 +53,22 @@ def _step_kernel(
     if HAS_MASK:
         padded = tl.load(padding_mask + b * spm_b) != 0
     M_old = tl.load(M + b * sM_b + h * sM_h)
+    if FAVOR:  # phi_q, phi_k hold q and k: their features' largest exponents s_q, s_k first
+        dims = tl.arange(0, BLOCK_K)
+        xq = tl.load(phi_q + b * sq_b + h * sq_h + dims * sq_m, mask=dims < dk, other=0.0).to(tl.float32) * x_scale
+        xk = tl.load(phi_k + b * sk_b + h * sk_h + dims * sk_m, mask=dims < dk, other=0.0).to(tl.float32) * x_scale
+        half_q = tl.sum(xq * xq, axis=0) * 0.5
+        half_k = tl.sum(xk * xk, axis=0) * 0.5
+        top_q = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+        top_k = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+        for m0 in range(0, m, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            top_q = tl.maximum(top_q, tl.where(rows < m, _favor_exponents(xq, half_q, W, rows, dims, m, dk, sW_m,
+                                                                          sW_d), -float("inf")))
+            top_k = tl.maximum(top_k, tl.where(rows < m, _favor_exponents(xk, half_k, W, rows, dims, m, dk, sW_m,
+                                                                          sW_d), -float("inf")))
+        s_q = tl.max(top_q, axis=0)
+        s_k = tl.max(top_k, axis=0)
 
     # the new key's weight w_new and the old sums' w_old, relative to the new reference
     w_old = 1.0
@@ -51,7 +76,9 @@ def _step_kernel(
     if WEIGHTED:
         a = 0.0
         lg = 0.0
-        if HAS_SCALE:
+        if FAVOR:
+            a = s_k - half_log_m
+        elif HAS_SCALE:
             a = tl.load(log_scale + b * sl_b + h * sl_h).to(tl.float32)
         if HAS_GATE:
             g = tl.load(gate_logits + b * sg_b + h * sg_h).to(tl.float32)
@@ -80,8 +107,13 @@ def _step_kernel(
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for m0 in range(0, m, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        pq = tl.load(phi_q + b * sq_b + h * sq_h + rows * sq_m, mask=rows < m, other=0.0).to(tl.float32)
-        kw = tl.load(phi_k + b * sk_b + h * sk_h + rows * sk_m, mask=rows < m, other=0.0).to(tl.float32) * w_new
+        if FAVOR:  # phi = exp(exponent - its largest): the largest feature is 1
+            pq = tl.where(rows < m, tl.exp(_favor_exponents(xq, half_q, W, rows, dims, m, dk, sW_m, sW_d) - s_q), 0.0)
+            kw = tl.where(rows < m, tl.exp(_favor_exponents(xk, half_k, W, rows, dims, m, dk, sW_m, sW_d) - s_k),
+                          0.0) * w_new
+        else:
+            pq = tl.load(phi_q + b * sq_b + h * sq_h + rows * sq_m, mask=rows < m, other=0.0).to(tl.float32)
+            kw = tl.load(phi_k + b * sk_b + h * sk_h + rows * sk_m, mask=rows < m, other=0.0).to(tl.float32) * w_new
         at = S + b * sS_b + h * sS_h + rows[:, None] * sS_m + cols[None, :] * sS_d
         inside = (rows[:, None] < m) & (cols[None, :] < d)
         Sv = w_old * tl.load(at, mask=inside, other=0.0) + kw[:, None] * value[None, :]
@@ -96,7 +128,9 @@ def _step_kernel(
     floor = tiny
     if HAS_EPS:  # eps in true scale: the stabilized normalizer times exp(offset + the query's log-scale)
         log_offset = offset
-        if HAS_Q_SCALE:
+        if FAVOR:
+            log_offset = log_offset + s_q - half_log_m
+        elif HAS_Q_SCALE:
             log_offset = log_offset + tl.load(q_log_scale + b * sql_b + h * sql_h).to(tl.float32)
         floor = tl.exp(tl.minimum(tl.maximum(log_eps - log_offset, tl.log(tiny)), log_eps + 80.0))
     tl.store(out + b * so_b + h * so_h + cols * so_d, num / tl.maximum(den, floor), mask=cols < d)
@@ -105,6 +139,31 @@ def _step_kernel(
 
 def _strides(t: Optional[Tensor], n: int) -> Tuple[int, ...]:
     return t.stride() if t is not None else (0,) * n
+
+
+def _launch(q, k, v, state, padding_mask, log_scale, gate_logits, q_log_scale, projection, eps: float):
+    """Runs the kernel: q, k the features (m wide), or with `projection` (m, dk) FAVOR+'s
+    inputs (dk wide), whose features and log-scales the kernel computes."""
+    B, H = v.shape[:2]
+    d = v.shape[-1]
+    m = k.shape[-1] if projection is None else projection.shape[0]
+    state = state if state is not None else empty_state(B, H, m, d, v)
+    S, M = state["S"], state["M"]
+    out = v.new_empty(B, H, d)
+    favor = projection is not None
+    _step_kernel[(B * H,)](
+        q, k, v, S, M, out, log_scale, gate_logits, q_log_scale, padding_mask, projection,
+        H, m, d, k.shape[-1],
+        *q.stride(), *k.stride(), *v.stride(), *S.stride(), *M.stride(), *out.stride(),
+        *_strides(log_scale, 2), *_strides(gate_logits, 2), *_strides(q_log_scale, 2), *_strides(padding_mask, 1),
+        *_strides(projection, 2),
+        math.log(eps) if eps else 0.0, LOWEST, TINY, k.shape[-1] ** -0.25, 0.5 * math.log(m),
+        WEIGHTED=favor or log_scale is not None or gate_logits is not None, HAS_SCALE=log_scale is not None,
+        HAS_GATE=gate_logits is not None, HAS_Q_SCALE=q_log_scale is not None, HAS_MASK=padding_mask is not None,
+        HAS_EPS=bool(eps), FAVOR=favor, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_K=triton.next_power_of_2(k.shape[-1]) if favor else 1,
+    )
+    return out, {"S": S, "M": M}
 
 
 def causal_step(
@@ -122,20 +181,20 @@ def causal_step(
     """``performer.causal_step`` in one kernel: phi_q, phi_k (B, H, m), v (B, H, d),
     log_scale, gate_logits, q_log_scale (B, H), padding_mask (B,); any strides. The
     state (float32, contiguous or not) is updated in place. Returns out (B, H, d) in v's dtype."""
-    B, H, m = phi_k.shape
-    d = v.shape[-1]
-    state = state if state is not None else empty_state(B, H, m, d, v)
-    S, M = state["S"], state["M"]
-    out = v.new_empty(B, H, d)
-    weighted = log_scale is not None or gate_logits is not None
-    _step_kernel[(B * H,)](
-        phi_q, phi_k, v, S, M, out, log_scale, gate_logits, q_log_scale, padding_mask,
-        H, m, d,
-        *phi_q.stride(), *phi_k.stride(), *v.stride(), *S.stride(), *M.stride(), *out.stride(),
-        *_strides(log_scale, 2), *_strides(gate_logits, 2), *_strides(q_log_scale, 2), *_strides(padding_mask, 1),
-        math.log(eps) if eps else 0.0, LOWEST, TINY,
-        WEIGHTED=weighted, HAS_SCALE=log_scale is not None, HAS_GATE=gate_logits is not None,
-        HAS_Q_SCALE=q_log_scale is not None, HAS_MASK=padding_mask is not None, HAS_EPS=bool(eps),
-        BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(d),
-    )
-    return out, {"S": S, "M": M}
+    return _launch(phi_q, phi_k, v, state, padding_mask, log_scale, gate_logits, q_log_scale, None, eps)
+
+
+def favor_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    state: Optional[State] = None,
+    padding_mask: Optional[Tensor] = None,
+    gate_logits: Optional[Tensor] = None,
+    *,
+    eps: float,
+) -> Tuple[Tensor, State]:
+    """``causal_step`` on FAVOR+'s features of q and k (B, H, dk), computed in the same
+    kernel as ``performer.favor_features`` defines them with `projection` (m, dk)."""
+    return _launch(q, k, v, state, padding_mask, None, gate_logits, None, projection, eps)
