@@ -133,13 +133,15 @@ def test_u_v_z_projections_kept_apart_load_into_the_stacked_one(arch, args, task
     torch.testing.assert_close(other(*inputs)[0], model(*inputs)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("relu2_norm,rel_bias,rope", [("none", False, True), ("keys", True, True),
-                                                       ("chunk", True, False)])
-def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, relu2_norm, rel_bias, rope):
+@pytest.mark.parametrize("relu2_norm,rel_bias,rope,dtype", [
+    ("none", False, True, torch.float32), ("keys", True, True, torch.float32), ("chunk", True, False, torch.float32),
+    ("none", True, True, torch.float16)])
+def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, relu2_norm, rel_bias, rope, dtype):
     """The GAU's decoding step on ops.flash_triton's kernel (CUDA, or CPU through
     Triton's interpreter) writes the torch step's output and state at every step:
     chunks of 4 completed twice, a row whose first steps are padding, beams
-    reordered halfway, each relu^2 normalization, the relative bias, RoPE on and off."""
+    reordered halfway, each relu^2 normalization, the relative bias, RoPE on and
+    off, an fp16 unit (the torch step rounds q and k to fp16, the kernel keeps fp32)."""
     torch.manual_seed(0)
     unit = GatedAttentionUnit(32, causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed",
                               no_rope=not rope, gau_rel_pos_bias=rel_bias, gau_norm="scalenorm", dropout=0.0,
@@ -149,9 +151,10 @@ def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, r
             torch.nn.init.normal_(p)
         for p in (unit.offset_scale.gamma, unit.offset_scale.beta):
             p[1] = p[0]
-    unit = unit.eval().to(triton_device)
+    unit = unit.eval().to(triton_device, dtype)
     T = 11
-    x = torch.randn(3, T, 32, device=triton_device)
+    x = torch.randn(3, T, 32, device=triton_device, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     mask = torch.zeros(3, T, dtype=torch.bool, device=triton_device)
     mask[1, :3] = True
     states = [{}, {}]
@@ -165,10 +168,10 @@ def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, r
                 monkeypatch.setattr(unit, "runs_on_triton", lambda h, fused=fused: fused)
                 out, states[i] = unit.step(x[:, t], states[i], mask[:, t])
                 outs.append(out)
-            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
             assert states[0].keys() == states[1].keys()
             for name in states[0]:
-                torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-5, atol=1e-5, msg=name)
+                torch.testing.assert_close(states[1][name], states[0][name], rtol=tol, atol=tol, msg=name)
 
 
 def test_gau_backend_triton_off_cuda_is_one_line_naming_why():

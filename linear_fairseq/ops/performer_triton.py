@@ -141,60 +141,36 @@ def _strides(t: Optional[Tensor], n: int) -> Tuple[int, ...]:
     return t.stride() if t is not None else (0,) * n
 
 
-def _launch(q, k, v, state, padding_mask, log_scale, gate_logits, q_log_scale, projection, eps: float):
-    """Runs the kernel: q, k the features (m wide), or with `projection` (m, dk) FAVOR+'s
-    inputs (dk wide), whose features and log-scales the kernel computes."""
+def causal_step(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Optional[State] = None, padding_mask=None,
+                log_scale=None, gate_logits=None, q_log_scale=None, *, eps: float,
+                projection: Optional[Tensor] = None) -> Tuple[Tensor, State]:
+    """``performer.causal_step`` (the same arguments, any strides) in one kernel, the
+    state (float32) updated in place; returns out (B, H, d) in v's dtype. With
+    `projection` (m, dk), phi_q and phi_k are FAVOR+'s inputs q, k (B, H, dk), and the
+    kernel computes their features and log-scales as ``performer.favor_features`` does."""
     B, H = v.shape[:2]
     d = v.shape[-1]
-    m = k.shape[-1] if projection is None else projection.shape[0]
+    m = phi_k.shape[-1] if projection is None else projection.shape[0]
     state = state if state is not None else empty_state(B, H, m, d, v)
     S, M = state["S"], state["M"]
     out = v.new_empty(B, H, d)
     favor = projection is not None
     _step_kernel[(B * H,)](
-        q, k, v, S, M, out, log_scale, gate_logits, q_log_scale, padding_mask, projection,
-        H, m, d, k.shape[-1],
-        *q.stride(), *k.stride(), *v.stride(), *S.stride(), *M.stride(), *out.stride(),
+        phi_q, phi_k, v, S, M, out, log_scale, gate_logits, q_log_scale, padding_mask, projection,
+        H, m, d, phi_k.shape[-1],
+        *phi_q.stride(), *phi_k.stride(), *v.stride(), *S.stride(), *M.stride(), *out.stride(),
         *_strides(log_scale, 2), *_strides(gate_logits, 2), *_strides(q_log_scale, 2), *_strides(padding_mask, 1),
         *_strides(projection, 2),
-        math.log(eps) if eps else 0.0, LOWEST, TINY, k.shape[-1] ** -0.25, 0.5 * math.log(m),
+        math.log(eps) if eps else 0.0, LOWEST, TINY, phi_k.shape[-1] ** -0.25, 0.5 * math.log(m),
         WEIGHTED=favor or log_scale is not None or gate_logits is not None, HAS_SCALE=log_scale is not None,
         HAS_GATE=gate_logits is not None, HAS_Q_SCALE=q_log_scale is not None, HAS_MASK=padding_mask is not None,
         HAS_EPS=bool(eps), FAVOR=favor, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_K=triton.next_power_of_2(k.shape[-1]) if favor else 1,
+        BLOCK_K=triton.next_power_of_2(phi_k.shape[-1]) if favor else 1,
     )
     return out, {"S": S, "M": M}
 
 
-def causal_step(
-    phi_q: Tensor,
-    phi_k: Tensor,
-    v: Tensor,
-    state: Optional[State] = None,
-    padding_mask: Optional[Tensor] = None,
-    log_scale: Optional[Tensor] = None,
-    gate_logits: Optional[Tensor] = None,
-    q_log_scale: Optional[Tensor] = None,
-    *,
-    eps: float,
-) -> Tuple[Tensor, State]:
-    """``performer.causal_step`` in one kernel: phi_q, phi_k (B, H, m), v (B, H, d),
-    log_scale, gate_logits, q_log_scale (B, H), padding_mask (B,); any strides. The
-    state (float32, contiguous or not) is updated in place. Returns out (B, H, d) in v's dtype."""
-    return _launch(phi_q, phi_k, v, state, padding_mask, log_scale, gate_logits, q_log_scale, None, eps)
-
-
-def favor_step(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    projection: Tensor,
-    state: Optional[State] = None,
-    padding_mask: Optional[Tensor] = None,
-    gate_logits: Optional[Tensor] = None,
-    *,
-    eps: float,
-) -> Tuple[Tensor, State]:
-    """``causal_step`` on FAVOR+'s features of q and k (B, H, dk), computed in the same
-    kernel as ``performer.favor_features`` defines them with `projection` (m, dk)."""
-    return _launch(q, k, v, state, padding_mask, None, gate_logits, None, projection, eps)
+def favor_step(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, state: Optional[State] = None,
+               padding_mask=None, gate_logits=None, *, eps: float) -> Tuple[Tensor, State]:
+    """``causal_step`` on FAVOR+'s features of q and k (B, H, dk) with `projection` (m, dk)."""
+    return causal_step(q, k, v, state, padding_mask, None, gate_logits, None, eps=eps, projection=projection)
