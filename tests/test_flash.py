@@ -96,6 +96,9 @@ def test_bf16_gau_at_4096(mode):
     ({"gau_s": 15}, "GatedAttentionUnit: gau_s=15 must be even with RoPE"),
     ({"gau_chunk_size": 0}, "GatedAttentionUnit: gau_chunk_size=0 must be a positive integer"),
     ({"gau_relu2_norm": "mean"}, "GatedAttentionUnit: gau_relu2_norm='mean' choose from"),
+    ({"gau_backend": "triton", "gau_attention": "quadratic"},
+     "GatedAttentionUnit: gau_backend='triton' decodes mixed chunk attention only"),
+    ({"gau_backend": "triton", "gau_s": 15, "no_rope": True}, "GatedAttentionUnit: gau_backend='triton' needs an even"),
 ])
 def test_the_unit_checks_the_same_rules_as_the_options(change, message):
     """The rules live once (gau_problems): built directly, the unit names its own

@@ -85,6 +85,10 @@ def gau_problems(options: dict, embed_dim: int, width: str = "d") -> List[Proble
          f"gives width e={round(expansion * d)} at {width}={d}; it must be >= 1"),
         *((name, o[name], lambda name=name, allowed=allowed: o[name] in allowed, f"choose from {', '.join(allowed)}")
           for name, allowed in GAU_CHOICES.items()),
+        ("gau_backend", o["gau_backend"], lambda: o["gau_backend"] != "triton" or o["gau_attention"] == "mixed",
+         "decodes mixed chunk attention only (FLASH-Quad keeps every key): --gau-backend auto or torch"),
+        ("gau_backend", o["gau_backend"], lambda: o["gau_backend"] != "triton" or s % 2 == 0,
+         f"needs an even gau_s, not {s}: --gau-backend auto or torch"),
     ))
 
 
@@ -192,11 +196,9 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
     def runs_on_triton(self, h: Tensor) -> bool:
         """Whether the mixed chunk decoding step runs on ops.flash_triton's kernel
         (--gau-backend); `triton` where it cannot is one line naming why."""
-        if self.gau_backend == "torch" or self.mode != "mixed":
+        if self.gau_backend == "torch" or self.mode != "mixed" or self.s % 2:  # triton there: refused when built
             return False
         why = triton_unavailable() if h.is_cuda else f"the model runs on {h.device.type}, not CUDA"
-        if why is None and self.s % 2:
-            why = f"the kernel takes an even --gau-s, not {self.s}"
         if why and self.gau_backend == "triton":
             raise ConfigError(f"--gau-backend triton: {why} (or --gau-backend auto: triton where it can run, torch "
                               f"elsewhere; for a trained model, --model-overrides \"{{'gau_backend': 'auto'}}\")")
