@@ -1,5 +1,6 @@
 """Helpers the families' ops share (torch only)."""
 import functools
+import importlib
 from typing import Dict, Optional
 
 import torch
@@ -26,14 +27,20 @@ def constant(maxsize: int):
     return wrap
 
 
+def import_problem(module: str, name: str) -> Optional[str]:
+    """Why `module` cannot be imported here, one line naming it `name` (None: it imports)."""
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # not installed, or no build for this machine
+        detail = str(error).splitlines()[0] if str(error) else ""
+        return f"{name} does not import ({type(error).__name__}{': ' + detail if detail else ''})"
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def triton_unavailable() -> Optional[str]:
     """Why Triton kernels (ops/*_triton.py) cannot be used here (None: Triton imports)."""
-    try:
-        import triton  # noqa: F401
-    except Exception as error:  # not installed, or no build for this machine
-        return f"Triton does not import ({type(error).__name__}; a CUDA torch brings it, or pip install triton)"
-    return None
+    return import_problem("triton", "Triton")
 
 
 @constant(maxsize=64)

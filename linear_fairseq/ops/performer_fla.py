@@ -28,18 +28,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import acc
+from .common import acc, import_problem
 from .performer import LOWEST, at_least, clamp_floor, key_log_weights
 
 
 @functools.lru_cache(maxsize=1)
 def unavailable() -> Optional[str]:
     """Why fla-core's kernel cannot be used here (None: it imports)."""
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
-    except Exception as error:  # not installed, or no Triton for this machine
-        return f"fla-core does not import ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-    return None
+    return import_problem("fla.ops.simple_gla", "fla-core")
 
 
 def kernel():
