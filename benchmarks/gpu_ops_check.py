@@ -172,11 +172,12 @@ def fused_steps(cases, device, lengths):
     benchmark LM's outputs over T steps of random tokens (2 rows, fp32) on the kernels,
     the default on CUDA, against the torch steps; where the kernels cannot run, why."""
     from benchmarks import models
+    from benchmarks.op_counts import triton_modules
 
     rows = []
     for family in models.FAMILIES:
         model = models.build("lm", family, device=str(device))[0].eval()
-        modules = [m for m in model.modules() if hasattr(m, "runs_on_triton")]
+        modules = triton_modules(model)
         if not modules:
             continue
         probe = torch.zeros(1, device=device)

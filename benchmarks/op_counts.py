@@ -151,16 +151,16 @@ def decode_ops(model, prefix: int, triton: bool = False) -> dict:
     return {"step": total, "per_layer": inside / len(layers), "layers": len(layers)}
 
 
-def can_run_on_triton(model) -> bool:
-    """Whether some module of the model can run on Triton kernels (it has runs_on_triton)."""
-    return any(hasattr(m, "runs_on_triton") for m in model.modules())
+def triton_modules(model) -> list:
+    """The model's modules that can run on Triton kernels (they have runs_on_triton)."""
+    return [m for m in model.modules() if hasattr(m, "runs_on_triton")]
 
 
 @contextlib.contextmanager
 def on_triton(model):
     """The model's modules that can run on Triton kernels told they do, each
     launch profiled as one event, for the block."""
-    modules = [m for m in model.modules() if hasattr(m, "runs_on_triton")]
+    modules = triton_modules(model)
     for m in modules:
         m.runs_on_triton = lambda x: True
     try:
@@ -199,7 +199,7 @@ def measure(families) -> dict:
                      "train": {str(T): train_ops(model, T) for T in TRAIN_LENGTHS},
                      "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
         print(f"{name}: {out[name]['train']} {out[name]['decode']}", flush=True)
-        if not extra and can_run_on_triton(model):
+        if not extra and triton_modules(model):
             why = triton_missing()
             if why:
                 print(f"{name}+triton: not counted: {why}", flush=True)

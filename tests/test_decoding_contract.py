@@ -278,6 +278,8 @@ def test_beam_search_on_the_fused_steps_equals_the_torch_steps(monkeypatch, trit
     """fairseq's beam search (states reordered between steps) with every module that
     can decode on a Triton kernel (runs_on_triton) doing so finds the torch steps'
     hypotheses and scores; on CPU the kernels run through Triton's interpreter."""
+    from benchmarks.op_counts import triton_modules
+
     h = Harness(case)
     h.model.to(triton_device)
     if h.encoder_out is not None:
@@ -285,7 +287,7 @@ def test_beam_search_on_the_fused_steps_equals_the_torch_steps(monkeypatch, trit
     else:
         net_input = {"src_tokens": random_tokens(h.d, 4, 3, seed=5), "src_lengths": torch.full((4,), 3)}
     net_input = {key: x.to(triton_device) for key, x in net_input.items()}
-    modules = [m for m in h.model.modules() if hasattr(m, "runs_on_triton")]
+    modules = triton_modules(h.model)
     assert modules
     found = []
     for fused in (False, True):

@@ -1,7 +1,7 @@
 """Helpers the families' ops share (torch only)."""
 import functools
 import importlib
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,6 +25,11 @@ def constant(maxsize: int):
                 return build(*args, **kwargs)
         return cached
     return wrap
+
+
+def strides(t: Optional[Tensor], n: int) -> Tuple[int, ...]:
+    """t's strides, or n zeros for an absent tensor (a kernel argument that is not read)."""
+    return t.stride() if t is not None else (0,) * n
 
 
 def import_problem(module: str, name: str) -> Optional[str]:

@@ -4,7 +4,7 @@ From the gated attention unit's U, V and Z (after the SiLU), one program per
 batch row computes what ``flash_gau``'s step computes with ``ops.flash``:
 the four offset-scaled heads of Z (q, k for the chunk, ql, kl for the linear
 part), RoPE at the row's position, relu^2 scores against the current chunk's
-keys with the slot weights of ``slot_weights``, the linear part read from the
+keys weighted by ``slot_weights``' table, the linear part read from the
 completed chunks' sum, U times their sum; and it advances the state as
 ``ops.flash.causal_step`` does (the chunk's slot written, k' v^T added, a
 completed chunk's sum moved). A padded step reads the state and leaves it
@@ -14,13 +14,12 @@ CUDA it runs compiled; elsewhere only through Triton's interpreter
 """
 from typing import Optional, Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import State
-from .flash import RELU2_NORMS, empty_state, rope_freqs
+from .common import State, strides
+from .flash import empty_state, rope_freqs, slot_weights
 
 BLOCK_G = 32  # chunk slots a program scores at a time
 BLOCK_E = 64  # value columns a program moves at a time
@@ -44,12 +43,12 @@ def _turned(x_even, x_odd, cos, sin):
 
 @triton.jit
 def _gau_step_kernel(
-    u, v, z, gamma, beta, freqs, rel_bias, padding_mask, out,
+    u, v, z, gamma, beta, freqs, rel_bias, padding_mask, weights_table, out,
     k_chunk, v_chunk, kv_chunk, kv_done, position,
     s, e, G, scale,
     su_b, su_e, sv_b, sv_e, sz_b, sz_s, spm_b, so_b, so_e,
     skc_b, skc_g, skc_s, svc_b, svc_g, svc_e, skv_b, skv_s, skv_e, skd_b, skd_s, skd_e,
-    ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, NORM: tl.constexpr,
+    ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -83,11 +82,6 @@ def _gau_step_kernel(
         kl_odd = tl.where(real, kl_odd, 0.0)
     qk_now = tl.sum(q_even * k_even + q_odd * k_odd, axis=0)
 
-    c = 1.0  # relu^2's divisor for a query at this fill (slot_weights)
-    if NORM == 0:
-        c = (fill + 1).to(tl.float32)
-    elif NORM == 1:
-        c = G * 1.0
     linear_scale = 1.0 / tl.maximum(done, 1).to(tl.float32)
     full = fill == G - 1  # this step completes the chunk
     if HAS_MASK:
@@ -100,7 +94,8 @@ def _gau_step_kernel(
         slot_v = v_chunk + b * svc_b + fill * svc_g + cols * svc_e
         if HAS_MASK:
             v_now = tl.where(real, v_now, tl.load(slot_v, mask=has_col, other=0.0))
-        # quadratic part: the chunk's slots 0 .. fill, this step's key and value in slot fill
+        # quadratic part: the chunk's slots 0 .. fill, this step's key and value in slot fill (the scores
+        # are recomputed for each block of value columns: G s products, fewer than the block's G e)
         quad = tl.zeros((BLOCK_E,), dtype=tl.float32)
         for g0 in range(0, fill + 1, BLOCK_G):
             slots = g0 + tl.arange(0, BLOCK_G)
@@ -113,7 +108,8 @@ def _gau_step_kernel(
             scores = tl.where(slots == fill, qk_now, scores) * scale
             if HAS_BIAS:
                 scores += tl.load(rel_bias + fill - slots + G - 1, mask=seen, other=0.0).to(tl.float32)
-            weights = tl.where(seen, tl.maximum(scores, 0.0) * tl.maximum(scores, 0.0) / c, 0.0)
+            weights = tl.maximum(scores, 0.0) * tl.maximum(scores, 0.0) * tl.load(
+                weights_table + fill * G + slots, mask=seen, other=0.0)  # slot_weights' row: 1/c, 0 past fill
             values = tl.load(v_chunk + b * svc_b + slots[:, None] * svc_g + cols[None, :] * svc_e,
                              mask=seen[:, None] & has_col[None, :], other=0.0)
             values = tl.where(slots[:, None] == fill, v_now[None, :], values)
@@ -161,12 +157,11 @@ def gau_step(
     kc, vc, kv, kd = (state[name] for name in ("k_chunk", "v_chunk", "kv_chunk", "kv_done"))
     _gau_step_kernel[(B,)](
         u, v, z, gamma.contiguous(), beta.contiguous(), rope_freqs(s, 10000.0, z.device), rel_bias, padding_mask,
-        out, kc, vc, kv, kd, state["position"],
+        slot_weights(chunk_size, relu2_norm, z.device), out, kc, vc, kv, kd, state["position"],
         s, e, chunk_size, s ** -0.5,
-        *u.stride(), *v.stride(), *z.stride(), *(padding_mask.stride() if padding_mask is not None else (0,)),
+        *u.stride(), *v.stride(), *z.stride(), *strides(padding_mask, 1),
         *out.stride(), *kc.stride(), *vc.stride(), *kv.stride(), *kd.stride(),
         ROPE=rope, HAS_BIAS=rel_bias is not None, HAS_MASK=padding_mask is not None,
-        NORM=RELU2_NORMS.index(relu2_norm), BLOCK_P=triton.next_power_of_2(s // 2), BLOCK_G=BLOCK_G,
-        BLOCK_E=BLOCK_E,
+        BLOCK_P=triton.next_power_of_2(s // 2), BLOCK_G=BLOCK_G, BLOCK_E=BLOCK_E,
     )
     return out, state

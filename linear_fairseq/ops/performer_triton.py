@@ -11,12 +11,11 @@ which the tests use).
 import math
 from typing import Optional, Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import State, acc
+from .common import State, strides
 from .performer import LOWEST, TINY, empty_state
 
 BLOCK_M = 32  # feature rows of [S, z] a program moves at a time
@@ -137,10 +136,6 @@ def _step_kernel(
     tl.store(M + b * sM_b + h * sM_h, M_new)
 
 
-def _strides(t: Optional[Tensor], n: int) -> Tuple[int, ...]:
-    return t.stride() if t is not None else (0,) * n
-
-
 def causal_step(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Optional[State] = None, padding_mask=None,
                 log_scale=None, gate_logits=None, q_log_scale=None, *, eps: float,
                 projection: Optional[Tensor] = None) -> Tuple[Tensor, State]:
@@ -159,8 +154,8 @@ def causal_step(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Optional[State] 
         phi_q, phi_k, v, S, M, out, log_scale, gate_logits, q_log_scale, padding_mask, projection,
         H, m, d, phi_k.shape[-1],
         *phi_q.stride(), *phi_k.stride(), *v.stride(), *S.stride(), *M.stride(), *out.stride(),
-        *_strides(log_scale, 2), *_strides(gate_logits, 2), *_strides(q_log_scale, 2), *_strides(padding_mask, 1),
-        *_strides(projection, 2),
+        *strides(log_scale, 2), *strides(gate_logits, 2), *strides(q_log_scale, 2), *strides(padding_mask, 1),
+        *strides(projection, 2),
         math.log(eps) if eps else 0.0, LOWEST, TINY, phi_k.shape[-1] ** -0.25, 0.5 * math.log(m),
         WEIGHTED=favor or log_scale is not None or gate_logits is not None, HAS_SCALE=log_scale is not None,
         HAS_GATE=gate_logits is not None, HAS_Q_SCALE=q_log_scale is not None, HAS_MASK=padding_mask is not None,
