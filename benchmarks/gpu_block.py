@@ -2,16 +2,18 @@
 
     python -m benchmarks.gpu_block OUT [--readme docs/performance.md]
 
-Reads OUT/gpu_ops.json, OUT/{train,decode,local}/results.json and
-OUT/train_check.json, and writes OUT/gpu_check.md: the device and versions,
+Reads OUT/gpu_ops.json, OUT/{train,train-bf16,decode,local}/results.json,
+OUT/train_profile.json and OUT/train_check.json, and writes OUT/gpu_check.md: the device and versions,
 then the GPU targets of the "Fast on the GPU" issue as measured (kernel
 attention's forward+backward against SDPA, the first GPU run and fla-core; LM
-training against softmax with SDPA; decoding at L = 256, batch 1 against
-softmax), the parity and precision checks, and the fp16 fairseq-train runs.
+training against softmax with SDPA, in float32 and in bfloat16; decoding at L = 256, batch 1 against
+softmax), the parity and precision checks, the training step's kernels and
+its costliest operators, and the fp16 fairseq-train runs.
 A file the check did not write is named as not measured. --readme replaces
 the block between the gpu markers in that file. It runs anywhere (no GPU).
 """
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -22,7 +24,8 @@ from . import report
 from .report import LINEAR, lookup, ratio, target, target_table
 
 BEGIN, END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
-SUITES = ("train", "decode", "local")
+SUITES = ("train", "train-bf16", "decode", "local")  # folders under OUT
+TRAINED_IN = {"train": "", "train-bf16": " bf16"}  # the training suites' folders, how a target names their dtype
 # forward+backward ms at T = 4096, fp32, of the chunk loop the first GPU run timed
 # (one H200, code at 3d86c7c; ../shared/gpu/gpu-2026-12-04.md), the reference of
 # the "20x faster than today" target
@@ -63,9 +66,10 @@ def kernel_targets(speed: list) -> list:
     return out
 
 
-def tokens_per_s(suites: dict, suite: str, family: str, **key) -> Optional[float]:
-    results = suites.get(suite)
-    return None if results is None else lookup(results[suite], "tokens_per_s", family=family, **key)
+def tokens_per_s(suites: dict, folder: str, family: str, **key) -> Optional[float]:
+    """`family`'s tokens/s in the suite results OUT/<folder> holds (a train-* folder holds the train suite)."""
+    results = suites.get(folder)
+    return None if results is None else lookup(results[folder.split("-")[0]], "tokens_per_s", family=family, **key)
 
 
 def model_targets(suites: dict) -> list:
@@ -73,9 +77,9 @@ def model_targets(suites: dict) -> list:
     tokens/s ratio at batch 1 is the inverse ratio of ms a step."""
     out = []
     for f in LINEAR:
-        for T, wanted in ((2048, 1.0), (8192, 2.0)):
-            out.append(target(f"train {f}: tokens/s vs softmax with SDPA, context {T}",
-                              ratio(*(tokens_per_s(suites, "train", x, ctx=T) for x in (f, SOFTMAX_SDPA))), wanted))
+        for (folder, dtype), (T, wanted) in itertools.product(TRAINED_IN.items(), ((2048, 1.0), (8192, 2.0))):
+            out.append(target(f"train {f}{dtype}: tokens/s vs softmax with SDPA, context {T}",
+                              ratio(*(tokens_per_s(suites, folder, x, ctx=T) for x in (f, SOFTMAX_SDPA))), wanted))
         out.append(target(f"decode {f}: softmax's ms a step / ours, L=256, batch 1",
                           ratio(*(tokens_per_s(suites, "decode", x, L=256, batch=1) for x in (f, report.BASELINE))),
                           1.0))
@@ -113,7 +117,7 @@ def fp16_runs(check: dict) -> list:
     return lines
 
 
-FILES = ("gpu_ops.json", *(f"{suite}/results.json" for suite in SUITES), "train_check.json")
+FILES = ("gpu_ops.json", *(f"{suite}/results.json" for suite in SUITES), "train_profile.json", "train_check.json")
 
 
 def header(ops: Optional[dict], suites: dict) -> str:
@@ -128,11 +132,13 @@ def header(ops: Optional[dict], suites: dict) -> str:
 
 def block(out: Path) -> str:
     found = {name: read(out / name) for name in FILES}
-    ops, check = found["gpu_ops.json"], found["train_check.json"]
+    ops, check, steps = found["gpu_ops.json"], found["train_check.json"], found["train_profile.json"]
     suites = {suite: found[f"{suite}/results.json"] for suite in SUITES}
     parts = [header(ops, suites), "", target_table(kernel_targets((ops or {}).get("speed", [])) + model_targets(suites))]
     if ops:
         parts += ["**Parity and precision** (gpu_ops.json)", "", *checks(ops), ""]
+    if steps:
+        parts += ["**A training step by operator** (train_profile.json)", "", report.profile_table(steps), ""]
     if check:
         parts += fp16_runs(check) + [""]
     ran = [f"{suite}/results.md" for suite in SUITES if suites[suite]]

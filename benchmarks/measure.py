@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+# --dtype: the training suites' weights and activations (half precision as fairseq's --bf16 / --fp16 run a model)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def summary(values):
     """Median and spread of repeated measurements."""

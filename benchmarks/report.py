@@ -262,7 +262,8 @@ def markdown(results, plots=()):
         + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"), device {m['device']}, {m['threads']} torch threads"
         + (f" pinned to {m['cpus_usable']} of the CPUs" if m.get("cpus_usable", m["cpu_count"]) < m["cpu_count"] else "") + ";",
         f"torch {m['torch']}, fairseq {m['fairseq']}, Python {m['python']}. Untrained models, greedy decoding for LMs."
-        + (FREED_MEMORY[results.get("freed_memory", "default")] if set(results) & {"train", "local"} else ""),
+        + (FREED_MEMORY[results.get("freed_memory", "default")] + f" Training in {results.get('dtype', 'float32')}."
+           if set(results) & {"train", "local"} else ""),
         "",
     ]
     parts = ["\n".join(head)]
@@ -279,6 +280,17 @@ def markdown(results, plots=()):
 
 TABLES = {"decode": decode_tables, "hybrid": hybrid_tables, **{suite: partial(seq2seq_tables, suite) for suite in SEQ2SEQ},
           "train": train_tables, "local": local_tables}
+
+
+def profile_table(records) -> str:
+    """benchmarks.profile_train's records, a row each."""
+    lines = ["| row | dtype | step ms (profiled) | launches | the operators taking the most time (share) |",
+             "|---|---|---:|---:|---|"]
+    for r in records:
+        ops = ", ".join(f"{o['op'].removeprefix('aten::')} x{o['calls']} {o['share']:.0%}" for o in r["top"])
+        lines.append(f"| {r['family']} ({r['params'] / 1e6:.2f}M, ctx {r['ctx']}, batch {r['batch']}) | {r['dtype']} "
+                     f"| {r['step_ms']:.1f} | {r['launches']} | {ops} |")
+    return "\n".join(lines)
 
 
 def update_readme(readme: Path, tables: str, out: Path, begin: str = BEGIN, end: str = END):

@@ -1,7 +1,8 @@
 """Speed and memory of every family against fairseq's softmax transformer.
 
     python -m benchmarks.run --suite decode|hybrid|mt|sum|beam|train|local|all [--device cpu|cuda] [--quick]
-        [--out DIR] [--budget SECONDS] [--lengths 256,1024] [--readme README.md] [--resume | --replace]
+        [--out DIR] [--budget SECONDS] [--lengths 256,1024] [--dtype float32|bfloat16|float16]
+        [--readme README.md] [--resume | --replace]
 
 Writes DIR/results.json (raw measurements, machine, versions), DIR/results.md
 (the tables and the targets), one PNG per suite, and prints the tables.
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 
 from scripts.progress import Progress
+
+from .measure import DTYPES
 
 SCHEMA = 1
 FULL = {
@@ -82,6 +85,9 @@ def parse_args(argv=None):
                    help="while training steps are timed (train, local suites): default: the allocator as it "
                         "is; kept: glibc keeps freed memory for reuse, so the steps are not timed faulting "
                         "their temporaries in anew (docs/performance.md)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="weights and activations of the training suites (train, local): half precision as "
+                        "fairseq's --bf16 / --fp16 run the model (default float32)")
     p.add_argument("--readme", type=Path, help="a file whose benchmark block is replaced by the tables")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--resume", action="store_true",
@@ -130,10 +136,11 @@ def resumed(path: Path, fresh: dict) -> dict:
         sys.exit(f"--resume: {path} is not JSON ({e}); move it away or run without --resume")
     old.setdefault("repeats", default_repeats(old.get("quick")))  # files from before the key was recorded
     old.setdefault("freed_memory", "default")
+    old.setdefault("dtype", "float32")
     if old.get("code") != fresh["code"]:
         sys.exit(f"--resume: {path} was measured with other code (digest {old.get('code')}, now {fresh['code']}: "
                  f"linear_fairseq, benchmarks or configs/mt/model changed); run without --resume")
-    for key in ("schema", "quick", "budget_s", "repeats", "freed_memory", "machine"):
+    for key in ("schema", "quick", "budget_s", "repeats", "freed_memory", "dtype", "machine"):
         if old.get(key) != fresh[key]:
             sys.exit(f"--resume: {path} has {key} {old.get(key)!r}, this run {fresh[key]!r}; "
                      f"rerun with the options it was made with, or without --resume")
@@ -163,6 +170,7 @@ def main(argv=None):
         "budget_s": args.budget,
         "repeats": args.repeats,
         "freed_memory": args.freed_memory,
+        "dtype": args.dtype,
         "machine": machine(args.device),
         "code": code_digest(),
         "sizes": {name: sizes[name] for name in chosen},
@@ -181,7 +189,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results["targets"] = report.targets(results)
     for name in todo:  # the JSON is rewritten after each suite: a long run interrupted keeps what it measured
-        own = {"freed_memory_mode": args.freed_memory} if name in suites.TRAINING else {}
+        own = {"freed_memory_mode": args.freed_memory, "dtype": DTYPES[args.dtype]} if name in suites.TRAINING else {}
         results[name] = suites.RUN[name](**sizes[name], **common, **own)
         results["targets"] = report.targets(results)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

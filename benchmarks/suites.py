@@ -258,8 +258,8 @@ def measurements(suite: str, sizes: dict) -> int:
     return cells[suite]()
 
 
-def train_model(row, device, family=None, flags=()):
-    model, d, info = models.build("lm", family or TRAIN_ROWS[row], device, extra=list(flags))
+def train_model(row, device, family=None, flags=(), dtype=torch.float32):
+    model, d, info = models.build("lm", family or TRAIN_ROWS[row], device, dtype, extra=list(flags))
     if row == "transformer_sdpa":
         for layer in model.decoder.layers:
             layer.self_attn.forward = types.MethodType(sdpa_forward, layer.self_attn)
@@ -281,20 +281,21 @@ def train_step(model, tokens, device):
 
 
 def train(contexts, tokens_per_batch, device, budget, repeats, rows=tuple(TRAIN_ROWS), log=print, extra=None,
-          freed_memory_mode="default"):
+          freed_memory_mode="default", dtype=torch.float32):
     """Forward + backward of a language model over batches of `tokens_per_batch`
-    tokens cut into sequences of each context length; `extra`: row -> (family,
-    flags), the rows measured instead of `rows`. The steps are timed with the
-    allocator's freed memory `freed_memory_mode` (measure.freed_memory), the
-    peak memory in a step of its own."""
+    tokens cut into sequences of each context length, weights and activations in
+    `dtype`; `extra`: row -> (family, flags), the rows measured instead of `rows`.
+    The steps are timed with the allocator's freed memory `freed_memory_mode`
+    (measure.freed_memory), the peak memory in a step of its own."""
     records = []
     for row, (family, flags) in (extra or {r: (None, ()) for r in rows}).items():
-        model, d, info = train_model(row, device, family, flags)
+        model, d, info = train_model(row, device, family, flags, dtype)
         g = torch.Generator().manual_seed(0)
         history = []
         for T in contexts:
             B = max(1, tokens_per_batch // T)
-            rec = {"family": row, "arch": info["arch"], "params": info["params"], "ctx": T, "batch": B}
+            rec = {"family": row, "arch": info["arch"], "params": info["params"], "ctx": T, "batch": B,
+                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
             projected = projected_seconds(history, T) * 3  # warm-up, one timed step, the memory's
             if projected > budget:
                 records.append(skipped(rec, projected, budget))
@@ -327,15 +328,15 @@ def local_rows() -> dict:
 
 
 def local(lengths, batches, contexts, tokens_per_batch, device, budget, repeats, log=print,
-          freed_memory_mode="default"):
+          freed_memory_mode="default", dtype=torch.float32):
     """What local precision costs: LM decoding (tokens/s, state) and training
     (tokens/s) of each family that offers it, without and with LOCAL."""
     rows = local_rows()
     return (decode(lengths, batches, device, budget, repeats, log=log, extra=rows)
             + train(contexts, tokens_per_batch, device, budget, repeats, log=log, extra=rows,
-                    freed_memory_mode=freed_memory_mode))
+                    freed_memory_mode=freed_memory_mode, dtype=dtype))
 
 
-TRAINING = ("train", "local")  # the suites that time training steps (and take freed_memory_mode)
+TRAINING = ("train", "local")  # the suites that time training steps (and take freed_memory_mode, dtype)
 RUN = {"decode": decode, "hybrid": hybrid, "mt": mt, "sum": summarization, "beam": beam_width, "train": train,
        "local": local}  # --suite NAME

@@ -52,7 +52,9 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(quick_run):
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == 1 and res["quick"] is True and res["freed_memory"] == "default"
     assert {rec["freed_memory"] for rec in res["train"] + res["local"] if "ctx" in rec} == {"default"}
-    assert "Training steps timed with the allocator as it is (`--freed-memory default`)." in (
+    assert res["dtype"] == "float32" and {rec["dtype"] for rec in res["train"] + res["local"] if "ctx" in rec} == {
+        "float32"}
+    assert "Training steps timed with the allocator as it is (`--freed-memory default`). Training in float32." in (
         out / "results.md").read_text()
     for key in ("cpu", "cpu_count", "threads", "torch", "fairseq", "python", "device"):
         assert res["machine"][key], key
@@ -132,6 +134,9 @@ def test_resume_keeps_the_suites_measured_and_runs_the_rest(quick_run, tmp_path)
     r = bench(*QUICK, "--out", str(out), "--resume", "--freed-memory", "kept")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
         f"--resume: {out / 'results.json'} has freed_memory 'default', this run 'kept'")
+    r = bench(*QUICK, "--out", str(out), "--resume", "--dtype", "bfloat16")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        f"--resume: {out / 'results.json'} has dtype 'float32', this run 'bfloat16'")
     (out / "results.json").write_text(json.dumps({**interrupted, "code": "0" * 16}))  # the code changed since
     r = bench(*QUICK, "--out", str(out), "--resume")
     assert r.returncode != 0 and "was measured with other code (digest 0000000000000000" in r.stderr
@@ -203,6 +208,40 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     assert mode == "kept" and inside < 0.01 and after > 0.5
     mode, inside, after = run("default")
     assert mode == "default" and inside > 0.5 and after > 0.5
+
+
+def test_the_train_suite_trains_in_the_dtype_asked():
+    """--dtype reaches the models the training suites time: their records name the
+    weights' dtype, and a half-precision step's loss is finite."""
+    from benchmarks import suites
+
+    recs = suites.train([8], 16, "cpu", 1e9, 1, rows=("transformer_sdpa", "flash"), log=lambda line: None,
+                        dtype=torch.bfloat16)
+    assert [(r["family"], r["status"], r["dtype"]) for r in recs] == [
+        ("transformer_sdpa", "ok", "bfloat16"), ("flash", "ok", "bfloat16")]
+
+
+def test_training_profile_lists_each_rows_launches_and_costliest_operators(tmp_path):
+    """benchmarks.profile_train on the CPU: a record per row and dtype with the step's
+    operators (launches on a GPU) and its costliest ones, by falling share; FLASH's 8
+    GAUs run more operators than softmax's 4 layers. Bad rows and dtypes: one line."""
+    out = tmp_path / "profile.json"
+    r = forked.run([sys.executable, "-m", "benchmarks.profile_train", "--families", "transformer,flash", "--ctx", "16",
+                    "--tokens", "32", "--top", "4", "--out", str(out)], cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads(out.read_text())
+    assert [(x["family"], x["dtype"], x["batch"], x["launches_are"]) for x in recs] == [
+        ("transformer", "float32", 2, "aten operators"), ("flash", "float32", 2, "aten operators")]
+    for x in recs:
+        shares = [o["share"] for o in x["top"]]
+        assert len(shares) == 4 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+        assert x["step_ms"] > 0 and all(o["op"].startswith("aten::") and o["calls"] >= 1 for o in x["top"])
+    assert recs[1]["launches"] > recs[0]["launches"]
+    assert "| flash (7.88M, ctx 16, batch 2) | float32 |" in r.stdout
+    for argv, message in ((["--families", "nope"], "--families: unknown row 'nope' (choose from transformer, "),
+                          (["--dtype", "float64"], "--dtype: unknown 'float64' (choose from float32, bfloat16, float16")):
+        r = forked.run([sys.executable, "-m", "benchmarks.profile_train", *argv], cwd=ROOT)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
 
 
 def test_lengths_replace_what_the_generating_suites_generate_to(capsys):
@@ -524,13 +563,15 @@ def test_gpu_check_runs_every_step_and_writes_the_block(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
                        env={**os.environ, "PYTHON": str(python)})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.findall(r"^== gpu_check: (\S+)", r.stdout, re.M) == ["ops", "train-suite", "decode-suite", "fp16-train",
-                                                                     "local-suite", "block"]
+    assert re.findall(r"^== gpu_check: (\S+)", r.stdout, re.M) == [
+        "ops", "train-suite", "train-suite-bf16", "train-profile", "decode-suite", "fp16-train", "local-suite", "block"]
     assert "== gpu_check: ops (at most 180 s)" in r.stdout
     block = (out / "gpu_check.md").read_text()
     assert "| train memsizer: tokens/s vs softmax with SDPA, context 8192 | not measured | >= 2.0x |  |" in block
+    assert "| train flash bf16: tokens/s vs softmax with SDPA, context 2048 | not measured | >= 1.0x |  |" in block
     assert ("Not measured (the check wrote no such file under its OUT): gpu_ops.json, train/results.json, "
-            "decode/results.json, local/results.json, train_check.json.") in block
+            "train-bf16/results.json, decode/results.json, local/results.json, train_profile.json, "
+            "train_check.json.") in block
 
 
 def test_gpu_check_keeps_to_its_time(tmp_path):
@@ -547,7 +588,7 @@ def test_gpu_check_keeps_to_its_time(tmp_path):
     assert r.returncode == 1
     limit = int(re.search(r"^== gpu_check: ops \(at most (\d+) s\)", r.stdout, re.M).group(1))
     assert 10 <= limit <= 15  # 45 s less the block's 30, less the seconds bash took to get there
-    skipped = ["train-suite", "decode-suite", "fp16-train", "local-suite"]
+    skipped = ["train-suite", "train-suite-bf16", "train-profile", "decode-suite", "fp16-train", "local-suite"]
     assert re.findall(r"^== gpu_check: (\S+) skipped: no time left of GPU_CHECK_SECONDS=45$", r.stdout, re.M) == skipped
     assert r.stderr.strip() == ("gpu_check: steps that did not finish: " + f"ops (stopped after {limit} s), "
                                 + ", ".join(f"{name} (skipped, no time left)" for name in skipped)
@@ -572,7 +613,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
 
 def gpu_out(tmp_path):
     """A folder as scripts/gpu_check.sh leaves it, with made-up figures: gpu_ops.json,
-    train/ and decode/ results; no local suite, no fp16 fairseq-train run."""
+    train/, train-bf16/ and decode/ results; no local suite, no fp16 fairseq-train run."""
     out = tmp_path / "cuda"
     speed = [{"op": op, "T": T, "B": 4, "fwd_bwd_ms": ms} for op, T, ms in [
         ("sdpa-bf16", 16384, 8.7), ("performer-elu-parallel-bf16", 16384, 4.35), ("performer-elu-parallel", 4096, 4.0),
@@ -595,6 +636,12 @@ def gpu_out(tmp_path):
     (out / "train" / "results.json").write_text(json.dumps({"train": train, "created": "2026-12-05T12:00:00+00:00",
                                                             "code": "0123456789abcdef"}))
     (out / "decode" / "results.json").write_text(json.dumps({"decode": decode}))
+    (out / "train-bf16").mkdir()
+    bf16 = [tok(f, v, ctx=2048) for f, v in {"transformer_sdpa": 800.0, "flash": 600.0}.items()]
+    (out / "train-bf16" / "results.json").write_text(json.dumps({"train": bf16}))
+    (out / "train_profile.json").write_text(json.dumps([
+        {"family": "flash", "params": 7.88e6, "ctx": 2048, "batch": 4, "dtype": "bfloat16", "step_ms": 20.5,
+         "launches": 1400, "top": [{"op": "aten::mul", "calls": 160, "ms": 3.0, "share": 0.25}]}]))
     return out
 
 
@@ -620,10 +667,13 @@ def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
                 ">= 0.77x | **no** |",
                 "| train memsizer: tokens/s vs softmax with SDPA, context 2048 | 1.25x | >= 1.0x | yes |",
                 "| train flash: tokens/s vs softmax with SDPA, context 8192 | 1.50x | >= 2.0x | **no** |",
+                "| train flash bf16: tokens/s vs softmax with SDPA, context 2048 | 0.75x | >= 1.0x | **no** |",
+                "| train memsizer bf16: tokens/s vs softmax with SDPA, context 2048 | not measured | >= 1.0x |  |",
                 "| decode performer: softmax's ms a step / ours, L=256, batch 1 | 1.25x | >= 1.0x | yes |",
                 "| performer-favor parallel (torch) bf16: SDPA bf16's time / ours, T=16384 | not measured | >= 1.0x |  |",
                 "| performer-elu | 5.0e-07 / 2.0e-06 | yes | 4.0e-03 |"):
         assert row in text, row
+    assert "| flash (7.88M, ctx 2048, batch 4) | bfloat16 | 20.5 | 1400 | mul x160 25% |" in text
     assert "Not measured (the check wrote no such file under its OUT): local/results.json, train_check.json." in text
     assert readme.read_text() == f"before\n{gpu_block.BEGIN}\n{text}{gpu_block.END}\nafter\n"
     assert "Failed in gpu_ops.json" not in text

@@ -91,6 +91,48 @@ def test_bf16_gau_at_4096(mode):
     assert err < 2e-2, f"bf16 relative error {err:.3g}"
 
 
+def backward_nodes(t) -> set:
+    """The names of the autograd nodes t's gradient passes through."""
+    seen, todo = {}, [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen[node] = node.name()
+            todo += [n for n, _ in node.next_functions]
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["decoder", "encoder"])
+def test_training_takes_the_written_out_backward_where_it_applies(monkeypatch, causal):
+    """A GAU over whole chunks without padding trains through ops.flash.from_z (its
+    backward written out), with the output and every parameter's gradient of the
+    composition it replaces; padding or a partial chunk takes the composition."""
+    torch.manual_seed(0)
+    unit = GatedAttentionUnit(32, causal=causal, gau_s=16, gau_expansion=2.0, gau_chunk_size=8, gau_attention="mixed",
+                              no_rope=False, gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0,
+                              gau_scale_init="unit", gau_relu2_norm="keys", gau_backend="auto")
+    x = torch.randn(2, 24, 32)
+
+    def run(h, mask=None):
+        unit.zero_grad()
+        out = unit.parallel(h, mask)
+        out.pow(2).sum().backward()
+        return out, backward_nodes(out), {n: p.grad.clone() for n, p in unit.named_parameters()}
+
+    out, nodes, grads = run(x, torch.zeros(2, 24, dtype=torch.bool))
+    assert "_FromZBackward" in nodes
+    monkeypatch.setattr("linear_fairseq.ops.flash.whole_chunks", lambda *args: False)
+    ref, ref_nodes, ref_grads = run(x)
+    assert "_FromZBackward" not in ref_nodes
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    monkeypatch.undo()
+    mask = torch.zeros(2, 24, dtype=torch.bool)
+    mask[1, :3] = True
+    assert "_FromZBackward" not in run(x, mask)[1] and "_FromZBackward" not in run(x[:, :21])[1]
+
+
 @pytest.mark.parametrize("change,message", [
     ({"gau_s": 64}, "GatedAttentionUnit: gau_s=64 must be <= d=32"),
     ({"gau_s": 15}, "GatedAttentionUnit: gau_s=15 must be even with RoPE"),

@@ -300,13 +300,147 @@ def test_decoding_steps_read_nothing_back_to_the_host():
     assert not reads and F.fill_and_done(state["position"], G)[1].tolist() == [2 * G, G]
 
 
-def test_bf16_at_4096_is_finite_and_close():
-    """bf16 inputs at T=4096, G=256: finite, within 2e-2 (relative to the output scale) of fp32."""
-    xs = inputs(1, 4096, seed=3)
-    ref = mixed_chunk(*xs, 256, causal=True)
-    out = mixed_chunk(*(x.bfloat16() for x in xs), 256, causal=True)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert_close(out.float(), ref, rtol=2e-2)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])
+def test_half_precision_at_4096_follows_fp32_with_gradients(dtype, tol):
+    """bf16 / fp16 inputs at T=4096, G=256 (the chunked form multiplies them as they are):
+    output and gradients finite, within `tol` (relative to their scale) of fp32's."""
+    xs = [x.requires_grad_() for x in inputs(1, 4096, seed=3)]
+    halves = [x.detach().to(dtype).requires_grad_() for x in xs]
+    w = torch.randn(1, 4096, E, generator=torch.Generator().manual_seed(4))
+    ref = mixed_chunk(*xs, 256, causal=True, relu2_norm="keys")
+    out = mixed_chunk(*halves, 256, causal=True, relu2_norm="keys")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out.float(), ref, rtol=tol)
+    for got, want in zip(grads(out.float(), w, halves), grads(ref, w, xs)):
+        assert torch.isfinite(got).all()
+        assert_close(got.float(), want, rtol=tol)
+
+
+def matmul_flops(fn) -> dict:
+    """dtype -> the floating-point operations of the matrix products fn() runs (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    flops = {}
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("mm", "bmm", "baddbmm", "addmm"):
+                a = args[-2]
+                flops[a.dtype] = flops.get(a.dtype, 0) + 2 * out.numel() * a.shape[-1]
+            return out
+
+    with Products():
+        fn()
+    return flops
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_half_inputs_are_multiplied_in_half_precision(dtype, padded):
+    """The chunked form's products that grow with T G (scores, weights times values,
+    k'v^T, q' times the sums), forward and backward, take half-precision operands
+    (tensor cores on a GPU); only the (N, N) weighting of the chunks' sums runs in float32."""
+    B, T, G = 2, 1024, 128
+    xs = [x.to(dtype).requires_grad_() for x in inputs(B, T, seed=5)]
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    if padded:
+        mask[1, :100] = True
+    flops = matmul_flops(lambda: mixed_chunk(*xs, G, causal=True, padding_mask=mask if padded else None,
+                                             rel_bias=torch.zeros(2 * G - 1), relu2_norm="keys").float().sum().backward())
+    assert flops.get(dtype, 0) > 0 and set(flops) <= {dtype, torch.float32}
+    assert flops.get(torch.float32, 0) < 0.05 * flops[dtype], flops
+
+
+def test_fp16_keeps_a_large_score_whose_weight_fits():
+    """relu(score)^2 / c is formed as relu(score / sqrt(c))^2: a score of 300 (its square
+    overflows float16) with c = G = 256 gives a weight of about 352, which float16 holds."""
+    B, T, G = 1, 256, 256
+    q = torch.full((B, T, S), 300 ** 0.5 * S ** -0.25)  # q . k / sqrt(S) = 300 for every pair
+    k, ql, kl = q.clone(), torch.zeros(B, T, S), torch.zeros(B, T, S)
+    v = torch.randn(B, T, E, generator=torch.Generator().manual_seed(6)) * 0.01
+    ref = mixed_chunk(q, k, ql, kl, v, G, causal=True, relu2_norm="chunk")
+    out = mixed_chunk(*(x.half() for x in (q, k, ql, kl, v)), G, causal=True, relu2_norm="chunk")
+    assert torch.isfinite(out).all()
+    assert_close(out.float(), ref, rtol=4e-3)
+
+
+def heads_then_mixed_chunk(z, gamma, beta, v, causal, rope, G, norm):
+    """from_z's function composed of the forms autograd differentiates: the offset-scales, RoPE, mixed_chunk."""
+    qk = torch.addcmul(beta, z.unsqueeze(-2), gamma)
+    if rope:
+        qk = F.rotate(qk, F.first_turns(z.shape[1], z.shape[-1], z.device).unsqueeze(-2))
+    return F.mixed_chunk(*qk.unbind(-2), v, causal, None, None, chunk_size=G, relu2_norm=norm)
+
+
+def z_inputs(B, T, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=dtype).requires_grad_() for shape in
+            ((B, T, S), (4, S), (4, S), (B, T, E))]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+@pytest.mark.parametrize("norm", F.RELU2_NORMS)
+@pytest.mark.parametrize("B,T,G", [(2, 12, 4), (1, 6, 8), (2, 16, 16)], ids=["3-chunks", "shorter-than-G", "1-chunk"])
+def test_from_z_equals_the_composition_with_gradients(causal, rope, norm, B, T, G):
+    """from_z's written-out backward: output and the gradients of Z, gamma, beta and V
+    equal autograd's through the offset-scales, RoPE and mixed_chunk (RoPE turns in float32)."""
+    xs = z_inputs(B, T, seed=T + G)
+    w = torch.randn(B, T, E, generator=torch.Generator().manual_seed(1))
+    out = F.from_z(*xs, causal, rope, chunk_size=G, relu2_norm=norm)
+    ref = heads_then_mixed_chunk(*xs, causal, rope, G, norm)
+    assert_close(out, ref)
+    for got, want in zip(grads(out, w, xs), grads(ref, w, xs)):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_from_z_backward_passes_gradcheck(causal):
+    """In float64 without RoPE (whose turns are float32), from_z's backward is the
+    derivative of its forward (finite differences)."""
+    xs = z_inputs(2, 8, seed=2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: F.from_z(*a, causal, False, chunk_size=4, relu2_norm="keys"), xs)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
+def test_from_z_in_half_precision_follows_fp32(dtype, tol):
+    xs = z_inputs(2, 512, seed=7)
+    halves = [x.detach().to(dtype).requires_grad_() for x in xs]
+    w = torch.randn(2, 512, E, generator=torch.Generator().manual_seed(8))
+    ref = F.from_z(*xs, True, True, chunk_size=128, relu2_norm="keys")
+    out = F.from_z(*halves, True, True, chunk_size=128, relu2_norm="keys")
+    assert out.dtype == dtype
+    assert_close(out.float(), ref, rtol=tol)
+    for got, want, x in zip(grads(out.float(), w, halves), grads(ref, w, xs), halves):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert_close(got.float(), want, rtol=tol)
+
+
+def test_whole_chunks_admits_only_what_from_z_computes():
+    none = torch.zeros(2, 8, dtype=torch.bool)
+    padded = none.clone()
+    padded[0, 0] = True
+    assert F.whole_chunks(8, 4, None, None) and F.whole_chunks(8, 4, none, None) and F.whole_chunks(3, 4, None, None)
+    assert not F.whole_chunks(8, 4, padded, None)  # padding: mixed_chunk moves real tokens first
+    assert not F.whole_chunks(10, 4, None, None)  # a partial chunk
+    assert not F.whole_chunks(8, 4, None, torch.zeros(7))  # a relative position bias
+
+
+def test_scale_norm_backward_is_its_derivative_and_autograds():
+    """scale_norm's written-out backward: finite differences agree (float64), and so does
+    autograd through x / max(|x|, eps) * g, with a zero row and a row below eps (clamped)."""
+    x = torch.randn(3, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    x[0, 0], x[1, 1] = 0.0, x[1, 1] * 1e-7
+    x.requires_grad_()
+    g = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: F.scale_norm(a, b, 1e-5), (x, g))
+    w = torch.randn(3, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    ref = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-5) * g
+    out = F.scale_norm(x, g, 1e-5)
+    assert_close(out, ref, rtol=1e-12)
+    for got, want in zip(torch.autograd.grad((out * w).sum(), (x, g)), torch.autograd.grad((ref * w).sum(), (x, g))):
+        assert_close(got, want, rtol=1e-9)
 
 
 def test_invalid_chunk_size_is_named():

@@ -59,6 +59,16 @@ def acc(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def operand(x: Tensor) -> Tensor:
+    """A training form's matrix-product operand: float16 and bfloat16 stay as they
+    are (a GPU multiplies them on its tensor cores, summing in float32, as fairseq's
+    softmax attention does under --fp16 / --bf16); anything else as acc."""
+    return x if x.dtype in HALF else acc(x)
+
+
 def writable(*tensors: Tensor) -> bool:
     """Whether a state may be updated in place: no autograd through it (decoding)."""
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, constant, lower_triangle, update, writable
+from .common import State, acc, constant, lower_triangle, operand, update, writable
 
 
 # -- positions ---------------------------------------------------------------
@@ -62,9 +62,15 @@ def _first_turns(n: int, s: int, base: float, device: torch.device) -> Tensor:
     return turns(torch.arange(n, device=device), s, base)
 
 
-def first_turns(T: int, s: int, device: torch.device, base: float = 10000.0) -> Tensor:
-    """turns at positions 0 .. T-1, (T, s/2): a view of a table kept at the next power of two."""
-    return _first_turns(1 << max(T - 1, 0).bit_length(), s, base, device)[:T]
+@constant(maxsize=8)
+def _first_turns_back(n: int, s: int, base: float, device: torch.device) -> Tensor:
+    return _first_turns(n, s, base, device).conj().resolve_conj()
+
+
+def first_turns(T: int, s: int, device: torch.device, base: float = 10000.0, back: bool = False) -> Tensor:
+    """turns at positions 0 .. T-1, (T, s/2), or with `back` their inverses (turning
+    back, as RoPE's gradient does): a view of a table kept at the next power of two."""
+    return (_first_turns_back if back else _first_turns)(1 << max(T - 1, 0).bit_length(), s, base, device)[:T]
 
 
 def rotate(x: Tensor, turns: Tensor) -> Tensor:
@@ -98,6 +104,32 @@ def gather_time(x: Tensor, order: Tensor) -> Tensor:
 
 def scatter_time(x: Tensor, order: Tensor) -> Tensor:
     return torch.empty_like(x).scatter_(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+
+
+# -- normalization ---------------------------------------------------------------
+def scale_norm(x: Tensor, g: Tensor, eps: float) -> Tensor:
+    """ScaleNorm (Nguyen & Salazar 2019, FLASH's default): x / max(|x|, eps) * g over the
+    last dim, g a learned scalar; its backward written out (7 kernels, autograd's 17)."""
+    return _ScaleNorm.apply(x, g, eps)
+
+
+class _ScaleNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g, eps):
+        c = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=eps)
+        unit = x / c  # at most 1 in size: half precision holds it where g / c would overflow
+        ctx.save_for_backward(unit, c, g)
+        ctx.eps = eps
+        return unit * g
+
+    @staticmethod
+    def backward(ctx, dy):
+        # y = g x / c, c = max(|x|, eps): g's gradient is dy.x / c; x's is (dy - x/c (dy.x/c)) g / c,
+        # the second term only where |x| > eps (below, c is the constant eps)
+        unit, c, g = ctx.saved_tensors
+        dot = (dy.unsqueeze(-2) @ unit.unsqueeze(-1)).squeeze(-1)  # dy.x / c
+        dx = torch.addcmul(dy, unit, dot.masked_fill(c <= ctx.eps, 0.0), value=-1.0).div_(c).mul_(g)
+        return dx, dot.sum().reshape(g.shape), None
 
 
 # -- scores --------------------------------------------------------------------
@@ -162,14 +194,23 @@ def naive(
 
 # -- chunked (training) form ------------------------------------------------------
 @constant(maxsize=32)
-def chunk_table(L: int, G: int, causal: bool, norm: str, scale: float, device: torch.device,
+def chunk_table(L: int, G: int, causal: bool, norm: str, device: torch.device,
                 dtype: torch.dtype = torch.float32) -> Tensor:
-    """(L, L) weights of a full chunk's relu^2 scores: [i, j] = scale / c_i where
+    """(L, L) weights of a full chunk's relu^2 scores: [i, j] = 1 / c_i where
     query i sees key j (j <= i if causal), 0 elsewhere; c_i from relu2_divisor."""
     seen = lower_triangle(L, L, 0, device, dtype) if causal else torch.ones(L, L, device=device, dtype=dtype)
     i = torch.arange(L, device=device, dtype=dtype)
     keys = i + 1.0 if causal else torch.full_like(i, float(L))
-    return seen * (scale / relu2_divisor(norm, G, keys[:, None]))
+    return seen / relu2_divisor(norm, G, keys[:, None])
+
+
+@constant(maxsize=32)
+def chunk_roots(L: int, G: int, causal: bool, norm: str, device: torch.device, dtype: torch.dtype,
+                scale: float = 1.0) -> Tensor:
+    """The square roots of chunk_table's weights, times `scale`: relu(x)^2 w = relu(x sqrt(w))^2,
+    so the weights are taken before the square and in float16 nothing above the weight overflows."""
+    table = chunk_table(L, G, causal, norm, device, torch.promote_types(dtype, torch.float32))
+    return (table.sqrt() * scale).to(dtype)
 
 
 def within_chunks(q: Tensor, k: Tensor, real_c: Optional[Tensor], rel_bias: Optional[Tensor], causal: bool,
@@ -178,18 +219,21 @@ def within_chunks(q: Tensor, k: Tensor, real_c: Optional[Tensor], rel_bias: Opti
     over the real keys query i sees in its chunk; c_i as `norm` says (relu2_divisor)."""
     L, s = q.shape[-2:]
     by_row = norm == "keys" and real_c is not None  # c_i then depends on each row's padding
-    table = functools.partial(chunk_table, L, G, causal, "none" if by_row else norm, device=q.device, dtype=q.dtype)
-    if rel_bias is None:  # relu(x / sqrt(s))^2 = relu(x)^2 / s: the 1/s joins the table
-        A = F.relu(q @ k.transpose(-1, -2)).square() * table(1.0 / s)
+    roots = functools.partial(chunk_roots, L, G, causal, "none" if by_row else norm, q.device, q.dtype)
+    scores = q @ k.transpose(-1, -2)
+    if rel_bias is None:  # 1/sqrt(s) joins the table
+        A = F.relu(scores * roots(s ** -0.5)).square()
     else:
         within = torch.arange(L, device=q.device)
-        A = relu2(q, k, offset_bias(rel_bias, within[:, None] - within[None, :])) * table(1.0)
+        bias = offset_bias(rel_bias, within[:, None] - within[None, :]).to(scores.dtype)
+        A = F.relu(torch.add(bias, scores, alpha=s ** -0.5) * roots()).square()
     if real_c is None:
         return A
     keys = real_c.unsqueeze(-2)  # padded keys weigh nothing
     if by_row:
+        real_c = acc(real_c)  # counts in float32: bfloat16 counts exactly only to 256
         seen = real_c.cumsum(-1) if causal else real_c.sum(-1, keepdim=True)
-        keys = keys / relu2_divisor(norm, G, seen).unsqueeze(-1)
+        keys = (keys / relu2_divisor(norm, G, seen).unsqueeze(-1)).to(A.dtype)
     return A * keys
 
 
@@ -212,15 +256,16 @@ def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Optional[Tensor], cau
     """The linear part of mixed chunk attention, chunked tensors (B, N, L, .):
     each query's mean of k' v^T over the real tokens of the chunks it sees (the
     completed ones before its own, if causal; all of them otherwise). The chunks'
-    sums are weighted by one (N, N) product (O(N^2 s e)); `real` (B, N, L) or None."""
+    sums are weighted by one (N, N) product (O(N^2 s e)) in float32 (the weights of a
+    long sequence's means are below float16's normal range); `real` (B, N, L) or None."""
     B, N, L, s = kl.shape
-    KV = (kl.transpose(-1, -2) @ v).flatten(2)  # (B, N, s e)
+    KV = acc((kl.transpose(-1, -2) @ v).flatten(2))  # (B, N, s e)
     if real is None:
         means = chunk_means(N, L, causal, KV.device, KV.dtype)
     else:
         seen = chunks_seen(N, causal, KV.device, KV.dtype)
-        means = seen / (real.sum(-1) @ seen.t()).clamp(min=1.0).unsqueeze(-1)  # (B, N or 1, N)
-    KV = (means @ KV).view(B, -1, s, v.shape[-1])  # (B, N or 1, s, e)
+        means = seen / (acc(real).sum(-1) @ seen.t()).clamp(min=1.0).unsqueeze(-1)  # (B, N or 1, N)
+    KV = (means @ KV).to(v.dtype).view(B, -1, s, v.shape[-1])  # (B, N or 1, s, e)
     return ql.reshape(B, KV.shape[1], -1, s) @ KV  # a query's chunks as one block where all share KV
 
 
@@ -246,11 +291,11 @@ def mixed_chunk(
     N = -(-T // L)
     pad = N * L - T
     # which tokens are real, by chunk (None: all of them, and no mask is applied)
-    real = None if padding_mask is None and not pad else acc(q).new_ones(B, T) if padding_mask is None \
-        else (~padding_mask).to(acc(q).dtype)
+    real = None if padding_mask is None and not pad else operand(q).new_ones(B, T) if padding_mask is None \
+        else (~padding_mask).to(operand(q).dtype)
 
     def chunks(x: Tensor) -> Tensor:
-        x = acc(x)
+        x = operand(x)
         return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(B, N, L, x.shape[-1])
 
     real_c = None if real is None else chunks(real.unsqueeze(-1)).squeeze(-1)
@@ -263,6 +308,77 @@ def mixed_chunk(
     if order is not None:
         out = scatter_time(out, order)
     return out.to(dtype)
+
+
+# -- chunked form from Z, with its backward written out -------------------------------
+def whole_chunks(T: int, chunk_size: int, padding_mask: Optional[Tensor], rel_bias: Optional[Tensor]) -> bool:
+    """Whether `from_z` computes the case: every chunk whole, no padding, no relative bias."""
+    return rel_bias is None and T % min(chunk_size, T) == 0 and (padding_mask is None or not padding_mask.any())
+
+
+def from_z(z: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, causal: bool, rope: bool, *, chunk_size: int,
+           relu2_norm: str) -> Tensor:
+    """`mixed_chunk` of the four heads q, k, q', k' = Z gamma_h + beta_h (each turned by
+    RoPE at positions 0 .. T-1 if `rope`), for the case `whole_chunks` admits, with a
+    backward written out: the heads' gradients land in one buffer, and RoPE's and the
+    offset-scales' gradients take a few kernels, where autograd's composition of the same
+    functions runs about twice as many. z (B, T, s), gamma and beta (4, s), v (B, T, e)."""
+    return _FromZ.apply(z, gamma, beta, v, causal, rope, chunk_size, relu2_norm)
+
+
+class _FromZ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, gamma, beta, v, causal, rope, G, norm):
+        (B, T, s), e = z.shape, v.shape[-1]
+        L = min(G, T)
+        N = T // L
+        head = lambda x: operand(x)[:, None, None]  # noqa: E731  (4, s) -> (4, 1, 1, s)
+        qk = torch.addcmul(head(beta), operand(z), head(gamma))  # (4, B, T, s): each head contiguous
+        if rope:
+            qk = rotate(qk, first_turns(T, s, z.device))
+        q, k, ql, kl = qk.view(4, B * N, L, s).unbind()
+        v = operand(v)
+        vc = v.reshape(B * N, L, e)
+        R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(chunk_roots(L, G, causal, norm, z.device, qk.dtype, s ** -0.5)))
+        A = R.square()
+        means = chunk_means(N, L, causal, z.device, acc(v).dtype)
+        KV = (means @ acc(torch.bmm(kl.transpose(1, 2), vc).view(B, N, s * e))).to(v.dtype).view(B, -1, s, e)
+        out = torch.baddbmm((ql.reshape(B, KV.shape[1], -1, s) @ KV).view(B * N, L, e), A, vc)
+        ctx.save_for_backward(z, gamma, qk, v, R, A, KV)
+        ctx.shape, ctx.rope, ctx.means = (B, T, s, e, L, N), rope, means
+        ctx.roots = chunk_roots(L, G, causal, norm, z.device, qk.dtype, 2 * s ** -0.5)  # dA/dS = 2 R roots
+        return out.view(B, T, e)
+
+    @staticmethod
+    def backward(ctx, da):
+        z, gamma, qk, v, R, A, KV = ctx.saved_tensors
+        B, T, s, e, L, N = ctx.shape
+        da = da.to(v.dtype).reshape(B * N, L, e)
+        vc = v.reshape(B * N, L, e)
+        q, k, ql, kl = qk.view(4, B * N, L, s).unbind()
+        grads = qk.new_empty(4, B * N, L, s)  # d q, d k, d q', d k' (turned), one buffer
+        # quadratic part: A = relu(S sqrt(w) / sqrt(s))^2, S = q k^T
+        dS = torch.bmm(da, vc.transpose(1, 2)).mul_(R).mul_(ctx.roots)
+        dv = torch.bmm(A.transpose(1, 2), da)
+        torch.bmm(dS, k, out=grads[0])
+        torch.bmm(dS.transpose(1, 2), q, out=grads[1])
+        # linear part: out += q' KV, KV the means of k'^T v over the chunks each chunk sees
+        shared = da.view(B, KV.shape[1], -1, e)
+        torch.matmul(shared, KV.transpose(-1, -2), out=grads[2].view(B, KV.shape[1], -1, s))
+        dKV = ctx.means.t() @ acc(ql.reshape(B, KV.shape[1], -1, s).transpose(-1, -2) @ shared).flatten(2)
+        dKV = dKV.to(v.dtype).view(B * N, s, e)
+        torch.bmm(vc, dKV.transpose(1, 2), out=grads[3])
+        dv.baddbmm_(kl, dKV)
+        # the heads: turned back, then through Z gamma_h + beta_h
+        dqk = grads.view(4, B, T, s)
+        if ctx.rope:
+            dqk = rotate(dqk, first_turns(T, s, z.device, back=True))
+        dz = (dqk * operand(gamma)[:, None, None]).sum(0) if ctx.needs_input_grad[0] else None
+        dgamma = (dqk * operand(z)).sum((1, 2)) if ctx.needs_input_grad[1] else None
+        dbeta = dqk.sum((1, 2)) if ctx.needs_input_grad[2] else None
+        return (None if dz is None else dz.to(z.dtype), None if dgamma is None else dgamma.to(gamma.dtype),
+                None if dbeta is None else dbeta.to(gamma.dtype), dv.view(B, T, e),
+                None, None, None, None)
 
 
 def quadratic(
@@ -347,7 +463,7 @@ def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tens
 def slot_weights(G: int, norm: str, device: torch.device) -> Tensor:
     """(G, G): row f weights the chunk's slots for a query at fill f: 1/c over
     slots 0..f (c from relu2_divisor), 0 past them (slots not written yet)."""
-    return chunk_table(G, G, True, norm, 1.0, device)
+    return chunk_table(G, G, True, norm, device)
 
 
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
