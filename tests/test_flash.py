@@ -133,6 +133,33 @@ def test_training_takes_the_written_out_backward_where_it_applies(monkeypatch, c
     assert "_FromZBackward" not in run(x, mask)[1] and "_FromZBackward" not in run(x[:, :21])[1]
 
 
+def test_the_written_out_backward_under_autocast(monkeypatch):
+    """Under autocast (fairseq's --amp; bf16 here, on the CPU) a GAU trains through
+    from_z in one precision: finite, float32 parameter gradients, within bf16's
+    rounding of the composition autocast runs."""
+    torch.manual_seed(0)
+    unit = GatedAttentionUnit(32, causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=8, gau_attention="mixed",
+                              no_rope=False, gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0,
+                              gau_scale_init="unit", gau_relu2_norm="keys", gau_backend="auto")
+    x = torch.randn(2, 32, 32)
+
+    def run():
+        unit.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unit.parallel(x, None)
+        out.float().pow(2).sum().backward()
+        return out.float(), backward_nodes(out), {n: p.grad.clone() for n, p in unit.named_parameters()}
+
+    out, nodes, grads = run()
+    assert "_FromZBackward" in nodes
+    monkeypatch.setattr("linear_fairseq.ops.flash.whole_chunks", lambda *args: False)
+    ref, _, ref_grads = run()
+    assert (out - ref).abs().max() <= 3e-2 * ref.abs().max()
+    for name, g in grads.items():
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        assert (g - ref_grads[name]).abs().max() <= 5e-2 * ref_grads[name].abs().max(), name
+
+
 @pytest.mark.parametrize("change,message", [
     ({"gau_s": 64}, "GatedAttentionUnit: gau_s=64 must be <= d=32"),
     ({"gau_s": 15}, "GatedAttentionUnit: gau_s=15 must be even with RoPE"),

@@ -327,30 +327,43 @@ def from_z(z: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, causal: bool, rope
 
 
 class _FromZ(torch.autograd.Function):
+    """Every product in Z's precision (operand): gamma, beta and V are brought to it, and autocast
+    (fairseq's --amp) is held off inside, so forward and backward keep that one precision."""
+
     @staticmethod
     def forward(ctx, z, gamma, beta, v, causal, rope, G, norm):
-        (B, T, s), e = z.shape, v.shape[-1]
-        L = min(G, T)
-        N = T // L
-        head = lambda x: operand(x)[:, None, None]  # noqa: E731  (4, s) -> (4, 1, 1, s)
-        qk = torch.addcmul(head(beta), operand(z), head(gamma))  # (4, B, T, s): each head contiguous
-        if rope:
-            qk = rotate(qk, first_turns(T, s, z.device))
-        q, k, ql, kl = qk.view(4, B * N, L, s).unbind()
-        v = operand(v)
-        vc = v.reshape(B * N, L, e)
-        R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(chunk_roots(L, G, causal, norm, z.device, qk.dtype, s ** -0.5)))
-        A = R.square()
-        means = chunk_means(N, L, causal, z.device, acc(v).dtype)
-        KV = (means @ acc(torch.bmm(kl.transpose(1, 2), vc).view(B, N, s * e))).to(v.dtype).view(B, -1, s, e)
-        out = torch.baddbmm((ql.reshape(B, KV.shape[1], -1, s) @ KV).view(B * N, L, e), A, vc)
+        ctx.dtypes = z.dtype, gamma.dtype, v.dtype
+        dtype = operand(z).dtype
+        with torch.autocast(z.device.type, enabled=False):
+            z, gamma, beta, v = (x.to(dtype) for x in (z, gamma, beta, v))
+            (B, T, s), e = z.shape, v.shape[-1]
+            L = min(G, T)
+            N = T // L
+            qk = torch.addcmul(beta[:, None, None], z, gamma[:, None, None])  # (4, B, T, s): each head contiguous
+            if rope:
+                qk = rotate(qk, first_turns(T, s, z.device))
+            q, k, ql, kl = qk.view(4, B * N, L, s).unbind()
+            vc = v.reshape(B * N, L, e)
+            R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(chunk_roots(L, G, causal, norm, z.device, dtype, s ** -0.5)))
+            A = R.square()
+            means = chunk_means(N, L, causal, z.device, acc(v).dtype)
+            KV = (means @ acc(torch.bmm(kl.transpose(1, 2), vc).view(B, N, s * e))).to(dtype).view(B, -1, s, e)
+            out = torch.baddbmm((ql.reshape(B, KV.shape[1], -1, s) @ KV).view(B * N, L, e), A, vc)
         ctx.save_for_backward(z, gamma, qk, v, R, A, KV)
         ctx.shape, ctx.rope, ctx.means = (B, T, s, e, L, N), rope, means
-        ctx.roots = chunk_roots(L, G, causal, norm, z.device, qk.dtype, 2 * s ** -0.5)  # dA/dS = 2 R roots
+        ctx.roots = chunk_roots(L, G, causal, norm, z.device, dtype, 2 * s ** -0.5)  # dA/dS = 2 R roots
         return out.view(B, T, e)
 
     @staticmethod
     def backward(ctx, da):
+        with torch.autocast(da.device.type, enabled=False):
+            dz, dgamma, dbeta, dv = _FromZ.gradients(ctx, da)
+        (z_dtype, gamma_dtype, v_dtype), needed = ctx.dtypes, ctx.needs_input_grad
+        return (dz.to(z_dtype) if needed[0] else None, dgamma.to(gamma_dtype) if needed[1] else None,
+                dbeta.to(gamma_dtype) if needed[2] else None, dv.to(v_dtype), None, None, None, None)
+
+    @staticmethod
+    def gradients(ctx, da):
         z, gamma, qk, v, R, A, KV = ctx.saved_tensors
         B, T, s, e, L, N = ctx.shape
         da = da.to(v.dtype).reshape(B * N, L, e)
@@ -373,12 +386,11 @@ class _FromZ(torch.autograd.Function):
         dqk = grads.view(4, B, T, s)
         if ctx.rope:
             dqk = rotate(dqk, first_turns(T, s, z.device, back=True))
-        dz = (dqk * operand(gamma)[:, None, None]).sum(0) if ctx.needs_input_grad[0] else None
-        dgamma = (dqk * operand(z)).sum((1, 2)) if ctx.needs_input_grad[1] else None
-        dbeta = dqk.sum((1, 2)) if ctx.needs_input_grad[2] else None
-        return (None if dz is None else dz.to(z.dtype), None if dgamma is None else dgamma.to(gamma.dtype),
-                None if dbeta is None else dbeta.to(gamma.dtype), dv.view(B, T, e),
-                None, None, None, None)
+        needed = ctx.needs_input_grad
+        dz = (dqk * gamma[:, None, None]).sum(0) if needed[0] else None
+        dgamma = (dqk * z).sum((1, 2)) if needed[1] else None
+        dbeta = dqk.sum((1, 2)) if needed[2] else None
+        return dz, dgamma, dbeta, dv.view(B, T, e)
 
 
 def quadratic(
