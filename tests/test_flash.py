@@ -106,7 +106,8 @@ def backward_nodes(t) -> set:
 def test_training_takes_the_written_out_backward_where_it_applies(monkeypatch, causal):
     """A GAU over whole chunks without padding trains through ops.flash.from_z (its
     backward written out), with the output and every parameter's gradient of the
-    composition it replaces; padding or a partial chunk takes the composition."""
+    composition it replaces; left padding takes the composition, and so do right
+    padding and a partial chunk in the (non-causal) encoder."""
     torch.manual_seed(0)
     unit = GatedAttentionUnit(32, causal=causal, gau_s=16, gau_expansion=2.0, gau_chunk_size=8, gau_attention="mixed",
                               no_rope=False, gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0,
@@ -121,16 +122,17 @@ def test_training_takes_the_written_out_backward_where_it_applies(monkeypatch, c
 
     out, nodes, grads = run(x, torch.zeros(2, 24, dtype=torch.bool))
     assert "_FromZBackward" in nodes
-    monkeypatch.setattr("linear_fairseq.ops.flash.whole_chunks", lambda *args: False)
+    monkeypatch.setattr("linear_fairseq.ops.flash.from_z_computes", lambda *args: False)
     ref, ref_nodes, ref_grads = run(x)
     assert "_FromZBackward" not in ref_nodes
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
     monkeypatch.undo()
-    mask = torch.zeros(2, 24, dtype=torch.bool)
-    mask[1, :3] = True
-    assert "_FromZBackward" not in run(x, mask)[1] and "_FromZBackward" not in run(x[:, :21])[1]
+    left, right = torch.zeros(2, 24, dtype=torch.bool), torch.zeros(2, 24, dtype=torch.bool)
+    left[1, :3], right[1, 21:] = True, True
+    assert "_FromZBackward" not in run(x, left)[1]
+    assert ("_FromZBackward" in run(x, right)[1]) == causal and ("_FromZBackward" in run(x[:, :21])[1]) == causal
 
 
 def test_the_written_out_backward_under_autocast(monkeypatch):
@@ -152,7 +154,7 @@ def test_the_written_out_backward_under_autocast(monkeypatch):
 
     out, nodes, grads = run()
     assert "_FromZBackward" in nodes
-    monkeypatch.setattr("linear_fairseq.ops.flash.whole_chunks", lambda *args: False)
+    monkeypatch.setattr("linear_fairseq.ops.flash.from_z_computes", lambda *args: False)
     ref, _, ref_grads = run()
     assert (out - ref).abs().max() <= 3e-2 * ref.abs().max()
     for name, g in grads.items():

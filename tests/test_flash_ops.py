@@ -417,14 +417,40 @@ def test_from_z_in_half_precision_follows_fp32(dtype, tol):
         assert_close(got.float(), want, rtol=tol)
 
 
-def test_whole_chunks_admits_only_what_from_z_computes():
+def test_from_z_computes_what_it_admits():
     none = torch.zeros(2, 8, dtype=torch.bool)
-    padded = none.clone()
-    padded[0, 0] = True
-    assert F.whole_chunks(8, 4, None, None) and F.whole_chunks(8, 4, none, None) and F.whole_chunks(3, 4, None, None)
-    assert not F.whole_chunks(8, 4, padded, None)  # padding: mixed_chunk moves real tokens first
-    assert not F.whole_chunks(10, 4, None, None)  # a partial chunk
-    assert not F.whole_chunks(8, 4, None, torch.zeros(7))  # a relative position bias
+    right, left = none.clone(), none.clone()
+    right[0, 6:], left[0, :2] = True, True
+    for causal in (True, False):
+        assert F.from_z_computes(8, 4, causal, None, None) and F.from_z_computes(8, 4, causal, none, None)
+        assert F.from_z_computes(3, 4, causal, None, None)  # shorter than G: one chunk
+        assert not F.from_z_computes(8, 4, causal, left, None)  # left padding: mixed_chunk moves real tokens first
+        assert not F.from_z_computes(8, 4, causal, None, torch.zeros(7))  # a relative position bias
+    assert F.from_z_computes(8, 4, True, right, None) and F.from_z_computes(10, 4, True, None, None)
+    assert not F.from_z_computes(8, 4, False, right, None)  # non-causal: padded keys would be seen
+    assert not F.from_z_computes(10, 4, False, None, None)  # non-causal: a partial chunk
+    with pytest.raises(ValueError, match="from_z: T=10 is not a whole number of chunks of 4"):
+        F.from_z(*z_inputs(1, 10, seed=0), False, True, chunk_size=4, relu2_norm="keys")
+
+
+@pytest.mark.parametrize("norm", F.RELU2_NORMS)
+@pytest.mark.parametrize("T,G", [(10, 4), (13, 4), (7, 8)], ids=["partial-chunk", "1-token-chunk", "shorter-than-G"])
+def test_causal_from_z_pads_whole_chunks_and_ignores_right_padding(norm, T, G):
+    """Causal: from_z over a length that is not a whole number of chunks, and over rows
+    padded at their ends, gives mixed_chunk's outputs and gradients at every real token
+    (a loss that ignores the padded ones, as fairseq's does)."""
+    B = 3
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, T - 3:], mask[2, 1:] = True, True
+    xs = z_inputs(B, T, seed=T)
+    w = torch.randn(B, T, E, generator=torch.Generator().manual_seed(2)).masked_fill(mask[..., None], 0.0)
+    out = F.from_z(*xs, True, True, chunk_size=G, relu2_norm=norm)
+    qk = F.rotate(torch.addcmul(xs[2], xs[0].unsqueeze(-2), xs[1]), F.first_turns(T, S, xs[0].device).unsqueeze(-2))
+    ref = F.mixed_chunk(*qk.unbind(-2), xs[3], True, mask, None, chunk_size=G, relu2_norm=norm)
+    assert out.shape == ref.shape
+    assert_close(out[~mask], ref[~mask])
+    for got, want in zip(grads(out, w, xs), grads(ref, w, xs)):
+        assert_close(got, want)
 
 
 def test_scale_norm_backward_is_its_derivative_and_autograds():

@@ -170,7 +170,8 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
 
     def parallel(self, h: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         u, v, z = self.gates(h)
-        if self.mode == "mixed" and ops.whole_chunks(h.shape[1], self.chunk_size, padding_mask, self.rel_bias):
+        if self.mode == "mixed" and ops.from_z_computes(h.shape[1], self.chunk_size, self.causal, padding_mask,
+                                                        self.rel_bias):
             gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
             return self.to_out(u * ops.from_z(z, gamma, beta, v, self.causal, self.rope, **self.options).to(u.dtype))
         positions = None if padding_mask is None else ops.real_positions(padding_mask, *h.shape[:2], h.device)

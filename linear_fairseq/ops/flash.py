@@ -311,19 +311,37 @@ def mixed_chunk(
 
 
 # -- chunked form from Z, with its backward written out -------------------------------
-def whole_chunks(T: int, chunk_size: int, padding_mask: Optional[Tensor], rel_bias: Optional[Tensor]) -> bool:
-    """Whether `from_z` computes the case: every chunk whole, no padding, no relative bias."""
-    return rel_bias is None and T % min(chunk_size, T) == 0 and (padding_mask is None or not padding_mask.any())
+def from_z_computes(T: int, chunk_size: int, causal: bool, padding_mask: Optional[Tensor],
+                    rel_bias: Optional[Tensor]) -> bool:
+    """Whether `from_z` computes the case: no relative bias, and causal with padding only
+    at the ends of rows (what comes after a token never reaches it: the real tokens'
+    outputs are those of the rows cut before their padding), or non-causal over whole
+    chunks without padding. One read of the mask to the host."""
+    if rel_bias is not None:
+        return False
+    if causal:
+        return padding_mask is None or not bool((padding_mask[:, :-1] & ~padding_mask[:, 1:]).any())
+    return T % min(chunk_size, T) == 0 and (padding_mask is None or not bool(padding_mask.any()))
 
 
 def from_z(z: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, causal: bool, rope: bool, *, chunk_size: int,
            relu2_norm: str) -> Tensor:
     """`mixed_chunk` of the four heads q, k, q', k' = Z gamma_h + beta_h (each turned by
-    RoPE at positions 0 .. T-1 if `rope`), for the case `whole_chunks` admits, with a
-    backward written out: the heads' gradients land in one buffer, and RoPE's and the
-    offset-scales' gradients take a few kernels, where autograd's composition of the same
-    functions runs about twice as many. z (B, T, s), gamma and beta (4, s), v (B, T, e)."""
-    return _FromZ.apply(z, gamma, beta, v, causal, rope, chunk_size, relu2_norm)
+    RoPE at positions 0 .. T-1 if `rope`), for the case `from_z_computes` admits (a causal
+    sequence is cut to whole chunks by zeros after its end), with a backward written out:
+    the heads' gradients land in one buffer, and RoPE's and the offset-scales' gradients
+    take a few kernels, where autograd's composition of the same functions runs about
+    twice as many. z (B, T, s), gamma and beta (4, s), v (B, T, e); padded tokens'
+    outputs are not those of `mixed_chunk` (which masks their keys for them too)."""
+    T = z.shape[1]
+    L = min(chunk_size, T)
+    pad = -T % L
+    if pad and not causal:
+        raise ValueError(f"from_z: T={T} is not a whole number of chunks of {L} (non-causal)")
+    if pad:  # zeros after the end: no earlier token sees them
+        z, v = F.pad(z, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+    out = _FromZ.apply(z, gamma, beta, v, causal, rope, chunk_size, relu2_norm)
+    return out[:, :T] if pad else out
 
 
 class _FromZ(torch.autograd.Function):
