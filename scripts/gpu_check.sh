@@ -5,9 +5,9 @@
 # 1. benchmarks/gpu_ops_check.py: every family's fast forms against the quadratic
 #    references on the GPU (outputs, gradients), fp16/bf16 at T = 4096 and 16384,
 #    forward+backward time and memory against SDPA and fla-core      -> OUT/gpu_ops.json
-# 2. python -m benchmarks.run --device cuda, suites train (float32, then bfloat16 as
-#    fairseq's --bf16 runs a model), then decode (to 256 and 1024 tokens; the decoding
-#    target is at 256)                                   -> OUT/{train,train-bf16,decode}/results.{json,md}
+# 2. python -m benchmarks.run --device cuda, suites train, decode (to 256 and 1024 tokens;
+#    the decoding target is at 256), then train again in bfloat16 (as fairseq's --bf16
+#    runs a model)                                        -> OUT/{train,decode,train-bf16}/results.{json,md}
 #    python -m benchmarks.profile_train --device cuda: one training step of every row at
 #    context 2048, in float32 and bfloat16, by operator: kernels launched, where the
 #    time goes                                                        -> OUT/train_profile.json
@@ -79,12 +79,12 @@ step() {  # step NAME LIMIT COMMAND...: run it under min(LIMIT, time left - 30 s
 }
 step ops 180 "$PY" benchmarks/gpu_ops_check.py --device cuda --out "$OUT/gpu_ops.json"
 step train-suite 150 "$PY" -m benchmarks.run --device cuda --suite train --budget 60 --out "$OUT/train" --no-plots
+step decode-suite 150 "$PY" -m benchmarks.run --device cuda --suite decode --lengths 256,1024 --budget 30 \
+    --out "$OUT/decode" --no-plots
 step train-suite-bf16 120 "$PY" -m benchmarks.run --device cuda --suite train --dtype bfloat16 --budget 60 \
     --out "$OUT/train-bf16" --no-plots
 step train-profile 90 "$PY" -m benchmarks.profile_train --device cuda --ctx 2048 --dtype float32,bfloat16 \
     --out "$OUT/train_profile.json"
-step decode-suite 150 "$PY" -m benchmarks.run --device cuda --suite decode --lengths 256,1024 --budget 30 \
-    --out "$OUT/decode" --no-plots
 step fp16-train 150 "$PY" -m benchmarks.train_check --fp16 --updates 60 --out "$OUT/train_check.json"
 step local-suite 90 "$PY" -m benchmarks.run --device cuda --suite local --lengths 256 --budget 30 --out "$OUT/local" \
     --no-plots

@@ -564,7 +564,7 @@ def test_gpu_check_runs_every_step_and_writes_the_block(tmp_path):
                        env={**os.environ, "PYTHON": str(python)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.findall(r"^== gpu_check: (\S+)", r.stdout, re.M) == [
-        "ops", "train-suite", "train-suite-bf16", "train-profile", "decode-suite", "fp16-train", "local-suite", "block"]
+        "ops", "train-suite", "decode-suite", "train-suite-bf16", "train-profile", "fp16-train", "local-suite", "block"]
     assert "== gpu_check: ops (at most 180 s)" in r.stdout
     block = (out / "gpu_check.md").read_text()
     assert "| train memsizer: tokens/s vs softmax with SDPA, context 8192 | not measured | >= 2.0x |  |" in block
@@ -588,7 +588,7 @@ def test_gpu_check_keeps_to_its_time(tmp_path):
     assert r.returncode == 1
     limit = int(re.search(r"^== gpu_check: ops \(at most (\d+) s\)", r.stdout, re.M).group(1))
     assert 10 <= limit <= 15  # 45 s less the block's 30, less the seconds bash took to get there
-    skipped = ["train-suite", "train-suite-bf16", "train-profile", "decode-suite", "fp16-train", "local-suite"]
+    skipped = ["train-suite", "decode-suite", "train-suite-bf16", "train-profile", "fp16-train", "local-suite"]
     assert re.findall(r"^== gpu_check: (\S+) skipped: no time left of GPU_CHECK_SECONDS=45$", r.stdout, re.M) == skipped
     assert r.stderr.strip() == ("gpu_check: steps that did not finish: " + f"ops (stopped after {limit} s), "
                                 + ", ".join(f"{name} (skipped, no time left)" for name in skipped)
