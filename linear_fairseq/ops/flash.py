@@ -328,11 +328,12 @@ def from_z(z: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, causal: bool, rope
            relu2_norm: str) -> Tensor:
     """`mixed_chunk` of the four heads q, k, q', k' = Z gamma_h + beta_h (each turned by
     RoPE at positions 0 .. T-1 if `rope`), for the case `from_z_computes` admits (a causal
-    sequence is cut to whole chunks by zeros after its end), with a backward written out:
-    the heads' gradients land in one buffer, and RoPE's and the offset-scales' gradients
-    take a few kernels, where autograd's composition of the same functions runs about
-    twice as many. z (B, T, s), gamma and beta (4, s), v (B, T, e); padded tokens'
-    outputs are not those of `mixed_chunk` (which masks their keys for them too)."""
+    sequence is filled up to whole chunks with zeros after its end), with a backward
+    written out: the heads' gradients land in one buffer, and RoPE's and the
+    offset-scales' gradients take a few kernels (a GAU's backward through it runs about
+    half the operators of autograd's through the composition). z (B, T, s), gamma and
+    beta (4, s), v (B, T, e); padded tokens' outputs are not those of `mixed_chunk`
+    (which masks their keys for them too)."""
     T = z.shape[1]
     L = min(chunk_size, T)
     pad = -T % L
