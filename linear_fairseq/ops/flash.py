@@ -252,12 +252,13 @@ def chunk_means(N: int, L: int, causal: bool, device: torch.device, dtype: torch
     return seen / (seen.sum(-1, keepdim=True) * L).clamp(min=1.0)
 
 
-def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Optional[Tensor], causal: bool) -> Tensor:
-    """The linear part of mixed chunk attention, chunked tensors (B, N, L, .):
-    each query's mean of k' v^T over the real tokens of the chunks it sees (the
-    completed ones before its own, if causal; all of them otherwise). The chunks'
-    sums are weighted by one (N, N) product (O(N^2 s e)) in float32 (the weights of a
-    long sequence's means are below float16's normal range); `real` (B, N, L) or None."""
+def seen_sums(kl: Tensor, v: Tensor, real: Optional[Tensor], causal: bool) -> Tensor:
+    """What each chunk's queries read in the linear part, chunked k' and v (B, N, L, .):
+    the mean of k' v^T over the real tokens of the chunks they see (the completed ones
+    before their own, if causal; all of them otherwise), (B, N or 1, s, e), one shared
+    by all chunks where they all see the same. The chunks' sums are weighted by one
+    (N, N) product (O(N^2 s e)) in float32 (the weights of a long sequence's means are
+    below float16's normal range); `real` (B, N, L) or None."""
     B, N, L, s = kl.shape
     KV = acc((kl.transpose(-1, -2) @ v).flatten(2))  # (B, N, s e)
     if real is None:
@@ -265,8 +266,14 @@ def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Optional[Tensor], cau
     else:
         seen = chunks_seen(N, causal, KV.device, KV.dtype)
         means = seen / (acc(real).sum(-1) @ seen.t()).clamp(min=1.0).unsqueeze(-1)  # (B, N or 1, N)
-    KV = (means @ KV).to(v.dtype).view(B, -1, s, v.shape[-1])  # (B, N or 1, s, e)
-    return ql.reshape(B, KV.shape[1], -1, s) @ KV  # a query's chunks as one block where all share KV
+    return (means @ KV).to(v.dtype).view(B, -1, s, v.shape[-1])
+
+
+def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Optional[Tensor], causal: bool) -> Tensor:
+    """The linear part of mixed chunk attention, chunked tensors (B, N, L, .): each
+    query times what its chunk reads (seen_sums)."""
+    KV = seen_sums(kl, v, real, causal)
+    return ql.reshape(*KV.shape[:2], -1, ql.shape[-1]) @ KV  # a query's chunks as one block where all share KV
 
 
 def mixed_chunk(
@@ -365,11 +372,10 @@ class _FromZ(torch.autograd.Function):
             vc = v.reshape(B * N, L, e)
             R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(chunk_roots(L, G, causal, norm, z.device, dtype, s ** -0.5)))
             A = R.square()
-            means = chunk_means(N, L, causal, z.device, acc(v).dtype)
-            KV = (means @ acc(torch.bmm(kl.transpose(1, 2), vc).view(B, N, s * e))).to(dtype).view(B, -1, s, e)
+            KV = seen_sums(kl.view(B, N, L, s), vc.view(B, N, L, e), None, causal)
             out = torch.baddbmm((ql.reshape(B, KV.shape[1], -1, s) @ KV).view(B * N, L, e), A, vc)
         ctx.save_for_backward(z, gamma, qk, v, R, A, KV)
-        ctx.shape, ctx.rope, ctx.means = (B, T, s, e, L, N), rope, means
+        ctx.shape, ctx.rope, ctx.causal = (B, T, s, e, L, N), rope, causal
         ctx.roots = chunk_roots(L, G, causal, norm, z.device, dtype, 2 * s ** -0.5)  # dA/dS = 2 R roots
         return out.view(B, T, e)
 
@@ -397,7 +403,8 @@ class _FromZ(torch.autograd.Function):
         # linear part: out += q' KV, KV the means of k'^T v over the chunks each chunk sees
         shared = da.view(B, KV.shape[1], -1, e)
         torch.matmul(shared, KV.transpose(-1, -2), out=grads[2].view(B, KV.shape[1], -1, s))
-        dKV = ctx.means.t() @ acc(ql.reshape(B, KV.shape[1], -1, s).transpose(-1, -2) @ shared).flatten(2)
+        means = chunk_means(N, L, ctx.causal, z.device, acc(v).dtype)  # seen_sums' weights, cached
+        dKV = means.t() @ acc(ql.reshape(B, KV.shape[1], -1, s).transpose(-1, -2) @ shared).flatten(2)
         dKV = dKV.to(v.dtype).view(B * N, s, e)
         torch.bmm(vc, dKV.transpose(1, 2), out=grads[3])
         dv.baddbmm_(kl, dKV)
