@@ -8,7 +8,9 @@ benchmark suites' LMs (benchmarks/models.py, batch 1), torch.profiler counts
 the aten operators that do work (views and allocations left out) and call
 no other such operator, one per kernel a GPU would launch, of
 
-  train   one forward + backward at T = 256, 1024 and 4096 tokens;
+  train   one forward + backward at T = 256, 1024 and 4096 tokens, as the train
+          suite times it (gradients None before it, as fairseq's trainer leaves
+          them, so no operator adds into earlier gradients);
   decode  one incremental decoding step after a prefix of 64 and of 512 tokens,
           for the whole model and per decoder layer (the ops run inside
           decoder.layers[i], averaged over the layers; a FLASH layer is a GAU,
@@ -39,7 +41,7 @@ from linear_fairseq import families as family_list
 from linear_fairseq.modules.attention import option_names
 from linear_fairseq.ops.common import triton_unavailable
 
-from . import models
+from . import models, suites
 
 TRAIN_LENGTHS = (256, 1024, 4096)
 PREFIXES = (64, 512)
@@ -125,15 +127,12 @@ def count(fn, layers=()) -> tuple:
 
 
 def train_ops(model, T: int) -> int:
+    """The operators of one training pass over T tokens, as the train suite times it
+    (suites.train_pass: the gradients None before it, the next-token loss)."""
     model.train()
-    tokens = torch.randint(4, models.VOCAB, (1, T))
-
-    def step():
-        logits, _ = model(tokens)
-        logits.float().sum().backward()
-
-    step()  # first call: lazy buffers, caches
-    return count(step)[0]
+    tokens = torch.randint(4, models.VOCAB, (1, T + 1))
+    suites.train_pass(model, tokens)  # first call: lazy buffers, caches
+    return count(lambda: suites.train_pass(model, tokens))[0]
 
 
 def decode_ops(model, prefix: int, triton: bool = False) -> dict:

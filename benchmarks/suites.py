@@ -9,6 +9,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from fairseq.sequence_generator import SequenceGenerator
 
 from linear_fairseq import families as family_records
@@ -267,13 +268,21 @@ def train_model(row, device, family=None, flags=(), dtype=torch.float32):
     return model.train(), d, info
 
 
-def train_step(model, tokens, device):
+def train_pass(model, tokens) -> Tensor:
+    """One forward and backward of the next-token loss over tokens (B, T + 1), the
+    gradients set to None first, as fairseq's trainer leaves them between updates
+    (so no step adds into an earlier step's gradients); returns the loss."""
     model.zero_grad(set_to_none=True)
-    sync(device)
-    start = time.perf_counter()
     logits = model(tokens[:, :-1])[0]
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
+    return loss
+
+
+def train_step(model, tokens, device):
+    sync(device)
+    start = time.perf_counter()
+    loss = train_pass(model, tokens)
     sync(device)
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite training loss {loss.item()}")

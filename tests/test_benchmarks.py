@@ -503,6 +503,25 @@ def test_decoding_on_the_fused_steps_runs_no_more_operators_than_softmax(triton_
     assert fused[0]["step"] <= softmax["step"] < torch_step["step"]
 
 
+def test_a_training_pass_adds_into_no_earlier_gradient():
+    """The train suite's pass (and op_counts' count of it) starts from gradients set
+    to None, as fairseq's trainer leaves them between updates: after an earlier
+    pass, autograd hands each parameter its gradient without adding (no operator
+    runs inside AccumulateGrad), so the count holds no operator a trainer never runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import models, op_counts, suites
+
+    model = models.build("lm", "memsizer", extra=["--decoder-layers", "1"])[0].train()
+    tokens = torch.randint(4, models.VOCAB, (1, 33))
+    suites.train_pass(model, tokens)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        suites.train_pass(model, tokens)
+    ops = op_counts.leaf_aten(prof)
+    assert ops and not [e for e in ops if op_counts.within(e, "torch::autograd::AccumulateGrad")]
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_op_counts_does_not_write_over_earlier_counts(tmp_path):
     out = tmp_path / "counts.json"
     out.write_text("{}")
