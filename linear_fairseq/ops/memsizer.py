@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, writable, zero_padded
+from .common import State, acc, acc_dtype, constant, lower_triangle, writable, zero_padded
 
 # State of the causal form: {"S": (B, k, d) unscaled running sum of k_j v_j^T, fp32;
 # "n": (B,) real tokens so far}; of the non-causal form: {"S": K^T V / sqrt(n)}.
@@ -49,11 +49,19 @@ def _real_tokens(padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
     B, T = like.shape[:2]
     if padding_mask is None:
         return acc(like.new_ones(B, T))
-    return (~padding_mask).to(acc(like).dtype)
+    return (~padding_mask).to(acc_dtype(like))
+
+
+@constant(maxsize=16)
+def _first_scales(T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.arange(1, T + 1, device=device, dtype=dtype).rsqrt().unsqueeze(-1)
 
 
 def causal_scale(padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
-    """i^{-1/2} with i = number of real tokens up to and including each position: (B, T, 1)."""
+    """i^{-1/2} with i = number of real tokens up to and including each position:
+    (B, T, 1), or without padding (T, 1), a cached table every row shares."""
+    if padding_mask is None:
+        return _first_scales(like.shape[1], like.device, acc_dtype(like))
     count = _real_tokens(padding_mask, like).cumsum(dim=1)
     return count.clamp(min=1.0).rsqrt().unsqueeze(-1)
 
@@ -97,35 +105,39 @@ def causal_chunked(
     """Causal MemSizer in chunks of G tokens: exact, with memory O(T k d / G + T G).
 
     Inside a chunk the (G x G) scores are masked to be causal; across chunks
-    each chunk reads the memory of all earlier chunks, an exclusive prefix sum
-    of the per-chunk K_c^T V_c.
+    each chunk reads the memory of all earlier chunks, their K_c^T V_c summed by
+    one product with a strictly lower-triangular (N, N) matrix (O(N^2 k d), a
+    launch count independent of T). A sequence shorter than G is one chunk of its
+    own length; a longer one is filled up to whole chunks with zeros only where
+    G does not divide T.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     B, T, k = p.shape
-    d, G = V.shape[-1], chunk_size
+    d = V.shape[-1]
+    G = min(chunk_size, T)
+    N = -(-T // G)  # number of chunks
+    pad = N * G - T  # zero rows at the end: they add nothing to any sum
     dtype = V.dtype
     scale = causal_scale(padding_mask, p)
     K = zero_padded(acc(K), padding_mask, 1)
-    N = -(-T // G)  # number of chunks
-    pad = N * G - T  # zero rows at the end: they add nothing to any sum
 
     def chunks(x: Tensor) -> Tensor:
-        return F.pad(acc(x), (0, 0, 0, pad)).view(B, N, G, x.shape[-1])
+        x = acc(x)
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B * N, G, x.shape[-1])
 
     p_c, K_c, V_c = chunks(p), chunks(K), chunks(V)
-    # within a chunk: sum_{j<=i, same chunk} (p_i . k_j) v_j
-    intra = (p_c @ K_c.transpose(-1, -2)).tril() @ V_c
-    # memory of each chunk, K_c^T V_c, and of all chunks before it (exclusive prefix sum)
-    S_c = K_c.transpose(-1, -2) @ V_c  # (B, N, k, d)
-    S_before = torch.cat([S_c.new_zeros(B, 1, k, d), S_c.cumsum(dim=1)[:, :-1]], dim=1)
-    inter = p_c @ S_before
-    out = (intra + inter).view(B, N * G, d)[:, :T]
-    return (out * scale).to(dtype)
+    # the memory of each chunk, K_c^T V_c, and of all chunks before it
+    S_c = torch.bmm(K_c.transpose(1, 2), V_c).view(B, N, k * d)
+    S_before = (lower_triangle(N, N, -1, S_c.device, S_c.dtype) @ S_c).view(B * N, k, d)
+    # p_i S_before + sum_{j<=i, same chunk} (p_i . k_j) v_j
+    scores = torch.bmm(p_c, K_c.transpose(1, 2)).tril()
+    out = torch.baddbmm(torch.bmm(p_c, S_before), scores, V_c).view(B, N * G, d)
+    return ((out[:, :T] if pad else out) * scale).to(dtype)
 
 
 def empty_state(B: int, k: int, d: int, like: Tensor) -> State:
-    S = acc(like).new_zeros(B, k, d)
+    S = like.new_zeros(B, k, d, dtype=acc_dtype(like))
     return {"S": S, "n": S.new_zeros(B)}
 
 
