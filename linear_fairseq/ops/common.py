@@ -54,19 +54,29 @@ def lower_triangle(rows: int, cols: int, diagonal: int, device: torch.device, dt
     return torch.ones(rows, cols, device=device, dtype=dtype).tril(diagonal)
 
 
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation precision: float32, or float64 for float64 (without converting x)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def acc(x: Tensor) -> Tensor:
-    """Accumulation precision: float32, or float64 when given float64."""
-    return x if x.dtype == torch.float64 else x.float()
+    """x in its accumulation precision (acc_dtype)."""
+    return x.to(acc_dtype(x))
 
 
 HALF = (torch.float16, torch.bfloat16)
 
 
+def operand_dtype(x: Tensor) -> torch.dtype:
+    """A training form's matrix-product operand precision: float16 and bfloat16 stay
+    as they are (a GPU multiplies them on its tensor cores, summing in float32, as
+    fairseq's softmax attention does under --fp16 / --bf16); anything else acc_dtype."""
+    return x.dtype if x.dtype in HALF else acc_dtype(x)
+
+
 def operand(x: Tensor) -> Tensor:
-    """A training form's matrix-product operand: float16 and bfloat16 stay as they
-    are (a GPU multiplies them on its tensor cores, summing in float32, as fairseq's
-    softmax attention does under --fp16 / --bf16); anything else as acc."""
-    return x if x.dtype in HALF else acc(x)
+    """x in its operand precision (operand_dtype)."""
+    return x.to(operand_dtype(x))
 
 
 def writable(*tensors: Tensor) -> bool:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, constant, lower_triangle, operand, update, writable
+from .common import State, acc, acc_dtype, constant, lower_triangle, operand, operand_dtype, update, writable
 
 
 # -- positions ---------------------------------------------------------------
@@ -109,7 +109,7 @@ def scatter_time(x: Tensor, order: Tensor) -> Tensor:
 # -- normalization ---------------------------------------------------------------
 def scale_norm(x: Tensor, g: Tensor, eps: float) -> Tensor:
     """ScaleNorm (Nguyen & Salazar 2019, FLASH's default): x / max(|x|, eps) * g over the
-    last dim, g a learned scalar; its backward written out (7 kernels, autograd's 17)."""
+    last dim, g a learned scalar; its backward written out (6 kernels, autograd's 17)."""
     return _ScaleNorm.apply(x, g, eps)
 
 
@@ -128,8 +128,9 @@ class _ScaleNorm(torch.autograd.Function):
         # the second term only where |x| > eps (below, c is the constant eps)
         unit, c, g = ctx.saved_tensors
         dot = (dy.unsqueeze(-2) @ unit.unsqueeze(-1)).squeeze(-1)  # dy.x / c
-        dx = torch.addcmul(dy, unit, dot.masked_fill(c <= ctx.eps, 0.0), value=-1.0).div_(c).mul_(g)
-        return dx, dot.sum().reshape(g.shape), None
+        dg = dot.sum().reshape(g.shape)
+        dx = torch.addcmul(dy, unit, dot.masked_fill_(c <= ctx.eps, 0.0), value=-1.0).div_(c).mul_(g)
+        return dx, dg, None
 
 
 # -- scores --------------------------------------------------------------------
@@ -298,8 +299,8 @@ def mixed_chunk(
     N = -(-T // L)
     pad = N * L - T
     # which tokens are real, by chunk (None: all of them, and no mask is applied)
-    real = None if padding_mask is None and not pad else operand(q).new_ones(B, T) if padding_mask is None \
-        else (~padding_mask).to(operand(q).dtype)
+    real = None if padding_mask is None and not pad else q.new_ones(B, T, dtype=operand_dtype(q)) \
+        if padding_mask is None else (~padding_mask).to(operand_dtype(q))
 
     def chunks(x: Tensor) -> Tensor:
         x = operand(x)
@@ -359,7 +360,7 @@ class _FromZ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, gamma, beta, v, causal, rope, G, norm):
         ctx.dtypes = z.dtype, gamma.dtype, v.dtype
-        dtype = operand(z).dtype
+        dtype = operand_dtype(z)
         with torch.autocast(z.device.type, enabled=False):
             z, gamma, beta, v = (x.to(dtype) for x in (z, gamma, beta, v))
             (B, T, s), e = z.shape, v.shape[-1]
@@ -403,7 +404,7 @@ class _FromZ(torch.autograd.Function):
         # linear part: out += q' KV, KV the means of k'^T v over the chunks each chunk sees
         shared = da.view(B, KV.shape[1], -1, e)
         torch.matmul(shared, KV.transpose(-1, -2), out=grads[2].view(B, KV.shape[1], -1, s))
-        means = chunk_means(N, L, ctx.causal, z.device, acc(v).dtype)  # seen_sums' weights, cached
+        means = chunk_means(N, L, ctx.causal, z.device, acc_dtype(v))  # seen_sums' weights, cached
         dKV = means.t() @ acc(ql.reshape(B, KV.shape[1], -1, s).transpose(-1, -2) @ shared).flatten(2)
         dKV = dKV.to(v.dtype).view(B * N, s, e)
         torch.bmm(vc, dKV.transpose(1, 2), out=grads[3])
@@ -429,7 +430,7 @@ def quadratic(
     B, T = q.shape[:2]
     pos = real_positions(padding_mask, B, T, q.device)
     A = relu2(acc(q), acc(k), offset_bias(rel_bias, pos[:, :, None] - pos[:, None, :]))
-    real = acc(q).new_ones(B, T) if padding_mask is None else (~padding_mask).to(acc(q).dtype)
+    real = q.new_ones(B, T, dtype=acc_dtype(q)) if padding_mask is None else (~padding_mask).to(acc_dtype(q))
     A = A * real[:, None, :]
     if causal:
         A = A.tril()  # positions in a row keep their order, so tril is causal with left padding too

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import acc, constant, update, writable, zero_padded
+from .common import acc, acc_dtype, constant, update, writable, zero_padded
 
 
 # -- short convolution -------------------------------------------------------------------
@@ -108,7 +108,7 @@ def window(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool, padding_mask: 
         hidden = hidden | padded[:, None, :, None, :]
     # batched matrix products over (B H blocks), on 3-d tensors; masked_fill's backward also
     # zeroes the gradient of a row with nothing to see (softmax gives nan there)
-    scores = torch.baddbmm(q.new_empty(1, 1, 1, dtype=acc(q).dtype), acc(q).reshape(-1, n, d),
+    scores = torch.baddbmm(q.new_empty(1, 1, 1, dtype=acc_dtype(q)), acc(q).reshape(-1, n, d),
                            acc(keys).reshape(-1, m, d).transpose(1, 2), beta=0.0, alpha=1.0 / math.sqrt(d))
     scores = scores.view(B, H, blocks, n, m).masked_fill(hidden, float("-inf"))
     weights = torch.softmax(scores, dim=-1)

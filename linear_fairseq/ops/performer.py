@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, constant, lower_triangle, writable, zero_padded
+from .common import State, acc, acc_dtype, constant, lower_triangle, writable, zero_padded
 
 # State: {"S": (B, H, m, d + 1), "M": (B, H)}: S = [sum phi(k) v^T, z] (z its last column), the true
 # sums being exp(M) S. The values enter as [v, 1] (`with_ones`), so one product with phi(q) gives the
@@ -244,7 +244,7 @@ def read(
 # -- causal: chunks carrying the state; a decoding step is a chunk of one ------------
 def empty_state(B: int, H: int, m: int, d: int, like: Tensor) -> State:
     """The state before any key, for values of width d."""
-    S = acc(like).new_zeros(B, H, m, d + 1)
+    S = like.new_zeros(B, H, m, d + 1, dtype=acc_dtype(like))
     return {"S": S, "M": S.new_full((B, H), NEG_INF)}
 
 
