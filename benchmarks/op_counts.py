@@ -56,7 +56,7 @@ METADATA = {f"aten::{name}" for name in (
     "unsqueeze", "squeeze", "select", "slice", "alias", "unflatten", "flatten", "movedim", "moveaxis", "split",
     "split_with_sizes",
     "chunk", "narrow", "unbind", "lift_fresh", "to", "numpy_T", "view_as", "set_", "new_empty",
-    "view_as_complex", "view_as_real", "mT", "mH", "adjoint",
+    "view_as_complex", "view_as_real", "mT", "mH", "adjoint", "unfold",
     "dropout")}  # in eval an identity; in training its own operators (bernoulli_, mul) count
 
 

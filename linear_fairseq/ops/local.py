@@ -31,7 +31,7 @@ def conv(x: Tensor, weight: Tensor, causal: bool, padding_mask: Optional[Tensor]
     x = zero_padded(x, padding_mask, 1).transpose(1, 2)
     left = K - 1 if causal else (K - 1) // 2
     x = F.pad(x, (left, K - 1 - left))
-    return F.conv1d(x, weight.unsqueeze(1).to(x.dtype), groups=C).transpose(1, 2)
+    return F.conv1d(x, weight.unsqueeze(1).to(x.dtype), groups=C).transpose(1, 2).contiguous()
 
 
 def conv_step(x: Tensor, weight: Tensor, state: Optional[Tensor], padding_mask: Optional[Tensor] = None
@@ -135,11 +135,12 @@ def window_hidden(T: int, W: int, causal: bool, device: torch.device) -> Tensor:
 def neighbours(x: Tensor, span: Tuple[int, int], dim: int) -> Tensor:
     """Each block of x (blocks at `dim`, positions at dim + 1) joined, along the
     positions, with the `span[0]` blocks before it and `span[1]` after it
-    (zeros, or False, past the ends)."""
+    (zeros, or False, past the ends): the windows of one padded copy of x,
+    overlapping views of it (a product that reads them contiguously copies them)."""
     before, after = span
-    edge = x.new_zeros(x.shape[:dim] + (1,) + x.shape[dim + 1:])
-    padded = torch.cat([edge] * before + [x] + [edge] * after, dim=dim)
-    return torch.cat([padded.narrow(dim, s, x.shape[dim]) for s in range(before + after + 1)], dim=dim + 1)
+    n, trailing = x.shape[dim + 1], x.dim() - dim - 2
+    padded = F.pad(x.flatten(dim, dim + 1), [0, 0] * trailing + [before * n, after * n])
+    return padded.unfold(dim, (before + 1 + after) * n, n).movedim(-1, dim + 1)
 
 
 WINDOW_STATE = ("k", "v", "bias", "slot")  # the entries of window_step's state
