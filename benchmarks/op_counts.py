@@ -10,7 +10,9 @@ no other such operator, one per kernel a GPU would launch, of
 
   train   one forward + backward at T = 256, 1024 and 4096 tokens, as the train
           suite times it (gradients None before it, as fairseq's trainer leaves
-          them, so no operator adds into earlier gradients);
+          them, so no operator adds into earlier gradients), and a decoder
+          layer's share of it at T = 256 (the LM with one layer more, less the
+          LM: a FLASH layer is a GAU);
   decode  one incremental decoding step after a prefix of 64 and of 512 tokens,
           for the whole model and per decoder layer (the ops run inside
           decoder.layers[i], averaged over the layers; a FLASH layer is a GAU,
@@ -135,6 +137,16 @@ def train_ops(model, T: int) -> int:
     return count(lambda: suites.train_pass(model, tokens))[0]
 
 
+def train_ops_per_layer(family: str, extra=(), T: int = TRAIN_LENGTHS[0]) -> int:
+    """A decoder layer's share of a training pass: the pass of the LM with one layer
+    more, less the LM's (autograd's backward runs outside the layers' forward hooks,
+    so the difference is what counts it)."""
+    model = models.build("lm", family, extra=extra)[0]
+    layers = len(model.decoder.layers)
+    deeper = models.build("lm", family, extra=[*extra, "--decoder-layers", str(layers + 1)])[0]
+    return train_ops(deeper, T) - train_ops(model, T)
+
+
 def decode_ops(model, prefix: int, triton: bool = False) -> dict:
     """The counts of one decoding step after `prefix` steps; triton: that step on
     the Triton kernels (the prefix's steps fill the same state on the torch path)."""
@@ -196,6 +208,7 @@ def measure(families) -> dict:
         model, _, info = models.build("lm", family, extra=extra)
         out[name] = {"arch": info["arch"], "args": info["args"],
                      "train": {str(T): train_ops(model, T) for T in TRAIN_LENGTHS},
+                     "train_per_layer": train_ops_per_layer(family, extra),
                      "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
         print(f"{name}: {out[name]['train']} {out[name]['decode']}", flush=True)
         if not extra and triton_modules(model):
@@ -211,13 +224,14 @@ def measure(families) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| family | train ops " + " | ".join(f"T={T}" for T in TRAIN_LENGTHS) + " | decode step ops "
+    lines = ["| family | train ops " + " | ".join(f"T={T}" for T in TRAIN_LENGTHS) + " | per layer | decode step ops "
              + " | ".join(f"after {L}" for L in PREFIXES) + " | per layer (layers) |",
-             "| --- " * (2 + len(TRAIN_LENGTHS) + len(PREFIXES)) + "|"]
+             "| --- " * (3 + len(TRAIN_LENGTHS) + len(PREFIXES)) + "|"]
     for family, r in results.items():
         last = r["decode"][str(PREFIXES[-1])]
         lines.append(f"| {family} | " + " | ".join(str(r["train"][str(T)]) if r["train"] else "–"
-                                                  for T in TRAIN_LENGTHS) + " | "
+                                                  for T in TRAIN_LENGTHS)
+                     + f" | {r['train_per_layer'] if r['train'] else '–'} | "
                      + " | ".join(str(r["decode"][str(L)]["step"]) for L in PREFIXES)
                      + f" | {last['per_layer']:.0f} ({last['layers']}) |")
     return "\n".join(lines).replace("| family | train ops T=", "| family | train T=") + "\n"

@@ -106,8 +106,10 @@ def backward_nodes(t) -> set:
 def test_training_takes_the_written_out_backward_where_it_applies(monkeypatch, causal):
     """A GAU over whole chunks without padding trains through ops.flash.from_z (its
     backward written out), with the output and every parameter's gradient of the
-    composition it replaces; left padding takes the composition, and so do right
-    padding and a partial chunk in the (non-causal) encoder."""
+    composition it replaces; left padding over several chunks takes the composition,
+    and so do right padding and a partial chunk in the (non-causal) encoder; the
+    encoder's one chunk (T <= G) takes from_z padded anywhere, the decoder left-padded
+    does not."""
     torch.manual_seed(0)
     unit = GatedAttentionUnit(32, causal=causal, gau_s=16, gau_expansion=2.0, gau_chunk_size=8, gau_attention="mixed",
                               no_rope=False, gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0,
@@ -133,6 +135,7 @@ def test_training_takes_the_written_out_backward_where_it_applies(monkeypatch, c
     left[1, :3], right[1, 21:] = True, True
     assert "_FromZBackward" not in run(x, left)[1]
     assert ("_FromZBackward" in run(x, right)[1]) == causal and ("_FromZBackward" in run(x[:, :21])[1]) == causal
+    assert ("_FromZBackward" in run(x[:, :8], left[:, :8])[1]) == (not causal)
 
 
 def test_the_written_out_backward_under_autocast(monkeypatch):

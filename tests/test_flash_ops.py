@@ -427,8 +427,10 @@ def test_from_z_computes_what_it_admits():
         assert not F.from_z_computes(8, 4, causal, left, None)  # left padding: mixed_chunk moves real tokens first
         assert not F.from_z_computes(8, 4, causal, None, torch.zeros(7))  # a relative position bias
     assert F.from_z_computes(8, 4, True, right, None) and F.from_z_computes(10, 4, True, None, None)
-    assert not F.from_z_computes(8, 4, False, right, None)  # non-causal: padded keys would be seen
+    assert not F.from_z_computes(8, 4, False, right, None)  # non-causal over chunks: mixed_chunk moves real tokens first
     assert not F.from_z_computes(10, 4, False, None, None)  # non-causal: a partial chunk
+    assert F.from_z_computes(8, 8, False, left, None) and F.from_z_computes(8, 8, False, right, None)  # one chunk
+    assert not F.from_z_computes(8, 8, True, left, None)
     with pytest.raises(ValueError, match="from_z: T=10 is not a whole number of chunks of 4"):
         F.from_z(*z_inputs(1, 10, seed=0), False, True, chunk_size=4, relu2_norm="keys")
 
@@ -451,6 +453,31 @@ def test_causal_from_z_pads_whole_chunks_and_ignores_right_padding(norm, T, G):
     assert_close(out[~mask], ref[~mask])
     for got, want in zip(grads(out, w, xs), grads(ref, w, xs)):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("norm", F.RELU2_NORMS)
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+@pytest.mark.parametrize("T,G", [(7, 8), (8, 8)], ids=["shorter-than-G", "one-chunk"])
+def test_noncausal_from_z_masks_padded_keys_in_one_chunk(norm, rope, T, G):
+    """Non-causal over one chunk (an encoder's sentence, T <= G) with padding on the
+    left, on the right and none: from_z gives the GAU's composition (RoPE at the real
+    positions, then mixed_chunk with the mask) at every real token, and the same
+    gradients through a loss that ignores the padded outputs."""
+    B = 3
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, :3], mask[1, T - 2:] = True, True
+    xs = z_inputs(B, T, seed=T + 5)
+    w = torch.randn(B, T, E, generator=torch.Generator().manual_seed(3)).masked_fill(mask[..., None], 0.0)
+    out = F.from_z(*xs, False, rope, mask, chunk_size=G, relu2_norm=norm)
+    qk = torch.addcmul(xs[2], xs[0].unsqueeze(-2), xs[1])
+    if rope:
+        qk = F.rope(qk, F.real_positions(mask, B, T, qk.device).unsqueeze(-1))
+    ref = F.mixed_chunk(*qk.unbind(-2), xs[3], False, mask, None, chunk_size=G, relu2_norm=norm)
+    assert_close(out[~mask], ref[~mask])
+    for got, want in zip(grads(out, w, xs), grads(ref, w, xs)):
+        assert_close(got, want)
+    with pytest.raises(ValueError, match="from_z: a causal row is padded at its end and takes no padding mask"):
+        F.from_z(*xs, True, rope, mask, chunk_size=G, relu2_norm=norm)
 
 
 def test_scale_norm_backward_is_its_derivative_and_autograds():

@@ -173,7 +173,9 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         if self.mode == "mixed" and ops.from_z_computes(h.shape[1], self.chunk_size, self.causal, padding_mask,
                                                         self.rel_bias):
             gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
-            return self.to_out(u * ops.from_z(z, gamma, beta, v, self.causal, self.rope, **self.options).to(u.dtype))
+            mask = None if self.causal else padding_mask  # a causal row is padded at its end: no mask needed
+            return self.to_out(u * ops.from_z(z, gamma, beta, v, self.causal, self.rope, mask,
+                                              **self.options).to(u.dtype))
         positions = None if padding_mask is None else ops.real_positions(padding_mask, *h.shape[:2], h.device)
         qk = self.queries_keys(z, positions)
         if self.mode == "mixed":

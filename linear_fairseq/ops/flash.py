@@ -253,6 +253,17 @@ def chunk_means(N: int, L: int, causal: bool, device: torch.device, dtype: torch
     return seen / (seen.sum(-1, keepdim=True) * L).clamp(min=1.0)
 
 
+def mean_weights(N: int, L: int, causal: bool, real: Optional[Tensor], device: torch.device,
+                 dtype: torch.dtype) -> Tensor:
+    """The weights of the mean over the real tokens of the chunks a chunk's queries see
+    (`dtype` an accumulation precision): chunk_means (N or 1, N) without padding; with
+    `real` (B, N, L), from its counts (B, N or 1, N)."""
+    if real is None:
+        return chunk_means(N, L, causal, device, dtype)
+    seen = chunks_seen(N, causal, device, dtype)
+    return seen / (real.to(dtype).sum(-1) @ seen.t()).clamp(min=1.0).unsqueeze(-1)
+
+
 def seen_sums(kl: Tensor, v: Tensor, real: Optional[Tensor], causal: bool) -> Tensor:
     """What each chunk's queries read in the linear part, chunked k' and v (B, N, L, .):
     the mean of k' v^T over the real tokens of the chunks they see (the completed ones
@@ -262,12 +273,7 @@ def seen_sums(kl: Tensor, v: Tensor, real: Optional[Tensor], causal: bool) -> Te
     below float16's normal range); `real` (B, N, L) or None."""
     B, N, L, s = kl.shape
     KV = acc((kl.transpose(-1, -2) @ v).flatten(2))  # (B, N, s e)
-    if real is None:
-        means = chunk_means(N, L, causal, KV.device, KV.dtype)
-    else:
-        seen = chunks_seen(N, causal, KV.device, KV.dtype)
-        means = seen / (acc(real).sum(-1) @ seen.t()).clamp(min=1.0).unsqueeze(-1)  # (B, N or 1, N)
-    return (means @ KV).to(v.dtype).view(B, -1, s, v.shape[-1])
+    return (mean_weights(N, L, causal, real, KV.device, KV.dtype) @ KV).to(v.dtype).view(B, -1, s, v.shape[-1])
 
 
 def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Optional[Tensor], causal: bool) -> Tensor:
@@ -321,36 +327,56 @@ def mixed_chunk(
 # -- chunked form from Z, with its backward written out -------------------------------
 def from_z_computes(T: int, chunk_size: int, causal: bool, padding_mask: Optional[Tensor],
                     rel_bias: Optional[Tensor]) -> bool:
-    """Whether `from_z` computes the case: no relative bias, and causal with padding only
-    at the ends of rows (what comes after a token never reaches it: the real tokens'
-    outputs are those of the rows cut before their padding), or non-causal over whole
-    chunks without padding. One read of the mask to the host."""
+    """Whether `from_z` computes the case: no relative bias, and either causal with
+    padding only at the ends of rows (what comes after a token never reaches it: the
+    real tokens' outputs are those of the rows cut before their padding), or non-causal
+    over one chunk (T <= chunk_size; padding anywhere, its keys masked), or non-causal
+    over whole chunks without padding. At most one read of the mask to the host."""
     if rel_bias is not None:
         return False
     if causal:
         return padding_mask is None or not bool((padding_mask[:, :-1] & ~padding_mask[:, 1:]).any())
-    return T % min(chunk_size, T) == 0 and (padding_mask is None or not bool(padding_mask.any()))
+    if T <= chunk_size:
+        return True
+    return T % chunk_size == 0 and (padding_mask is None or not bool(padding_mask.any()))
 
 
-def from_z(z: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, causal: bool, rope: bool, *, chunk_size: int,
-           relu2_norm: str) -> Tensor:
+def from_z(z: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, causal: bool, rope: bool,
+           padding_mask: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str) -> Tensor:
     """`mixed_chunk` of the four heads q, k, q', k' = Z gamma_h + beta_h (each turned by
     RoPE at positions 0 .. T-1 if `rope`), for the case `from_z_computes` admits (a causal
     sequence is filled up to whole chunks with zeros after its end), with a backward
     written out: the heads' gradients land in one buffer, and RoPE's and the
     offset-scales' gradients take a few kernels (a GAU's backward through it runs about
     half the operators of autograd's through the composition). z (B, T, s), gamma and
-    beta (4, s), v (B, T, e); padded tokens' outputs are not those of `mixed_chunk`
-    (which masks their keys for them too)."""
+    beta (4, s), v (B, T, e); padding_mask (B, T), True at padding, non-causal only
+    (a causal row padded at its end needs none): padded keys weigh nothing. Over one
+    chunk (T <= chunk_size) that is mixed_chunk's function at the real tokens: RoPE's
+    turns at 0 .. T-1 differ from its turns at the real positions by a shift that
+    every query and key share, which their products do not see. Over several chunks
+    the chunks are cut at the positions as they are, where mixed_chunk cuts them
+    after moving the real tokens first (so from_z_computes admits no padding there).
+    Padded tokens' outputs are not those of `mixed_chunk`."""
     T = z.shape[1]
     L = min(chunk_size, T)
     pad = -T % L
     if pad and not causal:
         raise ValueError(f"from_z: T={T} is not a whole number of chunks of {L} (non-causal)")
+    real = None
+    if padding_mask is not None:
+        if causal:
+            raise ValueError("from_z: a causal row is padded at its end and takes no padding mask")
+        real = (~padding_mask).to(operand_dtype(z))
     if pad:  # zeros after the end: no earlier token sees them
         z, v = F.pad(z, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    out = _FromZ.apply(z, gamma, beta, v, causal, rope, chunk_size, relu2_norm)
+    out = _FromZ.apply(z, gamma, beta, v, causal, rope, chunk_size, relu2_norm, real)
     return out[:, :T] if pad else out
+
+
+def key_roots(real: Tensor, G: int, norm: str, dtype: torch.dtype, scale: float) -> Tensor:
+    """chunk_roots for non-causal chunks whose real keys `real` (B, N, L) marks, one
+    weight a chunk, (B N, 1, 1): sqrt(1 / c) * scale, c from the chunk's count of real keys."""
+    return (relu2_divisor(norm, G, acc(real).sum(-1)).rsqrt() * scale).to(dtype).view(-1, 1, 1)
 
 
 class _FromZ(torch.autograd.Function):
@@ -358,7 +384,7 @@ class _FromZ(torch.autograd.Function):
     (fairseq's --amp) is held off inside, so forward and backward keep that one precision."""
 
     @staticmethod
-    def forward(ctx, z, gamma, beta, v, causal, rope, G, norm):
+    def forward(ctx, z, gamma, beta, v, causal, rope, G, norm, real):
         ctx.dtypes = z.dtype, gamma.dtype, v.dtype
         dtype = operand_dtype(z)
         with torch.autocast(z.device.type, enabled=False):
@@ -366,18 +392,23 @@ class _FromZ(torch.autograd.Function):
             (B, T, s), e = z.shape, v.shape[-1]
             L = min(G, T)
             N = T // L
+            if real is not None:  # padded keys: zero values, so they add nothing to either part
+                v = v * real.unsqueeze(-1)
+            roots = functools.partial(chunk_roots, L, G, causal, norm, z.device, dtype) if real is None \
+                else functools.partial(key_roots, real.view(B, N, L), G, norm, dtype)
             qk = torch.addcmul(beta[:, None, None], z, gamma[:, None, None])  # (4, B, T, s): each head contiguous
             if rope:
                 qk = rotate(qk, first_turns(T, s, z.device))
             q, k, ql, kl = qk.view(4, B * N, L, s).unbind()
             vc = v.reshape(B * N, L, e)
-            R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(chunk_roots(L, G, causal, norm, z.device, dtype, s ** -0.5)))
+            R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(roots(s ** -0.5)))
             A = R.square()
-            KV = seen_sums(kl.view(B, N, L, s), vc.view(B, N, L, e), None, causal)
+            real_c = None if real is None else real.view(B, N, L)
+            KV = seen_sums(kl.view(B, N, L, s), vc.view(B, N, L, e), real_c, causal)
             out = torch.baddbmm((ql.reshape(B, KV.shape[1], -1, s) @ KV).view(B * N, L, e), A, vc)
-        ctx.save_for_backward(z, gamma, qk, v, R, A, KV)
+        ctx.save_for_backward(z, gamma, qk, v, R, A, KV, real)
         ctx.shape, ctx.rope, ctx.causal = (B, T, s, e, L, N), rope, causal
-        ctx.roots = chunk_roots(L, G, causal, norm, z.device, dtype, 2 * s ** -0.5)  # dA/dS = 2 R roots
+        ctx.roots = roots(2 * s ** -0.5)  # dA/dS = 2 R roots
         return out.view(B, T, e)
 
     @staticmethod
@@ -386,11 +417,11 @@ class _FromZ(torch.autograd.Function):
             dz, dgamma, dbeta, dv = _FromZ.gradients(ctx, da)
         (z_dtype, gamma_dtype, v_dtype), needed = ctx.dtypes, ctx.needs_input_grad
         return (dz.to(z_dtype) if needed[0] else None, dgamma.to(gamma_dtype) if needed[1] else None,
-                dbeta.to(gamma_dtype) if needed[2] else None, dv.to(v_dtype), None, None, None, None)
+                dbeta.to(gamma_dtype) if needed[2] else None, dv.to(v_dtype), None, None, None, None, None)
 
     @staticmethod
     def gradients(ctx, da):
-        z, gamma, qk, v, R, A, KV = ctx.saved_tensors
+        z, gamma, qk, v, R, A, KV, real = ctx.saved_tensors
         B, T, s, e, L, N = ctx.shape
         da = da.to(v.dtype).reshape(B * N, L, e)
         vc = v.reshape(B * N, L, e)
@@ -404,8 +435,8 @@ class _FromZ(torch.autograd.Function):
         # linear part: out += q' KV, KV the means of k'^T v over the chunks each chunk sees
         shared = da.view(B, KV.shape[1], -1, e)
         torch.matmul(shared, KV.transpose(-1, -2), out=grads[2].view(B, KV.shape[1], -1, s))
-        means = chunk_means(N, L, ctx.causal, z.device, acc_dtype(v))  # seen_sums' weights, cached
-        dKV = means.t() @ acc(ql.reshape(B, KV.shape[1], -1, s).transpose(-1, -2) @ shared).flatten(2)
+        means = mean_weights(N, L, ctx.causal, None if real is None else real.view(B, N, L), z.device, acc_dtype(v))
+        dKV = means.transpose(-1, -2) @ acc(ql.reshape(B, KV.shape[1], -1, s).transpose(-1, -2) @ shared).flatten(2)
         dKV = dKV.to(v.dtype).view(B * N, s, e)
         torch.bmm(vc, dKV.transpose(1, 2), out=grads[3])
         dv.baddbmm_(kl, dKV)
@@ -417,7 +448,8 @@ class _FromZ(torch.autograd.Function):
         dz = (dqk * gamma[:, None, None]).sum(0) if needed[0] else None
         dgamma = (dqk * z).sum((1, 2)) if needed[1] else None
         dbeta = dqk.sum((1, 2)) if needed[2] else None
-        return dz, dgamma, dbeta, dv.view(B, T, e)
+        dv = dv.view(B, T, e)
+        return dz, dgamma, dbeta, dv if real is None else dv * real.unsqueeze(-1)
 
 
 def quadratic(
