@@ -429,7 +429,7 @@ def test_gpu_ops_check_runs_every_family_on_this_machine(tmp_path):
     # the speed section's forward+backward closures (timed on CUDA only) build and run here
     cases, _ = gpu_ops_check.all_cases(torch.device("cpu"))
     timed = gpu_ops_check.family_forms(cases, 1, 64, torch.device("cpu"))
-    assert {"memsizer-chunked", "flash-mixed_chunk-bf16", "performer-favor-parallel"} <= set(timed)
+    assert {"memsizer-chunked", "flash-mixed_chunk-bf16", "flash-gau-from_z-bf16", "performer-favor-parallel"} <= set(timed)
     for make in timed.values():
         make()()
     if not torch.cuda.is_available():  # asked for CUDA where there is none: one line
