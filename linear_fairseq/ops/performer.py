@@ -342,27 +342,32 @@ def _by_chunk(x: Tensor, G: int, fill: float = 0.0) -> Tensor:
     return x.unflatten(2, (-1, G))
 
 
-def _carried(summaries: State, first: State, decay: Optional[Tensor]) -> State:
+def _carried(summaries: State, first: Optional[State], decay: Optional[Tensor]) -> State:
     """The state entering each chunk c = 0..C (C: the final state) from the
     chunks' own summaries (S relative to M, their log-weight at the chunk's
-    end), the state given before the first chunk and each chunk's total
-    log-decay (None: nothing decays). Chunk c' < c reaches chunk c decayed by
-    the chunks between them: log-weight M_c' + P_c - P_{c'+1}, P the decay
-    before a chunk, summed in float64 (a difference of long sums). Every
-    entering state is then one masked (C+1) x (C+1) weighting of the sources,
-    relative to its own largest log-weight: a constant number of kernels at
-    any length."""
-    logw = torch.cat([first["M"].unsqueeze(-1), summaries["M"]], dim=-1)  # (B, H, C+1) sources: first, chunks
+    end), the state given before the first chunk (None: none, nothing enters
+    chunk 0) and each chunk's total log-decay (None: nothing decays). Chunk
+    c' < c reaches chunk c decayed by the chunks between them: log-weight
+    M_c' + P_c - P_{c'+1}, P the decay before a chunk, summed in float64 (a
+    difference of long sums). Every entering state is then one masked
+    (C+1) x (sources) weighting of the sources, relative to its own largest
+    log-weight: a constant number of kernels at any length."""
+    logw, sources = summaries["M"], summaries["S"]  # (B, H, C), (B, H, C, m, d + 1): the chunks
+    if first is not None:  # a source before the chunks, entering chunk 0 onwards
+        logw = torch.cat([first["M"].unsqueeze(-1), logw], dim=-1)
+        sources = torch.cat([first["S"].unsqueeze(2), sources], dim=2)
+    n = logw.shape[-1]
+    C = summaries["M"].shape[-1]
     if decay is not None:
         P = F.pad(decay.double().cumsum(-1), (1, 0))  # (B, H, C+1): the decay before chunk c
-        logw = logw.double()[..., None, :] + P[..., :, None] - P[..., None, :]  # [c, j]: source j entering chunk c
+        logw = logw.double()[..., None, :] + P[..., :, None] - P[..., None, C + 1 - n:]  # [c, j]: j entering c
     else:
         logw = logw[..., None, :]
-    logw = logw + later_log_mask(logw.shape[-1], logw.device, logw.dtype)
+    # source j enters chunk c when it ends before c: columns C + 1 - n.. of the square mask
+    logw = logw + later_log_mask(C + 1, logw.device, logw.dtype)[:, C + 1 - n:]
     M = logw.amax(-1).detach()
-    w = torch.exp(logw - _finite(M).unsqueeze(-1)).to(summaries["S"].dtype)
-    sources = torch.cat([first["S"].unsqueeze(2), summaries["S"]], dim=2)
-    S = (w @ sources.flatten(-2)).unflatten(-1, summaries["S"].shape[-2:])
+    w = torch.exp(logw - _finite(M).unsqueeze(-1)).to(sources.dtype)
+    S = (w @ sources.flatten(-2)).unflatten(-1, sources.shape[-2:])
     return {"S": S, "M": M.to(S.dtype)}
 
 
@@ -385,15 +390,13 @@ def causal_parallel(
         out, S = _unweighted_parallel(*_causal_values(phi_q, phi_k, v, padding_mask, chunk_size), G, eps)
         return out[:, :, :T].to(dtype), {"S": S, "M": S.new_zeros(S.shape[:2])}
     phi_q, phi_k, v, a, lg = _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_size)
-    B, H, _, m = phi_k.shape
     # padded to whole chunks: the extra keys weigh nothing (a = -inf) and do not decay (log g = 0)
     pq, pk, vc = _by_chunk(phi_q, G), _by_chunk(phi_k, G), _by_chunk(v, G)
     qs = None if q_log_scale is None else _by_chunk(acc(q_log_scale).unsqueeze(-1), G).squeeze(-1)
     a = _by_chunk(a.unsqueeze(-1), G, NEG_INF).squeeze(-1)
     L = None if lg is None else _by_chunk(lg.unsqueeze(-1), G).squeeze(-1).cumsum(-1)
     r = a if L is None else a - L
-    first = state if state is not None else empty_state(B, H, m, d, v)
-    entering = _carried(_summaries(pk, vc, r, L), first, None if L is None else L[..., -1])
+    entering = _carried(_summaries(pk, vc, r, L), state, None if L is None else L[..., -1])
     inside = {k: x[:, :, :-1] for k, x in entering.items()}
     out = _chunk_out(pq, pk, vc, r, L, inside, eps, qs)
     return out.flatten(2, 3)[:, :, :T].to(dtype), {k: x[:, :, -1] for k, x in entering.items()}
