@@ -137,14 +137,11 @@ def train_ops(model, T: int) -> int:
     return count(lambda: suites.train_pass(model, tokens))[0]
 
 
-def train_ops_per_layer(family: str, extra=(), T: int = TRAIN_LENGTHS[0]) -> int:
-    """A decoder layer's share of a training pass: the pass of the LM with one layer
-    more, less the LM's (autograd's backward runs outside the layers' forward hooks,
-    so the difference is what counts it)."""
-    model = models.build("lm", family, extra=extra)[0]
-    layers = len(model.decoder.layers)
-    deeper = models.build("lm", family, extra=[*extra, "--decoder-layers", str(layers + 1)])[0]
-    return train_ops(deeper, T) - train_ops(model, T)
+def one_layer_more(model, family: str, extra=()):
+    """The LM of `family` (with `extra`) with one decoder layer more than `model`: its
+    training pass less `model`'s is a decoder layer's share (autograd's backward runs
+    outside the layers' forward hooks, so the difference is what counts it)."""
+    return models.build("lm", family, extra=[*extra, "--decoder-layers", str(len(model.decoder.layers) + 1)])[0]
 
 
 def decode_ops(model, prefix: int, triton: bool = False) -> dict:
@@ -206,9 +203,10 @@ def measure(families) -> dict:
     out = {}
     for name, family, extra in rows(families):
         model, _, info = models.build("lm", family, extra=extra)
-        out[name] = {"arch": info["arch"], "args": info["args"],
-                     "train": {str(T): train_ops(model, T) for T in TRAIN_LENGTHS},
-                     "train_per_layer": train_ops_per_layer(family, extra),
+        train = {str(T): train_ops(model, T) for T in TRAIN_LENGTHS}
+        first = TRAIN_LENGTHS[0]
+        out[name] = {"arch": info["arch"], "args": info["args"], "train": train,
+                     "train_per_layer": train_ops(one_layer_more(model, family, extra), first) - train[str(first)],
                      "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
         print(f"{name}: {out[name]['train']} {out[name]['decode']}", flush=True)
         if not extra and triton_modules(model):

@@ -19,7 +19,6 @@ train suite's timings are the measured word on speed.
 import argparse
 import json
 import logging
-import time
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from . import op_counts, report, suites
-from .measure import DTYPES, sync
+from .measure import DTYPES
 
 
 def device_events(prof) -> list:
@@ -54,10 +53,7 @@ def profile_row(row: str, ctx: int, tokens: int, device: str, dtype: torch.dtype
         suites.train_step(model, batch, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        suites.train_step(model, batch, device)
-        sync(device)
-        seconds = time.perf_counter() - start
+        seconds = suites.train_step(model, batch, device)  # timed between device syncs
     launches = len(device_events(prof)) if device == "cuda" else len(op_counts.leaf_aten(prof))
     return {"family": row, "arch": info["arch"], "params": info["params"], "ctx": ctx, "batch": B,
             "dtype": str(dtype).removeprefix("torch."), "device": device, "step_ms": 1000 * seconds,

@@ -392,10 +392,11 @@ class _FromZ(torch.autograd.Function):
             (B, T, s), e = z.shape, v.shape[-1]
             L = min(G, T)
             N = T // L
+            real_c = None if real is None else real.view(B, N, L)
             if real is not None:  # padded keys: zero values, so they add nothing to either part
                 v = v * real.unsqueeze(-1)
             roots = functools.partial(chunk_roots, L, G, causal, norm, z.device, dtype) if real is None \
-                else functools.partial(key_roots, real.view(B, N, L), G, norm, dtype)
+                else functools.partial(key_roots, real_c, G, norm, dtype)
             qk = torch.addcmul(beta[:, None, None], z, gamma[:, None, None])  # (4, B, T, s): each head contiguous
             if rope:
                 qk = rotate(qk, first_turns(T, s, z.device))
@@ -403,10 +404,9 @@ class _FromZ(torch.autograd.Function):
             vc = v.reshape(B * N, L, e)
             R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(roots(s ** -0.5)))
             A = R.square()
-            real_c = None if real is None else real.view(B, N, L)
             KV = seen_sums(kl.view(B, N, L, s), vc.view(B, N, L, e), real_c, causal)
             out = torch.baddbmm((ql.reshape(B, KV.shape[1], -1, s) @ KV).view(B * N, L, e), A, vc)
-        ctx.save_for_backward(z, gamma, qk, v, R, A, KV, real)
+        ctx.save_for_backward(z, gamma, qk, v, R, A, KV, real_c)
         ctx.shape, ctx.rope, ctx.causal = (B, T, s, e, L, N), rope, causal
         ctx.roots = roots(2 * s ** -0.5)  # dA/dS = 2 R roots
         return out.view(B, T, e)
@@ -421,7 +421,7 @@ class _FromZ(torch.autograd.Function):
 
     @staticmethod
     def gradients(ctx, da):
-        z, gamma, qk, v, R, A, KV, real = ctx.saved_tensors
+        z, gamma, qk, v, R, A, KV, real_c = ctx.saved_tensors
         B, T, s, e, L, N = ctx.shape
         da = da.to(v.dtype).reshape(B * N, L, e)
         vc = v.reshape(B * N, L, e)
@@ -435,7 +435,7 @@ class _FromZ(torch.autograd.Function):
         # linear part: out += q' KV, KV the means of k'^T v over the chunks each chunk sees
         shared = da.view(B, KV.shape[1], -1, e)
         torch.matmul(shared, KV.transpose(-1, -2), out=grads[2].view(B, KV.shape[1], -1, s))
-        means = mean_weights(N, L, ctx.causal, None if real is None else real.view(B, N, L), z.device, acc_dtype(v))
+        means = mean_weights(N, L, ctx.causal, real_c, z.device, acc_dtype(v))
         dKV = means.transpose(-1, -2) @ acc(ql.reshape(B, KV.shape[1], -1, s).transpose(-1, -2) @ shared).flatten(2)
         dKV = dKV.to(v.dtype).view(B * N, s, e)
         torch.bmm(vc, dKV.transpose(1, 2), out=grads[3])
@@ -448,8 +448,9 @@ class _FromZ(torch.autograd.Function):
         dz = (dqk * gamma[:, None, None]).sum(0) if needed[0] else None
         dgamma = (dqk * z).sum((1, 2)) if needed[1] else None
         dbeta = dqk.sum((1, 2)) if needed[2] else None
-        dv = dv.view(B, T, e)
-        return dz, dgamma, dbeta, dv if real is None else dv * real.unsqueeze(-1)
+        if real_c is not None:
+            dv = dv * real_c.view(B * N, L, 1)
+        return dz, dgamma, dbeta, dv.view(B, T, e)
 
 
 def quadratic(

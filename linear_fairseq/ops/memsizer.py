@@ -48,7 +48,7 @@ def _real_tokens(padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
     """1.0 at real positions, 0.0 at padding: (B, T)."""
     B, T = like.shape[:2]
     if padding_mask is None:
-        return acc(like.new_ones(B, T))
+        return like.new_ones(B, T, dtype=acc_dtype(like))
     return (~padding_mask).to(acc_dtype(like))
 
 

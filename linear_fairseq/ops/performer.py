@@ -356,15 +356,15 @@ def _carried(summaries: State, first: Optional[State], decay: Optional[Tensor]) 
     if first is not None:  # a source before the chunks, entering chunk 0 onwards
         logw = torch.cat([first["M"].unsqueeze(-1), logw], dim=-1)
         sources = torch.cat([first["S"].unsqueeze(2), sources], dim=2)
-    n = logw.shape[-1]
     C = summaries["M"].shape[-1]
+    skip = 0 if first is not None else 1  # the sources are columns skip.. of the (C+1) x (C+1) layout
     if decay is not None:
         P = F.pad(decay.double().cumsum(-1), (1, 0))  # (B, H, C+1): the decay before chunk c
-        logw = logw.double()[..., None, :] + P[..., :, None] - P[..., None, C + 1 - n:]  # [c, j]: j entering c
+        logw = logw.double()[..., None, :] + P[..., :, None] - P[..., None, skip:]  # [c, j]: j entering c
     else:
         logw = logw[..., None, :]
-    # source j enters chunk c when it ends before c: columns C + 1 - n.. of the square mask
-    logw = logw + later_log_mask(C + 1, logw.device, logw.dtype)[:, C + 1 - n:]
+    # a source enters chunk c when it ends before c
+    logw = logw + later_log_mask(C + 1, logw.device, logw.dtype)[:, skip:]
     M = logw.amax(-1).detach()
     w = torch.exp(logw - _finite(M).unsqueeze(-1)).to(sources.dtype)
     S = (w @ sources.flatten(-2)).unflatten(-1, sources.shape[-2:])
@@ -385,7 +385,7 @@ def causal_parallel(
     for their weights; the compute of the carry is O(C^2 m d). Keys of weight 1
     (no log-scale, gate or state given: elu, T2R, RFA without its gate) take
     `_unweighted_parallel`, the same sums without log-weights."""
-    dtype, (T, d), G = v.dtype, v.shape[2:], chunk_size
+    dtype, T, G = v.dtype, v.shape[2], chunk_size
     if log_scale is None and gate_logits is None and q_log_scale is None and state is None:
         out, S = _unweighted_parallel(*_causal_values(phi_q, phi_k, v, padding_mask, chunk_size), G, eps)
         return out[:, :, :T].to(dtype), {"S": S, "M": S.new_zeros(S.shape[:2])}
