@@ -494,6 +494,10 @@ def test_scale_norm_backward_is_its_derivative_and_autograds():
     assert_close(out, ref, rtol=1e-12)
     for got, want in zip(torch.autograd.grad((out * w).sum(), (x, g)), torch.autograd.grad((ref * w).sum(), (x, g))):
         assert_close(got, want, rtol=1e-9)
+    with torch.no_grad():  # decoding: the same values, without the autograd function
+        assert_close(F.scale_norm(x, g, 1e-5), ref, rtol=1e-12)
+    assert F.scale_norm(x.detach(), g.detach(), 1e-5).grad_fn is None
+    assert type(F.scale_norm(x.detach(), g, 1e-5).grad_fn).__name__ == "_ScaleNormBackward"
 
 
 def test_invalid_chunk_size_is_named():

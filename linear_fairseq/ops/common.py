@@ -60,8 +60,9 @@ def acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def acc(x: Tensor) -> Tensor:
-    """x in its accumulation precision (acc_dtype)."""
-    return x.to(acc_dtype(x))
+    """x in its accumulation precision (acc_dtype); x itself when it is in it."""
+    dtype = acc_dtype(x)
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -84,9 +85,9 @@ def writable(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def update(x: Tensor, op: str, in_place: bool, *args) -> Tensor:
-    """x.op(*args), written into x (x.op_) where `in_place`, else a new tensor."""
-    return getattr(x, f"{op}_" if in_place else op)(*args)
+def update(x: Tensor, op: str, in_place: bool, *args, **kwargs) -> Tensor:
+    """x.op(*args, **kwargs), written into x (x.op_) where `in_place`, else a new tensor."""
+    return getattr(x, f"{op}_" if in_place else op)(*args, **kwargs)
 
 
 def zero_padded(x: Tensor, padding_mask: Optional[Tensor], time_dim: int) -> Tensor:

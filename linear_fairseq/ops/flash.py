@@ -109,15 +109,24 @@ def scatter_time(x: Tensor, order: Tensor) -> Tensor:
 # -- normalization ---------------------------------------------------------------
 def scale_norm(x: Tensor, g: Tensor, eps: float) -> Tensor:
     """ScaleNorm (Nguyen & Salazar 2019, FLASH's default): x / max(|x|, eps) * g over the
-    last dim, g a learned scalar; its backward written out (6 kernels, autograd's 17)."""
-    return _ScaleNorm.apply(x, g, eps)
+    last dim, g a learned scalar; its backward written out (6 kernels, autograd's 17).
+    Without a gradient to compute (decoding) the autograd function is not entered."""
+    if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad):
+        return _ScaleNorm.apply(x, g, eps)
+    return unit_norm(x, eps)[0] * g
+
+
+def unit_norm(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(x / c, c), c = max(|x|, eps) over the last dim. x / c is at most 1 in size: half
+    precision holds it where g / c would overflow."""
+    c = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=eps)
+    return x / c, c
 
 
 class _ScaleNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, eps):
-        c = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=eps)
-        unit = x / c  # at most 1 in size: half precision holds it where g / c would overflow
+        unit, c = unit_norm(x, eps)
         ctx.save_for_backward(unit, c, g)
         ctx.eps = eps
         return unit * g
@@ -569,22 +578,24 @@ def causal_step(
     # quadratic over the chunk's tokens so far, linear over completed chunks
     scores = step_scores(q, k_chunk, fill, rel_bias)
     a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill].unsqueeze(1)
-    lin = (ql / done.clamp(min=1)[:, None]).unsqueeze(1) @ state["kv_done"]
+    lin = torch.bmm((ql / done.clamp(min=1)[:, None]).unsqueeze(1), state["kv_done"])
     out = torch.baddbmm(lin, a, v_chunk).squeeze(1)
-    return out, advance(state, k_chunk, v_chunk, kl, v, padding_mask, fill == G - 1)
+    last_slot = torch.eq(fill, G - 1, out=out.new_empty(B))  # 1.0 where this token takes the chunk's last slot
+    return out, advance(state, k_chunk, v_chunk, kl, v, padding_mask, last_slot)
 
 
 def advance(state: State, k_chunk, v_chunk, kl, v, padding_mask, last_slot: Tensor) -> State:
     """The state after a step: k' v^T into the chunk's sum; a completed chunk's
     sum moves into the completed chunks' (Sec. 3.2: sum_j k'_j v_j^T over past chunks).
-    `last_slot`: where this step's token took the chunk's last slot."""
+    `last_slot` (B,): 1.0 where this step's token took the chunk's last slot, else 0."""
     real = None if padding_mask is None else ~padding_mask
     if real is not None:
         kl = kl * real[:, None]
     in_place = writable(kl, v, state["kv_chunk"], state["kv_done"])
     kv_chunk = update(state["kv_chunk"], "baddbmm", in_place, kl.unsqueeze(2), v.unsqueeze(1))
-    full = last_slot if real is None else last_slot & real  # where this step completed the chunk
-    kv_done = update(state["kv_done"], "addcmul", in_place, kv_chunk, full[:, None, None])
-    kv_chunk = update(kv_chunk, "masked_fill", in_place, full[:, None, None], 0.0)  # a completed chunk starts anew
+    # 1 where this step completed the chunk, else 0 (products: a masked fill is slow on CPUs)
+    moved = (last_slot if real is None else last_slot * real)[:, None, None]
+    kv_done = update(state["kv_done"], "addcmul", in_place, kv_chunk, moved)
+    kv_chunk = update(kv_chunk, "addcmul", in_place, kv_chunk, moved, value=-1.0)  # a completed chunk starts anew
     return {"k_chunk": k_chunk, "v_chunk": v_chunk, "kv_chunk": kv_chunk, "kv_done": kv_done,
             "position": state["position"] + (1 if real is None else real)}
