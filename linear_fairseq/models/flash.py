@@ -90,6 +90,7 @@ FAMILY = Family(
     smoke={"gau_s": 16}, tiny=TINY,
     variants={
         "mt_relbias": Variant("mt", ("--gau-rel-pos-bias",)),
+        "lm_no_rope": Variant("lm", ("--no-rope",)),
         **{f"lm_{norm}": Variant("lm", ("--gau-relu2-norm", norm)) for norm in ("keys", "chunk")},  # default none
         "mt_softmax_cross": Variant("mt", ("--cross-attn", "softmax")),
         "mt_keys": Variant("mt", ("--gau-relu2-norm", "keys")),

@@ -50,6 +50,7 @@ FAMILY = Family(
         **{f"mt_{fm}": Variant("mt", kernel(fm)) for fm in FEATURE_MAPS if fm != "favor"},  # favor: the default
         "mt_rfa_gate": Variant("mt", kernel("rfa", "--rfa-gate")),
         "lm_t2r_gate": Variant("lm", kernel("t2r", "--rfa-gate")),
+        "lm_favor_gate": Variant("lm", kernel("favor", "--rfa-gate")),
         "mt_local": Variant("mt", ("--short-conv", "4", "--local-window", "6")),
         "lm_local": Variant("lm", ("--short-conv", "2", "--local-window", "3")),
     },

@@ -1,0 +1,57 @@
+"""The Triton kernels compile for the GPUs the project trains on, checked without one
+(benchmarks.triton_compile: Triton's compiler down to the cubin, for sm_90)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import triton_compile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_decoding_kernel_launch_compiles_for_sm_90(tmp_path):
+    """Every launch the benchmark models' decoding steps make on Triton (each family's
+    LM and translation model, with its defaults and each Family.variants option set:
+    FLASH's GAU step with and without RoPE and the relative bias; kernel attention's
+    step with FAVOR+ computed in the kernel, RFA's gate, elu, RFA, T2R), in float32,
+    bfloat16 and float16, with and without a padded step, compiles for sm_90 (H100,
+    H200) and fits its shared memory. The interpreter the other tests run them in
+    checks neither."""
+    pytest.importorskip("triton.backends.nvidia", reason="the check compiles with Triton's NVIDIA backend")
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compilable kernels
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # each kernel compiled here, none taken from a cache
+    r = subprocess.run([sys.executable, "-m", "benchmarks.triton_compile", "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    records = json.loads(out.read_text())["records"]
+    assert records and all(rec["ok"] and rec["arch"] == "sm_90" for rec in records)
+    assert all(rec["shared_bytes"] <= triton_compile.SHARED[90] for rec in records)
+    kernels = {rec["kernel"] for rec in records}
+    assert kernels == {"flash_triton._gau_step_kernel", "performer_triton._step_kernel"}
+    for kernel in kernels:
+        cases = {(rec["dtype"], rec["padded"]) for rec in records if rec["kernel"] == kernel}
+        assert cases == {(d, p) for d in ("float32", "bfloat16", "float16") for p in (False, True)}, kernel
+    rows = {rec["row"] for rec in records}
+    assert {"flash lm", "flash mt_relbias", "flash lm_no_rope", "performer lm", "performer lm_favor_gate",
+            "performer mt_rfa", "performer mt_elu"} <= rows
+    assert "triton_compile: " in r.stdout and " compiles ok" in r.stdout
+
+
+def test_interpreted_kernels_are_refused_in_one_line(capsys, monkeypatch):
+    """Under TRITON_INTERPRET=1 (as the tests run without CUDA) the kernels are not
+    compilable functions: one line says so."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_compile.main([]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "triton_compile: TRITON_INTERPRET=1 makes the kernels interpreted functions: run it without"]
+
+
+def test_a_bad_architecture_is_named(capsys):
+    with pytest.raises(SystemExit):
+        triton_compile.main(["--arch", "75"])
+    assert "--arch 75: choose from 80, 86, 89, 90" in capsys.readouterr().err
