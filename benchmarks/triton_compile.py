@@ -26,7 +26,10 @@ import importlib
 import json
 import os
 import pkgutil
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,6 +164,22 @@ def check(archs, dtypes=DTYPES) -> list:
     return records
 
 
+def resources(cubin: bytes) -> dict:
+    """Registers a thread and stack bytes a thread (spilled registers and the stack frames
+    of library calls such as sin and cos) of a compiled kernel, as cuobjdump reads them
+    from the cubin (Triton's NVIDIA backend carries cuobjdump); {} where it is missing."""
+    import triton.backends.nvidia
+    tool = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK):(\d+)", usage))
+    return {"registers": int(found["REG"]), "stack_bytes": int(found["STACK"])} if len(found) == 2 else {}
+
+
 def compiled(kernel: str, build, arch: int, **where) -> dict:
     record = {"kernel": kernel, "arch": f"sm_{arch}", **where}
     start = time.perf_counter()
@@ -171,7 +190,8 @@ def compiled(kernel: str, build, arch: int, **where) -> dict:
     shared, limit = binary.metadata.shared, SHARED.get(arch)
     fits = limit is None or shared <= limit
     return {**record, "ok": "cubin" in binary.asm and fits, "shared_bytes": shared, "shared_limit": limit,
-            "num_warps": binary.metadata.num_warps, "seconds": round(time.perf_counter() - start, 2),
+            "num_warps": binary.metadata.num_warps, **resources(binary.asm.get("cubin", b"")),
+            "seconds": round(time.perf_counter() - start, 2),
             **({} if fits else {"error": f"needs {shared} bytes of shared memory; sm_{arch} offers {limit}"})}
 
 
@@ -213,7 +233,9 @@ def main(argv=None) -> int:
     for r in records:
         where = f"{r['kernel']} sm={r['arch']} {r['row']}, {r['dtype']}{', padded' if r['padded'] else ''}"
         print(f"{'ok ' if r['ok'] else 'FAIL'} {where}: " +
-              (f"{r['shared_bytes']} of {r['shared_limit']} bytes shared, {r['seconds']} s" if r["ok"]
+              (f"{r['shared_bytes']} of {r['shared_limit']} bytes shared, {r.get('registers', '?')} registers "
+               f"and {r.get('stack_bytes', '?')} stack bytes a thread, {r['num_warps']} warps, {r['seconds']} s"
+               if r["ok"]
                else r["error"].splitlines()[0]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

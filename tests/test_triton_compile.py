@@ -31,6 +31,10 @@ def test_every_decoding_kernel_launch_compiles_for_sm_90(tmp_path):
     records = json.loads(out.read_text())["records"]
     assert records and all(rec["ok"] and rec["arch"] == "sm_90" for rec in records)
     assert all(rec["shared_bytes"] <= triton_compile.SHARED[90] for rec in records)
+    # registers: none needs all 255 a thread has (where a kernel would spill); stack: at most
+    # the frame of sin and cos (RoPE's turn), which spilled registers would add to
+    assert all(rec["registers"] < 255 and rec["stack_bytes"] <= 32 for rec in records), records
+    assert all(rec["stack_bytes"] == 0 for rec in records if "rope" in rec["row"] or "performer" in rec["row"])
     kernels = {rec["kernel"] for rec in records}
     assert kernels == {"flash_triton._gau_step_kernel", "performer_triton._step_kernel"}
     for kernel in kernels:

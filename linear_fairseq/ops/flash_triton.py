@@ -22,7 +22,11 @@ from .common import State, strides
 from .flash import empty_state, rope_freqs, slot_weights
 
 BLOCK_G = 32  # chunk slots a program scores at a time
-BLOCK_E = 64  # value columns a program moves at a time
+BLOCK_E = 32  # value columns a program moves at a time
+# 8 warps, and 32 value columns a pass: compiled for sm_90 (benchmarks.triton_compile), the
+# program keeps its (s/2, BLOCK_E) tiles of the linear sums in registers without spilling
+# them (with 4 warps and 64 columns it needs all 255 registers a thread has, and more)
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -162,6 +166,6 @@ def gau_step(
         *u.stride(), *v.stride(), *z.stride(), *strides(padding_mask, 1),
         *out.stride(), *kc.stride(), *vc.stride(), *kv.stride(), *kd.stride(),
         ROPE=rope, HAS_BIAS=rel_bias is not None, HAS_MASK=padding_mask is not None,
-        BLOCK_P=triton.next_power_of_2(s // 2), BLOCK_G=BLOCK_G, BLOCK_E=BLOCK_E,
+        BLOCK_P=triton.next_power_of_2(s // 2), BLOCK_G=BLOCK_G, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS,
     )
     return out, state
