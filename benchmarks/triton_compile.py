@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the plugin for NVIDIA GPUs, on a machine without one.
 
-    python -m benchmarks.triton_compile [--arch 90,80] [--out FILE.json]
+    python -m benchmarks.triton_compile [--arch 90,80] [--out FILE.json [--replace]]
 
 Triton's interpreter (which the tests use where there is no GPU) runs a kernel
 as numpy code; it does not type the kernel, lay it out for a GPU's threads and
@@ -223,9 +223,12 @@ def main(argv=None) -> int:
                                                  "H100 / H200; " + ", ".join(f"{a}: {n}" for a, n in
                                                                              ARCH_NAMES.items()) + ")")
     ap.add_argument("--out", type=Path, help="also write the records as JSON")
+    ap.add_argument("--replace", action="store_true", help="rewrite --out where it holds an earlier check")
     args = ap.parse_args(argv)
     archs = arch_list(ap, args.arch)
     why = problem()
+    if not why and args.out and args.out.exists() and not args.replace:
+        why = f"{args.out} holds an earlier check; --replace to check anew (rewriting it), or another --out"
     if why:
         print(f"triton_compile: {why}", file=sys.stderr)
         return 1
@@ -239,7 +242,9 @@ def main(argv=None) -> int:
                else r["error"].splitlines()[0]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"archs": archs, "records": records}, indent=1))
+        import triton
+        versions = {"triton": triton.__version__, "torch": torch.__version__}
+        args.out.write_text(json.dumps({**versions, "archs": archs, "records": records}, indent=1))
     failed = [r for r in records if not r["ok"]]
     print(f"triton_compile: {len(records) - len(failed)} of {len(records)} compiles ok")
     return 1 if failed else 0

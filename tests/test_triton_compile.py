@@ -59,3 +59,15 @@ def test_a_bad_architecture_is_named(capsys):
     with pytest.raises(SystemExit):
         triton_compile.main(["--arch", "75"])
     assert "--arch 75: choose from 80, 86, 89, 90" in capsys.readouterr().err
+
+
+def test_an_earlier_check_is_not_overwritten(tmp_path, capsys, monkeypatch):
+    """--out naming a file that exists is refused in one line, before anything is compiled."""
+    pytest.importorskip("triton.backends.nvidia", reason="the check compiles with Triton's NVIDIA backend")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    earlier = tmp_path / "compile.json"
+    earlier.write_text("{}")
+    assert triton_compile.main(["--out", str(earlier)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"triton_compile: {earlier} holds an earlier check; --replace to check anew (rewriting it), or another --out"]
+    assert earlier.read_text() == "{}"
