@@ -45,6 +45,7 @@ SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 ARCH_NAMES = {80: "A100", 86: "RTX 30xx / A10", 89: "L4 / RTX 40xx", 90: "H100 / H200"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+
 def rows() -> list:
     """(row, kind, family, flags): each family's benchmark models ("lm", "mt") with their
     defaults, and each option set that changes its decoding path (Family.variants)."""
