@@ -1,31 +1,41 @@
-"""Compile every Triton kernel of the plugin for NVIDIA GPUs, on a machine without one.
+"""Compile the Triton kernels the models launch on a GPU, on a machine without one.
 
-    python -m benchmarks.triton_compile [--arch 90,80] [--out FILE.json [--replace]]
+    python -m benchmarks.triton_compile [--arch 90,80] [--passes decode,train]
+        [--dtypes float32,bfloat16,float16] [--out FILE.json [--replace]]
 
 Triton's interpreter (which the tests use where there is no GPU) runs a kernel
 as numpy code; it does not type the kernel, lay it out for a GPU's threads and
 memory, or run ptxas, so a kernel that is right there can still fail to
-compile on a GPU. This check decodes three tokens on the CPU with each
-family's benchmark models (benchmarks/models.py: the LM and the translation
-model) with their defaults and with each option set that changes the
-family's decoding path (Family.variants), their modules told they run on
-Triton, in float32, bfloat16 and float16, without and with padding. It
-records the arguments of every kernel launch (the launches themselves do not
-run) and compiles each distinct specialization, as Triton's launcher would
-make it from those arguments, for each GPU architecture with Triton's own
-compiler and ptxas, down to the cubin; and it checks the kernel's shared
-memory against what the architecture gives a block. Nothing is timed or run
-on a GPU. Needs Triton with its NVIDIA backend (the test extra installs it;
-a CUDA torch brings it), and runs without TRITON_INTERPRET=1: the kernels
-are then Triton's compilable functions (the tests start it in a subprocess
+compile on a GPU. This check runs each family's benchmark models
+(benchmarks/models.py: the LM and the translation model), with their
+defaults and with each option set that changes the family's decoding path
+(Family.variants), on the CPU with their modules told they run on Triton,
+in each precision:
+
+  decode  three decoding steps, without and with a padded step: the plugin's
+          own kernels (ops/*_triton.py);
+  train   one forward and backward pass of the LM: fla-core's kernels, on
+          which kernel attention trains on CUDA (where fla-core imports).
+
+Every Triton launch is recorded instead of run (the outputs are left as they
+were allocated), and each distinct specialization, as Triton's launcher
+would make it from those arguments, is compiled for each GPU architecture
+with Triton's compiler and ptxas, down to the cubin; an autotuned kernel
+counts as compiled when one of its configurations does (its autotuner skips
+those that do not), the first in its list. The record holds the kernel's
+shared memory (against what the architecture gives a block), and its
+registers and stack a thread (cuobjdump on the cubin). fla-core picks its
+configuration lists when it is imported, from the device it finds; here it
+finds none, so on a GPU its lists may differ. Nothing is timed or run on a
+GPU. Needs Triton with its NVIDIA backend (the test extra installs it; a
+CUDA torch brings it), and runs without TRITON_INTERPRET=1: the kernels are
+then Triton's compilable functions (the tests start it in a subprocess
 without it).
 """
 import argparse
 import contextlib
-import importlib
 import json
 import os
-import pkgutil
 import re
 import subprocess
 import sys
@@ -35,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from linear_fairseq import families, ops
+from linear_fairseq import families
 
 from . import models
 from .op_counts import triton_modules
@@ -44,6 +54,7 @@ from .op_counts import triton_modules
 SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 ARCH_NAMES = {80: "A100", 86: "RTX 30xx / A10", 89: "L4 / RTX 40xx", 90: "H100 / H200"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_NAMES = tuple(str(d).split(".")[-1] for d in DTYPES)
 
 
 def rows() -> list:
@@ -56,40 +67,22 @@ def rows() -> list:
     return out
 
 
-def kernels() -> dict:
-    """{"module.name": (module, name)}: every Triton function of the ops/*_triton.py modules."""
+@contextlib.contextmanager
+def recording(calls: list):
+    """Every Triton launch (the plugin's kernels and fla-core's) appended to `calls` as
+    (kernel, args, kwargs, configs) instead of run; configs: an autotuned kernel's
+    candidate configurations, None for a plain launch."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    found = {}
-    for info in pkgutil.iter_modules(ops.__path__):
-        if info.name.endswith("_triton"):
-            module = importlib.import_module(f"{ops.__name__}.{info.name}")
-            found.update({f"{info.name}.{name}": (module, name) for name, value in vars(module).items()
-                          if isinstance(value, JITFunction)})
-    return found
-
-
-class Recorder:
-    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
-
-    def __init__(self, name: str, calls: list):
-        self.name, self.calls = name, calls
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.name, args, kwargs))
-
-
-@contextlib.contextmanager
-def recording(calls: list, found: dict):
-    """Every function of `found` replaced by a Recorder appending to `calls`."""
-    saved = {key: getattr(module, name) for key, (module, name) in found.items()}
-    for key, (module, name) in found.items():
-        setattr(module, name, Recorder(key, calls))
+    saved = JITFunction.run, Autotuner.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: calls.append((self, args, kwargs, None))
+    Autotuner.run = lambda self, *args, grid=None, warmup=False, **kwargs: calls.append((self.fn, args, kwargs,
+                                                                                          self.configs))
     try:
         yield
     finally:
-        for key, (module, name) in found.items():
-            setattr(module, name, saved[key])
+        JITFunction.run, Autotuner.run = saved
 
 
 def on_triton(model) -> bool:
@@ -100,9 +93,10 @@ def on_triton(model) -> bool:
     return bool(modules)
 
 
-def launches(model, kind: str, padded: bool, found: dict) -> list:
-    """The kernel launches of three decoding steps of `model` (batch 2; with `padded`, the
-    first row's first step is padding, and a translation model's second source is shorter)."""
+def decoding(model, kind: str, padded: bool):
+    """Three decoding steps of `model` (batch 2; with `padded`, the first row's first step is
+    padding, and a translation model's second source is shorter)."""
+    model.eval()
     pad = model.decoder.padding_idx
     tokens = torch.randint(4, models.VOCAB, (2, 3), generator=torch.Generator().manual_seed(0))
     if padded:
@@ -113,11 +107,41 @@ def launches(model, kind: str, padded: bool, found: dict) -> list:
         lengths = torch.tensor([5, 3 if padded else 5])
         source[1, : 5 - int(lengths[1])] = pad  # fairseq pads sources on the left
         encoder_out = {"encoder_out": model.encoder(source, src_lengths=lengths)}
-    calls, state = [], {}
-    with recording(calls, found), torch.no_grad():
+    state = {}
+    with torch.no_grad():
         for t in range(1, tokens.shape[1] + 1):
             model.decoder(tokens[:, :t], incremental_state=state, **encoder_out)
+
+
+def training(model, kind: str, padded: bool):
+    """One forward and backward pass of a language model over two rows of 128 tokens (a
+    training pass; padding does not apply to the LM's blocks)."""
+    if kind != "lm" or padded:
+        return
+    model.train()
+    tokens = torch.randint(4, models.VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
+    model.decoder(tokens)[0].float().sum().backward()
+
+
+PASSES = {"decode": decoding, "train": training}
+
+
+def launches(run, model, kind: str, padded: bool) -> list:
+    calls = []
+    with recording(calls):
+        run(model, kind, padded)
     return calls
+
+
+def with_heuristics(kernel, args, kwargs):
+    """The JIT function under `kernel` and the keyword arguments its heuristics add."""
+    from triton.runtime.autotuner import Heuristics
+
+    while isinstance(kernel, Heuristics):
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        kwargs = {**kwargs, **{name: rule(named) for name, rule in kernel.values.items()}}
+        kernel = kernel.fn
+    return kernel, kwargs
 
 
 def compile_launch(kernel, args, kwargs, arch: int):
@@ -134,15 +158,25 @@ def compile_launch(kernel, args, kwargs, arch: int):
     kwargs = dict(kwargs, debug=False, instrumentation_mode="")
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    key = (arch, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)), repr(attrs))
+    key = (arch, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)), repr(attrs),
+           tuple(sorted((k, str(v)) for k, v in options.__dict__.items())))
     return key, lambda: triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                        options=options.__dict__)
 
 
-def check(archs, dtypes=DTYPES) -> list:
-    """One record per distinct (kernel, specialization, architecture): where it came from,
-    whether it compiled, its shared memory and the architecture's limit."""
-    found = kernels()
+def candidates(kernel, args, kwargs, configs, arch: int) -> list:
+    """(key, build) of each way the launch may compile: the one, or each autotuned configuration."""
+    kernel, kwargs = with_heuristics(kernel, args, kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k != "debug"}
+    return [compile_launch(kernel, args, {**kwargs, **config.all_kwargs()}, arch) for config in configs] \
+        if configs else [compile_launch(kernel, args, kwargs, arch)]
+
+
+def check(archs, dtypes=DTYPES, passes=tuple(PASSES)) -> list:
+    """One record per distinct (kernel, specialization, architecture) of each pass: where it
+    came from, whether it compiled (an autotuned kernel: the first of its configurations
+    that does, as its autotuner skips those that do not), its shared memory, registers and
+    stack, and the architecture's limit."""
     records, seen, without = [], set(), set()
     for row, kind, family, flags in rows():
         for dtype in dtypes:
@@ -152,16 +186,17 @@ def check(archs, dtypes=DTYPES) -> list:
             if not on_triton(model):
                 without.add(family)  # no module of the family runs on Triton
                 break
-            for padded in (False, True):
-                for name, args, kwargs in launches(model, kind, padded, found):
-                    module, attr = found[name]
-                    for arch in archs:
-                        key, build = compile_launch(getattr(module, attr), args, kwargs, arch)
-                        if (name, key) in seen:
-                            continue
-                        seen.add((name, key))
-                        records.append(compiled(name, build, arch, row=row, dtype=str(dtype).split(".")[-1],
-                                                padded=padded))
+            for name in passes:
+                for padded in (False, True):
+                    for kernel, args, kwargs, configs in launches(PASSES[name], model, kind, padded):
+                        for arch in archs:
+                            ways = candidates(kernel, args, kwargs, configs, arch)
+                            title = f"{kernel.fn.__module__}.{kernel.fn.__name__}"
+                            if (title, ways[0][0]) in seen:
+                                continue
+                            seen.add((title, ways[0][0]))
+                            records.append(compiled(title, ways, arch, row=row, dtype=str(dtype).split(".")[-1],
+                                                    padded=padded, **{"pass": name}))
     return records
 
 
@@ -181,19 +216,23 @@ def resources(cubin: bytes) -> dict:
     return {"registers": int(found["REG"]), "stack_bytes": int(found["STACK"])} if len(found) == 2 else {}
 
 
-def compiled(kernel: str, build, arch: int, **where) -> dict:
-    record = {"kernel": kernel, "arch": f"sm_{arch}", **where}
+def compiled(kernel: str, ways: list, arch: int, **where) -> dict:
+    record = {"kernel": kernel, "arch": f"sm_{arch}", **where, "configs": len(ways)}
     start = time.perf_counter()
-    try:
-        binary = build()
-    except Exception as e:  # the compiler's message is the finding
-        return {**record, "ok": False, "error": f"{type(e).__name__}: {str(e)[-1500:]}"}
-    shared, limit = binary.metadata.shared, SHARED.get(arch)
-    fits = limit is None or shared <= limit
-    return {**record, "ok": "cubin" in binary.asm and fits, "shared_bytes": shared, "shared_limit": limit,
-            "num_warps": binary.metadata.num_warps, **resources(binary.asm.get("cubin", b"")),
-            "seconds": round(time.perf_counter() - start, 2),
-            **({} if fits else {"error": f"needs {shared} bytes of shared memory; sm_{arch} offers {limit}"})}
+    errors = []
+    for tried, (_, build) in enumerate(ways, 1):
+        try:
+            binary = build()
+        except Exception as e:  # the compiler's message is the finding
+            errors.append(f"{type(e).__name__}: {str(e)[-1500:]}")
+            continue
+        shared, limit = binary.metadata.shared, SHARED.get(arch)
+        if limit is None or shared <= limit:
+            return {**record, "ok": "cubin" in binary.asm, "tried": tried, "shared_bytes": shared,
+                    "shared_limit": limit, "num_warps": binary.metadata.num_warps,
+                    **resources(binary.asm.get("cubin", b"")), "seconds": round(time.perf_counter() - start, 2)}
+        errors.append(f"needs {shared} bytes of shared memory; sm_{arch} offers {limit}")
+    return {**record, "ok": False, "tried": len(ways), "error": errors[-1]}
 
 
 def problem() -> str:
@@ -223,19 +262,28 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90", help="compute capabilities, comma-separated (default 90: "
                                                  "H100 / H200; " + ", ".join(f"{a}: {n}" for a, n in
                                                                              ARCH_NAMES.items()) + ")")
+    ap.add_argument("--passes", default=",".join(PASSES), help=f"of {', '.join(PASSES)} (default both)")
+    ap.add_argument("--dtypes", default=",".join(DTYPE_NAMES),
+                    help="the models' precisions (default float32,bfloat16,float16)")
     ap.add_argument("--out", type=Path, help="also write the records as JSON")
     ap.add_argument("--replace", action="store_true", help="rewrite --out where it holds an earlier check")
     args = ap.parse_args(argv)
     archs = arch_list(ap, args.arch)
+    for option, given, allowed in (("--passes", args.passes, PASSES), ("--dtypes", args.dtypes, DTYPE_NAMES)):
+        for value in given.split(","):
+            if value not in allowed:
+                ap.error(f"{option} {value!r}: choose from {', '.join(allowed)}")
     why = problem()
     if not why and args.out and args.out.exists() and not args.replace:
         why = f"{args.out} holds an earlier check; --replace to check anew (rewriting it), or another --out"
     if why:
         print(f"triton_compile: {why}", file=sys.stderr)
         return 1
-    records = check(archs)
+    records = check(archs, [getattr(torch, d) for d in args.dtypes.split(",")], args.passes.split(","))
     for r in records:
-        where = f"{r['kernel']} sm={r['arch']} {r['row']}, {r['dtype']}{', padded' if r['padded'] else ''}"
+        config = f", config {r['tried']} of {r['configs']}" if r["configs"] > 1 else ""
+        where = (f"{r['kernel']} sm={r['arch']} {r['pass']} {r['row']}, {r['dtype']}"
+                 f"{', padded' if r['padded'] else ''}{config}")
         print(f"{'ok ' if r['ok'] else 'FAIL'} {where}: " +
               (f"{r['shared_bytes']} of {r['shared_limit']} bytes shared, {r.get('registers', '?')} registers "
                f"and {r.get('stack_bytes', '?')} stack bytes a thread, {r['num_warps']} warps, {r['seconds']} s"

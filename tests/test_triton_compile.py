@@ -1,5 +1,7 @@
-"""The Triton kernels compile for the GPUs the project trains on, checked without one
-(benchmarks.triton_compile: Triton's compiler down to the cubin, for sm_90)."""
+"""The Triton kernels the models launch compile for the GPUs the project trains on,
+checked without one (benchmarks.triton_compile: Triton's compiler down to the cubin,
+for sm_90)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,14 +15,16 @@ from benchmarks import triton_compile
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_decoding_kernel_launch_compiles_for_sm_90(tmp_path):
-    """Every launch the benchmark models' decoding steps make on Triton (each family's
-    LM and translation model, with its defaults and each Family.variants option set:
-    FLASH's GAU step with and without RoPE and the relative bias; kernel attention's
-    step with FAVOR+ computed in the kernel, RFA's gate, elu, RFA, T2R), in float32,
-    bfloat16 and float16, with and without a padded step, compiles for sm_90 (H100,
-    H200) and fits its shared memory. The interpreter the other tests run them in
-    checks neither."""
+def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
+    """Every launch the benchmark models make on Triton compiles for sm_90 (H100, H200)
+    and fits its shared memory; the interpreter the other tests run them in checks
+    neither. Decoding: the plugin's kernels, each family's LM and translation model
+    with its defaults and each Family.variants option set (FLASH's GAU step with and
+    without RoPE and the relative bias; kernel attention's step with FAVOR+ computed
+    in the kernel, RFA's gate, elu, RFA, T2R), in float32, bfloat16 and float16, with
+    and without a padded step. Training: fla-core's chunked kernels, forward and
+    backward, on kernel attention's inputs (FAVOR+'s 266 features a head, the
+    normalizer's column beside the values, RFA's gate)."""
     pytest.importorskip("triton.backends.nvidia", reason="the check compiles with Triton's NVIDIA backend")
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compilable kernels
@@ -31,19 +35,26 @@ def test_every_decoding_kernel_launch_compiles_for_sm_90(tmp_path):
     records = json.loads(out.read_text())["records"]
     assert records and all(rec["ok"] and rec["arch"] == "sm_90" for rec in records)
     assert all(rec["shared_bytes"] <= triton_compile.SHARED[90] for rec in records)
-    # registers: none needs all 255 a thread has (where a kernel would spill); stack: at most
-    # the frame of sin and cos (RoPE's turn), which spilled registers would add to
-    assert all(rec["registers"] < 255 and rec["stack_bytes"] <= 32 for rec in records), records
-    assert all(rec["stack_bytes"] == 0 for rec in records if "rope" in rec["row"] or "performer" in rec["row"])
-    kernels = {rec["kernel"] for rec in records}
-    assert kernels == {"flash_triton._gau_step_kernel", "performer_triton._step_kernel"}
+    ours = [rec for rec in records if rec["kernel"].startswith("linear_fairseq.")]
+    # registers: none of the plugin's kernels needs all 255 a thread has (where it would spill);
+    # stack: at most the frame of sin and cos (RoPE's turn), which spilled registers would add to
+    assert all(rec["registers"] < 255 and rec["stack_bytes"] <= 32 for rec in ours), ours
+    assert all(rec["stack_bytes"] == 0 for rec in ours if "rope" in rec["row"] or "performer" in rec["row"])
+    kernels = {rec["kernel"] for rec in ours}
+    assert kernels == {"linear_fairseq.ops.flash_triton._gau_step_kernel",
+                       "linear_fairseq.ops.performer_triton._step_kernel"}
     for kernel in kernels:
-        cases = {(rec["dtype"], rec["padded"]) for rec in records if rec["kernel"] == kernel}
+        cases = {(rec["dtype"], rec["padded"]) for rec in ours if rec["kernel"] == kernel}
         assert cases == {(d, p) for d in ("float32", "bfloat16", "float16") for p in (False, True)}, kernel
-    rows = {rec["row"] for rec in records}
     assert {"flash lm", "flash mt_relbias", "flash lm_no_rope", "performer lm", "performer lm_favor_gate",
-            "performer mt_rfa", "performer mt_elu"} <= rows
-    assert "triton_compile: " in r.stdout and " compiles ok" in r.stdout
+            "performer mt_rfa", "performer mt_elu"} <= {rec["row"] for rec in ours}
+    if importlib.util.find_spec("fla") is not None:
+        trained = {(rec["kernel"].rsplit(".", 1)[-1], rec["dtype"]) for rec in records if rec["pass"] == "train"}
+        for name in ("chunk_fwd_kernel_h", "chunk_fwd_kernel_o", "chunk_bwd_kernel_dh", "chunk_bwd_kernel_dqkwg",
+                     "chunk_bwd_kernel_dv"):
+            assert {(name, d) for d in ("float32", "bfloat16")} <= trained, name  # float16 runs it in float32
+        assert ("chunk_local_cumsum_scalar_kernel", "float32") in trained  # RFA's gate, summed in float32
+    assert " compiles ok" in r.stdout
 
 
 def test_interpreted_kernels_are_refused_in_one_line(capsys, monkeypatch):
