@@ -127,11 +127,16 @@ def training(model, kind: str, padded: bool):
 PASSES = {"decode": decoding, "train": training}
 
 
-def launches(run, model, kind: str, padded: bool) -> list:
-    calls = []
-    with recording(calls):
-        run(model, kind, padded)
-    return calls
+def launches(model, kind: str, passes) -> list:
+    """(pass, padded, kernel, args, kwargs, configs) of every Triton launch of `passes` on `model`."""
+    found = []
+    for name in passes:
+        for padded in (False, True):
+            calls = []
+            with recording(calls):
+                PASSES[name](model, kind, padded)
+            found += [(name, padded, *call) for call in calls]
+    return found
 
 
 def with_heuristics(kernel, args, kwargs):
@@ -187,17 +192,14 @@ def check(archs, dtypes=DTYPES, passes=tuple(PASSES)) -> list:
             if not on_triton(model):
                 without.add(family)  # no module of the family runs on Triton
                 break
-            for name in passes:
-                for padded in (False, True):
-                    for kernel, args, kwargs, configs in launches(PASSES[name], model, kind, padded):
-                        for arch in archs:
-                            ways = candidates(kernel, args, kwargs, configs, arch)
-                            title = f"{kernel.fn.__module__}.{kernel.fn.__name__}"
-                            if (title, ways[0][0]) in seen:
-                                continue
-                            seen.add((title, ways[0][0]))
-                            records.append(compiled(title, ways, arch, row=row, dtype=str(dtype).split(".")[-1],
-                                                    padded=padded, **{"pass": name}))
+            for name, padded, kernel, args, kwargs, configs in launches(model, kind, passes):
+                for arch in archs:
+                    ways = candidates(kernel, args, kwargs, configs, arch)
+                    title = f"{kernel.fn.__module__}.{kernel.fn.__name__}"
+                    if (title, ways[0][0]) not in seen:
+                        seen.add((title, ways[0][0]))
+                        records.append(compiled(title, ways, arch, row=row, dtype=str(dtype).split(".")[-1],
+                                                padded=padded, **{"pass": name}))
     return records
 
 
