@@ -165,18 +165,24 @@ def triton_modules(model) -> list:
 
 
 @contextlib.contextmanager
-def on_triton(model):
-    """The model's modules that can run on Triton kernels told they do, each
-    launch profiled as one event, for the block."""
+def told_triton(model):
+    """The model's modules that can run on Triton kernels told they do (their own
+    choice again after); yields those modules."""
     modules = triton_modules(model)
     for m in modules:
         m.runs_on_triton = lambda x: True
     try:
-        with triton_launches_profiled():
-            yield
+        yield modules
     finally:
         for m in modules:
             del m.runs_on_triton
+
+
+@contextlib.contextmanager
+def on_triton(model):
+    """told_triton, each launch profiled as one event, for the block."""
+    with told_triton(model), triton_launches_profiled():
+        yield
 
 
 # local precision (--short-conv, --local-window) as a row of its own, for the families that offer it

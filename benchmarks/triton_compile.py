@@ -49,7 +49,7 @@ import torch
 from linear_fairseq import families
 
 from . import models
-from .op_counts import triton_modules
+from .op_counts import told_triton
 
 # shared memory a block may use (bytes; the opt-in maximum), by compute capability
 SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -84,14 +84,6 @@ def recording(calls: list):
         yield
     finally:
         JITFunction.run, Autotuner.run = saved
-
-
-def on_triton(model) -> bool:
-    """Tell the model's modules that can run on Triton that they do; False where it has none."""
-    modules = triton_modules(model)
-    for m in modules:
-        m.runs_on_triton = lambda x: True
-    return bool(modules)
 
 
 def decoding(model, kind: str, padded: bool):
@@ -173,7 +165,6 @@ def compile_launch(kernel, args, kwargs, arch: int):
 def candidates(kernel, args, kwargs, configs, arch: int) -> list:
     """(key, build) of each way the launch may compile: the one, or each autotuned configuration."""
     kernel, kwargs = with_heuristics(kernel, args, kwargs)
-    kwargs = {k: v for k, v in kwargs.items() if k != "debug"}
     return [compile_launch(kernel, args, {**kwargs, **config.all_kwargs()}, arch) for config in configs] \
         if configs else [compile_launch(kernel, args, kwargs, arch)]
 
@@ -189,10 +180,12 @@ def check(archs, dtypes=DTYPES, passes=tuple(PASSES)) -> list:
             if family in without:
                 break
             model = models.build(kind, family, dtype=dtype, extra=list(flags))[0]
-            if not on_triton(model):
+            with told_triton(model) as modules:
+                found = launches(model, kind, passes) if modules else None
+            if found is None:
                 without.add(family)  # no module of the family runs on Triton
                 break
-            for name, padded, kernel, args, kwargs, configs in launches(model, kind, passes):
+            for name, padded, kernel, args, kwargs, configs in found:
                 for arch in archs:
                     ways = candidates(kernel, args, kwargs, configs, arch)
                     title = f"{kernel.fn.__module__}.{kernel.fn.__name__}"
