@@ -8,6 +8,7 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import TINY_LM, TINY_MT, make_model, random_tokens
 from linear_fairseq import families
+from linear_fairseq.models import lazy_source
 from linear_fairseq.modules.attention import LinearAttention
 from linear_fairseq.modules.incremental import IncrementalState
 
@@ -170,8 +171,9 @@ def test_the_cross_attention_summarizes_each_sentence_once_per_beam(case, monkey
         state = {}
         h.steps(decoder_input(h.d, 6, 2), state)
         rows_summarized_decoding = list(rows_summarized)
-        source = h.encoder_out["encoder_out"][0].transpose(0, 1)
-        mask = h.encoder_out["encoder_padding_mask"][0] if h.encoder_out["encoder_padding_mask"] else None
+        encoder_out = lazy_source.gathered(h.encoder_out)  # the rows beam search's reorder picked
+        source = encoder_out["encoder_out"][0].transpose(0, 1)
+        mask = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
         for m in cross:
             for name, value in m.summarize(source, mask).items():
                 torch.testing.assert_close(m._get_input_buffer(state)[name], value, atol=1e-6, rtol=1e-5)
@@ -257,6 +259,71 @@ def test_beam_search_scores_equal_forced_decoding(case):
             torch.testing.assert_close(hyp["positional_scores"], expected, atol=ATOL, rtol=1e-4)
             checked += 1
     assert checked == 4 * 4
+
+
+def search_strategies(d):
+    """name -> SequenceGenerator options: fairseq's search strategies, each of which
+    reorders the hypotheses differently."""
+    from fairseq import search
+
+    return {"beam": {}, "sampling": {"search_strategy": search.Sampling(d, sampling_topk=5)},
+            "diverse": {"search_strategy": search.DiverseBeamSearch(d, 2, 0.5)},
+            "constrained": {"search_strategy": search.LexicallyConstrainedBeamSearch(d, "ordered")}}
+
+
+@pytest.mark.parametrize("case", ENC_DEC)
+def test_search_reads_the_source_once_and_finds_what_fairseqs_reorder_finds(case, monkeypatch):
+    """Beam search's reorders move no source rows (lazy_source): the decoder gathers
+    them once, at the first step, and every search strategy, a prefix and
+    constraints included, finds the hypotheses and scores of fairseq's reorder."""
+    from fairseq.models.transformer import TransformerEncoderBase
+    from fairseq.token_generation_constraints import pack_constraints
+
+    h = Harness(case)
+    sample = {"net_input": {"src_tokens": h.src, "src_lengths": h.src_lengths}}
+    given = {"prefix_tokens": random_tokens(h.d, 4, 2, seed=7)}
+    constraints = {"constraints": pack_constraints([[random_tokens(h.d, 1, 2, seed=8 + i)[0]] for i in range(4)])}
+    gathers = []
+    gathered = lazy_source.gathered
+    monkeypatch.setattr(lazy_source, "gathered", lambda out: gathers.append(lazy_source.ROWS in out) or gathered(out))
+
+    def search(options, extra, fairseqs_reorder: bool):
+        with monkeypatch.context() as m:
+            if fairseqs_reorder:
+                m.setattr(type(h.model.encoder), "reorder_encoder_out", TransformerEncoderBase.reorder_encoder_out)
+            gen = SequenceGenerator([h.model], h.d, beam_size=4, max_len_a=0, max_len_b=10, min_len=3, **options)
+            gathers.clear()
+            torch.manual_seed(3)
+            with torch.no_grad():
+                return gen.generate([h.model], sample, **extra), gathers.count(True)
+
+    for name, options in search_strategies(h.d).items():
+        extra = constraints if name == "constrained" else given
+        (ours, gathered_rows), (theirs, _) = (search(options, extra, fairseqs) for fairseqs in (False, True))
+        assert gathered_rows == 1, name
+        for sentence, their_sentence in zip(ours, theirs, strict=True):
+            for hyp, their_hyp in zip(sentence, their_sentence, strict=True):
+                assert torch.equal(hyp["tokens"], their_hyp["tokens"]), name
+                torch.testing.assert_close(hyp["positional_scores"], their_hyp["positional_scores"])
+
+
+def test_a_lazily_reordered_source_holds_no_copy_and_gathers_to_fairseqs_reorder():
+    """Two reorders compose: the entries hold the encoder's own tensors and the rows
+    picked (placeholders of the reordered shape, without data, in their place)."""
+    from fairseq.models.transformer import TransformerEncoderBase
+
+    h = Harness("memsizer_mt", B=2)
+    lazy = h.model.encoder.reorder_encoder_out(h.encoder_out, torch.tensor([0, 1, 1, 0, 0, 1]))
+    lazy = h.model.encoder.reorder_encoder_out(lazy, torch.tensor([1, 2, 0, 5]))
+    source = h.encoder_out["encoder_out"][0]
+    assert lazy["encoder_out"][0].is_meta and lazy["encoder_out"][0].shape == (source.shape[0], 4, source.shape[2])
+    assert lazy[lazy_source.SOURCE + "encoder_out"][0] is source
+    eager = TransformerEncoderBase.reorder_encoder_out(h.model.encoder, h.encoder_out, torch.tensor([1, 1, 0, 1]))
+    real = lazy_source.gathered(lazy)
+    assert sorted(real) == sorted(eager)
+    for key, values in eager.items():
+        for value, expected in zip(real[key], values):
+            assert torch.equal(value, expected), key
 
 
 @pytest.mark.parametrize("case", ENC_DEC)

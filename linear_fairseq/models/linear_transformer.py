@@ -27,6 +27,7 @@ from ..families import Family
 from ..modules.attention import ROLES, attention_kind, module_options, named_problems
 from ..modules.incremental import IncrementalState
 from ..modules.layers import decoder_layer, encoder_layer, softmax_layers
+from . import lazy_source
 from .options import as_namespace, choices_of, option_error, require_heads_divide, require_layer_indices
 
 
@@ -42,6 +43,11 @@ class LinearTransformerEncoder(TransformerEncoderBase):
     def build_encoder_layer(self, cfg):
         return encoder_layer(cfg, next_index(self), return_fc=self.return_fc)
 
+    def reorder_encoder_out(self, encoder_out, new_order):
+        # the source's rows move only where the decoder reads them (lazy_source)
+        out = super().reorder_encoder_out(lazy_source.eager_part(encoder_out), new_order)
+        return {**out, **lazy_source.lazy_entries(encoder_out, new_order)}
+
 
 class LinearTransformerDecoder(TransformerDecoderBase):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
@@ -51,6 +57,15 @@ class LinearTransformerDecoder(TransformerDecoderBase):
     def causal_by_construction(self) -> bool:
         """Linear causal attention (and a GAU) needs no future mask, unless softmax layers are mixed in."""
         return attention_kind(self.cfg, "decoder_self") != "softmax" and not softmax_layers(self.cfg, "decoder")
+
+    @functools.cached_property
+    def cross_attentions(self) -> list:
+        return [m for m in self.layers.modules() if getattr(m, "encoder_decoder_attention", False)]
+
+    def extract_features_scriptable(self, prev_output_tokens, encoder_out, incremental_state=None, *args, **kwargs):
+        if encoder_out is not None and lazy_source.source_needed(self.cross_attentions, incremental_state):
+            encoder_out = lazy_source.gathered(encoder_out)
+        return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state, *args, **kwargs)
 
     def buffered_future_mask(self, tensor):
         # skip fairseq's T x T future mask where it is not needed: O(T^2) memory at long context
