@@ -52,8 +52,9 @@ from . import models
 from .op_counts import told_triton
 
 # shared memory a block may use (bytes; the opt-in maximum), by compute capability
-SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-ARCH_NAMES = {80: "A100", 86: "RTX 30xx / A10", 89: "L4 / RTX 40xx", 90: "H100 / H200"}
+SHARED = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
+ARCH_NAMES = {70: "V100", 75: "T4 / RTX 20xx", 80: "A100", 86: "RTX 30xx / A10", 89: "L4 / RTX 40xx",
+              90: "H100 / H200"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_NAMES = tuple(str(d).split(".")[-1] for d in DTYPES)
 
