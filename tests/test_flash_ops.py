@@ -134,7 +134,10 @@ def test_noncausal_chunked_equals_reference(T, G):
 
 def test_linear_part_sees_only_completed_chunks():
     """A linear key of chunk 1 (position 5) reaches outputs only from chunk 2 on,
-    in the training form and in decoding alike."""
+    in the training form and in decoding alike. (Decoding reads the completed
+    chunks as the sum over every token less the current chunk's: within chunk 1
+    the key reaches the outputs as float32 rounding of that difference, about
+    1e-6 here, where from chunk 2 on it moves them by 0.4 and more.)"""
     G, T = 4, 12
     xs = list(inputs(1, T))
     xs[3] = xs[3].clone()
@@ -143,7 +146,7 @@ def test_linear_part_sees_only_completed_chunks():
         moved = list(xs)
         moved[3] = xs[3].clone()
         moved[3][:, 5] += 3.0
-        changed = (form(*moved) - base).abs().amax(-1)[0] > 1e-6
+        changed = (form(*moved) - base).abs().amax(-1)[0] > 1e-4
         assert changed.tolist() == [False] * 8 + [True] * 4
 
 

@@ -485,9 +485,9 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
     z = acc(like)
     return {
         "k_chunk": z.new_zeros(B, G, s),  # quadratic keys of the current chunk
+        "kl_chunk": z.new_zeros(B, G, s),  # linear keys k' of the current chunk
         "v_chunk": z.new_zeros(B, G, e),  # values of the current chunk
-        "kv_chunk": z.new_zeros(B, s, e),  # sum of k' v^T over the current chunk
-        "kv_done": z.new_zeros(B, s, e),  # sum of k' v^T over completed chunks
+        "kv_sum": z.new_zeros(B, s, e),  # sum of k' v^T over every real token so far
         # real tokens so far: RoPE's position of the next one; of them, position % G are in the
         # current chunk (its fill) and the rest in completed chunks
         "position": torch.zeros(B, dtype=torch.long, device=like.device),
@@ -500,7 +500,7 @@ def fill_and_done(position: Tensor, G: int) -> Tuple[Tensor, Tensor]:
     return fill, position - fill
 
 
-CHUNK_BUFFERS = ("k_chunk", "v_chunk")
+CHUNK_BUFFERS = ("k_chunk", "kl_chunk", "v_chunk")
 
 
 def reorder(state: State, new_order: Tensor) -> State:
@@ -508,20 +508,12 @@ def reorder(state: State, new_order: Tensor) -> State:
     only up to the fullest row's fill: causal_step writes a slot before any
     query sees it and weights the slots past a row's fill by 0, so what lies
     there is never read. Without autograd, an order that keeps the batch size
-    moves that prefix within the buffers instead of allocating new ones. Until
-    a row completes a chunk its linear sum is zero, so while no row has, the
-    sums are not moved either."""
+    moves that prefix within the buffers instead of allocating new ones."""
     B, G = new_order.numel(), state["k_chunk"].shape[1]
-    fill, done = fill_and_done(state["position"], G)
+    fill, _ = fill_and_done(state["position"], G)
     n = int(fill.max()) if fill.numel() else 0
     in_place = B == fill.numel() and not torch.is_grad_enabled()
-    out = {name: x.index_select(0, new_order) for name, x in state.items()
-           if name not in CHUNK_BUFFERS and name != "kv_done"}
-    sums = state["kv_done"]
-    if bool(done.any()):
-        out["kv_done"] = sums.index_select(0, new_order)
-    else:
-        out["kv_done"] = sums[:B] if B <= sums.shape[0] else sums.new_zeros(B, *sums.shape[1:])
+    out = {name: x.index_select(0, new_order) for name, x in state.items() if name not in CHUNK_BUFFERS}
     for name in CHUNK_BUFFERS:
         x = state[name]
         head = x[:, :n].index_select(0, new_order)
@@ -547,6 +539,16 @@ def slot_weights(G: int, norm: str, device: torch.device) -> Tensor:
     return chunk_table(G, G, True, norm, device)
 
 
+def earlier_slots(G: int, device: torch.device) -> Tensor:
+    """(G, G): row f is 1 at the slots before f (the current chunk's tokens before this one), else 0."""
+    return lower_triangle(G, G, -1, device, torch.float32)
+
+
+def per_done(done: Tensor) -> Tensor:
+    """(B,) 1 / done, and 0 where no chunk is completed yet (the linear part is then empty)."""
+    return done.clamp(max=1) / done.clamp(min=1)
+
+
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
     """q k^T / sqrt(s) (+ b[fill - slot]) against every slot of the chunk: (B, 1, G), one kernel."""
     scale = q.shape[-1] ** -0.5
@@ -561,10 +563,14 @@ def causal_step(
     rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,
 ) -> Tuple[Tensor, State]:
     """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
-    most G tokens plus two s x e sums, whatever the prefix length: the current
-    chunk's k' v^T grows by one token a step and joins the completed chunks' sum
-    when the chunk completes (a masked add, so no value is read back to the
-    host). A padded step (padding_mask True) leaves the state unchanged.
+    most G tokens plus one s x e sum, whatever the prefix length. The sum S holds
+    k' v^T over every real token so far, and the linear part reads the completed
+    chunks' share of it as S less the current chunk's tokens before this one:
+        q' . (S - sum_{j<fill} k'_j v_j^T) = q' . S - sum_{j<fill} (q' . k'_j) v_j,
+    an O(G (s + e)) correction folded into the quadratic part's weights, so a
+    step reads and writes S once and a completed chunk needs no move (no value
+    is read back to the host). A padded step (padding_mask True) leaves the
+    state unchanged.
 
     Without autograd (decoding) the state is updated in place, as a KV cache is
     written: copying G tokens per step would cost as much as the attention."""
@@ -573,29 +579,24 @@ def causal_step(
     B = q.shape[0]
     state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
     fill, done = fill_and_done(state["position"], G)
-    k_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
-                        for name, x in (("k_chunk", k), ("v_chunk", v)))
+    k_chunk, kl_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
+                                  for name, x in (("k_chunk", k), ("kl_chunk", kl), ("v_chunk", v)))
     # quadratic over the chunk's tokens so far, linear over completed chunks
     scores = step_scores(q, k_chunk, fill, rel_bias)
     a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill].unsqueeze(1)
-    lin = torch.bmm((ql / done.clamp(min=1)[:, None]).unsqueeze(1), state["kv_done"])
+    ql_mean = (ql * per_done(done)[:, None]).unsqueeze(1)  # (B, 1, s): q' / n, 0 before a chunk completes
+    lin = torch.bmm(ql_mean, state["kv_sum"])
+    earlier = torch.bmm(ql_mean, kl_chunk.transpose(1, 2))  # (q' . k'_j) / n over the chunk's slots
+    a = torch.addcmul(a, earlier, earlier_slots(G, q.device)[fill].unsqueeze(1), value=-1.0)
     out = torch.baddbmm(lin, a, v_chunk).squeeze(1)
-    last_slot = torch.eq(fill, G - 1, out=out.new_empty(B))  # 1.0 where this token takes the chunk's last slot
-    return out, advance(state, k_chunk, v_chunk, kl, v, padding_mask, last_slot)
+    return out, advance(state, k_chunk, kl_chunk, v_chunk, kl, v, padding_mask)
 
 
-def advance(state: State, k_chunk, v_chunk, kl, v, padding_mask, last_slot: Tensor) -> State:
-    """The state after a step: k' v^T into the chunk's sum; a completed chunk's
-    sum moves into the completed chunks' (Sec. 3.2: sum_j k'_j v_j^T over past chunks).
-    `last_slot` (B,): 1.0 where this step's token took the chunk's last slot, else 0."""
+def advance(state: State, k_chunk, kl_chunk, v_chunk, kl, v, padding_mask) -> State:
+    """The state after a step: this token's k' v^T into the sum (Sec. 3.2: sum_j k'_j v_j^T)."""
     real = None if padding_mask is None else ~padding_mask
     if real is not None:
         kl = kl * real[:, None]
-    in_place = writable(kl, v, state["kv_chunk"], state["kv_done"])
-    kv_chunk = update(state["kv_chunk"], "baddbmm", in_place, kl.unsqueeze(2), v.unsqueeze(1))
-    # 1 where this step completed the chunk, else 0 (products: a masked fill is slow on CPUs)
-    moved = (last_slot if real is None else last_slot * real)[:, None, None]
-    kv_done = update(state["kv_done"], "addcmul", in_place, kv_chunk, moved)
-    kv_chunk = update(kv_chunk, "addcmul", in_place, kv_chunk, moved, value=-1.0)  # a completed chunk starts anew
-    return {"k_chunk": k_chunk, "v_chunk": v_chunk, "kv_chunk": kv_chunk, "kv_done": kv_done,
+    kv_sum = update(state["kv_sum"], "baddbmm", writable(kl, v, state["kv_sum"]), kl.unsqueeze(2), v.unsqueeze(1))
+    return {"k_chunk": k_chunk, "kl_chunk": kl_chunk, "v_chunk": v_chunk, "kv_sum": kv_sum,
             "position": state["position"] + (1 if real is None else real)}

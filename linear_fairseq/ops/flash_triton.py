@@ -4,16 +4,19 @@ From the gated attention unit's U, V and Z (after the SiLU), one program per
 batch row computes what ``flash_gau``'s step computes with ``ops.flash``:
 the four offset-scaled heads of Z (q, k for the chunk, ql, kl for the linear
 part), RoPE at the row's position, relu^2 scores against the current chunk's
-keys weighted by ``slot_weights``' table, the linear part read from the
-completed chunks' sum, U times their sum; and it advances the state as
-``ops.flash.causal_step`` does (the chunk's slot written, k' v^T added, a
-completed chunk's sum moved). A padded step reads the state and leaves it
+keys weighted by ``slot_weights``' table, the linear part read from the sum
+of every token's k' v^T less the current chunk's tokens before this one (the
+correction (q' . k'_j) v_j folded into the slots' weights, which are computed
+once a step into a (B, G) scratch and read for every block of value
+columns), U times their sum; and it advances the state as
+``ops.flash.causal_step`` does (the chunk's slots written, k' v^T added). A padded step reads the state and leaves it
 unchanged. Decoding only (no autograd): the state is updated in place. On
 CUDA it runs compiled; elsewhere only through Triton's interpreter
 (TRITON_INTERPRET=1, which the tests use).
 """
 from typing import Optional, Tuple
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -47,11 +50,11 @@ def _turned(x_even, x_odd, cos, sin):
 
 @triton.jit
 def _gau_step_kernel(
-    u, v, z, gamma, beta, freqs, rel_bias, padding_mask, weights_table, out,
-    k_chunk, v_chunk, kv_chunk, kv_done, position,
+    u, v, z, gamma, beta, freqs, rel_bias, padding_mask, weights_table, out, scratch,
+    k_chunk, kl_chunk, v_chunk, kv_sum, position,
     s, e, G, scale,
-    su_b, su_e, sv_b, sv_e, sz_b, sz_s, spm_b, so_b, so_e,
-    skc_b, skc_g, skc_s, svc_b, svc_g, svc_e, skv_b, skv_s, skv_e, skd_b, skd_s, skd_e,
+    su_b, su_e, sv_b, sv_e, sz_b, sz_s, spm_b, so_b, so_e, ssc_b,
+    skc_b, skc_g, skc_s, slc_b, slc_g, slc_s, svc_b, svc_g, svc_e, sks_b, sks_s, sks_e,
     ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -79,17 +82,42 @@ def _gau_step_kernel(
         ql_even, ql_odd = _turned(ql_even, ql_odd, cos, sin)
         kl_even, kl_odd = _turned(kl_even, kl_odd, cos, sin)
     slot_k = k_chunk + b * skc_b + fill * skc_g
+    slot_kl = kl_chunk + b * slc_b + fill * slc_g
+    writes = has_pair
     if HAS_MASK:  # a padded step sees what its slot holds, and writes nothing
         k_even = tl.where(real, k_even, tl.load(slot_k + 2 * pairs * skc_s, mask=has_pair, other=0.0))
         k_odd = tl.where(real, k_odd, tl.load(slot_k + (2 * pairs + 1) * skc_s, mask=has_pair, other=0.0))
         kl_even = tl.where(real, kl_even, 0.0)
         kl_odd = tl.where(real, kl_odd, 0.0)
+        writes = has_pair & real
     qk_now = tl.sum(q_even * k_even + q_odd * k_odd, axis=0)
 
-    linear_scale = 1.0 / tl.maximum(done, 1).to(tl.float32)
-    full = fill == G - 1  # this step completes the chunk
-    if HAS_MASK:
-        full = full & real
+    # 1 / (tokens in completed chunks), 0 while there are none
+    linear_scale = tl.minimum(done, 1).to(tl.float32) / tl.maximum(done, 1).to(tl.float32)
+
+    # each slot's weight, once a step: relu^2 of the score times slot_weights' row (1/c, 0 past fill),
+    # less the linear part's correction for the current chunk's earlier tokens, which the sum holds;
+    # into the row's scratch, which every thread then reads
+    for g0 in range(0, fill + 1, BLOCK_G):
+        slots = g0 + tl.arange(0, BLOCK_G)
+        seen = slots <= fill
+        keys = k_chunk + b * skc_b + slots[:, None] * skc_g
+        kc_even = tl.load(keys + 2 * pairs[None, :] * skc_s, mask=seen[:, None] & has_pair[None, :], other=0.0)
+        kc_odd = tl.load(keys + (2 * pairs[None, :] + 1) * skc_s, mask=seen[:, None] & has_pair[None, :], other=0.0)
+        scores = tl.sum(kc_even * q_even[None, :] + kc_odd * q_odd[None, :], axis=1)
+        scores = tl.where(slots == fill, qk_now, scores) * scale
+        if HAS_BIAS:
+            scores += tl.load(rel_bias + fill - slots + G - 1, mask=seen, other=0.0).to(tl.float32)
+        weights = tl.maximum(scores, 0.0) * tl.maximum(scores, 0.0) * tl.load(
+            weights_table + fill * G + slots, mask=seen, other=0.0)
+        earlier = slots < fill
+        lkeys = kl_chunk + b * slc_b + slots[:, None] * slc_g
+        klc_even = tl.load(lkeys + 2 * pairs[None, :] * slc_s, mask=earlier[:, None] & has_pair[None, :], other=0.0)
+        klc_odd = tl.load(lkeys + (2 * pairs[None, :] + 1) * slc_s, mask=earlier[:, None] & has_pair[None, :],
+                          other=0.0)
+        weights -= tl.sum(klc_even * ql_even[None, :] + klc_odd * ql_odd[None, :], axis=1) * linear_scale
+        tl.store(scratch + b * ssc_b + slots, weights, mask=seen)
+    tl.debug_barrier()
 
     for e0 in range(0, e, BLOCK_E):
         cols = e0 + tl.arange(0, BLOCK_E)
@@ -98,47 +126,33 @@ def _gau_step_kernel(
         slot_v = v_chunk + b * svc_b + fill * svc_g + cols * svc_e
         if HAS_MASK:
             v_now = tl.where(real, v_now, tl.load(slot_v, mask=has_col, other=0.0))
-        # quadratic part: the chunk's slots 0 .. fill, this step's key and value in slot fill (the scores
-        # are recomputed for each block of value columns: G s products, fewer than the block's G e)
+        # quadratic part: the chunk's slots 0 .. fill, this step's value in slot fill
         quad = tl.zeros((BLOCK_E,), dtype=tl.float32)
         for g0 in range(0, fill + 1, BLOCK_G):
             slots = g0 + tl.arange(0, BLOCK_G)
             seen = slots <= fill
-            keys = k_chunk + b * skc_b + slots[:, None] * skc_g
-            kc_even = tl.load(keys + 2 * pairs[None, :] * skc_s, mask=seen[:, None] & has_pair[None, :], other=0.0)
-            kc_odd = tl.load(keys + (2 * pairs[None, :] + 1) * skc_s, mask=seen[:, None] & has_pair[None, :],
-                             other=0.0)
-            scores = tl.sum(kc_even * q_even[None, :] + kc_odd * q_odd[None, :], axis=1)
-            scores = tl.where(slots == fill, qk_now, scores) * scale
-            if HAS_BIAS:
-                scores += tl.load(rel_bias + fill - slots + G - 1, mask=seen, other=0.0).to(tl.float32)
-            weights = tl.maximum(scores, 0.0) * tl.maximum(scores, 0.0) * tl.load(
-                weights_table + fill * G + slots, mask=seen, other=0.0)  # slot_weights' row: 1/c, 0 past fill
+            weights = tl.load(scratch + b * ssc_b + slots, mask=seen, other=0.0)
             values = tl.load(v_chunk + b * svc_b + slots[:, None] * svc_g + cols[None, :] * svc_e,
                              mask=seen[:, None] & has_col[None, :], other=0.0)
             values = tl.where(slots[:, None] == fill, v_now[None, :], values)
             quad += tl.sum(weights[:, None] * values, axis=0)
-        # linear part: ql over the completed chunks' mean sum; then k' v^T into the chunk's sum
+        # linear part: ql over the sum's mean; then this token's k' v^T into the sum
         rows_even = 2 * pairs[:, None]
         both = has_pair[:, None] & has_col[None, :]
-        done_even = tl.load(kv_done + b * skd_b + rows_even * skd_s + cols[None, :] * skd_e, mask=both, other=0.0)
-        done_odd = tl.load(kv_done + b * skd_b + (rows_even + 1) * skd_s + cols[None, :] * skd_e, mask=both,
-                           other=0.0)
-        lin = tl.sum(ql_even[:, None] * done_even + ql_odd[:, None] * done_odd, axis=0) * linear_scale
+        at_even = kv_sum + b * sks_b + rows_even * sks_s + cols[None, :] * sks_e
+        sum_even = tl.load(at_even, mask=both, other=0.0)
+        sum_odd = tl.load(at_even + sks_s, mask=both, other=0.0)
+        lin = tl.sum(ql_even[:, None] * sum_even + ql_odd[:, None] * sum_odd, axis=0) * linear_scale
         u_now = tl.load(u + b * su_b + cols * su_e, mask=has_col, other=0.0).to(tl.float32)
         tl.store(out + b * so_b + cols * so_e, u_now * (quad + lin), mask=has_col)
 
-        at_even = kv_chunk + b * skv_b + rows_even * skv_s + cols[None, :] * skv_e
-        chunk_even = tl.load(at_even, mask=both, other=0.0) + kl_even[:, None] * v_now[None, :]
-        chunk_odd = tl.load(at_even + skv_s, mask=both, other=0.0) + kl_odd[:, None] * v_now[None, :]
-        at_done = kv_done + b * skd_b + rows_even * skd_s + cols[None, :] * skd_e
-        tl.store(at_done, tl.where(full, done_even + chunk_even, done_even), mask=both)
-        tl.store(at_done + skd_s, tl.where(full, done_odd + chunk_odd, done_odd), mask=both)
-        tl.store(at_even, tl.where(full, 0.0, chunk_even), mask=both)
-        tl.store(at_even + skv_s, tl.where(full, 0.0, chunk_odd), mask=both)
+        tl.store(at_even, sum_even + kl_even[:, None] * v_now[None, :], mask=both)
+        tl.store(at_even + sks_s, sum_odd + kl_odd[:, None] * v_now[None, :], mask=both)
         tl.store(slot_v, v_now, mask=has_col)
     tl.store(slot_k + 2 * pairs * skc_s, k_even, mask=has_pair)
     tl.store(slot_k + (2 * pairs + 1) * skc_s, k_odd, mask=has_pair)
+    tl.store(slot_kl + 2 * pairs * slc_s, kl_even, mask=writes)
+    tl.store(slot_kl + (2 * pairs + 1) * slc_s, kl_odd, mask=writes)
     if HAS_MASK:
         tl.store(position + b, p + real.to(p.dtype))
     else:
@@ -158,13 +172,14 @@ def gau_step(
     e = v.shape[-1]
     state = state if state is not None else empty_state(B, chunk_size, s, e, v)
     out = u.new_empty(B, e)
-    kc, vc, kv, kd = (state[name] for name in ("k_chunk", "v_chunk", "kv_chunk", "kv_done"))
+    scratch = z.new_empty(B, chunk_size, dtype=torch.float32)  # each row's slot weights of the step
+    kc, lc, vc, ks = (state[name] for name in ("k_chunk", "kl_chunk", "v_chunk", "kv_sum"))
     _gau_step_kernel[(B,)](
         u, v, z, gamma.contiguous(), beta.contiguous(), rope_freqs(s, 10000.0, z.device), rel_bias, padding_mask,
-        slot_weights(chunk_size, relu2_norm, z.device), out, kc, vc, kv, kd, state["position"],
+        slot_weights(chunk_size, relu2_norm, z.device), out, scratch, kc, lc, vc, ks, state["position"],
         s, e, chunk_size, s ** -0.5,
         *u.stride(), *v.stride(), *z.stride(), *strides(padding_mask, 1),
-        *out.stride(), *kc.stride(), *vc.stride(), *kv.stride(), *kd.stride(),
+        *out.stride(), scratch.stride(0), *kc.stride(), *lc.stride(), *vc.stride(), *ks.stride(),
         ROPE=rope, HAS_BIAS=rel_bias is not None, HAS_MASK=padding_mask is not None,
         BLOCK_P=triton.next_power_of_2(s // 2), BLOCK_G=BLOCK_G, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS,
     )
