@@ -9,10 +9,12 @@ of every token's k' v^T less the current chunk's tokens before this one (the
 correction (q' . k'_j) v_j folded into the slots' weights, which are computed
 once a step into a (B, G) scratch and read for every block of value
 columns), U times their sum; and it advances the state as
-``ops.flash.causal_step`` does (the chunk's slots written, k' v^T added). A padded step reads the state and leaves it
-unchanged. Decoding only (no autograd): the state is updated in place. On
-CUDA it runs compiled; elsewhere only through Triton's interpreter
-(TRITON_INTERPRET=1, which the tests use).
+``ops.flash.causal_step`` does (the chunk's slots written, k' v^T added).
+A padded step reads the state and leaves it unchanged. Decoding only (no
+autograd): the state is updated in place. On CUDA it runs compiled;
+elsewhere only through Triton's interpreter (TRITON_INTERPRET=1, which the
+tests use), which runs a program's threads as one, so the barrier between
+writing the scratch and reading it is checked only by reading the code.
 """
 from typing import Optional, Tuple
 
