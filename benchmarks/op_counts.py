@@ -18,12 +18,18 @@ no other such operator, one per kernel a GPU would launch, of
           decoder.layers[i], averaged over the layers; a FLASH layer is a GAU,
           which stands in for attention and FFN).
 
-A family that can decode on Triton kernels on CUDA (its modules have
+A family whose modules can run on Triton kernels on CUDA (they have
 runs_on_triton: `--kernel-backend`, `--gau-backend`) gets a "+triton" row,
-decoding only, where Triton imports: the prefix fills the state on the torch
-step, then the counted step runs on the kernels, on the CPU through Triton's
-interpreter, each launch one operator (the interpreter's copies of the
-arguments inside it do not count).
+where Triton imports, counted on the CPU through Triton's interpreter, each
+launch one operator (the interpreter's copies of the arguments inside it do
+not count):
+
+  decode  the prefix fills the state on the torch step, then the counted step
+          runs on the kernels;
+  train   where the training pass launches Triton kernels (kernel attention
+          on fla-core's, where fla-core imports), each launch is counted and
+          not run (the count does not depend on the values); elsewhere the
+          row trains as the family's torch row and shows no training count.
 
 Counts, not timings: the numbers do not depend on the machine's speed.
 Writes JSON and a markdown table beside it; an existing FILE.json (the
@@ -88,23 +94,31 @@ def leaf_aten(prof) -> list:
 
 
 @contextlib.contextmanager
-def triton_launches_profiled():
+def triton_launches_profiled(run: bool = True):
     """Each launch of a Triton kernel under Triton's interpreter as one profiled
     event, "triton::<kernel>" (the interpreter must be on: TRITON_INTERPRET=1
-    before Triton is imported)."""
+    before Triton is imported). run=False: a launch is counted and not run (its
+    outputs keep what they were allocated with), and an autotuned kernel is one
+    launch, not one for each configuration its autotuner would try: fla-core's
+    kernels, which the interpreter would run for minutes."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
-    run = InterpretedFunction.run
+    saved = InterpretedFunction.run, Autotuner.run
 
-    def profiled(self, *args, **kwargs):
-        with record_function(TRITON + self.fn.__name__):
-            return run(self, *args, **kwargs)
+    def launch(name, run_it):
+        def profiled(self, *args, **kwargs):
+            with record_function(TRITON + name(self)):
+                return run_it(self, *args, **kwargs) if run else None
+        return profiled
 
-    InterpretedFunction.run = profiled
+    InterpretedFunction.run = launch(lambda k: k.fn.__name__, saved[0])
+    if not run:
+        Autotuner.run = launch(lambda k: k.base_fn.__name__, saved[1])
     try:
         yield
     finally:
-        InterpretedFunction.run = run
+        InterpretedFunction.run, Autotuner.run = saved
 
 
 def in_layer(event) -> bool:
@@ -112,7 +126,7 @@ def in_layer(event) -> bool:
 
 
 def count(fn, layers=()) -> tuple:
-    """(leaf aten ops of fn(), of those run inside `layers`)."""
+    """(leaf aten ops of fn() and Triton launches, of those run inside `layers`, the launches)."""
     handles = []
     for layer in layers:
         scope = {}
@@ -125,16 +139,20 @@ def count(fn, layers=()) -> tuple:
         for h in handles:
             h.remove()
     ops = leaf_aten(prof)
-    return len(ops), sum(1 for e in ops if in_layer(e))
+    return len(ops), sum(1 for e in ops if in_layer(e)), sum(1 for e in ops if e.name.startswith(TRITON))
 
 
-def train_ops(model, T: int) -> int:
-    """The operators of one training pass over T tokens, as the train suite times it
-    (suites.train_pass: the gradients None before it, the next-token loss)."""
+def train_ops(model, T: int, triton: bool = False) -> tuple:
+    """(operators, Triton launches among them) of one training pass over T tokens, as
+    the train suite times it (suites.train_pass: the gradients None before it, the
+    next-token loss); triton: the modules told they run on Triton (kernel attention
+    then trains on fla-core's kernels, each launch counted, not run)."""
     model.train()
     tokens = torch.randint(4, models.VOCAB, (1, T + 1))
-    suites.train_pass(model, tokens)  # first call: lazy buffers, caches
-    return count(lambda: suites.train_pass(model, tokens))[0]
+    with training_on_triton(model) if triton else contextlib.nullcontext():
+        suites.train_pass(model, tokens)  # first call: lazy buffers, caches
+        total, _, launched = count(lambda: suites.train_pass(model, tokens))
+    return total, launched
 
 
 def one_layer_more(model, family: str, extra=()):
@@ -155,7 +173,7 @@ def decode_ops(model, prefix: int, triton: bool = False) -> dict:
             model.decoder(tokens[:, :t], incremental_state=state)
         layers = list(model.decoder.layers)
         with on_triton(model) if triton else contextlib.nullcontext():
-            total, inside = count(lambda: model.decoder(tokens, incremental_state=state), layers)
+            total, inside, _ = count(lambda: model.decoder(tokens, incremental_state=state), layers)
     return {"step": total, "per_layer": inside / len(layers), "layers": len(layers)}
 
 
@@ -185,6 +203,13 @@ def on_triton(model):
         yield
 
 
+@contextlib.contextmanager
+def training_on_triton(model):
+    """told_triton, each launch profiled as one event and not run (fla-core's training kernels)."""
+    with told_triton(model), triton_launches_profiled(run=False):
+        yield
+
+
 # local precision (--short-conv, --local-window) as a row of its own, for the families that offer it
 LOCAL = ("--short-conv", "4", "--local-window", "64")
 
@@ -204,15 +229,24 @@ def triton_missing():
     return triton_unavailable()
 
 
+def train_counts(model, family: str, extra=(), triton: bool = False) -> dict:
+    """{"train": {T: operators}, "train_per_layer": a decoder layer's share at the first
+    T}; triton: on the Triton kernels, {"train": None} where the training pass launches
+    none (it is then the torch row's)."""
+    counts = {T: train_ops(model, T, triton) for T in TRAIN_LENGTHS}
+    if triton and not any(launched for _, launched in counts.values()):
+        return {"train": None}
+    first = TRAIN_LENGTHS[0]
+    deeper = train_ops(one_layer_more(model, family, extra), first, triton)[0]
+    return {"train": {str(T): n for T, (n, _) in counts.items()}, "train_per_layer": deeper - counts[first][0]}
+
+
 def measure(families) -> dict:
     torch.manual_seed(0)
     out = {}
     for name, family, extra in rows(families):
         model, _, info = models.build("lm", family, extra=extra)
-        train = {str(T): train_ops(model, T) for T in TRAIN_LENGTHS}
-        first = TRAIN_LENGTHS[0]
-        out[name] = {"arch": info["arch"], "args": info["args"], "train": train,
-                     "train_per_layer": train_ops(one_layer_more(model, family, extra), first) - train[str(first)],
+        out[name] = {"arch": info["arch"], "args": info["args"], **train_counts(model, family, extra),
                      "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
         print(f"{name}: {out[name]['train']} {out[name]['decode']}", flush=True)
         if not extra and triton_modules(model):
@@ -221,9 +255,9 @@ def measure(families) -> dict:
                 print(f"{name}+triton: not counted: {why}", flush=True)
                 continue
             out[f"{name}+triton"] = {"arch": info["arch"], "args": info["args"], "triton": True,
-                                     "train": None, "decode": {str(L): decode_ops(model, L, triton=True)
-                                                               for L in PREFIXES}}
-            print(f"{name}+triton: {out[f'{name}+triton']['decode']}", flush=True)
+                                     **train_counts(model, family, triton=True),
+                                     "decode": {str(L): decode_ops(model, L, triton=True) for L in PREFIXES}}
+            print(f"{name}+triton: {out[f'{name}+triton']['train']} {out[f'{name}+triton']['decode']}", flush=True)
     return out
 
 
@@ -260,8 +294,10 @@ def main(argv=None):
     args.out.with_suffix(".md").write_text(
         "Aten operators that do work (views, allocations left out; composites counted once) per "
         "forward+backward (train, batch 1) and per incremental decoding step "
-        "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`; +triton: decoding on the "
-        "Triton kernels (on CUDA; counted here through Triton's interpreter, a launch one operator):\n\n"
+        "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`; +triton: on the Triton "
+        "kernels a CUDA run takes (decoding on the plugin's steps, training on fla-core's kernels where the "
+        "family's does; no training count: it trains as its torch row), counted here through Triton's "
+        "interpreter, a launch one operator (the training kernels counted, not run):\n\n"
         + table(results))
     print(table(results))
 

@@ -453,6 +453,25 @@ def test_training_runs_as_many_operators_at_every_length(family, extra):
     assert op_counts.train_ops(model, 128) == op_counts.train_ops(model, 512)
 
 
+def test_kernel_attention_on_fla_core_trains_with_as_many_operators_at_every_length(triton_device):
+    """Kernel attention's training on CUDA (fla-core's kernels), counted as
+    `benchmarks.op_counts` counts it (Triton's interpreter, each launch one
+    operator, counted and not run): the same count at T = 128 and 512, fla-core's
+    kernels among them, fewer operators than the torch path's pass; FLASH, which
+    trains on torch everywhere, gets no training count of its own."""
+    from benchmarks import models, op_counts
+    from linear_fairseq.ops import performer_fla
+
+    if triton_device != "cpu":
+        pytest.skip("the count runs Triton's interpreter; this machine runs Triton on CUDA")
+    if performer_fla.unavailable():
+        pytest.skip(performer_fla.unavailable())
+    model = models.build("lm", "performer")[0]
+    (short, launched), (long, _) = (op_counts.train_ops(model, T, triton=True) for T in (128, 512))
+    assert short == long and launched >= 8 and short < op_counts.train_ops(model, 128)[0]
+    assert op_counts.train_counts(models.build("lm", "flash")[0], "flash", triton=True) == {"train": None}
+
+
 def test_memsizer_decoding_step_runs_no_more_operators_a_layer_than_softmax():
     """benchmarks.op_counts' decoding step, per decoder layer: MemSizer's layer runs
     no more aten operators than fairseq's softmax layer (the issue's launch
