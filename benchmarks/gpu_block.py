@@ -103,6 +103,12 @@ def checks(ops: dict) -> list:
         lines += ["", "| family | decoding on Triton kernels ran | LM outputs vs the torch steps, max relative error |",
                   "|---|---|---:|"]
         lines += [f"| {r['family']} ({r['T']} steps) | {r['ran']} | {r['out_vs_torch_step']:.1e} |" for r in fused]
+    trained = ops.get("fused_training", [])
+    if trained:
+        lines += ["", "| family | training on Triton kernels ran | loss / gradients vs the torch forms, max relative "
+                  "error |", "|---|---|---:|"]
+        lines += [f"| {r['family']} ({r['T']} tokens) | {r['ran']} | {r['loss_vs_torch']:.1e} / "
+                  f"{r['grad_vs_torch']:.1e} |" for r in trained]
     return lines
 
 

@@ -13,6 +13,9 @@ benchmarks/ops_cases/<family>.py (a family without one is listed as such):
    T = 1024 / 4096 / 16384.
 4. (CUDA only) the decoding steps on Triton kernels (kernel attention, FLASH):
    each family's benchmark LM, 300 steps on the kernels against the torch steps.
+5. (CUDA only) training on Triton kernels (kernel attention: fla-core's chunked
+   kernels and FAVOR+'s feature kernels): each family's benchmark LM, the loss
+   and gradients of a training pass on the kernels against the torch forms.
 
 Writes JSON (--out) and prints a summary. Needs torch and fairseq (importing
 the plugin registers the families):  python benchmarks/gpu_ops_check.py --device cuda
@@ -166,37 +169,79 @@ def speed(cases, device, lengths):
     return rows
 
 
+def triton_lms(device, families=None, extra=()):
+    """(family, benchmark LM, its modules that can run on Triton kernels, why they do not
+    here or None) for each family (default all) whose LM has such modules."""
+    from benchmarks import models
+    from benchmarks.op_counts import triton_modules
+
+    probe = torch.zeros(1, device=device)
+    for family in families or models.FAMILIES:
+        model = models.build("lm", family, device=str(device), extra=extra)[0]
+        modules = triton_modules(model)
+        if modules:
+            yield family, model, modules, None if all(m.runs_on_triton(probe) for m in modules) else \
+                "auto chose the torch forms here"
+
+
+def told(modules, fused: bool):
+    """The modules on the Triton kernels where they run them (their own choice: auto, the
+    kernels on CUDA), or on the torch forms."""
+    for m in modules:
+        if fused:
+            m.__dict__.pop("runs_on_triton", None)
+        else:
+            m.runs_on_triton = lambda x: False
+
+
 # -- 4. fused decoding steps (CUDA) ---------------------------------------------------
 def fused_steps(cases, device, lengths):
     """Every family that decodes on Triton kernels (modules with runs_on_triton): its
     benchmark LM's outputs over T steps of random tokens (2 rows, fp32) on the kernels,
     the default on CUDA, against the torch steps; where the kernels cannot run, why."""
     from benchmarks import models
-    from benchmarks.op_counts import triton_modules
 
     rows = []
-    for family in models.FAMILIES:
-        model = models.build("lm", family, device=str(device))[0].eval()
-        modules = triton_modules(model)
-        if not modules:
-            continue
-        probe = torch.zeros(1, device=device)
-        why = None if all(m.runs_on_triton(probe) for m in modules) else "auto chose the torch step here"
+    for family, model, modules, why in triton_lms(device):
+        model.eval()
         for T in lengths:
             tokens = torch.randint(4, models.VOCAB, (2, T), device=device)
             outs = []
             for fused in (False, True):
-                for m in modules:
-                    if fused:
-                        del m.runs_on_triton  # the module's own choice again (auto: the kernels on CUDA)
-                    else:
-                        m.runs_on_triton = lambda x: False
+                told(modules, fused)
                 state = {}
                 with torch.no_grad():
                     outs.append(torch.cat([model.decoder(tokens[:, :t + 1], incremental_state=state)[0]
                                            for t in range(T)], dim=1))
             rows.append({"family": family, "form": "fused-step", "T": T, "ran": why or "yes",
                          "out_vs_torch_step": rel_err(outs[1], outs[0])})
+    return rows
+
+
+# -- 5. training on Triton kernels (CUDA) --------------------------------------------
+def fused_training(cases, device, lengths, families=None, extra=()):
+    """Every family whose modules can run on Triton kernels: its benchmark LM's loss and
+    gradients of one training pass over T tokens (2 rows, fp32) on the kernels, the
+    default on CUDA, against the torch forms; a family whose pass is the same on both
+    (it trains on torch) is named so; where the kernels cannot run, why. `families`
+    (default all) and `extra` (flags for the LMs) make it small for the tests."""
+    from benchmarks import models, suites
+
+    rows = []
+    for family, model, modules, why in triton_lms(device, families, extra):
+        model.train()
+        for T in lengths:
+            tokens = torch.randint(4, models.VOCAB, (2, T + 1), device=device)
+            passes = []
+            for fused in (False, True):
+                told(modules, fused)
+                loss = suites.train_pass(model, tokens).detach()
+                passes.append([loss] + [p.grad for p in model.parameters() if p.grad is not None])
+            same = all(torch.equal(a, b) for a, b in zip(*passes))
+            rows.append({"family": family, "form": "fused-train", "T": T,
+                         "ran": why or ("the same pass: it trains on torch" if same else "yes"),
+                         "loss_vs_torch": rel_err(passes[1][0], passes[0][0]),
+                         "grad_vs_torch": max(rel_err(a, b) for a, b in zip(passes[1][1:], passes[0][1:]))})
     return rows
 
 
@@ -218,7 +263,8 @@ def main():
     sections = [(parity, (7, 100) if args.quick else (7, 300, 1000)),
                 (low_precision, (512,) if args.quick else (4096, 16384))]
     if args.device == "cuda":
-        sections += [(speed, (1024, 4096, 16384)), (fused_steps, (300,))]  # 300: past FLASH's first chunk
+        sections += [(speed, (1024, 4096, 16384)), (fused_steps, (300,)),  # 300: past FLASH's first chunk
+                     (fused_training, (1024,))]
     failed = []
     for section, lengths in sections:  # the JSON after each section: a check stopped early keeps what it did
         print(f"== {section.__name__}", flush=True)

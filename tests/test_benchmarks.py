@@ -500,6 +500,28 @@ def test_gpu_ops_check_compares_the_fused_steps_with_the_torch_steps(monkeypatch
         assert row["ran"] == "yes" and row["out_vs_torch_step"] < 1e-4, row
 
 
+def test_gpu_ops_check_compares_training_on_the_kernels_with_the_torch_forms(monkeypatch, triton_device):
+    """The GPU check's fused-training section: kernel attention's LM trains on the
+    kernels (fla-core's and FAVOR+'s feature kernels; here told to, through the
+    interpreter) to the torch forms' loss and gradients; FLASH, whose training is
+    torch on every device, is named as the same pass."""
+    from benchmarks import gpu_ops_check
+    from linear_fairseq.modules.flash_gau import GatedAttentionUnit
+    from linear_fairseq.modules.performer_attention import PerformerAttention
+    from linear_fairseq.ops import performer_fla
+
+    if performer_fla.unavailable():
+        pytest.skip(performer_fla.unavailable())
+    for module in (GatedAttentionUnit, PerformerAttention):
+        monkeypatch.setattr(module, "runs_on_triton", lambda self, x: True)
+    device, small = torch.device(triton_device), ("--decoder-layers", "1")  # fla-core interpreted: a small LM
+    rows = {r["family"]: r for r in gpu_ops_check.fused_training(None, device, (16,), ["flash"], small)
+            + gpu_ops_check.fused_training(None, device, (16,), ["performer"], (*small, "--num-features", "16"))}
+    assert rows["flash"]["ran"] == "the same pass: it trains on torch"
+    assert rows["performer"]["ran"] == "yes", rows["performer"]
+    assert rows["performer"]["loss_vs_torch"] < 1e-5 and rows["performer"]["grad_vs_torch"] < 1e-4, rows["performer"]
+
+
 @pytest.mark.parametrize("family", ["performer", "flash"])
 def test_decoding_on_the_fused_steps_runs_no_more_operators_than_softmax(triton_device, family):
     """The same count with the family decoding on its Triton kernels (counted on

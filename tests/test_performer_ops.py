@@ -427,3 +427,33 @@ def test_triton_favor_step_equals_favor_features_then_the_torch_step(triton_devi
                                                              at(gate), eps=eps)
             assert_close(theirs.cpu(), out.cpu())
             assert_same_state(states[1], states[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,m", [(64, 266), (8, 20)])
+def test_favor_kernels_equal_favor_features_with_gradients(triton_device, dtype, d, m):
+    """FAVOR+'s features on the training kernels (ops.favor_triton) against the torch
+    function: the features and log-scales, x's gradient (in x's dtype), no gradient
+    through the log-scale; the inputs a strided view of the queries' and keys'
+    projections, as the module passes them, rows not a whole number of blocks,
+    m (266 = d ln d) not a whole number of the kernel's feature blocks."""
+    from linear_fairseq.ops import favor_triton
+
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 11, 3, 3, d, generator=g).to(dtype)  # (B, T, q/k/v, H, d)
+    W = K.orthogonal_gaussian(m, d, g)
+    x = qkv[:, :, :2].permute(0, 3, 1, 2, 4)  # (B, H, T, 2, d), not contiguous
+    dphi = torch.randn(2, 3, 11, 2, m, generator=g)
+    outs = []
+    for features in (K.favor_features, favor_triton.favor_features):
+        xs = x.detach().to(triton_device).requires_grad_()
+        phi, scale = features(xs, W.to(triton_device))
+        (phi * dphi.to(triton_device)).sum().backward()
+        assert not scale.requires_grad and phi.dtype == scale.dtype == torch.float32
+        assert xs.grad.dtype == dtype and phi.shape == (2, 3, 11, 2, m) and scale.shape == (2, 3, 11, 2)
+        outs.append((phi.cpu(), scale.cpu(), xs.grad.float().cpu()))
+    (phi, scale, grad), (phi_k, scale_k, grad_k) = outs
+    assert_close(phi_k, phi)
+    assert_close(scale_k, scale)
+    # in half precision x's gradient is rounded to x's dtype from float32 sums taken in another order
+    assert_close(grad_k, grad, rtol=RTOL if dtype == torch.float32 else 2 * torch.finfo(dtype).eps)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..ops import performer as K
 from ..ops import performer_fla
+from ..ops.common import triton_unavailable
 from .attention import LinearAttention, Problem, State, first_problem, is_int, is_number, is_positive_int
 from .projections import load_apart, stacked
 
@@ -57,6 +58,14 @@ class RandomFeatures(nn.Module):
 class FavorFeatures(RandomFeatures):
     def forward(self, x):
         return K.favor_features(x, self.projection)
+
+    def on_kernels(self, x):
+        """The same features from ops.favor_triton's kernels (forward and gradient), where
+        Triton imports and takes x's dtype; elsewhere from the torch function."""
+        if triton_unavailable() or self.projection.requires_grad:
+            return self(x)
+        kernels = performer_fla.favor_kernels()
+        return kernels.favor_features(x, self.projection) if x.dtype in kernels.DTYPES else self(x)
 
 
 class RFAFeatures(RandomFeatures):
@@ -223,10 +232,13 @@ class PerformerAttention(LinearAttention):
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         # the queries' and the keys' features in one call, on a pair axis after time: (B, H, T, 2, m)
         qkv = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, T, 3, H, d)
-        phi, scale = self.phi(qkv[:, :, :2].permute(0, 3, 1, 2, 4))
+        on_triton = self.runs_on_triton(x)
+        pair, v = qkv.split([2, 1], dim=2)  # split: its backward is one concatenation
+        pair = pair.permute(0, 3, 1, 2, 4)
+        phi, scale = self.phi.on_kernels(pair) if on_triton and isinstance(self.phi, FavorFeatures) else self.phi(pair)
         (phi_q, phi_k), (q_scale, log_scale) = phi.unbind(-2), (None, None) if scale is None else scale.unbind(-1)
-        args = (phi_q, phi_k, qkv[:, :, 2].transpose(1, 2), padding_mask, log_scale, self.gate_logits(x), q_scale)
-        if self.runs_on_triton(x):
+        args = (phi_q, phi_k, v.squeeze(2).transpose(1, 2), padding_mask, log_scale, self.gate_logits(x), q_scale)
+        if on_triton:
             out = performer_fla.causal(*args, eps=self.eps)
         else:
             out, _ = K.causal_parallel(*args, chunk_size=self.chunk_size, eps=self.eps)

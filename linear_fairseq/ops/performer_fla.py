@@ -49,6 +49,12 @@ def fused():
     return performer_triton
 
 
+def favor_kernels():
+    """ops.favor_triton, FAVOR+'s feature map as Triton kernels (imported here: it needs Triton)."""
+    from . import favor_triton
+    return favor_triton
+
+
 def fla_inputs(phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask, log_scale, gate_logits):
     """q, k, v (B, T, H, .) and g (B, T, H) or None, as described above, and the offset c (B, H, 1)."""
     a, lg = key_log_weights(phi_k.shape[:3], acc(phi_k), padding_mask, log_scale, gate_logits)
