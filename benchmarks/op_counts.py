@@ -27,7 +27,8 @@ not count):
   decode  the prefix fills the state on the torch step, then the counted step
           runs on the kernels;
   train   where the training pass launches Triton kernels (kernel attention
-          on fla-core's, where fla-core imports), each launch is counted and
+          on fla-core's and its own FAVOR+ feature kernels, where fla-core
+          imports), each launch is counted and
           not run (the count does not depend on the values); elsewhere the
           row trains as the family's torch row and shows no training count.
 
@@ -146,7 +147,8 @@ def train_ops(model, T: int, triton: bool = False) -> tuple:
     """(operators, Triton launches among them) of one training pass over T tokens, as
     the train suite times it (suites.train_pass: the gradients None before it, the
     next-token loss); triton: the modules told they run on Triton (kernel attention
-    then trains on fla-core's kernels, each launch counted, not run)."""
+    then trains on fla-core's kernels and its feature kernels, each launch counted,
+    not run)."""
     model.train()
     tokens = torch.randint(4, models.VOCAB, (1, T + 1))
     with training_on_triton(model) if triton else contextlib.nullcontext():
@@ -205,7 +207,7 @@ def on_triton(model):
 
 @contextlib.contextmanager
 def training_on_triton(model):
-    """told_triton, each launch profiled as one event and not run (fla-core's training kernels)."""
+    """told_triton, each launch profiled as one event and not run (the training kernels)."""
     with told_triton(model), triton_launches_profiled(run=False):
         yield
 
