@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .common import acc, import_problem
-from .performer import LOWEST, clamp_floor, key_log_weights, normalized
+from .performer import LOWEST, _column, clamp_floor, key_log_weights, normalized, with_ones
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,8 +60,7 @@ def fla_inputs(phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask, log_scale,
     a, lg = key_log_weights(phi_k.shape[:3], acc(phi_k), padding_mask, log_scale, gate_logits)
     c = a.amax(-1, keepdim=True).clamp(min=LOWEST).detach()
     k = acc(phi_k) * torch.exp(a - c).unsqueeze(-1)
-    v = v.transpose(1, 2)
-    v1 = torch.cat([v, v.new_ones(v.shape[:-1]).unsqueeze(-1)], dim=-1)  # written time-major, no copy after
+    v1 = with_ones(v.transpose(1, 2))  # written time-major, no copy after
     dtype = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32  # fp16: too narrow for the sums
     time_major = lambda x: x.transpose(1, 2).to(dtype).contiguous()  # noqa: E731
     g = None if lg is None else lg.transpose(1, 2).float().contiguous()
@@ -77,6 +76,5 @@ def causal(
     (default: fla-core's). Returns out (B, H, T, d) in v's dtype."""
     q, k, v1, g, c = fla_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits)
     o, _ = (chunk_simple_gla or kernel())(q, k, v1, g=g, scale=1.0)
-    floor = clamp_floor(eps, c, q_log_scale)
-    floor = floor if isinstance(floor, float) else floor.unsqueeze(-1)
+    floor = clamp_floor(eps, c.unsqueeze(-1), _column(q_log_scale))  # a column, as normalized takes it
     return normalized(acc(o).transpose(1, 2), floor).to(v.dtype)
