@@ -28,9 +28,10 @@ not count):
           runs on the kernels;
   train   where the training pass launches Triton kernels (kernel attention
           on fla-core's and its own FAVOR+ feature kernels, where fla-core
-          imports), each launch is counted and
-          not run (the count does not depend on the values); elsewhere the
-          row trains as the family's torch row and shows no training count.
+          imports; FLASH's causal units on their mixed chunk kernels), each
+          launch is counted and not run (the count does not depend on the
+          values); elsewhere the row trains as the family's torch row and
+          shows no training count.
 
 Counts, not timings: the numbers do not depend on the machine's speed.
 Writes JSON and a markdown table beside it; an existing FILE.json (the
@@ -147,8 +148,8 @@ def train_ops(model, T: int, triton: bool = False) -> tuple:
     """(operators, Triton launches among them) of one training pass over T tokens, as
     the train suite times it (suites.train_pass: the gradients None before it, the
     next-token loss); triton: the modules told they run on Triton (kernel attention
-    then trains on fla-core's kernels and its feature kernels, each launch counted,
-    not run)."""
+    then trains on fla-core's kernels and its feature kernels, FLASH's causal units
+    on their mixed chunk kernels; each launch counted, not run)."""
     model.train()
     tokens = torch.randint(4, models.VOCAB, (1, T + 1))
     with training_on_triton(model) if triton else contextlib.nullcontext():
@@ -297,8 +298,9 @@ def main(argv=None):
         "Aten operators that do work (views, allocations left out; composites counted once) per "
         "forward+backward (train, batch 1) and per incremental decoding step "
         "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`; +triton: on the Triton "
-        "kernels a CUDA run takes (decoding on the plugin's steps, training on fla-core's kernels where the "
-        "family's does; no training count: it trains as its torch row), counted here through Triton's "
+        "kernels a CUDA run takes (decoding on the plugin's steps, training on the Triton kernels where the "
+        "family's does: fla-core's and the FAVOR+ feature kernels, FLASH's mixed chunk kernels; no training "
+        "count: it trains as its torch row), counted here through Triton's "
         "interpreter, a launch one operator (the training kernels counted, not run):\n\n"
         + table(results))
     print(table(results))

@@ -14,8 +14,9 @@ in each precision:
 
   decode  three decoding steps, without and with a padded step: the plugin's
           own kernels (ops/*_triton.py);
-  train   one forward and backward pass of the LM: fla-core's kernels, on
-          which kernel attention trains on CUDA (where fla-core imports).
+  train   one forward and backward pass of the LM: the kernels it trains on
+          on CUDA: kernel attention's (fla-core's, where it imports, and the
+          FAVOR+ feature kernels) and FLASH's mixed chunk kernels.
 
 Every Triton launch is recorded instead of run (the outputs are left as they
 were allocated), and each distinct specialization, as Triton's launcher

@@ -266,3 +266,35 @@ def test_gau_backend_triton_off_cuda_is_one_line_naming_why():
     assert "\n" not in message and message.startswith("--gau-backend triton: the model runs on cpu, not CUDA")
     assert "--gau-backend auto" in message
     assert not GatedAttentionUnit(32, gau_backend="auto", **kwargs).runs_on_triton(h)
+
+
+@pytest.mark.parametrize("rope,relu2_norm", [(True, "keys"), (False, "chunk")])
+def test_causal_gau_trains_on_the_kernels_as_on_torch(monkeypatch, triton_device, rope, relu2_norm):
+    """A causal GAU whose mixed chunk attention runs on the training kernels
+    (ops.mixed_chunk_triton; CUDA, or CPU through Triton's interpreter) gives the
+    torch pass's output and the gradients of its input and every parameter: a
+    partial last chunk, a row padded at its end (whose real tokens' outputs are
+    those of the torch pass). The kernels ran: they were called once."""
+    from linear_fairseq.ops import mixed_chunk_triton
+
+    torch.manual_seed(0)
+    unit = GatedAttentionUnit(32, causal=True, gau_s=32, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed",
+                              no_rope=not rope, gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0,
+                              gau_scale_init="unit", gau_relu2_norm=relu2_norm, gau_backend="auto").to(triton_device)
+    x = torch.randn(11, 2, 32, device=triton_device)  # time-major, as fairseq's layers take it
+    mask = torch.zeros(2, 11, dtype=torch.bool, device=triton_device)
+    mask[1, 8:] = True
+    calls = []
+    apply = mixed_chunk_triton._GatedMixedChunk.apply
+    monkeypatch.setattr(mixed_chunk_triton._GatedMixedChunk, "apply", lambda *a: calls.append(1) or apply(*a))
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(unit, "runs_on_triton", lambda h, fused=fused: fused)
+        unit.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_()
+        out = unit(xs, mask)
+        (out * ~mask.t()[..., None]).square().sum().backward()
+        results.append((out * ~mask.t()[..., None], xs.grad, *(p.grad for p in unit.parameters())))
+    assert calls == [1]
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -506,3 +506,51 @@ def test_scale_norm_backward_is_its_derivative_and_autograds():
 def test_invalid_chunk_size_is_named():
     with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
         mixed_chunk(*inputs(1, 4), 0, causal=True)
+
+
+KERNEL_CASES = {  # T, G, s, e, rope, relu2_norm
+    "3-chunks": (40, 16, 32, 48, True, "keys"),
+    "no-rope": (40, 16, 32, 48, False, "chunk"),
+    "shorter-than-G": (12, 16, 32, 20, True, "none"),
+    "1-token-chunks": (5, 1, 32, 20, True, "keys"),
+    "3-blocks-a-chunk": (45, 40, 40, 40, True, "keys"),  # s/2 = 20 and e = 40: blocks filled in part
+}
+HALF_CASES = ("3-chunks", "3-blocks-a-chunk")
+
+
+def gated_from_z(x, gamma, beta, rope, e, G, norm):
+    """The unit between its projections as the torch path computes it: SiLU, split, from_z, times U."""
+    u, v, z = torch.nn.functional.silu(x).split((e, e, x.shape[-1] - 2 * e), dim=-1)
+    return u * F.from_z(z, gamma, beta, v, True, rope, chunk_size=G, relu2_norm=norm)
+
+
+@pytest.mark.parametrize("case,dtype", [pytest.param(case, dtype, id=f"{case}-{str(dtype)[6:]}") for case, dtype in
+                                        [(case, torch.float32) for case in KERNEL_CASES]
+                                        + [(case, half) for case in HALF_CASES for half in (torch.bfloat16, torch.float16)]])
+def test_mixed_chunk_kernels_equal_the_torch_unit_with_gradients(triton_device, case, dtype):
+    """The causal unit between its projections on the training kernels
+    (ops.mixed_chunk_triton.gated: SiLU(U) times mixed chunk attention) against
+    SiLU, from_z and the gate in torch: the output and the gradients of X = [U, V, Z],
+    gamma and beta, with a partial last chunk, RoPE on and off, every relu^2
+    normalization, chunks longer than a kernel's block of tokens, widths not a whole
+    number of blocks; half inputs against float32 (the kernels compute in float32,
+    the torch path in the inputs' precision), each result in its input's dtype."""
+    from linear_fairseq.ops import mixed_chunk_triton
+
+    T, G, s, e, rope, norm = KERNEL_CASES[case]
+    g = torch.Generator().manual_seed(T)
+    xs = [torch.randn(*shape, generator=g) for shape in ((2, T, 2 * e + s), (4, s), (4, s))]
+    xs[1] = 1 + 0.3 * xs[1]
+    w = torch.randn(2, T, e, generator=g)
+    ref_in = [x.clone().requires_grad_() for x in xs]
+    ref = gated_from_z(*ref_in, rope, e, G, norm)
+    ref_grads = grads(ref, w, ref_in)
+    kernel_in = [(x.to(dtype) if i == 0 else x).to(triton_device).requires_grad_() for i, x in enumerate(xs)]
+    out = mixed_chunk_triton.gated(*kernel_in, rope, e=e, chunk_size=G, relu2_norm=norm)
+    assert out.dtype == dtype and out.shape == ref.shape
+    got_grads = grads(out.float(), w.to(triton_device), kernel_in)
+    rtol = RTOL if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    assert_close(out.float().cpu(), ref, rtol=rtol)
+    for got, want, x in zip(got_grads, ref_grads, kernel_in):
+        assert got.dtype == x.dtype
+        assert_close(got.float().cpu(), want, rtol=rtol)

@@ -41,9 +41,9 @@ class FlashOptions(FairseqDataclass):
         "none", GAU_CHOICES["gau_relu2_norm"], "relu^2 scores unscaled (none), divided by the number of keys a "
         "query sees (keys), or by G as in the paper (chunk)")
     gau_backend: str = choice(
-        "auto", GAU_CHOICES["gau_backend"], "decoding step: torch (any device), triton (one fused Triton kernel a "
-        "step, CUDA; mixed chunk attention), or auto: triton where the model runs on CUDA and Triton imports, else "
-        "torch")
+        "auto", GAU_CHOICES["gau_backend"], "mixed chunk attention's causal training pass and decoding step: "
+        "torch (any device), triton (Triton kernels, CUDA: five a training pass, one a step), or auto: triton "
+        "where the model runs on CUDA and Triton imports, else torch")
 
 
 @dataclass

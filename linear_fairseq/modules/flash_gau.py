@@ -98,6 +98,12 @@ def fused_step():
     return gau_step
 
 
+def chunk_kernels():
+    """ops.mixed_chunk_triton, the causal unit's training kernels (imported here: it needs Triton)."""
+    from ..ops import mixed_chunk_triton
+    return mixed_chunk_triton
+
+
 @with_incremental_state
 class GatedAttentionUnit(IncrementalState, nn.Module):
     def __init__(
@@ -146,7 +152,11 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
 
     def gates(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """U, V (width e) and Z (width s) from the normalized input."""
-        return F.silu(self.to_uvz(self.norm(x))).split((self.e, self.e, self.s), dim=-1)
+        return self.activated(self.to_uvz(self.norm(x)))
+
+    def activated(self, uvz: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """U, V and Z from their projection: its SiLU, split."""
+        return F.silu(uvz).split((self.e, self.e, self.s), dim=-1)
 
     def queries_keys(self, z: Tensor, positions: Optional[Tensor]):
         """The heads of Z (..., s), turned by RoPE at `positions` ((B, T) or (B,));
@@ -169,13 +179,11 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         return x + self.dropout(out).transpose(0, 1)
 
     def parallel(self, h: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        u, v, z = self.gates(h)
+        uvz = self.to_uvz(self.norm(h))
         if self.mode == "mixed" and ops.from_z_computes(h.shape[1], self.chunk_size, self.causal, padding_mask,
                                                         self.rel_bias):
-            gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
-            mask = None if self.causal else padding_mask  # a causal row is padded at its end: no mask needed
-            return self.to_out(u * ops.from_z(z, gamma, beta, v, self.causal, self.rope, mask,
-                                              **self.options).to(u.dtype))
+            return self.to_out(self.from_z(h, uvz, padding_mask))
+        u, v, z = self.activated(uvz)
         positions = None if padding_mask is None else ops.real_positions(padding_mask, *h.shape[:2], h.device)
         qk = self.queries_keys(z, positions)
         if self.mode == "mixed":
@@ -183,6 +191,17 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         else:
             a = ops.quadratic(*qk, v, self.causal, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype))
+
+    def from_z(self, h: Tensor, uvz: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        """SiLU(U) times mixed chunk attention from SiLU(Z) (ops.flash.from_z), given their
+        projection: a causal pass on the Triton kernels where the unit runs on them
+        (runs_on_triton) and they take its dtype."""
+        gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
+        if self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES:
+            return chunk_kernels().gated(uvz, gamma, beta, self.rope, e=self.e, **self.options)
+        u, v, z = self.activated(uvz)
+        mask = None if self.causal else padding_mask  # a causal row is padded at its end: no mask needed
+        return u * ops.from_z(z, gamma, beta, v, self.causal, self.rope, mask, **self.options).to(u.dtype)
 
     def step(self, h: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         B = h.shape[0]
@@ -200,8 +219,9 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         return self.to_out(u * a.to(u.dtype)), state
 
     def runs_on_triton(self, h: Tensor) -> bool:
-        """Whether the mixed chunk decoding step runs on ops.flash_triton's kernel
-        (--gau-backend); `triton` where it cannot is one line naming why."""
+        """Whether mixed chunk attention runs on Triton kernels (--gau-backend): the decoding
+        step on ops.flash_triton's, the causal parallel pass on ops.mixed_chunk_triton's;
+        `triton` where they cannot run is one line naming why."""
         if self.gau_backend == "torch" or self.mode != "mixed" or self.s % 2:  # triton there: refused when built
             return False
         why = triton_unavailable() if h.is_cuda else f"the model runs on {h.device.type}, not CUDA"

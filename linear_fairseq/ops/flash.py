@@ -367,19 +367,24 @@ def from_z(z: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, causal: bool, rope
     after moving the real tokens first (so from_z_computes admits no padding there).
     Padded tokens' outputs are not those of `mixed_chunk`."""
     T = z.shape[1]
-    L = min(chunk_size, T)
-    pad = -T % L
-    if pad and not causal:
-        raise ValueError(f"from_z: T={T} is not a whole number of chunks of {L} (non-causal)")
+    if T % min(chunk_size, T) and not causal:
+        raise ValueError(f"from_z: T={T} is not a whole number of chunks of {min(chunk_size, T)} (non-causal)")
     real = None
     if padding_mask is not None:
         if causal:
             raise ValueError("from_z: a causal row is padded at its end and takes no padding mask")
         real = (~padding_mask).to(operand_dtype(z))
-    if pad:  # zeros after the end: no earlier token sees them
-        z, v = F.pad(z, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+    z, v = whole_chunks(chunk_size, z, v)
     out = _FromZ.apply(z, gamma, beta, v, causal, rope, chunk_size, relu2_norm, real)
-    return out[:, :T] if pad else out
+    return out[:, :T] if out.shape[1] > T else out
+
+
+def whole_chunks(chunk_size: int, *xs: Tensor) -> Tuple[Tensor, ...]:
+    """Each x (B, T, .) filled up with zeros after the end to whole chunks of min(chunk_size, T)
+    tokens (itself where it is one): in a causal sequence no earlier token sees them."""
+    T = xs[0].shape[1]
+    pad = -T % min(chunk_size, T)
+    return tuple(F.pad(x, (0, 0, 0, pad)) for x in xs) if pad else xs
 
 
 def key_roots(real: Tensor, G: int, norm: str, dtype: torch.dtype, scale: float) -> Tensor:

@@ -1,0 +1,558 @@
+"""FLASH's causal gated attention unit between its two projections, as Triton
+kernels (forward and backward) for training on CUDA.
+
+From X = [U, V, Z], the unit's input projection before its SiLU, the kernels
+compute Y = SiLU(U) * A with A the causal mixed chunk attention of
+``ops.flash.from_z`` over V = SiLU(V) and the four heads q, k, q', k' =
+SiLU(Z) gamma_h + beta_h, each turned by RoPE at its position. The heads and
+the activations are computed inside the kernels and never stored. With chunks
+of L tokens, chunk n's queries read
+
+    A_i  = sum_{j <= i in chunk n} relu(q_i . k_j r_i)^2 v_j + q'_i . KV_n,
+    KV_n = sum_{j in chunks before n} k'_j v_j^T / (n L)   (0 for n = 0),
+
+r_i = s^-1/2 c_i^-1/2 with c_i from ``relu2_norm`` (``ops.flash.relu2_divisor``).
+
+The forward runs two kernels: a scan over the chunks writing each chunk's KV_n
+(float32, (B, N, 2, s/2, e): the heads' even and odd dimensions apart), then
+one program per (chunk, block of queries, block of value columns) writing Y
+and A. The backward runs three: a scan from the last chunk back writing the
+gradient of each chunk's sum, dKV_m = sum_{n > m} q'_n^T dA_n / (n L) with
+dA = dY SiLU(U), and at each token dU and the linear part's share of dV,
+k'_j dKV_m; one program per block of queries (dq', dq); one per block of keys
+(dk, dk', and dV's quadratic share, then the SiLU's derivative). Each turns
+its heads' gradients back through RoPE and the offset-scale into dZ (the key
+kernel's last share takes the SiLU's derivative) and writes its rows' shares
+of dgamma and dbeta, which one sum joins. dU, dV and dZ land in one buffer,
+X's gradient. Scores are recomputed where the backward needs them, so the
+pass keeps X, A and KV.
+
+Products sum in float32; their operands are float32 (IEEE, not TF32) for
+float32 inputs, as torch takes them, and TF32 for half inputs (OPERANDS).
+Causal, no padding inside a row (a row padded at its end is cut before its
+padding), T filled up to whole chunks with zeros (SiLU(0) = 0: no earlier
+token sees them). On CUDA the kernels run compiled; elsewhere only through
+Triton's interpreter (TRITON_INTERPRET=1, which the tests use).
+"""
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import constant
+from .flash import RELU2_NORMS, first_turns, whole_chunks
+
+# 16 tokens and 16 value columns a step, 8 warps: compiled for sm_70 to sm_90 (benchmarks.triton_compile),
+# the key kernel keeps its tiles in at most 255 registers a thread without spilling them
+BLOCK_T = 16  # a chunk's tokens a program takes at a time
+BLOCK_E = 16  # value columns a step
+NUM_WARPS = 8
+# the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
+# as torch multiplies it; float16 and bfloat16 read into float32 and multiplied in TF32 on a GPU's tensor
+# cores, at least their own precision (Triton's interpreter, which the tests run, multiplies no bfloat16)
+OPERANDS = {torch.float32: "ieee", torch.bfloat16: "tf32", torch.float16: "tf32"}
+DTYPES = tuple(OPERANDS)
+
+
+# -- pieces the kernels share ----------------------------------------------------------
+@triton.jit
+def _silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _silu_grad(x):
+    sig = tl.sigmoid(x)
+    return sig * (1.0 + x * (1.0 - sig))
+
+
+@triton.jit
+def _pairs(x, t, pairs, ok, P, sx_t, sx_c):
+    """Rows t of x (one batch row's (T, 2P)) as their (even, odd) dimensions, float32 (BLOCK_T, BLOCK_P)."""
+    inside = ok[:, None] & (pairs[None, :] < P)
+    at = x + t[:, None] * sx_t + 2 * pairs[None, :] * sx_c
+    return (tl.load(at, mask=inside, other=0.0).to(tl.float32),
+            tl.load(at + sx_c, mask=inside, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _turns(turns, t, pairs, ok, P, st_t, st_p, ROPE: tl.constexpr):
+    """RoPE's (cos, sin) at rows t from the table (T, P, 2); (1, 0) without RoPE."""
+    inside = ok[:, None] & (pairs[None, :] < P)
+    if ROPE:
+        at = turns + t[:, None] * st_t + pairs[None, :] * st_p
+        return tl.load(at, mask=inside, other=1.0), tl.load(at + 1, mask=inside, other=0.0)
+    return tl.where(inside, 1.0, 1.0), tl.where(inside, 0.0, 0.0)
+
+
+@triton.jit
+def _gamma(gamma, h, pairs, P, sg_h, sg_c):
+    """gamma_h as its (even, odd) dimensions, float32 (BLOCK_P,)."""
+    has = pairs < P
+    return (tl.load(gamma + h * sg_h + 2 * pairs * sg_c, mask=has, other=0.0).to(tl.float32),
+            tl.load(gamma + h * sg_h + (2 * pairs + 1) * sg_c, mask=has, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _head(z_even, z_odd, cos, sin, gamma, beta, h, pairs, ok, P, sg_h, sg_c, ROPE: tl.constexpr):
+    """Head h = Z gamma_h + beta_h at the rows (turned by RoPE), zero at rows not `ok`."""
+    g_even, g_odd = _gamma(gamma, h, pairs, P, sg_h, sg_c)
+    b_even, b_odd = _gamma(beta, h, pairs, P, sg_h, sg_c)
+    x_even = z_even * g_even[None, :] + b_even[None, :]
+    x_odd = z_odd * g_odd[None, :] + b_odd[None, :]
+    if ROPE:
+        x_even, x_odd = x_even * cos - x_odd * sin, x_even * sin + x_odd * cos
+    keep = ok[:, None] & (pairs[None, :] < P)
+    return tl.where(keep, x_even, 0.0), tl.where(keep, x_odd, 0.0)
+
+
+@triton.jit
+def _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c, ha, hb, ROPE: tl.constexpr):
+    """SiLU(Z) at rows t (even, odd), RoPE's (cos, sin) there, and heads ha and hb of those rows."""
+    z_even, z_odd = _pairs(z, t, pairs, ok, P, sx_t, sx_c)
+    z_even, z_odd = _silu(z_even), _silu(z_odd)
+    cos, sin = _turns(turns, t, pairs, ok, P, st_t, st_p, ROPE)
+    a_even, a_odd = _head(z_even, z_odd, cos, sin, gamma, beta, ha, pairs, ok, P, sg_h, sg_c, ROPE)
+    b_even, b_odd = _head(z_even, z_odd, cos, sin, gamma, beta, hb, pairs, ok, P, sg_h, sg_c, ROPE)
+    return z_even, z_odd, cos, sin, a_even, a_odd, b_even, b_odd
+
+
+@triton.jit
+def _turned_back(d_even, d_odd, cos, sin, ROPE: tl.constexpr):
+    """A head's gradient through RoPE: each pair turned back by its angle."""
+    if ROPE:
+        return d_even * cos + d_odd * sin, d_odd * cos - d_even * sin
+    return d_even, d_odd
+
+
+@triton.jit
+def _dot(a, b, OP: tl.constexpr):
+    """a b (float32) summed in float32, its operands in OP's precision (OPERANDS)."""
+    return tl.dot(a, b, input_precision=OP)
+
+
+@triton.jit
+def _root(i, scale, NORM: tl.constexpr):
+    """r_i of queries at chunk offsets i: scale / sqrt(i + 1) for NORM 0 (relu2_norm "keys", scale
+    s^-1/2), else the constant `scale` (s^-1/2 G^-1/2 for "chunk", s^-1/2 for "none")."""
+    if NORM == 0:
+        return scale / tl.sqrt((i + 1).to(tl.float32))
+    return tl.where(i >= 0, scale, 0.0)
+
+
+@triton.jit
+def _relu(q_even, q_odd, k_even, k_odd, root, i, j, L, OP: tl.constexpr):
+    """relu(q_i . k_j r_i) where key j is seen by query i (j <= i < L), else 0: (BLOCK_T, BLOCK_T)."""
+    scores = _dot(q_even, tl.trans(k_even), OP) + _dot(q_odd, tl.trans(k_odd), OP)
+    seen = (j[None, :] <= i[:, None]) & (i[:, None] < L)
+    return tl.where(seen, tl.maximum(scores * root[:, None], 0.0), 0.0)
+
+
+@triton.jit
+def _block(x, t, cols, ok, e, sx_t, sx_e):
+    """Rows t, columns `cols` of one batch row's (T, e), float32 (BLOCK_T, BLOCK_E)."""
+    return tl.load(x + t[:, None] * sx_t + cols[None, :] * sx_e, mask=ok[:, None] & (cols[None, :] < e),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _values(v, t, cols, ok, e, sx_t, sx_c):
+    """SiLU(V) at rows t, columns `cols`."""
+    return _silu(_block(v, t, cols, ok, e, sx_t, sx_c))
+
+
+@triton.jit
+def _grads(dy, u, t, cols, ok, e, sy_t, sy_e, sx_t, sx_c):
+    """dA = dY SiLU(U) at rows t, columns `cols`."""
+    return _block(dy, t, cols, ok, e, sy_t, sy_e) * _silu(_block(u, t, cols, ok, e, sx_t, sx_c))
+
+
+@triton.jit
+def _halves(kv, pairs, cols, P, e, sk_h, sk_p, sk_e):
+    """A chunk's (s, e) sum as its even and odd rows, (BLOCK_P, BLOCK_E) each."""
+    inside = (pairs[:, None] < P) & (cols[None, :] < e)
+    at = kv + pairs[:, None] * sk_p + cols[None, :] * sk_e
+    return tl.load(at, mask=inside, other=0.0), tl.load(at + sk_h, mask=inside, other=0.0)
+
+
+@triton.jit
+def _write_halves(kv, pairs, cols, P, e, sk_h, sk_p, sk_e, even, odd):
+    """A chunk's (s, e) sum from its even and odd rows (as _halves reads it)."""
+    inside = (pairs[:, None] < P) & (cols[None, :] < e)
+    at = kv + pairs[:, None] * sk_p + cols[None, :] * sk_e
+    tl.store(at, even, mask=inside)
+    tl.store(at + sk_h, odd, mask=inside)
+
+
+@triton.jit
+def _sums(parts, z_even, z_odd, d_even, d_odd, h, pairs, P, sp_s, sp_h, sp_c):
+    """A head's gradient d_h summed over the rows: d_h z into parts' dgamma row h, d_h into its dbeta row."""
+    has = pairs < P
+    at = parts + h * sp_h + 2 * pairs * sp_c
+    tl.store(at, tl.sum(d_even * z_even, axis=0), mask=has)
+    tl.store(at + sp_c, tl.sum(d_odd * z_odd, axis=0), mask=has)
+    tl.store(at + sp_s, tl.sum(d_even, axis=0), mask=has)
+    tl.store(at + sp_s + sp_c, tl.sum(d_odd, axis=0), mask=has)
+
+
+@triton.jit
+def _into_z(dz, parts, z, turns, gamma, d_even, d_odd, h, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
+            sd_t, sd_c, sp_s, sp_h, sp_c, ROPE: tl.constexpr, SHARE: tl.constexpr):
+    """Head h's gradient at the rows, turned back through RoPE, then through the offset-scale: its sums
+    into parts (_sums), and d_h gamma_h into dZ, the first SHARE (0) written, a later one (1) added to
+    what is there, the last (2) added and taken through the SiLU's derivative at Z."""
+    pre_even, pre_odd = _pairs(z, t, pairs, ok, P, sx_t, sx_c)
+    cos, sin = _turns(turns, t, pairs, ok, P, st_t, st_p, ROPE)
+    d_even, d_odd = _turned_back(d_even, d_odd, cos, sin, ROPE)
+    _sums(parts, _silu(pre_even), _silu(pre_odd), d_even, d_odd, h, pairs, P, sp_s, sp_h, sp_c)
+    g_even, g_odd = _gamma(gamma, h, pairs, P, sg_h, sg_c)
+    grad_even = d_even * g_even[None, :]
+    grad_odd = d_odd * g_odd[None, :]
+    inside = ok[:, None] & (pairs[None, :] < P)
+    at = dz + t[:, None] * sd_t + 2 * pairs[None, :] * sd_c
+    if SHARE > 0:
+        grad_even += tl.load(at, mask=inside, other=0.0).to(tl.float32)
+        grad_odd += tl.load(at + sd_c, mask=inside, other=0.0).to(tl.float32)
+    if SHARE == 2:
+        grad_even *= _silu_grad(pre_even)
+        grad_odd *= _silu_grad(pre_odd)
+    tl.store(at, grad_even.to(dz.dtype.element_ty), mask=inside)
+    tl.store(at + sd_c, grad_odd.to(dz.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _zeros(ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Two float32 accumulators, a head's even and odd dimensions (or a sum's even and odd rows)."""
+    return tl.zeros((ROWS, COLS), dtype=tl.float32), tl.zeros((ROWS, COLS), dtype=tl.float32)
+
+
+@triton.jit
+def _block_of_chunk(N, BLOCK_T: tl.constexpr):
+    """A chunk program's batch row, chunk and tokens (offsets in the chunk): program (b N + n, block)."""
+    return tl.program_id(0) // N, tl.program_id(0) % N, tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+
+@triton.jit
+def _columns_of_row(BLOCK_E: tl.constexpr):
+    """A scan program's batch row and value columns: program (b, block)."""
+    return tl.program_id(0), tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+
+
+# -- forward ------------------------------------------------------------------------------
+@triton.jit
+def _chunk_sums_kernel(
+    z, v, turns, gamma, beta, kv, means, L, N, P, e,
+    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e,
+    OP: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """KV_n for every chunk n of a batch row, for a block of value columns: the chunks in order, the sum
+    of k'_j v_j^T over the chunks before n (times means[n] = 1 / (n L), 0 for n = 0) written before
+    chunk n's tokens join it."""
+    b, cols = _columns_of_row(BLOCK_E)
+    pairs = tl.arange(0, BLOCK_P)
+    z += b * sx_b
+    v += b * sx_b
+    kv += b * sk_b
+    sum_even, sum_odd = _zeros(BLOCK_P, BLOCK_E)
+    for n in range(0, N):
+        mean = tl.load(means + n)
+        _write_halves(kv + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, sum_even * mean, sum_odd * mean)
+        for t0 in range(0, L, BLOCK_T):
+            i = t0 + tl.arange(0, BLOCK_T)
+            t = n * L + i
+            _, _, _, _, kl_even, kl_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, i < L, P, sx_t, sx_c, st_t,
+                                                    st_p, sg_h, sg_c, 3, 3, ROPE)
+            values = _values(v, t, cols, i < L, e, sx_t, sx_c)
+            sum_even += _dot(tl.trans(kl_even), values, OP)
+            sum_odd += _dot(tl.trans(kl_odd), values, OP)
+
+
+@triton.jit
+def _forward_kernel(
+    u, z, v, turns, gamma, beta, kv, a, y, L, N, P, e, scale,
+    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
+    OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """A and Y = SiLU(U) A for a block of a chunk's queries and a block of value columns: q' KV_n,
+    plus the relu^2 scores against the chunk's keys up to the block's last query times their values."""
+    b, n, i = _block_of_chunk(N, BLOCK_T)
+    cols = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pairs = tl.arange(0, BLOCK_P)
+    u, z, v = u + b * sx_b, z + b * sx_b, v + b * sx_b  # U, V and Z of the program's batch row
+    ok = i < L
+    t = n * L + i
+    _, _, _, _, q_even, q_odd, ql_even, ql_odd = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p,
+                                                     sg_h, sg_c, 0, 2, ROPE)
+    root = _root(i, scale, NORM)
+    kv_even, kv_odd = _halves(kv + b * sk_b + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e)
+    acc = _dot(ql_even, kv_even, OP) + _dot(ql_odd, kv_odd, OP)
+    for j0 in range(0, tl.program_id(1) * BLOCK_T + BLOCK_T, BLOCK_T):
+        j = j0 + tl.arange(0, BLOCK_T)
+        _, _, _, _, k_even, k_odd, _, _ = _at(z, turns, gamma, beta, n * L + j, pairs, j < L, P, sx_t, sx_c,
+                                              st_t, st_p, sg_h, sg_c, 1, 1, ROPE)
+        r = _relu(q_even, q_odd, k_even, k_odd, root, i, j, L, OP)
+        acc += _dot(r * r, _values(v, n * L + j, cols, j < L, e, sx_t, sx_c), OP)
+    at = b * sy_b + t[:, None] * sy_t + cols[None, :] * sy_e
+    inside = ok[:, None] & (cols[None, :] < e)
+    tl.store(a + at, acc.to(a.dtype.element_ty), mask=inside)
+    tl.store(y + at, (_values(u, t, cols, ok, e, sx_t, sx_c) * acc).to(y.dtype.element_ty), mask=inside)
+
+
+# -- backward -----------------------------------------------------------------------------
+@triton.jit
+def _chunk_grads_kernel(
+    u, z, turns, gamma, beta, a, dy, du, dv, dkv, means, L, N, P, e,
+    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sa_b, sa_t, sa_e, sy_b, sy_t, sy_e, sd_b, sd_t, sd_c,
+    sk_b, sk_n, sk_h, sk_p, sk_e,
+    OP: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """For every chunk of a batch row and a block of value columns, from the last chunk: dKV_m, the
+    gradient of chunk m's sum of k' v^T, sum_{n > m} q'_n^T dA_n means[n], written before chunk m's own
+    term joins it; at chunk m's tokens dU = dY A SiLU'(U), and k'_j dKV_m, dV's share from the linear
+    part (before the SiLU's derivative, which the key kernel takes)."""
+    b, cols = _columns_of_row(BLOCK_E)
+    pairs = tl.arange(0, BLOCK_P)
+    u += b * sx_b
+    z += b * sx_b
+    a += b * sa_b
+    dy += b * sy_b
+    du += b * sd_b
+    dv += b * sd_b
+    dkv += b * sk_b
+    sum_even, sum_odd = _zeros(BLOCK_P, BLOCK_E)
+    for m in range(0, N):
+        n = N - 1 - m
+        _write_halves(dkv + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, sum_even, sum_odd)
+        mean = tl.load(means + n)
+        own_even, own_odd = _zeros(BLOCK_P, BLOCK_E)
+        for t0 in range(0, L, BLOCK_T):
+            i = t0 + tl.arange(0, BLOCK_T)
+            ok = i < L
+            t = n * L + i
+            _, _, _, _, ql_even, ql_odd, kl_even, kl_odd = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c,
+                                                               st_t, st_p, sg_h, sg_c, 2, 3, ROPE)
+            rows = t[:, None] * sd_t + cols[None, :] * sd_c
+            written = ok[:, None] & (cols[None, :] < e)
+            pre = _block(u, t, cols, ok, e, sx_t, sx_c)
+            grads = _block(dy, t, cols, ok, e, sy_t, sy_e)
+            tl.store(du + rows, (grads * _block(a, t, cols, ok, e, sa_t, sa_e) * _silu_grad(pre)).to(
+                du.dtype.element_ty), mask=written)
+            tl.store(dv + rows, (_dot(kl_even, sum_even, OP) + _dot(kl_odd, sum_odd, OP)).to(dv.dtype.element_ty),
+                     mask=written)
+            grads *= _silu(pre) * mean
+            own_even += _dot(tl.trans(ql_even), grads, OP)
+            own_odd += _dot(tl.trans(ql_odd), grads, OP)
+        sum_even += own_even
+        sum_odd += own_odd
+
+
+@triton.jit
+def _score_grads(dy, u, v, ti, tj, i_ok, j_ok, e, sy_t, sy_e, sx_t, sx_c, OP: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """dA_i . v_j over every value column: (BLOCK_T, BLOCK_T)."""
+    grads = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for e0 in range(0, e, BLOCK_E):
+        cols = e0 + tl.arange(0, BLOCK_E)
+        grads += _dot(_grads(dy, u, ti, cols, i_ok, e, sy_t, sy_e, sx_t, sx_c),
+                      tl.trans(_values(v, tj, cols, j_ok, e, sx_t, sx_c)), OP)
+    return grads
+
+
+@triton.jit
+def _queries_kernel(
+    u, z, v, turns, gamma, beta, kv, dy, dz, parts, L, N, P, e, scale,
+    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
+    sd_b, sd_t, sd_c, sp_n, sp_s, sp_h, sp_c,
+    OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """dq and dq' of a block of a chunk's queries, through RoPE and the offset-scale into dZ (their
+    share, written) and the block's rows of parts."""
+    b, n, i = _block_of_chunk(N, BLOCK_T)
+    pairs = tl.arange(0, BLOCK_P)
+    u, z, v = u + b * sx_b, z + b * sx_b, v + b * sx_b  # U, V and Z of the program's batch row
+    dy += b * sy_b
+    ok = i < L
+    t = n * L + i
+    dz += b * sd_b
+    parts += (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * sp_n
+    dql_even, dql_odd = _zeros(BLOCK_T, BLOCK_P)
+    for e0 in range(0, e, BLOCK_E):
+        cols = e0 + tl.arange(0, BLOCK_E)
+        grads = _grads(dy, u, t, cols, ok, e, sy_t, sy_e, sx_t, sx_c)
+        kv_even, kv_odd = _halves(kv + b * sk_b + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e)
+        dql_even += _dot(grads, tl.trans(kv_even), OP)
+        dql_odd += _dot(grads, tl.trans(kv_odd), OP)
+    _into_z(dz, parts, z, turns, gamma, dql_even, dql_odd, 2, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
+            sd_t, sd_c, sp_s, sp_h, sp_c, ROPE, 0)
+    _, _, _, _, q_even, q_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h,
+                                          sg_c, 0, 0, ROPE)
+    root = _root(i, scale, NORM)
+    dq_even, dq_odd = _zeros(BLOCK_T, BLOCK_P)
+    for j0 in range(0, tl.program_id(1) * BLOCK_T + BLOCK_T, BLOCK_T):
+        j = j0 + tl.arange(0, BLOCK_T)
+        _, _, _, _, k_even, k_odd, _, _ = _at(z, turns, gamma, beta, n * L + j, pairs, j < L, P, sx_t, sx_c,
+                                              st_t, st_p, sg_h, sg_c, 1, 1, ROPE)
+        r = _relu(q_even, q_odd, k_even, k_odd, root, i, j, L, OP)
+        ds = _score_grads(dy, u, v, t, n * L + j, ok, j < L, e, sy_t, sy_e, sx_t, sx_c, OP, BLOCK_T, BLOCK_E) \
+            * r * (2 * root)[:, None]
+        dq_even += _dot(ds, k_even, OP)
+        dq_odd += _dot(ds, k_odd, OP)
+    _into_z(dz, parts, z, turns, gamma, dq_even, dq_odd, 0, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
+            sd_t, sd_c, sp_s, sp_h, sp_c, ROPE, 1)
+
+
+@triton.jit
+def _keys_kernel(
+    u, z, v, turns, gamma, beta, dkv, dy, dz, dv, parts, L, N, P, e, scale,
+    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
+    sd_b, sd_t, sd_c, sp_n, sp_s, sp_h, sp_c,
+    OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """dk, dk' and dV of a block of a chunk's keys; dk and dk' through RoPE and the offset-scale added
+    to the queries' share of dZ (then through the SiLU), and into the block's rows of parts."""
+    b, n, j = _block_of_chunk(N, BLOCK_T)
+    pairs = tl.arange(0, BLOCK_P)
+    u, z, v = u + b * sx_b, z + b * sx_b, v + b * sx_b  # U, V and Z of the program's batch row
+    dy += b * sy_b
+    dkv += b * sk_b + n * sk_n
+    ok = j < L
+    t = n * L + j
+    _, _, _, _, k_even, k_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h,
+                                          sg_c, 1, 1, ROPE)
+    dk_even, dk_odd = _zeros(BLOCK_T, BLOCK_P)
+    for i0 in range(tl.program_id(1) * BLOCK_T, L, BLOCK_T):
+        i = i0 + tl.arange(0, BLOCK_T)
+        _, _, _, _, q_even, q_odd, _, _ = _at(z, turns, gamma, beta, n * L + i, pairs, i < L, P, sx_t, sx_c,
+                                              st_t, st_p, sg_h, sg_c, 0, 0, ROPE)
+        root = _root(i, scale, NORM)
+        r = _relu(q_even, q_odd, k_even, k_odd, root, i, j, L, OP)
+        ds = _score_grads(dy, u, v, n * L + i, t, i < L, ok, e, sy_t, sy_e, sx_t, sx_c, OP, BLOCK_T, BLOCK_E) \
+            * r * (2 * root)[:, None]
+        dk_even += _dot(tl.trans(ds), q_even, OP)
+        dk_odd += _dot(tl.trans(ds), q_odd, OP)
+    dz += b * sd_b
+    parts += (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * sp_n
+    _into_z(dz, parts, z, turns, gamma, dk_even, dk_odd, 1, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
+            sd_t, sd_c, sp_s, sp_h, sp_c, ROPE, 1)
+    dkl_even, dkl_odd = _zeros(BLOCK_T, BLOCK_P)
+    for e0 in range(0, e, BLOCK_E):
+        cols = e0 + tl.arange(0, BLOCK_E)
+        values = _values(v, t, cols, ok, e, sx_t, sx_c)
+        dkv_even, dkv_odd = _halves(dkv, pairs, cols, P, e, sk_h, sk_p, sk_e)
+        dkl_even += _dot(values, tl.trans(dkv_even), OP)
+        dkl_odd += _dot(values, tl.trans(dkv_odd), OP)
+    _into_z(dz, parts, z, turns, gamma, dkl_even, dkl_odd, 3, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
+            sd_t, sd_c, sp_s, sp_h, sp_c, ROPE, 2)
+    for e0 in range(0, e, BLOCK_E):  # dV: the linear part's share, plus A^T dA, through the SiLU
+        cols = e0 + tl.arange(0, BLOCK_E)
+        at = dv + b * sd_b + t[:, None] * sd_t + cols[None, :] * sd_c
+        written = ok[:, None] & (cols[None, :] < e)
+        grads = tl.load(at, mask=written, other=0.0).to(tl.float32)
+        for i0 in range(tl.program_id(1) * BLOCK_T, L, BLOCK_T):
+            i = i0 + tl.arange(0, BLOCK_T)
+            _, _, _, _, q_even, q_odd, _, _ = _at(z, turns, gamma, beta, n * L + i, pairs, i < L, P, sx_t, sx_c,
+                                                  st_t, st_p, sg_h, sg_c, 0, 0, ROPE)
+            r = _relu(q_even, q_odd, k_even, k_odd, _root(i, scale, NORM), i, j, L, OP)
+            grads += _dot(tl.trans(r * r), _grads(dy, u, n * L + i, cols, i < L, e, sy_t, sy_e, sx_t, sx_c), OP)
+        tl.store(at, (grads * _silu_grad(_block(v, t, cols, ok, e, sx_t, sx_c))).to(dv.dtype.element_ty),
+                 mask=written)
+
+
+# -- the autograd function ------------------------------------------------------------------
+@constant(maxsize=16)
+def mean_scales(N: int, L: int, device: torch.device) -> Tensor:
+    """(N,) float32: 1 / (n L), the weight of chunk n's mean over the chunks before it; 0 for n = 0."""
+    n = torch.arange(N, device=device, dtype=torch.float32)
+    return torch.where(n > 0, 1.0 / (n * L).clamp(min=1.0), 0.0)
+
+
+class _Shapes:
+    """The sizes, blocks and tables a pass over X (B, T, 2e + s) launches with."""
+
+    def __init__(self, x: Tensor, e: int, G: int, norm: str, rope: bool):
+        (self.B, self.T, width), self.e = x.shape, e
+        self.s = width - 2 * e
+        self.L = min(G, self.T)
+        self.N = self.T // self.L
+        self.turns = torch.view_as_real(first_turns(self.T, self.s, x.device)) if rope else x  # x: never read
+        self.turn_strides = self.turns.stride()[:2] if rope else (0, 0)
+        self.means = mean_scales(self.N, self.L, x.device)
+        self.scale, self.NORM = {"keys": (self.s ** -0.5, 0), "chunk": ((self.s * G) ** -0.5, 1),
+                                 "none": (self.s ** -0.5, 2)}[norm]
+        self.blocks = dict(OP=OPERANDS[x.dtype], BLOCK_T=BLOCK_T,
+                           BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)), BLOCK_E=BLOCK_E)
+        self.sizes = (self.L, self.N, self.s // 2, e)
+
+    def parts(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """U, V and Z: views of X's columns."""
+        return x[..., :self.e], x[..., self.e:2 * self.e], x[..., 2 * self.e:]
+
+    def by_chunk(self) -> tuple:
+        return self.B * self.N, triton.cdiv(self.L, self.blocks["BLOCK_T"])
+
+    def by_row(self) -> tuple:
+        return self.B, triton.cdiv(self.e, BLOCK_E)
+
+
+class _GatedMixedChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, beta, rope, e, G, norm):
+        n = _Shapes(x, e, G, norm, rope)
+        u, v, z = n.parts(x)
+        gamma, beta = gamma.contiguous(), beta.contiguous()
+        kv = torch.empty(n.B, n.N, 2, n.s // 2, e, device=x.device, dtype=torch.float32)
+        a, y = (torch.empty(n.B, n.T, e, device=x.device, dtype=x.dtype) for _ in range(2))
+        heads = (gamma, beta)
+        _chunk_sums_kernel[n.by_row()](
+            z, v, n.turns, *heads, kv, n.means, *n.sizes, *x.stride(), *n.turn_strides, *gamma.stride(),
+            *kv.stride(), ROPE=rope, **n.blocks, num_warps=NUM_WARPS)
+        _forward_kernel[(*n.by_chunk(), triton.cdiv(e, BLOCK_E))](
+            u, z, v, n.turns, *heads, kv, a, y, *n.sizes, n.scale, *x.stride(), *n.turn_strides, *gamma.stride(),
+            *kv.stride(), *y.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, num_warps=NUM_WARPS)
+        ctx.save_for_backward(x, gamma, beta, kv, a)
+        ctx.options = e, G, norm, rope
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gamma, beta, kv, a = ctx.saved_tensors
+        e, G, norm, rope = ctx.options
+        n = _Shapes(x, e, G, norm, rope)
+        u, v, z = n.parts(x)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        du, dv, dz = n.parts(dx)
+        dkv = torch.empty_like(kv)
+        parts = torch.empty(n.by_chunk()[0] * n.by_chunk()[1], 2, 4, n.s, device=x.device,
+                            dtype=torch.float32)  # each program's shares of dgamma and dbeta
+        heads = (n.turns, gamma, beta)
+        strides = (*x.stride(), *n.turn_strides, *gamma.stride())
+        _chunk_grads_kernel[n.by_row()](
+            u, z, *heads, a, dy, du, dv, dkv, n.means, *n.sizes, *strides, *a.stride(), *dy.stride(), *dx.stride(),
+            *dkv.stride(), ROPE=rope, **n.blocks, num_warps=NUM_WARPS)
+        _queries_kernel[n.by_chunk()](
+            u, z, v, *heads, kv, dy, dz, parts, *n.sizes, n.scale, *strides, *kv.stride(), *dy.stride(),
+            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, num_warps=NUM_WARPS)
+        _keys_kernel[n.by_chunk()](
+            u, z, v, *heads, dkv, dy, dz, dv, parts, *n.sizes, n.scale, *strides, *dkv.stride(), *dy.stride(),
+            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, num_warps=NUM_WARPS)
+        dgamma, dbeta = parts.sum(0)
+        return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None
+
+
+def gated(x: Tensor, gamma: Tensor, beta: Tensor, rope: bool, *, e: int, chunk_size: int,
+          relu2_norm: str) -> Tensor:
+    """SiLU(U) times the causal mixed chunk attention of ``ops.flash.from_z`` over
+    SiLU(V) and the heads of SiLU(Z), for a sequence without padding inside its rows,
+    on the kernels: x = [U, V, Z] (B, T, 2e + s), s even, of a dtype in DTYPES;
+    gamma and beta (4, s). Returns (B, T, e) in x's dtype."""
+    if relu2_norm not in RELU2_NORMS:
+        raise ValueError(f"relu2_norm={relu2_norm!r}; choose from {', '.join(RELU2_NORMS)}")
+    T = x.shape[1]
+    x, = whole_chunks(chunk_size, x)
+    y = _GatedMixedChunk.apply(x, gamma, beta, rope, e, chunk_size, relu2_norm)
+    return y[:, :T] if y.shape[1] > T else y
