@@ -32,7 +32,9 @@ float32 inputs, as torch takes them, and TF32 for half inputs (OPERANDS).
 Causal, no padding inside a row (a row padded at its end is cut before its
 padding), T filled up to whole chunks with zeros (SiLU(0) = 0: no earlier
 token sees them). On CUDA the kernels run compiled; elsewhere only through
-Triton's interpreter (TRITON_INTERPRET=1, which the tests use).
+Triton's interpreter (TRITON_INTERPRET=1, which the tests use), which runs a
+program's threads as one and so cannot check the barrier before a program
+reads back its own share of dZ.
 """
 from typing import Tuple
 
@@ -213,6 +215,7 @@ def _into_z(dz, parts, z, turns, gamma, d_even, d_odd, h, t, pairs, ok, P, sx_t,
     inside = ok[:, None] & (pairs[None, :] < P)
     at = dz + t[:, None] * sd_t + 2 * pairs[None, :] * sd_c
     if SHARE > 0:
+        tl.debug_barrier()  # this program's earlier share, written by any of its threads, read back
         grad_even += tl.load(at, mask=inside, other=0.0).to(tl.float32)
         grad_odd += tl.load(at + sd_c, mask=inside, other=0.0).to(tl.float32)
     if SHARE == 2:
@@ -507,13 +510,13 @@ class _GatedMixedChunk(torch.autograd.Function):
         gamma, beta = gamma.contiguous(), beta.contiguous()
         kv = torch.empty(n.B, n.N, 2, n.s // 2, e, device=x.device, dtype=torch.float32)
         a, y = (torch.empty(n.B, n.T, e, device=x.device, dtype=x.dtype) for _ in range(2))
-        heads = (gamma, beta)
+        heads = (n.turns, gamma, beta)
+        strides = (*x.stride(), *n.turn_strides, *gamma.stride())
         _chunk_sums_kernel[n.by_row()](
-            z, v, n.turns, *heads, kv, n.means, *n.sizes, *x.stride(), *n.turn_strides, *gamma.stride(),
-            *kv.stride(), ROPE=rope, **n.blocks, num_warps=NUM_WARPS)
+            z, v, *heads, kv, n.means, *n.sizes, *strides, *kv.stride(), ROPE=rope, **n.blocks, num_warps=NUM_WARPS)
         _forward_kernel[(*n.by_chunk(), triton.cdiv(e, BLOCK_E))](
-            u, z, v, n.turns, *heads, kv, a, y, *n.sizes, n.scale, *x.stride(), *n.turn_strides, *gamma.stride(),
-            *kv.stride(), *y.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, num_warps=NUM_WARPS)
+            u, z, v, *heads, kv, a, y, *n.sizes, n.scale, *strides, *kv.stride(), *y.stride(),
+            ROPE=rope, NORM=n.NORM, **n.blocks, num_warps=NUM_WARPS)
         ctx.save_for_backward(x, gamma, beta, kv, a)
         ctx.options = e, G, norm, rope
         return y
