@@ -485,8 +485,8 @@ class _Shapes:
         self.turns = torch.view_as_real(first_turns(self.T, self.s, x.device)) if rope else x  # x: never read
         self.turn_strides = self.turns.stride()[:2] if rope else (0, 0)
         self.means = mean_scales(self.N, self.L, x.device)
-        self.scale, self.NORM = {"keys": (self.s ** -0.5, 0), "chunk": ((self.s * G) ** -0.5, 1),
-                                 "none": (self.s ** -0.5, 2)}[norm]
+        self.NORM = RELU2_NORMS.index(norm)  # _root's NORM: 0 keys, 1 chunk, 2 none
+        self.scale = (self.s * (G if norm == "chunk" else 1)) ** -0.5
         self.blocks = dict(OP=OPERANDS[x.dtype], BLOCK_T=BLOCK_T,
                            BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)), BLOCK_E=BLOCK_E)
         self.sizes = (self.L, self.N, self.s // 2, e)
