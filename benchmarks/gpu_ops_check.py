@@ -14,8 +14,9 @@ benchmarks/ops_cases/<family>.py (a family without one is listed as such):
 4. (CUDA only) the decoding steps on Triton kernels (kernel attention, FLASH):
    each family's benchmark LM, 300 steps on the kernels against the torch steps.
 5. (CUDA only) training on Triton kernels (kernel attention: fla-core's chunked
-   kernels and FAVOR+'s feature kernels): each family's benchmark LM, the loss
-   and gradients of a training pass on the kernels against the torch forms.
+   kernels and FAVOR+'s feature kernels; FLASH: its mixed chunk kernels): each
+   family's benchmark LM, 2 rows of 2048 tokens, the loss and gradients of a
+   training pass on the kernels against the torch forms, and each pass's time.
 
 Writes JSON (--out) and prints a summary. Needs torch and fairseq (importing
 the plugin registers the families):  python benchmarks/gpu_ops_check.py --device cuda
@@ -223,8 +224,10 @@ def fused_training(cases, device, lengths, families=None, extra=()):
     """Every family whose modules can run on Triton kernels: its benchmark LM's loss and
     gradients of one training pass over T tokens (2 rows, fp32) on the kernels, the
     default on CUDA, against the torch forms; a family whose pass is the same on both
-    (it trains on torch) is named so; where the kernels cannot run, why. `families`
-    (default all) and `extra` (flags for the LMs) make it small for the tests."""
+    (it trains on torch) is named so; where the kernels cannot run, why. On CUDA each
+    form's pass is timed too (median ms of `timed`), the kernels' worth told apart from
+    the rest of the model. `families` (default all) and `extra` (flags for the LMs) make
+    it small for the tests."""
     from benchmarks import models, suites
 
     rows = []
@@ -232,16 +235,20 @@ def fused_training(cases, device, lengths, families=None, extra=()):
         model.train()
         for T in lengths:
             tokens = torch.randint(4, models.VOCAB, (2, T + 1), device=device)
-            passes = []
+            passes, pass_ms = [], {}
             for fused in (False, True):
                 told(modules, fused)
                 loss = suites.train_pass(model, tokens).detach()
                 passes.append([loss] + [p.grad for p in model.parameters() if p.grad is not None])
+                if device.type == "cuda":
+                    pass_ms["kernels_ms" if fused else "torch_ms"] = timed(
+                        lambda: suites.train_pass(model, tokens))[0]
             same = all(torch.equal(a, b) for a, b in zip(*passes))
             rows.append({"family": family, "form": "fused-train", "T": T,
                          "ran": why or ("the same pass: it trains on torch" if same else "yes"),
                          "loss_vs_torch": rel_err(passes[1][0], passes[0][0]),
-                         "grad_vs_torch": max(rel_err(a, b) for a, b in zip(passes[1][1:], passes[0][1:]))})
+                         "grad_vs_torch": max(rel_err(a, b) for a, b in zip(passes[1][1:], passes[0][1:])),
+                         **pass_ms})
     return rows
 
 
@@ -264,7 +271,7 @@ def main():
                 (low_precision, (512,) if args.quick else (4096, 16384))]
     if args.device == "cuda":
         sections += [(speed, (1024, 4096, 16384)), (fused_steps, (300,)),  # 300: past FLASH's first chunk
-                     (fused_training, (1024,))]
+                     (fused_training, (2048,))]
     failed = []
     for section, lengths in sections:  # the JSON after each section: a check stopped early keeps what it did
         print(f"== {section.__name__}", flush=True)

@@ -698,8 +698,13 @@ def gpu_out(tmp_path):
             "rel_err_vs_fp32": e} for d, e in (("torch.float16", 1e-3), ("torch.bfloat16", 4e-3))]
     (out / "train").mkdir(parents=True)
     (out / "decode").mkdir()
+    trained = [{"family": "flash", "form": "fused-train", "T": 2048, "ran": "yes", "loss_vs_torch": 2e-7,
+                "grad_vs_torch": 3e-5, "torch_ms": 30.0, "kernels_ms": 12.0},
+               {"family": "performer", "form": "fused-train", "T": 16, "ran": "yes", "loss_vs_torch": 1e-7,
+                "grad_vs_torch": 1e-6}]  # timed on CUDA only
     (out / "gpu_ops.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11.0+cu130", "fla_core": "imports",
-                                                  "parity": parity, "low_precision": low, "speed": speed}))
+                                                  "parity": parity, "low_precision": low, "speed": speed,
+                                                  "fused_training": trained}))
     tok = lambda family, value, **key: {"family": family, "status": "ok", "tokens_per_s": {"median": value}, **key}  # noqa: E731
     train = [tok(f, v, ctx=T) for T, row in ((2048, {"transformer_sdpa": 400.0, **dict.fromkeys(report.LINEAR, 500.0)}),
                                             (8192, {"transformer_sdpa": 200.0, **dict.fromkeys(report.LINEAR, 300.0)}))
@@ -743,7 +748,9 @@ def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
                 "| train memsizer bf16: tokens/s vs softmax with SDPA, context 2048 | not measured | >= 1.0x |  |",
                 "| decode performer: softmax's ms a step / ours, L=256, batch 1 | 1.25x | >= 1.0x | yes |",
                 "| performer-favor parallel (torch) bf16: SDPA bf16's time / ours, T=16384 | not measured | >= 1.0x |  |",
-                "| performer-elu | 5.0e-07 / 2.0e-06 | yes | 4.0e-03 |"):
+                "| performer-elu | 5.0e-07 / 2.0e-06 | yes | 4.0e-03 |",
+                "| flash (2 x 2048 tokens) | yes | 2.0e-07 / 3.0e-05 | 30.0 / 12.0 (2.50x) |",
+                "| performer (2 x 16 tokens) | yes | 1.0e-07 / 1.0e-06 | not timed |"):
         assert row in text, row
     assert "| flash (7.88M, ctx 2048, batch 4) | bfloat16 | 20.5 | 1400 | mul x160 25% |" in text
     assert "Not measured (the check wrote no such file under its OUT): local/results.json, train_check.json." in text
