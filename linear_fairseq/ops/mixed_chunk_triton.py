@@ -46,10 +46,13 @@ from torch import Tensor
 from .common import constant
 from .flash import RELU2_NORMS, first_turns, whole_chunks
 
-# 16 tokens and 16 value columns a step, 8 warps: compiled for sm_70 to sm_90 (benchmarks.triton_compile),
-# the key kernel keeps its tiles in at most 255 registers a thread without spilling them
+# 16 tokens a step, value columns 16 a step where a sum runs over them and 64 a tile where a program
+# keeps them (its outputs, dV), 8 warps: compiled for sm_70 to sm_90 (benchmarks.triton_compile), the
+# kernels keep their tiles in at most 255 registers a thread. The scores of a block of queries and keys
+# are computed once for each tile of value columns: e / 64 times in the forward and in dV, once elsewhere.
 BLOCK_T = 16  # a chunk's tokens a program takes at a time
-BLOCK_E = 16  # value columns a step
+BLOCK_E = 16  # value columns a step of a sum over them
+BLOCK_V = 64  # value columns a program's output tile (forward) or dV tile (key kernel) holds
 NUM_WARPS = 8
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
 # as torch multiplies it; float16 and bfloat16 read into float32 and multiplied in TF32 on a GPU's tensor
@@ -277,12 +280,12 @@ def _forward_kernel(
     u, z, v, turns, gamma, beta, kv, a, y, L, N, P, e, scale,
     sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
     OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """A and Y = SiLU(U) A for a block of a chunk's queries and a block of value columns: q' KV_n,
+    """A and Y = SiLU(U) A for a block of a chunk's queries and a tile of value columns: q' KV_n,
     plus the relu^2 scores against the chunk's keys up to the block's last query times their values."""
     b, n, i = _block_of_chunk(N, BLOCK_T)
-    cols = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    cols = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     pairs = tl.arange(0, BLOCK_P)
     u, z, v = u + b * sx_b, z + b * sx_b, v + b * sx_b  # U, V and Z of the program's batch row
     ok = i < L
@@ -414,7 +417,7 @@ def _keys_kernel(
     sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
     sd_b, sd_t, sd_c, sp_n, sp_s, sp_h, sp_c,
     OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """dk, dk' and dV of a block of a chunk's keys; dk and dk' through RoPE and the offset-scale added
     to the queries' share of dZ (then through the SiLU), and into the block's rows of parts."""
@@ -451,8 +454,8 @@ def _keys_kernel(
         dkl_odd += _dot(values, tl.trans(dkv_odd), OP)
     _into_z(dz, parts, z, turns, gamma, dkl_even, dkl_odd, 3, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
             sd_t, sd_c, sp_s, sp_h, sp_c, ROPE, 2)
-    for e0 in range(0, e, BLOCK_E):  # dV: the linear part's share, plus A^T dA, through the SiLU
-        cols = e0 + tl.arange(0, BLOCK_E)
+    for e0 in range(0, e, BLOCK_V):  # dV: the linear part's share, plus A^T dA, through the SiLU
+        cols = e0 + tl.arange(0, BLOCK_V)
         at = dv + b * sd_b + t[:, None] * sd_t + cols[None, :] * sd_c
         written = ok[:, None] & (cols[None, :] < e)
         grads = tl.load(at, mask=written, other=0.0).to(tl.float32)
@@ -487,8 +490,7 @@ class _Shapes:
         self.means = mean_scales(self.N, self.L, x.device)
         self.NORM = RELU2_NORMS.index(norm)  # _root's NORM: 0 keys, 1 chunk, 2 none
         self.scale = (self.s * (G if norm == "chunk" else 1)) ** -0.5
-        self.blocks = dict(OP=OPERANDS[x.dtype], BLOCK_T=BLOCK_T,
-                           BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)), BLOCK_E=BLOCK_E)
+        self.blocks = dict(OP=OPERANDS[x.dtype], BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)))
         self.sizes = (self.L, self.N, self.s // 2, e)
 
     def parts(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -496,7 +498,7 @@ class _Shapes:
         return x[..., :self.e], x[..., self.e:2 * self.e], x[..., 2 * self.e:]
 
     def by_chunk(self) -> tuple:
-        return self.B * self.N, triton.cdiv(self.L, self.blocks["BLOCK_T"])
+        return self.B * self.N, triton.cdiv(self.L, BLOCK_T)
 
     def by_row(self) -> tuple:
         return self.B, triton.cdiv(self.e, BLOCK_E)
@@ -513,10 +515,11 @@ class _GatedMixedChunk(torch.autograd.Function):
         heads = (n.turns, gamma, beta)
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
         _chunk_sums_kernel[n.by_row()](
-            z, v, *heads, kv, n.means, *n.sizes, *strides, *kv.stride(), ROPE=rope, **n.blocks, num_warps=NUM_WARPS)
-        _forward_kernel[(*n.by_chunk(), triton.cdiv(e, BLOCK_E))](
+            z, v, *heads, kv, n.means, *n.sizes, *strides, *kv.stride(), ROPE=rope, **n.blocks, BLOCK_E=BLOCK_E,
+            num_warps=NUM_WARPS)
+        _forward_kernel[(*n.by_chunk(), triton.cdiv(e, BLOCK_V))](
             u, z, v, *heads, kv, a, y, *n.sizes, n.scale, *strides, *kv.stride(), *y.stride(),
-            ROPE=rope, NORM=n.NORM, **n.blocks, num_warps=NUM_WARPS)
+            ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
         ctx.save_for_backward(x, gamma, beta, kv, a)
         ctx.options = e, G, norm, rope
         return y
@@ -536,13 +539,15 @@ class _GatedMixedChunk(torch.autograd.Function):
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
         _chunk_grads_kernel[n.by_row()](
             u, z, *heads, a, dy, du, dv, dkv, n.means, *n.sizes, *strides, *a.stride(), *dy.stride(), *dx.stride(),
-            *dkv.stride(), ROPE=rope, **n.blocks, num_warps=NUM_WARPS)
+            *dkv.stride(), ROPE=rope, **n.blocks, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS)
         _queries_kernel[n.by_chunk()](
             u, z, v, *heads, kv, dy, dz, parts, *n.sizes, n.scale, *strides, *kv.stride(), *dy.stride(),
-            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, num_warps=NUM_WARPS)
+            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E,
+            num_warps=NUM_WARPS)
         _keys_kernel[n.by_chunk()](
             u, z, v, *heads, dkv, dy, dz, dv, parts, *n.sizes, n.scale, *strides, *dkv.stride(), *dy.stride(),
-            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, num_warps=NUM_WARPS)
+            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E, BLOCK_V=BLOCK_V,
+            num_warps=NUM_WARPS)
         dgamma, dbeta = parts.sum(0)
         return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None
 
