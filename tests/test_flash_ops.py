@@ -514,7 +514,7 @@ KERNEL_CASES = {  # T, G, s, e, rope, relu2_norm
     "shorter-than-G": (12, 16, 32, 20, True, "none"),
     "1-token-chunks": (5, 1, 32, 20, True, "keys"),
     "3-blocks-a-chunk": (45, 40, 40, 40, True, "keys"),  # s/2 = 20 and e = 40: blocks filled in part
-    "2-value-tiles": (20, 16, 16, 80, True, "chunk"),  # e = 80: a 64-column tile (BLOCK_V) and part of one
+    "value-tiles": (20, 16, 16, 144, True, "chunk"),  # e = 144: whole and part tiles of BLOCK_V and BLOCK_DV
 }
 HALF_CASES = ("3-chunks", "3-blocks-a-chunk")
 

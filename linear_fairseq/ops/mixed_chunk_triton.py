@@ -46,13 +46,15 @@ from torch import Tensor
 from .common import constant
 from .flash import RELU2_NORMS, first_turns, whole_chunks
 
-# 16 tokens a step, value columns 16 a step where a sum runs over them and 64 a tile where a program
-# keeps them (its outputs, dV), 8 warps: compiled for sm_70 to sm_90 (benchmarks.triton_compile), the
-# kernels keep their tiles in at most 255 registers a thread. The scores of a block of queries and keys
-# are computed once for each tile of value columns: e / 64 times in the forward and in dV, once elsewhere.
+# 16 tokens a step; value columns 16 a step where a sum runs over them, and where a program keeps them,
+# 64 a tile of the forward's outputs and 32 of the key kernel's dV; 8 warps. Compiled for sm_70 to sm_90
+# (benchmarks.triton_compile), the kernels keep their tiles in at most 255 registers a thread; wider tiles
+# spill (the key kernel's on sm_90) or outgrow shared memory (the forward's on sm_75). A block's scores are
+# computed once for each such tile (e / 64 times in the forward, e / 32 for dV) and once in each other sum.
 BLOCK_T = 16  # a chunk's tokens a program takes at a time
 BLOCK_E = 16  # value columns a step of a sum over them
-BLOCK_V = 64  # value columns a program's output tile (forward) or dV tile (key kernel) holds
+BLOCK_V = 64  # value columns of a forward program's outputs
+BLOCK_DV = 32  # value columns of the key kernel's dV a step holds
 NUM_WARPS = 8
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
 # as torch multiplies it; float16 and bfloat16 read into float32 and multiplied in TF32 on a GPU's tensor
@@ -417,7 +419,7 @@ def _keys_kernel(
     sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
     sd_b, sd_t, sd_c, sp_n, sp_s, sp_h, sp_c,
     OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dk, dk' and dV of a block of a chunk's keys; dk and dk' through RoPE and the offset-scale added
     to the queries' share of dZ (then through the SiLU), and into the block's rows of parts."""
@@ -454,8 +456,8 @@ def _keys_kernel(
         dkl_odd += _dot(values, tl.trans(dkv_odd), OP)
     _into_z(dz, parts, z, turns, gamma, dkl_even, dkl_odd, 3, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
             sd_t, sd_c, sp_s, sp_h, sp_c, ROPE, 2)
-    for e0 in range(0, e, BLOCK_V):  # dV: the linear part's share, plus A^T dA, through the SiLU
-        cols = e0 + tl.arange(0, BLOCK_V)
+    for e0 in range(0, e, BLOCK_DV):  # dV: the linear part's share, plus A^T dA, through the SiLU
+        cols = e0 + tl.arange(0, BLOCK_DV)
         at = dv + b * sd_b + t[:, None] * sd_t + cols[None, :] * sd_c
         written = ok[:, None] & (cols[None, :] < e)
         grads = tl.load(at, mask=written, other=0.0).to(tl.float32)
@@ -546,7 +548,7 @@ class _GatedMixedChunk(torch.autograd.Function):
             num_warps=NUM_WARPS)
         _keys_kernel[n.by_chunk()](
             u, z, v, *heads, dkv, dy, dz, dv, parts, *n.sizes, n.scale, *strides, *dkv.stride(), *dy.stride(),
-            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E, BLOCK_V=BLOCK_V,
+            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E, BLOCK_DV=BLOCK_DV,
             num_warps=NUM_WARPS)
         dgamma, dbeta = parts.sum(0)
         return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None
