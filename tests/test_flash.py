@@ -251,6 +251,48 @@ def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, r
                 torch.testing.assert_close(states[1][name], states[0][name], rtol=tol, atol=tol, msg=name)
 
 
+def test_a_gpu_the_training_kernels_do_not_fit_trains_on_torch_or_is_one_line(monkeypatch, caplog, triton_device):
+    """Where the training kernels cannot run at the unit's sizes (ops.mixed_chunk_triton.unfit:
+    a GPU that gives a block less shared memory than a wide gau_s takes), --gau-backend auto
+    trains the unit on torch, to the torch pass's output, saying so in one logged line, once;
+    triton is one line naming why and the ways out. The probe behind unfit turns the
+    launch's OutOfResources into that line, and finds nothing where the kernels run."""
+    from linear_fairseq.errors import ConfigError
+    from linear_fairseq.modules import flash_gau
+    from linear_fairseq.ops import mixed_chunk_triton
+    from triton.runtime.errors import OutOfResources
+
+    kwargs = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed", no_rope=False,
+                  gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0, gau_scale_init="unit",
+                  gau_relu2_norm="none")
+    torch.manual_seed(0)
+    auto, torch_unit = (GatedAttentionUnit(32, gau_backend=b, **kwargs).to(triton_device) for b in ("auto", "torch"))
+    torch_unit.load_state_dict(auto.state_dict())
+    x = torch.randn(8, 2, 32, device=triton_device)
+    monkeypatch.setattr(auto, "runs_on_triton", lambda h: True)
+    monkeypatch.setattr(mixed_chunk_triton._GatedMixedChunk, "apply", lambda *a: pytest.fail("the kernels ran"))
+    why = "FLASH's training kernels need shared memory: 106496, where this GPU gives a block 101376 (gau_s=16)"
+    monkeypatch.setattr(mixed_chunk_triton, "unfit", lambda *a, **k: why)
+    flash_gau.say_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            torch.testing.assert_close(auto(x), torch_unit(x))
+    assert [r.getMessage() for r in caplog.records] == [f"--gau-backend auto: {why}; the unit trains on torch"]
+    auto.gau_backend = "triton"
+    with pytest.raises(ConfigError) as err:
+        auto(x)
+    assert str(err.value) == (f"--gau-backend triton: {why}; a smaller --gau-s, or --gau-backend auto (then the "
+                              f"unit trains on torch)")
+    monkeypatch.undo()
+    device = torch.device(triton_device)
+    assert mixed_chunk_triton.probe(device, 16, 8, torch.float32, torch.float32, True, chunk_size=4,
+                                    relu2_norm="none") is None
+    monkeypatch.setattr(mixed_chunk_triton._GatedMixedChunk, "apply",
+                        lambda *a: (_ for _ in ()).throw(OutOfResources(106496, 101376, "shared memory")))
+    assert mixed_chunk_triton.probe(device, 16, 8, torch.float32, torch.float32, True, chunk_size=4,
+                                    relu2_norm="none") == why
+
+
 def test_gau_backend_triton_off_cuda_is_one_line_naming_why():
     """--gau-backend triton where the kernel cannot run: one line naming why and the
     way out; auto decodes on the torch step there."""

@@ -18,6 +18,8 @@ whose summary (S, z) is computed once per source and cached, so a decode step
 does not depend on the source length; or fairseq's softmax attention
 (--cross-attn softmax).
 """
+import functools
+import logging
 from typing import List, Optional, Tuple
 
 import torch
@@ -33,6 +35,8 @@ from ..ops.common import triton_unavailable
 from .attention import build_attention, first_problem, is_number, is_positive_int
 from .incremental import IncrementalState, State
 from .projections import load_apart, stacked
+
+logger = logging.getLogger(__name__)
 
 
 class ScaleNorm(nn.Module):
@@ -102,6 +106,11 @@ def chunk_kernels():
     """ops.mixed_chunk_triton, the causal unit's training kernels (imported here: it needs Triton)."""
     from ..ops import mixed_chunk_triton
     return mixed_chunk_triton
+
+
+@functools.lru_cache(maxsize=None)
+def say_once(line: str):
+    logger.warning(line)
 
 
 @with_incremental_state
@@ -197,7 +206,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         projection: a causal pass on the Triton kernels where the unit runs on them
         (runs_on_triton) and they take its dtype."""
         gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
-        if self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES:
+        if self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES and self.kernels_fit(uvz):
             return chunk_kernels().gated(uvz, gamma, beta, self.rope, e=self.e, **self.options)
         u, v, z = self.activated(uvz)
         mask = None if self.causal else padding_mask  # a causal row is padded at its end: no mask needed
@@ -228,6 +237,18 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         if why and self.gau_backend == "triton":
             raise ConfigError(f"--gau-backend triton: {why} (or --gau-backend auto: triton where it can run, torch "
                               f"elsewhere; for a trained model, --model-overrides \"{{'gau_backend': 'auto'}}\")")
+        return why is None
+
+    def kernels_fit(self, uvz: Tensor) -> bool:
+        """Whether the training kernels run on this GPU at the unit's sizes (ops.mixed_chunk_triton.unfit);
+        where they do not, `triton` is one line naming why and `auto` trains on torch, saying so once."""
+        why = chunk_kernels().unfit(uvz.device, self.s, self.e, uvz.dtype, self.offset_scale.gamma.dtype, self.rope,
+                                    **self.options)
+        if why and self.gau_backend == "triton":
+            raise ConfigError(f"--gau-backend triton: {why}; a smaller --gau-s, or --gau-backend auto (then "
+                              f"the unit trains on torch)")
+        if why:
+            say_once(f"--gau-backend auto: {why}; the unit trains on torch")
         return why is None
 
     def upgrade_state_dict_named(self, state_dict, name: str):

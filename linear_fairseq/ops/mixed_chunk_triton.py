@@ -36,12 +36,14 @@ Triton's interpreter (TRITON_INTERPRET=1, which the tests use), which runs a
 program's threads as one and so cannot check the barrier before a program
 reads back its own share of dZ.
 """
-from typing import Tuple
+import functools
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from .common import constant
 from .flash import RELU2_NORMS, first_turns, whole_chunks
@@ -566,3 +568,29 @@ def gated(x: Tensor, gamma: Tensor, beta: Tensor, rope: bool, *, e: int, chunk_s
     x, = whole_chunks(chunk_size, x)
     y = _GatedMixedChunk.apply(x, gamma, beta, rope, e, chunk_size, relu2_norm)
     return y[:, :T] if y.shape[1] > T else y
+
+
+@functools.lru_cache(maxsize=None)
+def unfit(device: torch.device, s: int, e: int, dtype: torch.dtype, gamma_dtype: torch.dtype, rope: bool, *,
+          chunk_size: int, relu2_norm: str) -> Optional[str]:
+    """Why the kernels cannot run on `device` at these sizes, one line (None: they can), found once
+    for each GPU and sizes by `probe`. Off CUDA (Triton's interpreter) nothing limits them."""
+    if device.type != "cuda":
+        return None
+    return probe(device, s, e, dtype, gamma_dtype, rope, chunk_size=chunk_size, relu2_norm=relu2_norm)
+
+
+def probe(device: torch.device, s: int, e: int, dtype: torch.dtype, gamma_dtype: torch.dtype, rope: bool, *,
+          chunk_size: int, relu2_norm: str) -> Optional[str]:
+    """One forward and backward of a row of two chunks of zeros through the kernels, which
+    compiles them as the unit's pass will: why it could not run (a GPU that gives a block less
+    shared memory than the tiles of a wide s take), or None."""
+    x = torch.zeros(1, 2 * chunk_size, 2 * e + s, device=device, dtype=dtype, requires_grad=True)
+    gamma, beta = (torch.zeros(4, s, device=device, dtype=gamma_dtype, requires_grad=True) for _ in range(2))
+    try:
+        with torch.enable_grad():
+            gated(x, gamma, beta, rope, e=e, chunk_size=chunk_size, relu2_norm=relu2_norm).sum().backward()
+    except OutOfResources as error:
+        return (f"FLASH's training kernels need {error.name}: {error.required}, where this GPU gives a block "
+                f"{error.limit} (gau_s={s})")
+    return None
