@@ -20,12 +20,13 @@ and A. The backward runs three: a scan from the last chunk back writing the
 gradient of each chunk's sum, dKV_m = sum_{n > m} q'_n^T dA_n / (n L) with
 dA = dY SiLU(U), and at each token dU and the linear part's share of dV,
 k'_j dKV_m; one program per block of queries (dq', dq); one per block of keys
-(dk, dk', and dV's quadratic share, then the SiLU's derivative). Each turns
-its heads' gradients back through RoPE and the offset-scale into dZ (the key
-kernel's last share takes the SiLU's derivative) and writes its rows' shares
-of dgamma and dbeta, which one sum joins. dU, dV and dZ land in one buffer,
-X's gradient. Scores are recomputed where the backward needs them, so the
-pass keeps X, A and KV.
+(dk, dk', then dV's quadratic share from the squared scores it computed for
+dk and kept, 4 L bytes a token in float32, then the SiLU's derivative). Each
+turns its heads' gradients back through RoPE and the offset-scale into dZ
+(the key kernel's last share takes the SiLU's derivative) and writes its rows'
+shares of dgamma and dbeta, which one sum joins. dU, dV and dZ land in one
+buffer, X's gradient. Scores are recomputed where the backward needs them, so
+the pass keeps X, A and KV.
 
 Products sum in float32; their operands are float32 (IEEE, not TF32) for
 float32 inputs, as torch takes them, and TF32 for half inputs (OPERANDS).
@@ -51,8 +52,8 @@ from .flash import RELU2_NORMS, first_turns, whole_chunks
 # 16 tokens a step; value columns 16 a step where a sum runs over them, and where a program keeps them,
 # 64 a tile of the forward's outputs and 32 of the key kernel's dV; 8 warps. Compiled for sm_70 to sm_90
 # (benchmarks.triton_compile), the kernels keep their tiles in at most 255 registers a thread; wider tiles
-# spill (the key kernel's on sm_90) or outgrow shared memory (the forward's on sm_75). A block's scores are
-# computed once for each such tile (e / 64 times in the forward, e / 32 for dV) and once in each other sum.
+# spill more (the key kernel's) or outgrow shared memory (the forward's on sm_75). The forward computes a
+# block's scores once for each tile (e / 64 times); the key kernel keeps its squares for dV's loop.
 BLOCK_T = 16  # a chunk's tokens a program takes at a time
 BLOCK_E = 16  # value columns a step of a sum over them
 BLOCK_V = 64  # value columns of a forward program's outputs
@@ -417,14 +418,16 @@ def _queries_kernel(
 
 @triton.jit
 def _keys_kernel(
-    u, z, v, turns, gamma, beta, dkv, dy, dz, dv, parts, L, N, P, e, scale,
+    u, z, v, turns, gamma, beta, dkv, dy, dz, dv, parts, squares, L, N, P, e, scale,
     sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
-    sd_b, sd_t, sd_c, sp_n, sp_s, sp_h, sp_c,
+    sd_b, sd_t, sd_c, sp_n, sp_s, sp_h, sp_c, sq_n, sq_i,
     OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dk, dk' and dV of a block of a chunk's keys; dk and dk' through RoPE and the offset-scale added
-    to the queries' share of dZ (then through the SiLU), and into the block's rows of parts."""
+    to the queries' share of dZ (then through the SiLU), and into the block's rows of parts. The
+    squared scores against each later block of queries are kept in the program's rows of
+    `squares` (one (BLOCK_T, BLOCK_T) tile a block of queries) for dV's loop to read back."""
     b, n, j = _block_of_chunk(N, BLOCK_T)
     pairs = tl.arange(0, BLOCK_P)
     u, z, v = u + b * sx_b, z + b * sx_b, v + b * sx_b  # U, V and Z of the program's batch row
@@ -434,6 +437,8 @@ def _keys_kernel(
     t = n * L + j
     _, _, _, _, k_even, k_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h,
                                           sg_c, 1, 1, ROPE)
+    squares += (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * sq_n
+    tile = tl.arange(0, BLOCK_T)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
     dk_even, dk_odd = _zeros(BLOCK_T, BLOCK_P)
     for i0 in range(tl.program_id(1) * BLOCK_T, L, BLOCK_T):
         i = i0 + tl.arange(0, BLOCK_T)
@@ -441,6 +446,7 @@ def _keys_kernel(
                                               st_t, st_p, sg_h, sg_c, 0, 0, ROPE)
         root = _root(i, scale, NORM)
         r = _relu(q_even, q_odd, k_even, k_odd, root, i, j, L, OP)
+        tl.store(squares + (i0 // BLOCK_T) * sq_i + tile, r * r)
         ds = _score_grads(dy, u, v, n * L + i, t, i < L, ok, e, sy_t, sy_e, sx_t, sx_c, OP, BLOCK_T, BLOCK_E) \
             * r * (2 * root)[:, None]
         dk_even += _dot(tl.trans(ds), q_even, OP)
@@ -458,6 +464,7 @@ def _keys_kernel(
         dkl_odd += _dot(values, tl.trans(dkv_odd), OP)
     _into_z(dz, parts, z, turns, gamma, dkl_even, dkl_odd, 3, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
             sd_t, sd_c, sp_s, sp_h, sp_c, ROPE, 2)
+    tl.debug_barrier()  # the squares, written by any of the program's threads, read back
     for e0 in range(0, e, BLOCK_DV):  # dV: the linear part's share, plus A^T dA, through the SiLU
         cols = e0 + tl.arange(0, BLOCK_DV)
         at = dv + b * sd_b + t[:, None] * sd_t + cols[None, :] * sd_c
@@ -465,10 +472,8 @@ def _keys_kernel(
         grads = tl.load(at, mask=written, other=0.0).to(tl.float32)
         for i0 in range(tl.program_id(1) * BLOCK_T, L, BLOCK_T):
             i = i0 + tl.arange(0, BLOCK_T)
-            _, _, _, _, q_even, q_odd, _, _ = _at(z, turns, gamma, beta, n * L + i, pairs, i < L, P, sx_t, sx_c,
-                                                  st_t, st_p, sg_h, sg_c, 0, 0, ROPE)
-            r = _relu(q_even, q_odd, k_even, k_odd, _root(i, scale, NORM), i, j, L, OP)
-            grads += _dot(tl.trans(r * r), _grads(dy, u, n * L + i, cols, i < L, e, sy_t, sy_e, sx_t, sx_c), OP)
+            grads += _dot(tl.trans(tl.load(squares + (i0 // BLOCK_T) * sq_i + tile)),
+                          _grads(dy, u, n * L + i, cols, i < L, e, sy_t, sy_e, sx_t, sx_c), OP)
         tl.store(at, (grads * _silu_grad(_block(v, t, cols, ok, e, sx_t, sx_c))).to(dv.dtype.element_ty),
                  mask=written)
 
@@ -537,8 +542,10 @@ class _GatedMixedChunk(torch.autograd.Function):
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         du, dv, dz = n.parts(dx)
         dkv = torch.empty_like(kv)
-        parts = torch.empty(n.by_chunk()[0] * n.by_chunk()[1], 2, 4, n.s, device=x.device,
-                            dtype=torch.float32)  # each program's shares of dgamma and dbeta
+        programs, blocks = n.by_chunk()[0] * n.by_chunk()[1], n.by_chunk()[1]
+        parts = torch.empty(programs, 2, 4, n.s, device=x.device, dtype=torch.float32)  # shares of dgamma, dbeta
+        squares = torch.empty(programs, blocks, BLOCK_T * BLOCK_T, device=x.device,
+                              dtype=torch.float32)  # the key kernel's squared scores
         heads = (n.turns, gamma, beta)
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
         _chunk_grads_kernel[n.by_row()](
@@ -549,9 +556,9 @@ class _GatedMixedChunk(torch.autograd.Function):
             *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E,
             num_warps=NUM_WARPS)
         _keys_kernel[n.by_chunk()](
-            u, z, v, *heads, dkv, dy, dz, dv, parts, *n.sizes, n.scale, *strides, *dkv.stride(), *dy.stride(),
-            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E, BLOCK_DV=BLOCK_DV,
-            num_warps=NUM_WARPS)
+            u, z, v, *heads, dkv, dy, dz, dv, parts, squares, *n.sizes, n.scale, *strides, *dkv.stride(),
+            *dy.stride(), *dx.stride(), *parts.stride(), *squares.stride()[:2], ROPE=rope, NORM=n.NORM, **n.blocks,
+            BLOCK_E=BLOCK_E, BLOCK_DV=BLOCK_DV, num_warps=NUM_WARPS)
         dgamma, dbeta = parts.sum(0)
         return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None
 
