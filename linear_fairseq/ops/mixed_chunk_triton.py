@@ -34,8 +34,8 @@ Causal, no padding inside a row (a row padded at its end is cut before its
 padding), T filled up to whole chunks with zeros (SiLU(0) = 0: no earlier
 token sees them). On CUDA the kernels run compiled; elsewhere only through
 Triton's interpreter (TRITON_INTERPRET=1, which the tests use), which runs a
-program's threads as one and so cannot check the barrier before a program
-reads back its own share of dZ.
+program's threads as one and so cannot check the barriers before a program
+reads back what its threads wrote (its share of dZ, the key kernel's squares).
 """
 import functools
 from typing import Optional, Tuple
