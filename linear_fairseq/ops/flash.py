@@ -146,6 +146,11 @@ class _ScaleNorm(torch.autograd.Function):
 RELU2_NORMS = ("keys", "chunk", "none")
 
 
+def unknown_relu2_norm(norm: str) -> ValueError:
+    """The error for a relu2_norm that is none of RELU2_NORMS, naming it and the choices."""
+    return ValueError(f"relu2_norm={norm!r}; choose from {', '.join(RELU2_NORMS)}")
+
+
 def relu2(q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """relu(q k^T / sqrt(s) + b)^2, b an optional relative position bias."""
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
@@ -163,7 +168,7 @@ def relu2_divisor(norm: str, G: int, seen: Tensor) -> Tensor:
         return torch.full_like(seen, float(G))
     if norm == "none":
         return torch.ones_like(seen)
-    raise ValueError(f"relu2_norm={norm!r}; choose from {', '.join(RELU2_NORMS)}")
+    raise unknown_relu2_norm(norm)
 
 
 def offset_bias(rel_bias: Optional[Tensor], offsets: Tensor) -> Optional[Tensor]:

@@ -47,7 +47,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from .common import constant
-from .flash import RELU2_NORMS, first_turns, whole_chunks
+from .flash import RELU2_NORMS, first_turns, unknown_relu2_norm, whole_chunks
 
 # 16 tokens a step; value columns 16 a step where a sum runs over them, and where a program keeps them,
 # 64 a tile of the forward's outputs and 32 of the key kernel's dV; 8 warps. Compiled for sm_70 to sm_90
@@ -542,7 +542,8 @@ class _GatedMixedChunk(torch.autograd.Function):
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         du, dv, dz = n.parts(dx)
         dkv = torch.empty_like(kv)
-        programs, blocks = n.by_chunk()[0] * n.by_chunk()[1], n.by_chunk()[1]
+        chunks, blocks = n.by_chunk()
+        programs = chunks * blocks
         parts = torch.empty(programs, 2, 4, n.s, device=x.device, dtype=torch.float32)  # shares of dgamma, dbeta
         squares = torch.empty(programs, blocks, BLOCK_T * BLOCK_T, device=x.device,
                               dtype=torch.float32)  # the key kernel's squared scores
@@ -570,7 +571,7 @@ def gated(x: Tensor, gamma: Tensor, beta: Tensor, rope: bool, *, e: int, chunk_s
     on the kernels: x = [U, V, Z] (B, T, 2e + s), s even, of a dtype in DTYPES;
     gamma and beta (4, s). Returns (B, T, e) in x's dtype."""
     if relu2_norm not in RELU2_NORMS:
-        raise ValueError(f"relu2_norm={relu2_norm!r}; choose from {', '.join(RELU2_NORMS)}")
+        raise unknown_relu2_norm(relu2_norm)
     T = x.shape[1]
     x, = whole_chunks(chunk_size, x)
     y = _GatedMixedChunk.apply(x, gamma, beta, rope, e, chunk_size, relu2_norm)
