@@ -15,8 +15,9 @@ benchmarks/ops_cases/<family>.py (a family without one is listed as such):
    each family's benchmark LM, 300 steps on the kernels against the torch steps.
 5. (CUDA only) training on Triton kernels (kernel attention: fla-core's chunked
    kernels and FAVOR+'s feature kernels; FLASH: its mixed chunk kernels): each
-   family's benchmark LM, 2 rows of 2048 tokens, the loss and gradients of a
-   training pass on the kernels against the torch forms, and each pass's time.
+   family's benchmark LM, 2 rows of 2048 tokens in fp32 and bf16, the loss and
+   gradients of a training pass on the kernels against the torch forms, and each
+   pass's time.
 
 Writes JSON (--out) and prints a summary. Needs torch and fairseq (importing
 the plugin registers the families):  python benchmarks/gpu_ops_check.py --device cuda
@@ -170,15 +171,15 @@ def speed(cases, device, lengths):
     return rows
 
 
-def triton_lms(device, families=None, extra=()):
-    """(family, benchmark LM, its modules that can run on Triton kernels, why they do not
-    here or None) for each family (default all) whose LM has such modules."""
+def triton_lms(device, families=None, extra=(), dtype=torch.float32):
+    """(family, benchmark LM in `dtype`, its modules that can run on Triton kernels, why
+    they do not here or None) for each family (default all) whose LM has such modules."""
     from benchmarks import models
     from benchmarks.op_counts import triton_modules
 
     probe = torch.zeros(1, device=device)
     for family in families or models.FAMILIES:
-        model = models.build("lm", family, device=str(device), extra=extra)[0]
+        model = models.build("lm", family, device=str(device), dtype=dtype, extra=extra)[0]
         modules = triton_modules(model)
         if modules:
             yield family, model, modules, None if all(m.runs_on_triton(probe) for m in modules) else \
@@ -220,36 +221,41 @@ def fused_steps(cases, device, lengths):
 
 
 # -- 5. training on Triton kernels (CUDA) --------------------------------------------
-def fused_training(cases, device, lengths, families=None, extra=()):
+def fused_training(cases, device, lengths, families=None, extra=(), dtypes=(torch.float32, torch.bfloat16)):
     """Every family whose modules can run on Triton kernels: its benchmark LM's loss and
-    gradients of one training pass over T tokens (2 rows, fp32) on the kernels, the
-    default on CUDA, against the torch forms; a family whose pass is the same on both
-    (it trains on torch) is named so; where the kernels cannot run, why. On CUDA each
-    form's pass is timed too (median ms of `timed`), the kernels' worth told apart from
-    the rest of the model. `families` (default all) and `extra` (flags for the LMs) make
-    it small for the tests."""
+    gradients of one training pass over T tokens (2 rows) in each of `dtypes` (the LM's
+    weights and activations, as the train suites run it) on the kernels, the default on
+    CUDA, against the torch forms in the same dtype; a family whose pass is the same on
+    both (it trains on torch) is named so; where the kernels cannot run, why. On CUDA
+    each form's pass is timed too (median ms of `timed`), the kernels' worth told apart
+    from the rest of the model. `families` (default all) and `extra` (flags for the LMs)
+    make it small for the tests."""
+    rows = []
+    for dtype in dtypes:
+        for family, model, modules, why in triton_lms(device, families, extra, dtype):
+            model.train()
+            rows += [{"family": family, "form": "fused-train", "T": T, "dtype": str(dtype).split(".")[-1],
+                      **training_pair(model, modules, T, device, why)} for T in lengths]
+    return rows
+
+
+def training_pair(model, modules, T: int, device, why) -> dict:
+    """One training pass of the LM over 2 rows of T random tokens on the torch forms and
+    on the kernels: how they differ, and on CUDA each one's time."""
     from benchmarks import models, suites
 
-    rows = []
-    for family, model, modules, why in triton_lms(device, families, extra):
-        model.train()
-        for T in lengths:
-            tokens = torch.randint(4, models.VOCAB, (2, T + 1), device=device)
-            passes, pass_ms = [], {}
-            for fused in (False, True):
-                told(modules, fused)
-                loss = suites.train_pass(model, tokens).detach()
-                passes.append([loss] + [p.grad for p in model.parameters() if p.grad is not None])
-                if device.type == "cuda":
-                    pass_ms["kernels_ms" if fused else "torch_ms"] = timed(
-                        lambda: suites.train_pass(model, tokens))[0]
-            same = all(torch.equal(a, b) for a, b in zip(*passes))
-            rows.append({"family": family, "form": "fused-train", "T": T,
-                         "ran": why or ("the same pass: it trains on torch" if same else "yes"),
-                         "loss_vs_torch": rel_err(passes[1][0], passes[0][0]),
-                         "grad_vs_torch": max(rel_err(a, b) for a, b in zip(passes[1][1:], passes[0][1:])),
-                         **pass_ms})
-    return rows
+    tokens = torch.randint(4, models.VOCAB, (2, T + 1), device=device)
+    passes, pass_ms = [], {}
+    for fused in (False, True):
+        told(modules, fused)
+        loss = suites.train_pass(model, tokens).detach()
+        passes.append([loss] + [p.grad for p in model.parameters() if p.grad is not None])
+        if device.type == "cuda":
+            pass_ms["kernels_ms" if fused else "torch_ms"] = timed(lambda: suites.train_pass(model, tokens))[0]
+    same = all(torch.equal(a, b) for a, b in zip(*passes))
+    return {"ran": why or ("the same pass: it trains on torch" if same else "yes"),
+            "loss_vs_torch": rel_err(passes[1][0], passes[0][0]),
+            "grad_vs_torch": max(rel_err(a, b) for a, b in zip(passes[1][1:], passes[0][1:])), **pass_ms}
 
 
 def main():

@@ -14,9 +14,10 @@ in each precision:
 
   decode  three decoding steps, without and with a padded step: the plugin's
           own kernels (ops/*_triton.py);
-  train   one forward and backward pass of the LM: the kernels it trains on
-          on CUDA: kernel attention's (fla-core's, where it imports, and the
-          FAVOR+ feature kernels) and FLASH's mixed chunk kernels.
+  train   one forward and backward pass of the LM over two of FLASH's chunks:
+          the kernels it trains on on CUDA: kernel attention's (fla-core's,
+          where it imports, and the FAVOR+ feature kernels) and FLASH's mixed
+          chunk kernels.
 
 Every Triton launch is recorded instead of run (the outputs are left as they
 were allocated), and each distinct specialization, as Triton's launcher
@@ -25,7 +26,9 @@ with Triton's compiler and ptxas, down to the cubin; an autotuned kernel
 counts as compiled when one of its configurations does (its autotuner skips
 those that do not), the first in its list. The record holds the kernel's
 shared memory (against what the architecture gives a block), and its
-registers and stack a thread (cuobjdump on the cubin). fla-core picks its
+registers and stack a thread (cuobjdump on the cubin), and the operand types
+of its tensor-core products (from the PTX; none where its products run on the
+FMA units, as float32 ones in IEEE do). fla-core picks its
 configuration lists when it is imported, from the device it finds; here it
 finds none, so on a GPU its lists may differ. Nothing is timed or run on a
 GPU. Needs Triton with its NVIDIA backend (the test extra installs it; a
@@ -109,12 +112,13 @@ def decoding(model, kind: str, padded: bool):
 
 
 def training(model, kind: str, padded: bool):
-    """One forward and backward pass of a language model over two rows of 128 tokens (a
+    """One forward and backward pass of a language model over two rows of 300 tokens, past
+    FLASH's first chunk of 256: its scans then carry a sum from one chunk to the next (a
     training pass; padding does not apply to the LM's blocks)."""
     if kind != "lm" or padded:
         return
     model.train()
-    tokens = torch.randint(4, models.VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(4, models.VOCAB, (2, 300), generator=torch.Generator().manual_seed(0))
     model.decoder(tokens)[0].float().sum().backward()
 
 
@@ -214,6 +218,14 @@ def resources(cubin: bytes) -> dict:
     return {"registers": int(found["REG"]), "stack_bytes": int(found["STACK"])} if len(found) == 2 else {}
 
 
+def tensor_cores(ptx: str) -> dict:
+    """The operand types of the tensor-core products (mma, wgmma) in a kernel's PTX, e.g.
+    ["bf16"]; [] where its products run on the FMA units (float32 in IEEE)."""
+    products = re.findall(r"\bw?gmma\.mma_async\.\S+|\bmma\.sync\.\S+", ptx)
+    kinds = (re.findall(r"\.(bf16|f16|tf32|e4m3|e5m2|s8)\b", op) for op in products)
+    return {"tensor_cores": sorted({kind for found in kinds for kind in found})}
+
+
 def compiled(kernel: str, ways: list, arch: int, **where) -> dict:
     record = {"kernel": kernel, "arch": f"sm_{arch}", **where, "configs": len(ways)}
     start = time.perf_counter()
@@ -228,7 +240,8 @@ def compiled(kernel: str, ways: list, arch: int, **where) -> dict:
         if limit is None or shared <= limit:
             return {**record, "ok": "cubin" in binary.asm, "tried": tried, "skipped": [e[:300] for e in errors],
                     "shared_bytes": shared, "shared_limit": limit, "num_warps": binary.metadata.num_warps,
-                    **resources(binary.asm.get("cubin", b"")), "seconds": round(time.perf_counter() - start, 2)}
+                    **resources(binary.asm.get("cubin", b"")), **tensor_cores(binary.asm.get("ptx", "")),
+                    "seconds": round(time.perf_counter() - start, 2)}
         errors.append(f"needs {shared} bytes of shared memory; sm_{arch} offers {limit}")
     return {**record, "ok": False, "tried": len(ways), "error": errors[-1]}
 

@@ -534,8 +534,9 @@ def test_mixed_chunk_kernels_equal_the_torch_unit_with_gradients(triton_device, 
     SiLU, from_z and the gate in torch: the output and the gradients of X = [U, V, Z],
     gamma and beta, with a partial last chunk, RoPE on and off, every relu^2
     normalization, chunks longer than a kernel's block of tokens, widths not a whole
-    number of blocks; half inputs against float32 (the kernels compute in float32,
-    the torch path in the inputs' precision), each result in its input's dtype."""
+    number of blocks; half inputs against float32 to a few of their eps (float16 with
+    its products' operands in float16; bfloat16's multiply in float32 under Triton's
+    interpreter), each result in its input's dtype."""
     from linear_fairseq.ops import mixed_chunk_triton
 
     T, G, s, e, rope, norm = KERNEL_CASES[case]

@@ -25,8 +25,9 @@ def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
     and without a padded step. Training: FAVOR+'s feature kernels, forward and
     gradient, and fla-core's chunked kernels, forward and backward, on kernel
     attention's inputs (FAVOR+'s 266 features a head, the normalizer's column
-    beside the values, RFA's gate); FLASH's five mixed chunk kernels, with RoPE
-    and without, each relu^2 normalization."""
+    beside the values, RFA's gate); FLASH's five mixed chunk kernels over two
+    chunks, with RoPE and without, each relu^2 normalization, their half products
+    on the tensor cores."""
     pytest.importorskip("triton.backends.nvidia", reason="the check compiles with Triton's NVIDIA backend")
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compilable kernels
@@ -49,6 +50,9 @@ def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
     # the key kernel needs at most all 255 registers
     assert all(rec["registers"] <= 255 and rec["stack_bytes"] <= 64 for rec in chunked), chunked
     assert all(rec["stack_bytes"] == 0 for rec in chunked if rec["dtype"] != "float32"), chunked
+    # their products: float32 ones on the FMA units (IEEE), half ones on the tensor cores in their own precision
+    operands = {"float32": [], "bfloat16": ["bf16"], "float16": ["f16"]}
+    assert all(rec["tensor_cores"] == operands[rec["dtype"]] for rec in chunked), chunked
     kernels = {rec["kernel"] for rec in ours}
     decoding = {"linear_fairseq.ops.flash_triton._gau_step_kernel", "linear_fairseq.ops.performer_triton._step_kernel"}
     training = {"linear_fairseq.ops.favor_triton._forward_kernel", "linear_fairseq.ops.favor_triton._backward_kernel",

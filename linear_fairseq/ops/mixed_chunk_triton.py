@@ -21,7 +21,8 @@ gradient of each chunk's sum, dKV_m = sum_{n > m} q'_n^T dA_n / (n L) with
 dA = dY SiLU(U), and at each token dU and the linear part's share of dV,
 k'_j dKV_m; one program per block of queries (dq', dq); one per block of keys
 (dk, dk', then dV's quadratic share from the squared scores it computed for
-dk and kept, 4 L bytes a token in float32, then the SiLU's derivative). Each
+dk and kept in its products' operand type, 4 L bytes a token in float32 and
+2 L in half precision, then the SiLU's derivative). Each
 turns its heads' gradients back through RoPE and the offset-scale into dZ
 (the key kernel's last share takes the SiLU's derivative) and writes its rows'
 shares of dgamma and dbeta, which one sum joins. dU, dV and dZ land in one
@@ -29,7 +30,8 @@ buffer, X's gradient. Scores are recomputed where the backward needs them, so
 the pass keeps X, A and KV.
 
 Products sum in float32; their operands are float32 (IEEE, not TF32) for
-float32 inputs, as torch takes them, and TF32 for half inputs (OPERANDS).
+float32 inputs, and in the inputs' own precision for float16 and bfloat16,
+as torch's matmuls take them (OPERANDS).
 Causal, no padding inside a row (a row padded at its end is cut before its
 padding), T filled up to whole chunks with zeros (SiLU(0) = 0: no earlier
 token sees them). On CUDA the kernels run compiled; elsewhere only through
@@ -60,9 +62,9 @@ BLOCK_V = 64  # value columns of a forward program's outputs
 BLOCK_DV = 32  # value columns of the key kernel's dV a step holds
 NUM_WARPS = 8
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
-# as torch multiplies it; float16 and bfloat16 read into float32 and multiplied in TF32 on a GPU's tensor
-# cores, at least their own precision (Triton's interpreter, which the tests run, multiplies no bfloat16)
-OPERANDS = {torch.float32: "ieee", torch.bfloat16: "tf32", torch.float16: "tf32"}
+# float16 and bfloat16 rounded to their own precision for a GPU's tensor cores, as torch multiplies each;
+# the values between products (heads, scores, sums) are float32
+OPERANDS = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 DTYPES = tuple(OPERANDS)
 
 
@@ -139,8 +141,10 @@ def _turned_back(d_even, d_odd, cos, sin, ROPE: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, OP: tl.constexpr):
-    """a b (float32) summed in float32, its operands in OP's precision (OPERANDS)."""
-    return tl.dot(a, b, input_precision=OP)
+    """a b (float32) summed in float32, its operands rounded to OP (OPERANDS); float32 ones in IEEE."""
+    if OP == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(OP), b.to(OP))
 
 
 @triton.jit
@@ -479,6 +483,15 @@ def _keys_kernel(
 
 
 # -- the autograd function ------------------------------------------------------------------
+def operands(dtype: torch.dtype) -> tl.dtype:
+    """The products' operand type for inputs of `dtype` (OPERANDS). Triton's interpreter
+    multiplies no bfloat16 (its products come out wrong), so under it bfloat16 inputs
+    multiply in float32."""
+    if dtype == torch.bfloat16 and not isinstance(_dot, triton.runtime.JITFunction):
+        return tl.float32
+    return OPERANDS[dtype]
+
+
 @constant(maxsize=16)
 def mean_scales(N: int, L: int, device: torch.device) -> Tensor:
     """(N,) float32: 1 / (n L), the weight of chunk n's mean over the chunks before it; 0 for n = 0."""
@@ -499,7 +512,9 @@ class _Shapes:
         self.means = mean_scales(self.N, self.L, x.device)
         self.NORM = RELU2_NORMS.index(norm)  # _root's NORM: 0 keys, 1 chunk, 2 none
         self.scale = (self.s * (G if norm == "chunk" else 1)) ** -0.5
-        self.blocks = dict(OP=OPERANDS[x.dtype], BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)))
+        op = operands(x.dtype)
+        self.blocks = dict(OP=op, BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)))
+        self.kept = torch.float32 if op == tl.float32 else x.dtype  # the key kernel's squares: dV's operands
         self.sizes = (self.L, self.N, self.s // 2, e)
 
     def parts(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -546,7 +561,7 @@ class _GatedMixedChunk(torch.autograd.Function):
         programs = chunks * blocks
         parts = torch.empty(programs, 2, 4, n.s, device=x.device, dtype=torch.float32)  # shares of dgamma, dbeta
         squares = torch.empty(programs, blocks, BLOCK_T * BLOCK_T, device=x.device,
-                              dtype=torch.float32)  # the key kernel's squared scores
+                              dtype=n.kept)  # the key kernel's squared scores
         heads = (n.turns, gamma, beta)
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
         _chunk_grads_kernel[n.by_row()](
