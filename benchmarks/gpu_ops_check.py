@@ -7,17 +7,20 @@ benchmarks/ops_cases/<family>.py (a family without one is listed as such):
 1. fp32 parity on the device: every training form against the quadratic
    reference, outputs and gradients, and the decoding recurrence's outputs.
 2. fp16 / bf16 inputs at T = 4096 and 16384: finite, and error vs fp32.
-3. (CUDA only) forward+backward time and peak memory of the timed training
-   forms, fp32 and bf16, against torch's scaled_dot_product_attention (causal)
-   and, where fla-core imports, its own `chunk_linear_attn` on elu+1 inputs,
-   T = 1024 / 4096 / 16384.
-4. (CUDA only) the decoding steps on Triton kernels (kernel attention, FLASH):
+3. (CUDA only) the decoding steps on Triton kernels (kernel attention, FLASH):
    each family's benchmark LM, 300 steps on the kernels against the torch steps.
-5. (CUDA only) training on Triton kernels (kernel attention: fla-core's chunked
+4. (CUDA only) training on Triton kernels (kernel attention: fla-core's chunked
    kernels and FAVOR+'s feature kernels; FLASH: its mixed chunk kernels): each
    family's benchmark LM, 2 rows of 2048 tokens in fp32 and bf16, the loss and
    gradients of a training pass on the kernels against the torch forms, and each
    pass's time.
+5. (CUDA only) forward+backward time and peak memory of the timed training
+   forms, fp32 and bf16, against torch's scaled_dot_product_attention (causal)
+   and, where fla-core imports, its own `chunk_linear_attn` on elu+1 inputs,
+   T = 1024 / 4096 / 16384.
+
+They run in that order, the checks of the kernels' results before the timings
+of every form, and the JSON is written after each.
 
 Writes JSON (--out) and prints a summary. Needs torch and fairseq (importing
 the plugin registers the families):  python benchmarks/gpu_ops_check.py --device cuda
@@ -68,6 +71,23 @@ def leaves_of(case, xs):
     return [x.requires_grad_() for x in xs[:case.leaves]] + xs[case.leaves:]
 
 
+def timed(fn, reps=5):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**20
+
+
 # -- 1. parity ---------------------------------------------------------------------
 def parity(cases, device, lengths):
     rows = []
@@ -100,24 +120,95 @@ def low_precision(cases, device, lengths):
     return rows
 
 
-# -- 3. speed -------------------------------------------------------------------------
-def timed(fn, reps=5):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**20
+# -- the benchmark LMs on Triton kernels (3, 4) -------------------------------------
+def triton_lms(device, families=None, extra=(), dtype=torch.float32):
+    """(family, benchmark LM in `dtype`, its modules that can run on Triton kernels, why
+    they do not here or None) for each family (default all) whose LM has such modules."""
+    from benchmarks import models
+    from benchmarks.op_counts import triton_modules
+
+    probe = torch.zeros(1, device=device)
+    for family in families or models.FAMILIES:
+        model = models.build("lm", family, device=str(device), dtype=dtype, extra=extra)[0]
+        modules = triton_modules(model)
+        if modules:
+            yield family, model, modules, None if all(m.runs_on_triton(probe) for m in modules) else \
+                "auto chose the torch forms here"
 
 
+def told(modules, fused: bool):
+    """The modules on the Triton kernels where they run them (their own choice: auto, the
+    kernels on CUDA), or on the torch forms."""
+    for m in modules:
+        if fused:
+            m.__dict__.pop("runs_on_triton", None)
+        else:
+            m.runs_on_triton = lambda x: False
+
+
+# -- 3. fused decoding steps (CUDA) ---------------------------------------------------
+def fused_steps(cases, device, lengths):
+    """Every family that decodes on Triton kernels (modules with runs_on_triton): its
+    benchmark LM's outputs over T steps of random tokens (2 rows, fp32) on the kernels,
+    the default on CUDA, against the torch steps; where the kernels cannot run, why."""
+    from benchmarks import models
+
+    rows = []
+    for family, model, modules, why in triton_lms(device):
+        model.eval()
+        for T in lengths:
+            tokens = torch.randint(4, models.VOCAB, (2, T), device=device)
+            outs = []
+            for fused in (False, True):
+                told(modules, fused)
+                state = {}
+                with torch.no_grad():
+                    outs.append(torch.cat([model.decoder(tokens[:, :t + 1], incremental_state=state)[0]
+                                           for t in range(T)], dim=1))
+            rows.append({"family": family, "form": "fused-step", "T": T, "ran": why or "yes",
+                         "out_vs_torch_step": rel_err(outs[1], outs[0])})
+    return rows
+
+
+# -- 4. training on Triton kernels (CUDA) --------------------------------------------
+def fused_training(cases, device, lengths, families=None, extra=(), dtypes=(torch.float32, torch.bfloat16)):
+    """Every family whose modules can run on Triton kernels: its benchmark LM's loss and
+    gradients of one training pass over T tokens (2 rows) in each of `dtypes` (the LM's
+    weights and activations, as the train suites run it) on the kernels, the default on
+    CUDA, against the torch forms in the same dtype; a family whose pass is the same on
+    both (it trains on torch) is named so; where the kernels cannot run, why. On CUDA
+    each form's pass is timed too (median ms of `timed`), the kernels' worth told apart
+    from the rest of the model. `families` (default all) and `extra` (flags for the LMs)
+    make it small for the tests."""
+    rows = []
+    for dtype in dtypes:
+        for family, model, modules, why in triton_lms(device, families, extra, dtype):
+            model.train()
+            rows += [{"family": family, "form": "fused-train", "T": T, "dtype": str(dtype).split(".")[-1],
+                      **training_pair(model, modules, T, device, why)} for T in lengths]
+    return rows
+
+
+def training_pair(model, modules, T: int, device, why) -> dict:
+    """One training pass of the LM over 2 rows of T random tokens on the torch forms and
+    on the kernels: how they differ, and on CUDA each one's time."""
+    from benchmarks import models, suites
+
+    tokens = torch.randint(4, models.VOCAB, (2, T + 1), device=device)
+    passes, pass_ms = [], {}
+    for fused in (False, True):
+        told(modules, fused)
+        loss = suites.train_pass(model, tokens).detach()
+        passes.append([loss] + [p.grad for p in model.parameters() if p.grad is not None])
+        if device.type == "cuda":
+            pass_ms["kernels_ms" if fused else "torch_ms"] = timed(lambda: suites.train_pass(model, tokens))[0]
+    same = all(torch.equal(a, b) for a, b in zip(*passes))
+    return {"ran": why or ("the same pass: it trains on torch" if same else "yes"),
+            "loss_vs_torch": rel_err(passes[1][0], passes[0][0]),
+            "grad_vs_torch": max(rel_err(a, b) for a, b in zip(passes[1][1:], passes[0][1:])), **pass_ms}
+
+
+# -- 5. speed -----------------------------------------------------------------------
 def fla_linear_attn():
     """fla-core's chunk_linear_attn, or None where fla-core does not import."""
     try:
@@ -171,93 +262,6 @@ def speed(cases, device, lengths):
     return rows
 
 
-def triton_lms(device, families=None, extra=(), dtype=torch.float32):
-    """(family, benchmark LM in `dtype`, its modules that can run on Triton kernels, why
-    they do not here or None) for each family (default all) whose LM has such modules."""
-    from benchmarks import models
-    from benchmarks.op_counts import triton_modules
-
-    probe = torch.zeros(1, device=device)
-    for family in families or models.FAMILIES:
-        model = models.build("lm", family, device=str(device), dtype=dtype, extra=extra)[0]
-        modules = triton_modules(model)
-        if modules:
-            yield family, model, modules, None if all(m.runs_on_triton(probe) for m in modules) else \
-                "auto chose the torch forms here"
-
-
-def told(modules, fused: bool):
-    """The modules on the Triton kernels where they run them (their own choice: auto, the
-    kernels on CUDA), or on the torch forms."""
-    for m in modules:
-        if fused:
-            m.__dict__.pop("runs_on_triton", None)
-        else:
-            m.runs_on_triton = lambda x: False
-
-
-# -- 4. fused decoding steps (CUDA) ---------------------------------------------------
-def fused_steps(cases, device, lengths):
-    """Every family that decodes on Triton kernels (modules with runs_on_triton): its
-    benchmark LM's outputs over T steps of random tokens (2 rows, fp32) on the kernels,
-    the default on CUDA, against the torch steps; where the kernels cannot run, why."""
-    from benchmarks import models
-
-    rows = []
-    for family, model, modules, why in triton_lms(device):
-        model.eval()
-        for T in lengths:
-            tokens = torch.randint(4, models.VOCAB, (2, T), device=device)
-            outs = []
-            for fused in (False, True):
-                told(modules, fused)
-                state = {}
-                with torch.no_grad():
-                    outs.append(torch.cat([model.decoder(tokens[:, :t + 1], incremental_state=state)[0]
-                                           for t in range(T)], dim=1))
-            rows.append({"family": family, "form": "fused-step", "T": T, "ran": why or "yes",
-                         "out_vs_torch_step": rel_err(outs[1], outs[0])})
-    return rows
-
-
-# -- 5. training on Triton kernels (CUDA) --------------------------------------------
-def fused_training(cases, device, lengths, families=None, extra=(), dtypes=(torch.float32, torch.bfloat16)):
-    """Every family whose modules can run on Triton kernels: its benchmark LM's loss and
-    gradients of one training pass over T tokens (2 rows) in each of `dtypes` (the LM's
-    weights and activations, as the train suites run it) on the kernels, the default on
-    CUDA, against the torch forms in the same dtype; a family whose pass is the same on
-    both (it trains on torch) is named so; where the kernels cannot run, why. On CUDA
-    each form's pass is timed too (median ms of `timed`), the kernels' worth told apart
-    from the rest of the model. `families` (default all) and `extra` (flags for the LMs)
-    make it small for the tests."""
-    rows = []
-    for dtype in dtypes:
-        for family, model, modules, why in triton_lms(device, families, extra, dtype):
-            model.train()
-            rows += [{"family": family, "form": "fused-train", "T": T, "dtype": str(dtype).split(".")[-1],
-                      **training_pair(model, modules, T, device, why)} for T in lengths]
-    return rows
-
-
-def training_pair(model, modules, T: int, device, why) -> dict:
-    """One training pass of the LM over 2 rows of T random tokens on the torch forms and
-    on the kernels: how they differ, and on CUDA each one's time."""
-    from benchmarks import models, suites
-
-    tokens = torch.randint(4, models.VOCAB, (2, T + 1), device=device)
-    passes, pass_ms = [], {}
-    for fused in (False, True):
-        told(modules, fused)
-        loss = suites.train_pass(model, tokens).detach()
-        passes.append([loss] + [p.grad for p in model.parameters() if p.grad is not None])
-        if device.type == "cuda":
-            pass_ms["kernels_ms" if fused else "torch_ms"] = timed(lambda: suites.train_pass(model, tokens))[0]
-    same = all(torch.equal(a, b) for a, b in zip(*passes))
-    return {"ran": why or ("the same pass: it trains on torch" if same else "yes"),
-            "loss_vs_torch": rel_err(passes[1][0], passes[0][0]),
-            "grad_vs_torch": max(rel_err(a, b) for a, b in zip(passes[1][1:], passes[0][1:])), **pass_ms}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("gpu_ops.json"))
@@ -276,8 +280,8 @@ def main():
     sections = [(parity, (7, 100) if args.quick else (7, 300, 1000)),
                 (low_precision, (512,) if args.quick else (4096, 16384))]
     if args.device == "cuda":
-        sections += [(speed, (1024, 4096, 16384)), (fused_steps, (300,)),  # 300: past FLASH's first chunk
-                     (fused_training, (2048,))]
+        sections += [(fused_steps, (300,)),  # 300: past FLASH's first chunk
+                     (fused_training, (2048,)), (speed, (1024, 4096, 16384))]
     failed = []
     for section, lengths in sections:  # the JSON after each section: a check stopped early keeps what it did
         print(f"== {section.__name__}", flush=True)

@@ -4,8 +4,9 @@
 # Steps, most telling first:
 # 1. benchmarks/gpu_ops_check.py: every family's fast forms against the quadratic
 #    references on the GPU (outputs, gradients), fp16/bf16 at T = 4096 and 16384,
-#    forward+backward time and memory against SDPA and fla-core, and each LM's decoding
-#    steps and training pass on the Triton kernels against the torch forms -> OUT/gpu_ops.json
+#    each LM's decoding steps and training pass (fp32, bf16) on the Triton kernels
+#    against the torch forms, then forward+backward time and memory against SDPA
+#    and fla-core                                                     -> OUT/gpu_ops.json
 # 2. python -m benchmarks.run --device cuda, suites train, decode (to 256 and 1024 tokens;
 #    the decoding target is at 256), then train again in bfloat16 (as fairseq's --bf16
 #    runs a model)                                        -> OUT/{train,decode,train-bf16}/results.{json,md}
