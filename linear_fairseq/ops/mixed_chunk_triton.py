@@ -13,21 +13,29 @@ of L tokens, chunk n's queries read
 
 r_i = s^-1/2 c_i^-1/2 with c_i from ``relu2_norm`` (``ops.flash.relu2_divisor``).
 
-The forward runs two kernels: a scan over the chunks writing each chunk's KV_n
-(float32, (B, N, 2, s/2, e): the heads' even and odd dimensions apart), then
-one program per (chunk, block of queries, block of value columns) writing Y
-and A. The backward runs three: a scan from the last chunk back writing the
-gradient of each chunk's sum, dKV_m = sum_{n > m} q'_n^T dA_n / (n L) with
-dA = dY SiLU(U), and at each token dU and the linear part's share of dV,
-k'_j dKV_m; one program per block of queries (dq', dq); one per block of keys
-(dk, dk', then dV's quadratic share from the squared scores it computed for
-dk and kept in its products' operand type, 4 L bytes a token in float32 and
-2 L in half precision, then the SiLU's derivative). Each
-turns its heads' gradients back through RoPE and the offset-scale into dZ
-(the key kernel's last share takes the SiLU's derivative) and writes its rows'
-shares of dgamma and dbeta, which one sum joins. dU, dV and dZ land in one
-buffer, X's gradient. Scores are recomputed where the backward needs them, so
-the pass keeps X, A and KV.
+The linear part is chunkwise parallel, as the quadratic part: every chunk's
+own sum, k'^T v over its tokens, is computed at once (one program per chunk
+and block of value columns), and one in-place cumulative sum over the chunks
+(float32, (B, N, 2, s/2, e): the heads' even and odd dimensions apart) gives
+each chunk the sum of those before it. No kernel walks the sequence, so the
+work a program does in order is one chunk's, at any T.
+
+The forward runs two kernels and the cumulative sum: the chunks' own sums,
+then one program per (chunk, block of queries, block of value columns)
+writing Y and A. The backward runs three and one more cumulative sum: each
+chunk's term q'_n^T dA_n / (n L), dA = dY SiLU(U), written last chunk first
+so that the cumulative sum leaves in each slot the gradient of a chunk's
+sum, dKV_m = sum_{n > m} q'_n^T dA_n / (n L); one program per block of
+queries (dq', dq); one per block of keys (dk, dk', then dV, the linear
+part's share k'_j dKV_m plus the quadratic one from the squared scores it
+computed for dk and kept in its products' operand type, 4 L bytes a token in
+float32 and 2 L in half precision, through the SiLU's derivative, and dU =
+dY A SiLU'(U)). Each turns its heads' gradients back through RoPE and the
+offset-scale into dZ (the key kernel's last share takes the SiLU's
+derivative) and writes its rows' shares of dgamma and dbeta, which one sum
+joins. dU, dV and dZ land in one buffer, X's gradient. Scores are recomputed
+where the backward needs them, so the pass keeps X, A and the cumulated
+sums.
 
 Products sum in float32; their operands are float32 (IEEE, not TF32) for
 float32 inputs, and in the inputs' own precision for float16 and bfloat16,
@@ -184,16 +192,32 @@ def _grads(dy, u, t, cols, ok, e, sy_t, sy_e, sx_t, sx_c):
 
 
 @triton.jit
-def _halves(kv, pairs, cols, P, e, sk_h, sk_p, sk_e):
-    """A chunk's (s, e) sum as its even and odd rows, (BLOCK_P, BLOCK_E) each."""
-    inside = (pairs[:, None] < P) & (cols[None, :] < e)
-    at = kv + pairs[:, None] * sk_p + cols[None, :] * sk_e
+def _slot(sums, k, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e):
+    """Slot k of a batch row's (N, s, e) sums at columns `cols` as its even and odd rows (BLOCK_P each);
+    zeros where k < 0."""
+    inside = (k >= 0) & (pairs[:, None] < P) & (cols[None, :] < e)
+    at = sums + k * sk_n + pairs[:, None] * sk_p + cols[None, :] * sk_e
     return tl.load(at, mask=inside, other=0.0), tl.load(at + sk_h, mask=inside, other=0.0)
 
 
 @triton.jit
+def _mean_before(sums, means, n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e):
+    """KV_n: the chunks before n summed (slot n - 1 of the forward's cumulated sums) times means[n]."""
+    mean = tl.load(means + n)
+    even, odd = _slot(sums, n - 1, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
+    return even * mean, odd * mean
+
+
+@triton.jit
+def _grad_after(dsums, n, N, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e):
+    """dKV_n: the gradient of chunk n's sum, the terms of the chunks after n summed (slot N - 2 - n of
+    the backward's cumulated terms, written last chunk first; zeros for the last chunk)."""
+    return _slot(dsums, N - 2 - n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
+
+
+@triton.jit
 def _write_halves(kv, pairs, cols, P, e, sk_h, sk_p, sk_e, even, odd):
-    """A chunk's (s, e) sum from its even and odd rows (as _halves reads it)."""
+    """A chunk's (s, e) sum from its even and odd rows (as _slot reads it)."""
     inside = (pairs[:, None] < P) & (cols[None, :] < e)
     at = kv + pairs[:, None] * sk_p + cols[None, :] * sk_e
     tl.store(at, even, mask=inside)
@@ -250,43 +274,38 @@ def _block_of_chunk(N, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _columns_of_row(BLOCK_E: tl.constexpr):
-    """A scan program's batch row and value columns: program (b, block)."""
-    return tl.program_id(0), tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+def _columns_of_chunk(N, BLOCK_E: tl.constexpr):
+    """A chunk-sum program's batch row, chunk and value columns: program (b N + n, block)."""
+    return tl.program_id(0) // N, tl.program_id(0) % N, tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
 
 
 # -- forward ------------------------------------------------------------------------------
 @triton.jit
 def _chunk_sums_kernel(
-    z, v, turns, gamma, beta, kv, means, L, N, P, e,
+    z, v, turns, gamma, beta, sums, L, N, P, e,
     sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e,
     OP: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """KV_n for every chunk n of a batch row, for a block of value columns: the chunks in order, the sum
-    of k'_j v_j^T over the chunks before n (times means[n] = 1 / (n L), 0 for n = 0) written before
-    chunk n's tokens join it."""
-    b, cols = _columns_of_row(BLOCK_E)
+    """Chunk n's own sum of k'_j v_j^T, for a block of value columns, into its slot n."""
+    b, n, cols = _columns_of_chunk(N, BLOCK_E)
     pairs = tl.arange(0, BLOCK_P)
     z += b * sx_b
     v += b * sx_b
-    kv += b * sk_b
     sum_even, sum_odd = _zeros(BLOCK_P, BLOCK_E)
-    for n in range(0, N):
-        mean = tl.load(means + n)
-        _write_halves(kv + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, sum_even * mean, sum_odd * mean)
-        for t0 in range(0, L, BLOCK_T):
-            i = t0 + tl.arange(0, BLOCK_T)
-            t = n * L + i
-            _, _, _, _, kl_even, kl_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, i < L, P, sx_t, sx_c, st_t,
-                                                    st_p, sg_h, sg_c, 3, 3, ROPE)
-            values = _values(v, t, cols, i < L, e, sx_t, sx_c)
-            sum_even += _dot(tl.trans(kl_even), values, OP)
-            sum_odd += _dot(tl.trans(kl_odd), values, OP)
+    for t0 in range(0, L, BLOCK_T):
+        i = t0 + tl.arange(0, BLOCK_T)
+        t = n * L + i
+        _, _, _, _, kl_even, kl_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, i < L, P, sx_t, sx_c, st_t, st_p,
+                                                sg_h, sg_c, 3, 3, ROPE)
+        values = _values(v, t, cols, i < L, e, sx_t, sx_c)
+        sum_even += _dot(tl.trans(kl_even), values, OP)
+        sum_odd += _dot(tl.trans(kl_odd), values, OP)
+    _write_halves(sums + b * sk_b + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, sum_even, sum_odd)
 
 
 @triton.jit
 def _forward_kernel(
-    u, z, v, turns, gamma, beta, kv, a, y, L, N, P, e, scale,
+    u, z, v, turns, gamma, beta, sums, means, a, y, L, N, P, e, scale,
     sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
     OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -302,7 +321,7 @@ def _forward_kernel(
     _, _, _, _, q_even, q_odd, ql_even, ql_odd = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p,
                                                      sg_h, sg_c, 0, 2, ROPE)
     root = _root(i, scale, NORM)
-    kv_even, kv_odd = _halves(kv + b * sk_b + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e)
+    kv_even, kv_odd = _mean_before(sums + b * sk_b, means, n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
     acc = _dot(ql_even, kv_even, OP) + _dot(ql_odd, kv_odd, OP)
     for j0 in range(0, tl.program_id(1) * BLOCK_T + BLOCK_T, BLOCK_T):
         j = j0 + tl.arange(0, BLOCK_T)
@@ -319,49 +338,28 @@ def _forward_kernel(
 # -- backward -----------------------------------------------------------------------------
 @triton.jit
 def _chunk_grads_kernel(
-    u, z, turns, gamma, beta, a, dy, du, dv, dkv, means, L, N, P, e,
-    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sa_b, sa_t, sa_e, sy_b, sy_t, sy_e, sd_b, sd_t, sd_c,
-    sk_b, sk_n, sk_h, sk_p, sk_e,
+    u, z, turns, gamma, beta, dy, dsums, means, L, N, P, e,
+    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sy_b, sy_t, sy_e, sk_b, sk_n, sk_h, sk_p, sk_e,
     OP: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """For every chunk of a batch row and a block of value columns, from the last chunk: dKV_m, the
-    gradient of chunk m's sum of k' v^T, sum_{n > m} q'_n^T dA_n means[n], written before chunk m's own
-    term joins it; at chunk m's tokens dU = dY A SiLU'(U), and k'_j dKV_m, dV's share from the linear
-    part (before the SiLU's derivative, which the key kernel takes)."""
-    b, cols = _columns_of_row(BLOCK_E)
+    """Chunk n's term of the gradient of the sums before it, q'_n^T dA_n means[n] with dA = dY SiLU(U),
+    for a block of value columns, into slot N - 1 - n (the last chunk's first)."""
+    b, n, cols = _columns_of_chunk(N, BLOCK_E)
     pairs = tl.arange(0, BLOCK_P)
     u += b * sx_b
     z += b * sx_b
-    a += b * sa_b
     dy += b * sy_b
-    du += b * sd_b
-    dv += b * sd_b
-    dkv += b * sk_b
-    sum_even, sum_odd = _zeros(BLOCK_P, BLOCK_E)
-    for m in range(0, N):
-        n = N - 1 - m
-        _write_halves(dkv + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, sum_even, sum_odd)
-        mean = tl.load(means + n)
-        own_even, own_odd = _zeros(BLOCK_P, BLOCK_E)
-        for t0 in range(0, L, BLOCK_T):
-            i = t0 + tl.arange(0, BLOCK_T)
-            ok = i < L
-            t = n * L + i
-            _, _, _, _, ql_even, ql_odd, kl_even, kl_odd = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c,
-                                                               st_t, st_p, sg_h, sg_c, 2, 3, ROPE)
-            rows = t[:, None] * sd_t + cols[None, :] * sd_c
-            written = ok[:, None] & (cols[None, :] < e)
-            pre = _block(u, t, cols, ok, e, sx_t, sx_c)
-            grads = _block(dy, t, cols, ok, e, sy_t, sy_e)
-            tl.store(du + rows, (grads * _block(a, t, cols, ok, e, sa_t, sa_e) * _silu_grad(pre)).to(
-                du.dtype.element_ty), mask=written)
-            tl.store(dv + rows, (_dot(kl_even, sum_even, OP) + _dot(kl_odd, sum_odd, OP)).to(dv.dtype.element_ty),
-                     mask=written)
-            grads *= _silu(pre) * mean
-            own_even += _dot(tl.trans(ql_even), grads, OP)
-            own_odd += _dot(tl.trans(ql_odd), grads, OP)
-        sum_even += own_even
-        sum_odd += own_odd
+    mean = tl.load(means + n)
+    own_even, own_odd = _zeros(BLOCK_P, BLOCK_E)
+    for t0 in range(0, L, BLOCK_T):
+        i = t0 + tl.arange(0, BLOCK_T)
+        t = n * L + i
+        _, _, _, _, ql_even, ql_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, i < L, P, sx_t, sx_c, st_t, st_p,
+                                                sg_h, sg_c, 2, 2, ROPE)
+        grads = _grads(dy, u, t, cols, i < L, e, sy_t, sy_e, sx_t, sx_c) * mean
+        own_even += _dot(tl.trans(ql_even), grads, OP)
+        own_odd += _dot(tl.trans(ql_odd), grads, OP)
+    _write_halves(dsums + b * sk_b + (N - 1 - n) * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, own_even, own_odd)
 
 
 @triton.jit
@@ -378,7 +376,7 @@ def _score_grads(dy, u, v, ti, tj, i_ok, j_ok, e, sy_t, sy_e, sx_t, sx_c, OP: tl
 
 @triton.jit
 def _queries_kernel(
-    u, z, v, turns, gamma, beta, kv, dy, dz, parts, L, N, P, e, scale,
+    u, z, v, turns, gamma, beta, sums, means, dy, dz, parts, L, N, P, e, scale,
     sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
     sd_b, sd_t, sd_c, sp_n, sp_s, sp_h, sp_c,
     OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -398,7 +396,7 @@ def _queries_kernel(
     for e0 in range(0, e, BLOCK_E):
         cols = e0 + tl.arange(0, BLOCK_E)
         grads = _grads(dy, u, t, cols, ok, e, sy_t, sy_e, sx_t, sx_c)
-        kv_even, kv_odd = _halves(kv + b * sk_b + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e)
+        kv_even, kv_odd = _mean_before(sums + b * sk_b, means, n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
         dql_even += _dot(grads, tl.trans(kv_even), OP)
         dql_odd += _dot(grads, tl.trans(kv_odd), OP)
     _into_z(dz, parts, z, turns, gamma, dql_even, dql_odd, 2, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
@@ -422,21 +420,21 @@ def _queries_kernel(
 
 @triton.jit
 def _keys_kernel(
-    u, z, v, turns, gamma, beta, dkv, dy, dz, dv, parts, squares, L, N, P, e, scale,
-    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
+    u, z, v, turns, gamma, beta, a, dsums, dy, dz, du, dv, parts, squares, L, N, P, e, scale,
+    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sa_b, sa_t, sa_e, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
     sd_b, sd_t, sd_c, sp_n, sp_s, sp_h, sp_c, sq_n, sq_i,
     OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dk, dk' and dV of a block of a chunk's keys; dk and dk' through RoPE and the offset-scale added
-    to the queries' share of dZ (then through the SiLU), and into the block's rows of parts. The
-    squared scores against each later block of queries are kept in the program's rows of
+    """dk, dk', dV and dU of a block of a chunk's keys; dk and dk' through RoPE and the offset-scale
+    added to the queries' share of dZ (then through the SiLU), and into the block's rows of parts.
+    The squared scores against each later block of queries are kept in the program's rows of
     `squares` (one (BLOCK_T, BLOCK_T) tile a block of queries) for dV's loop to read back."""
     b, n, j = _block_of_chunk(N, BLOCK_T)
     pairs = tl.arange(0, BLOCK_P)
     u, z, v = u + b * sx_b, z + b * sx_b, v + b * sx_b  # U, V and Z of the program's batch row
     dy += b * sy_b
-    dkv += b * sk_b + n * sk_n
+    dsums += b * sk_b
     ok = j < L
     t = n * L + j
     _, _, _, _, k_even, k_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h,
@@ -463,23 +461,29 @@ def _keys_kernel(
     for e0 in range(0, e, BLOCK_E):
         cols = e0 + tl.arange(0, BLOCK_E)
         values = _values(v, t, cols, ok, e, sx_t, sx_c)
-        dkv_even, dkv_odd = _halves(dkv, pairs, cols, P, e, sk_h, sk_p, sk_e)
+        dkv_even, dkv_odd = _grad_after(dsums, n, N, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
         dkl_even += _dot(values, tl.trans(dkv_even), OP)
         dkl_odd += _dot(values, tl.trans(dkv_odd), OP)
     _into_z(dz, parts, z, turns, gamma, dkl_even, dkl_odd, 3, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
             sd_t, sd_c, sp_s, sp_h, sp_c, ROPE, 2)
+    _, _, _, _, kl_even, kl_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h,
+                                            sg_c, 3, 3, ROPE)
     tl.debug_barrier()  # the squares, written by any of the program's threads, read back
-    for e0 in range(0, e, BLOCK_DV):  # dV: the linear part's share, plus A^T dA, through the SiLU
+    for e0 in range(0, e, BLOCK_DV):  # dV: the linear part's share k' dKV_n plus A^T dA, through the SiLU
         cols = e0 + tl.arange(0, BLOCK_DV)
-        at = dv + b * sd_b + t[:, None] * sd_t + cols[None, :] * sd_c
-        written = ok[:, None] & (cols[None, :] < e)
-        grads = tl.load(at, mask=written, other=0.0).to(tl.float32)
+        dkv_even, dkv_odd = _grad_after(dsums, n, N, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
+        grads = _dot(kl_even, dkv_even, OP) + _dot(kl_odd, dkv_odd, OP)
         for i0 in range(tl.program_id(1) * BLOCK_T, L, BLOCK_T):
             i = i0 + tl.arange(0, BLOCK_T)
             grads += _dot(tl.trans(tl.load(squares + (i0 // BLOCK_T) * sq_i + tile)),
                           _grads(dy, u, n * L + i, cols, i < L, e, sy_t, sy_e, sx_t, sx_c), OP)
-        tl.store(at, (grads * _silu_grad(_block(v, t, cols, ok, e, sx_t, sx_c))).to(dv.dtype.element_ty),
+        rows = b * sd_b + t[:, None] * sd_t + cols[None, :] * sd_c
+        written = ok[:, None] & (cols[None, :] < e)
+        tl.store(dv + rows, (grads * _silu_grad(_block(v, t, cols, ok, e, sx_t, sx_c))).to(dv.dtype.element_ty),
                  mask=written)
+        pre = _block(u, t, cols, ok, e, sx_t, sx_c)  # dU = dY A SiLU'(U)
+        tl.store(du + rows, (_block(dy, t, cols, ok, e, sy_t, sy_e) * _block(a + b * sa_b, t, cols, ok, e, sa_t, sa_e)
+                             * _silu_grad(pre)).to(du.dtype.element_ty), mask=written)
 
 
 # -- the autograd function ------------------------------------------------------------------
@@ -524,8 +528,12 @@ class _Shapes:
     def by_chunk(self) -> tuple:
         return self.B * self.N, triton.cdiv(self.L, BLOCK_T)
 
-    def by_row(self) -> tuple:
-        return self.B, triton.cdiv(self.e, BLOCK_E)
+    def by_sum(self) -> tuple:
+        return self.B * self.N, triton.cdiv(self.e, BLOCK_E)
+
+    def sums(self, x: Tensor) -> Tensor:
+        """A (B, N, s, e) float32 sum for each chunk, a head's even and odd dimensions apart."""
+        return torch.empty(self.B, self.N, 2, self.s // 2, self.e, device=x.device, dtype=torch.float32)
 
 
 class _GatedMixedChunk(torch.autograd.Function):
@@ -534,29 +542,30 @@ class _GatedMixedChunk(torch.autograd.Function):
         n = _Shapes(x, e, G, norm, rope)
         u, v, z = n.parts(x)
         gamma, beta = gamma.contiguous(), beta.contiguous()
-        kv = torch.empty(n.B, n.N, 2, n.s // 2, e, device=x.device, dtype=torch.float32)
+        sums = n.sums(x)
         a, y = (torch.empty(n.B, n.T, e, device=x.device, dtype=x.dtype) for _ in range(2))
         heads = (n.turns, gamma, beta)
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
-        _chunk_sums_kernel[n.by_row()](
-            z, v, *heads, kv, n.means, *n.sizes, *strides, *kv.stride(), ROPE=rope, **n.blocks, BLOCK_E=BLOCK_E,
+        _chunk_sums_kernel[n.by_sum()](
+            z, v, *heads, sums, *n.sizes, *strides, *sums.stride(), ROPE=rope, **n.blocks, BLOCK_E=BLOCK_E,
             num_warps=NUM_WARPS)
+        sums.cumsum_(1)  # slot n: chunks 0 .. n summed
         _forward_kernel[(*n.by_chunk(), triton.cdiv(e, BLOCK_V))](
-            u, z, v, *heads, kv, a, y, *n.sizes, n.scale, *strides, *kv.stride(), *y.stride(),
+            u, z, v, *heads, sums, n.means, a, y, *n.sizes, n.scale, *strides, *sums.stride(), *y.stride(),
             ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
-        ctx.save_for_backward(x, gamma, beta, kv, a)
+        ctx.save_for_backward(x, gamma, beta, sums, a)
         ctx.options = e, G, norm, rope
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, gamma, beta, kv, a = ctx.saved_tensors
+        x, gamma, beta, sums, a = ctx.saved_tensors
         e, G, norm, rope = ctx.options
         n = _Shapes(x, e, G, norm, rope)
         u, v, z = n.parts(x)
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         du, dv, dz = n.parts(dx)
-        dkv = torch.empty_like(kv)
+        dsums = n.sums(x)
         chunks, blocks = n.by_chunk()
         programs = chunks * blocks
         parts = torch.empty(programs, 2, 4, n.s, device=x.device, dtype=torch.float32)  # shares of dgamma, dbeta
@@ -564,17 +573,18 @@ class _GatedMixedChunk(torch.autograd.Function):
                               dtype=n.kept)  # the key kernel's squared scores
         heads = (n.turns, gamma, beta)
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
-        _chunk_grads_kernel[n.by_row()](
-            u, z, *heads, a, dy, du, dv, dkv, n.means, *n.sizes, *strides, *a.stride(), *dy.stride(), *dx.stride(),
-            *dkv.stride(), ROPE=rope, **n.blocks, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS)
+        _chunk_grads_kernel[n.by_sum()](
+            u, z, *heads, dy, dsums, n.means, *n.sizes, *strides, *dy.stride(), *dsums.stride(), ROPE=rope,
+            **n.blocks, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS)
+        dsums.cumsum_(1)  # slot k: the terms of chunks N - 1 - k .. N - 1 summed
         _queries_kernel[n.by_chunk()](
-            u, z, v, *heads, kv, dy, dz, parts, *n.sizes, n.scale, *strides, *kv.stride(), *dy.stride(),
-            *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E,
+            u, z, v, *heads, sums, n.means, dy, dz, parts, *n.sizes, n.scale, *strides, *sums.stride(),
+            *dy.stride(), *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E,
             num_warps=NUM_WARPS)
         _keys_kernel[n.by_chunk()](
-            u, z, v, *heads, dkv, dy, dz, dv, parts, squares, *n.sizes, n.scale, *strides, *dkv.stride(),
-            *dy.stride(), *dx.stride(), *parts.stride(), *squares.stride()[:2], ROPE=rope, NORM=n.NORM, **n.blocks,
-            BLOCK_E=BLOCK_E, BLOCK_DV=BLOCK_DV, num_warps=NUM_WARPS)
+            u, z, v, *heads, a, dsums, dy, dz, du, dv, parts, squares, *n.sizes, n.scale, *strides, *a.stride(),
+            *dsums.stride(), *dy.stride(), *dx.stride(), *parts.stride(), *squares.stride()[:2], ROPE=rope,
+            NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E, BLOCK_DV=BLOCK_DV, num_warps=NUM_WARPS)
         dgamma, dbeta = parts.sum(0)
         return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None
 
