@@ -1,6 +1,8 @@
 """FLASH mixed chunk attention math: reference == chunked == recurrent
 (outputs and gradients), chunk boundaries, padding on either side, and
 low precision."""
+import math
+
 import pytest
 import torch
 
@@ -556,3 +558,43 @@ def test_mixed_chunk_kernels_equal_the_torch_unit_with_gradients(triton_device, 
     for got, want, x in zip(got_grads, ref_grads, kernel_in):
         assert got.dtype == x.dtype
         assert_close(got.float().cpu(), want, rtol=rtol)
+
+
+def test_mixed_chunk_kernels_take_more_programs_not_longer_ones_as_t_grows(triton_device, monkeypatch):
+    """Every launch of the training kernels (forward and backward) has programs in
+    proportion to the chunks: twice the tokens, twice the programs, each one's work
+    one chunk's (a kernel that walked the sequence would keep its programs and
+    lengthen each); the chunks' sums are cumulated between launches, and the
+    result over four chunks is the torch unit's."""
+    from linear_fairseq.ops import mixed_chunk_triton as M
+
+    kernels = ("_chunk_sums_kernel", "_forward_kernel", "_chunk_grads_kernel", "_queries_kernel", "_keys_kernel")
+    grids = []
+
+    class Recorded:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            grids.append((self.name, grid))
+            return self.kernel[grid]
+
+    for name in kernels:
+        monkeypatch.setattr(M, name, Recorded(name, getattr(M, name)))
+    G, s, e = 16, 32, 48
+    programs = {}
+    for N in (2, 4):
+        g = torch.Generator().manual_seed(N)
+        xs = [torch.randn(*shape, generator=g) for shape in ((1, N * G, 2 * e + s), (4, s), (4, s))]
+        kernel_in = [x.to(triton_device).requires_grad_() for x in xs]
+        grids.clear()
+        out = M.gated(*kernel_in, True, e=e, chunk_size=G, relu2_norm="keys")
+        got_grads = grads(out, torch.ones_like(out), kernel_in)
+        programs[N] = {name: math.prod(grid) for name, grid in grids}
+        assert sorted(programs[N]) == sorted(kernels)
+    assert all(programs[4][name] == 2 * programs[2][name] for name in kernels), programs
+    ref_in = [x.detach().clone().cpu().requires_grad_() for x in kernel_in]
+    ref = gated_from_z(*ref_in, True, e, G, "keys")
+    assert_close(out.detach().cpu(), ref.detach())
+    for got, want in zip(got_grads, grads(ref, torch.ones_like(ref), ref_in)):
+        assert_close(got.cpu(), want)
