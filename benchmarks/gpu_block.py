@@ -108,8 +108,7 @@ def checks(ops: dict) -> list:
         lines += ["", "| family | training on Triton kernels ran | loss / gradients vs the torch forms, max relative "
                   "error | ms a pass, torch forms / kernels |", "|---|---|---:|---:|"]
         lines += [f"| {r['family']} ({r['dtype']}, 2 x {r['T']} tokens) | {r['ran']} | "
-                  f"{r['loss_vs_torch']:.1e} / "
-                  f"{r['grad_vs_torch']:.1e} | {pass_times(r)} |" for r in trained]
+                  f"{r['loss_vs_torch']:.1e} / {r['grad_vs_torch']:.1e} | {pass_times(r)} |" for r in trained]
     return lines
 
 

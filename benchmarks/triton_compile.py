@@ -113,8 +113,9 @@ def decoding(model, kind: str, padded: bool):
 
 def training(model, kind: str, padded: bool):
     """One forward and backward pass of a language model over two rows of 300 tokens, past
-    FLASH's first chunk of 256: its scans then carry a sum from one chunk to the next (a
-    training pass; padding does not apply to the LM's blocks)."""
+    FLASH's first chunk of 256: its kernels compile as a longer pass launches them (with one
+    chunk, N = 1 is specialized and the reads of earlier chunks' sums drop out; a training
+    pass; padding does not apply to the LM's blocks)."""
     if kind != "lm" or padded:
         return
     model.train()
