@@ -279,6 +279,28 @@ def _columns_of_chunk(N, BLOCK_E: tl.constexpr):
     return tl.program_id(0) // N, tl.program_id(0) % N, tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
 
 
+@triton.jit
+def _chunk_sum(z, r, w, turns, gamma, beta, n, L, cols, pairs, P, e, mean, sx_t, sx_c, st_t, st_p, sg_h, sg_c,
+               sw_t, sw_e, OP: tl.constexpr, ROPE: tl.constexpr, GRADS: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Chunk n's sum over its tokens of h_j R_j^T at columns `cols`, as h's even and odd rows: h = k'
+    and R = SiLU(V) (r = V); with GRADS h = q' and R = dA mean = dY SiLU(U) mean (r = U, w = dY)."""
+    h = 2 if GRADS else 3  # q' or k'
+    even, odd = _zeros(BLOCK_P, BLOCK_E)
+    for t0 in range(0, L, BLOCK_T):
+        i = t0 + tl.arange(0, BLOCK_T)
+        t = n * L + i
+        _, _, _, _, h_even, h_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, i < L, P, sx_t, sx_c, st_t, st_p,
+                                              sg_h, sg_c, h, h, ROPE)
+        if GRADS:
+            right = _grads(w, r, t, cols, i < L, e, sw_t, sw_e, sx_t, sx_c) * mean
+        else:
+            right = _values(r, t, cols, i < L, e, sx_t, sx_c)
+        even += _dot(tl.trans(h_even), right, OP)
+        odd += _dot(tl.trans(h_odd), right, OP)
+    return even, odd
+
+
 # -- forward ------------------------------------------------------------------------------
 @triton.jit
 def _chunk_sums_kernel(
@@ -289,17 +311,8 @@ def _chunk_sums_kernel(
     """Chunk n's own sum of k'_j v_j^T, for a block of value columns, into its slot n."""
     b, n, cols = _columns_of_chunk(N, BLOCK_E)
     pairs = tl.arange(0, BLOCK_P)
-    z += b * sx_b
-    v += b * sx_b
-    sum_even, sum_odd = _zeros(BLOCK_P, BLOCK_E)
-    for t0 in range(0, L, BLOCK_T):
-        i = t0 + tl.arange(0, BLOCK_T)
-        t = n * L + i
-        _, _, _, _, kl_even, kl_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, i < L, P, sx_t, sx_c, st_t, st_p,
-                                                sg_h, sg_c, 3, 3, ROPE)
-        values = _values(v, t, cols, i < L, e, sx_t, sx_c)
-        sum_even += _dot(tl.trans(kl_even), values, OP)
-        sum_odd += _dot(tl.trans(kl_odd), values, OP)
+    sum_even, sum_odd = _chunk_sum(z + b * sx_b, v + b * sx_b, v, turns, gamma, beta, n, L, cols, pairs, P, e, 1.0,
+                                   sx_t, sx_c, st_t, st_p, sg_h, sg_c, 0, 0, OP, ROPE, False, BLOCK_T, BLOCK_P, BLOCK_E)
     _write_halves(sums + b * sk_b + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, sum_even, sum_odd)
 
 
@@ -346,19 +359,9 @@ def _chunk_grads_kernel(
     for a block of value columns, into slot N - 1 - n (the last chunk's first)."""
     b, n, cols = _columns_of_chunk(N, BLOCK_E)
     pairs = tl.arange(0, BLOCK_P)
-    u += b * sx_b
-    z += b * sx_b
-    dy += b * sy_b
-    mean = tl.load(means + n)
-    own_even, own_odd = _zeros(BLOCK_P, BLOCK_E)
-    for t0 in range(0, L, BLOCK_T):
-        i = t0 + tl.arange(0, BLOCK_T)
-        t = n * L + i
-        _, _, _, _, ql_even, ql_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, i < L, P, sx_t, sx_c, st_t, st_p,
-                                                sg_h, sg_c, 2, 2, ROPE)
-        grads = _grads(dy, u, t, cols, i < L, e, sy_t, sy_e, sx_t, sx_c) * mean
-        own_even += _dot(tl.trans(ql_even), grads, OP)
-        own_odd += _dot(tl.trans(ql_odd), grads, OP)
+    own_even, own_odd = _chunk_sum(z + b * sx_b, u + b * sx_b, dy + b * sy_b, turns, gamma, beta, n, L, cols, pairs, P,
+                                   e, tl.load(means + n), sx_t, sx_c, st_t, st_p, sg_h, sg_c, sy_t, sy_e, OP, ROPE,
+                                   True, BLOCK_T, BLOCK_P, BLOCK_E)
     _write_halves(dsums + b * sk_b + (N - 1 - n) * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, own_even, own_odd)
 
 
