@@ -21,16 +21,17 @@ each chunk the sum of those before it. No kernel walks the sequence, so the
 work a program does in order is one chunk's, at any T.
 
 The forward runs two kernels and the cumulative sum: the chunks' own sums,
-then one program per (chunk, block of queries, block of value columns)
-writing Y and A. The backward runs three and one more cumulative sum: each
+then one program per (chunk, block of queries) writing Y and A; it computes
+its squared scores once, keeps them in its tiles of a scratch (in its
+products' operand type, 4 L bytes a token in float32 and 2 L in half
+precision), and reads them back for each tile of value columns. The backward runs three and one more cumulative sum: each
 chunk's term q'_n^T dA_n / (n L), dA = dY SiLU(U), written last chunk first
 so that the cumulative sum leaves in each slot the gradient of a chunk's
 sum, dKV_m = sum_{n > m} q'_n^T dA_n / (n L); one program per block of
 queries (dq', dq); one per block of keys (dk, dk', then dV, the linear
 part's share k'_j dKV_m plus the quadratic one from the squared scores it
-computed for dk and kept in its products' operand type, 4 L bytes a token in
-float32 and 2 L in half precision, through the SiLU's derivative, and dU =
-dY A SiLU'(U)). Each turns its heads' gradients back through RoPE and the
+computed for dk and kept as the forward keeps its own, through the SiLU's
+derivative, and dU = dY A SiLU'(U)). Each turns its heads' gradients back through RoPE and the
 offset-scale into dZ (the key kernel's last share takes the SiLU's
 derivative) and writes its rows' shares of dgamma and dbeta, which one sum
 joins. dU, dV and dZ land in one buffer, X's gradient. Scores are recomputed
@@ -45,9 +46,10 @@ padding), T filled up to whole chunks with zeros (SiLU(0) = 0: no earlier
 token sees them). On CUDA the kernels run compiled; elsewhere only through
 Triton's interpreter (TRITON_INTERPRET=1, which the tests use), which runs a
 program's threads as one and so cannot check the barriers before a program
-reads back what its threads wrote (its share of dZ, the key kernel's squares).
+reads back what its threads wrote (its share of dZ, the kept squares).
 """
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -60,13 +62,13 @@ from .common import constant
 from .flash import RELU2_NORMS, first_turns, unknown_relu2_norm, whole_chunks
 
 # 16 tokens a step; value columns 16 a step where a sum runs over them, and where a program keeps them,
-# 64 a tile of the forward's outputs and 32 of the key kernel's dV; 8 warps. Compiled for sm_70 to sm_90
-# (benchmarks.triton_compile), the kernels keep their tiles in at most 255 registers a thread; wider tiles
-# spill more (the key kernel's) or outgrow shared memory (the forward's on sm_75). The forward computes a
-# block's scores once for each tile (e / 64 times); the key kernel keeps its squares for dV's loop.
+# 32 a tile of the forward's outputs and of the key kernel's dV; 8 warps. Compiled for sm_70 to sm_90
+# (benchmarks.triton_compile), the kernels keep their tiles in at most 255 registers a thread, no stack;
+# wider tiles spill (the forward's at 64 columns in half precision on sm_90). The forward and the key
+# kernel compute their squared scores once and keep them for their loops over value columns.
 BLOCK_T = 16  # a chunk's tokens a program takes at a time
 BLOCK_E = 16  # value columns a step of a sum over them
-BLOCK_V = 64  # value columns of a forward program's outputs
+BLOCK_V = 32  # value columns of a forward program's outputs
 BLOCK_DV = 32  # value columns of the key kernel's dV a step holds
 NUM_WARPS = 8
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
@@ -274,6 +276,14 @@ def _block_of_chunk(N, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _own_squares(squares, sq_n, BLOCK_T: tl.constexpr):
+    """A chunk program's rows of a (programs, blocks, BLOCK_T^2) scratch of squared scores, and the
+    offsets of one (BLOCK_T, BLOCK_T) tile in them."""
+    squares += (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * sq_n
+    return squares, tl.arange(0, BLOCK_T)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
+
+
+@triton.jit
 def _columns_of_chunk(N, BLOCK_E: tl.constexpr):
     """A chunk-sum program's batch row, chunk and value columns: program (b N + n, block)."""
     return tl.program_id(0) // N, tl.program_id(0) % N, tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -318,15 +328,16 @@ def _chunk_sums_kernel(
 
 @triton.jit
 def _forward_kernel(
-    u, z, v, turns, gamma, beta, sums, means, a, y, L, N, P, e, scale,
-    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e,
+    u, z, v, turns, gamma, beta, sums, means, a, y, squares, L, N, P, e, scale,
+    sx_b, sx_t, sx_c, st_t, st_p, sg_h, sg_c, sk_b, sk_n, sk_h, sk_p, sk_e, sy_b, sy_t, sy_e, sq_n, sq_j,
     OP: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """A and Y = SiLU(U) A for a block of a chunk's queries and a tile of value columns: q' KV_n,
-    plus the relu^2 scores against the chunk's keys up to the block's last query times their values."""
+    """A and Y = SiLU(U) A for a block of a chunk's queries: q' KV_n, plus the relu^2 scores against
+    the chunk's keys up to the block's last query times their values. The squared scores are computed
+    once, kept in the program's rows of `squares` (one (BLOCK_T, BLOCK_T) tile a block of keys), and
+    read back for each tile of BLOCK_V value columns."""
     b, n, i = _block_of_chunk(N, BLOCK_T)
-    cols = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     pairs = tl.arange(0, BLOCK_P)
     u, z, v = u + b * sx_b, z + b * sx_b, v + b * sx_b  # U, V and Z of the program's batch row
     ok = i < L
@@ -334,18 +345,26 @@ def _forward_kernel(
     _, _, _, _, q_even, q_odd, ql_even, ql_odd = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p,
                                                      sg_h, sg_c, 0, 2, ROPE)
     root = _root(i, scale, NORM)
-    kv_even, kv_odd = _mean_before(sums + b * sk_b, means, n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
-    acc = _dot(ql_even, kv_even, OP) + _dot(ql_odd, kv_odd, OP)
+    squares, tile = _own_squares(squares, sq_n, BLOCK_T)
     for j0 in range(0, tl.program_id(1) * BLOCK_T + BLOCK_T, BLOCK_T):
         j = j0 + tl.arange(0, BLOCK_T)
         _, _, _, _, k_even, k_odd, _, _ = _at(z, turns, gamma, beta, n * L + j, pairs, j < L, P, sx_t, sx_c,
                                               st_t, st_p, sg_h, sg_c, 1, 1, ROPE)
         r = _relu(q_even, q_odd, k_even, k_odd, root, i, j, L, OP)
-        acc += _dot(r * r, _values(v, n * L + j, cols, j < L, e, sx_t, sx_c), OP)
-    at = b * sy_b + t[:, None] * sy_t + cols[None, :] * sy_e
-    inside = ok[:, None] & (cols[None, :] < e)
-    tl.store(a + at, acc.to(a.dtype.element_ty), mask=inside)
-    tl.store(y + at, (_values(u, t, cols, ok, e, sx_t, sx_c) * acc).to(y.dtype.element_ty), mask=inside)
+        tl.store(squares + (j0 // BLOCK_T) * sq_j + tile, r * r)
+    tl.debug_barrier()  # the squares, written by any of the program's threads, read back
+    for e0 in range(0, e, BLOCK_V):
+        cols = e0 + tl.arange(0, BLOCK_V)
+        kv_even, kv_odd = _mean_before(sums + b * sk_b, means, n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
+        acc = _dot(ql_even, kv_even, OP) + _dot(ql_odd, kv_odd, OP)
+        for j0 in range(0, tl.program_id(1) * BLOCK_T + BLOCK_T, BLOCK_T):
+            j = j0 + tl.arange(0, BLOCK_T)
+            acc += _dot(tl.load(squares + (j0 // BLOCK_T) * sq_j + tile),
+                        _values(v, n * L + j, cols, j < L, e, sx_t, sx_c), OP)
+        at = b * sy_b + t[:, None] * sy_t + cols[None, :] * sy_e
+        inside = ok[:, None] & (cols[None, :] < e)
+        tl.store(a + at, acc.to(a.dtype.element_ty), mask=inside)
+        tl.store(y + at, (_values(u, t, cols, ok, e, sx_t, sx_c) * acc).to(y.dtype.element_ty), mask=inside)
 
 
 # -- backward -----------------------------------------------------------------------------
@@ -442,8 +461,7 @@ def _keys_kernel(
     t = n * L + j
     _, _, _, _, k_even, k_odd, _, _ = _at(z, turns, gamma, beta, t, pairs, ok, P, sx_t, sx_c, st_t, st_p, sg_h,
                                           sg_c, 1, 1, ROPE)
-    squares += (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * sq_n
-    tile = tl.arange(0, BLOCK_T)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
+    squares, tile = _own_squares(squares, sq_n, BLOCK_T)
     dk_even, dk_odd = _zeros(BLOCK_T, BLOCK_P)
     for i0 in range(tl.program_id(1) * BLOCK_T, L, BLOCK_T):
         i = i0 + tl.arange(0, BLOCK_T)
@@ -521,7 +539,7 @@ class _Shapes:
         self.scale = (self.s * (G if norm == "chunk" else 1)) ** -0.5
         op = operands(x.dtype)
         self.blocks = dict(OP=op, BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)))
-        self.kept = torch.float32 if op == tl.float32 else x.dtype  # the key kernel's squares: dV's operands
+        self.kept = torch.float32 if op == tl.float32 else x.dtype  # squared scores, kept as products take them
         self.sizes = (self.L, self.N, self.s // 2, e)
 
     def parts(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -530,6 +548,12 @@ class _Shapes:
 
     def by_chunk(self) -> tuple:
         return self.B * self.N, triton.cdiv(self.L, BLOCK_T)
+
+    def squares(self, x: Tensor) -> Tensor:
+        """A scratch of squared scores for the forward's and the key kernel's programs: one (BLOCK_T,
+        BLOCK_T) tile for each block of the chunk, in dV's or A's operand type."""
+        chunks, blocks = self.by_chunk()
+        return torch.empty(chunks * blocks, blocks, BLOCK_T * BLOCK_T, device=x.device, dtype=self.kept)
 
     def by_sum(self) -> tuple:
         return self.B * self.N, triton.cdiv(self.e, BLOCK_E)
@@ -553,9 +577,10 @@ class _GatedMixedChunk(torch.autograd.Function):
             z, v, *heads, sums, *n.sizes, *strides, *sums.stride(), ROPE=rope, **n.blocks, BLOCK_E=BLOCK_E,
             num_warps=NUM_WARPS)
         sums.cumsum_(1)  # slot n: chunks 0 .. n summed
-        _forward_kernel[(*n.by_chunk(), triton.cdiv(e, BLOCK_V))](
-            u, z, v, *heads, sums, n.means, a, y, *n.sizes, n.scale, *strides, *sums.stride(), *y.stride(),
-            ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+        squares = n.squares(x)
+        _forward_kernel[n.by_chunk()](
+            u, z, v, *heads, sums, n.means, a, y, squares, *n.sizes, n.scale, *strides, *sums.stride(), *y.stride(),
+            *squares.stride()[:2], ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
         ctx.save_for_backward(x, gamma, beta, sums, a)
         ctx.options = e, G, norm, rope
         return y
@@ -569,11 +594,9 @@ class _GatedMixedChunk(torch.autograd.Function):
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         du, dv, dz = n.parts(dx)
         dsums = n.sums(x)
-        chunks, blocks = n.by_chunk()
-        programs = chunks * blocks
-        parts = torch.empty(programs, 2, 4, n.s, device=x.device, dtype=torch.float32)  # shares of dgamma, dbeta
-        squares = torch.empty(programs, blocks, BLOCK_T * BLOCK_T, device=x.device,
-                              dtype=n.kept)  # the key kernel's squared scores
+        parts = torch.empty(math.prod(n.by_chunk()), 2, 4, n.s, device=x.device,
+                            dtype=torch.float32)  # shares of dgamma, dbeta
+        squares = n.squares(x)
         heads = (n.turns, gamma, beta)
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
         _chunk_grads_kernel[n.by_sum()](
