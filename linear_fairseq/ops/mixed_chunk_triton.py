@@ -24,15 +24,16 @@ The forward runs two kernels and the cumulative sum: the chunks' own sums,
 then one program per (chunk, block of queries) writing Y and A; it computes
 its squared scores once, keeps them in its tiles of a scratch (in its
 products' operand type, 4 L bytes a token in float32 and 2 L in half
-precision), and reads them back for each tile of value columns. The backward runs three and one more cumulative sum: each
-chunk's term q'_n^T dA_n / (n L), dA = dY SiLU(U), written last chunk first
-so that the cumulative sum leaves in each slot the gradient of a chunk's
-sum, dKV_m = sum_{n > m} q'_n^T dA_n / (n L); one program per block of
-queries (dq', dq); one per block of keys (dk, dk', then dV, the linear
-part's share k'_j dKV_m plus the quadratic one from the squared scores it
-computed for dk and kept as the forward keeps its own, through the SiLU's
-derivative, and dU = dY A SiLU'(U)). Each turns its heads' gradients back through RoPE and the
-offset-scale into dZ (the key kernel's last share takes the SiLU's
+precision), and reads them back for each tile of value columns. The
+backward runs three and one more cumulative sum: each chunk's term
+q'_n^T dA_n / (n L), dA = dY SiLU(U), written last chunk first so that the
+cumulative sum leaves in each slot the gradient of a chunk's sum,
+dKV_m = sum_{n > m} q'_n^T dA_n / (n L); one program per block of queries
+(dq', dq); one per block of keys (dk, dk', then dV, the linear part's share
+k'_j dKV_m plus the quadratic one from the squared scores it computed for
+dk and kept as the forward keeps its own, through the SiLU's derivative,
+and dU = dY A SiLU'(U)). Each turns its heads' gradients back through RoPE
+and the offset-scale into dZ (the key kernel's last share takes the SiLU's
 derivative) and writes its rows' shares of dgamma and dbeta, which one sum
 joins. dU, dV and dZ land in one buffer, X's gradient. Scores are recomputed
 where the backward needs them, so the pass keeps X, A and the cumulated
@@ -194,12 +195,27 @@ def _grads(dy, u, t, cols, ok, e, sy_t, sy_e, sx_t, sx_c):
 
 
 @triton.jit
+def _slot_at(sums, k, pairs, cols, P, e, sk_n, sk_p, sk_e):
+    """Where slot k of a batch row's (N, s, e) sums holds its even rows at columns `cols` (the odd
+    rows sk_h further), and which of them exist (none where k < 0)."""
+    inside = (k >= 0) & (pairs[:, None] < P) & (cols[None, :] < e)
+    return sums + k * sk_n + pairs[:, None] * sk_p + cols[None, :] * sk_e, inside
+
+
+@triton.jit
 def _slot(sums, k, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e):
     """Slot k of a batch row's (N, s, e) sums at columns `cols` as its even and odd rows (BLOCK_P each);
     zeros where k < 0."""
-    inside = (k >= 0) & (pairs[:, None] < P) & (cols[None, :] < e)
-    at = sums + k * sk_n + pairs[:, None] * sk_p + cols[None, :] * sk_e
+    at, inside = _slot_at(sums, k, pairs, cols, P, e, sk_n, sk_p, sk_e)
     return tl.load(at, mask=inside, other=0.0), tl.load(at + sk_h, mask=inside, other=0.0)
+
+
+@triton.jit
+def _write_slot(sums, k, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e, even, odd):
+    """Slot k of a batch row's (N, s, e) sums from its even and odd rows at columns `cols`."""
+    at, inside = _slot_at(sums, k, pairs, cols, P, e, sk_n, sk_p, sk_e)
+    tl.store(at, even, mask=inside)
+    tl.store(at + sk_h, odd, mask=inside)
 
 
 @triton.jit
@@ -215,15 +231,6 @@ def _grad_after(dsums, n, N, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e):
     """dKV_n: the gradient of chunk n's sum, the terms of the chunks after n summed (slot N - 2 - n of
     the backward's cumulated terms, written last chunk first; zeros for the last chunk)."""
     return _slot(dsums, N - 2 - n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e)
-
-
-@triton.jit
-def _write_halves(kv, pairs, cols, P, e, sk_h, sk_p, sk_e, even, odd):
-    """A chunk's (s, e) sum from its even and odd rows (as _slot reads it)."""
-    inside = (pairs[:, None] < P) & (cols[None, :] < e)
-    at = kv + pairs[:, None] * sk_p + cols[None, :] * sk_e
-    tl.store(at, even, mask=inside)
-    tl.store(at + sk_h, odd, mask=inside)
 
 
 @triton.jit
@@ -323,7 +330,7 @@ def _chunk_sums_kernel(
     pairs = tl.arange(0, BLOCK_P)
     sum_even, sum_odd = _chunk_sum(z + b * sx_b, v + b * sx_b, v, turns, gamma, beta, n, L, cols, pairs, P, e, 1.0,
                                    sx_t, sx_c, st_t, st_p, sg_h, sg_c, 0, 0, OP, ROPE, False, BLOCK_T, BLOCK_P, BLOCK_E)
-    _write_halves(sums + b * sk_b + n * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, sum_even, sum_odd)
+    _write_slot(sums + b * sk_b, n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e, sum_even, sum_odd)
 
 
 @triton.jit
@@ -381,7 +388,7 @@ def _chunk_grads_kernel(
     own_even, own_odd = _chunk_sum(z + b * sx_b, u + b * sx_b, dy + b * sy_b, turns, gamma, beta, n, L, cols, pairs, P,
                                    e, tl.load(means + n), sx_t, sx_c, st_t, st_p, sg_h, sg_c, sy_t, sy_e, OP, ROPE,
                                    True, BLOCK_T, BLOCK_P, BLOCK_E)
-    _write_halves(dsums + b * sk_b + (N - 1 - n) * sk_n, pairs, cols, P, e, sk_h, sk_p, sk_e, own_even, own_odd)
+    _write_slot(dsums + b * sk_b, N - 1 - n, pairs, cols, P, e, sk_n, sk_h, sk_p, sk_e, own_even, own_odd)
 
 
 @triton.jit
