@@ -106,9 +106,11 @@ def checks(ops: dict) -> list:
     trained = ops.get("fused_training", [])
     if trained:
         lines += ["", "| family | training on Triton kernels ran | loss / gradients vs the torch forms, max relative "
-                  "error | ms a pass, torch forms / kernels |", "|---|---|---:|---:|"]
+                  "error | ms a pass, torch forms / kernels | tiles (ms a timed pass of the unit) |",
+                  "|---|---|---:|---:|---|"]
         lines += [f"| {r['family']} ({r['dtype']}, 2 x {r['T']} tokens) | {r['ran']} | "
-                  f"{r['loss_vs_torch']:.1e} / {r['grad_vs_torch']:.1e} | {pass_times(r)} |" for r in trained]
+                  f"{r['loss_vs_torch']:.1e} / {r['grad_vs_torch']:.1e} | {pass_times(r)} | {tiles(r)} |"
+                  for r in trained]
     return lines
 
 
@@ -117,6 +119,14 @@ def pass_times(row: dict) -> str:
     if "torch_ms" not in row:
         return "not timed"
     return f"{row['torch_ms']:.1f} / {row['kernels_ms']:.1f} ({row['torch_ms'] / row['kernels_ms']:.2f}x)"
+
+
+def tiles(row: dict) -> str:
+    """The tiles a fused-training row's kernels chose, and each candidate's time; - where the family has none."""
+    if "tiles" not in row:
+        return "-"
+    timed = ", ".join(f"{name} {ms:.2f}" for name, ms in row["tile_ms"].items())
+    return f"{row['tiles']} ({timed})" if timed else row["tiles"]
 
 
 def fp16_runs(check: dict) -> list:

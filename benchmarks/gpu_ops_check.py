@@ -185,8 +185,21 @@ def fused_training(cases, device, lengths, families=None, extra=(), dtypes=(torc
         for family, model, modules, why in triton_lms(device, families, extra, dtype):
             model.train()
             rows += [{"family": family, "form": "fused-train", "T": T, "dtype": str(dtype).split(".")[-1],
-                      **training_pair(model, modules, T, device, why)} for T in lengths]
+                      **training_pair(model, modules, T, device, why), **tiles_chosen(modules, device, dtype)}
+                     for T in lengths]
     return rows
+
+
+def tiles_chosen(modules, device, dtype) -> dict:
+    """The tiles the family's training kernels run with here, where it chooses them (FLASH's
+    units: the fastest of their timed passes on CUDA, with each one's ms; one for the LM, whose
+    units share their sizes)."""
+    fits = {m.kernel_fit(device, dtype) for m in modules if hasattr(m, "kernel_fit")}
+    if not fits:
+        return {}
+    fit, = fits
+    return {"tiles": str(fit.tiles) if fit.tiles else fit.why,
+            "tile_ms": {str(tiles): round(ms, 3) for tiles, ms in fit.ms}}
 
 
 def training_pair(model, modules, T: int, device, why) -> dict:

@@ -47,6 +47,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -115,12 +116,17 @@ def training(model, kind: str, padded: bool):
     """One forward and backward pass of a language model over two rows of 300 tokens, past
     FLASH's first chunk of 256: its kernels compile as a longer pass launches them (with one
     chunk, N = 1 is specialized and the reads of earlier chunks' sums drop out; a training
-    pass; padding does not apply to the LM's blocks)."""
+    pass; padding does not apply to the LM's blocks), once with each of the tiles a GPU
+    chooses FLASH's kernels from (ops.mixed_chunk_triton.TILES)."""
+    from linear_fairseq.ops import mixed_chunk_triton
+
     if kind != "lm" or padded:
         return
     model.train()
     tokens = torch.randint(4, models.VOCAB, (2, 300), generator=torch.Generator().manual_seed(0))
-    model.decoder(tokens)[0].float().sum().backward()
+    for tiles in mixed_chunk_triton.TILES:
+        with mock.patch.object(mixed_chunk_triton, "fitted", lambda *a, tiles=tiles, **k: mixed_chunk_triton.Fit(tiles)):
+            model.decoder(tokens)[0].float().sum().backward()
 
 
 PASSES = {"decode": decoding, "train": training}
@@ -199,8 +205,13 @@ def check(archs, dtypes=DTYPES, passes=tuple(PASSES)) -> list:
                     if (title, ways[0][0]) not in seen:
                         seen.add((title, ways[0][0]))
                         records.append(compiled(title, ways, arch, row=row, dtype=str(dtype).split(".")[-1],
-                                                padded=padded, **{"pass": name}))
+                                                padded=padded, **{"pass": name}, blocks=blocks(kwargs)))
     return records
+
+
+def blocks(kwargs: dict) -> dict:
+    """A launch's tile sizes: its BLOCK_* constants."""
+    return {key: value for key, value in kwargs.items() if key.startswith("BLOCK_")}
 
 
 def resources(cubin: bytes) -> dict:

@@ -518,9 +518,11 @@ def test_gpu_ops_check_compares_training_on_the_kernels_with_the_torch_forms(mon
     kernels (fla-core's and FAVOR+'s feature kernels; here told to, through the
     interpreter) to the torch forms' loss and gradients, and FLASH's on its mixed
     chunk kernels, in float32 and (to bfloat16's precision) in bfloat16 (not kernel
-    attention: fla-core's kernels multiply no bfloat16 in the interpreter)."""
+    attention: fla-core's kernels multiply no bfloat16 in the interpreter); FLASH's
+    rows name the tiles its kernels ran with."""
     from benchmarks import gpu_ops_check
     from linear_fairseq.modules.flash_gau import GatedAttentionUnit
+    from linear_fairseq.ops.mixed_chunk_triton import TILES
     from linear_fairseq.modules.performer_attention import PerformerAttention
     from linear_fairseq.ops import performer_fla
 
@@ -537,6 +539,9 @@ def test_gpu_ops_check_compares_training_on_the_kernels_with_the_torch_forms(mon
     for (family, dtype), row in rows.items():
         loss, grad = (1e-5, 1e-4) if dtype == "float32" else (eps, 4 * eps)
         assert row["ran"] == "yes" and row["loss_vs_torch"] < loss and row["grad_vs_torch"] < grad, row
+    # the tiles FLASH's kernels ran with (off CUDA the first, untimed); kernel attention chooses none
+    assert rows["flash", "float32"]["tiles"] == str(TILES[0]) and rows["flash", "float32"]["tile_ms"] == {}
+    assert "tiles" not in rows["performer", "float32"]
 
 
 @pytest.mark.parametrize("family", ["performer", "flash"])
@@ -704,7 +709,8 @@ def gpu_out(tmp_path):
     (out / "train").mkdir(parents=True)
     (out / "decode").mkdir()
     trained = [{"family": "flash", "form": "fused-train", "T": 2048, "dtype": "bfloat16", "ran": "yes",
-                "loss_vs_torch": 2e-7, "grad_vs_torch": 3e-5, "torch_ms": 30.0, "kernels_ms": 12.0},
+                "loss_vs_torch": 2e-7, "grad_vs_torch": 3e-5, "torch_ms": 30.0, "kernels_ms": 12.0,
+                "tiles": "32 tokens x 8 warps", "tile_ms": {"16 tokens x 8 warps": 4.5, "32 tokens x 8 warps": 3.25}},
                {"family": "performer", "form": "fused-train", "T": 16, "dtype": "float32", "ran": "yes",
                 "loss_vs_torch": 1e-7, "grad_vs_torch": 1e-6}]  # timed on CUDA only
     (out / "gpu_ops.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11.0+cu130", "fla_core": "imports",
@@ -754,8 +760,9 @@ def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
                 "| decode performer: softmax's ms a step / ours, L=256, batch 1 | 1.25x | >= 1.0x | yes |",
                 "| performer-favor parallel (torch) bf16: SDPA bf16's time / ours, T=16384 | not measured | >= 1.0x |  |",
                 "| performer-elu | 5.0e-07 / 2.0e-06 | yes | 4.0e-03 |",
-                "| flash (bfloat16, 2 x 2048 tokens) | yes | 2.0e-07 / 3.0e-05 | 30.0 / 12.0 (2.50x) |",
-                "| performer (float32, 2 x 16 tokens) | yes | 1.0e-07 / 1.0e-06 | not timed |"):
+                "| flash (bfloat16, 2 x 2048 tokens) | yes | 2.0e-07 / 3.0e-05 | 30.0 / 12.0 (2.50x) | 32 tokens x 8 "
+                "warps (16 tokens x 8 warps 4.50, 32 tokens x 8 warps 3.25) |",
+                "| performer (float32, 2 x 16 tokens) | yes | 1.0e-07 / 1.0e-06 | not timed | - |"):
         assert row in text, row
     assert "| flash (7.88M, ctx 2048, batch 4) | bfloat16 | 20.5 | 1400 | mul x160 25% |" in text
     assert "Not measured (the check wrote no such file under its OUT): local/results.json, train_check.json." in text

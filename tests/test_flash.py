@@ -1,4 +1,6 @@
 """FLASH specifics: presets, option errors, and the GAU in bf16 at long context."""
+import functools
+
 import pytest
 import torch
 
@@ -251,28 +253,32 @@ def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, r
                 torch.testing.assert_close(states[1][name], states[0][name], rtol=tol, atol=tol, msg=name)
 
 
+def flash_units(device, **options):
+    """A causal GAU with --gau-backend auto told it runs on Triton, and the same unit on torch."""
+    kwargs = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed", no_rope=False,
+                  gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0, gau_scale_init="unit",
+                  gau_relu2_norm="none", **options)
+    torch.manual_seed(0)
+    auto, torch_unit = (GatedAttentionUnit(32, gau_backend=b, **kwargs).to(device) for b in ("auto", "torch"))
+    torch_unit.load_state_dict(auto.state_dict())
+    auto.runs_on_triton = lambda h: True
+    return auto, torch_unit
+
+
 def test_a_gpu_the_training_kernels_do_not_fit_trains_on_torch_or_is_one_line(monkeypatch, caplog, triton_device):
-    """Where the training kernels cannot run at the unit's sizes (ops.mixed_chunk_triton.unfit:
+    """Where no tiles of the training kernels run at the unit's sizes (ops.mixed_chunk_triton.fitted:
     a GPU that gives a block less shared memory than a wide gau_s takes), --gau-backend auto
     trains the unit on torch, to the torch pass's output, saying so in one logged line, once;
-    triton is one line naming why and the ways out. The probe behind unfit turns the
-    launch's OutOfResources into that line, and finds nothing where the kernels run."""
+    triton is one line naming why and the ways out."""
     from linear_fairseq.errors import ConfigError
     from linear_fairseq.modules import flash_gau
     from linear_fairseq.ops import mixed_chunk_triton
-    from triton.runtime.errors import OutOfResources
 
-    kwargs = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed", no_rope=False,
-                  gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0, gau_scale_init="unit",
-                  gau_relu2_norm="none")
-    torch.manual_seed(0)
-    auto, torch_unit = (GatedAttentionUnit(32, gau_backend=b, **kwargs).to(triton_device) for b in ("auto", "torch"))
-    torch_unit.load_state_dict(auto.state_dict())
+    auto, torch_unit = flash_units(triton_device)
     x = torch.randn(8, 2, 32, device=triton_device)
-    monkeypatch.setattr(auto, "runs_on_triton", lambda h: True)
     monkeypatch.setattr(mixed_chunk_triton._GatedMixedChunk, "apply", lambda *a: pytest.fail("the kernels ran"))
     why = "FLASH's training kernels need shared memory: 106496, where this GPU gives a block 101376 (gau_s=16)"
-    monkeypatch.setattr(mixed_chunk_triton, "unfit", lambda *a, **k: why)
+    monkeypatch.setattr(mixed_chunk_triton, "fitted", lambda *a, **k: mixed_chunk_triton.Fit(None, why))
     flash_gau.say_once.cache_clear()
     with caplog.at_level("WARNING"):
         for _ in range(2):
@@ -283,14 +289,69 @@ def test_a_gpu_the_training_kernels_do_not_fit_trains_on_torch_or_is_one_line(mo
         auto(x)
     assert str(err.value) == (f"--gau-backend triton: {why}; a smaller --gau-s, or --gau-backend auto (then the "
                               f"unit trains on torch)")
-    monkeypatch.undo()
-    device = torch.device(triton_device)
-    assert mixed_chunk_triton.probe(device, 16, 8, torch.float32, torch.float32, True, chunk_size=4,
-                                    relu2_norm="none") is None
-    monkeypatch.setattr(mixed_chunk_triton._GatedMixedChunk, "apply",
-                        lambda *a: (_ for _ in ()).throw(OutOfResources(106496, 101376, "shared memory")))
-    assert mixed_chunk_triton.probe(device, 16, 8, torch.float32, torch.float32, True, chunk_size=4,
-                                    relu2_norm="none") == why
+
+
+def test_the_unit_trains_on_the_tiles_its_gpu_timed_fastest(monkeypatch, caplog, triton_device):
+    """The tiles ops.mixed_chunk_triton.fitted picks for the unit's sizes (on CUDA, by timing a
+    pass with each of TILES) are the ones its kernels launch with, to the torch unit's output
+    and gradients, and the pick is logged once, with each candidate's time; off CUDA, fitted
+    takes the first tiles and times nothing."""
+    from linear_fairseq.modules import flash_gau
+    from linear_fairseq.ops import mixed_chunk_triton as M
+
+    assert M.fitted(torch.device("cpu"), 16, 32, torch.float32, torch.float32, True, chunk_size=4,
+                    relu2_norm="none") == M.Fit(M.TILES[0])
+    wide = next(t for t in M.TILES if t.BLOCK_T > M.TILES[0].BLOCK_T)
+    fit = M.Fit(wide, None, tuple((t, 2.0 if t != wide else 1.0) for t in M.TILES))
+    monkeypatch.setattr(M, "fitted", lambda *a, **k: fit)
+    launched = []
+    apply = M._GatedMixedChunk.apply
+    monkeypatch.setattr(M._GatedMixedChunk, "apply", lambda *a: launched.append(a[-1]) or apply(*a))
+    auto, torch_unit = flash_units(triton_device)
+    x = torch.randn(20, 2, 32, device=triton_device)
+    flash_gau.say_once.cache_clear()
+    with caplog.at_level("INFO", logger=flash_gau.__name__):
+        outs = [unit(x.clone().requires_grad_()) for unit in (auto, auto, torch_unit)]
+    assert launched == [wide, wide]
+    torch.testing.assert_close(outs[0], outs[2])
+    grads = [torch.autograd.grad(out.sum(), list(unit.parameters())) for out, unit in zip(outs[1:], (auto, torch_unit))]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+    timed = ", ".join(f"{t} ({2.0 if t != wide else 1.0:.2f} ms)" for t in M.TILES)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"FLASH's training kernels (torch.float32, gau_s=16, e=64) on this GPU: {wide}, the fastest pass of {timed}"]
+
+
+def test_the_fastest_tiles_are_timed_on_the_kernels_and_those_that_cannot_run_left_out(monkeypatch, triton_device):
+    """ops.mixed_chunk_triton.fastest over TILES with its timer, `timed` (here a tiny pass through
+    Triton's interpreter, so the times mean nothing): every candidate timed, the least picked;
+    a candidate whose launch is out of resources left out, and where every one is, the line
+    naming what the GPU lacks."""
+    from linear_fairseq.ops import mixed_chunk_triton as M
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+    apply = M._GatedMixedChunk.apply
+    monkeypatch.setattr(M._GatedMixedChunk, "apply", lambda *a: launched.append(a[-1]) or apply(*a))
+    time_of = functools.partial(M.timed, device=torch.device(triton_device), s=16, e=8, dtype=torch.float32,
+                                gamma_dtype=torch.float32, rope=True, chunk_size=4, relu2_norm="none", tokens=16,
+                                row=8, repeats=1)
+    fit = M.fastest(M.TILES, time_of, 16)
+    assert [t for t, _ in fit.ms] == list(M.TILES) and all(ms > 0 for _, ms in fit.ms)
+    assert fit.tiles == min(fit.ms, key=lambda pair: pair[1])[0] and fit.why is None
+    assert launched == [t for t in M.TILES for _ in range(2)]  # a first pass, then one timed
+
+    def refused(*a):
+        if a[-1] != M.TILES[1]:
+            raise OutOfResources(106496, 101376, "shared memory")
+        return apply(*a)
+
+    monkeypatch.setattr(M._GatedMixedChunk, "apply", refused)
+    fit = M.fastest(M.TILES, time_of, 16)
+    assert fit.tiles == M.TILES[1] and [t for t, _ in fit.ms] == [M.TILES[1]]
+    monkeypatch.setattr(M._GatedMixedChunk, "apply", lambda *a: refused(*a[:-1], None))
+    assert M.fastest(M.TILES, time_of, 16) == M.Fit(None, "FLASH's training kernels need shared memory: 106496, "
+                                                          "where this GPU gives a block 101376 (gau_s=16)")
 
 
 def test_gau_backend_triton_off_cuda_is_one_line_naming_why():

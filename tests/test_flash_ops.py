@@ -527,19 +527,28 @@ def gated_from_z(x, gamma, beta, rope, e, G, norm):
     return u * F.from_z(z, gamma, beta, v, True, rope, chunk_size=G, relu2_norm=norm)
 
 
-@pytest.mark.parametrize("case,dtype", [pytest.param(case, dtype, id=f"{case}-{str(dtype)[6:]}") for case, dtype in
-                                        [(case, torch.float32) for case in KERNEL_CASES]
-                                        + [(case, half) for case in HALF_CASES for half in (torch.bfloat16, torch.float16)]])
-def test_mixed_chunk_kernels_equal_the_torch_unit_with_gradients(triton_device, case, dtype):
+BLOCKS = (16, 32)  # the tokens a program takes at a time in ops.mixed_chunk_triton.TILES
+
+
+@pytest.mark.parametrize("case,dtype,block", [
+    pytest.param(case, dtype, block, id=f"{case}-{str(dtype)[6:]}-{block}") for block in BLOCKS for case, dtype in
+    [(case, torch.float32) for case in KERNEL_CASES]
+    + [(case, half) for case in HALF_CASES for half in (torch.bfloat16, torch.float16)]])
+def test_mixed_chunk_kernels_equal_the_torch_unit_with_gradients(triton_device, case, dtype, block):
     """The causal unit between its projections on the training kernels
     (ops.mixed_chunk_triton.gated: SiLU(U) times mixed chunk attention) against
     SiLU, from_z and the gate in torch: the output and the gradients of X = [U, V, Z],
     gamma and beta, with a partial last chunk, RoPE on and off, every relu^2
-    normalization, chunks longer than a kernel's block of tokens, widths not a whole
-    number of blocks; half inputs against float32 to a few of their eps (float16 with
-    its products' operands in float16; bfloat16's multiply in float32 under Triton's
-    interpreter), each result in its input's dtype."""
+    normalization, chunks longer and shorter than a kernel's block of tokens, widths
+    not a whole number of blocks; half inputs against float32 to a few of their eps
+    (float16 with its products' operands in float16; bfloat16's multiply in float32
+    under Triton's interpreter), each result in its input's dtype; with each size of
+    block a GPU may choose (TILES; their warps, which the interpreter runs as one
+    thread, aside)."""
     from linear_fairseq.ops import mixed_chunk_triton
+
+    assert sorted({t.BLOCK_T for t in mixed_chunk_triton.TILES}) == list(BLOCKS)
+    tiles = next(t for t in mixed_chunk_triton.TILES if t.BLOCK_T == block)
 
     T, G, s, e, rope, norm = KERNEL_CASES[case]
     g = torch.Generator().manual_seed(T)
@@ -550,7 +559,7 @@ def test_mixed_chunk_kernels_equal_the_torch_unit_with_gradients(triton_device, 
     ref = gated_from_z(*ref_in, rope, e, G, norm)
     ref_grads = grads(ref, w, ref_in)
     kernel_in = [(x.to(dtype) if i == 0 else x).to(triton_device).requires_grad_() for i, x in enumerate(xs)]
-    out = mixed_chunk_triton.gated(*kernel_in, rope, e=e, chunk_size=G, relu2_norm=norm)
+    out = mixed_chunk_triton.gated(*kernel_in, rope, e=e, chunk_size=G, relu2_norm=norm, tiles=tiles)
     assert out.dtype == dtype and out.shape == ref.shape
     got_grads = grads(out.float(), w.to(triton_device), kernel_in)
     rtol = RTOL if dtype == torch.float32 else 4 * torch.finfo(dtype).eps

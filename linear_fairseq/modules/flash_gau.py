@@ -109,8 +109,8 @@ def chunk_kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def say_once(line: str):
-    logger.warning(line)
+def say_once(line: str, level: int = logging.WARNING):
+    logger.log(level, line)
 
 
 @with_incremental_state
@@ -206,8 +206,10 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         projection: a causal pass on the Triton kernels where the unit runs on them
         (runs_on_triton) and they take its dtype."""
         gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
-        if self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES and self.kernels_fit(uvz):
-            return chunk_kernels().gated(uvz, gamma, beta, self.rope, e=self.e, **self.options)
+        tiles = self.tiles(uvz) if self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES \
+            else None
+        if tiles:
+            return chunk_kernels().gated(uvz, gamma, beta, self.rope, e=self.e, **self.options, tiles=tiles)
         u, v, z = self.activated(uvz)
         mask = None if self.causal else padding_mask  # a causal row is padded at its end: no mask needed
         return u * ops.from_z(z, gamma, beta, v, self.causal, self.rope, mask, **self.options).to(u.dtype)
@@ -239,17 +241,25 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
                               f"elsewhere; for a trained model, --model-overrides \"{{'gau_backend': 'auto'}}\")")
         return why is None
 
-    def kernels_fit(self, uvz: Tensor) -> bool:
-        """Whether the training kernels run on this GPU at the unit's sizes (ops.mixed_chunk_triton.unfit);
-        where they do not, `triton` is one line naming why and `auto` trains on torch, saying so once."""
-        why = chunk_kernels().unfit(uvz.device, self.s, self.e, uvz.dtype, self.offset_scale.gamma.dtype, self.rope,
-                                    **self.options)
-        if why and self.gau_backend == "triton":
-            raise ConfigError(f"--gau-backend triton: {why}; a smaller --gau-s, or --gau-backend auto (then "
+    def tiles(self, uvz: Tensor):
+        """The tiles the training kernels run with on this GPU at the unit's sizes (ops.mixed_chunk_triton.
+        fitted, which times them there once and is told here once), or None where none runs: then
+        `triton` is one line naming why and `auto` trains on torch, saying so once."""
+        fit = self.kernel_fit(uvz.device, uvz.dtype)
+        if fit.why and self.gau_backend == "triton":
+            raise ConfigError(f"--gau-backend triton: {fit.why}; a smaller --gau-s, or --gau-backend auto (then "
                               f"the unit trains on torch)")
-        if why:
-            say_once(f"--gau-backend auto: {why}; the unit trains on torch")
-        return why is None
+        if fit.why:
+            say_once(f"--gau-backend auto: {fit.why}; the unit trains on torch")
+        elif fit.ms:
+            say_once(f"FLASH's training kernels ({uvz.dtype}, gau_s={self.s}, e={self.e}) on this GPU: {fit.tiles}, "
+                     f"the fastest pass of " + ", ".join(f"{t} ({ms:.2f} ms)" for t, ms in fit.ms), logging.INFO)
+        return fit.tiles
+
+    def kernel_fit(self, device: torch.device, dtype: torch.dtype):
+        """ops.mixed_chunk_triton.fitted for the unit's sizes, on `device` in `dtype`."""
+        return chunk_kernels().fitted(device, self.s, self.e, dtype, self.offset_scale.gamma.dtype, self.rope,
+                                      **self.options)
 
     def upgrade_state_dict_named(self, state_dict, name: str):
         """fairseq's loading hook: to_uv and to_z kept apart load into to_uvz."""

@@ -41,7 +41,9 @@ sums.
 
 Products sum in float32; their operands are float32 (IEEE, not TF32) for
 float32 inputs, and in the inputs' own precision for float16 and bfloat16,
-as torch's matmuls take them (OPERANDS).
+as torch's matmuls take them (OPERANDS). A pass's programs take blocks of
+BLOCK_T tokens with NUM_WARPS warps, one of TILES: on a GPU the one whose pass
+it timed fastest at the unit's sizes (`fitted`).
 Causal, no padding inside a row (a row padded at its end is cut before its
 padding), T filled up to whole chunks with zeros (SiLU(0) = 0: no earlier
 token sees them). On CUDA the kernels run compiled; elsewhere only through
@@ -51,7 +53,8 @@ reads back what its threads wrote (its share of dZ, the kept squares).
 """
 import functools
 import math
-from typing import Optional, Tuple
+import time
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -62,16 +65,27 @@ from triton.runtime.errors import OutOfResources
 from .common import constant
 from .flash import RELU2_NORMS, first_turns, unknown_relu2_norm, whole_chunks
 
-# 16 tokens a step; value columns 16 a step where a sum runs over them, and where a program keeps them,
-# 32 a tile of the forward's outputs and of the key kernel's dV; 8 warps. Compiled for sm_70 to sm_90
-# (benchmarks.triton_compile), the kernels keep their tiles in at most 255 registers a thread, no stack;
-# wider tiles spill (the forward's at 64 columns in half precision on sm_90). The forward and the key
-# kernel compute their squared scores once and keep them for their loops over value columns.
-BLOCK_T = 16  # a chunk's tokens a program takes at a time
+class Tiles(NamedTuple):
+    """How a pass launches its kernels: BLOCK_T, the chunk's tokens a program takes at a time (its
+    block of queries or keys, and each block of the other it walks), and the warps a program runs."""
+    BLOCK_T: int
+    NUM_WARPS: int
+
+    def __str__(self):
+        return f"{self.BLOCK_T} tokens x {self.NUM_WARPS} warps"
+
+
+# The tiles a GPU chooses between (`fitted`: the fastest pass at the unit's sizes); the first is the
+# interpreter's. Compiled for sm_70 to sm_90 at s = 128 (benchmarks.triton_compile), each keeps its
+# tiles in at most 255 registers a thread, with a stack of at most a few bytes on some architectures
+# (40 in float32 at 32 tokens, sm_90): tiles of 64 tokens spill hundreds of bytes. Value columns: 16 a
+# step where a sum runs over them, and where a program keeps them, 32 a tile of the forward's outputs
+# and of the key kernel's dV (64 spills in half precision on sm_90). The forward and the key kernel
+# compute their squared scores once and keep them for their loops over value columns.
+TILES = (Tiles(16, 8), Tiles(16, 4), Tiles(32, 8))
 BLOCK_E = 16  # value columns a step of a sum over them
 BLOCK_V = 32  # value columns of a forward program's outputs
 BLOCK_DV = 32  # value columns of the key kernel's dV a step holds
-NUM_WARPS = 8
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
 # float16 and bfloat16 rounded to their own precision for a GPU's tensor cores, as torch multiplies each;
 # the values between products (heads, scores, sums) are float32
@@ -534,8 +548,8 @@ def mean_scales(N: int, L: int, device: torch.device) -> Tensor:
 class _Shapes:
     """The sizes, blocks and tables a pass over X (B, T, 2e + s) launches with."""
 
-    def __init__(self, x: Tensor, e: int, G: int, norm: str, rope: bool):
-        (self.B, self.T, width), self.e = x.shape, e
+    def __init__(self, x: Tensor, e: int, G: int, norm: str, rope: bool, tiles: Tiles):
+        (self.B, self.T, width), self.e, self.tiles = x.shape, e, tiles
         self.s = width - 2 * e
         self.L = min(G, self.T)
         self.N = self.T // self.L
@@ -545,7 +559,8 @@ class _Shapes:
         self.NORM = RELU2_NORMS.index(norm)  # _root's NORM: 0 keys, 1 chunk, 2 none
         self.scale = (self.s * (G if norm == "chunk" else 1)) ** -0.5
         op = operands(x.dtype)
-        self.blocks = dict(OP=op, BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)))
+        self.blocks = dict(OP=op, BLOCK_T=tiles.BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(self.s // 2)),
+                           num_warps=tiles.NUM_WARPS)  # each launch's constants and warps
         self.kept = torch.float32 if op == tl.float32 else x.dtype  # squared scores, kept as products take them
         self.sizes = (self.L, self.N, self.s // 2, e)
 
@@ -554,13 +569,13 @@ class _Shapes:
         return x[..., :self.e], x[..., self.e:2 * self.e], x[..., 2 * self.e:]
 
     def by_chunk(self) -> tuple:
-        return self.B * self.N, triton.cdiv(self.L, BLOCK_T)
+        return self.B * self.N, triton.cdiv(self.L, self.tiles.BLOCK_T)
 
     def squares(self, x: Tensor) -> Tensor:
         """A scratch of squared scores for the forward's and the key kernel's programs: one (BLOCK_T,
         BLOCK_T) tile for each block of the chunk, in dV's or A's operand type."""
         chunks, blocks = self.by_chunk()
-        return torch.empty(chunks * blocks, blocks, BLOCK_T * BLOCK_T, device=x.device, dtype=self.kept)
+        return torch.empty(chunks * blocks, blocks, self.tiles.BLOCK_T ** 2, device=x.device, dtype=self.kept)
 
     def by_sum(self) -> tuple:
         return self.B * self.N, triton.cdiv(self.e, BLOCK_E)
@@ -572,8 +587,8 @@ class _Shapes:
 
 class _GatedMixedChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, beta, rope, e, G, norm):
-        n = _Shapes(x, e, G, norm, rope)
+    def forward(ctx, x, gamma, beta, rope, e, G, norm, tiles):
+        n = _Shapes(x, e, G, norm, rope, tiles)
         u, v, z = n.parts(x)
         gamma, beta = gamma.contiguous(), beta.contiguous()
         sums = n.sums(x)
@@ -581,22 +596,21 @@ class _GatedMixedChunk(torch.autograd.Function):
         heads = (n.turns, gamma, beta)
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
         _chunk_sums_kernel[n.by_sum()](
-            z, v, *heads, sums, *n.sizes, *strides, *sums.stride(), ROPE=rope, **n.blocks, BLOCK_E=BLOCK_E,
-            num_warps=NUM_WARPS)
+            z, v, *heads, sums, *n.sizes, *strides, *sums.stride(), ROPE=rope, **n.blocks, BLOCK_E=BLOCK_E)
         sums.cumsum_(1)  # slot n: chunks 0 .. n summed
         squares = n.squares(x)
         _forward_kernel[n.by_chunk()](
             u, z, v, *heads, sums, n.means, a, y, squares, *n.sizes, n.scale, *strides, *sums.stride(), *y.stride(),
-            *squares.stride()[:2], ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+            *squares.stride()[:2], ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_V=BLOCK_V)
         ctx.save_for_backward(x, gamma, beta, sums, a)
-        ctx.options = e, G, norm, rope
+        ctx.options = e, G, norm, rope, tiles
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, gamma, beta, sums, a = ctx.saved_tensors
-        e, G, norm, rope = ctx.options
-        n = _Shapes(x, e, G, norm, rope)
+        e, G, norm, rope, tiles = ctx.options
+        n = _Shapes(x, e, G, norm, rope, tiles)
         u, v, z = n.parts(x)
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         du, dv, dz = n.parts(dx)
@@ -608,55 +622,94 @@ class _GatedMixedChunk(torch.autograd.Function):
         strides = (*x.stride(), *n.turn_strides, *gamma.stride())
         _chunk_grads_kernel[n.by_sum()](
             u, z, *heads, dy, dsums, n.means, *n.sizes, *strides, *dy.stride(), *dsums.stride(), ROPE=rope,
-            **n.blocks, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS)
+            **n.blocks, BLOCK_E=BLOCK_E)
         dsums.cumsum_(1)  # slot k: the terms of chunks N - 1 - k .. N - 1 summed
         _queries_kernel[n.by_chunk()](
             u, z, v, *heads, sums, n.means, dy, dz, parts, *n.sizes, n.scale, *strides, *sums.stride(),
-            *dy.stride(), *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E,
-            num_warps=NUM_WARPS)
+            *dy.stride(), *dx.stride(), *parts.stride(), ROPE=rope, NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E)
         _keys_kernel[n.by_chunk()](
             u, z, v, *heads, a, dsums, dy, dz, du, dv, parts, squares, *n.sizes, n.scale, *strides, *a.stride(),
             *dsums.stride(), *dy.stride(), *dx.stride(), *parts.stride(), *squares.stride()[:2], ROPE=rope,
-            NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E, BLOCK_DV=BLOCK_DV, num_warps=NUM_WARPS)
+            NORM=n.NORM, **n.blocks, BLOCK_E=BLOCK_E, BLOCK_DV=BLOCK_DV)
         dgamma, dbeta = parts.sum(0)
-        return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None
+        return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None, None
 
 
 def gated(x: Tensor, gamma: Tensor, beta: Tensor, rope: bool, *, e: int, chunk_size: int,
-          relu2_norm: str) -> Tensor:
+          relu2_norm: str, tiles: Tiles = TILES[0]) -> Tensor:
     """SiLU(U) times the causal mixed chunk attention of ``ops.flash.from_z`` over
     SiLU(V) and the heads of SiLU(Z), for a sequence without padding inside its rows,
-    on the kernels: x = [U, V, Z] (B, T, 2e + s), s even, of a dtype in DTYPES;
-    gamma and beta (4, s). Returns (B, T, e) in x's dtype."""
+    on the kernels launched with `tiles`: x = [U, V, Z] (B, T, 2e + s), s even, of a
+    dtype in DTYPES; gamma and beta (4, s). Returns (B, T, e) in x's dtype."""
     if relu2_norm not in RELU2_NORMS:
         raise unknown_relu2_norm(relu2_norm)
     T = x.shape[1]
     x, = whole_chunks(chunk_size, x)
-    y = _GatedMixedChunk.apply(x, gamma, beta, rope, e, chunk_size, relu2_norm)
+    y = _GatedMixedChunk.apply(x, gamma, beta, rope, e, chunk_size, relu2_norm, tiles)
     return y[:, :T] if y.shape[1] > T else y
 
 
+class Fit(NamedTuple):
+    """The tiles a unit's passes launch with (None where none can run: `why`, one line), and the
+    milliseconds of one timed pass with each of TILES that ran (none off CUDA)."""
+    tiles: Optional[Tiles]
+    why: Optional[str] = None
+    ms: Tuple[Tuple[Tiles, float], ...] = ()
+
+
 @functools.lru_cache(maxsize=None)
-def unfit(device: torch.device, s: int, e: int, dtype: torch.dtype, gamma_dtype: torch.dtype, rope: bool, *,
-          chunk_size: int, relu2_norm: str) -> Optional[str]:
-    """Why the kernels cannot run on `device` at these sizes, one line (None: they can), found once
-    for each GPU and sizes by `probe`. Off CUDA (Triton's interpreter) nothing limits them."""
+def fitted(device: torch.device, s: int, e: int, dtype: torch.dtype, gamma_dtype: torch.dtype, rope: bool, *,
+           chunk_size: int, relu2_norm: str) -> Fit:
+    """The tiles the kernels run with on `device` at these sizes, found once for each GPU and
+    sizes: on CUDA the fastest of TILES in one forward and backward pass (`timed`), those that
+    cannot run there left out; elsewhere (Triton's interpreter, nothing to time) the first."""
     if device.type != "cuda":
-        return None
-    return probe(device, s, e, dtype, gamma_dtype, rope, chunk_size=chunk_size, relu2_norm=relu2_norm)
+        return Fit(TILES[0])
+    return fastest(TILES, functools.partial(timed, device=device, s=s, e=e, dtype=dtype, gamma_dtype=gamma_dtype,
+                                            rope=rope, chunk_size=chunk_size, relu2_norm=relu2_norm), s)
 
 
-def probe(device: torch.device, s: int, e: int, dtype: torch.dtype, gamma_dtype: torch.dtype, rope: bool, *,
-          chunk_size: int, relu2_norm: str) -> Optional[str]:
-    """One forward and backward of a row of two chunks of zeros through the kernels, which
-    compiles them as the unit's pass will: why it could not run (a GPU that gives a block less
-    shared memory than the tiles of a wide s take), or None."""
-    x = torch.zeros(1, 2 * chunk_size, 2 * e + s, device=device, dtype=dtype, requires_grad=True)
-    gamma, beta = (torch.zeros(4, s, device=device, dtype=gamma_dtype, requires_grad=True) for _ in range(2))
-    try:
+def fastest(candidates, time_of, s: int) -> Fit:
+    """The candidate with the least `time_of(tiles)` (ms), leaving out those it finds cannot run
+    (OutOfResources: a GPU that gives a block less shared memory than the tiles of a wide s
+    take); where none can, why the last could not."""
+    ms, why = [], None
+    for tiles in candidates:
+        try:
+            ms.append((tiles, time_of(tiles)))
+        except OutOfResources as error:
+            why = (f"FLASH's training kernels need {error.name}: {error.required}, where this GPU gives a block "
+                   f"{error.limit} (gau_s={s})")
+    if not ms:
+        return Fit(None, why)
+    return Fit(min(ms, key=lambda pair: pair[1])[0], None, tuple(ms))
+
+
+def timed(tiles: Tiles, *, device: torch.device, s: int, e: int, dtype: torch.dtype, gamma_dtype: torch.dtype,
+          rope: bool, chunk_size: int, relu2_norm: str, tokens: int = 8192, row: int = 2048, repeats: int = 3) -> float:
+    """Milliseconds of one forward and backward pass on `tiles` over `tokens` tokens (rows of
+    `row` tokens or two chunks, whichever is longer) of inputs drawn from their own generator;
+    a first pass, which compiles the kernels, is not counted."""
+    T = max(2 * chunk_size, row)
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(max(1, tokens // T), T, 2 * e + s, device=device, dtype=dtype, generator=g).requires_grad_()
+    gamma, beta = (torch.randn(4, s, device=device, dtype=gamma_dtype, generator=g).requires_grad_()
+                   for _ in range(2))
+
+    def one_pass():
         with torch.enable_grad():
-            gated(x, gamma, beta, rope, e=e, chunk_size=chunk_size, relu2_norm=relu2_norm).sum().backward()
-    except OutOfResources as error:
-        return (f"FLASH's training kernels need {error.name}: {error.required}, where this GPU gives a block "
-                f"{error.limit} (gau_s={s})")
-    return None
+            y = gated(x, gamma, beta, rope, e=e, chunk_size=chunk_size, relu2_norm=relu2_norm, tiles=tiles)
+            torch.autograd.grad(y, (x, gamma, beta), torch.ones_like(y))
+
+    one_pass()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        one_pass()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3 / repeats
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
