@@ -178,8 +178,9 @@ def fused_training(cases, device, lengths, families=None, extra=(), dtypes=(torc
     CUDA, against the torch forms in the same dtype; a family whose pass is the same on
     both (it trains on torch) is named so; where the kernels cannot run, why. On CUDA
     each form's pass is timed too (median ms of `timed`), the kernels' worth told apart
-    from the rest of the model. `families` (default all) and `extra` (flags for the LMs)
-    make it small for the tests."""
+    from the rest of the model, and FLASH's rows name the tiles its kernels chose by
+    timing each (with those times). `families` (default all) and `extra` (flags for the
+    LMs) make it small for the tests."""
     rows = []
     for dtype in dtypes:
         for family, model, modules, why in triton_lms(device, families, extra, dtype):

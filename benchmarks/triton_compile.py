@@ -28,7 +28,11 @@ those that do not), the first in its list. The record holds the kernel's
 shared memory (against what the architecture gives a block), and its
 registers and stack a thread (cuobjdump on the cubin), and the operand types
 of its tensor-core products (from the PTX; none where its products run on the
-FMA units, as float32 ones in IEEE do). fla-core picks its
+FMA units, as float32 ones in IEEE do). FLASH's training pass runs once
+with each tiling its GPU chooses from (ops.mixed_chunk_triton.TILES); a
+tiling that needs more shared memory than an architecture gives a block,
+where another compiles, is left out there as that choice leaves it out, and
+is no failure. fla-core picks its
 configuration lists when it is imported, from the device it finds; here it
 finds none, so on a GPU its lists may differ. Nothing is timed or run on a
 GPU. Needs Triton with its NVIDIA backend (the test extra installs it; a
@@ -205,13 +209,32 @@ def check(archs, dtypes=DTYPES, passes=tuple(PASSES)) -> list:
                     if (title, ways[0][0]) not in seen:
                         seen.add((title, ways[0][0]))
                         records.append(compiled(title, ways, arch, row=row, dtype=str(dtype).split(".")[-1],
-                                                padded=padded, **{"pass": name}, blocks=blocks(kwargs)))
+                                                padded=padded, **{"pass": name}, tiles=tiles(kwargs)))
     return records
 
 
-def blocks(kwargs: dict) -> dict:
-    """A launch's tile sizes: its BLOCK_* constants."""
-    return {key: value for key, value in kwargs.items() if key.startswith("BLOCK_")}
+def tiles(kwargs: dict) -> dict:
+    """A launch's tiles: its BLOCK_* constants and the warps it asks for."""
+    return {key: value for key, value in kwargs.items() if key.startswith("BLOCK_") or key == "num_warps"}
+
+
+def left_out(records: list) -> list:
+    """The records of FLASH's training kernels in a tiling that needs more shared memory than
+    the architecture gives a block, where another of ops.mixed_chunk_triton.TILES compiles for
+    the same launch: a GPU's choice of tiles (mixed_chunk_triton.fitted) leaves out those
+    whose launch runs out of resources, so they are no failure. Marked "left_out"; returned."""
+    from linear_fairseq.ops import mixed_chunk_triton
+
+    def launch(r):
+        return r["kernel"], r["arch"], r["dtype"], r["row"], r["pass"], r["padded"]
+
+    chosen = mixed_chunk_triton.__name__ + "."
+    compiles = {launch(r) for r in records if r["ok"]}
+    found = [r for r in records if not r["ok"] and r["kernel"].startswith(chosen) and "shared_needed" in r
+             and launch(r) in compiles]
+    for r in found:
+        r["left_out"] = "its GPU chooses other tiles (mixed_chunk_triton.fitted)"
+    return found
 
 
 def resources(cubin: bytes) -> dict:
@@ -255,7 +278,8 @@ def compiled(kernel: str, ways: list, arch: int, **where) -> dict:
                     **resources(binary.asm.get("cubin", b"")), **tensor_cores(binary.asm.get("ptx", "")),
                     "seconds": round(time.perf_counter() - start, 2)}
         errors.append(f"needs {shared} bytes of shared memory; sm_{arch} offers {limit}")
-    return {**record, "ok": False, "tried": len(ways), "error": errors[-1]}
+    return {**record, "ok": False, "tried": len(ways), "error": errors[-1],
+            **({"shared_needed": shared} if errors[-1].startswith("needs ") else {})}
 
 
 def problem() -> str:
@@ -305,22 +329,25 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # fla-core says it finds no GPU here, which this check knows
         warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
         records = check(archs, [getattr(torch, d) for d in args.dtypes.split(",")], args.passes.split(","))
+    spared = left_out(records)
     for r in records:
         config = f", config {r['tried']} of {r['configs']}" if r["configs"] > 1 else ""
         where = (f"{r['kernel']} sm={r['arch']} {r['pass']} {r['row']}, {r['dtype']}"
                  f"{', padded' if r['padded'] else ''}{config}")
-        print(f"{'ok ' if r['ok'] else 'FAIL'} {where}: " +
+        print(f"{'ok ' if r['ok'] else 'LEFT' if r in spared else 'FAIL'} {where}: " +
               (f"{r['shared_bytes']} of {r['shared_limit']} bytes shared, {r.get('registers', '?')} registers "
                f"and {r.get('stack_bytes', '?')} stack bytes a thread, {r['num_warps']} warps, {r['seconds']} s"
                if r["ok"]
-               else r["error"].splitlines()[0]))
+               else r["error"].splitlines()[0] + (f"; {r['left_out']}" if r in spared else "")))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         import triton
         versions = {"triton": triton.__version__, "torch": torch.__version__}
         args.out.write_text(json.dumps({**versions, "archs": archs, "records": records}, indent=1))
-    failed = [r for r in records if not r["ok"]]
-    print(f"triton_compile: {len(records) - len(failed)} of {len(records)} compiles ok")
+    failed = [r for r in records if not r["ok"] and r not in spared]
+    print(f"triton_compile: {len(records) - len(failed) - len(spared)} of {len(records)} compiles ok"
+          + (f"; {len(spared)} tilings of FLASH's training kernels left out where they need more shared memory "
+             f"than the architecture gives a block and another tiling compiles" if spared else ""))
     return 1 if failed else 0
 
 

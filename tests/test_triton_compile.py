@@ -52,7 +52,7 @@ def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
     # than 64 bytes, in half precision at most 8; they need at most all 255 registers
     assert all(rec["registers"] <= 255 and rec["stack_bytes"] <= 64 for rec in chunked), chunked
     assert all(rec["stack_bytes"] <= 8 for rec in chunked if rec["dtype"] != "float32"), chunked
-    tiles = {(rec["kernel"], rec["dtype"], rec["blocks"]["BLOCK_T"], rec["num_warps"]) for rec in chunked}
+    tiles = {(rec["kernel"], rec["dtype"], rec["tiles"]["BLOCK_T"], rec["tiles"]["num_warps"]) for rec in chunked}
     assert tiles == {(kernel, dtype, *t) for kernel in {rec["kernel"] for rec in chunked}
                      for dtype in ("float32", "bfloat16", "float16") for t in mixed_chunk_triton.TILES}
     # their products: float32 ones on the FMA units (IEEE), half ones on the tensor cores in their own precision
@@ -77,6 +77,26 @@ def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
             assert {(name, d) for d in ("float32", "bfloat16")} <= trained, name  # float16 runs it in float32
         assert ("chunk_local_cumsum_scalar_kernel", "float32") in trained  # RFA's gate, summed in float32
     assert " compiles ok" in r.stdout
+
+
+def test_a_tiling_short_of_shared_memory_is_left_out_only_where_another_compiles():
+    """benchmarks.triton_compile.left_out: a tiling of FLASH's training kernels that needs more
+    shared memory than the architecture gives is no failure where another tiling of the same
+    launch compiles (its GPU's choice of tiles leaves it out); it stays one where none does,
+    where the failure is the compiler's, or for a kernel whose tiles are fixed."""
+    forward = "linear_fairseq.ops.mixed_chunk_triton._forward_kernel"
+    where = dict(arch="sm_86", dtype="float32", row="flash lm", padded=False, **{"pass": "train"})
+    short = dict(ok=False, error="needs 116736 bytes of shared memory; sm_86 offers 101376", shared_needed=116736)
+    records = [
+        {"kernel": forward, **where, "ok": True, "tiles": {"BLOCK_T": 16}},
+        {"kernel": forward, **where, **short, "tiles": {"BLOCK_T": 32}},  # left out
+        {"kernel": forward, **where, "arch": "sm_89", **short},  # no tiling compiles there
+        {"kernel": forward, **where, "dtype": "bfloat16", "ok": False, "error": "CompilationError: ..."},
+        {"kernel": "linear_fairseq.ops.flash_triton._gau_step_kernel", **where, **short},
+        {"kernel": "linear_fairseq.ops.flash_triton._gau_step_kernel", **where, "ok": True},
+    ]
+    assert triton_compile.left_out(records) == [records[1]]
+    assert "left_out" in records[1] and not any("left_out" in r for r in records[2:])
 
 
 def test_interpreted_kernels_are_refused_in_one_line(capsys, monkeypatch):

@@ -206,8 +206,8 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         projection: a causal pass on the Triton kernels where the unit runs on them
         (runs_on_triton) and they take its dtype."""
         gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
-        tiles = self.tiles(uvz) if self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES \
-            else None
+        on_kernels = self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES
+        tiles = self.kernel_tiles(uvz) if on_kernels else None
         if tiles:
             return chunk_kernels().gated(uvz, gamma, beta, self.rope, e=self.e, **self.options, tiles=tiles)
         u, v, z = self.activated(uvz)
@@ -241,7 +241,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
                               f"elsewhere; for a trained model, --model-overrides \"{{'gau_backend': 'auto'}}\")")
         return why is None
 
-    def tiles(self, uvz: Tensor):
+    def kernel_tiles(self, uvz: Tensor):
         """The tiles the training kernels run with on this GPU at the unit's sizes (ops.mixed_chunk_triton.
         fitted, which times them there once and is told here once), or None where none runs: then
         `triton` is one line naming why and `auto` trains on torch, saying so once."""

@@ -77,8 +77,9 @@ class Tiles(NamedTuple):
 
 # The tiles a GPU chooses between (`fitted`: the fastest pass at the unit's sizes); the first is the
 # interpreter's. Compiled for sm_70 to sm_90 at s = 128 (benchmarks.triton_compile), each keeps its
-# tiles in at most 255 registers a thread, with a stack of at most a few bytes on some architectures
-# (40 in float32 at 32 tokens, sm_90): tiles of 64 tokens spill hundreds of bytes. Value columns: 16 a
+# tiles in at most 255 registers a thread, with at most 40 bytes of stack (the query kernel in float32
+# at 32 tokens); tiles of 64 tokens spill hundreds of bytes. The float32 forward at 32 tokens needs
+# more shared memory than sm_86 and sm_89 give a block: those GPUs leave it out. Value columns: 16 a
 # step where a sum runs over them, and where a program keeps them, 32 a tile of the forward's outputs
 # and of the key kernel's dV (64 spills in half precision on sm_90). The forward and the key kernel
 # compute their squared scores once and keep them for their loops over value columns.
