@@ -326,7 +326,8 @@ def test_the_fastest_tiles_are_timed_on_the_kernels_and_those_that_cannot_run_le
     """ops.mixed_chunk_triton.fastest over TILES with its timer, `timed` (here a tiny pass through
     Triton's interpreter, so the times mean nothing): every candidate timed, the least picked;
     a candidate whose launch is out of resources left out, and where every one is, the line
-    naming what the GPU lacks."""
+    naming what the GPU lacks; where memory runs out while timing, the first candidate that
+    can run, untimed (the kernels then train as they would without the timing)."""
     from linear_fairseq.ops import mixed_chunk_triton as M
     from triton.runtime.errors import OutOfResources
 
@@ -352,6 +353,14 @@ def test_the_fastest_tiles_are_timed_on_the_kernels_and_those_that_cannot_run_le
     monkeypatch.setattr(M._GatedMixedChunk, "apply", lambda *a: refused(*a[:-1], None))
     assert M.fastest(M.TILES, time_of, 16) == M.Fit(None, "FLASH's training kernels need shared memory: 106496, "
                                                           "where this GPU gives a block 101376 (gau_s=16)")
+    # no memory left to time them in beside a model: the first that is not out of resources, untimed
+    for short, want in ((0, M.TILES[0]), (1, M.TILES[1])):
+        def out_of(tiles, short=short):
+            if tiles in M.TILES[:short]:
+                raise OutOfResources(106496, 101376, "shared memory")
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        assert M.fastest(M.TILES, out_of, 16) == M.Fit(want)
 
 
 def test_gau_backend_triton_off_cuda_is_one_line_naming_why():

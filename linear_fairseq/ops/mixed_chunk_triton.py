@@ -673,14 +673,22 @@ def fitted(device: torch.device, s: int, e: int, dtype: torch.dtype, gamma_dtype
 def fastest(candidates, time_of, s: int) -> Fit:
     """The candidate with the least `time_of(tiles)` (ms), leaving out those it finds cannot run
     (OutOfResources: a GPU that gives a block less shared memory than the tiles of a wide s
-    take); where none can, why the last could not."""
-    ms, why = [], None
+    take); where none can, why the last could not. Where the GPU has no memory left to time
+    them in, the first candidate not found out of resources, untimed."""
+    ms, why, short, no_memory = [], None, [], False
     for tiles in candidates:
         try:
             ms.append((tiles, time_of(tiles)))
         except OutOfResources as error:
+            short.append(tiles)
             why = (f"FLASH's training kernels need {error.name}: {error.required}, where this GPU gives a block "
                    f"{error.limit} (gau_s={s})")
+        except torch.OutOfMemoryError:
+            no_memory = True
+            break
+    if no_memory:
+        torch.cuda.empty_cache()  # what the timed pass held
+        return Fit(next(t for t in candidates if t not in short))
     if not ms:
         return Fit(None, why)
     return Fit(min(ms, key=lambda pair: pair[1])[0], None, tuple(ms))
