@@ -129,7 +129,8 @@ def training(model, kind: str, padded: bool):
     model.train()
     tokens = torch.randint(4, models.VOCAB, (2, 300), generator=torch.Generator().manual_seed(0))
     for tiles in mixed_chunk_triton.TILES:
-        with mock.patch.object(mixed_chunk_triton, "fitted", lambda *a, tiles=tiles, **k: mixed_chunk_triton.Fit(tiles)):
+        fit = mixed_chunk_triton.Fit(tiles)
+        with mock.patch.object(mixed_chunk_triton, "fitted", lambda *a, fit=fit, **k: fit):
             model.decoder(tokens)[0].float().sum().backward()
 
 
@@ -209,11 +210,11 @@ def check(archs, dtypes=DTYPES, passes=tuple(PASSES)) -> list:
                     if (title, ways[0][0]) not in seen:
                         seen.add((title, ways[0][0]))
                         records.append(compiled(title, ways, arch, row=row, dtype=str(dtype).split(".")[-1],
-                                                padded=padded, **{"pass": name}, tiles=tiles(kwargs)))
+                                                padded=padded, **{"pass": name}, tiles=tiling(kwargs)))
     return records
 
 
-def tiles(kwargs: dict) -> dict:
+def tiling(kwargs: dict) -> dict:
     """A launch's tiles: its BLOCK_* constants and the warps it asks for."""
     return {key: value for key, value in kwargs.items() if key.startswith("BLOCK_") or key == "num_warps"}
 
