@@ -324,10 +324,11 @@ def test_the_unit_trains_on_the_tiles_its_gpu_timed_fastest(monkeypatch, caplog,
 
 def test_the_fastest_tiles_are_timed_on_the_kernels_and_those_that_cannot_run_left_out(monkeypatch, triton_device):
     """ops.mixed_chunk_triton.fastest over TILES with its timer, `timed` (here a tiny pass through
-    Triton's interpreter, so the times mean nothing): every candidate timed, the least picked;
-    a candidate whose launch is out of resources left out, and where every one is, the line
-    naming what the GPU lacks; where memory runs out while timing, the first candidate that
-    can run, untimed (the kernels then train as they would without the timing)."""
+    Triton's interpreter, so the times mean nothing), also under inference_mode: every
+    candidate timed, the least picked; a candidate whose launch is out of resources left out,
+    and where every one is, the line naming what the GPU lacks; where memory runs out while
+    timing, the first candidate that can run, untimed (the kernels then train as they would
+    without the timing)."""
     from linear_fairseq.ops import mixed_chunk_triton as M
     from triton.runtime.errors import OutOfResources
 
@@ -337,7 +338,8 @@ def test_the_fastest_tiles_are_timed_on_the_kernels_and_those_that_cannot_run_le
     time_of = functools.partial(M.timed, device=torch.device(triton_device), s=16, e=8, dtype=torch.float32,
                                 gamma_dtype=torch.float32, rope=True, chunk_size=4, relu2_norm="none", tokens=16,
                                 row=8, repeats=1)
-    fit = M.fastest(M.TILES, time_of, 16)
+    with torch.inference_mode():  # timed wherever the unit's first pass runs: here an evaluation's
+        fit = M.fastest(M.TILES, time_of, 16)
     assert [t for t, _ in fit.ms] == list(M.TILES) and all(ms > 0 for _, ms in fit.ms)
     assert fit.tiles == min(fit.ms, key=lambda pair: pair[1])[0] and fit.why is None
     assert launched == [t for t in M.TILES for _ in range(2)]  # a first pass, then one timed

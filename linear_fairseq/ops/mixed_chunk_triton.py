@@ -698,24 +698,25 @@ def timed(tiles: Tiles, *, device: torch.device, s: int, e: int, dtype: torch.dt
           rope: bool, chunk_size: int, relu2_norm: str, tokens: int = 8192, row: int = 2048, repeats: int = 3) -> float:
     """Milliseconds of one forward and backward pass on `tiles` over `tokens` tokens (rows of
     `row` tokens or two chunks, whichever is longer) of inputs drawn from their own generator;
-    a first pass, which compiles the kernels, is not counted."""
+    a first pass, which compiles the kernels, is not counted. Autograd runs whatever mode the
+    caller is in (no_grad, inference_mode: a model's first pass may be an evaluation)."""
     T = max(2 * chunk_size, row)
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(max(1, tokens // T), T, 2 * e + s, device=device, dtype=dtype, generator=g).requires_grad_()
-    gamma, beta = (torch.randn(4, s, device=device, dtype=gamma_dtype, generator=g).requires_grad_()
-                   for _ in range(2))
+    with torch.inference_mode(False), torch.enable_grad():
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.randn(max(1, tokens // T), T, 2 * e + s, device=device, dtype=dtype, generator=g).requires_grad_()
+        gamma, beta = (torch.randn(4, s, device=device, dtype=gamma_dtype, generator=g).requires_grad_()
+                       for _ in range(2))
 
-    def one_pass():
-        with torch.enable_grad():
+        def one_pass():
             y = gated(x, gamma, beta, rope, e=e, chunk_size=chunk_size, relu2_norm=relu2_norm, tiles=tiles)
             torch.autograd.grad(y, (x, gamma, beta), torch.ones_like(y))
 
-    one_pass()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
         one_pass()
-    synchronize(device)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            one_pass()
+        synchronize(device)
     return (time.perf_counter() - start) * 1e3 / repeats
 
 
