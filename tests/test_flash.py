@@ -253,16 +253,29 @@ def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, r
                 torch.testing.assert_close(states[1][name], states[0][name], rtol=tol, atol=tol, msg=name)
 
 
-def flash_units(device, **options):
-    """A causal GAU with --gau-backend auto told it runs on Triton, and the same unit on torch."""
-    kwargs = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed", no_rope=False,
+# a small causal unit of width 32 (every option but --gau-backend)
+SMALL_UNIT = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed", no_rope=False,
                   gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0, gau_scale_init="unit",
-                  gau_relu2_norm="none", **options)
+                  gau_relu2_norm="none")
+
+
+def flash_units(device):
+    """A causal GAU with --gau-backend auto told it runs on Triton, and the same unit on torch."""
     torch.manual_seed(0)
-    auto, torch_unit = (GatedAttentionUnit(32, gau_backend=b, **kwargs).to(device) for b in ("auto", "torch"))
+    auto, torch_unit = (GatedAttentionUnit(32, gau_backend=b, **SMALL_UNIT).to(device) for b in ("auto", "torch"))
     torch_unit.load_state_dict(auto.state_dict())
     auto.runs_on_triton = lambda h: True
     return auto, torch_unit
+
+
+def recorded_launches(monkeypatch) -> list:
+    """The tiles of each pass on FLASH's training kernels (ops.mixed_chunk_triton) from here on,
+    appended as it launches."""
+    from linear_fairseq.ops import mixed_chunk_triton
+
+    launched, apply = [], mixed_chunk_triton._GatedMixedChunk.apply
+    monkeypatch.setattr(mixed_chunk_triton._GatedMixedChunk, "apply", lambda *a: launched.append(a[-1]) or apply(*a))
+    return launched
 
 
 def test_a_gpu_the_training_kernels_do_not_fit_trains_on_torch_or_is_one_line(monkeypatch, caplog, triton_device):
@@ -304,9 +317,7 @@ def test_the_unit_trains_on_the_tiles_its_gpu_timed_fastest(monkeypatch, caplog,
     wide = next(t for t in M.TILES if t.BLOCK_T > M.TILES[0].BLOCK_T)
     fit = M.Fit(wide, None, tuple((t, 2.0 if t != wide else 1.0) for t in M.TILES))
     monkeypatch.setattr(M, "fitted", lambda *a, **k: fit)
-    launched = []
-    apply = M._GatedMixedChunk.apply
-    monkeypatch.setattr(M._GatedMixedChunk, "apply", lambda *a: launched.append(a[-1]) or apply(*a))
+    launched = recorded_launches(monkeypatch)
     auto, torch_unit = flash_units(triton_device)
     x = torch.randn(20, 2, 32, device=triton_device)
     flash_gau.say_once.cache_clear()
@@ -332,9 +343,8 @@ def test_the_fastest_tiles_are_timed_on_the_kernels_and_those_that_cannot_run_le
     from linear_fairseq.ops import mixed_chunk_triton as M
     from triton.runtime.errors import OutOfResources
 
-    launched = []
     apply = M._GatedMixedChunk.apply
-    monkeypatch.setattr(M._GatedMixedChunk, "apply", lambda *a: launched.append(a[-1]) or apply(*a))
+    launched = recorded_launches(monkeypatch)
     time_of = functools.partial(M.timed, device=torch.device(triton_device), s=16, e=8, dtype=torch.float32,
                                 gamma_dtype=torch.float32, rope=True, chunk_size=4, relu2_norm="none", tokens=16,
                                 row=8, repeats=1)
@@ -370,16 +380,13 @@ def test_gau_backend_triton_off_cuda_is_one_line_naming_why():
     way out; auto decodes on the torch step there."""
     from linear_fairseq.errors import ConfigError
 
-    kwargs = dict(causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed", no_rope=False,
-                  gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0, gau_scale_init="unit",
-                  gau_relu2_norm="none")
     h = torch.randn(2, 32)
     with pytest.raises(ConfigError) as err:
-        GatedAttentionUnit(32, gau_backend="triton", **kwargs).eval().step(h, {}, None)
+        GatedAttentionUnit(32, gau_backend="triton", **SMALL_UNIT).eval().step(h, {}, None)
     message = str(err.value)
     assert "\n" not in message and message.startswith("--gau-backend triton: the model runs on cpu, not CUDA")
     assert "--gau-backend auto" in message
-    assert not GatedAttentionUnit(32, gau_backend="auto", **kwargs).runs_on_triton(h)
+    assert not GatedAttentionUnit(32, gau_backend="auto", **SMALL_UNIT).runs_on_triton(h)
 
 
 @pytest.mark.parametrize("rope,relu2_norm", [(True, "keys"), (False, "chunk")])
@@ -389,8 +396,6 @@ def test_causal_gau_trains_on_the_kernels_as_on_torch(monkeypatch, triton_device
     torch pass's output and the gradients of its input and every parameter: a
     partial last chunk, a row padded at its end (whose real tokens' outputs are
     those of the torch pass). The kernels ran: they were called once."""
-    from linear_fairseq.ops import mixed_chunk_triton
-
     torch.manual_seed(0)
     unit = GatedAttentionUnit(32, causal=True, gau_s=32, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed",
                               no_rope=not rope, gau_rel_pos_bias=False, gau_norm="scalenorm", dropout=0.0,
@@ -398,9 +403,7 @@ def test_causal_gau_trains_on_the_kernels_as_on_torch(monkeypatch, triton_device
     x = torch.randn(11, 2, 32, device=triton_device)  # time-major, as fairseq's layers take it
     mask = torch.zeros(2, 11, dtype=torch.bool, device=triton_device)
     mask[1, 8:] = True
-    calls = []
-    apply = mixed_chunk_triton._GatedMixedChunk.apply
-    monkeypatch.setattr(mixed_chunk_triton._GatedMixedChunk, "apply", lambda *a: calls.append(1) or apply(*a))
+    launched = recorded_launches(monkeypatch)
     results = []
     for fused in (False, True):
         monkeypatch.setattr(unit, "runs_on_triton", lambda h, fused=fused: fused)
@@ -409,6 +412,6 @@ def test_causal_gau_trains_on_the_kernels_as_on_torch(monkeypatch, triton_device
         out = unit(xs, mask)
         (out * ~mask.t()[..., None]).square().sum().backward()
         results.append((out * ~mask.t()[..., None], xs.grad, *(p.grad for p in unit.parameters())))
-    assert calls == [1]
+    assert len(launched) == 1
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
