@@ -7,8 +7,9 @@ benchmarks/ops_cases/<family>.py (a family without one is listed as such):
 1. fp32 parity on the device: every training form against the quadratic
    reference, outputs and gradients, and the decoding recurrence's outputs.
 2. fp16 / bf16 inputs at T = 4096 and 16384: finite, and error vs fp32.
-3. (CUDA only) the decoding steps on Triton kernels (kernel attention, FLASH):
-   each family's benchmark LM, 300 steps on the kernels against the torch steps.
+3. (CUDA only) the decoding steps on Triton kernels (kernel attention, FLASH, the
+   sliding window of local precision): each family's benchmark LM, and each with
+   the recommended window, 300 steps on the kernels against the torch steps.
 4. (CUDA only) training on Triton kernels (kernel attention: fla-core's chunked
    kernels and FAVOR+'s feature kernels; FLASH: its mixed chunk kernels): each
    family's benchmark LM, 2 rows of 2048 tokens in fp32 and bf16, the loss and
@@ -31,6 +32,7 @@ import json
 import platform
 import sys
 import traceback
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -121,18 +123,21 @@ def low_precision(cases, device, lengths):
 
 
 # -- the benchmark LMs on Triton kernels (3, 4) -------------------------------------
-def triton_lms(device, families=None, extra=(), dtype=torch.float32):
-    """(family, benchmark LM in `dtype`, its modules that can run on Triton kernels, why
-    they do not here or None) for each family (default all) whose LM has such modules."""
+def triton_lms(device, families=None, extra=(), dtype=torch.float32, rows=None):
+    """(row, benchmark LM in `dtype`, its modules that can run on Triton kernels, why
+    they do not here or None) for each family (default all) whose LM has such modules,
+    the row its name; or for each of `rows` (row -> (family, its flags), as
+    suites.local_rows gives them) whose LM has such modules."""
     from benchmarks import models
     from benchmarks.op_counts import triton_modules
 
     probe = torch.zeros(1, device=device)
-    for family in families or models.FAMILIES:
-        model = models.build("lm", family, device=str(device), dtype=dtype, extra=extra)[0]
+    rows = rows or {family: (family, ()) for family in families or models.FAMILIES}
+    for row, (family, flags) in rows.items():
+        model = models.build("lm", family, device=str(device), dtype=dtype, extra=[*extra, *flags])[0]
         modules = triton_modules(model)
         if modules:
-            yield family, model, modules, None if all(m.runs_on_triton(probe) for m in modules) else \
+            yield row, model, modules, None if all(m.runs_on_triton(probe) for m in modules) else \
                 "auto chose the torch forms here"
 
 
@@ -148,13 +153,16 @@ def told(modules, fused: bool):
 
 # -- 3. fused decoding steps (CUDA) ---------------------------------------------------
 def fused_steps(cases, device, lengths):
-    """Every family that decodes on Triton kernels (modules with runs_on_triton): its
-    benchmark LM's outputs over T steps of random tokens (2 rows, fp32) on the kernels,
-    the default on CUDA, against the torch steps; where the kernels cannot run, why."""
-    from benchmarks import models
+    """Every family that decodes on Triton kernels (modules with runs_on_triton), and
+    every family with the recommended sliding window (suites.LOCAL; the window decodes
+    on its kernel): its benchmark LM's outputs over T steps of random tokens (2 rows,
+    fp32) on the kernels, the default on CUDA, against the torch steps; where the
+    kernels cannot run, why."""
+    from benchmarks import models, suites
 
     rows = []
-    for family, model, modules, why in triton_lms(device):
+    local = {row: value for row, value in suites.local_rows().items() if value[1]}
+    for family, model, modules, why in chain(triton_lms(device), triton_lms(device, rows=local)):
         model.eval()
         for T in lengths:
             tokens = torch.randint(4, models.VOCAB, (2, T), device=device)

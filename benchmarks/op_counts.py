@@ -18,8 +18,8 @@ no other such operator, one per kernel a GPU would launch, of
           decoder.layers[i], averaged over the layers; a FLASH layer is a GAU,
           which stands in for attention and FFN).
 
-A family whose modules can run on Triton kernels on CUDA (they have
-runs_on_triton: `--kernel-backend`, `--gau-backend`) gets a "+triton" row,
+A row whose modules can run on Triton kernels on CUDA (they have
+runs_on_triton: `--kernel-backend`, `--gau-backend`, `--local-backend`) gets a "+triton" row,
 where Triton imports, counted on the CPU through Triton's interpreter, each
 launch one operator (the interpreter's copies of the arguments inside it do
 not count):
@@ -252,13 +252,13 @@ def measure(families) -> dict:
         out[name] = {"arch": info["arch"], "args": info["args"], **train_counts(model, family, extra),
                      "decode": {str(L): decode_ops(model, L) for L in PREFIXES}}
         print(f"{name}: {out[name]['train']} {out[name]['decode']}", flush=True)
-        if not extra and triton_modules(model):
+        if triton_modules(model):
             why = triton_missing()
             if why:
                 print(f"{name}+triton: not counted: {why}", flush=True)
                 continue
             out[f"{name}+triton"] = {"arch": info["arch"], "args": info["args"], "triton": True,
-                                     **train_counts(model, family, triton=True),
+                                     **train_counts(model, family, extra, triton=True),
                                      "decode": {str(L): decode_ops(model, L, triton=True) for L in PREFIXES}}
             print(f"{name}+triton: {out[f'{name}+triton']['train']} {out[f'{name}+triton']['decode']}", flush=True)
     return out

@@ -499,16 +499,18 @@ def test_memsizer_decoding_step_runs_no_more_operators_a_layer_than_softmax():
 
 def test_gpu_ops_check_compares_the_fused_steps_with_the_torch_steps(monkeypatch, triton_device):
     """The GPU check's fused-steps section: every family whose LM can decode on
-    Triton kernels is listed, the kernels ran (here told to, through the
-    interpreter), and their outputs follow the torch steps."""
+    Triton kernels, and every family with the recommended sliding window, is
+    listed, the kernels ran (here told to, through the interpreter), and their
+    outputs follow the torch steps."""
     from benchmarks import gpu_ops_check
     from linear_fairseq.modules.flash_gau import GatedAttentionUnit
+    from linear_fairseq.modules.local import SlidingWindow
     from linear_fairseq.modules.performer_attention import PerformerAttention
 
-    for module in (GatedAttentionUnit, PerformerAttention):
+    for module in (GatedAttentionUnit, PerformerAttention, SlidingWindow):
         monkeypatch.setattr(module, "runs_on_triton", lambda self, x: True)
     rows = gpu_ops_check.fused_steps(None, torch.device(triton_device), (3,))
-    assert sorted(r["family"] for r in rows) == ["flash", "performer"]
+    assert sorted(r["family"] for r in rows) == ["flash", "memsizer+local", "performer", "performer+local"]
     for row in rows:
         assert row["ran"] == "yes" and row["out_vs_torch_step"] < 1e-4, row
 

@@ -151,3 +151,67 @@ def test_window_mask_first_built_in_inference_mode_serves_training():
         L.window(q, k, v, 11, True)
     L.window(q, k, v, 11, True).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def torch_and_triton_window_steps(q, k, v, W, mask, device, head_weight, reorder_at):
+    """Each step's output and state from L.window_step (then scaled by head_weight, as
+    the module merges it) and ops.local_triton's kernel side by side, without autograd
+    (the rings written in place); at step `reorder_at` both states' batch rows are
+    swapped, as beam search does."""
+    from linear_fairseq.ops import local_triton
+
+    states, pairs = [None, None], []
+    with torch.no_grad():
+        for t in range(v.shape[2]):
+            at = lambda x: None if x is None else x[:, :, t].to(device)  # noqa: E731
+            step_mask = None if mask is None else mask[:, t].to(device)
+            if t == reorder_at:
+                order = torch.arange(q.shape[0] - 1, -1, -1, device=device)
+                states = [{key: x.index_select(0, order) for key, x in state.items()} for state in states]
+            out, states[0] = L.window_step(at(q), at(k), at(v), states[0], W, step_mask)
+            out = out * head_weight.view(-1, 1).to(device, out.dtype)
+            theirs, states[1] = local_triton.window_step(at(q), at(k), at(v), states[1], W, step_mask,
+                                                         head_weight.to(device))
+            pairs.append(((out, theirs), [{key: x.clone() for key, x in state.items()} for state in states]))
+    return pairs
+
+
+@pytest.mark.parametrize("W", [1, 3, 8, 70])  # 70: the ring read in two blocks
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_window_step_equals_the_torch_step(triton_device, W, padded, dtype):
+    """The window's decoding step on its Triton kernel (ops.local_triton; on CUDA, or
+    on CPU through Triton's interpreter) writes the torch step's output, scaled per
+    head, and the same ring (keys, values, bias, the next slot) at every step: a ring
+    that wraps, a row whose first steps are padding (it reads zeros), q, k, v as views
+    of one projection (strided), beams reordered halfway."""
+    g = torch.Generator().manual_seed(W)
+    T = 12 if W > 8 else 20
+    qkv = torch.randn(2, 3, T, 3, 4, generator=g).to(dtype)  # q, k, v interleaved, as the projection's heads
+    q, k, v = qkv.unbind(-2)
+    mask = padding(2, T) if padded else None
+    head_weight = torch.randn(3, generator=g)
+    pairs = torch_and_triton_window_steps(q, k, v, W, mask, triton_device, head_weight, reorder_at=T // 2)
+    for (out, theirs), (state, their_state) in pairs:
+        assert theirs.dtype == dtype
+        torch.testing.assert_close(theirs.cpu(), out.cpu(), **({} if dtype == torch.float32 else {"atol": 2e-3,
+                                                                                                     "rtol": 2e-3}))
+        for name in L.WINDOW_STATE:
+            assert torch.equal(their_state[name].cpu(), state[name].cpu()), name
+    if padded:  # the padded row's first step saw no real key
+        assert (pairs[0][0][1][1] == 0).all() and (pairs[0][0][1][0] != 0).any()
+
+
+def test_local_backend_triton_off_cuda_is_one_line_naming_why():
+    """--local-backend triton where the kernel cannot run: one line naming why and the
+    way out; auto decodes on the torch step there."""
+    from linear_fairseq.errors import ConfigError
+    from linear_fairseq.modules.local import SlidingWindow
+
+    x = torch.randn(2, 8)
+    with pytest.raises(ConfigError) as err, torch.no_grad():
+        SlidingWindow(8, 2, 4, True, "triton").step(x, None, None)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--local-backend triton: the model runs on cpu, not CUDA")
+    assert "--local-backend auto" in message
+    assert not SlidingWindow(8, 2, 4, True, "auto").runs_on_triton(x)

@@ -10,6 +10,7 @@ from fairseq.models.transformer_lm import TransformerLanguageModelConfig
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
+from ..modules.local import LOCAL_BACKENDS
 
 
 def _flat_fields(dc, prefix: str = ""):
@@ -59,6 +60,9 @@ class LocalOptions(FairseqDataclass):
                                 "decoder, centred in the encoder); 0: none")
     local_window: int = option(0, "W, exact softmax attention over the last W positions (the decoder) or the W//2 "
                                   "on each side (the encoder), added to the family's; 0: none")
+    local_backend: str = choice("auto", LOCAL_BACKENDS,
+                                "where the window's decoding step runs: triton, one Triton kernel a step (CUDA); "
+                                "torch; auto, triton where it can run")
 
 
 def softmax_layers_option(side: str):

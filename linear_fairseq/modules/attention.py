@@ -34,7 +34,7 @@ from .. import families
 from ..errors import ConfigError
 from ..families import Family, Problem
 from .incremental import IncrementalState, State, select_rows
-from .local import ShortConv, SlidingWindow
+from .local import LOCAL_BACKENDS, ShortConv, SlidingWindow
 
 ROLES = ("encoder_self", "decoder_self", "cross")
 
@@ -63,20 +63,21 @@ def first_problem(rules) -> List[Problem]:
 
 
 def local_problems(options: dict) -> List[Problem]:
-    """The values --short-conv and --local-window cannot take (0: off)."""
-    K, W = options.get("short_conv", 0), options.get("local_window", 0)
+    """The values --short-conv, --local-window and --local-backend cannot take (0: off)."""
+    K, W, backend = options.get("short_conv", 0), options.get("local_window", 0), options.get("local_backend", "auto")
     return first_problem((
         ("short_conv", K, lambda: is_int(K) and K >= 0, "must be an integer >= 0 (0: no convolution)"),
         ("local_window", W, lambda: is_int(W) and W >= 0, "must be an integer >= 0 (0: no window)"),
+        ("local_backend", backend, lambda: backend in LOCAL_BACKENDS, f"choose from {', '.join(LOCAL_BACKENDS)}"),
     ))
 
 
 @with_incremental_state
 class LinearAttention(IncrementalState, nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, cross: bool = False,
-                 short_conv: int = 0, local_window: int = 0):
-        """short_conv, local_window: local precision for a self-attention (modules/local.py;
-        0: off); cross-attention takes neither."""
+                 short_conv: int = 0, local_window: int = 0, local_backend: str = "auto"):
+        """short_conv, local_window, local_backend: local precision for a self-attention
+        (modules/local.py; 0: off); cross-attention takes neither."""
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
             raise ConfigError(
@@ -85,7 +86,8 @@ class LinearAttention(IncrementalState, nn.Module):
             )
         if causal and cross:
             raise ConfigError("cross-attention cannot be causal")
-        for name, value, why in local_problems({"short_conv": short_conv, "local_window": local_window}):
+        local = {"short_conv": short_conv, "local_window": local_window, "local_backend": local_backend}
+        for name, value, why in local_problems(local):
             raise ConfigError(f"{type(self).__name__}: {name}={value!r} {why}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -93,7 +95,8 @@ class LinearAttention(IncrementalState, nn.Module):
         self.causal = causal
         self.encoder_decoder_attention = cross
         self.short_conv = ShortConv(embed_dim, short_conv, causal) if short_conv and not cross else None
-        self.window = SlidingWindow(embed_dim, num_heads, local_window, causal) if local_window and not cross else None
+        self.window = (SlidingWindow(embed_dim, num_heads, local_window, causal, local_backend)
+                       if local_window and not cross else None)
 
     # -- what a family implements (batch-first tensors) --------------------
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..families import Problem
 from ..ops import flash as ops
-from ..ops.common import triton_unavailable
 from .attention import build_attention, first_problem, is_number, is_positive_int
+from .backends import on_kernels
 from .incremental import IncrementalState, State
 from .projections import load_apart, stacked
 
@@ -233,13 +233,9 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         """Whether mixed chunk attention runs on Triton kernels (--gau-backend): the decoding
         step on ops.flash_triton's, the causal parallel pass on ops.mixed_chunk_triton's;
         `triton` where they cannot run is one line naming why."""
-        if self.gau_backend == "torch" or self.mode != "mixed" or self.s % 2:  # triton there: refused when built
+        if self.mode != "mixed" or self.s % 2:  # --gau-backend triton there: refused when built
             return False
-        why = triton_unavailable() if h.is_cuda else f"the model runs on {h.device.type}, not CUDA"
-        if why and self.gau_backend == "triton":
-            raise ConfigError(f"--gau-backend triton: {why} (or --gau-backend auto: triton where it can run, torch "
-                              f"elsewhere; for a trained model, --model-overrides \"{{'gau_backend': 'auto'}}\")")
-        return why is None
+        return on_kernels("gau_backend", self.gau_backend, h)
 
     def kernel_tiles(self, uvz: Tensor):
         """The tiles the training kernels run with on this GPU at the unit's sizes (ops.mixed_chunk_triton.

@@ -14,6 +14,9 @@ every family has a normalizer to share (MemSizer reads a memory, not a
 normalized sum over positions).
 
 Cross-attention reads the whole source and takes neither.
+
+A causal window decodes on one Triton kernel a step where the model runs on
+CUDA (--local-backend auto or triton; ops/local_triton.py).
 """
 from typing import Optional, Tuple
 
@@ -21,8 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import local as L
+from .backends import on_kernels
 from .incremental import State
 from .projections import load_apart, stacked
+
+LOCAL_BACKENDS = ("auto", "torch", "triton")  # --local-backend
 
 
 class ShortConv(nn.Module):
@@ -43,9 +49,9 @@ class ShortConv(nn.Module):
 class SlidingWindow(nn.Module):
     STATE = L.WINDOW_STATE  # the names of step's state entries
 
-    def __init__(self, dim: int, num_heads: int, width: int, causal: bool):
+    def __init__(self, dim: int, num_heads: int, width: int, causal: bool, local_backend: str = "auto"):
         super().__init__()
-        self.num_heads, self.width, self.causal = num_heads, width, causal
+        self.num_heads, self.width, self.causal, self.local_backend = num_heads, width, causal, local_backend
         q_proj, k_proj, v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
         self.head_weight = nn.Parameter(torch.ones(num_heads))
         for proj in (q_proj, k_proj, v_proj):
@@ -59,16 +65,33 @@ class SlidingWindow(nn.Module):
 
     def merge(self, out: Tensor) -> Tensor:
         """(B, H, ..., d), scaled per head -> (B, ..., C)"""
-        out = out * self.head_weight.view(-1, *([1] * (out.dim() - 2))).to(out.dtype)
+        return self.project(out * self.head_weight.view(-1, *([1] * (out.dim() - 2))).to(out.dtype))
+
+    def project(self, out: Tensor) -> Tensor:
+        """(B, H, ..., d) -> (B, ..., C)"""
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         return self.merge(L.window(*self.qkv(x), self.width, self.causal, padding_mask))
 
     def step(self, x: Tensor, state: Optional[State], padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        if self.runs_on_triton(x) and not torch.is_grad_enabled():  # the kernel scales the heads too
+            out, state = step_kernel()(*self.qkv(x), state, self.width, padding_mask, self.head_weight)
+            return self.project(out), state
         out, state = L.window_step(*self.qkv(x), state, self.width, padding_mask)
         return self.merge(out), state
+
+    def runs_on_triton(self, x: Tensor) -> bool:
+        """Whether the decoding step runs on ops.local_triton's kernel (--local-backend);
+        `triton` where it cannot run is one line naming why."""
+        return on_kernels("local_backend", self.local_backend, x)
 
     def upgrade_state_dict_named(self, state_dict, name: str):
         """fairseq's loading hook: q_proj, k_proj and v_proj kept apart load into qkv_proj."""
         load_apart(state_dict, name)
+
+
+def step_kernel():
+    """ops.local_triton's decoding step (imported here: it needs Triton)."""
+    from ..ops.local_triton import window_step
+    return window_step

@@ -39,16 +39,15 @@ class MemsizerAttention(LinearAttention):
         kv_init_scale: float,
         memsizer_chunk_size: int,
         attention_dropout: float = 0.0,
-        short_conv: int = 0,
-        local_window: int = 0,
         kv_dim: Optional[int] = None,
         causal: bool = False,
         cross: bool = False,
+        **local,
     ):
         """The options as models/memsizer.py's dataclass names them (and where their
-        defaults live); memory_size is the role's --<role>-memory-size."""
-        super().__init__(embed_dim, num_heads, causal=causal, cross=cross, short_conv=short_conv,
-                         local_window=local_window)
+        defaults live); memory_size is the role's --<role>-memory-size.
+        `local`: local precision's options (LinearAttention)."""
+        super().__init__(embed_dim, num_heads, causal=causal, cross=cross, **local)
         options = dict(memory_size=memory_size, q_init_scale=q_init_scale, kv_init_scale=kv_init_scale,
                        memsizer_chunk_size=memsizer_chunk_size)
         for name, value, why in memsizer_problems(options):

@@ -22,6 +22,7 @@ from ..ops import performer as K
 from ..ops import performer_fla
 from ..ops.common import triton_unavailable
 from .attention import LinearAttention, Problem, State, first_problem, is_int, is_number, is_positive_int
+from .backends import on_kernels
 from .projections import load_apart, stacked
 
 class EluFeatures(nn.Module):
@@ -145,16 +146,15 @@ class PerformerAttention(LinearAttention):
         kernel_eps: Optional[float],
         kernel_chunk_size: int,
         kernel_backend: str = "auto",
-        short_conv: int = 0,
-        local_window: int = 0,
         kv_dim: Optional[int] = None,
         causal: bool = False,
         cross: bool = False,
+        **local,
     ):
         """The options as models/performer.py's dataclass names them (and where their
-        defaults live); num_features and kernel_eps None: the feature map's own."""
-        super().__init__(embed_dim, num_heads, causal=causal, cross=cross, short_conv=short_conv,
-                         local_window=local_window)
+        defaults live); num_features and kernel_eps None: the feature map's own.
+        `local`: local precision's options (LinearAttention)."""
+        super().__init__(embed_dim, num_heads, causal=causal, cross=cross, **local)
         options = dict(feature_map=feature_map, num_features=num_features, redraw_interval=redraw_interval,
                        kernel_eps=kernel_eps, kernel_chunk_size=kernel_chunk_size, kernel_backend=kernel_backend)
         for name, value, why in performer_problems(options):
@@ -248,14 +248,8 @@ class PerformerAttention(LinearAttention):
         """Whether the causal forms run on Triton (--kernel-backend): training on fla-core's
         kernel, decoding (without autograd) on ops.performer_triton's step;
         `fla` where it cannot is one line naming why."""
-        if self.kernel_backend == "torch":
-            return False
-        why = performer_fla.unavailable() if x.is_cuda else f"the model runs on {x.device.type}, not CUDA"
-        if why and self.kernel_backend == "fla":
-            raise ConfigError(f"--kernel-backend fla: {why}; fla-core's kernels need CUDA and `pip install "
-                              f"'.[gpu]'` (or --kernel-backend auto: fla where it can run, torch elsewhere; for a "
-                              f"trained model, --model-overrides \"{{'kernel_backend': 'auto'}}\")")
-        return why is None
+        return on_kernels("kernel_backend", self.kernel_backend, x, "fla", performer_fla.unavailable,
+                          "; fla-core's kernels need CUDA and `pip install '.[gpu]'`")
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         # q, k, v of one step as a sequence of three (B, 3, C)

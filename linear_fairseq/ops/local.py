@@ -146,6 +146,15 @@ def neighbours(x: Tensor, span: Tuple[int, int], dim: int) -> Tensor:
 WINDOW_STATE = ("k", "v", "bias", "slot")  # the entries of window_step's state
 
 
+def empty_window_state(q: Tensor, k: Tensor, v: Tensor, W: int) -> Dict[str, Tensor]:
+    """window_step's state before the first step, for a step's q, k, v (B, H, d): W
+    empty slots, the first one written next."""
+    B, H, d = q.shape
+    return {"k": k.new_zeros(B, H, W, d), "v": v.new_zeros(B, H, W, d),
+            "bias": q.new_full((B, 1, 1, W), float("-inf")),
+            "slot": torch.zeros(B, dtype=torch.long, device=q.device)}
+
+
 def window_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], W: int,
                 padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """One causal step: q, k, v (B, H, d). The state is a ring of W slots: "k",
@@ -156,10 +165,7 @@ def window_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[Dict[str, Tenso
     fused attention (torch's scaled_dot_product_attention) over the ring; a
     query with no real key (padding from the start) reads zeros."""
     B, H, d = q.shape
-    if state is None:
-        state = {"k": k.new_zeros(B, H, W, d), "v": v.new_zeros(B, H, W, d),
-                 "bias": q.new_full((B, 1, 1, W), float("-inf")),
-                 "slot": torch.zeros(B, dtype=torch.long, device=q.device)}
+    state = state if state is not None else empty_window_state(q, k, v, W)
     slot, in_place = state["slot"][:1], writable(k, v, state["k"], state["v"])
     keys, values = (update(state[name], "index_copy", in_place, 2, slot, x.unsqueeze(2))
                     for name, x in (("k", k), ("v", v)))
