@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import report
+from benchmarks import report, suites
 import forked
 from conftest import ROOT
 from linear_fairseq import families
@@ -505,12 +505,13 @@ def test_gpu_ops_check_compares_the_fused_steps_with_the_torch_steps(monkeypatch
     from benchmarks import gpu_ops_check
     from linear_fairseq.modules.flash_gau import GatedAttentionUnit
     from linear_fairseq.modules.local import SlidingWindow
+    from linear_fairseq.modules.memsizer_attention import MemsizerAttention
     from linear_fairseq.modules.performer_attention import PerformerAttention
 
-    for module in (GatedAttentionUnit, PerformerAttention, SlidingWindow):
+    for module in (GatedAttentionUnit, MemsizerAttention, PerformerAttention, SlidingWindow):
         monkeypatch.setattr(module, "runs_on_triton", lambda self, x: True)
     rows = gpu_ops_check.fused_steps(None, torch.device(triton_device), (3,))
-    assert sorted(r["family"] for r in rows) == ["flash", "memsizer+local", "performer", "performer+local"]
+    assert sorted(r["family"] for r in rows) == ["flash", "memsizer", "memsizer+local", "performer", "performer+local"]
     for row in rows:
         assert row["ran"] == "yes" and row["out_vs_torch_step"] < 1e-4, row
 
@@ -546,26 +547,28 @@ def test_gpu_ops_check_compares_training_on_the_kernels_with_the_torch_forms(mon
     assert "tiles" not in rows["performer", "float32"]
 
 
-@pytest.mark.parametrize("family", ["performer", "flash"])
-def test_decoding_on_the_fused_steps_runs_no_more_operators_than_softmax(triton_device, family):
+@pytest.mark.parametrize("family,extra", [("performer", ()), ("flash", ()), ("memsizer", ()),
+                                          ("memsizer", suites.LOCAL), ("performer", suites.LOCAL)])
+def test_decoding_on_the_fused_steps_runs_no_more_operators_than_softmax(triton_device, family, extra):
     """The same count with the family decoding on its Triton kernels (counted on
     CPU through Triton's interpreter, each launch one operator, as
-    `benchmarks.op_counts` does): its layers (a FLASH layer is a GAU, half a
-    transformer layer) and its whole step run no more operators than softmax's,
-    fewer than its torch step, flat in the prefix."""
+    `benchmarks.op_counts` does), alone and with the recommended sliding window
+    beside it (suites.LOCAL, on its kernel too): its layers (a FLASH layer is a
+    GAU, half a transformer layer) and its whole step run no more operators than
+    softmax's, fewer than its torch step, flat in the prefix."""
     from benchmarks import models, op_counts
 
     if triton_device != "cpu":
         pytest.skip("the count runs Triton's interpreter; this machine runs Triton on CUDA")
     softmax = op_counts.decode_ops(models.build("lm", "transformer")[0], 16)
-    model = models.build("lm", family)[0]
+    model = models.build("lm", family, extra=extra)[0]
     assert op_counts.triton_modules(model)
     fused = [op_counts.decode_ops(model, prefix, triton=True) for prefix in (16, 64)]
     torch_step = op_counts.decode_ops(model, 16)
     assert fused[0] == fused[1]
     in_layers = lambda c: c["per_layer"] * c["layers"]  # noqa: E731
-    assert in_layers(fused[0]) <= in_layers(softmax) < in_layers(torch_step)
-    assert fused[0]["step"] <= softmax["step"] < torch_step["step"]
+    assert in_layers(fused[0]) <= in_layers(softmax) and in_layers(fused[0]) < in_layers(torch_step)
+    assert fused[0]["step"] <= softmax["step"] and fused[0]["step"] < torch_step["step"]
 
 
 def test_a_training_pass_adds_into_no_earlier_gradient():

@@ -341,7 +341,7 @@ def test_source_padding_does_not_change_a_sentence(case):
 
 
 @pytest.mark.parametrize("case", ["performer_lm", "performer_mt_rfa_gate", "flash_lm", "flash_mt_relbias",
-                                  "memsizer_lm_local", "performer_mt_local"])
+                                  "memsizer_mt", "memsizer_lm_local", "performer_mt_local"])
 def test_beam_search_on_the_fused_steps_equals_the_torch_steps(monkeypatch, triton_device, case):
     """fairseq's beam search (states reordered between steps) with every module that
     can decode on a Triton kernel (runs_on_triton) doing so finds the torch steps'

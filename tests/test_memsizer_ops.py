@@ -171,3 +171,64 @@ def test_module_step_drops_out_the_heads_mean_in_training(training):
     torch.manual_seed(1)
     expected, _ = M.causal_step(attn.slot_weights(x), *attn.keys_values(x))
     assert_close(out, expected)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, RTOL), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("k,d", [(4, 16), (5, 300)])  # 300: several blocks of value columns, none a power of 2
+def test_triton_step_equals_the_norms_and_the_torch_step(triton_device, padded, dtype, rtol, k, d):
+    """MemSizer's decoding step on its Triton kernel (ops.memsizer_triton; on CUDA, or
+    on CPU through Triton's interpreter), from the projections, writes what the
+    module's norms, slot_probs and the torch step give, and the same state (S, n),
+    at every step: affine norms, a row whose first steps are padding, the three
+    inputs as strided views of one projection, beams reordered halfway."""
+    from torch import nn
+
+    from linear_fairseq.ops import memsizer_triton
+
+    g = torch.Generator().manual_seed(k)
+    B, H, T = 2, 3, 8
+    norms = [nn.LayerNorm(k), nn.LayerNorm(d)]
+    with torch.no_grad():
+        for param in (param for norm in norms for param in norm.parameters()):
+            param.copy_(torch.randn(param.shape, generator=g))
+    k_norm, v_norm = (norm.to(triton_device, dtype) for norm in norms)
+    projected = (torch.randn(B, T, H * k + k + d, generator=g) * 2 + 0.5).to(dtype)  # one projection's columns
+    logits, K_pre, V_pre = projected.split([H * k, k, d], dim=-1)
+    logits = logits.unflatten(-1, (H, k))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, :3] = True
+    states = [None, None]
+    with torch.no_grad():
+        for t in range(T):
+            at = lambda x: x[:, t].to(triton_device)  # noqa: E731
+            step_mask = at(mask) if padded else None
+            if t == T // 2:
+                order = torch.arange(B - 1, -1, -1, device=triton_device)
+                states = [{key: x.index_select(0, order) for key, x in state.items()} for state in states]
+            out, states[0] = M.causal_step(M.slot_probs(at(logits)), k_norm(at(K_pre)), v_norm(at(V_pre)), states[0],
+                                           step_mask)
+            theirs, states[1] = memsizer_triton.causal_step(at(logits), at(K_pre), at(V_pre), k_norm, v_norm,
+                                                            states[1], step_mask)
+            assert theirs.dtype == dtype
+            assert_close(theirs.float().cpu(), out.float().cpu(), rtol)
+            assert_close(states[1]["S"].cpu(), states[0]["S"].cpu(), rtol)
+            assert torch.equal(states[1]["n"].cpu(), states[0]["n"].cpu())
+    if padded:
+        assert states[0]["n"].tolist() == [T - 3, T]  # the rows swapped halfway
+
+
+def test_memsizer_backend_triton_off_cuda_is_one_line_naming_why():
+    """--memsizer-backend triton where the kernel cannot run: one line naming why and
+    the way out; auto decodes on the torch step there."""
+    from linear_fairseq.errors import ConfigError
+    from linear_fairseq.modules.memsizer_attention import MemsizerAttention
+
+    options = dict(memory_size=4, q_init_scale=1.0, kv_init_scale=1.0, memsizer_chunk_size=4, causal=True)
+    x = torch.randn(2, 16)
+    with pytest.raises(ConfigError) as err, torch.no_grad():
+        MemsizerAttention(16, 2, memsizer_backend="triton", **options).eval().step(x, {}, None)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--memsizer-backend triton: the model runs on cpu, not CUDA")
+    assert "--memsizer-backend auto" in message
+    assert not MemsizerAttention(16, 2, memsizer_backend="auto", **options).runs_on_triton(x)

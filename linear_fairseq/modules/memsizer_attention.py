@@ -8,23 +8,30 @@ output projection, as in the authors' implementation.
 """
 from typing import List, Optional, Tuple
 
+import torch
 from fairseq.modules import LayerNorm
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..ops import memsizer as M
 from .attention import LinearAttention, Problem, State, first_problem, is_number, is_positive_int
+from .backends import on_kernels
+
+
+MEMSIZER_BACKENDS = ("auto", "torch", "triton")  # --memsizer-backend
 
 
 def memsizer_problems(options: dict, embed_dim: int = 0, width: str = "") -> List[Problem]:
     """The first value a MemSizer attention cannot take (see first_problem)."""
-    k, q_scale, kv_scale, chunk = (options[name] for name in (
-        "memory_size", "q_init_scale", "kv_init_scale", "memsizer_chunk_size"))
+    k, q_scale, kv_scale, chunk, backend = (options[name] for name in (
+        "memory_size", "q_init_scale", "kv_init_scale", "memsizer_chunk_size", "memsizer_backend"))
     return first_problem((
         ("memory_size", k, lambda: is_positive_int(k), "must be a positive integer"),
         ("q_init_scale", q_scale, lambda: is_number(q_scale) and q_scale > 0, "must be > 0"),
         ("kv_init_scale", kv_scale, lambda: is_number(kv_scale) and kv_scale > 0, "must be > 0"),
         ("memsizer_chunk_size", chunk, lambda: is_positive_int(chunk), "must be a positive integer"),
+        ("memsizer_backend", backend, lambda: backend in MEMSIZER_BACKENDS,
+         f"choose from {', '.join(MEMSIZER_BACKENDS)}"),
     ))
 
 
@@ -38,6 +45,7 @@ class MemsizerAttention(LinearAttention):
         q_init_scale: float,
         kv_init_scale: float,
         memsizer_chunk_size: int,
+        memsizer_backend: str = "auto",
         attention_dropout: float = 0.0,
         kv_dim: Optional[int] = None,
         causal: bool = False,
@@ -49,12 +57,12 @@ class MemsizerAttention(LinearAttention):
         `local`: local precision's options (LinearAttention)."""
         super().__init__(embed_dim, num_heads, causal=causal, cross=cross, **local)
         options = dict(memory_size=memory_size, q_init_scale=q_init_scale, kv_init_scale=kv_init_scale,
-                       memsizer_chunk_size=memsizer_chunk_size)
+                       memsizer_chunk_size=memsizer_chunk_size, memsizer_backend=memsizer_backend)
         for name, value, why in memsizer_problems(options):
             raise ConfigError(f"MemsizerAttention: {name}={value!r} {why}")
         kv_dim = kv_dim or embed_dim
         self.memory_size = memory_size
-        self.chunk_size = memsizer_chunk_size
+        self.chunk_size, self.memsizer_backend = memsizer_chunk_size, memsizer_backend
         self.phi = nn.Linear(embed_dim, num_heads * memory_size)  # key slots Phi_h, one set per head
         self.w_l = nn.Linear(kv_dim, memory_size)  # source -> keys K (n x k)
         self.w_r = nn.Linear(kv_dim, embed_dim)  # source -> values V (n x d)
@@ -96,7 +104,21 @@ class MemsizerAttention(LinearAttention):
                           "with softmax cross-attention (--cross-attn softmax, the recommended placement)")
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        K, V = self.keys_values(x)
         dropped = self.training and self.dropout.p > 0  # dropout acts on the heads' mean
+        if not dropped and self.runs_on_triton(x) and not torch.is_grad_enabled():
+            return step_kernel()(self.slot_logits(x), self.w_l(x), self.w_r(x), self.k_norm, self.v_norm,
+                                 state or None, padding_mask)
+        K, V = self.keys_values(x)
         p = self.slot_weights(x) if dropped else M.slot_probs(self.slot_logits(x))  # the op averages the heads
         return M.causal_step(p, K, V, state or None, padding_mask)
+
+    def runs_on_triton(self, x: Tensor) -> bool:
+        """Whether the decoding step runs on ops.memsizer_triton's kernel (--memsizer-backend);
+        `triton` where it cannot run is one line naming why."""
+        return on_kernels("memsizer_backend", self.memsizer_backend, x)
+
+
+def step_kernel():
+    """ops.memsizer_triton's decoding step (imported here: it needs Triton)."""
+    from ..ops.memsizer_triton import causal_step
+    return causal_step
