@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.op_counts import count
-from conftest import TINY_LM, make_model, random_tokens
+from conftest import TINY_LM, TINY_MT, make_model, random_tokens
 from linear_fairseq.ops import local as L
 
 
@@ -215,3 +215,100 @@ def test_local_backend_triton_off_cuda_is_one_line_naming_why():
     assert "\n" not in message and message.startswith("--local-backend triton: the model runs on cpu, not CUDA")
     assert "--local-backend auto" in message
     assert not SlidingWindow(8, 2, 4, True, "auto").runs_on_triton(x)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("W,T", [(1, 7), (5, 40), (16, 70), (40, 33)])  # 70: three blocks; 40 > 33: all in reach
+@pytest.mark.parametrize("padded", [True, False])
+def test_triton_window_equals_the_torch_form_outputs_and_gradients(triton_device, causal, W, T, padded):
+    """The window's training form on its Triton kernels (ops.local_triton.window; on
+    CUDA, or on CPU through Triton's interpreter), q, k and v one projection, against
+    ops.local.window: outputs and the gradients of q, k and v, with a left-padded row
+    (its first queries see only padding: zeros)."""
+    from linear_fairseq.ops import local_triton
+
+    g = torch.Generator().manual_seed(W * 100 + T)
+    qkv = torch.randn(2, T, 3, 3, 6, generator=g)
+    mask = padding(2, T) if padded else None
+    grad_out = torch.randn(2, T, 3, 6, generator=g)
+    results = []
+    for fast in (False, True):
+        x = qkv.to(triton_device, copy=True).requires_grad_()  # a leaf of its own for each form
+        m = None if mask is None else mask.to(triton_device)
+        if fast:
+            out = local_triton.window(x, W, causal, m)
+        else:
+            out = L.window(*(t.transpose(1, 2) for t in x.unbind(2)), W, causal, m).transpose(1, 2)
+        (out * grad_out.to(triton_device)).sum().backward()
+        results.append((out.detach().cpu(), x.grad.cpu()))
+    (out, grad), (theirs, their_grad) = results
+    torch.testing.assert_close(theirs, out)
+    torch.testing.assert_close(their_grad, grad)
+    if padded and causal:
+        assert (theirs[1, : T // 3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_window_takes_half_precision_and_strided_inputs(triton_device, dtype):
+    """The training kernels read q, k, v through the strides of a view (every other
+    head of a wider projection) and keep the input's dtype, to half precision's
+    rounding of the float32 form (bfloat16 is left out: Triton's interpreter
+    multiplies it wrongly)."""
+    from linear_fairseq.ops import local_triton
+
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 50, 3, 6, 8, generator=g)
+    qkv = wide[:, :, :, ::2].to(triton_device, dtype).requires_grad_()  # (2, 50, 3, 3, 8), strided heads
+    out = local_triton.window(qkv, 16, True)
+    out.float().pow(2).sum().backward()
+    ref_in = wide[:, :, :, ::2].to(triton_device).requires_grad_()
+    ref = L.window(*(t.transpose(1, 2) for t in ref_in.unbind(2)), 16, True).transpose(1, 2)
+    ref.pow(2).sum().backward()
+    tol = {"atol": 0, "rtol": 0} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    assert out.dtype == dtype and qkv.grad.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else tol))
+    torch.testing.assert_close(qkv.grad.float(), ref_in.grad, **({"atol": 1e-5, "rtol": 1e-5}
+                                                                  if dtype == torch.float32 else tol))
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("memsizer_transformer", ["--encoder-self-attn", "memsizer", "--encoder-self-memory-size", "4",
+                              "--local-window", "6"]),
+    ("performer_lm", ["--local-window", "5", "--feature-map", "elu", "--kernel-backend", "torch"]),
+])
+def test_a_model_trains_on_the_window_kernels_as_on_torch(monkeypatch, triton_device, arch, extra):
+    """A model whose windows (causal in the decoder, centred in the encoder; a padded
+    source) run on their training kernels gives the torch forms' loss and gradients."""
+    from linear_fairseq.modules.local import SlidingWindow
+
+    lm = arch.endswith("_lm")
+    model, d = make_model(arch, (TINY_LM if lm else TINY_MT) + extra,
+                          task="language_modeling" if lm else "translation")
+    model.to(triton_device).train()
+    with torch.no_grad():  # the heads weighed apart (they start at 1)
+        for module in model.modules():
+            if isinstance(module, SlidingWindow):
+                module.head_weight.uniform_(0.5, 1.5)
+    src = random_tokens(d, 2, 13).to(triton_device)
+    src[1, :5] = d.pad()  # left padding, as fairseq batches sources
+    prev = random_tokens(d, 2, 9, seed=1).to(triton_device)
+    from linear_fairseq.ops import local_triton
+
+    launched, window = [], local_triton.window
+    monkeypatch.setattr(local_triton, "window", lambda qkv, W, causal, mask: launched.append(causal) or
+                        window(qkv, W, causal, mask))
+    results = []
+    for fast in (False, True):
+        monkeypatch.setattr(SlidingWindow, "runs_on_triton", lambda self, x, fast=fast: fast)
+        model.zero_grad()
+        net = model(prev) if lm else model(src, torch.tensor([13, 8]).to(triton_device), prev)
+        logits = net[0]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), prev.flatten())
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss, grads), (their_loss, their_grads) = results
+    assert sorted(set(launched)) == ([True] if lm else [False, True])  # every window on the kernels
+    torch.testing.assert_close(their_loss, loss)
+    assert len(grads) == len(their_grads)
+    for a, b in zip(their_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -61,8 +61,8 @@ class LocalOptions(FairseqDataclass):
     local_window: int = option(0, "W, exact softmax attention over the last W positions (the decoder) or the W//2 "
                                   "on each side (the encoder), added to the family's; 0: none")
     local_backend: str = choice("auto", LOCAL_BACKENDS,
-                                "where the window's decoding step runs: triton, one Triton kernel a step (CUDA); "
-                                "torch; auto, triton where it can run")
+                                "where the window runs: triton, Triton kernels (CUDA) for its parallel form "
+                                "(training) and its decoding step; torch; auto, triton where it can run")
 
 
 def softmax_layers_option(side: str):

@@ -15,8 +15,9 @@ normalized sum over positions).
 
 Cross-attention reads the whole source and takes neither.
 
-A causal window decodes on one Triton kernel a step where the model runs on
-CUDA (--local-backend auto or triton; ops/local_triton.py).
+Where the model runs on CUDA (--local-backend auto or triton), the window runs
+on Triton kernels (ops/local_triton.py): its parallel form (forward and
+backward) and, causal, one kernel a decoding step.
 """
 from typing import Optional, Tuple
 
@@ -72,18 +73,22 @@ class SlidingWindow(nn.Module):
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        if self.runs_on_triton(x) and x.dtype in kernels().DTYPES:  # q, k, v as the projection lays them out
+            qkv = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, -1))
+            return self.merge(kernels().window(qkv, self.width, self.causal, padding_mask).transpose(1, 2))
         return self.merge(L.window(*self.qkv(x), self.width, self.causal, padding_mask))
 
     def step(self, x: Tensor, state: Optional[State], padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         if self.runs_on_triton(x) and not torch.is_grad_enabled():  # the kernel scales the heads too
-            out, state = step_kernel()(*self.qkv(x), state, self.width, padding_mask, self.head_weight)
+            out, state = kernels().window_step(*self.qkv(x), state, self.width, padding_mask, self.head_weight)
             return self.project(out), state
         out, state = L.window_step(*self.qkv(x), state, self.width, padding_mask)
         return self.merge(out), state
 
     def runs_on_triton(self, x: Tensor) -> bool:
-        """Whether the decoding step runs on ops.local_triton's kernel (--local-backend);
-        `triton` where it cannot run is one line naming why."""
+        """Whether the window runs on ops.local_triton's kernels (--local-backend): the parallel
+        form (training; float32, bfloat16, float16) and the decoding step; `triton` where they
+        cannot run is one line naming why."""
         return on_kernels("local_backend", self.local_backend, x)
 
     def upgrade_state_dict_named(self, state_dict, name: str):
@@ -91,7 +96,7 @@ class SlidingWindow(nn.Module):
         load_apart(state_dict, name)
 
 
-def step_kernel():
-    """ops.local_triton's decoding step (imported here: it needs Triton)."""
-    from ..ops.local_triton import window_step
-    return window_step
+def kernels():
+    """ops.local_triton, the window's kernels (imported here: it needs Triton)."""
+    from ..ops import local_triton
+    return local_triton

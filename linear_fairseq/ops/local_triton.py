@@ -1,7 +1,17 @@
-"""The sliding window's decoding step as one Triton kernel.
+"""The sliding window on Triton kernels: its training form and its decoding step.
 
-The function of ``local.window_step`` (same arguments, same state), for
-decoding only (no autograd: the ring is written in place). Per batch row and
+``window`` is ``local.window`` (causal or not, padded keys never attended to)
+on q, k, v given as one projection (B, T, 3, H, d), with autograd: one forward
+kernel, a program per block of BLOCK queries of a row and head reading only
+the key blocks its window reaches, with a running maximum and sum (the
+softmax as a fused attention computes it), keeping each query's
+log-sum-exp; and two backward kernels, one per block of keys (dK, dV, from
+the query blocks that reach it) and one per block of queries (dQ), which
+recompute the weights from the log-sum-exp. The gradient of q, k and v is
+written as one tensor of the projection's shape. Work and memory are O(T W d).
+
+``window_step`` is the function of ``local.window_step`` (same arguments, same
+state), for decoding only (no autograd: the ring is written in place). Per batch row and
 head, one program writes the step's key and value into the ring's slot, reads
 the ring in blocks of BLOCK_W slots with a running maximum and sum (the
 softmax over the ring, as a fused attention reads its keys), scales the result
@@ -14,14 +24,207 @@ CUDA it runs compiled; elsewhere only through Triton's interpreter
 import math
 from typing import Dict, Optional, Tuple
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .common import strides
 from .local import empty_window_state
+from .triton_common import OPERANDS, _dot
 
-BLOCK_W = 64  # ring slots a program reads at a time
+BLOCK_W = 64  # ring slots a program reads at a time (decoding)
+BLOCK = 32  # queries, or keys, a training program takes at a time
+DTYPES = tuple(OPERANDS)  # what the training kernels take
+
+
+# -- training ----------------------------------------------------------------------------
+@triton.jit
+def _reach(W, CAUSAL: tl.constexpr):
+    """How far a query's window reaches (before, after) it."""
+    if CAUSAL:
+        return W - 1, 0
+    return W // 2, W // 2
+
+
+@triton.jit
+def _seen(i, j, T, W, padding_mask, spm_b, spm_t, b, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """(queries i (M, 1), keys j (1, N)): whether query i attends to key j: in its window,
+    inside the sequence, not padding."""
+    before, after = _reach(W, CAUSAL)
+    ok = (i - j <= before) & (j - i <= after) & (j >= 0) & (j < T)
+    if HAS_MASK:
+        ok = ok & (tl.load(padding_mask + b * spm_b + j * spm_t, mask=(j >= 0) & (j < T), other=1) == 0)
+    return ok
+
+
+@triton.jit
+def _tile(x, rows, dims, T, d, s_t, s_d):
+    """rows (positions) by dims of one row and head of x (strides s_t, s_d), zeros outside."""
+    return tl.load(x + rows[:, None] * s_t + dims[None, :] * s_d, mask=(rows[:, None] < T) & (dims[None, :] < d),
+                   other=0.0)
+
+
+@triton.jit
+def _forward_kernel(
+    qkv, out, lse, padding_mask, T, H, W, d, scale,
+    s_b, s_t, s_p, s_h, s_d, so_b, so_t, so_h, so_d, spm_b, spm_t,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i0 = tl.program_id(0) * BLOCK
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    rows = i0 + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    at = qkv + b * s_b + h * s_h
+    q = _tile(at, rows, dims, T, d, s_t, s_d).to(tl.float32)
+    before, after = _reach(W, CAUSAL)
+    top = tl.full((BLOCK,), -float("inf"), tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    for j0 in range(tl.maximum(i0 - before, 0), tl.minimum(i0 + BLOCK + after, T), BLOCK):
+        cols = j0 + tl.arange(0, BLOCK)
+        k = _tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
+        v = _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
+        scores = _dot(q, tl.trans(k), OP) * scale
+        scores = tl.where(_seen(rows[:, None], cols[None, :], T, W, padding_mask, spm_b, spm_t, b, HAS_MASK, CAUSAL),
+                          scores, -float("inf"))
+        new_top = tl.maximum(top, tl.max(scores, axis=1))
+        shift = tl.where(new_top == -float("inf"), 0.0, new_top)  # nothing seen yet: every weight 0
+        p = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(top - shift)
+        total = total * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + _dot(p, v, OP)
+        top = new_top
+    seen = total > 0.0  # a query whose window holds only padding reads zeros
+    result = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
+    tl.store(out + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :] * so_d,
+             result.to(out.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < d))
+    tl.store(lse + (b * H + h) * T + rows, tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("inf")),
+             mask=rows < T)
+
+
+@triton.jit
+def _weights(q, k, rows, cols, lse, T, W, padding_mask, spm_b, spm_t, b, scale,
+             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr):
+    """The softmax weights of queries `rows` over keys `cols`, from the queries' log-sum-exp."""
+    scores = _dot(q, tl.trans(k), OP) * scale
+    seen = _seen(rows[:, None], cols[None, :], T, W, padding_mask, spm_b, spm_t, b, HAS_MASK, CAUSAL)
+    return tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _query_rows(qkv, out, grad_out, lse, rows, dims, b, h, T, H, d, s_t, s_d, so_t, so_d, sg_t, sg_d):
+    """A block of queries: q, dO, their log-sum-exp and D = rowsum(dO * O), float32."""
+    q = _tile(qkv, rows, dims, T, d, s_t, s_d).to(tl.float32)
+    do = _tile(grad_out, rows, dims, T, d, sg_t, sg_d).to(tl.float32)
+    o = _tile(out, rows, dims, T, d, so_t, so_d).to(tl.float32)
+    m = tl.load(lse + (b * H + h) * T + rows, mask=rows < T, other=float("inf"))
+    return q, do, m, tl.sum(do * o, axis=1)
+
+
+@triton.jit
+def _backward_keys_kernel(
+    qkv, out, grad_out, lse, grad, padding_mask, T, H, W, d, scale,
+    s_b, s_t, s_p, s_h, s_d, so_b, so_t, so_h, so_d, sg_b, sg_t, sg_h, sg_d,
+    sd_b, sd_t, sd_p, sd_h, sd_d, spm_b, spm_t,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK and dV of a block of keys, from the query blocks whose windows reach it."""
+    j0 = tl.program_id(0) * BLOCK
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    cols = j0 + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    at = qkv + b * s_b + h * s_h
+    k = _tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
+    v = _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
+    before, after = _reach(W, CAUSAL)
+    dk = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    for i0 in range(tl.maximum(j0 - after, 0), tl.minimum(j0 + BLOCK + before, T), BLOCK):
+        rows = i0 + tl.arange(0, BLOCK)
+        q, do, m, delta = _query_rows(at, out + b * so_b + h * so_h, grad_out + b * sg_b + h * sg_h, lse, rows,
+                                      dims, b, h, T, H, d, s_t, s_d, so_t, so_d, sg_t, sg_d)
+        p = _weights(q, k, rows, cols, m, T, W, padding_mask, spm_b, spm_t, b, scale, HAS_MASK, CAUSAL, OP)
+        dv += _dot(tl.trans(p), do, OP)
+        ds = p * (_dot(do, tl.trans(v), OP) - delta[:, None])
+        dk += _dot(tl.trans(ds), q, OP)
+    at = grad + b * sd_b + h * sd_h + cols[:, None] * sd_t + dims[None, :] * sd_d
+    inside = (cols[:, None] < T) & (dims[None, :] < d)
+    tl.store(at + sd_p, (dk * scale).to(grad.dtype.element_ty), mask=inside)
+    tl.store(at + 2 * sd_p, dv.to(grad.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _backward_queries_kernel(
+    qkv, out, grad_out, lse, grad, padding_mask, T, H, W, d, scale,
+    s_b, s_t, s_p, s_h, s_d, so_b, so_t, so_h, so_d, sg_b, sg_t, sg_h, sg_d,
+    sd_b, sd_t, sd_p, sd_h, sd_d, spm_b, spm_t,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of a block of queries, from the key blocks their windows reach."""
+    i0 = tl.program_id(0) * BLOCK
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    rows = i0 + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    at = qkv + b * s_b + h * s_h
+    q, do, m, delta = _query_rows(at, out + b * so_b + h * so_h, grad_out + b * sg_b + h * sg_h, lse, rows, dims,
+                                  b, h, T, H, d, s_t, s_d, so_t, so_d, sg_t, sg_d)
+    before, after = _reach(W, CAUSAL)
+    dq = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    for j0 in range(tl.maximum(i0 - before, 0), tl.minimum(i0 + BLOCK + after, T), BLOCK):
+        cols = j0 + tl.arange(0, BLOCK)
+        k = _tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
+        v = _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
+        p = _weights(q, k, rows, cols, m, T, W, padding_mask, spm_b, spm_t, b, scale, HAS_MASK, CAUSAL, OP)
+        ds = p * (_dot(do, tl.trans(v), OP) - delta[:, None])
+        dq += _dot(ds, k, OP)
+    tl.store(grad + b * sd_b + h * sd_h + rows[:, None] * sd_t + dims[None, :] * sd_d,
+             (dq * scale).to(grad.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < d))
+
+
+def _launch(kernel, qkv, W, causal, padding_mask, *tensors, strided=()):
+    """Launches `kernel` over (blocks of BLOCK positions, rows x heads) with qkv's sizes and the
+    strides of qkv, then of each of `strided`."""
+    B, T, _, H, d = qkv.shape
+    kernel[(triton.cdiv(T, BLOCK), B * H)](
+        qkv, *tensors, padding_mask, T, H, W, d, d ** -0.5,
+        *qkv.stride(), *(n for t in strided for n in t.stride()), *strides(padding_mask, 2),
+        HAS_MASK=padding_mask is not None, CAUSAL=causal, OP=OPERANDS[qkv.dtype], BLOCK=BLOCK,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+    )
+
+
+class _Window(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: Tensor, W: int, causal: bool, padding_mask: Optional[Tensor]) -> Tensor:
+        B, T, _, H, d = qkv.shape
+        out = qkv.new_empty(B, T, H, d)
+        lse = qkv.new_empty(B, H, T, dtype=torch.float32)
+        _launch(_forward_kernel, qkv, W, causal, padding_mask, out, lse, strided=(out,))
+        ctx.save_for_backward(qkv, out, lse, padding_mask)
+        ctx.W, ctx.causal = W, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        qkv, out, lse, padding_mask = ctx.saved_tensors
+        grad = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        for kernel in (_backward_keys_kernel, _backward_queries_kernel):
+            _launch(kernel, qkv, ctx.W, ctx.causal, padding_mask, out, grad_out, lse, grad,
+                    strided=(out, grad_out, grad))
+        return grad, None, None, None
+
+
+def window(qkv: Tensor, W: int, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
+    """``local.window`` on q, k, v as one projection qkv (B, T, 3, H, d) (any strides), in
+    one of DTYPES: (B, T, H, d) in qkv's dtype, differentiable."""
+    return _Window.apply(qkv, W, causal, padding_mask)
+
+
+# -- decoding ----------------------------------------------------------------------------
 
 
 @triton.jit

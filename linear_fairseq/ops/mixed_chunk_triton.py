@@ -64,6 +64,8 @@ from triton.runtime.errors import OutOfResources
 
 from .common import constant
 from .flash import RELU2_NORMS, first_turns, unknown_relu2_norm, whole_chunks
+from .triton_common import OPERANDS, _dot
+
 
 class Tiles(NamedTuple):
     """How a pass launches its kernels: BLOCK_T, the chunk's tokens a program takes at a time (its
@@ -87,11 +89,7 @@ TILES = (Tiles(16, 8), Tiles(16, 4), Tiles(32, 8))
 BLOCK_E = 16  # value columns a step of a sum over them
 BLOCK_V = 32  # value columns of a forward program's outputs
 BLOCK_DV = 32  # value columns of the key kernel's dV a step holds
-# the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
-# float16 and bfloat16 rounded to their own precision for a GPU's tensor cores, as torch multiplies each;
-# the values between products (heads, scores, sums) are float32
-OPERANDS = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-DTYPES = tuple(OPERANDS)
+DTYPES = tuple(OPERANDS)  # the values between products (heads, scores, sums) are float32
 
 
 # -- pieces the kernels share ----------------------------------------------------------
@@ -163,14 +161,6 @@ def _turned_back(d_even, d_odd, cos, sin, ROPE: tl.constexpr):
     if ROPE:
         return d_even * cos + d_odd * sin, d_odd * cos - d_even * sin
     return d_even, d_odd
-
-
-@triton.jit
-def _dot(a, b, OP: tl.constexpr):
-    """a b (float32) summed in float32, its operands rounded to OP (OPERANDS); float32 ones in IEEE."""
-    if OP == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a.to(OP), b.to(OP))
 
 
 @triton.jit
