@@ -7,14 +7,14 @@ benchmarks/ops_cases/<family>.py (a family without one is listed as such):
 1. fp32 parity on the device: every training form against the quadratic
    reference, outputs and gradients, and the decoding recurrence's outputs.
 2. fp16 / bf16 inputs at T = 4096 and 16384: finite, and error vs fp32.
-3. (CUDA only) the decoding steps on Triton kernels (kernel attention, FLASH, the
-   sliding window of local precision): each family's benchmark LM, and each with
-   the recommended window, 300 steps on the kernels against the torch steps.
+3. (CUDA only) the decoding steps on Triton kernels (every family's, and the
+   sliding window's of local precision): each family's benchmark LM, and each
+   with the recommended window, 300 steps on the kernels against the torch steps.
 4. (CUDA only) training on Triton kernels (kernel attention: fla-core's chunked
-   kernels and FAVOR+'s feature kernels; FLASH: its mixed chunk kernels): each
-   family's benchmark LM, 2 rows of 2048 tokens in fp32 and bf16, the loss and
-   gradients of a training pass on the kernels against the torch forms, and each
-   pass's time.
+   kernels and FAVOR+'s feature kernels; FLASH: its mixed chunk kernels; the
+   sliding window: its own): each family's benchmark LM, and each with the
+   window, 2 rows of 2048 tokens in fp32 and bf16, the loss and gradients of a
+   training pass on the kernels against the torch forms, and each pass's time.
 5. (CUDA only) forward+backward time and peak memory of the timed training
    forms, fp32 and bf16, against torch's scaled_dot_product_attention (causal)
    and, where fla-core imports, its own `chunk_linear_attn` on elu+1 inputs,
@@ -132,13 +132,22 @@ def triton_lms(device, families=None, extra=(), dtype=torch.float32, rows=None):
     from benchmarks.op_counts import triton_modules
 
     probe = torch.zeros(1, device=device)
-    rows = rows or {family: (family, ()) for family in families or models.FAMILIES}
+    rows = rows if rows is not None else {family: (family, ()) for family in families or models.FAMILIES}
     for row, (family, flags) in rows.items():
         model = models.build("lm", family, device=str(device), dtype=dtype, extra=[*extra, *flags])[0]
         modules = triton_modules(model)
         if modules:
             yield row, model, modules, None if all(m.runs_on_triton(probe) for m in modules) else \
                 "auto chose the torch forms here"
+
+
+def with_window(families=None) -> dict:
+    """row -> (family, flags): each family (default all) that offers local precision, with
+    the recommended sliding window (suites.LOCAL)."""
+    from benchmarks import suites
+
+    return {row: (family, flags) for row, (family, flags) in suites.local_rows().items()
+            if flags and (families is None or family in families)}
 
 
 def told(modules, fused: bool):
@@ -158,11 +167,10 @@ def fused_steps(cases, device, lengths):
     on its kernel): its benchmark LM's outputs over T steps of random tokens (2 rows,
     fp32) on the kernels, the default on CUDA, against the torch steps; where the
     kernels cannot run, why."""
-    from benchmarks import models, suites
+    from benchmarks import models
 
     rows = []
-    local = {row: value for row, value in suites.local_rows().items() if value[1]}
-    for family, model, modules, why in chain(triton_lms(device), triton_lms(device, rows=local)):
+    for family, model, modules, why in chain(triton_lms(device), triton_lms(device, rows=with_window())):
         model.eval()
         for T in lengths:
             tokens = torch.randint(4, models.VOCAB, (2, T), device=device)
@@ -180,7 +188,8 @@ def fused_steps(cases, device, lengths):
 
 # -- 4. training on Triton kernels (CUDA) --------------------------------------------
 def fused_training(cases, device, lengths, families=None, extra=(), dtypes=(torch.float32, torch.bfloat16)):
-    """Every family whose modules can run on Triton kernels: its benchmark LM's loss and
+    """Every family whose modules can run on Triton kernels, and every family with the
+    recommended sliding window (which trains on its kernels): its benchmark LM's loss and
     gradients of one training pass over T tokens (2 rows) in each of `dtypes` (the LM's
     weights and activations, as the train suites run it) on the kernels, the default on
     CUDA, against the torch forms in the same dtype; a family whose pass is the same on
@@ -191,7 +200,9 @@ def fused_training(cases, device, lengths, families=None, extra=(), dtypes=(torc
     LMs) make it small for the tests."""
     rows = []
     for dtype in dtypes:
-        for family, model, modules, why in triton_lms(device, families, extra, dtype):
+        for family, model, modules, why in chain(triton_lms(device, families, extra, dtype),
+                                                 triton_lms(device, extra=extra, dtype=dtype,
+                                                            rows=with_window(families))):
             model.train()
             rows += [{"family": family, "form": "fused-train", "T": T, "dtype": str(dtype).split(".")[-1],
                       **training_pair(model, modules, T, device, why), **tiles_chosen(modules, device, dtype)}

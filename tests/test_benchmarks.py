@@ -519,25 +519,28 @@ def test_gpu_ops_check_compares_the_fused_steps_with_the_torch_steps(monkeypatch
 def test_gpu_ops_check_compares_training_on_the_kernels_with_the_torch_forms(monkeypatch, triton_device):
     """The GPU check's fused-training section: kernel attention's LM trains on the
     kernels (fla-core's and FAVOR+'s feature kernels; here told to, through the
-    interpreter) to the torch forms' loss and gradients, and FLASH's on its mixed
-    chunk kernels, in float32 and (to bfloat16's precision) in bfloat16 (not kernel
-    attention: fla-core's kernels multiply no bfloat16 in the interpreter); FLASH's
-    rows name the tiles its kernels ran with."""
+    interpreter) to the torch forms' loss and gradients, alone and with the
+    recommended window on its kernels, and FLASH's on its mixed chunk kernels, in
+    float32 and (to bfloat16's precision) in bfloat16 (not kernel attention:
+    fla-core's kernels multiply no bfloat16 in the interpreter); FLASH's rows name
+    the tiles its kernels ran with."""
     from benchmarks import gpu_ops_check
     from linear_fairseq.modules.flash_gau import GatedAttentionUnit
+    from linear_fairseq.modules.local import SlidingWindow
     from linear_fairseq.ops.mixed_chunk_triton import TILES
     from linear_fairseq.modules.performer_attention import PerformerAttention
     from linear_fairseq.ops import performer_fla
 
     if performer_fla.unavailable():
         pytest.skip(performer_fla.unavailable())
-    for module in (GatedAttentionUnit, PerformerAttention):
+    for module in (GatedAttentionUnit, PerformerAttention, SlidingWindow):
         monkeypatch.setattr(module, "runs_on_triton", lambda self, x: True)
     device, small = torch.device(triton_device), ("--decoder-layers", "1")  # fla-core interpreted: a small LM
     rows = {(r["family"], r["dtype"]): r for r in gpu_ops_check.fused_training(None, device, (16,), ["flash"], small)
             + gpu_ops_check.fused_training(None, device, (16,), ["performer"], (*small, "--num-features", "16"),
                                            dtypes=(torch.float32,))}
-    assert sorted(rows) == [("flash", "bfloat16"), ("flash", "float32"), ("performer", "float32")]
+    assert sorted(rows) == [("flash", "bfloat16"), ("flash", "float32"), ("performer", "float32"),
+                            ("performer+local", "float32")]  # with the window, which trains on its kernels
     eps = torch.finfo(torch.bfloat16).eps
     for (family, dtype), row in rows.items():
         loss, grad = (1e-5, 1e-4) if dtype == "float32" else (eps, 4 * eps)
