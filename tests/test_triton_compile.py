@@ -27,7 +27,10 @@ def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
     attention's inputs (FAVOR+'s 266 features a head, the normalizer's column
     beside the values, RFA's gate); FLASH's five mixed chunk kernels over two
     chunks, with RoPE and without, each relu^2 normalization, with each of the tiles
-    a GPU chooses from, their half products on the tensor cores."""
+    a GPU chooses from, their half products on the tensor cores. MemSizer's decoding
+    step; the sliding window's step, and its training kernels (the causal forward
+    and backward in the LMs' training passes, the non-causal forward in a
+    translation encoder, padded and not)."""
     pytest.importorskip("triton.backends.nvidia", reason="the check compiles with Triton's NVIDIA backend")
     from linear_fairseq.ops import mixed_chunk_triton
 
@@ -59,15 +62,22 @@ def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
     operands = {"float32": [], "bfloat16": ["bf16"], "float16": ["f16"]}
     assert all(rec["tensor_cores"] == operands[rec["dtype"]] for rec in chunked), chunked
     kernels = {rec["kernel"] for rec in ours}
-    decoding = {"linear_fairseq.ops.flash_triton._gau_step_kernel", "linear_fairseq.ops.performer_triton._step_kernel"}
+    decoding = {f"linear_fairseq.ops.{name}" for name in (
+        "flash_triton._gau_step_kernel", "performer_triton._step_kernel", "memsizer_triton._step_kernel",
+        "local_triton._window_step_kernel")}
     training = {"linear_fairseq.ops.favor_triton._forward_kernel", "linear_fairseq.ops.favor_triton._backward_kernel",
                 *(f"linear_fairseq.ops.mixed_chunk_triton.{name}" for name in (
-                    "_chunk_sums_kernel", "_forward_kernel", "_chunk_grads_kernel", "_queries_kernel", "_keys_kernel"))}
-    assert kernels == decoding | training
+                    "_chunk_sums_kernel", "_forward_kernel", "_chunk_grads_kernel", "_queries_kernel", "_keys_kernel")),
+                "linear_fairseq.ops.local_triton._backward_kernel"}
+    both = {"linear_fairseq.ops.local_triton._forward_kernel"}  # a translation encoder's window while decoding
+    assert kernels == decoding | training | both
     for kernel in kernels:
         cases = {(rec["dtype"], rec["padded"]) for rec in ours if rec["kernel"] == kernel}
-        padded = (False, True) if kernel in decoding else (False,)  # the training pass runs unpadded blocks
+        padded = (False,) if kernel in training else (False, True)  # the training pass runs unpadded blocks
         assert cases == {(d, p) for d in ("float32", "bfloat16", "float16") for p in padded}, kernel
+    # the window's forward: non-causal in a translation encoder (decoding), causal in an LM's training pass
+    passes = {(rec["pass"], rec["dtype"]) for rec in ours if rec["kernel"] in both}
+    assert passes == {(p, d) for p in ("decode", "train") for d in ("float32", "bfloat16", "float16")}
     assert {"flash lm", "flash mt_relbias", "flash lm_no_rope", "performer lm", "performer lm_favor_gate",
             "performer mt_rfa", "performer mt_elu"} <= {rec["row"] for rec in ours}
     if importlib.util.find_spec("fla") is not None:

@@ -66,16 +66,20 @@ def _tile(x, rows, dims, T, d, s_t, s_d):
 
 
 @triton.jit
+def _program(H, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's first position, batch row, head, its BLOCK positions and the head's dims."""
+    first = tl.program_id(0) * BLOCK
+    return (first, tl.program_id(1) // H, tl.program_id(1) % H, first + tl.arange(0, BLOCK),
+            tl.arange(0, BLOCK_D))
+
+
+@triton.jit
 def _forward_kernel(
     qkv, out, lse, padding_mask, T, H, W, d, scale,
     s_b, s_t, s_p, s_h, s_d, so_b, so_t, so_h, so_d, spm_b, spm_t,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i0 = tl.program_id(0) * BLOCK
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    rows = i0 + tl.arange(0, BLOCK)
-    dims = tl.arange(0, BLOCK_D)
+    i0, b, h, rows, dims = _program(H, BLOCK, BLOCK_D)
     at = qkv + b * s_b + h * s_h
     q = _tile(at, rows, dims, T, d, s_t, s_d).to(tl.float32)
     before, after = _reach(W, CAUSAL)
@@ -84,8 +88,7 @@ def _forward_kernel(
     acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
     for j0 in range(tl.maximum(i0 - before, 0), tl.minimum(i0 + BLOCK + after, T), BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
-        k = _tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
-        v = _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
+        k, v = _keys_values(at, cols, dims, T, d, s_t, s_p, s_d)
         scores = _dot(q, tl.trans(k), OP) * scale
         scores = tl.where(_seen(rows[:, None], cols[None, :], T, W, padding_mask, spm_b, spm_t, b, HAS_MASK, CAUSAL),
                           scores, -float("inf"))
@@ -124,68 +127,55 @@ def _query_rows(qkv, out, grad_out, lse, rows, dims, b, h, T, H, d, s_t, s_d, so
 
 
 @triton.jit
-def _backward_keys_kernel(
-    qkv, out, grad_out, lse, grad, padding_mask, T, H, W, d, scale,
-    s_b, s_t, s_p, s_h, s_d, so_b, so_t, so_h, so_d, sg_b, sg_t, sg_h, sg_d,
-    sd_b, sd_t, sd_p, sd_h, sd_d, spm_b, spm_t,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dK and dV of a block of keys, from the query blocks whose windows reach it."""
-    j0 = tl.program_id(0) * BLOCK
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    cols = j0 + tl.arange(0, BLOCK)
-    dims = tl.arange(0, BLOCK_D)
-    at = qkv + b * s_b + h * s_h
-    k = _tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
-    v = _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
-    before, after = _reach(W, CAUSAL)
-    dk = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    for i0 in range(tl.maximum(j0 - after, 0), tl.minimum(j0 + BLOCK + before, T), BLOCK):
-        rows = i0 + tl.arange(0, BLOCK)
-        q, do, m, delta = _query_rows(at, out + b * so_b + h * so_h, grad_out + b * sg_b + h * sg_h, lse, rows,
-                                      dims, b, h, T, H, d, s_t, s_d, so_t, so_d, sg_t, sg_d)
-        p = _weights(q, k, rows, cols, m, T, W, padding_mask, spm_b, spm_t, b, scale, HAS_MASK, CAUSAL, OP)
-        dv += _dot(tl.trans(p), do, OP)
-        ds = p * (_dot(do, tl.trans(v), OP) - delta[:, None])
-        dk += _dot(tl.trans(ds), q, OP)
-    at = grad + b * sd_b + h * sd_h + cols[:, None] * sd_t + dims[None, :] * sd_d
-    inside = (cols[:, None] < T) & (dims[None, :] < d)
-    tl.store(at + sd_p, (dk * scale).to(grad.dtype.element_ty), mask=inside)
-    tl.store(at + 2 * sd_p, dv.to(grad.dtype.element_ty), mask=inside)
+def _keys_values(at, cols, dims, T, d, s_t, s_p, s_d):
+    """k and v (float32) of keys `cols` of one row and head (`at`) of the projection."""
+    return (_tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32),
+            _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32))
 
 
 @triton.jit
-def _backward_queries_kernel(
+def _backward_kernel(
     qkv, out, grad_out, lse, grad, padding_mask, T, H, W, d, scale,
     s_b, s_t, s_p, s_h, s_d, so_b, so_t, so_h, so_d, sg_b, sg_t, sg_h, sg_d,
     sd_b, sd_t, sd_p, sd_h, sd_d, spm_b, spm_t,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    KEYS: tl.constexpr,
 ):
-    """dQ of a block of queries, from the key blocks their windows reach."""
-    i0 = tl.program_id(0) * BLOCK
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    rows = i0 + tl.arange(0, BLOCK)
-    dims = tl.arange(0, BLOCK_D)
+    """KEYS: dK and dV of a block of keys, from the query blocks whose windows reach it;
+    else dQ of a block of queries, from the key blocks their windows reach."""
+    n0, b, h, own, dims = _program(H, BLOCK, BLOCK_D)
     at = qkv + b * s_b + h * s_h
-    q, do, m, delta = _query_rows(at, out + b * so_b + h * so_h, grad_out + b * sg_b + h * sg_h, lse, rows, dims,
-                                  b, h, T, H, d, s_t, s_d, so_t, so_d, sg_t, sg_d)
+    out += b * so_b + h * so_h
+    grad_out += b * sg_b + h * sg_h
+    grad += b * sd_b + h * sd_h + own[:, None] * sd_t + dims[None, :] * sd_d
+    inside = (own[:, None] < T) & (dims[None, :] < d)
     before, after = _reach(W, CAUSAL)
-    dq = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    for j0 in range(tl.maximum(i0 - before, 0), tl.minimum(i0 + BLOCK + after, T), BLOCK):
-        cols = j0 + tl.arange(0, BLOCK)
-        k = _tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
-        v = _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32)
-        p = _weights(q, k, rows, cols, m, T, W, padding_mask, spm_b, spm_t, b, scale, HAS_MASK, CAUSAL, OP)
-        ds = p * (_dot(do, tl.trans(v), OP) - delta[:, None])
-        dq += _dot(ds, k, OP)
-    tl.store(grad + b * sd_b + h * sd_h + rows[:, None] * sd_t + dims[None, :] * sd_d,
-             (dq * scale).to(grad.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < d))
+    if KEYS:
+        k, v = _keys_values(at, own, dims, T, d, s_t, s_p, s_d)
+        dk = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+        for i0 in range(tl.maximum(n0 - after, 0), tl.minimum(n0 + BLOCK + before, T), BLOCK):
+            rows = i0 + tl.arange(0, BLOCK)
+            q, do, m, delta = _query_rows(at, out, grad_out, lse, rows, dims, b, h, T, H, d, s_t, s_d, so_t, so_d,
+                                          sg_t, sg_d)
+            p = _weights(q, k, rows, own, m, T, W, padding_mask, spm_b, spm_t, b, scale, HAS_MASK, CAUSAL, OP)
+            dv += _dot(tl.trans(p), do, OP)
+            dk += _dot(tl.trans(p * (_dot(do, tl.trans(v), OP) - delta[:, None])), q, OP)
+        tl.store(grad + sd_p, (dk * scale).to(grad.dtype.element_ty), mask=inside)
+        tl.store(grad + 2 * sd_p, dv.to(grad.dtype.element_ty), mask=inside)
+    else:
+        q, do, m, delta = _query_rows(at, out, grad_out, lse, own, dims, b, h, T, H, d, s_t, s_d, so_t, so_d,
+                                      sg_t, sg_d)
+        dq = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+        for j0 in range(tl.maximum(n0 - before, 0), tl.minimum(n0 + BLOCK + after, T), BLOCK):
+            cols = j0 + tl.arange(0, BLOCK)
+            k, v = _keys_values(at, cols, dims, T, d, s_t, s_p, s_d)
+            p = _weights(q, k, own, cols, m, T, W, padding_mask, spm_b, spm_t, b, scale, HAS_MASK, CAUSAL, OP)
+            dq += _dot(p * (_dot(do, tl.trans(v), OP) - delta[:, None]), k, OP)
+        tl.store(grad, (dq * scale).to(grad.dtype.element_ty), mask=inside)
 
 
-def _launch(kernel, qkv, W, causal, padding_mask, *tensors, strided=()):
+def _launch(kernel, qkv, W, causal, padding_mask, *tensors, strided=(), **constants):
     """Launches `kernel` over (blocks of BLOCK positions, rows x heads) with qkv's sizes and the
     strides of qkv, then of each of `strided`."""
     B, T, _, H, d = qkv.shape
@@ -193,7 +183,7 @@ def _launch(kernel, qkv, W, causal, padding_mask, *tensors, strided=()):
         qkv, *tensors, padding_mask, T, H, W, d, d ** -0.5,
         *qkv.stride(), *(n for t in strided for n in t.stride()), *strides(padding_mask, 2),
         HAS_MASK=padding_mask is not None, CAUSAL=causal, OP=OPERANDS[qkv.dtype], BLOCK=BLOCK,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), **constants,
     )
 
 
@@ -212,9 +202,9 @@ class _Window(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         qkv, out, lse, padding_mask = ctx.saved_tensors
         grad = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        for kernel in (_backward_keys_kernel, _backward_queries_kernel):
-            _launch(kernel, qkv, ctx.W, ctx.causal, padding_mask, out, grad_out, lse, grad,
-                    strided=(out, grad_out, grad))
+        for keys in (True, False):
+            _launch(_backward_kernel, qkv, ctx.W, ctx.causal, padding_mask, out, grad_out, lse, grad,
+                    strided=(out, grad_out, grad), KEYS=keys)
         return grad, None, None, None
 
 
