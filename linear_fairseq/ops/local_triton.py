@@ -5,10 +5,12 @@ on q, k, v given as one projection (B, T, 3, H, d), with autograd: one forward
 kernel, a program per block of BLOCK queries of a row and head reading only
 the key blocks its window reaches, with a running maximum and sum (the
 softmax as a fused attention computes it), keeping each query's
-log-sum-exp; and two backward kernels, one per block of keys (dK, dV, from
-the query blocks that reach it) and one per block of queries (dQ), which
-recompute the weights from the log-sum-exp. The gradient of q, k and v is
-written as one tensor of the projection's shape. Work and memory are O(T W d).
+log-sum-exp; and one backward kernel launched twice, which recomputes the
+weights from the log-sum-exp: per block of queries (dQ, and D = rowsum(dO O),
+kept), then per block of keys (dK, dV, from the query blocks that reach it,
+with the weights laid out keys by queries so no product takes a transposed
+tile). The gradient of q, k and v is written as one tensor of the
+projection's shape. Work and memory are O(T W d).
 
 ``window_step`` is the function of ``local.window_step`` (same arguments, same
 state), for decoding only (no autograd: the ring is written in place). Per batch row and
@@ -49,8 +51,8 @@ def _reach(W, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _seen(i, j, T, W, padding_mask, spm_b, spm_t, b, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    """(queries i (M, 1), keys j (1, N)): whether query i attends to key j: in its window,
-    inside the sequence, not padding."""
+    """Whether queries i attend to keys j (positions, broadcast against each other): in the
+    query's window, inside the sequence, not padding."""
     before, after = _reach(W, CAUSAL)
     ok = (i - j <= before) & (j - i <= after) & (j >= 0) & (j < T)
     if HAS_MASK:
@@ -63,6 +65,28 @@ def _tile(x, rows, dims, T, d, s_t, s_d):
     """rows (positions) by dims of one row and head of x (strides s_t, s_d), zeros outside."""
     return tl.load(x + rows[:, None] * s_t + dims[None, :] * s_d, mask=(rows[:, None] < T) & (dims[None, :] < d),
                    other=0.0)
+
+
+@triton.jit
+def _tile_t(x, rows, dims, T, d, s_t, s_d):
+    """_tile transposed: dims by rows (positions), float32."""
+    return tl.load(x + rows[None, :] * s_t + dims[:, None] * s_d, mask=(rows[None, :] < T) & (dims[:, None] < d),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _keys_values(at, cols, dims, T, d, s_t, s_p, s_d):
+    """k and v (float32) of keys `cols` of one row and head (`at`) of the projection."""
+    return (_tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32),
+            _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32))
+
+
+@triton.jit
+def _query_rows(qkv, grad_out, lse, rows, dims, b, h, T, H, d, s_t, s_d, sg_t, sg_d):
+    """A block of queries: q, dO (float32) and their log-sum-exp."""
+    q = _tile(qkv, rows, dims, T, d, s_t, s_d).to(tl.float32)
+    do = _tile(grad_out, rows, dims, T, d, sg_t, sg_d).to(tl.float32)
+    return q, do, tl.load(lse + (b * H + h) * T + rows, mask=rows < T, other=float("inf"))
 
 
 @triton.jit
@@ -108,41 +132,16 @@ def _forward_kernel(
 
 
 @triton.jit
-def _weights(q, k, rows, cols, lse, T, W, padding_mask, spm_b, spm_t, b, scale,
-             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr):
-    """The softmax weights of queries `rows` over keys `cols`, from the queries' log-sum-exp."""
-    scores = _dot(q, tl.trans(k), OP) * scale
-    seen = _seen(rows[:, None], cols[None, :], T, W, padding_mask, spm_b, spm_t, b, HAS_MASK, CAUSAL)
-    return tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
-
-
-@triton.jit
-def _query_rows(qkv, out, grad_out, lse, rows, dims, b, h, T, H, d, s_t, s_d, so_t, so_d, sg_t, sg_d):
-    """A block of queries: q, dO, their log-sum-exp and D = rowsum(dO * O), float32."""
-    q = _tile(qkv, rows, dims, T, d, s_t, s_d).to(tl.float32)
-    do = _tile(grad_out, rows, dims, T, d, sg_t, sg_d).to(tl.float32)
-    o = _tile(out, rows, dims, T, d, so_t, so_d).to(tl.float32)
-    m = tl.load(lse + (b * H + h) * T + rows, mask=rows < T, other=float("inf"))
-    return q, do, m, tl.sum(do * o, axis=1)
-
-
-@triton.jit
-def _keys_values(at, cols, dims, T, d, s_t, s_p, s_d):
-    """k and v (float32) of keys `cols` of one row and head (`at`) of the projection."""
-    return (_tile(at + s_p, cols, dims, T, d, s_t, s_d).to(tl.float32),
-            _tile(at + 2 * s_p, cols, dims, T, d, s_t, s_d).to(tl.float32))
-
-
-@triton.jit
 def _backward_kernel(
-    qkv, out, grad_out, lse, grad, padding_mask, T, H, W, d, scale,
+    qkv, out, grad_out, lse, delta, grad, padding_mask, T, H, W, d, scale,
     s_b, s_t, s_p, s_h, s_d, so_b, so_t, so_h, so_d, sg_b, sg_t, sg_h, sg_d,
     sd_b, sd_t, sd_p, sd_h, sd_d, spm_b, spm_t,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     KEYS: tl.constexpr,
 ):
     """KEYS: dK and dV of a block of keys, from the query blocks whose windows reach it;
-    else dQ of a block of queries, from the key blocks their windows reach."""
+    else dQ of a block of queries, from the key blocks their windows reach, and the
+    queries' D = rowsum(dO * O) (`delta`), which the keys' programs read: they run after."""
     n0, b, h, own, dims = _program(H, BLOCK, BLOCK_D)
     at = qkv + b * s_b + h * s_h
     out += b * so_b + h * so_h
@@ -156,22 +155,27 @@ def _backward_kernel(
         dv = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
         for i0 in range(tl.maximum(n0 - after, 0), tl.minimum(n0 + BLOCK + before, T), BLOCK):
             rows = i0 + tl.arange(0, BLOCK)
-            q, do, m, delta = _query_rows(at, out, grad_out, lse, rows, dims, b, h, T, H, d, s_t, s_d, so_t, so_d,
-                                          sg_t, sg_d)
-            p = _weights(q, k, rows, own, m, T, W, padding_mask, spm_b, spm_t, b, scale, HAS_MASK, CAUSAL, OP)
-            dv += _dot(tl.trans(p), do, OP)
-            dk += _dot(tl.trans(p * (_dot(do, tl.trans(v), OP) - delta[:, None])), q, OP)
+            q, do, m = _query_rows(at, grad_out, lse, rows, dims, b, h, T, H, d, s_t, s_d, sg_t, sg_d)
+            D = tl.load(delta + (b * H + h) * T + rows, mask=rows < T, other=0.0)
+            # the weights and their gradient transposed, keys by queries: no transposed tile in a product
+            seen = _seen(rows[None, :], own[:, None], T, W, padding_mask, spm_b, spm_t, b, HAS_MASK, CAUSAL)
+            pT = tl.where(seen, tl.exp(_dot(k, _tile_t(at, rows, dims, T, d, s_t, s_d), OP) * scale - m[None, :]),
+                          0.0)
+            dv += _dot(pT, do, OP)
+            dk += _dot(pT * (_dot(v, _tile_t(grad_out, rows, dims, T, d, sg_t, sg_d), OP) - D[None, :]), q, OP)
         tl.store(grad + sd_p, (dk * scale).to(grad.dtype.element_ty), mask=inside)
         tl.store(grad + 2 * sd_p, dv.to(grad.dtype.element_ty), mask=inside)
     else:
-        q, do, m, delta = _query_rows(at, out, grad_out, lse, own, dims, b, h, T, H, d, s_t, s_d, so_t, so_d,
-                                      sg_t, sg_d)
+        q, do, m = _query_rows(at, grad_out, lse, own, dims, b, h, T, H, d, s_t, s_d, sg_t, sg_d)
+        D = tl.sum(do * _tile(out, own, dims, T, d, so_t, so_d).to(tl.float32), axis=1)
+        tl.store(delta + (b * H + h) * T + own, D, mask=own < T)
         dq = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
         for j0 in range(tl.maximum(n0 - before, 0), tl.minimum(n0 + BLOCK + after, T), BLOCK):
             cols = j0 + tl.arange(0, BLOCK)
             k, v = _keys_values(at, cols, dims, T, d, s_t, s_p, s_d)
-            p = _weights(q, k, own, cols, m, T, W, padding_mask, spm_b, spm_t, b, scale, HAS_MASK, CAUSAL, OP)
-            dq += _dot(p * (_dot(do, tl.trans(v), OP) - delta[:, None]), k, OP)
+            seen = _seen(own[:, None], cols[None, :], T, W, padding_mask, spm_b, spm_t, b, HAS_MASK, CAUSAL)
+            p = tl.where(seen, tl.exp(_dot(q, tl.trans(k), OP) * scale - m[:, None]), 0.0)
+            dq += _dot(p * (_dot(do, tl.trans(v), OP) - D[:, None]), k, OP)
         tl.store(grad, (dq * scale).to(grad.dtype.element_ty), mask=inside)
 
 
@@ -202,8 +206,9 @@ class _Window(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         qkv, out, lse, padding_mask = ctx.saved_tensors
         grad = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        for keys in (True, False):
-            _launch(_backward_kernel, qkv, ctx.W, ctx.causal, padding_mask, out, grad_out, lse, grad,
+        delta = torch.empty_like(lse)
+        for keys in (False, True):  # the queries' programs write D, which the keys' read
+            _launch(_backward_kernel, qkv, ctx.W, ctx.causal, padding_mask, out, grad_out, lse, delta, grad,
                     strided=(out, grad_out, grad), KEYS=keys)
         return grad, None, None, None
 
