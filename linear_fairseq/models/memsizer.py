@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103, transformer_lm_gpt
 
 from ..families import Family, Variant
-from ..modules.memsizer_attention import MEMSIZER_BACKENDS, MemsizerAttention, memsizer_problems
+from ..modules.backends import TRITON_BACKENDS
+from ..modules.memsizer_attention import MemsizerAttention, memsizer_problems
 from .family import register, role_choice
 from .linear_transformer import MT_PRESETS
 from .options import LinearLMConfig, LinearTransformerConfig, LocalOptions, choice, option
@@ -28,7 +29,7 @@ class MemsizerOptions(LocalOptions):
     kv_init_scale: float = option(8.0, "init gain of W_l and W_r is scale^-1/2")
     memsizer_chunk_size: int = option(64, "chunk length of the causal training form (speed/memory only)")
     memsizer_backend: str = choice(
-        "auto", MEMSIZER_BACKENDS, "where the causal decoding step runs: triton, one Triton kernel a step from the "
+        "auto", TRITON_BACKENDS, "where the causal decoding step runs: triton, one Triton kernel a step from the "
         "projections to the output (CUDA); torch; auto, triton where it can run")
 
 

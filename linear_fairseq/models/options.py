@@ -10,7 +10,7 @@ from fairseq.models.transformer_lm import TransformerLanguageModelConfig
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
-from ..modules.local import LOCAL_BACKENDS
+from ..modules.backends import TRITON_BACKENDS
 
 
 def _flat_fields(dc, prefix: str = ""):
@@ -60,7 +60,7 @@ class LocalOptions(FairseqDataclass):
                                 "decoder, centred in the encoder); 0: none")
     local_window: int = option(0, "W, exact softmax attention over the last W positions (the decoder) or the W//2 "
                                   "on each side (the encoder), added to the family's; 0: none")
-    local_backend: str = choice("auto", LOCAL_BACKENDS,
+    local_backend: str = choice("auto", TRITON_BACKENDS,
                                 "where the window runs: triton, Triton kernels (CUDA) for its parallel form "
                                 "(training) and its decoding step; torch; auto, triton where it can run")
 

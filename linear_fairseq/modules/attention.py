@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from .. import families
 from ..errors import ConfigError
 from ..families import Family, Problem
+from .backends import TRITON_BACKENDS
 from .incremental import IncrementalState, State, select_rows
-from .local import LOCAL_BACKENDS, ShortConv, SlidingWindow
+from .local import ShortConv, SlidingWindow
 
 ROLES = ("encoder_self", "decoder_self", "cross")
 
@@ -68,7 +69,7 @@ def local_problems(options: dict) -> List[Problem]:
     return first_problem((
         ("short_conv", K, lambda: is_int(K) and K >= 0, "must be an integer >= 0 (0: no convolution)"),
         ("local_window", W, lambda: is_int(W) and W >= 0, "must be an integer >= 0 (0: no window)"),
-        ("local_backend", backend, lambda: backend in LOCAL_BACKENDS, f"choose from {', '.join(LOCAL_BACKENDS)}"),
+        ("local_backend", backend, lambda: backend in TRITON_BACKENDS, f"choose from {', '.join(TRITON_BACKENDS)}"),
     ))
 
 

@@ -6,6 +6,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..ops.common import triton_unavailable
 
+TRITON_BACKENDS = ("auto", "torch", "triton")  # the choices of an option whose kernels are Triton's
+
 
 def on_kernels(option: str, backend: str, x: Tensor, kernels: str = "triton",
                unavailable: Callable[[], Optional[str]] = triton_unavailable, needs: str = "") -> bool:

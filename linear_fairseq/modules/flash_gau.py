@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..families import Problem
 from ..ops import flash as ops
 from .attention import build_attention, first_problem, is_number, is_positive_int
-from .backends import on_kernels
+from .backends import TRITON_BACKENDS, on_kernels
 from .incremental import IncrementalState, State
 from .projections import load_apart, stacked
 
@@ -71,7 +71,7 @@ def build_norm(kind: str, dim: int) -> nn.Module:
 
 GAU_CHOICES = {"gau_attention": ("mixed", "quadratic"), "gau_norm": ("scalenorm", "layernorm"),
                "gau_scale_init": ("paper", "unit"), "gau_relu2_norm": ops.RELU2_NORMS,
-               "gau_backend": ("auto", "torch", "triton")}
+               "gau_backend": TRITON_BACKENDS}
 
 
 def gau_problems(options: dict, embed_dim: int, width: str = "d") -> List[Problem]:

@@ -29,8 +29,6 @@ from .backends import on_kernels
 from .incremental import State
 from .projections import load_apart, stacked
 
-LOCAL_BACKENDS = ("auto", "torch", "triton")  # --local-backend
-
 
 class ShortConv(nn.Module):
     def __init__(self, dim: int, width: int, causal: bool):
@@ -79,16 +77,16 @@ class SlidingWindow(nn.Module):
         return self.merge(L.window(*self.qkv(x), self.width, self.causal, padding_mask))
 
     def step(self, x: Tensor, state: Optional[State], padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        if self.runs_on_triton(x) and not torch.is_grad_enabled():  # the kernel scales the heads too
+        if self.runs_on_triton(x) and not torch.is_grad_enabled() and x.dtype in kernels().DTYPES:  # heads scaled
             out, state = kernels().window_step(*self.qkv(x), state, self.width, padding_mask, self.head_weight)
             return self.project(out), state
         out, state = L.window_step(*self.qkv(x), state, self.width, padding_mask)
         return self.merge(out), state
 
     def runs_on_triton(self, x: Tensor) -> bool:
-        """Whether the window runs on ops.local_triton's kernels (--local-backend): the parallel
-        form (training; float32, bfloat16, float16) and the decoding step; `triton` where they
-        cannot run is one line naming why."""
+        """Whether the window runs on ops.local_triton's kernels (--local-backend; in float32,
+        bfloat16, float16): the parallel form and the decoding step (which scales the heads
+        too); `triton` where they cannot run is one line naming why."""
         return on_kernels("local_backend", self.local_backend, x)
 
     def upgrade_state_dict_named(self, state_dict, name: str):

@@ -15,10 +15,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..ops import memsizer as M
 from .attention import LinearAttention, Problem, State, first_problem, is_number, is_positive_int
-from .backends import on_kernels
-
-
-MEMSIZER_BACKENDS = ("auto", "torch", "triton")  # --memsizer-backend
+from .backends import TRITON_BACKENDS, on_kernels
 
 
 def memsizer_problems(options: dict, embed_dim: int = 0, width: str = "") -> List[Problem]:
@@ -30,8 +27,8 @@ def memsizer_problems(options: dict, embed_dim: int = 0, width: str = "") -> Lis
         ("q_init_scale", q_scale, lambda: is_number(q_scale) and q_scale > 0, "must be > 0"),
         ("kv_init_scale", kv_scale, lambda: is_number(kv_scale) and kv_scale > 0, "must be > 0"),
         ("memsizer_chunk_size", chunk, lambda: is_positive_int(chunk), "must be a positive integer"),
-        ("memsizer_backend", backend, lambda: backend in MEMSIZER_BACKENDS,
-         f"choose from {', '.join(MEMSIZER_BACKENDS)}"),
+        ("memsizer_backend", backend, lambda: backend in TRITON_BACKENDS,
+         f"choose from {', '.join(TRITON_BACKENDS)}"),
     ))
 
 
@@ -105,20 +102,20 @@ class MemsizerAttention(LinearAttention):
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         dropped = self.training and self.dropout.p > 0  # dropout acts on the heads' mean
-        if not dropped and self.runs_on_triton(x) and not torch.is_grad_enabled():
-            return step_kernel()(self.slot_logits(x), self.w_l(x), self.w_r(x), self.k_norm, self.v_norm,
-                                 state or None, padding_mask)
+        if not dropped and self.runs_on_triton(x) and not torch.is_grad_enabled() and x.dtype in kernel().DTYPES:
+            return kernel().causal_step(self.slot_logits(x), self.w_l(x), self.w_r(x), self.k_norm, self.v_norm,
+                                        state or None, padding_mask)
         K, V = self.keys_values(x)
         p = self.slot_weights(x) if dropped else M.slot_probs(self.slot_logits(x))  # the op averages the heads
         return M.causal_step(p, K, V, state or None, padding_mask)
 
     def runs_on_triton(self, x: Tensor) -> bool:
-        """Whether the decoding step runs on ops.memsizer_triton's kernel (--memsizer-backend);
-        `triton` where it cannot run is one line naming why."""
+        """Whether the decoding step runs on ops.memsizer_triton's kernel (--memsizer-backend;
+        in float32, bfloat16, float16); `triton` where it cannot run is one line naming why."""
         return on_kernels("memsizer_backend", self.memsizer_backend, x)
 
 
-def step_kernel():
-    """ops.memsizer_triton's decoding step (imported here: it needs Triton)."""
-    from ..ops.memsizer_triton import causal_step
-    return causal_step
+def kernel():
+    """ops.memsizer_triton, the decoding step's kernel (imported here: it needs Triton)."""
+    from ..ops import memsizer_triton
+    return memsizer_triton

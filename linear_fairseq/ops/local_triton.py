@@ -37,7 +37,7 @@ from .triton_common import OPERANDS, _dot
 
 BLOCK_W = 64  # ring slots a program reads at a time (decoding)
 BLOCK = 32  # queries, or keys, a training program takes at a time
-DTYPES = tuple(OPERANDS)  # what the training kernels take
+DTYPES = tuple(OPERANDS)  # what the kernels take (the step computes in float32)
 
 
 # -- training ----------------------------------------------------------------------------

@@ -19,6 +19,9 @@ from torch import Tensor, nn
 
 from .common import State, strides
 from .memsizer import empty_state
+from .triton_common import OPERANDS
+
+DTYPES = tuple(OPERANDS)  # what the kernel takes (it computes in float32)
 
 
 @triton.jit
