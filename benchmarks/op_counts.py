@@ -19,19 +19,19 @@ no other such operator, one per kernel a GPU would launch, of
           which stands in for attention and FFN).
 
 A row whose modules can run on Triton kernels on CUDA (they have
-runs_on_triton: `--kernel-backend`, `--gau-backend`, `--local-backend`) gets a "+triton" row,
-where Triton imports, counted on the CPU through Triton's interpreter, each
-launch one operator (the interpreter's copies of the arguments inside it do
-not count):
+runs_on_triton: `--memsizer-backend`, `--kernel-backend`, `--gau-backend`,
+`--local-backend`) gets a "+triton" row, where Triton imports, counted on the
+CPU through Triton's interpreter, each launch one operator (the interpreter's
+copies of the arguments inside it do not count):
 
   decode  the prefix fills the state on the torch step, then the counted step
           runs on the kernels;
   train   where the training pass launches Triton kernels (kernel attention
           on fla-core's and its own FAVOR+ feature kernels, where fla-core
-          imports; FLASH's causal units on their mixed chunk kernels), each
-          launch is counted and not run (the count does not depend on the
-          values); elsewhere the row trains as the family's torch row and
-          shows no training count.
+          imports; FLASH's causal units on their mixed chunk kernels; the
+          sliding window on its kernels), each launch is counted and not run
+          (the count does not depend on the values); elsewhere the row trains
+          as the family's torch row and shows no training count.
 
 Counts, not timings: the numbers do not depend on the machine's speed.
 Writes JSON and a markdown table beside it; an existing FILE.json (the
@@ -299,8 +299,8 @@ def main(argv=None):
         "forward+backward (train, batch 1) and per incremental decoding step "
         "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`; +triton: on the Triton "
         "kernels a CUDA run takes (decoding on the plugin's steps, training on the Triton kernels where the "
-        "family's does: fla-core's and the FAVOR+ feature kernels, FLASH's mixed chunk kernels; no training "
-        "count: it trains as its torch row), counted here through Triton's "
+        "family's does: fla-core's and the FAVOR+ feature kernels, FLASH's mixed chunk kernels, the sliding "
+        "window's kernels; no training count: it trains as its torch row), counted here through Triton's "
         "interpreter, a launch one operator (the training kernels counted, not run):\n\n"
         + table(results))
     print(table(results))

@@ -25,14 +25,20 @@ DTYPES = tuple(OPERANDS)  # what the kernel takes (it computes in float32)
 
 
 @triton.jit
-def _layer_norm(x, inside, n, weight, bias, at, eps):
-    """LN over the n entries of x where `inside`, with the affine weight and bias read at `at`."""
-    mean = tl.sum(x, axis=0) / n
+def _moments(x, inside, n, eps):
+    """The mean and 1 / sqrt(variance + eps) of the n entries of x where `inside`."""
+    mean = tl.sum(tl.where(inside, x, 0.0), axis=0) / n
     centred = tl.where(inside, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / n
+    return mean, tl.rsqrt(tl.sum(centred * centred, axis=0) / n + eps)
+
+
+@triton.jit
+def _normed(x, mean, rstd, weight, bias, at, inside, dtype):
+    """LN's output at entries `at` of a row with those moments, rounded to `dtype` (as the norm
+    writes it), float32; zero outside."""
     w = tl.load(weight + at, mask=inside, other=0.0).to(tl.float32)
     b = tl.load(bias + at, mask=inside, other=0.0).to(tl.float32)
-    return centred * tl.rsqrt(var + eps) * w + b
+    return ((x - mean) * rstd * w + b).to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -52,20 +58,17 @@ def _step_kernel(
         e = tl.exp(z - tl.max(z, axis=0))
         p += e / tl.sum(e, axis=0)
     p = p / H
-    # K = LN(x W_l), V = LN(x W_r) (statistics over the whole row), rounded to the norms' output dtype
+    # K = LN(x W_l), V = LN(x W_r) (V's moments over the whole row, its values at this block's columns)
     kp = tl.load(k_pre + b * skp_b + slots * skp_k, mask=in_k, other=0.0).to(tl.float32)
-    key = _layer_norm(kp, in_k, k, k_weight, k_bias, slots, k_eps).to(out.dtype.element_ty).to(tl.float32)
+    k_mean, k_rstd = _moments(kp, in_k, k, k_eps)
+    key = _normed(kp, k_mean, k_rstd, k_weight, k_bias, slots, in_k, out.dtype.element_ty)
     row = tl.arange(0, BLOCK_ROW)
-    vp_row = tl.load(v_pre + b * svp_b + row * svp_d, mask=row < d, other=0.0).to(tl.float32)
-    v_mean = tl.sum(vp_row, axis=0) / d
-    v_centred = tl.where(row < d, vp_row - v_mean, 0.0)
-    v_rstd = tl.rsqrt(tl.sum(v_centred * v_centred, axis=0) / d + v_eps)
+    v_mean, v_rstd = _moments(tl.load(v_pre + b * svp_b + row * svp_d, mask=row < d, other=0.0).to(tl.float32),
+                              row < d, d, v_eps)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
     vp = tl.load(v_pre + b * svp_b + cols * svp_d, mask=in_d, other=0.0).to(tl.float32)
-    w = tl.load(v_weight + cols, mask=in_d, other=0.0).to(tl.float32)
-    bias = tl.load(v_bias + cols, mask=in_d, other=0.0).to(tl.float32)
-    value = ((vp - v_mean) * v_rstd * w + bias).to(out.dtype.element_ty).to(tl.float32)
+    value = _normed(vp, v_mean, v_rstd, v_weight, v_bias, cols, in_d, out.dtype.element_ty)
     # S += k v^T and n += 1 for a real token; out = p S / sqrt(n)
     real = 1.0
     if HAS_MASK:
