@@ -32,7 +32,6 @@ import json
 import platform
 import sys
 import traceback
-from itertools import chain
 from pathlib import Path
 
 import torch
@@ -123,16 +122,14 @@ def low_precision(cases, device, lengths):
 
 
 # -- the benchmark LMs on Triton kernels (3, 4) -------------------------------------
-def triton_lms(device, families=None, extra=(), dtype=torch.float32, rows=None):
+def triton_lms(device, rows: dict, extra=(), dtype=torch.float32):
     """(row, benchmark LM in `dtype`, its modules that can run on Triton kernels, why
-    they do not here or None) for each family (default all) whose LM has such modules,
-    the row its name; or for each of `rows` (row -> (family, its flags), as
-    suites.local_rows gives them) whose LM has such modules."""
+    they do not here or None) for each of `rows` (row -> (family, its flags), as lm_rows
+    gives them) whose LM has such modules."""
     from benchmarks import models
     from benchmarks.op_counts import triton_modules
 
     probe = torch.zeros(1, device=device)
-    rows = rows if rows is not None else {family: (family, ()) for family in families or models.FAMILIES}
     for row, (family, flags) in rows.items():
         model = models.build("lm", family, device=str(device), dtype=dtype, extra=[*extra, *flags])[0]
         modules = triton_modules(model)
@@ -141,13 +138,15 @@ def triton_lms(device, families=None, extra=(), dtype=torch.float32, rows=None):
                 "auto chose the torch forms here"
 
 
-def with_window(families=None) -> dict:
-    """row -> (family, flags): each family (default all) that offers local precision, with
-    the recommended sliding window (suites.LOCAL)."""
-    from benchmarks import suites
+def lm_rows(families=None) -> dict:
+    """row -> (family, flags): each family (default all) as it is, then each that offers
+    local precision with the recommended sliding window (suites.LOCAL)."""
+    from benchmarks import models, suites
 
-    return {row: (family, flags) for row, (family, flags) in suites.local_rows().items()
-            if flags and (families is None or family in families)}
+    families = families or models.FAMILIES
+    window = {row: (family, flags) for row, (family, flags) in suites.local_rows().items()
+              if flags and family in families}
+    return {**{family: (family, ()) for family in families}, **window}
 
 
 def told(modules, fused: bool):
@@ -170,7 +169,7 @@ def fused_steps(cases, device, lengths):
     from benchmarks import models
 
     rows = []
-    for family, model, modules, why in chain(triton_lms(device), triton_lms(device, rows=with_window())):
+    for family, model, modules, why in triton_lms(device, lm_rows()):
         model.eval()
         for T in lengths:
             tokens = torch.randint(4, models.VOCAB, (2, T), device=device)
@@ -200,9 +199,7 @@ def fused_training(cases, device, lengths, families=None, extra=(), dtypes=(torc
     LMs) make it small for the tests."""
     rows = []
     for dtype in dtypes:
-        for family, model, modules, why in chain(triton_lms(device, families, extra, dtype),
-                                                 triton_lms(device, extra=extra, dtype=dtype,
-                                                            rows=with_window(families))):
+        for family, model, modules, why in triton_lms(device, lm_rows(families), extra, dtype):
             model.train()
             rows += [{"family": family, "form": "fused-train", "T": T, "dtype": str(dtype).split(".")[-1],
                       **training_pair(model, modules, T, device, why), **tiles_chosen(modules, device, dtype)}

@@ -206,8 +206,8 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         projection: a causal pass on the Triton kernels where the unit runs on them
         (runs_on_triton) and they take its dtype."""
         gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
-        on_kernels = self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES
-        tiles = self.kernel_tiles(uvz) if on_kernels else None
+        fused = self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES
+        tiles = self.kernel_tiles(uvz) if fused else None
         if tiles:
             return chunk_kernels().gated(uvz, gamma, beta, self.rope, e=self.e, **self.options, tiles=tiles)
         u, v, z = self.activated(uvz)

@@ -48,7 +48,7 @@ class ShortConv(nn.Module):
 class SlidingWindow(nn.Module):
     STATE = L.WINDOW_STATE  # the names of step's state entries
 
-    def __init__(self, dim: int, num_heads: int, width: int, causal: bool, local_backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, width: int, causal: bool, local_backend: str):
         super().__init__()
         self.num_heads, self.width, self.causal, self.local_backend = num_heads, width, causal, local_backend
         q_proj, k_proj, v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
