@@ -8,7 +8,7 @@ then the GPU targets of the "Fast on the GPU" issue as measured (kernel
 attention's forward+backward against SDPA, the first GPU run and fla-core; LM
 training against softmax with SDPA, in float32 and in bfloat16; decoding at L = 256, batch 1 against
 softmax), the parity and precision checks, the training step's kernels and
-its costliest operators, and the fp16 fairseq-train runs.
+its costliest operators, and the fairseq-train runs (--fp16, --amp).
 A file the check did not write is named as not measured. --readme replaces
 the block between the gpu markers in that file. It runs anywhere (no GPU).
 """
@@ -129,13 +129,14 @@ def tiles(row: dict) -> str:
     return f"{row['tiles']} ({timed})" if timed else row["tiles"]
 
 
-def fp16_runs(check: dict) -> list:
-    lines = [f"`fairseq-train {'--fp16 ' if check['fp16'] else ''}`, {check['updates']} updates on generated data:",
-             "", "| family | trained (finite, falling loss) | first / last loss | words/s |", "|---|:---:|---|---:|"]
+def train_runs(check: dict) -> list:
+    lines = [f"`fairseq-train`, {check['updates']} updates on generated data (`benchmarks.train_check`):", "",
+             "| family | precision | trained (finite, falling loss) | first / last loss | words/s |",
+             "|---|---|:---:|---|---:|"]
     for run in check["runs"]:
         losses, wps = run.get("losses") or [None], run.get("wps") or [None]
         loss = "-" if losses[0] is None else f"{losses[0]:.2f} / {losses[-1]:.2f}"
-        lines.append(f"| {run['family']} | {'yes' if run['ok'] else '**no**'} | {loss} | "
+        lines.append(f"| {run['family']} | {run['precision']} | {'yes' if run['ok'] else '**no**'} | {loss} | "
                      + ("-" if wps[-1] is None else f"{wps[-1]:,.0f}") + " |")
     return lines
 
@@ -163,7 +164,7 @@ def block(out: Path) -> str:
     if steps:
         parts += ["**A training step by operator** (train_profile.json)", "", report.profile_table(steps), ""]
     if check:
-        parts += fp16_runs(check) + [""]
+        parts += train_runs(check) + [""]
     ran = [f"{suite}/results.md" for suite in SUITES if suites[suite]]
     parts.append(f"Tables of each suite: {', '.join(ran)}." if ran else "No suite ran.")
     missing = [name for name, x in found.items() if x is None]

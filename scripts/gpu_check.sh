@@ -13,8 +13,9 @@
 #    python -m benchmarks.profile_train --device cuda: one training step of every row at
 #    context 2048, in float32 and bfloat16, by operator: kernels launched, where the
 #    time goes                                                        -> OUT/train_profile.json
-# 3. python -m benchmarks.train_check --fp16: a short fairseq-train of every
-#    family through the stock CLI on generated data                   -> OUT/train_check.json
+# 3. python -m benchmarks.train_check --precision fp16,amp: a short fairseq-train of every
+#    family through the stock CLI on generated data, with --fp16 and with --amp
+#                                                                      -> OUT/train_check.json
 # 4. the local suite (local precision's cost, 256 tokens)              -> OUT/local/results.{json,md}
 # 5. python -m benchmarks.gpu_block: the GPU targets as measured, and the
 #    checks, as the GPU block of docs/performance.md                  -> OUT/gpu_check.md
@@ -87,7 +88,7 @@ step train-suite-bf16 120 "$PY" -m benchmarks.run --device cuda --suite train --
     --out "$OUT/train-bf16" --no-plots
 step train-profile 90 "$PY" -m benchmarks.profile_train --device cuda --ctx 2048 --dtype float32,bfloat16 \
     --out "$OUT/train_profile.json"
-step fp16-train 150 "$PY" -m benchmarks.train_check --fp16 --updates 60 --out "$OUT/train_check.json"
+step half-train 150 "$PY" -m benchmarks.train_check --precision fp16,amp --updates 40 --out "$OUT/train_check.json"
 step local-suite 90 "$PY" -m benchmarks.run --device cuda --suite local --lengths 256 --budget 30 --out "$OUT/local" \
     --no-plots
 step block 60 "$PY" -m benchmarks.gpu_block "$OUT"

@@ -615,14 +615,19 @@ def test_a_view_counts_no_operator_and_a_copy_one():
 
 @pytest.mark.slow
 def test_train_check_trains_a_family_through_fairseq_train(tmp_path):
-    """benchmarks.train_check (the GPU check's fp16 step, here fp32 on the CPU):
+    """benchmarks.train_check (the GPU check's --fp16 and --amp step, here fp32 on the CPU):
     generated data, fairseq-preprocess, fairseq-train; finite, falling loss."""
     out = tmp_path / "train.json"
     r = forked.run([sys.executable, "-m", "benchmarks.train_check", "--families", "memsizer", "--updates", "8",
-                    "--out", str(out)], cwd=ROOT)
+                    "--precision", "fp32", "--out", str(out)], cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     (run,) = json.loads(out.read_text())["runs"]
     assert run["ok"] and len(run["losses"]) >= 2 and run["losses"][-1] < run["losses"][0] and min(run["wps"]) > 0
+    assert run["precision"] == "fp32"
+    r = forked.run([sys.executable, "-m", "benchmarks.train_check", "--precision", "fp16,fp8", "--out",
+                    str(tmp_path / "no.json")], cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "--precision fp8: choose from fp32, fp16, amp") and not (tmp_path / "no.json").exists()
 
 
 def test_gpu_check_does_not_write_over_an_earlier_check(tmp_path):
@@ -654,7 +659,7 @@ def test_gpu_check_runs_every_step_and_writes_the_block(tmp_path):
                        env={**os.environ, "PYTHON": str(python)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.findall(r"^== gpu_check: (\S+)", r.stdout, re.M) == [
-        "ops", "train-suite", "decode-suite", "train-suite-bf16", "train-profile", "fp16-train", "local-suite", "block"]
+        "ops", "train-suite", "decode-suite", "train-suite-bf16", "train-profile", "half-train", "local-suite", "block"]
     assert "== gpu_check: ops (at most 180 s)" in r.stdout
     block = (out / "gpu_check.md").read_text()
     assert "| train memsizer: tokens/s vs softmax with SDPA, context 8192 | not measured | >= 2.0x |  |" in block
@@ -678,7 +683,7 @@ def test_gpu_check_keeps_to_its_time(tmp_path):
     assert r.returncode == 1
     limit = int(re.search(r"^== gpu_check: ops \(at most (\d+) s\)", r.stdout, re.M).group(1))
     assert 10 <= limit <= 15  # 45 s less the block's 30, less the seconds bash took to get there
-    skipped = ["train-suite", "decode-suite", "train-suite-bf16", "train-profile", "fp16-train", "local-suite"]
+    skipped = ["train-suite", "decode-suite", "train-suite-bf16", "train-profile", "half-train", "local-suite"]
     assert re.findall(r"^== gpu_check: (\S+) skipped: no time left of GPU_CHECK_SECONDS=45$", r.stdout, re.M) == skipped
     assert r.stderr.strip() == ("gpu_check: steps that did not finish: " + f"ops (stopped after {limit} s), "
                                 + ", ".join(f"{name} (skipped, no time left)" for name in skipped)
@@ -785,3 +790,8 @@ def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
     text = gpu_block.block(out)
     assert text.rstrip().endswith("Failed in gpu_ops.json: speed (RuntimeError: no kernel).")
     assert "| performer-elu | 5.0e-07 / 2.0e-06 | yes | 4.0e-03 |" in text
+    (out / "train_check.json").write_text(json.dumps({"updates": 40, "runs": [
+        {"family": "flash", "precision": "fp16", "ok": True, "losses": [9.1, 4.25], "wps": [1000.0, 52000.0]},
+        {"family": "flash", "precision": "amp", "ok": False, "error": "FloatingPointError"}]}))
+    text = gpu_block.block(out)
+    assert "| flash | fp16 | yes | 9.10 / 4.25 | 52,000 |" in text and "| flash | amp | **no** | - | - |" in text

@@ -61,8 +61,9 @@ class OffsetScale(nn.Module):
         nn.init.normal_(self.gamma, mean=gamma_mean, std=0.02)
 
     def forward(self, z: Tensor) -> Tensor:
-        """(..., s) -> (..., heads, s)"""
-        return torch.addcmul(self.beta, z.unsqueeze(-2), self.gamma)
+        """(..., s) -> (..., heads, s), in Z's precision (under autocast Z is half, the
+        parameters float32), the precision the attention multiplies the heads in."""
+        return torch.addcmul(self.beta.to(z.dtype), z.unsqueeze(-2), self.gamma.to(z.dtype))
 
 
 def build_norm(kind: str, dim: int) -> nn.Module:

@@ -80,6 +80,32 @@ def operand(x: Tensor) -> Tensor:
     return x.to(operand_dtype(x))
 
 
+def own_precision(op):
+    """op with autocast (fairseq's --amp) held off while it runs: it computes in the
+    precisions it chooses for the dtypes it is given (acc, operand), as it does for
+    a model cast to half (--fp16, --bf16), and autograd records those products for
+    the backward. Under autocast its products would take half operands where it
+    sums in float32: kernel attention's weighted sums then overflow float16. The
+    inputs keep the dtypes autocast gave them (the projections' half precision)."""
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        device = next((x.device.type for x in (*args, *kwargs.values()) if isinstance(x, Tensor)), "cpu")
+        if not autocast_on(device):
+            return op(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return op(*args, **kwargs)
+    return run
+
+
+def autocast_on(device: str) -> bool:
+    """Whether autocast is on for `device` ("cpu", "cuda"); True where torch cannot say
+    per device (before 2.4), so that own_precision holds it off in any case."""
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:
+        return True
+
+
 def writable(*tensors: Tensor) -> bool:
     """Whether a state may be updated in place: no autograd through it (decoding)."""
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

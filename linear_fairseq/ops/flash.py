@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, acc_dtype, constant, lower_triangle, operand, operand_dtype, update, writable
+from .common import (State, acc, acc_dtype, constant, lower_triangle, operand, operand_dtype, own_precision, update,
+                     writable)
 
 
 # -- positions ---------------------------------------------------------------
@@ -180,6 +181,7 @@ def offset_bias(rel_bias: Optional[Tensor], offsets: Tensor) -> Optional[Tensor]
 
 
 # -- reference -------------------------------------------------------------------
+@own_precision
 def naive(
     q, k, ql, kl, v, causal: bool, padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
     *, chunk_size: int, relu2_norm: str,
@@ -297,6 +299,7 @@ def across_chunks(ql: Tensor, kl: Tensor, v: Tensor, real: Optional[Tensor], cau
     return ql.reshape(*KV.shape[:2], -1, ql.shape[-1]) @ KV  # a query's chunks as one block where all share KV
 
 
+@own_precision
 def mixed_chunk(
     q: Tensor, k: Tensor, ql: Tensor, kl: Tensor, v: Tensor,
     causal: bool, padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
@@ -355,6 +358,7 @@ def from_z_computes(T: int, chunk_size: int, causal: bool, padding_mask: Optiona
     return T % chunk_size == 0 and (padding_mask is None or not bool(padding_mask.any()))
 
 
+@own_precision
 def from_z(z: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, causal: bool, rope: bool,
            padding_mask: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str) -> Tensor:
     """`mixed_chunk` of the four heads q, k, q', k' = Z gamma_h + beta_h (each turned by
@@ -399,32 +403,32 @@ def key_roots(real: Tensor, G: int, norm: str, dtype: torch.dtype, scale: float)
 
 
 class _FromZ(torch.autograd.Function):
-    """Every product in Z's precision (operand): gamma, beta and V are brought to it, and autocast
-    (fairseq's --amp) is held off inside, so forward and backward keep that one precision."""
+    """Every product in Z's precision (operand): gamma, beta and V are brought to it. from_z
+    holds autocast (fairseq's --amp) off for the forward (own_precision), and the backward
+    holds it off too, so both keep that one precision."""
 
     @staticmethod
     def forward(ctx, z, gamma, beta, v, causal, rope, G, norm, real):
         ctx.dtypes = z.dtype, gamma.dtype, v.dtype
         dtype = operand_dtype(z)
-        with torch.autocast(z.device.type, enabled=False):
-            z, gamma, beta, v = (x.to(dtype) for x in (z, gamma, beta, v))
-            (B, T, s), e = z.shape, v.shape[-1]
-            L = min(G, T)
-            N = T // L
-            real_c = None if real is None else real.view(B, N, L)
-            if real is not None:  # padded keys: zero values, so they add nothing to either part
-                v = v * real.unsqueeze(-1)
-            roots = functools.partial(chunk_roots, L, G, causal, norm, z.device, dtype) if real is None \
-                else functools.partial(key_roots, real_c, G, norm, dtype)
-            qk = torch.addcmul(beta[:, None, None], z, gamma[:, None, None])  # (4, B, T, s): each head contiguous
-            if rope:
-                qk = rotate(qk, first_turns(T, s, z.device))
-            q, k, ql, kl = qk.view(4, B * N, L, s).unbind()
-            vc = v.reshape(B * N, L, e)
-            R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(roots(s ** -0.5)))
-            A = R.square()
-            KV = seen_sums(kl.view(B, N, L, s), vc.view(B, N, L, e), real_c, causal)
-            out = torch.baddbmm((ql.reshape(B, KV.shape[1], -1, s) @ KV).view(B * N, L, e), A, vc)
+        z, gamma, beta, v = (x.to(dtype) for x in (z, gamma, beta, v))
+        (B, T, s), e = z.shape, v.shape[-1]
+        L = min(G, T)
+        N = T // L
+        real_c = None if real is None else real.view(B, N, L)
+        if real is not None:  # padded keys: zero values, so they add nothing to either part
+            v = v * real.unsqueeze(-1)
+        roots = functools.partial(chunk_roots, L, G, causal, norm, z.device, dtype) if real is None \
+            else functools.partial(key_roots, real_c, G, norm, dtype)
+        qk = torch.addcmul(beta[:, None, None], z, gamma[:, None, None])  # (4, B, T, s): each head contiguous
+        if rope:
+            qk = rotate(qk, first_turns(T, s, z.device))
+        q, k, ql, kl = qk.view(4, B * N, L, s).unbind()
+        vc = v.reshape(B * N, L, e)
+        R = F.relu(torch.bmm(q, k.transpose(1, 2)).mul_(roots(s ** -0.5)))
+        A = R.square()
+        KV = seen_sums(kl.view(B, N, L, s), vc.view(B, N, L, e), real_c, causal)
+        out = torch.baddbmm((ql.reshape(B, KV.shape[1], -1, s) @ KV).view(B * N, L, e), A, vc)
         ctx.save_for_backward(z, gamma, qk, v, R, A, KV, real_c)
         ctx.shape, ctx.rope, ctx.causal = (B, T, s, e, L, N), rope, causal
         ctx.roots = roots(2 * s ** -0.5)  # dA/dS = 2 R roots
@@ -472,6 +476,7 @@ class _FromZ(torch.autograd.Function):
         return dz, dgamma, dbeta, dv.view(B, T, e)
 
 
+@own_precision
 def quadratic(
     q: Tensor, k: Tensor, v: Tensor, causal: bool,
     padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,
@@ -568,6 +573,7 @@ def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Ten
     return torch.baddbmm(bias.unsqueeze(1), q.unsqueeze(1), k_chunk.transpose(1, 2), alpha=scale)
 
 
+@own_precision
 def causal_step(
     q, k, ql, kl, v, state: Optional[State] = None, padding_mask: Optional[Tensor] = None,
     rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import acc, acc_dtype, constant, update, writable, zero_padded
+from .common import acc, acc_dtype, constant, own_precision, update, writable, zero_padded
 
 
 # -- short convolution -------------------------------------------------------------------
+@own_precision
 def conv(x: Tensor, weight: Tensor, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
     """x (B, T, C), weight (C, K) -> (B, T, C)."""
     C, K = weight.shape
@@ -34,6 +35,7 @@ def conv(x: Tensor, weight: Tensor, causal: bool, padding_mask: Optional[Tensor]
     return F.conv1d(x, weight.unsqueeze(1).to(x.dtype), groups=C).transpose(1, 2).contiguous()
 
 
+@own_precision
 def conv_step(x: Tensor, weight: Tensor, state: Optional[Tensor], padding_mask: Optional[Tensor] = None
               ) -> Tuple[Tensor, Tensor]:
     """One causal step: x (B, C), state (B, K-1, C) the previous inputs (None:
@@ -74,6 +76,7 @@ def window_mask(T: int, W: int, causal: bool, device=None) -> Tensor:
     return in_window(i[:, None] - i[None, :], W, causal)
 
 
+@own_precision
 def window_naive(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool,
                  padding_mask: Optional[Tensor] = None) -> Tensor:
     """q, k, v (B, H, T, d) -> (B, H, T, d), the whole T x T score matrix (tests)."""
@@ -91,6 +94,7 @@ def block_layout(W: int, causal: bool) -> Tuple[int, Tuple[int, int]]:
     return (W, (1, 0)) if causal else (W // 2 + 1, (1, 1))
 
 
+@own_precision
 def window(q: Tensor, k: Tensor, v: Tensor, W: int, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
     """q, k, v (B, H, T, d) -> (B, H, T, d), block by block: queries in blocks of
     n = W (causal: a block's keys are its own and the block before) or n = W//2 + 1
@@ -155,6 +159,7 @@ def empty_window_state(q: Tensor, k: Tensor, v: Tensor, W: int) -> Dict[str, Ten
             "slot": torch.zeros(B, dtype=torch.long, device=q.device)}
 
 
+@own_precision
 def window_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], W: int,
                 padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """One causal step: q, k, v (B, H, d). The state is a ring of W slots: "k",

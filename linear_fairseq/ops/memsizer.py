@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, acc_dtype, constant, lower_triangle, writable, zero_padded
+from .common import State, acc, acc_dtype, constant, lower_triangle, own_precision, writable, zero_padded
 
 # State of the causal form: {"S": (B, k, d) unscaled running sum of k_j v_j^T, fp32;
 # "n": (B,) real tokens so far}; of the non-causal form: {"S": K^T V / sqrt(n)}.
@@ -66,6 +66,7 @@ def causal_scale(padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
     return count.clamp(min=1.0).rsqrt().unsqueeze(-1)
 
 
+@own_precision
 def naive(
     p: Tensor, K: Tensor, V: Tensor, causal: bool, padding_mask: Optional[Tensor] = None
 ) -> Tensor:
@@ -82,6 +83,7 @@ def naive(
     return ((scores @ V) * scale).to(dtype)
 
 
+@own_precision
 def source_memory(K: Tensor, V: Tensor, padding_mask: Optional[Tensor] = None) -> State:
     """{S}: S = K^T V / sqrt(n_real), float32 (B, k, d)."""
     K = zero_padded(acc(K), padding_mask, 1)
@@ -89,11 +91,13 @@ def source_memory(K: Tensor, V: Tensor, padding_mask: Optional[Tensor] = None) -
     return {"S": (K.transpose(1, 2) @ acc(V)) * n.clamp(min=1.0).rsqrt().view(-1, 1, 1)}
 
 
+@own_precision
 def read_memory(p: Tensor, state: State, dtype: torch.dtype) -> Tensor:
     """out = p S for every query; p (B, T, k), S (B, k, d)."""
     return (acc(p) @ state["S"]).to(dtype)
 
 
+@own_precision
 def causal_chunked(
     p: Tensor,
     K: Tensor,
@@ -141,6 +145,7 @@ def empty_state(B: int, k: int, d: int, like: Tensor) -> State:
     return {"S": S, "n": S.new_zeros(B)}
 
 
+@own_precision
 def causal_step(
     p: Tensor,
     K: Tensor,

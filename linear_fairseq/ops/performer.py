@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import State, acc, acc_dtype, constant, lower_triangle, writable, zero_padded
+from .common import State, acc, acc_dtype, constant, lower_triangle, own_precision, writable, zero_padded
 
 # State: {"S": (B, H, m, d + 1), "M": (B, H)}: S = [sum phi(k) v^T, z] (z its last column), the true
 # sums being exp(M) S. The values enter as [v, 1] (`with_ones`), so one product with phi(q) gives the
@@ -66,11 +66,13 @@ def _column(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 # -- feature maps phi ---------------------------------------------------------
+@own_precision
 def elu_features(x: Tensor) -> Tensor:
     """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, Eq. 7)."""
     return F.elu(acc(x)) + 1.0
 
 
+@own_precision
 def favor_features(x: Tensor, projection: Tensor) -> Tuple[Tensor, Tensor]:
     """Performer FAVOR+ positive random features of the softmax kernel exp(q.k / sqrt(d)).
 
@@ -87,6 +89,7 @@ def favor_features(x: Tensor, projection: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.exp(a - s), s.squeeze(-1) - 0.5 * math.log(projection.shape[0])
 
 
+@own_precision
 def rfa_features(x: Tensor, projection: Tensor) -> Tensor:
     """RFA random Fourier features of the Gaussian kernel on unit-norm inputs
     (Peng et al., ICLR 2021): phi(x) = [sin(W x), cos(W x)] / sqrt(m)."""
@@ -94,6 +97,7 @@ def rfa_features(x: Tensor, projection: Tensor) -> Tensor:
     return torch.cat([proj.sin(), proj.cos()], dim=-1) / math.sqrt(projection.shape[0])
 
 
+@own_precision
 def t2r_features(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """T2R's learned feature map, phi(x) = relu(W_h x + b_h) per head (Kasai et al., EMNLP 2021).
     x (B, H, ..., d), weight (H, m, d), bias (H, m)."""
@@ -183,6 +187,7 @@ def normalized(num: Tensor, floor) -> Tensor:
 
 
 # -- reference -------------------------------------------------------------------
+@own_precision
 def weights(
     phi_q: Tensor,
     phi_k: Tensor,
@@ -212,6 +217,7 @@ def weights(
     return scores / at_least(scores.sum(-1, keepdim=True), floor)
 
 
+@own_precision
 def naive(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, *args, **kwargs) -> Tensor:
     """Quadratic reference: the weights above times v. After `causal` come the
     other arguments of `weights`, by position or name (padding_mask, log_scale,
@@ -221,6 +227,7 @@ def naive(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, *args, **kwargs
 
 
 # -- non-causal: summarize the source once, read it per query ------------------------
+@own_precision
 def summarize(
     phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None, log_scale: Optional[Tensor] = None
 ) -> State:
@@ -233,6 +240,7 @@ def summarize(
     return {"S": (phi_k * w).transpose(-1, -2) @ with_ones(v), "M": M.squeeze(-1)}
 
 
+@own_precision
 def read(
     phi_q: Tensor, state: State, dtype: torch.dtype, q_log_scale: Optional[Tensor] = None, *, eps: float
 ) -> Tensor:
@@ -296,6 +304,7 @@ def _causal_inputs(phi_q, phi_k, v, padding_mask, log_scale, gate_logits, chunk_
     return phi_q, phi_k, v1, a, lg
 
 
+@own_precision
 def causal_chunked(
     phi_q: Tensor,
     phi_k: Tensor,
@@ -371,6 +380,7 @@ def _carried(summaries: State, first: Optional[State], decay: Optional[Tensor]) 
     return {"S": S, "M": M.to(S.dtype)}
 
 
+@own_precision
 def causal_parallel(
     phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None,
     log_scale: Optional[Tensor] = None, gate_logits: Optional[Tensor] = None, q_log_scale: Optional[Tensor] = None,
@@ -416,6 +426,7 @@ def _unweighted_parallel(phi_q, phi_k, v1, G: int, eps: float) -> Tuple[Tensor, 
     return normalized(num, clamp_floor(eps, None, None)).flatten(2, 3), entering[:, :, -1]
 
 
+@own_precision
 def causal_step(
     phi_q: Tensor,
     phi_k: Tensor,

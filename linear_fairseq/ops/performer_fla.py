@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import acc, import_problem
+from .common import acc, import_problem, own_precision
 from .performer import LOWEST, _column, clamp_floor, key_log_weights, normalized, with_ones
 
 
@@ -67,6 +67,7 @@ def fla_inputs(phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask, log_scale,
     return time_major(phi_q), time_major(k), v1.to(dtype), g, c
 
 
+@own_precision
 def causal(
     phi_q: Tensor, phi_k: Tensor, v: Tensor, padding_mask: Optional[Tensor] = None,
     log_scale: Optional[Tensor] = None, gate_logits: Optional[Tensor] = None, q_log_scale: Optional[Tensor] = None,
