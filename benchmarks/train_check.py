@@ -3,17 +3,19 @@ does every family train (finite, falling loss) at the given precision, and
 at how many words per second (fairseq's own `wps`)?
 
     python -m benchmarks.train_check [--precision fp16,amp] [--updates 60] [--families ...] [--out FILE.json]
+                                     [--replace]
 
---precision: each family trains once per precision named, in order: fp32,
-fp16 (fairseq's --fp16: weights and activations in float16, a loss scaler)
-or amp (fairseq's --amp: float32 weights under CUDA's autocast, a loss
-scaler); fp16 and amp need CUDA.
+--precision: a comma-separated list; every family trains once in each, in
+the order given. fp32; fp16 (fairseq's --fp16: weights and activations in
+float16, a loss scaler); amp (fairseq's --amp: float32 weights under CUDA's
+autocast, a loss scaler). fp16 and amp need CUDA.
 
 The data is made here (a vocabulary of 1000 words, text with a repeating
 pattern a model can learn) and binarized with fairseq-preprocess, so the check
 needs no download and no data folder. Each family trains the benchmark LM
 sizes (benchmarks/models.py) with its own recommended settings of the Austen
-recipe's optimizer. Loss and speed are read from fairseq's log.
+recipe's optimizer. Loss and speed are read from fairseq's log. The JSON is
+written after each run, so a check stopped midway keeps the runs it finished.
 """
 import argparse
 import json
@@ -75,8 +77,12 @@ def main(argv=None):
     ap.add_argument("--updates", type=int, default=60)
     ap.add_argument("--precision", default="fp32",
                     help=f"comma-separated, each of {', '.join(PRECISIONS)} (fp16 and amp need CUDA)")
-    ap.add_argument("--out", type=Path, default=Path("train_check.json"))
+    ap.add_argument("--out", type=Path, default=Path("train_check.json"),
+                    help="the JSON, written after each run (an existing one only with --replace)")
+    ap.add_argument("--replace", action="store_true", help="write over an existing --out")
     args = ap.parse_args(argv)
+    if args.out.exists() and not args.replace:
+        ap.error(f"--out {args.out} exists; give another file, or --replace to write over it")
     names = models.family_list(ap, args.families)
     precisions = args.precision.split(",")
     for name in precisions:
@@ -91,7 +97,7 @@ def main(argv=None):
             for family in names:
                 rows.append(train(family, data, Path(tmp) / f"{family}-{precision}", args.updates, precision))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), flush=True)
-    args.out.write_text(json.dumps({"updates": args.updates, "runs": rows}, indent=1))
+                args.out.write_text(json.dumps({"updates": args.updates, "runs": rows}, indent=1))
     failed = [f"{r['family']} ({r['precision']})" for r in rows if not r["ok"]]
     if failed:
         sys.exit(f"train_check: {', '.join(failed)} did not train (finite, falling loss); see {args.out}")

@@ -624,6 +624,11 @@ def test_train_check_trains_a_family_through_fairseq_train(tmp_path):
     (run,) = json.loads(out.read_text())["runs"]
     assert run["ok"] and len(run["losses"]) >= 2 and run["losses"][-1] < run["losses"][0] and min(run["wps"]) > 0
     assert run["precision"] == "fp32"
+    r = forked.run([sys.executable, "-m", "benchmarks.train_check", "--families", "memsizer", "--out", str(out)],
+                   cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        f"--out {out} exists; give another file, or --replace to write over it")
+    assert json.loads(out.read_text())["runs"] == [run]
     r = forked.run([sys.executable, "-m", "benchmarks.train_check", "--precision", "fp16,fp8", "--out",
                     str(tmp_path / "no.json")], cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(

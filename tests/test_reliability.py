@@ -300,6 +300,35 @@ def test_bad_model_options_exit_with_one_line(corpus, tmp_path):
         assert message in err.strip().splitlines()[-1], err[-1000:]
 
 
+# -- fairseq's training options -----------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["flash_mt", "flash_lm", "memsizer_mt_local", "memsizer_lm_local", "performer_mt_local",
+                                  "performer_lm_favor_gate"])
+def test_checkpointed_activations_give_the_same_gradients(case):
+    """--checkpoint-activations (layers recomputed in the backward) wraps every layer,
+    encoder and decoder, and the loss and gradients are those without it."""
+    from conftest import make_model
+    from test_decoding_contract import CASES, decoder_input, left_padded_source
+
+    arch, args, task = CASES[case]
+    results = []
+    for extra in ([], ["--checkpoint-activations"]):
+        model, d = make_model(arch, [*args, *extra], task)
+        model.train()
+        prev = decoder_input(d, 2, 20)
+        net = model(*left_padded_source(d, [9, 5], 0), prev) if task == "translation" else model(prev)
+        loss = torch.nn.functional.cross_entropy(net[0].flatten(0, 1), prev.flatten())
+        loss.backward()
+        layers = [*model.decoder.layers, *getattr(getattr(model, "encoder", None), "layers", [])]
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()},
+                        [hasattr(layer, "precheckpoint_forward") for layer in layers]))
+    (loss, grads, wrapped), (their_loss, their_grads, their_wrapped) = results
+    assert not any(wrapped) and all(their_wrapped)
+    torch.testing.assert_close(their_loss, loss)
+    assert grads.keys() == their_grads.keys() and all(g is not None for g in grads.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(their_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 # -- awkward inputs to generation ------------------------------------------------------------------
 MT = (
     "--arch memsizer_transformer --encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
