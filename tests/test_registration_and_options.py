@@ -248,3 +248,34 @@ def test_a_family_has_one_name_across_ops_modules_models_and_options(name):
     assert (ROOT / "linear_fairseq" / "models" / f"{name}.py").is_file()
     assert list((ROOT / "linear_fairseq" / "modules").glob(f"{name}_*.py"))
 
+
+
+@pytest.mark.parametrize("option,kernels", [("gau_backend", "triton"), ("memsizer_backend", "triton"),
+                                            ("local_backend", "triton"), ("kernel_backend", "fla")])
+def test_a_gpu_triton_does_not_compile_for_keeps_the_torch_forms(monkeypatch, option, kernels):
+    """On a CUDA GPU older than compute capability 7.0 (a P100, a GTX 1080), for which
+    Triton does not compile, auto runs the torch forms, and the kernels asked for by
+    name are one line naming the GPU and the way out; from 7.0 on, auto runs the kernels."""
+    from linear_fairseq.modules import backends
+    from linear_fairseq.ops import common
+
+    capability = {"cap": (6, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability["cap"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla P100-PCIE-16GB")
+    common.gpu_too_old.cache_clear()
+    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    available = lambda: None  # noqa: E731  (the kernels' library imports)
+    try:
+        assert not backends.on_kernels(option, "auto", on_gpu, kernels, available)
+        with pytest.raises(ConfigError) as error:
+            backends.on_kernels(option, kernels, on_gpu, kernels, available)
+        flag = "--" + option.replace("_", "-")
+        assert str(error.value) == (
+            f"{flag} {kernels}: Tesla P100-PCIE-16GB is of compute capability 6.0; Triton compiles for 7.0 and newer "
+            f"(or {flag} auto: {kernels} where it can run, torch elsewhere; for a trained model, --model-overrides "
+            f"\"{{'{option}': 'auto'}}\")")
+        common.gpu_too_old.cache_clear()
+        capability["cap"] = (7, 5)
+        assert backends.on_kernels(option, "auto", on_gpu, kernels, available)
+    finally:
+        common.gpu_too_old.cache_clear()

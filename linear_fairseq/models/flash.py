@@ -43,8 +43,8 @@ class FlashOptions(FairseqDataclass):
     gau_backend: str = choice(
         "auto", GAU_CHOICES["gau_backend"], "mixed chunk attention's causal training pass and decoding step: "
         "torch (any device), triton (Triton kernels, CUDA: five a training pass, one a step), or auto: triton "
-        "where the model runs on CUDA and Triton imports (and, training, where the kernels fit the GPU at "
-        "this gau_s), else torch")
+        "where the model runs on CUDA (compute capability 7.0 or newer) and Triton imports (and, training, "
+        "where the kernels fit the GPU at this gau_s), else torch")
 
 
 @dataclass

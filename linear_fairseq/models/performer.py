@@ -34,7 +34,7 @@ class PerformerOptions(LocalOptions):
     kernel_backend: str = choice(
         "auto", KERNEL_BACKENDS, "causal forms: torch (any device), fla (Triton kernels, CUDA, pip install '.[gpu]': "
         "fla-core's chunked kernel to train, one fused kernel a decoding step), or auto: fla where the model runs on "
-        "CUDA and fla-core imports, else torch")
+        "CUDA (compute capability 7.0 or newer) and fla-core imports, else torch")
 
 
 def kernel(feature_map: str, *extra: str):

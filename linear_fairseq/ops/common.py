@@ -48,6 +48,20 @@ def triton_unavailable() -> Optional[str]:
     return import_problem("triton", "Triton")
 
 
+TRITON_CAPABILITY = (7, 0)  # the oldest NVIDIA GPUs Triton compiles for, as torch.compile requires
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_too_old(index: int) -> Optional[str]:
+    """Why Triton kernels cannot run on CUDA device `index` (None: they can): one
+    older than compute capability 7.0, for which Triton does not compile."""
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) >= TRITON_CAPABILITY:
+        return None
+    return (f"{torch.cuda.get_device_name(index)} is of compute capability {major}.{minor}; Triton compiles for "
+            f"{'.'.join(map(str, TRITON_CAPABILITY))} and newer")
+
+
 @constant(maxsize=64)
 def lower_triangle(rows: int, cols: int, diagonal: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(rows, cols): 1 where column j <= row i + diagonal, 0 elsewhere."""
