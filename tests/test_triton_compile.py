@@ -134,3 +134,32 @@ def test_an_earlier_check_is_not_overwritten(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"triton_compile: {earlier} holds an earlier check; --replace to check anew (rewriting it), or another --out"]
     assert earlier.read_text() == "{}"
+
+
+def test_a_launch_makes_its_inputs_gpu_the_current_one(monkeypatch, triton_device):
+    """Triton launches a kernel on the current CUDA device: an entry point of the kernels
+    (ops.triton_common.on_its_device) makes its first tensor's (or torch.device's) GPU the
+    current one while it runs where another one is, and leaves it alone elsewhere."""
+    import torch
+
+    from linear_fairseq.ops import triton_common
+
+    entered, ran = [], []
+
+    class Device:  # stands in for torch.cuda.device (no GPU here)
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("left")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    launch = triton_common.on_its_device(lambda *args, **kwargs: ran.append(list(entered)) or len(ran))
+    assert launch(torch.zeros(1), 3) == 1 and entered == []  # a CPU tensor: nothing to change
+    assert launch(torch.device("cuda", 0), key=1) == 2 and entered == []  # already the current one
+    assert launch(torch.device("cuda", 1)) == 3 and entered == [torch.device("cuda", 1), "left"]
+    assert ran[-1] == [torch.device("cuda", 1)]  # it ran while that GPU was current

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_common import on_its_device
+
 BLOCK_N = 16  # rows a program takes
 BLOCK_M = 32  # features a step (compiled for sm_70 to sm_90: at most 204 registers a thread, no spill)
 
@@ -142,6 +144,7 @@ class _Favor(torch.autograd.Function):
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the inputs the kernels take (they compute in float32)
 
 
+@on_its_device
 def favor_features(x: Tensor, projection: Tensor) -> Tuple[Tensor, Tensor]:
     """``performer.favor_features`` on the kernels: x (..., d) of a dtype in DTYPES,
     projection (m, d) without a gradient -> (phi (..., m), log-scale (...)), both

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .common import State, strides
 from .flash import empty_state, rope_freqs, slot_weights
+from .triton_common import on_its_device
 
 BLOCK_G = 32  # chunk slots a program scores at a time
 BLOCK_E = 32  # value columns a program moves at a time
@@ -161,6 +162,7 @@ def _gau_step_kernel(
         tl.store(position + b, p + 1)
 
 
+@on_its_device
 def gau_step(
     u: Tensor, v: Tensor, z: Tensor, gamma: Tensor, beta: Tensor, state: Optional[State],
     padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, *,

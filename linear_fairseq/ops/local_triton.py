@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .common import strides
 from .local import empty_window_state
-from .triton_common import OPERANDS, _dot
+from .triton_common import OPERANDS, _dot, on_its_device
 
 BLOCK_W = 64  # ring slots a program reads at a time (decoding)
 BLOCK = 32  # queries, or keys, a training program takes at a time
@@ -213,6 +213,7 @@ class _Window(torch.autograd.Function):
         return grad, None, None, None
 
 
+@on_its_device
 def window(qkv: Tensor, W: int, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
     """``local.window`` on q, k, v as one projection qkv (B, T, 3, H, d) (any strides), in
     one of DTYPES: (B, T, H, d) in qkv's dtype, differentiable."""
@@ -281,6 +282,7 @@ def _window_step_kernel(
     tl.store(out + b * so_b + h * so_h + cols * so_d, result.to(out.dtype.element_ty), mask=cols < d)
 
 
+@on_its_device
 def window_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], W: int,
                 padding_mask: Optional[Tensor] = None, head_weight: Optional[Tensor] = None
                 ) -> Tuple[Tensor, Dict[str, Tensor]]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .common import State, strides
 from .memsizer import empty_state
-from .triton_common import OPERANDS
+from .triton_common import OPERANDS, on_its_device
 
 DTYPES = tuple(OPERANDS)  # what the kernel takes (it computes in float32)
 
@@ -83,6 +83,7 @@ def _step_kernel(
     tl.store(out + b * so_b + cols * so_d, result.to(out.dtype.element_ty), mask=in_d)
 
 
+@on_its_device
 def causal_step(logits: Tensor, k_pre: Tensor, v_pre: Tensor, k_norm: nn.LayerNorm, v_norm: nn.LayerNorm,
                 state: Optional[State] = None, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, State]:
     """One step from the projections: logits (B, H, k) = x Phi_h^T, k_pre (B, k) = x W_l,

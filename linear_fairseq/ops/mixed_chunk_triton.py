@@ -64,7 +64,7 @@ from triton.runtime.errors import OutOfResources
 
 from .common import constant
 from .flash import RELU2_NORMS, first_turns, unknown_relu2_norm, whole_chunks
-from .triton_common import OPERANDS, _dot
+from .triton_common import OPERANDS, _dot, on_its_device
 
 
 class Tiles(NamedTuple):
@@ -626,6 +626,7 @@ class _GatedMixedChunk(torch.autograd.Function):
         return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None, None
 
 
+@on_its_device
 def gated(x: Tensor, gamma: Tensor, beta: Tensor, rope: bool, *, e: int, chunk_size: int,
           relu2_norm: str, tiles: Tiles = TILES[0]) -> Tensor:
     """SiLU(U) times the causal mixed chunk attention of ``ops.flash.from_z`` over
@@ -649,6 +650,7 @@ class Fit(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
+@on_its_device
 def fitted(device: torch.device, s: int, e: int, dtype: torch.dtype, gamma_dtype: torch.dtype, rope: bool, *,
            chunk_size: int, relu2_norm: str) -> Fit:
     """The tiles the kernels run with on `device` at these sizes, found once for each GPU and

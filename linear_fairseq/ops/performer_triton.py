@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .common import State, strides
 from .performer import LOWEST, TINY, empty_state
+from .triton_common import on_its_device
 
 BLOCK_M = 32  # feature rows of [S, z] a program moves at a time
 
@@ -136,6 +137,7 @@ def _step_kernel(
     tl.store(M + b * sM_b + h * sM_h, M_new)
 
 
+@on_its_device
 def causal_step(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Optional[State] = None, padding_mask=None,
                 log_scale=None, gate_logits=None, q_log_scale=None, *, eps: float,
                 projection: Optional[Tensor] = None) -> Tuple[Tensor, State]:
@@ -165,6 +167,7 @@ def causal_step(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Optional[State] 
     return out, {"S": S, "M": M}
 
 
+@on_its_device
 def favor_step(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, state: Optional[State] = None,
                padding_mask=None, gate_logits=None, *, eps: float) -> Tuple[Tensor, State]:
     """``causal_step`` on FAVOR+'s features of q and k (B, H, dk) with `projection` (m, dk)."""

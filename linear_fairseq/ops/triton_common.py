@@ -1,7 +1,10 @@
 """Pieces the Triton kernels share."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
 # float16 and bfloat16 rounded to their own precision for a GPU's tensor cores, as torch multiplies each
@@ -14,3 +17,18 @@ def _dot(a, b, OP: tl.constexpr):
     if OP == tl.float32:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a.to(OP), b.to(OP))
+
+
+def on_its_device(launcher):
+    """launcher run with the CUDA device of its first tensor (or torch.device) argument
+    current: Triton launches a kernel on the current device, which fairseq's CLIs set
+    for each worker, but a model moved to another GPU in Python leaves as it was."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        device = next((x if isinstance(x, torch.device) else x.device for x in (*args, *kwargs.values())
+                       if isinstance(x, (Tensor, torch.device))), None)
+        if device is None or device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+    return run
