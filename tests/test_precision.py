@@ -72,8 +72,8 @@ def test_a_training_pass_under_autocast_follows_fp32(case, dtype):
     close to float32's. The ops hold autocast off (ops.common.own_precision) and sum in
     float32: under autocast kernel attention's elu + 1 form divided 0 by 0 in float16."""
     if "rfa" in case:
-        pytest.skip("RFA's outputs where its normalizer nears the clamp are too large for float16 and move "
-                    "with bfloat16's rounding of the normalizer (docs/how-it-works.md, kernel attention)")
+        pytest.skip("RFA with a tiny model's few features: its normalizer nears the clamp, the outputs then too "
+                    "large for float16 and moved by bfloat16's rounding (docs/how-it-works.md, kernel attention)")
     h = Harness(case, B=2)
     prev = decoder_input(h.d, 2, 40)
     ref_loss, ref = autocast_loss_and_gradient(h, prev, None)
