@@ -98,9 +98,10 @@ def own_precision(op):
     """op with autocast (fairseq's --amp) held off while it runs: it computes in the
     precisions it chooses for the dtypes it is given (acc, operand), as it does for
     a model cast to half (--fp16, --bf16), and autograd records those products for
-    the backward. Under autocast its products would take half operands where it
-    sums in float32: kernel attention's weighted sums then overflow float16. The
-    inputs keep the dtypes autocast gave them (the projections' half precision)."""
+    the backward. Under autocast its products would take half operands and give
+    half results where it sums in float32: kernel attention's elu + 1 form then
+    divided 0 by 0 (its float32 floor is 0 in float16). The inputs keep the
+    dtypes autocast gave them (the projections' half precision)."""
     @functools.wraps(op)
     def run(*args, **kwargs):
         device = next((x.device.type for x in (*args, *kwargs.values()) if isinstance(x, Tensor)), "cpu")
