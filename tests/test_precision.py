@@ -59,6 +59,15 @@ def autocast_loss_and_gradient(h, prev, dtype):
     return loss.detach(), torch.cat([p.grad.flatten() for p in h.model.parameters() if p.grad is not None])
 
 
+def assert_autocast_follows_fp32(h, prev, dtype):
+    """A training pass under autocast in `dtype`: finite loss and gradient, both close to float32's."""
+    ref_loss, ref = autocast_loss_and_gradient(h, prev, None)
+    loss, grad = autocast_loss_and_gradient(h, prev, dtype)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert (loss - ref_loss).abs() < 1e-2
+    assert (grad - ref).norm() / ref.norm() < AUTOCAST_TOL[dtype]
+
+
 # largest |gradient - fp32 gradient| / |fp32 gradient| a training pass under autocast may
 # give; fairseq's transformer_lm of the tests' tiny size (TINY_LM, 20 tokens) gives 8e-4 (fp16), 1e-2 (bf16)
 AUTOCAST_TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -75,12 +84,7 @@ def test_a_training_pass_under_autocast_follows_fp32(case, dtype):
         pytest.skip("RFA with a tiny model's few features: its normalizer nears the clamp, the outputs then too "
                     "large for float16 and moved by bfloat16's rounding (docs/how-it-works.md, kernel attention)")
     h = Harness(case, B=2)
-    prev = decoder_input(h.d, 2, 40)
-    ref_loss, ref = autocast_loss_and_gradient(h, prev, None)
-    loss, grad = autocast_loss_and_gradient(h, prev, dtype)
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    assert (loss - ref_loss).abs() < 1e-2
-    assert (grad - ref).norm() / ref.norm() < AUTOCAST_TOL[dtype]
+    assert_autocast_follows_fp32(h, decoder_input(h.d, 2, 40), dtype)
 
 
 @pytest.mark.parametrize("case", ["flash_lm", "performer_lm", "performer_lm_favor_gate", "memsizer_lm_local",
@@ -97,13 +101,8 @@ def test_a_training_pass_under_autocast_on_the_kernels_follows_fp32(monkeypatch,
     h.model.to(triton_device)
     if h.encoder_out is not None:
         h.src, h.src_lengths = h.src.to(triton_device), h.src_lengths.to(triton_device)
-    prev = decoder_input(h.d, 2, 40).to(triton_device)
-    ref_loss, ref = autocast_loss_and_gradient(h, prev, None)
-    loss, grad = autocast_loss_and_gradient(h, prev, torch.float16)
+    assert_autocast_follows_fp32(h, decoder_input(h.d, 2, 40).to(triton_device), torch.float16)
     assert launched
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    assert (loss - ref_loss).abs() < 1e-2
-    assert (grad - ref).norm() / ref.norm() < AUTOCAST_TOL[torch.float16]
 
 
 def _op_inputs(seed=0):

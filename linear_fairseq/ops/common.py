@@ -104,12 +104,19 @@ def own_precision(op):
     dtypes autocast gave them (the projections' half precision)."""
     @functools.wraps(op)
     def run(*args, **kwargs):
-        device = next((x.device.type for x in (*args, *kwargs.values()) if isinstance(x, Tensor)), "cpu")
-        if not autocast_on(device):
+        device = first_device(*args, *kwargs.values())
+        kind = "cpu" if device is None else device.type
+        if not autocast_on(kind):
             return op(*args, **kwargs)
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(kind, enabled=False):
             return op(*args, **kwargs)
     return run
+
+
+def first_device(*values) -> Optional[torch.device]:
+    """The device of the first tensor among `values`, or the first torch.device there (None: neither)."""
+    return next((x if isinstance(x, torch.device) else x.device for x in values
+                 if isinstance(x, (Tensor, torch.device))), None)
 
 
 def autocast_on(device: str) -> bool:

@@ -4,7 +4,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
+
+from .common import first_device
 
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
 # float16 and bfloat16 rounded to their own precision for a GPU's tensor cores, as torch multiplies each
@@ -25,8 +26,7 @@ def on_its_device(launcher):
     for each worker, but a model moved to another GPU in Python leaves as it was."""
     @functools.wraps(launcher)
     def run(*args, **kwargs):
-        device = next((x if isinstance(x, torch.device) else x.device for x in (*args, *kwargs.values())
-                       if isinstance(x, (Tensor, torch.device))), None)
+        device = first_device(*args, *kwargs.values())
         if device is None or device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
             return launcher(*args, **kwargs)
         with torch.cuda.device(device):
