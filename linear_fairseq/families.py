@@ -55,9 +55,9 @@ class Family:
     # benchmark targets: decode speed-up at L=256 batch 1, training speed-up by context, MT/summarization
     # speed-up by (task, source length); families not named are held to 1.0x
     targets: Dict[str, Any] = field(default_factory=dict)
-    # linearize: (tensor name, softmax state dict) -> (value, how) for a tensor derived from the
-    # softmax weights, else None
-    from_softmax: Optional[Callable[[str, dict], Optional[tuple]]] = None
+    # linearize: (tensor name, softmax state dict, the tensor as initialized) -> (value, how) for a
+    # tensor derived from the softmax weights, else None
+    from_softmax: Optional[Callable[[str, dict, Any], Optional[tuple]]] = None
     # the fairseq model names: <name>_transformer and <name>_lm unless given
     mt_model: str = ""
     lm_model: str = ""

@@ -154,7 +154,7 @@ def transfer(source: dict, model, family) -> tuple:
             what = pattern(window).replace("qkv_proj", "q/k/v_proj")
             out[name], how[name] = softmax.to(fresh.dtype).clone(), f"copied: {what} (the window's softmax)"
             continue
-        mapped = hook(name, source) if hook else None
+        mapped = hook(name, source, fresh) if hook else None
         if mapped is not None and mapped[0].shape == fresh.shape:
             out[name], how[name] = mapped[0].to(fresh.dtype), f"mapped: {mapped[1]}"
         else:

@@ -593,6 +593,21 @@ def test_a_training_pass_adds_into_no_earlier_gradient():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_an_operator_that_copies_its_strided_input_first_counts_with_its_copy():
+    """A layer norm or softmax over a strided view (a part of a stacked projection)
+    copies it into a contiguous tensor and then runs its own kernel: op_counts
+    counts both, where over a contiguous input it counts the one."""
+    import torch.nn.functional as F
+
+    from benchmarks import op_counts
+
+    x = torch.randn(4, 16)
+    part, whole = x[:, 4:12], x[:, 4:12].contiguous()
+    for op in (lambda t: F.layer_norm(t, (8,)), lambda t: t.softmax(-1)):
+        assert op_counts.count(lambda: op(whole))[0] == 1
+        assert op_counts.count(lambda: op(part))[0] == 2
+
+
 def test_op_counts_does_not_write_over_earlier_counts(tmp_path):
     out = tmp_path / "counts.json"
     out.write_text("{}")

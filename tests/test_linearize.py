@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import forked
 from conftest import ROOT, TINY_LM, TINY_MT, make_dictionary, random_tokens
 from linear_fairseq.checkpoints import allow_fairseq_checkpoints
-from linear_fairseq.linearize import linearize, main as linearize_main
+from linear_fairseq.linearize import build_target, linearize, load_softmax, main as linearize_main, target_args
 
 SOFTMAX = {"translation": ("transformer", TINY_MT + ["--share-all-embeddings"]),
            "language_modeling": ("transformer_lm", TINY_LM)}
@@ -84,12 +84,16 @@ def test_memsizer_copies_what_it_shares_and_maps_w_r(tmp_path, task, arch):
     assert any(".fc1." in n for n in shared) and any("embed_tokens" in n for n in shared)
     for name in shared:
         assert torch.equal(weights[name], softmax[name]), name
-    attn = "decoder.layers.1.self_attn"
-    assert torch.allclose(weights[f"{attn}.w_r.weight"],
-                          softmax[f"{attn}.out_proj.weight"] @ softmax[f"{attn}.v_proj.weight"])
-    assert torch.allclose(weights[f"{attn}.w_r.bias"], softmax[f"{attn}.out_proj.weight"] @ softmax[f"{attn}.v_proj.bias"]
-                          + softmax[f"{attn}.out_proj.bias"])
-    assert "| mapped: W_r = out_proj(v_proj(x)) | 4 | 2,112 | decoder.layers.*.self_attn.w_r |" in out and "| initialized |" in out and "| left out |" in out
+    attn = "decoder.layers.1.self_attn"  # W_r: the last 32 rows of the stacked projection, after Phi's and W_l's
+    fresh = build_target(load_softmax(src), target_args(load_softmax(src), arch, ["--decoder-self-memory-size", "8"]))
+    fresh = fresh.state_dict()
+    for kind in ("weight", "bias"):
+        stacked, initialized = weights[f"{attn}.pkv_proj.{kind}"], fresh[f"{attn}.pkv_proj.{kind}"]
+        assert stacked.shape[0] == 4 * 8 + 8 + 32 and torch.equal(stacked[:-32], initialized[:-32])
+        w_r = softmax[f"{attn}.out_proj.weight"] @ softmax[f"{attn}.v_proj.{kind}"]
+        torch.testing.assert_close(stacked[-32:], w_r if kind == "weight" else w_r + softmax[f"{attn}.out_proj.bias"])
+    assert ("| mapped: W_r = out_proj(v_proj(x)); Phi, W_l initialized | 4 | 4,752 | decoder.layers.*.self_attn.pkv_proj |"
+            in out) and "| initialized |" in out and "| left out |" in out
     assert torch.isfinite(forward(model, task)).all()
     saved = torch.load(tmp_path / "memsizer.pt", weights_only=False)["model"]  # tied tensors stay one tensor
     tied = model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
@@ -128,8 +132,9 @@ def test_a_hybrid_keeps_its_softmax_layer_exactly(tmp_path):
         name = f"decoder.layers.0.self_attn.{proj}.weight"
         assert torch.equal(weights[name], softmax[name]), name
         assert f"decoder.layers.1.self_attn.{proj}.weight" not in weights
-    assert "decoder.layers.1.self_attn.w_r.weight" in weights and "decoder.layers.0.self_attn.w_r.weight" not in weights
-    assert "| mapped: W_r = out_proj(v_proj(x)) | 2 |" in out
+    assert "decoder.layers.1.self_attn.pkv_proj.weight" in weights
+    assert "decoder.layers.0.self_attn.pkv_proj.weight" not in weights
+    assert "| mapped: W_r = out_proj(v_proj(x)); Phi, W_l initialized | 2 |" in out
     # the converted hybrid keeps the decoding contract: one step at a time == the whole prefix at once
     model = load(tmp_path / "hybrid.pt")[0]
     tokens = random_tokens(make_dictionary(40), 3, 9, seed=2)

@@ -119,27 +119,39 @@ def test_parallel_forms_run_as_many_operators_at_any_length(causal):
     assert len(set(counts.values())) == 1, counts
 
 
-@pytest.mark.parametrize("arch,extra,stacked", [
-    ("memsizer_lm", ["--local-window", "4"], 2),  # the window's, one per layer
-    ("performer_lm", [], 2),  # kernel attention's own
-    ("performer_lm", ["--local-window", "4"], 4),  # both
+PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "pkv_proj": ("phi", "w_l", "w_r")}
+
+
+@pytest.mark.parametrize("arch,extra,task,stacked", [
+    ("memsizer_lm", ["--local-window", "4"], "language_modeling", {"qkv_proj": 2, "pkv_proj": 2}),  # window, MemSizer
+    ("memsizer_transformer", ["--encoder-self-attn", "memsizer"], "translation", {"pkv_proj": 4}),  # cross kept apart
+    ("performer_lm", [], "language_modeling", {"qkv_proj": 2}),  # kernel attention's own
+    ("performer_lm", ["--local-window", "4"], "language_modeling", {"qkv_proj": 4}),  # both
 ])
-def test_projections_kept_apart_load_into_the_stacked_one(arch, extra, stacked):
+def test_projections_kept_apart_load_into_the_stacked_one(arch, extra, task, stacked):
     """fairseq's load path (upgrade_state_dict_named) stacks a state dict's
-    q_proj, k_proj and v_proj into qkv_proj (the window's, a self-attention's):
-    the same model."""
-    args = TINY_LM + extra
-    model, d = make_model(arch, args, task="language_modeling")
-    apart = {}
+    q_proj, k_proj and v_proj into qkv_proj (the window's, a self-attention's),
+    and MemSizer's phi, w_l and w_r into pkv_proj (a self-attention's): the same
+    model."""
+    args = (TINY_LM if task == "language_modeling" else TINY_MT) + extra
+    model, d = make_model(arch, args, task=task)
+    widths = {name: getattr(m, "widths", None) for name, m in model.named_modules()}
+    apart, found = {}, {fused: 0 for fused in stacked}
     for name, tensor in model.state_dict().items():
-        parts = tensor.chunk(3) if ".qkv_proj." in name else [tensor]
-        names = [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")] if len(parts) == 3 else [name]
-        apart.update({n: p.clone() for n, p in zip(names, parts)})
-    assert sum("k_proj.weight" in name for name in apart) == stacked
-    other, _ = make_model(arch, args, task="language_modeling", seed=1)
+        path, kind = name.rsplit(".", 1)
+        module, _, fused = path.rpartition(".")
+        if fused not in PARTS:
+            apart[name] = tensor.clone()
+            continue
+        parts = tensor.split(list(widths[module])) if fused == "pkv_proj" else tensor.chunk(3)
+        apart.update({f"{module}.{part}.{kind}": t.clone() for part, t in zip(PARTS[fused], parts)})
+        found[fused] += kind == "weight"
+    assert found == stacked
+    other, _ = make_model(arch, args, task=task, seed=1)
     other.load_state_dict(apart, strict=True)
     tokens = random_tokens(d, 2, 9)
-    torch.testing.assert_close(other(tokens)[0], model(tokens)[0], rtol=0, atol=0)
+    inputs = (tokens, torch.full((2,), 9), tokens) if task == "translation" else (tokens,)
+    torch.testing.assert_close(other(*inputs)[0], model(*inputs)[0], rtol=0, atol=0)
 
 
 def test_window_mask_first_built_in_inference_mode_serves_training():

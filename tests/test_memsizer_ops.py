@@ -169,7 +169,8 @@ def test_module_step_drops_out_the_heads_mean_in_training(training):
     torch.manual_seed(1)
     out, _ = attn.step(x, {}, None)
     torch.manual_seed(1)
-    expected, _ = M.causal_step(attn.slot_weights(x), *attn.keys_values(x))
+    logits, k, v = attn.project(x, "pkv")
+    expected, _ = M.causal_step(attn.slot_weights(logits), *attn.keys_values(k, v))
     assert_close(out, expected)
 
 

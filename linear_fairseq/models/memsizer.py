@@ -57,18 +57,22 @@ def memsizer_lm_wiki103(args):
     transformer_lm_baevski_wiki103(args)
 
 
-def from_softmax(name: str, softmax: dict):
+def from_softmax(name: str, softmax: dict, fresh):
     """W_r of a MemSizer role from the softmax attention it replaces: its value
     projection followed by its output projection (MemSizer has no output
-    projection, so W_r carries both)."""
-    match = re.fullmatch(r"(.*)\.w_r\.(weight|bias)", name)
+    projection, so W_r carries both). A self-attention holds W_r as the last rows
+    of pkv_proj: its Phi and W_l rows stay as `fresh` has them."""
+    match = re.fullmatch(r"(.*)\.(w_r|pkv_proj)\.(weight|bias)", name)
     if not match or f"{match[1]}.v_proj.weight" not in softmax:
         return None
     v, o = (softmax[f"{match[1]}.{p}_proj.weight"] for p in ("v", "out"))
     how = "W_r = out_proj(v_proj(x))"
-    if match[2] == "weight":
-        return o @ v, how
-    return o @ softmax[f"{match[1]}.v_proj.bias"] + softmax[f"{match[1]}.out_proj.bias"], how
+    w_r = o @ v if match[3] == "weight" else o @ softmax[f"{match[1]}.v_proj.bias"] + softmax[f"{match[1]}.out_proj.bias"]
+    if match[2] == "w_r":
+        return w_r, how
+    stacked = fresh.clone()
+    stacked[-len(w_r):] = w_r
+    return stacked, f"{how}; Phi, W_l initialized"
 
 
 LOCAL = ("--short-conv", "3", "--local-window", "5")  # test widths: odd and even, both far below the lengths

@@ -4,7 +4,8 @@ Keys are k learned memory slots Phi (per head); the source is written into a
 (k x d) memory S = LN(X W_l)^T LN(X W_r) / sqrt(n). Heads share S and differ
 only in how they address it ("lightweight multi-head"): the query's slot
 weights are averaged over heads, so reading costs one head. There is no
-output projection, as in the authors' implementation.
+output projection, as in the authors' implementation. A self-attention
+computes x Phi^T, X W_l and X W_r as one matrix product (pkv_proj).
 """
 from typing import List, Optional, Tuple
 
@@ -16,6 +17,9 @@ from ..errors import ConfigError
 from ..ops import memsizer as M
 from .attention import LinearAttention, Problem, State, first_problem, is_number, is_positive_int
 from .backends import TRITON_BACKENDS, on_kernels
+from .projections import load_apart, project_parts, stacked
+
+PROJECTIONS = {"p": "phi", "k": "w_l", "v": "w_r"}  # a cross-attention's projections, by the part each gives
 
 
 def memsizer_problems(options: dict, embed_dim: int = 0, width: str = "") -> List[Problem]:
@@ -60,40 +64,60 @@ class MemsizerAttention(LinearAttention):
         kv_dim = kv_dim or embed_dim
         self.memory_size = memory_size
         self.chunk_size, self.memsizer_backend = memsizer_chunk_size, memsizer_backend
-        self.phi = nn.Linear(embed_dim, num_heads * memory_size)  # key slots Phi_h, one set per head
-        self.w_l = nn.Linear(kv_dim, memory_size)  # source -> keys K (n x k)
-        self.w_r = nn.Linear(kv_dim, embed_dim)  # source -> values V (n x d)
+        phi = nn.Linear(embed_dim, num_heads * memory_size)  # key slots Phi_h, one set per head
+        w_l = nn.Linear(kv_dim, memory_size)  # source -> keys K (n x k)
+        w_r = nn.Linear(kv_dim, embed_dim)  # source -> values V (n x d)
         self.k_norm = LayerNorm(memory_size)
         self.v_norm = LayerNorm(embed_dim)
         self.dropout = nn.Dropout(attention_dropout)
-        nn.init.xavier_uniform_(self.phi.weight, gain=q_init_scale**-0.5)
-        nn.init.xavier_uniform_(self.w_l.weight, gain=kv_init_scale**-0.5)
-        nn.init.xavier_uniform_(self.w_r.weight, gain=kv_init_scale**-0.5)
-        for linear in (self.phi, self.w_l, self.w_r):
+        nn.init.xavier_uniform_(phi.weight, gain=q_init_scale**-0.5)
+        nn.init.xavier_uniform_(w_l.weight, gain=kv_init_scale**-0.5)
+        nn.init.xavier_uniform_(w_r.weight, gain=kv_init_scale**-0.5)
+        for linear in (phi, w_l, w_r):
             nn.init.zeros_(linear.bias)
+        self.widths = (num_heads * memory_size, memory_size, embed_dim)
+        # self-attention projects one input: one matrix product (modules/projections.py)
+        if cross:
+            self.phi, self.w_l, self.w_r = phi, w_l, w_r
+        else:
+            self.pkv_proj = stacked(phi, w_l, w_r)
 
-    def slot_logits(self, x: Tensor) -> Tensor:
-        """x Phi_h^T for each head h: (..., H, k)."""
-        return self.phi(x).unflatten(-1, (self.num_heads, self.memory_size))
+    def project(self, x: Tensor, names: str) -> Tuple[Tensor, ...]:
+        """x's projections `names`, a run of "pkv": p the slot logits x Phi^T (all heads'),
+        k = x W_l and v = x W_r before their norms; one matrix product of pkv_proj's rows
+        in self-attention."""
+        if self.encoder_decoder_attention:
+            return tuple(getattr(self, PROJECTIONS[name])(x) for name in names)
+        return project_parts(self.pkv_proj, x, self.widths, "pkv".index(names), len(names))
 
-    def slot_weights(self, x: Tensor) -> Tensor:
+    def upgrade_state_dict_named(self, state_dict, name: str):
+        """fairseq's loading hook: a self-attention's phi, w_l and w_r kept apart load into pkv_proj."""
+        if not self.encoder_decoder_attention:
+            load_apart(state_dict, name, tuple(PROJECTIONS.values()), "pkv_proj")
+
+    def heads(self, logits: Tensor) -> Tensor:
+        """The slot logits of each head h, x Phi_h^T: (..., H, k)."""
+        return logits.unflatten(-1, (self.num_heads, self.memory_size))
+
+    def slot_weights(self, logits: Tensor) -> Tensor:
         """p = mean_h softmax(x Phi_h^T), with attention dropout on the weights."""
-        return self.dropout(M.slot_weights(self.slot_logits(x)))
+        return self.dropout(M.slot_weights(self.heads(logits)))
 
-    def keys_values(self, source: Tensor) -> Tuple[Tensor, Tensor]:
+    def keys_values(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """K = LN(X W_l), V = LN(X W_r)."""
-        return self.k_norm(self.w_l(source)), self.v_norm(self.w_r(source))
+        return self.k_norm(k), self.v_norm(v)
 
     def summarize(self, source: Tensor, padding_mask: Optional[Tensor]) -> State:
-        K, V = self.keys_values(source)
+        K, V = self.keys_values(*self.project(source, "kv"))
         return M.source_memory(K, V, padding_mask)
 
     def read(self, x: Tensor, state: State) -> Tensor:
-        return M.read_memory(self.slot_weights(x), state, x.dtype)
+        return M.read_memory(self.slot_weights(*self.project(x, "p")), state, x.dtype)
 
     def causal_parallel(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        K, V = self.keys_values(x)
-        return M.causal_chunked(self.slot_weights(x), K, V, padding_mask, chunk_size=self.chunk_size)
+        logits, k, v = self.project(x, "pkv")
+        K, V = self.keys_values(k, v)
+        return M.causal_chunked(self.slot_weights(logits), K, V, padding_mask, chunk_size=self.chunk_size)
 
     def attention_weights(self, x: Tensor, source: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         raise ConfigError("--print-alignment: MemSizer's cross-attention reads k memory slots, not source "
@@ -101,12 +125,13 @@ class MemsizerAttention(LinearAttention):
                           "with softmax cross-attention (--cross-attn softmax, the recommended placement)")
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
+        logits, k, v = self.project(x, "pkv")
         dropped = self.training and self.dropout.p > 0  # dropout acts on the heads' mean
         if not dropped and self.runs_on_triton(x) and not torch.is_grad_enabled() and x.dtype in kernel().DTYPES:
-            return kernel().causal_step(self.slot_logits(x), self.w_l(x), self.w_r(x), self.k_norm, self.v_norm,
-                                        state or None, padding_mask)
-        K, V = self.keys_values(x)
-        p = self.slot_weights(x) if dropped else M.slot_probs(self.slot_logits(x))  # the op averages the heads
+            return kernel().causal_step(self.heads(logits), k, v, self.k_norm, self.v_norm, state or None,
+                                        padding_mask)
+        K, V = self.keys_values(k, v)
+        p = self.slot_weights(logits) if dropped else M.slot_probs(self.heads(logits))  # the op averages the heads
         return M.causal_step(p, K, V, state or None, padding_mask)
 
     def runs_on_triton(self, x: Tensor) -> bool:

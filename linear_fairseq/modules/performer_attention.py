@@ -14,7 +14,6 @@ import math
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -23,7 +22,7 @@ from ..ops import performer_fla
 from ..ops.common import triton_unavailable
 from .attention import LinearAttention, Problem, State, first_problem, is_int, is_number, is_positive_int
 from .backends import on_kernels
-from .projections import load_apart, stacked
+from .projections import load_apart, project_parts, stacked
 
 class EluFeatures(nn.Module):
     """Each feature module returns (phi(x), its log-scale or None)."""
@@ -184,9 +183,7 @@ class PerformerAttention(LinearAttention):
         matrix product of qkv_proj's rows in self-attention."""
         if self.encoder_decoder_attention:
             return tuple(getattr(self, f"{name}_proj")(x) for name in names)
-        first = "qkv".index(names) * self.embed_dim
-        rows = slice(first, first + len(names) * self.embed_dim)
-        return F.linear(x, self.qkv_proj.weight[rows], self.qkv_proj.bias[rows]).chunk(len(names), dim=-1)
+        return project_parts(self.qkv_proj, x, (self.embed_dim,) * 3, "qkv".index(names), len(names))
 
     def upgrade_state_dict_named(self, state_dict, name: str):
         """fairseq's loading hook: a self-attention's q_proj, k_proj and v_proj kept apart load into qkv_proj."""

@@ -8,9 +8,10 @@ dict that holds the parts apart (``q_proj``, ``k_proj``, ``v_proj``: a
 softmax attention's, or a checkpoint saved that way) loads into the stacked
 one through fairseq's ``upgrade_state_dict_named``.
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -25,6 +26,17 @@ def stacked(*projections: nn.Linear) -> nn.Linear:
         out.weight.copy_(torch.cat([p.weight for p in projections]))
         out.bias.copy_(torch.cat([p.bias for p in projections]))
     return out
+
+
+def project_parts(linear: nn.Linear, x: Tensor, widths: Sequence[int], first: int, count: int) -> Tuple[Tensor, ...]:
+    """Parts first .. first + count - 1 of x's projection by a stacked nn.Linear whose
+    parts are `widths` wide: one matrix product of their rows (of the whole weight
+    where every part is asked for, so its gradient is not written into zeros)."""
+    if count == len(widths):
+        return linear(x).split(list(widths), dim=-1)
+    start, parts = sum(widths[:first]), list(widths[first:first + count])
+    rows = slice(start, start + sum(parts))
+    return F.linear(x, linear.weight[rows], linear.bias[rows]).split(parts, dim=-1)
 
 
 def stack_apart(tensors: dict, name: str, parts=QKV, fused: str = "qkv_proj") -> Optional[Tensor]:
