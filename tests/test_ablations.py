@@ -75,7 +75,7 @@ def test_linearize_grid_starts_a_row_from_the_softmax_rows_checkpoint(linearize_
     config and overrides) and fine-tunes from it (checkpoint.finetune_from_model)."""
     work, runs = linearize_grid
     run = work / "runs" / "linearize" / "memsizer-linearized-10-s1"
-    assert "| mapped: W_r = out_proj(v_proj(x)) |" in (run / "linearize.log").read_text()
+    assert "| mapped: W_r = out_proj(v_proj(x)); Phi, W_l initialized |" in (run / "linearize.log").read_text()
     assert f"loading pretrained model from {run / 'linearized.pt'}" in (run / "train.log").read_text()
     assert runs["memsizer-linearized-10"]["overrides"].endswith("linearize_from=softmax")
     assert 0 <= float(runs["memsizer-linearized-10"]["bleu"]) <= 100

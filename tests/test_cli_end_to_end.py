@@ -140,7 +140,7 @@ def test_linearize_a_trained_transformer_then_finetune_and_generate(multi30k, tm
     memsizer = ["--arch", "memsizer_transformer", "--decoder-self-memory-size", "4", "--cross-attn", "softmax"]
     r = forked.run([sys.executable, "-m", "linear_fairseq.linearize", tmp_path / "softmax" / "checkpoint_last.pt",
                     tmp_path / "linear.pt", *memsizer])
-    assert r.returncode == 0 and "| mapped: W_r = out_proj(v_proj(x)) |" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "| mapped: W_r = out_proj(v_proj(x)); Phi, W_l initialized |" in r.stdout, r.stderr[-3000:]
     # T2R's recipe: the attention alone first, then everything
     fairseq("train", data, *memsizer, *TINY_MT, "--max-update", 4, "--save-dir", tmp_path / "attn",
             "--finetune-from-model", tmp_path / "linear.pt", "--train-attention-only")
