@@ -99,7 +99,8 @@ KNOWN_FAILURES = [
     (ValueError, "loaded state dict contains a parameter group that doesn't match the size of optimizer's group",
      lambda e: True,  # torch's Optimizer.load_state_dict, resuming a run whose parameters were laid out otherwise
      lambda e: f"the optimizer state in {_checkpoint_args()} holds other parameters than this model (a run saved "
-     "before a self-attention's q/k/v or a GAU's U/V/Z became one matrix, or with other model options); add "
+     "before a self-attention's q/k/v (MemSizer's Phi/W_l/W_r) or a GAU's U/V/Z became one matrix, or with other "
+     "model options); add "
      "--reset-optimizer to resume from its weights with the optimizer started anew, or move it away to start afresh"),
     (AttributeError, "supported_targets", lambda e: sys.argv[0].endswith("fairseq-eval-lm"),
      lambda e: f"{_checkpoint_args()} is a translation (encoder-decoder) model, and fairseq-eval-lm scores language "

@@ -268,7 +268,8 @@ def test_resuming_an_optimizer_state_of_other_parameters_says_so(corpus, tmp_pat
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: the optimizer state in {save / 'checkpoint_last.pt'} holds other parameters than this model (a run "
-        "saved before a self-attention's q/k/v or a GAU's U/V/Z became one matrix, or with other model options); add "
+        "saved before a self-attention's q/k/v (MemSizer's Phi/W_l/W_r) or a GAU's U/V/Z became one matrix, or with "
+        "other model options); add "
         "--reset-optimizer to resume from its weights with the optimizer started anew, or move it away to start afresh")
     run("train", corpus, *FAMILIES["flash"], *LM, "--max-update", 4, "--save-dir", save, "--reset-optimizer")
     assert torch.load(save / "checkpoint_last.pt", weights_only=False)["optimizer_history"][-1]["num_updates"] == 4
