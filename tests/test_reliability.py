@@ -19,6 +19,7 @@ import torch
 
 import forked
 from conftest import ROOT
+from test_decoding_contract import CASES as CONTRACT_CASES
 
 pytestmark = pytest.mark.slow
 
@@ -302,32 +303,45 @@ def test_bad_model_options_exit_with_one_line(corpus, tmp_path):
 
 
 # -- fairseq's training options -----------------------------------------------------------------------
+def training_pass(case, *extra):
+    """One training pass of a decoding-contract case's model (with `extra` flags):
+    its loss, each parameter's gradient by name, and its layers, encoder's included."""
+    from conftest import make_model
+    from test_decoding_contract import CASES, decoder_input, left_padded_source
+
+    arch, args, task = CASES[case]
+    model, d = make_model(arch, [*args, *extra], task)
+    model.train()
+    prev = decoder_input(d, 2, 20)
+    net = model(*left_padded_source(d, [9, 5], 0), prev) if task == "translation" else model(prev)
+    loss = torch.nn.functional.cross_entropy(net[0].flatten(0, 1), prev.flatten())
+    loss.backward()
+    layers = [*model.decoder.layers, *getattr(getattr(model, "encoder", None), "layers", [])]
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, layers
+
+
 @pytest.mark.parametrize("case", ["flash_mt", "flash_lm", "memsizer_mt_local", "memsizer_lm_local", "performer_mt_local",
                                   "performer_lm_favor_gate"])
 def test_checkpointed_activations_give_the_same_gradients(case):
     """--checkpoint-activations (layers recomputed in the backward) wraps every layer,
     encoder and decoder, and the loss and gradients are those without it."""
-    from conftest import make_model
-    from test_decoding_contract import CASES, decoder_input, left_padded_source
-
-    arch, args, task = CASES[case]
-    results = []
-    for extra in ([], ["--checkpoint-activations"]):
-        model, d = make_model(arch, [*args, *extra], task)
-        model.train()
-        prev = decoder_input(d, 2, 20)
-        net = model(*left_padded_source(d, [9, 5], 0), prev) if task == "translation" else model(prev)
-        loss = torch.nn.functional.cross_entropy(net[0].flatten(0, 1), prev.flatten())
-        loss.backward()
-        layers = [*model.decoder.layers, *getattr(getattr(model, "encoder", None), "layers", [])]
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()},
-                        [hasattr(layer, "precheckpoint_forward") for layer in layers]))
-    (loss, grads, wrapped), (their_loss, their_grads, their_wrapped) = results
-    assert not any(wrapped) and all(their_wrapped)
+    (loss, grads, layers), (their_loss, their_grads, their_layers) = (
+        training_pass(case, *extra) for extra in ([], ["--checkpoint-activations"]))
+    assert not any(hasattr(layer, "precheckpoint_forward") for layer in layers)
+    assert all(hasattr(layer, "precheckpoint_forward") for layer in their_layers)
     torch.testing.assert_close(their_loss, loss)
     assert grads.keys() == their_grads.keys() and all(g is not None for g in grads.values())
     for name, g in grads.items():
         torch.testing.assert_close(their_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("case", list(CONTRACT_CASES))
+def test_every_parameter_gets_a_gradient(case):
+    """One training pass gives every parameter of every model a gradient (encoder,
+    decoder, local precision, hybrid softmax layers), so fairseq's DDP on several
+    GPUs needs no --find-unused-parameters."""
+    _, grads, _ = training_pass(case)
+    assert [name for name, g in grads.items() if g is None] == []
 
 
 # -- awkward inputs to generation ------------------------------------------------------------------
