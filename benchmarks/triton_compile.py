@@ -1,7 +1,7 @@
 """Compile the Triton kernels the models launch on a GPU, on a machine without one.
 
     python -m benchmarks.triton_compile [--arch 90,80] [--passes decode,train]
-        [--dtypes float32,bfloat16,float16] [--out FILE.json [--replace]]
+        [--dtypes float32,bfloat16,float16] [--families memsizer] [--out FILE.json [--replace]]
 
 Triton's interpreter (which the tests use where there is no GPU) runs a kernel
 as numpy code; it does not type the kernel, lay it out for a GPU's threads and
@@ -22,7 +22,8 @@ in each precision:
 Every Triton launch is recorded instead of run (the outputs are left as they
 were allocated), and each distinct specialization, as Triton's launcher
 would make it from those arguments, is compiled for each GPU architecture
-with Triton's compiler and ptxas, down to the cubin; an autotuned kernel
+with Triton's compiler and ptxas, down to the cubin (a kernel whose tiles
+depend on the GPU, through its `tiles_for`, with that GPU's); an autotuned kernel
 counts as compiled when one of its configurations does (its autotuner skips
 those that do not), the first in its list. The record holds the kernel's
 shared memory (against what the architecture gives a block), and its
@@ -68,11 +69,14 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_NAMES = tuple(str(d).split(".")[-1] for d in DTYPES)
 
 
-def rows() -> list:
+def rows(names=None) -> list:
     """(row, kind, family, flags): each family's benchmark models ("lm", "mt") with their
-    defaults, and each option set that changes its decoding path (Family.variants)."""
+    defaults, and each option set that changes its decoding path (Family.variants);
+    names: only these families'."""
     out = []
     for family in families.FAMILIES.values():
+        if names is not None and family.name not in names:
+            continue
         out += [(f"{family.name} {kind}", kind, family.name, ()) for kind in ("lm", "mt")]
         out += [(f"{family.name} {name}", v.kind, family.name, v.flags) for name, v in family.variants.items()]
     return out
@@ -180,20 +184,27 @@ def compile_launch(kernel, args, kwargs, arch: int):
                                        options=options.__dict__)
 
 
+def on_arch(kernel, kwargs: dict, arch: int) -> dict:
+    """A launch's keyword arguments on sm_<arch>: a kernel whose tiles depend on the GPU
+    (its `tiles_for(capability)`) takes that GPU's; the others, those recorded."""
+    rule = getattr(with_heuristics(kernel, (), {})[0], "tiles_for", None)
+    return {**kwargs, **rule(arch)} if rule else kwargs
+
+
 def candidates(kernel, args, kwargs, configs, arch: int) -> list:
     """(key, build) of each way the launch may compile: the one, or each autotuned configuration."""
-    kernel, kwargs = with_heuristics(kernel, args, kwargs)
+    kernel, kwargs = with_heuristics(kernel, args, on_arch(kernel, kwargs, arch))
     return [compile_launch(kernel, args, {**kwargs, **config.all_kwargs()}, arch) for config in configs] \
         if configs else [compile_launch(kernel, args, kwargs, arch)]
 
 
-def check(archs, dtypes=DTYPES, passes=tuple(PASSES)) -> list:
+def check(archs, dtypes=DTYPES, passes=tuple(PASSES), names=None) -> list:
     """One record per distinct (kernel, specialization, architecture) of each pass: where it
     came from, whether it compiled (an autotuned kernel: the first of its configurations
     that does, as its autotuner skips those that do not), its shared memory, registers and
     stack, and the architecture's limit."""
     records, seen, without = [], set(), set()
-    for row, kind, family, flags in rows():
+    for row, kind, family, flags in rows(names):
         for dtype in dtypes:
             if family in without:
                 break
@@ -210,13 +221,14 @@ def check(archs, dtypes=DTYPES, passes=tuple(PASSES)) -> list:
                     if (title, ways[0][0]) not in seen:
                         seen.add((title, ways[0][0]))
                         records.append(compiled(title, ways, arch, row=row, dtype=str(dtype).split(".")[-1],
-                                                padded=padded, **{"pass": name}, tiles=tiling(kwargs)))
+                                                padded=padded, **{"pass": name},
+                                                tiles=tiling(on_arch(kernel, kwargs, arch))))
     return records
 
 
 def tiling(kwargs: dict) -> dict:
     """A launch's tiles: its BLOCK_* constants and the warps it asks for."""
-    return {key: value for key, value in kwargs.items() if key.startswith("BLOCK_") or key == "num_warps"}
+    return {key: value for key, value in kwargs.items() if key.startswith("BLOCK") or key == "num_warps"}
 
 
 def left_out(records: list) -> list:
@@ -313,12 +325,16 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", default=",".join(PASSES), help=f"of {', '.join(PASSES)} (default both)")
     ap.add_argument("--dtypes", default=",".join(DTYPE_NAMES),
                     help="the models' precisions (default float32,bfloat16,float16)")
+    ap.add_argument("--families", help=f"only these families' models, comma-separated (default all: "
+                                       f"{', '.join(families.FAMILIES)})")
     ap.add_argument("--out", type=Path, help="also write the records as JSON")
     ap.add_argument("--replace", action="store_true", help="rewrite --out where it holds an earlier check")
     args = ap.parse_args(argv)
     archs = arch_list(ap, args.arch)
-    for option, given, allowed in (("--passes", args.passes, PASSES), ("--dtypes", args.dtypes, DTYPE_NAMES)):
-        for value in given.split(","):
+    names = args.families.split(",") if args.families else None
+    for option, given, allowed in (("--passes", args.passes, PASSES), ("--dtypes", args.dtypes, DTYPE_NAMES),
+                                   ("--families", args.families or "", families.FAMILIES)):
+        for value in given.split(",") if given else ():
             if value not in allowed:
                 ap.error(f"{option} {value!r}: choose from {', '.join(allowed)}")
     why = problem()
@@ -329,7 +345,7 @@ def main(argv=None) -> int:
         return 1
     with warnings.catch_warnings():  # fla-core says it finds no GPU here, which this check knows
         warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
-        records = check(archs, [getattr(torch, d) for d in args.dtypes.split(",")], args.passes.split(","))
+        records = check(archs, [getattr(torch, d) for d in args.dtypes.split(",")], args.passes.split(","), names)
     spared = left_out(records)
     for r in records:
         config = f", config {r['tried']} of {r['configs']}" if r["configs"] > 1 else ""

@@ -89,6 +89,27 @@ def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
     assert " compiles ok" in r.stdout
 
 
+def test_the_window_backward_keeps_to_its_registers_on_every_gpu(tmp_path):
+    """The sliding window's backward compiles for each GPU with the tiles it launches
+    with there (local_triton.backward_tiles): 16 queries or keys a program on sm_70 and
+    sm_75, 32 on sm_80 and sm_90; none spills registers to memory (no stack), in float32
+    and float16 (--families: MemSizer's models alone)."""
+    pytest.importorskip("triton.backends.nvidia", reason="the check compiles with Triton's NVIDIA backend")
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.triton_compile", "--arch", "70,75,80,90", "--passes", "train",
+                        "--families", "memsizer", "--dtypes", "float32,float16", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    records = json.loads(out.read_text())["records"]
+    assert {rec["row"].split()[0] for rec in records} == {"memsizer"}
+    backward = [rec for rec in records if rec["kernel"] == "linear_fairseq.ops.local_triton._backward_kernel"]
+    assert {(rec["arch"], rec["tiles"]["BLOCK"], rec["dtype"]) for rec in backward} == {
+        (f"sm_{arch}", 16 if arch < 80 else 32, dtype) for arch in (70, 75, 80, 90) for dtype in ("float32", "float16")}
+    assert all(rec["ok"] and rec["stack_bytes"] == 0 and rec["registers"] <= 255 for rec in backward), backward
+
+
 def test_a_tiling_short_of_shared_memory_is_left_out_only_where_another_compiles():
     """benchmarks.triton_compile.left_out: a tiling of FLASH's training kernels that needs more
     shared memory than the architecture gives is no failure where another tiling of the same
@@ -122,6 +143,12 @@ def test_a_bad_architecture_is_named(capsys):
     with pytest.raises(SystemExit):
         triton_compile.main(["--arch", "61"])
     assert "--arch 61: choose from 70, 75, 80, 86, 89, 90" in capsys.readouterr().err
+
+
+def test_an_unknown_family_is_named(capsys):
+    with pytest.raises(SystemExit):
+        triton_compile.main(["--families", "memsizer,mamba"])
+    assert "--families 'mamba': choose from flash, memsizer, performer" in capsys.readouterr().err
 
 
 def test_an_earlier_check_is_not_overwritten(tmp_path, capsys, monkeypatch):

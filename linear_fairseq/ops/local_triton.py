@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .common import strides
 from .local import empty_window_state
-from .triton_common import OPERANDS, _dot, on_its_device
+from .triton_common import OPERANDS, _dot, capability, on_its_device
 
 BLOCK_W = 64  # ring slots a program reads at a time (decoding)
 BLOCK = 32  # queries, or keys, a training program takes at a time
@@ -179,7 +179,17 @@ def _backward_kernel(
         tl.store(grad, (dq * scale).to(grad.dtype.element_ty), mask=inside)
 
 
-def _launch(kernel, qkv, W, causal, padding_mask, *tensors, strided=(), **constants):
+def backward_tiles(capability: Optional[int]) -> dict:
+    """The backward's tiles on a GPU of this compute capability (75 for 7.5; None: the
+    interpreter): BLOCK queries or keys a program, 16 below 8.0 (sm_70, sm_75), where
+    32 needs more than a thread's 255 registers and spills to memory."""
+    return {"BLOCK": 16 if capability is not None and capability < 80 else BLOCK}
+
+
+_backward_kernel.tiles_for = backward_tiles  # benchmarks.triton_compile compiles each GPU's own
+
+
+def _launch(kernel, qkv, W, causal, padding_mask, *tensors, strided=(), BLOCK=BLOCK, **constants):
     """Launches `kernel` over (blocks of BLOCK positions, rows x heads) with qkv's sizes and the
     strides of qkv, then of each of `strided`."""
     B, T, _, H, d = qkv.shape
@@ -207,9 +217,10 @@ class _Window(torch.autograd.Function):
         qkv, out, lse, padding_mask = ctx.saved_tensors
         grad = torch.empty_like(qkv, memory_format=torch.contiguous_format)
         delta = torch.empty_like(lse)
+        tiles = backward_tiles(capability(qkv))
         for keys in (False, True):  # the queries' programs write D, which the keys' read
             _launch(_backward_kernel, qkv, ctx.W, ctx.causal, padding_mask, out, grad_out, lse, delta, grad,
-                    strided=(out, grad_out, grad), KEYS=keys)
+                    strided=(out, grad_out, grad), KEYS=keys, **tiles)
         return grad, None, None, None
 
 

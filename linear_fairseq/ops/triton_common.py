@@ -1,5 +1,6 @@
 """Pieces the Triton kernels share."""
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -18,6 +19,14 @@ def _dot(a, b, OP: tl.constexpr):
     if OP == tl.float32:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a.to(OP), b.to(OP))
+
+
+def capability(x: torch.Tensor) -> Optional[int]:
+    """The compute capability of x's GPU as one number (7.5 -> 75); None off CUDA."""
+    if not x.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 def on_its_device(launcher):
