@@ -255,7 +255,9 @@ def test_a_family_has_one_name_across_ops_modules_models_and_options(name):
 def test_a_gpu_triton_does_not_compile_for_keeps_the_torch_forms(monkeypatch, option, kernels):
     """On a CUDA GPU older than compute capability 7.0 (a P100, a GTX 1080), for which
     Triton does not compile, auto runs the torch forms, and the kernels asked for by
-    name are one line naming the GPU and the way out; from 7.0 on, auto runs the kernels."""
+    name are one line naming the GPU and the way out; from 7.0 on, auto runs the kernels,
+    and for a model in float64, which the kernels do not take, the torch forms (auto or
+    by name)."""
     from linear_fairseq.modules import backends
     from linear_fairseq.ops import common
 
@@ -263,7 +265,7 @@ def test_a_gpu_triton_does_not_compile_for_keeps_the_torch_forms(monkeypatch, op
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability["cap"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla P100-PCIE-16GB")
     common.gpu_too_old.cache_clear()
-    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32)
     available = lambda: None  # noqa: E731  (the kernels' library imports)
     try:
         assert not backends.on_kernels(option, "auto", on_gpu, kernels, available)
@@ -277,5 +279,7 @@ def test_a_gpu_triton_does_not_compile_for_keeps_the_torch_forms(monkeypatch, op
         common.gpu_too_old.cache_clear()
         capability["cap"] = (7, 5)
         assert backends.on_kernels(option, "auto", on_gpu, kernels, available)
+        in_float64 = SimpleNamespace(**{**vars(on_gpu), "dtype": torch.float64})
+        assert not any(backends.on_kernels(option, b, in_float64, kernels, available) for b in ("auto", kernels))
     finally:
         common.gpu_too_old.cache_clear()

@@ -205,9 +205,9 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
     def from_z(self, h: Tensor, uvz: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         """SiLU(U) times mixed chunk attention from SiLU(Z) (ops.flash.from_z), given their
         projection: a causal pass on the Triton kernels where the unit runs on them
-        (runs_on_triton) and they take its dtype."""
+        (runs_on_triton: on the projection, whose dtype autocast may have changed)."""
         gamma, beta = self.offset_scale.gamma, self.offset_scale.beta
-        fused = self.causal and self.runs_on_triton(h) and uvz.dtype in chunk_kernels().DTYPES
+        fused = self.causal and self.runs_on_triton(uvz)
         tiles = self.kernel_tiles(uvz) if fused else None
         if tiles:
             return chunk_kernels().gated(uvz, gamma, beta, self.rope, e=self.e, **self.options, tiles=tiles)

@@ -71,13 +71,13 @@ class SlidingWindow(nn.Module):
         return self.out_proj(out.movedim(1, -2).flatten(-2))
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        if self.runs_on_triton(x) and x.dtype in kernels().DTYPES:  # q, k, v as the projection lays them out
+        if self.runs_on_triton(x):  # q, k, v as the projection lays them out
             qkv = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, -1))
             return self.merge(kernels().window(qkv, self.width, self.causal, padding_mask).transpose(1, 2))
         return self.merge(L.window(*self.qkv(x), self.width, self.causal, padding_mask))
 
     def step(self, x: Tensor, state: Optional[State], padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        if self.runs_on_triton(x) and not torch.is_grad_enabled() and x.dtype in kernels().DTYPES:  # heads scaled
+        if self.runs_on_triton(x) and not torch.is_grad_enabled():  # heads scaled
             out, state = kernels().window_step(*self.qkv(x), state, self.width, padding_mask, self.head_weight)
             return self.project(out), state
         out, state = L.window_step(*self.qkv(x), state, self.width, padding_mask)

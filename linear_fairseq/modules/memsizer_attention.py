@@ -127,7 +127,7 @@ class MemsizerAttention(LinearAttention):
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         logits, k, v = self.project(x, "pkv")
         dropped = self.training and self.dropout.p > 0  # dropout acts on the heads' mean
-        if not dropped and self.runs_on_triton(x) and not torch.is_grad_enabled() and x.dtype in kernel().DTYPES:
+        if not dropped and self.runs_on_triton(x) and not torch.is_grad_enabled():
             return kernel().causal_step(self.heads(logits), k, v, self.k_norm, self.v_norm, state or None,
                                         padding_mask)
         K, V = self.keys_values(k, v)

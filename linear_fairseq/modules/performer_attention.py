@@ -61,11 +61,10 @@ class FavorFeatures(RandomFeatures):
 
     def on_kernels(self, x):
         """The same features from ops.favor_triton's kernels (forward and gradient), where
-        Triton imports and takes x's dtype; elsewhere from the torch function."""
+        Triton imports; elsewhere from the torch function."""
         if triton_unavailable() or self.projection.requires_grad:
             return self(x)
-        kernels = performer_fla.favor_kernels()
-        return kernels.favor_features(x, self.projection) if x.dtype in kernels.DTYPES else self(x)
+        return performer_fla.favor_kernels().favor_features(x, self.projection)
 
 
 class RFAFeatures(RandomFeatures):

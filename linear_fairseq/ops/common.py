@@ -49,6 +49,7 @@ def triton_unavailable() -> Optional[str]:
 
 
 TRITON_CAPABILITY = (7, 0)  # the oldest NVIDIA GPUs Triton compiles for, as torch.compile requires
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel of the plugin takes
 
 
 @functools.lru_cache(maxsize=None)

@@ -141,12 +141,9 @@ class _Favor(torch.autograd.Function):
         return dx.view(ctx.shape), None
 
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the inputs the kernels take (they compute in float32)
-
-
 @on_its_device
 def favor_features(x: Tensor, projection: Tensor) -> Tuple[Tensor, Tensor]:
-    """``performer.favor_features`` on the kernels: x (..., d) of a dtype in DTYPES,
+    """``performer.favor_features`` on the kernels: x (..., d) of a dtype in KERNEL_DTYPES,
     projection (m, d) without a gradient -> (phi (..., m), log-scale (...)), both
     float32, as the torch function gives them for these inputs."""
     return _Favor.apply(x, projection)

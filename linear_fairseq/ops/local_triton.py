@@ -37,7 +37,6 @@ from .triton_common import OPERANDS, _dot, capability, on_its_device
 
 BLOCK_W = 64  # ring slots a program reads at a time (decoding)
 BLOCK = 32  # queries, or keys, a training program takes at a time
-DTYPES = tuple(OPERANDS)  # what the kernels take (the step computes in float32)
 
 
 # -- training ----------------------------------------------------------------------------
@@ -227,7 +226,7 @@ class _Window(torch.autograd.Function):
 @on_its_device
 def window(qkv: Tensor, W: int, causal: bool, padding_mask: Optional[Tensor] = None) -> Tensor:
     """``local.window`` on q, k, v as one projection qkv (B, T, 3, H, d) (any strides), in
-    one of DTYPES: (B, T, H, d) in qkv's dtype, differentiable."""
+    one of KERNEL_DTYPES: (B, T, H, d) in qkv's dtype, differentiable."""
     return _Window.apply(qkv, W, causal, padding_mask)
 
 

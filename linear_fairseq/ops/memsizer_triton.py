@@ -19,9 +19,7 @@ from torch import Tensor, nn
 
 from .common import State, strides
 from .memsizer import empty_state
-from .triton_common import OPERANDS, on_its_device
-
-DTYPES = tuple(OPERANDS)  # what the kernel takes (it computes in float32)
+from .triton_common import on_its_device
 
 
 @triton.jit

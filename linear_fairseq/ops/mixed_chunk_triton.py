@@ -89,7 +89,6 @@ TILES = (Tiles(16, 8), Tiles(16, 4), Tiles(32, 8))
 BLOCK_E = 16  # value columns a step of a sum over them
 BLOCK_V = 32  # value columns of a forward program's outputs
 BLOCK_DV = 32  # value columns of the key kernel's dV a step holds
-DTYPES = tuple(OPERANDS)  # the values between products (heads, scores, sums) are float32
 
 
 # -- pieces the kernels share ----------------------------------------------------------
@@ -632,7 +631,7 @@ def gated(x: Tensor, gamma: Tensor, beta: Tensor, rope: bool, *, e: int, chunk_s
     """SiLU(U) times the causal mixed chunk attention of ``ops.flash.from_z`` over
     SiLU(V) and the heads of SiLU(Z), for a sequence without padding inside its rows,
     on the kernels launched with `tiles`: x = [U, V, Z] (B, T, 2e + s), s even, of a
-    dtype in DTYPES; gamma and beta (4, s). Returns (B, T, e) in x's dtype."""
+    dtype in KERNEL_DTYPES; gamma and beta (4, s). Returns (B, T, e) in x's dtype."""
     if relu2_norm not in RELU2_NORMS:
         raise unknown_relu2_norm(relu2_norm)
     T = x.shape[1]

@@ -6,11 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import first_device
+from .common import KERNEL_DTYPES, first_device
 
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
 # float16 and bfloat16 rounded to their own precision for a GPU's tensor cores, as torch multiplies each
-OPERANDS = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+OPERANDS = dict(zip(KERNEL_DTYPES, (tl.float32, tl.bfloat16, tl.float16)))
 
 
 @triton.jit
