@@ -67,7 +67,10 @@ def from_softmax(name: str, softmax: dict, fresh):
         return None
     v, o = (softmax[f"{match[1]}.{p}_proj.weight"] for p in ("v", "out"))
     how = "W_r = out_proj(v_proj(x))"
-    w_r = o @ v if match[3] == "weight" else o @ softmax[f"{match[1]}.v_proj.bias"] + softmax[f"{match[1]}.out_proj.bias"]
+    if match[3] == "weight":
+        w_r = o @ v
+    else:
+        w_r = o @ softmax[f"{match[1]}.v_proj.bias"] + softmax[f"{match[1]}.out_proj.bias"]
     if match[2] == "w_r":
         return w_r, how
     stacked = fresh.clone()
