@@ -178,11 +178,11 @@ def _backward_kernel(
         tl.store(grad, (dq * scale).to(grad.dtype.element_ty), mask=inside)
 
 
-def backward_tiles(capability: Optional[int]) -> dict:
-    """The backward's tiles on a GPU of this compute capability (75 for 7.5; None: the
+def backward_tiles(arch: Optional[int]) -> dict:
+    """The backward's tiles on a GPU of compute capability `arch` (75 for 7.5; None: the
     interpreter): BLOCK queries or keys a program, 16 below 8.0 (sm_70, sm_75), where
     32 needs more than a thread's 255 registers and spills to memory."""
-    return {"BLOCK": 16 if capability is not None and capability < 80 else BLOCK}
+    return {"BLOCK": 16 if arch is not None and arch < 80 else BLOCK}
 
 
 _backward_kernel.tiles_for = backward_tiles  # benchmarks.triton_compile compiles each GPU's own
