@@ -264,7 +264,7 @@ def test_a_gpu_triton_does_not_compile_for_keeps_the_torch_forms(monkeypatch, op
     capability = {"cap": (6, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability["cap"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla P100-PCIE-16GB")
-    common.gpu_too_old.cache_clear()
+    common.compute_capability.cache_clear()
     on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32)
     available = lambda: None  # noqa: E731  (the kernels' library imports)
     try:
@@ -276,10 +276,10 @@ def test_a_gpu_triton_does_not_compile_for_keeps_the_torch_forms(monkeypatch, op
             f"{flag} {kernels}: Tesla P100-PCIE-16GB is of compute capability 6.0; Triton compiles for 7.0 and newer "
             f"(or {flag} auto: {kernels} where it can run, torch elsewhere; for a trained model, --model-overrides "
             f"\"{{'{option}': 'auto'}}\")")
-        common.gpu_too_old.cache_clear()
+        common.compute_capability.cache_clear()
         capability["cap"] = (7, 5)
         assert backends.on_kernels(option, "auto", on_gpu, kernels, available)
         in_float64 = SimpleNamespace(**{**vars(on_gpu), "dtype": torch.float64})
         assert not any(backends.on_kernels(option, b, in_float64, kernels, available) for b in ("auto", kernels))
     finally:
-        common.gpu_too_old.cache_clear()
+        common.compute_capability.cache_clear()

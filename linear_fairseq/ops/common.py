@@ -48,19 +48,25 @@ def triton_unavailable() -> Optional[str]:
     return import_problem("triton", "Triton")
 
 
-TRITON_CAPABILITY = (7, 0)  # the oldest NVIDIA GPUs Triton compiles for, as torch.compile requires
+TRITON_CAPABILITY = 70  # the oldest NVIDIA GPUs Triton compiles for (7.0), as torch.compile requires
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel of the plugin takes
 
 
 @functools.lru_cache(maxsize=None)
+def compute_capability(index: int) -> int:
+    """CUDA device `index`'s compute capability as one number (7.5 -> 75)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
 def gpu_too_old(index: int) -> Optional[str]:
     """Why Triton kernels cannot run on CUDA device `index` (None: they can): one
     older than compute capability 7.0, for which Triton does not compile."""
-    major, minor = torch.cuda.get_device_capability(index)
-    if (major, minor) >= TRITON_CAPABILITY:
+    found = compute_capability(index)
+    if found >= TRITON_CAPABILITY:
         return None
-    return (f"{torch.cuda.get_device_name(index)} is of compute capability {major}.{minor}; Triton compiles for "
-            f"{'.'.join(map(str, TRITON_CAPABILITY))} and newer")
+    return (f"{torch.cuda.get_device_name(index)} is of compute capability {found // 10}.{found % 10}; Triton "
+            f"compiles for {TRITON_CAPABILITY // 10}.{TRITON_CAPABILITY % 10} and newer")
 
 
 @constant(maxsize=64)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import KERNEL_DTYPES, first_device
+from .common import KERNEL_DTYPES, compute_capability, first_device
 
 # the inputs the kernels take, and their products' operands (summed in float32): float32 in IEEE float32,
 # float16 and bfloat16 rounded to their own precision for a GPU's tensor cores, as torch multiplies each
@@ -23,10 +23,7 @@ def _dot(a, b, OP: tl.constexpr):
 
 def capability(x: torch.Tensor) -> Optional[int]:
     """The compute capability of x's GPU as one number (7.5 -> 75); None off CUDA."""
-    if not x.is_cuda:
-        return None
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return 10 * major + minor
+    return compute_capability(x.device.index) if x.is_cuda else None
 
 
 def on_its_device(launcher):
