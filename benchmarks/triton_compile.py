@@ -295,6 +295,49 @@ def compiled(kernel: str, ways: list, arch: int, **where) -> dict:
             **({"shared_needed": shared} if errors[-1].startswith("needs ") else {})}
 
 
+def most(records: list, key: str):
+    """The largest `key` among the compiled records ("–" where none compiled)."""
+    found = [r[key] for r in records if r["ok"] and key in r]
+    return f"{max(found):,}" if found else "–"
+
+
+def table(records: list, archs: list) -> str:
+    """One row a kernel: its specializations compiled (and tilings left out); on each
+    architecture the most registers and stack bytes a thread any of them takes; the
+    most shared memory a block; the operand types of its tensor-core products."""
+    names = [f"sm_{a}" for a in archs]
+    lines = ["| kernel | compiled | " + " | ".join(names) + " | shared bytes | tensor cores |",
+             "| --- | ---: | " + "---: | " * len(names) + "---: | --- |"]
+    kernels = {}
+    for r in records:
+        kernels.setdefault(r["kernel"], []).append(r)
+    for kernel, found in kernels.items():
+        ok = sum(r["ok"] for r in found)
+        spared = sum("left_out" in r for r in found)
+        cells = []
+        for arch in names:
+            on = [r for r in found if r["arch"] == arch]
+            cells.append(f"{most(on, 'registers')} / {most(on, 'stack_bytes')}")
+        operands = sorted({t for r in found if r["ok"] for t in r.get("tensor_cores", [])})
+        lines.append(f"| `{kernel.removeprefix('linear_fairseq.ops.')}` | {ok} of {len(found)}"
+                     + (f" ({spared} left out)" if spared else "") + " | " + " | ".join(cells)
+                     + f" | {most(found, 'shared_bytes')} | {', '.join(operands) or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(path: Path, data: dict) -> None:
+    """path.md beside the JSON: the versions, architectures and table(records)."""
+    archs = ", ".join(f"sm_{a}" for a in data["archs"])
+    path.with_suffix(".md").write_text(
+        f"Triton kernels the models launch on a GPU, compiled without one (`python -m benchmarks.triton_compile`; "
+        f"Triton {data['triton']}, torch {data['torch']}; {archs}), every precision and model variant "
+        f"together; \"left out\": a tiling of FLASH's training kernels that needs more shared memory than the "
+        f"architecture gives a block, where another compiles. On each architecture: the most registers / stack bytes "
+        "a thread any specialization takes (a stack is spilled registers, or the frame of a library call such as "
+        "sin); shared bytes: the most a block takes on any; tensor cores: the operand types of its products on any "
+        "(none: all on the FMA units):\n\n" + table(data["records"], data["archs"]))
+
+
 def problem() -> str:
     """Why the check cannot run here ('' where it can)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -327,7 +370,7 @@ def main(argv=None) -> int:
                     help="the models' precisions (default float32,bfloat16,float16)")
     ap.add_argument("--families", help=f"only these families' models, comma-separated (default all: "
                                        f"{', '.join(families.FAMILIES)})")
-    ap.add_argument("--out", type=Path, help="also write the records as JSON")
+    ap.add_argument("--out", type=Path, help="also write the records as JSON, and their table beside it (.md)")
     ap.add_argument("--replace", action="store_true", help="rewrite --out where it holds an earlier check")
     args = ap.parse_args(argv)
     archs = arch_list(ap, args.arch)
@@ -360,7 +403,9 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         import triton
         versions = {"triton": triton.__version__, "torch": torch.__version__}
-        args.out.write_text(json.dumps({**versions, "archs": archs, "records": records}, indent=1))
+        data = {**versions, "archs": archs, "records": records}
+        args.out.write_text(json.dumps(data, indent=1))
+        write_table(args.out, data)
     failed = [r for r in records if not r["ok"] and "left_out" not in r]
     print(f"triton_compile: {len(records) - len(failed) - len(spared)} of {len(records)} compiles ok"
           + (f"; {len(spared)} tilings of FLASH's training kernels left out where they need more shared memory "

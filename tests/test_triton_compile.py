@@ -87,6 +87,8 @@ def test_every_kernel_launch_compiles_for_sm_90(tmp_path):
             assert {(name, d) for d in ("float32", "bfloat16")} <= trained, name  # float16 runs it in float32
         assert ("chunk_local_cumsum_scalar_kernel", "float32") in trained  # RFA's gate, summed in float32
     assert " compiles ok" in r.stdout
+    table = out.with_suffix(".md").read_text()  # and a row a kernel in the table beside the JSON
+    assert all(f"| `{rec['kernel'].removeprefix('linear_fairseq.ops.')}` |" in table for rec in records)
 
 
 def test_the_window_backward_keeps_to_its_registers_on_every_gpu(tmp_path):
@@ -129,6 +131,28 @@ def test_a_tiling_short_of_shared_memory_is_left_out_only_where_another_compiles
     assert triton_compile.left_out(records) == [records[1]]
     assert "left_out" in records[1] and not any("left_out" in r for r in records[2:])
 
+
+
+def test_the_table_gives_each_kernel_its_worst_case_on_each_architecture(tmp_path):
+    """write_table: beside FILE.json, FILE.md has one row a kernel: the specializations
+    compiled (tilings left out counted apart), on each architecture the most registers and
+    stack bytes a thread of those that compiled, the most shared memory, the tensor-core
+    operand types; an architecture where none compiled reads "–"."""
+    step, sums = "linear_fairseq.ops.flash_triton._gau_step_kernel", "fla.ops.common.chunk_h.chunk_fwd_kernel_h"
+    fit = dict(ok=True, shared_bytes=1024, tensor_cores=[])
+    records = [
+        {"kernel": step, "arch": "sm_70", **fit, "registers": 190, "stack_bytes": 32},
+        {"kernel": step, "arch": "sm_70", **fit, "registers": 120, "stack_bytes": 2048, "shared_bytes": 4096},
+        {"kernel": step, "arch": "sm_90", **fit, "registers": 115, "stack_bytes": 0},
+        {"kernel": step, "arch": "sm_90", "ok": False, "left_out": "its GPU chooses other tiles", "registers": 255},
+        {"kernel": sums, "arch": "sm_70", "ok": False, "error": "CompilationError"},
+        {"kernel": sums, "arch": "sm_90", **fit, "registers": 168, "stack_bytes": 0, "tensor_cores": ["tf32"]},
+    ]
+    path = tmp_path / "compile.json"
+    triton_compile.write_table(path, {"triton": "3.8.0", "torch": "2.13", "archs": [70, 90], "records": records})
+    rows = [line for line in (tmp_path / "compile.md").read_text().splitlines() if line.startswith("| `")]
+    assert rows == ["| `flash_triton._gau_step_kernel` | 3 of 4 (1 left out) | 190 / 2,048 | 115 / 0 | 4,096 | none |",
+                    "| `fla.ops.common.chunk_h.chunk_fwd_kernel_h` | 1 of 2 | – / – | 168 / 0 | 1,024 | tf32 |"]
 
 def test_interpreted_kernels_are_refused_in_one_line(capsys, monkeypatch):
     """Under TRITON_INTERPRET=1 (as the tests run without CUDA) the kernels are not

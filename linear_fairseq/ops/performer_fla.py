@@ -21,6 +21,9 @@ so a key whose log-weight lies more than about 87 below the largest one of
 its sequence (float32 and bfloat16 inputs alike; fp16 models run this form in
 float32) underflows to weight 0, and a query that sees only such keys gets
 the floor. FAVOR+'s log-scales differ by tens at most for unit-scale inputs.
+And on sm_80 and newer fla-core's kernels multiply float32 inputs with TF32
+operands (Triton's default for ``tl.dot``; 10-bit mantissas), where the torch
+forms take IEEE float32.
 """
 import functools
 from typing import Optional
