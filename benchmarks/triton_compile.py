@@ -331,8 +331,8 @@ def write_table(path: Path, data: dict) -> None:
     path.with_suffix(".md").write_text(
         f"Triton kernels the models launch on a GPU, compiled without one (`python -m benchmarks.triton_compile`; "
         f"Triton {data['triton']}, torch {data['torch']}; {archs}), every precision and model variant "
-        f"together; \"left out\": a tiling of FLASH's training kernels that needs more shared memory than the "
-        f"architecture gives a block, where another compiles. On each architecture: the most registers / stack bytes "
+        "together; \"left out\": a tiling of FLASH's training kernels that needs more shared memory than the "
+        "architecture gives a block, where another compiles. On each architecture: the most registers / stack bytes "
         "a thread any specialization takes (a stack is spilled registers, or the frame of a library call such as "
         "sin); shared bytes: the most a block takes on any; tensor cores: the operand types of its products on any "
         "(none: all on the FMA units):\n\n" + table(data["records"], data["archs"]))

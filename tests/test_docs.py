@@ -1,4 +1,5 @@
 """The reference docs derived from code stay in step with it."""
+import re
 import subprocess
 import sys
 
@@ -21,8 +22,6 @@ def test_every_option_of_every_family_is_in_the_reference():
 
 
 def test_readme_links_point_at_files():
-    import re
-
     for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
             assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
@@ -30,15 +29,11 @@ def test_readme_links_point_at_files():
 
 def slug(heading: str) -> str:
     """A heading's anchor as GitHub writes it: lower case, punctuation dropped, spaces as hyphens."""
-    import re
-
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_links_to_a_section_name_one():
     """A link's #fragment into a markdown file names one of that file's headings."""
-    import re
-
     for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         for target, anchor in re.findall(r"\]\(([^)#:]*\.md)#([^)]*)\)", doc.read_text()):
             path = doc.parent / target if target else doc

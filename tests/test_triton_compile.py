@@ -132,7 +132,6 @@ def test_a_tiling_short_of_shared_memory_is_left_out_only_where_another_compiles
     assert "left_out" in records[1] and not any("left_out" in r for r in records[2:])
 
 
-
 def test_the_table_gives_each_kernel_its_worst_case_on_each_architecture(tmp_path):
     """write_table: beside FILE.json, FILE.md has one row a kernel: the specializations
     compiled (tilings left out counted apart), on each architecture the most registers and
