@@ -192,8 +192,9 @@ def on_arch(kernel, kwargs: dict, arch: int) -> dict:
 
 
 def candidates(kernel, args, kwargs, configs, arch: int) -> list:
-    """(key, build) of each way the launch may compile: the one, or each autotuned configuration."""
-    kernel, kwargs = with_heuristics(kernel, args, on_arch(kernel, kwargs, arch))
+    """(key, build) of each way the launch may compile: the one, or each autotuned configuration
+    (kwargs: the launch's on this architecture, on_arch)."""
+    kernel, kwargs = with_heuristics(kernel, args, kwargs)
     return [compile_launch(kernel, args, {**kwargs, **config.all_kwargs()}, arch) for config in configs] \
         if configs else [compile_launch(kernel, args, kwargs, arch)]
 
@@ -216,13 +217,14 @@ def check(archs, dtypes=DTYPES, passes=tuple(PASSES), names=None) -> list:
                 break
             for name, padded, kernel, args, kwargs, configs in found:
                 for arch in archs:
-                    ways = candidates(kernel, args, kwargs, configs, arch)
+                    here = on_arch(kernel, kwargs, arch)
+                    ways = candidates(kernel, args, here, configs, arch)
                     title = f"{kernel.fn.__module__}.{kernel.fn.__name__}"
                     if (title, ways[0][0]) not in seen:
                         seen.add((title, ways[0][0]))
                         records.append(compiled(title, ways, arch, row=row, dtype=str(dtype).split(".")[-1],
                                                 padded=padded, **{"pass": name},
-                                                tiles=tiling(on_arch(kernel, kwargs, arch))))
+                                                tiles=tiling(here)))
     return records
 
 
