@@ -39,8 +39,8 @@ def mixed_chunk(q, k, ql, kl, v, G, causal, padding_mask=None, rel_bias=None, re
     return F.mixed_chunk(q, k, ql, kl, v, causal, padding_mask, rel_bias, chunk_size=G, relu2_norm=relu2_norm)
 
 
-def recurrent(q, k, ql, kl, v, G, padding_mask=None, rel_bias=None, relu2_norm="chunk"):
-    state = F.empty_state(q.shape[0], G, S, E, v)
+def recurrent(q, k, ql, kl, v, G, padding_mask=None, rel_bias=None, relu2_norm="chunk", state=None):
+    state = state or F.empty_state(q.shape[0], G, S, E, v)
     outs = []
     for t in range(q.shape[1]):
         mask_t = None if padding_mask is None else padding_mask[:, t]
@@ -288,21 +288,78 @@ def test_tables_first_built_in_inference_mode_serve_training():
     run().backward()
 
 
-def test_decoding_steps_read_nothing_back_to_the_host():
-    """A step that completes a chunk moves its sum with a masked add: no value is
-    read back to the host (on a GPU, no synchronization per step)."""
+def test_a_step_off_the_cpu_reads_nothing_back_to_the_host():
+    """Off the CPU a step reads every slot of the chunk and no value back to the
+    host (on a GPU, no synchronization per step): steps across a chunk boundary,
+    with a padded one and a relative bias, run on the meta device, which holds
+    no values, so any read would raise. (__wrapped__: without own_precision,
+    whose autocast query does not know the meta device.)"""
     G = 4
-    xs = inputs(2, 2 * G + 1)
-    mask = torch.zeros(2, dtype=torch.bool)
-    mask[1] = True
+    q, k, ql, kl, v = (x.to("meta") for x in inputs(2, 2 * G + 1))
+    bias = torch.zeros(2 * G - 1, device="meta")
+    mask = torch.zeros(2, dtype=torch.bool, device="meta")
+    state = F.empty_state(2, G, S, E, v)
     with torch.no_grad():
-        _, state = recurrent(*(x[:, : G - 1] for x in xs), G)
-        with torch.profiler.profile() as prof:
-            for t in range(G - 1, 2 * G):
-                _, state = F.causal_step(*(x[:, t] for x in xs), state, mask if t == G else None,
-                                         chunk_size=G, relu2_norm="keys")
-    reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
-    assert not reads and F.fill_and_done(state["position"], G)[1].tolist() == [2 * G, G]
+        for t in range(2 * G + 1):
+            out, state = F.causal_step.__wrapped__(q[:, t], k[:, t], ql[:, t], kl[:, t], v[:, t], state,
+                                                   mask if t == G else None, bias, chunk_size=G, relu2_norm="keys")
+    assert out.shape == (2, E) and state["k_chunk"].shape == (2, G, S)
+
+
+def product_sizes(fn) -> set:
+    """Every size of every operand of the matrix products fn() runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sizes = set()
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("bmm", "baddbmm"):
+                sizes.update(n for x in args if isinstance(x, torch.Tensor) for n in x.shape)
+            return func(*args, **(kwargs or {}))
+
+    with Products():
+        fn()
+    return sizes
+
+
+def test_a_cpu_step_multiplies_only_the_filled_slots():
+    """On the CPU a step's products take the chunk's slots up to the fullest row's
+    fill, this step's included: rows at fills 1 and 3 of G = 16 take 4 slots."""
+    G = 16
+    xs = inputs(2, 4)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, :2] = True
+    with torch.no_grad():
+        _, state = recurrent(*(x[:, :3] for x in xs), G, mask[:, :3])
+        sizes = product_sizes(lambda: F.causal_step(*(x[:, 3] for x in xs), state, chunk_size=G, relu2_norm="keys"))
+    assert F.fill_and_done(state["position"], G)[0].tolist() == [1, 3]
+    assert 4 in sizes and G not in sizes, sizes
+
+
+@pytest.mark.parametrize("rel_bias", [False, True], ids=["", "rel-bias"])
+def test_reading_every_slot_gives_the_same_steps(monkeypatch, rel_bias):
+    """The CPU's steps (the filled slots) and the GPU's (every slot) agree, with
+    padding, a relative bias, and a reorder that leaves other rows' tokens in
+    the slots past a row's fill."""
+    G, T, t0 = 8, 20, 11
+    order = torch.tensor([1, 1, 0])
+    xs = inputs(3, T, seed=3)
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    mask[0, :5] = True
+    bias = torch.randn(2 * G - 1, generator=torch.Generator().manual_seed(4)) if rel_bias else None
+
+    def run():
+        with torch.no_grad():
+            first, state = recurrent(*(x[:, :t0] for x in xs), G, mask[:, :t0], bias, "keys")
+            state = F.reorder(state, order)
+            later, _ = recurrent(*(x[:, t0:] for x in xs), G, None, bias, "keys", state)
+        return first, later
+
+    filled = run()
+    monkeypatch.setattr(F, "slots_read", lambda fill, G: G)
+    for got, want in zip(run(), filled):
+        assert_close(got, want)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])

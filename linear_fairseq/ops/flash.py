@@ -564,8 +564,17 @@ def per_done(done: Tensor) -> Tensor:
     return done.clamp(max=1) / done.clamp(min=1)
 
 
+def slots_read(fill: Tensor, G: int) -> int:
+    """How many of the chunk's slots a step reads (a slot past a row's fill weighs 0).
+    On the CPU, where reading a value back costs nothing, the slots up to the fullest
+    row's fill: a beam of 48-token hypotheses reads 49 of G = 256. Elsewhere all G,
+    so that a step never waits for the device to hand a value back."""
+    return int(fill.max()) + 1 if fill.device.type == "cpu" else G
+
+
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
-    """q k^T / sqrt(s) (+ b[fill - slot]) against every slot of the chunk: (B, 1, G), one kernel."""
+    """q k^T / sqrt(s) (+ b[fill - slot]) against the chunk's first n slots (k_chunk (B, n, s)):
+    (B, 1, n), one kernel."""
     scale = q.shape[-1] ** -0.5
     if rel_bias is None:  # beta = 0: the (unfilled) input is not read
         return torch.baddbmm(q.new_empty(1, 1, 1), q.unsqueeze(1), k_chunk.transpose(1, 2), beta=0.0, alpha=scale)
@@ -584,8 +593,9 @@ def causal_step(
     chunks' share of it as S less the current chunk's tokens before this one:
         q' . (S - sum_{j<fill} k'_j v_j^T) = q' . S - sum_{j<fill} (q' . k'_j) v_j,
     an O(G (s + e)) correction folded into the quadratic part's weights, so a
-    step reads and writes S once and a completed chunk needs no move (no value
-    is read back to the host). A padded step (padding_mask True) leaves the
+    step reads and writes S once and a completed chunk needs no move. Of the
+    chunk's slots the step reads those slots_read names: on a GPU all G, with no
+    value read back to the host. A padded step (padding_mask True) leaves the
     state unchanged.
 
     Without autograd (decoding) the state is updated in place, as a KV cache is
@@ -597,14 +607,15 @@ def causal_step(
     fill, done = fill_and_done(state["position"], G)
     k_chunk, kl_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
                                   for name, x in (("k_chunk", k), ("kl_chunk", kl), ("v_chunk", v)))
+    n = slots_read(fill, G)
     # quadratic over the chunk's tokens so far, linear over completed chunks
-    scores = step_scores(q, k_chunk, fill, rel_bias)
-    a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill].unsqueeze(1)
+    scores = step_scores(q, k_chunk[:, :n], fill, rel_bias)
+    a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill, :n].unsqueeze(1)
     ql_mean = (ql * per_done(done)[:, None]).unsqueeze(1)  # (B, 1, s): q' / n, 0 before a chunk completes
     lin = torch.bmm(ql_mean, state["kv_sum"])
-    earlier = torch.bmm(ql_mean, kl_chunk.transpose(1, 2))  # (q' . k'_j) / n over the chunk's slots
-    a = torch.addcmul(a, earlier, earlier_slots(G, q.device)[fill].unsqueeze(1), value=-1.0)
-    out = torch.baddbmm(lin, a, v_chunk).squeeze(1)
+    earlier = torch.bmm(ql_mean, kl_chunk[:, :n].transpose(1, 2))  # (q' . k'_j) / n over the chunk's slots
+    a = torch.addcmul(a, earlier, earlier_slots(G, q.device)[fill, :n].unsqueeze(1), value=-1.0)
+    out = torch.baddbmm(lin, a, v_chunk[:, :n]).squeeze(1)
     return out, advance(state, k_chunk, kl_chunk, v_chunk, kl, v, padding_mask)
 
 
