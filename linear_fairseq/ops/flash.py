@@ -567,9 +567,9 @@ def per_done(done: Tensor) -> Tensor:
 def slots_read(fill: Tensor, G: int) -> int:
     """How many of the chunk's slots a step reads (a slot past a row's fill weighs 0).
     On the CPU, where reading a value back costs nothing, the slots up to the fullest
-    row's fill: a beam of 48-token hypotheses reads 49 of G = 256. Elsewhere all G,
-    so that a step never waits for the device to hand a value back."""
-    return int(fill.max()) + 1 if fill.device.type == "cpu" else G
+    row's fill: a beam of 48-token hypotheses reads 49 of G = 256. Elsewhere (and
+    for no rows) all G, so that a step never waits for the device to hand a value back."""
+    return int(fill.max()) + 1 if fill.device.type == "cpu" and fill.numel() else G
 
 
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
