@@ -36,6 +36,7 @@ from fairseq.sequence_generator import EnsembleModel
 
 from . import models, suites
 from .measure import threads
+from .turns import add_generation_args, generation_rows
 
 MODULE_KINDS = ("attention", "cross", "ffn", "output")
 SEARCH_KINDS = {"encoder": ("forward_encoder",), "reorder": ("reorder_incremental_state", "reorder_encoder_out")}
@@ -147,30 +148,13 @@ def table(records) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=["lm", "mt"], default="lm")
-    p.add_argument("--families", help="rows to profile (default: every family; with --task mt every row of the "
-                                      "sum and beam suites)")
-    p.add_argument("--length", type=int, default=None, help="tokens generated (default 256, 48 with --task mt)")
-    p.add_argument("--batch", type=int, default=None, help="sequences (default 1, 2 sources with --task mt)")
-    p.add_argument("--beam", type=int, default=64, help="beam width (--task mt; default 64)")
-    p.add_argument("--src-len", type=int, default=512, help="source tokens (--task mt; default 512)")
-    p.add_argument("--threads", type=int, default=1)
+    add_generation_args(p, "rows to profile (default: every family; with --task mt every row of the sum and "
+                           "beam suites)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, help="also write the records as JSON")
     args = p.parse_args(argv)
     mt = args.task == "mt"
-    known = list(suites.seq2seq_rows()) if mt else models.FAMILIES
-    rows = args.families.split(",") if args.families else known
-    for row in rows:
-        if row not in known:
-            p.error(f"--families: unknown {'row' if mt else 'family'} {row!r} (choose from {', '.join(known)})")
-    if args.length is None:
-        args.length = 48 if mt else 256
-    if args.batch is None:
-        args.batch = 2 if mt else 1
-    for name in ("length", "batch", "beam", "src_len", "threads", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
+    rows = generation_rows(p, args, counts=("repeats",))
     with threads(args.threads), torch.no_grad():
         records = [profile(args.task, row, args.length, args.batch, args.repeats,
                            *((args.beam, args.src_len) if mt else ())) for row in rows]

@@ -379,10 +379,52 @@ def test_beam_profile_splits_encoder_decoder_steps(tmp_path):
     (["--length", "0"], "--length 0: must be a positive integer"),
     (["--task", "mt", "--beam", "0"], "--beam 0: must be a positive integer"),
     (["--task", "mt", "--families", "memsizer-x"], "unknown row 'memsizer-x'"),
+    (["--runs", "0"], "--runs 0: must be a positive integer"),
 ])
-def test_step_profile_refuses_bad_values(argv, message):
-    r = forked.run([sys.executable, "-m", "benchmarks.profile_step", *argv], cwd=ROOT)
+def test_step_profile_and_turns_refuse_bad_values(argv, message):
+    tool = "benchmarks.turns" if "--runs" in argv else "benchmarks.profile_step"
+    r = forked.run([sys.executable, "-m", tool, *argv], cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr
+
+
+def test_turns_times_rows_in_turns_against_the_first(tmp_path):
+    """python -m benchmarks.turns: every row's speed a round, --runs rounds, and each
+    median's ratio to the first row's (the timings themselves not asserted)."""
+    r = forked.run([sys.executable, "-m", "benchmarks.turns", "--families", "transformer,memsizer", "--length", "4",
+                    "--runs", "2"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["unit"] == "tokens/s" and [len(xs) for xs in got["runs"].values()] == [2, 2]
+    assert got["ratio"]["transformer"] == 1.0
+    assert got["ratio"]["memsizer"] == round(got["median"]["memsizer"] / got["median"]["transformer"], 3)
+
+
+STUB_MODELS = """FAMILIES = ["slow", "fast"]
+def build(kind, family, device="cpu", placement="paper"):
+    return family, None, {}
+"""
+STUB_SUITES = """def seq2seq_rows():
+    return {"slow": ("slow", "paper"), "fast": ("fast", "paper")}
+def random_source(d, sentences, S, generator, device):
+    return None
+def timed_generation(model, d, L, B, device, beam=1, src_tokens=None):
+    return {"slow": 2.0, "fast": 0.5}[model], [], {}, 0.0
+"""
+
+
+@pytest.mark.parametrize("bad_below, status", [("3.9", 0), ("4.1", 1)])
+def test_turns_run_as_a_file_times_the_tree_it_runs_in(tmp_path, bad_below, status):
+    """Run as a file from another tree, it takes that tree's benchmarks (here a stub
+    whose generations take 2 s and 0.5 s: the second row 4x the first); --bad-below
+    R exits 1 where a ratio is below R, as git bisect run reads it."""
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__init__.py").write_text("")
+    (tmp_path / "benchmarks" / "models.py").write_text(STUB_MODELS)
+    (tmp_path / "benchmarks" / "suites.py").write_text(STUB_SUITES)
+    r = forked.run([sys.executable, str(ROOT / "benchmarks" / "turns.py"), "--task", "mt", "--families", "slow,fast",
+                    "--runs", "1", "--bad-below", bad_below], cwd=tmp_path)
+    assert r.returncode == status, r.stderr[-3000:]
+    assert json.loads(r.stdout)["ratio"] == {"slow": 1.0, "fast": 4.0}
 
 
 def test_gpu_ops_check_keeps_the_other_sections_when_one_fails(tmp_path, monkeypatch, capsys):
