@@ -573,7 +573,7 @@ def slots_read(fill: Tensor, G: int) -> int:
 
 
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
-    """q k^T / sqrt(s) (+ b[fill - slot]) against the chunk's first n slots (k_chunk (B, n, s)):
+    """q k^T / sqrt(s) (+ b[fill - slot]) against the chunk's first slots (k_chunk (B, n, s)):
     (B, 1, n), one kernel."""
     scale = q.shape[-1] ** -0.5
     if rel_bias is None:  # beta = 0: the (unfilled) input is not read
@@ -607,15 +607,15 @@ def causal_step(
     fill, done = fill_and_done(state["position"], G)
     k_chunk, kl_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
                                   for name, x in (("k_chunk", k), ("kl_chunk", kl), ("v_chunk", v)))
-    n = slots_read(fill, G)
+    seen = slots_read(fill, G)  # the slots a row's fill may reach
     # quadratic over the chunk's tokens so far, linear over completed chunks
-    scores = step_scores(q, k_chunk[:, :n], fill, rel_bias)
-    a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill, :n].unsqueeze(1)
+    scores = step_scores(q, k_chunk[:, :seen], fill, rel_bias)
+    a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill, :seen].unsqueeze(1)
     ql_mean = (ql * per_done(done)[:, None]).unsqueeze(1)  # (B, 1, s): q' / n, 0 before a chunk completes
     lin = torch.bmm(ql_mean, state["kv_sum"])
-    earlier = torch.bmm(ql_mean, kl_chunk[:, :n].transpose(1, 2))  # (q' . k'_j) / n over the chunk's slots
-    a = torch.addcmul(a, earlier, earlier_slots(G, q.device)[fill, :n].unsqueeze(1), value=-1.0)
-    out = torch.baddbmm(lin, a, v_chunk[:, :n]).squeeze(1)
+    earlier = torch.bmm(ql_mean, kl_chunk[:, :seen].transpose(1, 2))  # (q' . k'_j) / n over the chunk's slots
+    a = torch.addcmul(a, earlier, earlier_slots(G, q.device)[fill, :seen].unsqueeze(1), value=-1.0)
+    out = torch.baddbmm(lin, a, v_chunk[:, :seen]).squeeze(1)
     return out, advance(state, k_chunk, kl_chunk, v_chunk, kl, v, padding_mask)
 
 
