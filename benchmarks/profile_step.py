@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from fairseq.sequence_generator import EnsembleModel
 
-from . import models, suites
+from . import suites
 from .measure import threads
-from .turns import add_generation_args, generation_rows
+from .turns import add_generation_args, build, generation_rows
 
 MODULE_KINDS = ("attention", "cross", "ffn", "output")
 SEARCH_KINDS = {"encoder": ("forward_encoder",), "reorder": ("reorder_incremental_state", "reorder_encoder_out")}
@@ -95,19 +95,6 @@ def timed_search(seconds: dict):
     finally:
         for name, original in originals.items():
             setattr(EnsembleModel, name, original)
-
-
-def build(task: str, row: str):
-    """(model, dictionary, info, generate) where generate(length, batch, beam, src_len) times one generation."""
-    if task == "lm":
-        model, d, info = models.build("lm", row)
-        return model, d, info, lambda length, batch, beam, src_len: suites.timed_generation(
-            model, d, length, batch, "cpu")
-    family, placement = suites.seq2seq_rows()[row]
-    model, d, info = models.build("mt", family, placement=placement)
-    g = torch.Generator().manual_seed(0)
-    return model, d, info, lambda length, batch, beam, src_len: suites.timed_generation(
-        model, d, length, batch, "cpu", beam, suites.random_source(d, batch, src_len, g, "cpu"))
 
 
 def profile(task: str, row: str, length: int, batch: int, repeats: int, beam: int = 1, src_len: int = 0) -> dict:

@@ -67,15 +67,26 @@ def generation_rows(p: argparse.ArgumentParser, args, counts=()) -> list:
     return rows
 
 
+def build(task: str, row: str):
+    """(model, dictionary, info, generate) where generate(length, batch, beam, src_len) times one
+    generation (suites.timed_generation; --task mt over random sources, the same for every row
+    at each call of a round: each row's draw is seeded alike)."""
+    if task == "lm":
+        model, d, info = models.build("lm", row)
+        return model, d, info, lambda length, batch, beam, src_len: suites.timed_generation(
+            model, d, length, batch, "cpu")
+    family, placement = suites.seq2seq_rows()[row]
+    model, d, info = models.build("mt", family, placement=placement)
+    g = torch.Generator().manual_seed(0)
+    return model, d, info, lambda length, batch, beam, src_len: suites.timed_generation(
+        model, d, length, batch, "cpu", beam, suites.random_source(d, batch, src_len, g, "cpu"))
+
+
 def generator(task: str, row: str, args):
     """A function that generates once with the row's model and returns its speed."""
-    if task == "lm":
-        model, d, _ = models.build("lm", row)
-        return lambda: args.batch * args.length / suites.timed_generation(model, d, args.length, args.batch, "cpu")[0]
-    family, placement = suites.seq2seq_rows()[row]
-    model, d, _ = models.build("mt", family, placement=placement)
-    src = suites.random_source(d, args.batch, args.src_len, torch.Generator().manual_seed(0), "cpu")
-    return lambda: args.batch / suites.timed_generation(model, d, args.length, args.batch, "cpu", args.beam, src)[0]
+    generate = build(task, row)[3]
+    units = args.batch * (args.length if task == "lm" else 1)  # tokens, or sentences
+    return lambda: units / generate(args.length, args.batch, args.beam, args.src_len)[0]
 
 
 def in_turns(runs: dict, rounds: int) -> dict:

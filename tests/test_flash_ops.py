@@ -306,21 +306,29 @@ def test_a_step_off_the_cpu_reads_nothing_back_to_the_host():
     assert out.shape == (2, E) and state["k_chunk"].shape == (2, G, S)
 
 
-def product_sizes(fn) -> set:
-    """Every size of every operand of the matrix products fn() runs."""
+def matrix_products(fn) -> list:
+    """(operator, tensor operands, output elements) of every matrix product fn() runs (forward and backward)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    sizes = set()
+    found = []
 
     class Products(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.split(".")[0] in ("bmm", "baddbmm"):
-                sizes.update(n for x in args if isinstance(x, torch.Tensor) for n in x.shape)
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            if name in ("mm", "bmm", "baddbmm", "addmm"):
+                found.append((name, [x for x in args if isinstance(x, torch.Tensor)], out.numel()))
+            return out
 
     with Products():
         fn()
-    return sizes
+    return found
+
+
+def product_sizes(fn) -> set:
+    """Every size of every operand of the batched matrix products fn() runs."""
+    return {n for name, operands, _ in matrix_products(fn) if name in ("bmm", "baddbmm") for x in operands
+            for n in x.shape}
 
 
 def test_a_cpu_step_multiplies_only_the_filled_slots():
@@ -384,20 +392,10 @@ def test_half_precision_at_4096_follows_fp32_with_gradients(dtype, tol):
 
 def matmul_flops(fn) -> dict:
     """dtype -> the floating-point operations of the matrix products fn() runs (forward and backward)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     flops = {}
-
-    class Products(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.__name__.split(".")[0] in ("mm", "bmm", "baddbmm", "addmm"):
-                a = args[-2]
-                flops[a.dtype] = flops.get(a.dtype, 0) + 2 * out.numel() * a.shape[-1]
-            return out
-
-    with Products():
-        fn()
+    for _, operands, elements in matrix_products(fn):
+        a = operands[-2]
+        flops[a.dtype] = flops.get(a.dtype, 0) + 2 * elements * a.shape[-1]
     return flops
 
 

@@ -153,6 +153,7 @@ def test_the_table_gives_each_kernel_its_worst_case_on_each_architecture(tmp_pat
     assert rows == ["| `flash_triton._gau_step_kernel` | 3 of 4 (1 left out) | 190 / 2,048 | 115 / 0 | 4,096 | none |",
                     "| `fla.ops.common.chunk_h.chunk_fwd_kernel_h` | 1 of 2 | – / – | 168 / 0 | 1,024 | tf32 |"]
 
+
 def test_interpreted_kernels_are_refused_in_one_line(capsys, monkeypatch):
     """Under TRITON_INTERPRET=1 (as the tests run without CUDA) the kernels are not
     compilable functions: one line says so."""
