@@ -145,12 +145,16 @@ FILES = ("gpu_ops.json", *(f"{suite}/results.json" for suite in SUITES), "train_
 
 
 def header(ops: Optional[dict], suites: dict) -> str:
-    """Where and when: the device, torch, fla-core, the suites' date and code digest."""
+    """Where and when: the device, torch, Triton, fla-core (and why RFA's gate trained on torch,
+    where it did), the suites' date and code digest."""
     run = next((s for s in suites.values() if s), {})
     machine = run.get("machine", {})
-    return (f"Measured by `bash scripts/gpu_check.sh` on {(ops or {}).get('device') or machine.get('gpu', 'unknown')}, "
-            f"torch {(ops or {}).get('torch') or machine.get('torch', 'unknown')}"
-            + (f", fla-core: {ops['fla_core']}" if ops else "")
+    ops = ops or {}
+    return (f"Measured by `bash scripts/gpu_check.sh` on {ops.get('device') or machine.get('gpu', 'unknown')}, "
+            f"torch {ops.get('torch') or machine.get('torch', 'unknown')}"
+            + (f", Triton {ops['triton']}" if "triton" in ops else "")
+            + (f", fla-core: {ops['fla_core']}" if "fla_core" in ops else "")
+            + (f" (RFA's gate trained on torch: {ops['fla_core_gate']})" if ops.get("fla_core_gate") else "")
             + (f"; suites run {run['created']}, code digest {run['code']}" if "created" in run else "") + ".")
 
 

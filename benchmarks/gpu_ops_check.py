@@ -28,6 +28,7 @@ the plugin registers the families):  python benchmarks/gpu_ops_check.py --device
 """
 import argparse
 import functools
+import importlib
 import json
 import platform
 import sys
@@ -42,6 +43,7 @@ import linear_fairseq  # noqa: E402,F401  registers the families
 from benchmarks import ops_cases  # noqa: E402
 from linear_fairseq import families  # noqa: E402
 from linear_fairseq.ops import performer_fla  # noqa: E402
+from linear_fairseq.ops.common import triton_unavailable  # noqa: E402
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -87,6 +89,18 @@ def timed(fn, reps=5):
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**20
+
+
+def kernel_versions(device: torch.device) -> dict:
+    """Triton's and fla-core's versions, or why they do not import; and on CUDA why
+    RFA's gate does not train on fla-core's kernel there (performer_fla.gate_trouble),
+    or None."""
+    triton, fla = triton_unavailable(), performer_fla.unavailable()
+    found = {"triton": triton or importlib.import_module("triton").__version__,
+             "fla_core": fla or importlib.import_module("fla").__version__}
+    if device.type == "cuda" and not (triton or fla):
+        found["fla_core_gate"] = performer_fla.gate_trouble(device)
+    return found
 
 
 # -- 1. parity ---------------------------------------------------------------------
@@ -306,7 +320,7 @@ def main():
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     cases, missing = all_cases(device)
     report = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
-              "families_without_ops_cases": missing, "fla_core": performer_fla.unavailable() or "imports"}
+              "families_without_ops_cases": missing, **kernel_versions(device)}
     sections = [(parity, (7, 100) if args.quick else (7, 300, 1000)),
                 (low_precision, (512,) if args.quick else (4096, 16384))]
     if args.device == "cuda":

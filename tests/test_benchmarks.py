@@ -447,6 +447,23 @@ def test_gpu_ops_check_keeps_the_other_sections_when_one_fails(tmp_path, monkeyp
     assert saved["parity_error"] == "RuntimeError: no kernel for this device" and saved["low_precision"] == []
 
 
+def test_gpu_ops_check_leaves_rfa_off_fla_core_where_its_gate_would_train_wrongly(monkeypatch):
+    """On a GPU where performer_fla.gate_trouble names a reason, the check's RFA case has no
+    fla form (fla-core's gated backward would raise there and stop the section); the other
+    feature maps keep it, and without the trouble RFA has it too."""
+    from benchmarks.ops_cases import performer as performer_cases
+    from linear_fairseq.ops import performer_fla
+
+    if performer_fla.unavailable():
+        pytest.skip(performer_fla.unavailable())
+    forms = lambda: {case.name: set(case.forms) for case in performer_cases.cases("cuda")}  # noqa: E731
+    monkeypatch.setattr(performer_fla, "gate_trouble", lambda device: "Triton 3.6.0 builds it wrongly")
+    assert forms() == {**{f"performer-{m}": {"chunked", "parallel", "fla"} for m in ("elu", "favor", "t2r")},
+                       "performer-rfa": {"chunked", "parallel"}}
+    monkeypatch.setattr(performer_fla, "gate_trouble", lambda device: None)
+    assert all("fla" in names for names in forms().values())
+
+
 def test_gpu_ops_check_runs_every_family_on_this_machine(tmp_path):
     """The device check a GPU session runs, here on the CPU with short sequences:
     it imports, covers every registered family (each through its
@@ -788,7 +805,8 @@ def gpu_out(tmp_path):
                 "tiles": "32 tokens x 8 warps", "tile_ms": {"16 tokens x 8 warps": 4.5, "32 tokens x 8 warps": 3.25}},
                {"family": "performer", "form": "fused-train", "T": 16, "dtype": "float32", "ran": "yes",
                 "loss_vs_torch": 1e-7, "grad_vs_torch": 1e-6}]  # timed on CUDA only
-    (out / "gpu_ops.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11.0+cu130", "fla_core": "imports",
+    (out / "gpu_ops.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0",
+                                                  "fla_core": "0.6.0", "fla_core_gate": "Triton 3.6.0 builds it wrongly",
                                                   "parity": parity, "low_precision": low, "speed": speed,
                                                   "fused_training": trained}))
     tok = lambda family, value, **key: {"family": family, "status": "ok", "tokens_per_s": {"median": value}, **key}  # noqa: E731
@@ -820,8 +838,9 @@ def test_gpu_block_reads_the_check_and_holds_each_target(tmp_path):
     r = forked.run([sys.executable, "-m", "benchmarks.gpu_block", str(out), "--readme", str(readme)], cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     text = (out / "gpu_check.md").read_text()
-    assert text.startswith("Measured by `bash scripts/gpu_check.sh` on NVIDIA H200, torch 2.11.0+cu130, fla-core: "
-                           "imports; suites run 2026-12-05T12:00:00+00:00, code digest 0123456789abcdef.")
+    assert text.startswith("Measured by `bash scripts/gpu_check.sh` on NVIDIA H200, torch 2.11.0+cu130, Triton 3.6.0, "
+                           "fla-core: 0.6.0 (RFA's gate trained on torch: Triton 3.6.0 builds it wrongly); suites run "
+                           "2026-12-05T12:00:00+00:00, code digest 0123456789abcdef.")
     for row in ("| performer-elu parallel (torch) bf16: SDPA bf16's time / ours, T=16384 | 2.00x | >= 1.0x | yes |",
                 "| performer-elu parallel fp32: the first GPU run's chunk loop / ours, T=4096 | 22.90x | >= 20.0x | yes |",
                 "| performer-elu fla bf16: fla-core's chunk_linear_attn time / ours (within 1.3x), T=4096 | 1.30x | "

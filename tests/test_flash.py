@@ -284,7 +284,7 @@ def test_a_gpu_the_training_kernels_do_not_fit_trains_on_torch_or_is_one_line(mo
     trains the unit on torch, to the torch pass's output, saying so in one logged line, once;
     triton is one line naming why and the ways out."""
     from linear_fairseq.errors import ConfigError
-    from linear_fairseq.modules import flash_gau
+    from linear_fairseq.modules import backends
     from linear_fairseq.ops import mixed_chunk_triton
 
     auto, torch_unit = flash_units(triton_device)
@@ -292,7 +292,7 @@ def test_a_gpu_the_training_kernels_do_not_fit_trains_on_torch_or_is_one_line(mo
     monkeypatch.setattr(mixed_chunk_triton._GatedMixedChunk, "apply", lambda *a: pytest.fail("the kernels ran"))
     why = "FLASH's training kernels need shared memory: 106496, where this GPU gives a block 101376 (gau_s=16)"
     monkeypatch.setattr(mixed_chunk_triton, "fitted", lambda *a, **k: mixed_chunk_triton.Fit(None, why))
-    flash_gau.say_once.cache_clear()
+    backends.say_once.cache_clear()
     with caplog.at_level("WARNING"):
         for _ in range(2):
             torch.testing.assert_close(auto(x), torch_unit(x))
@@ -309,7 +309,7 @@ def test_the_unit_trains_on_the_tiles_its_gpu_timed_fastest(monkeypatch, caplog,
     pass with each of TILES) are the ones its kernels launch with, to the torch unit's output
     and gradients, and the pick is logged once, with each candidate's time; off CUDA, fitted
     takes the first tiles and times nothing."""
-    from linear_fairseq.modules import flash_gau
+    from linear_fairseq.modules import backends
     from linear_fairseq.ops import mixed_chunk_triton as M
 
     assert M.fitted(torch.device("cpu"), 16, 32, torch.float32, torch.float32, True, chunk_size=4,
@@ -320,8 +320,8 @@ def test_the_unit_trains_on_the_tiles_its_gpu_timed_fastest(monkeypatch, caplog,
     launched = recorded_launches(monkeypatch)
     auto, torch_unit = flash_units(triton_device)
     x = torch.randn(20, 2, 32, device=triton_device)
-    flash_gau.say_once.cache_clear()
-    with caplog.at_level("INFO", logger=flash_gau.__name__):
+    backends.say_once.cache_clear()
+    with caplog.at_level("INFO", logger=backends.__name__):
         outs = [unit(x.clone().requires_grad_()) for unit in (auto, auto, torch_unit)]
     assert launched == [wide, wide]
     torch.testing.assert_close(outs[0], outs[2])

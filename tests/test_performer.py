@@ -174,6 +174,38 @@ def test_kernel_backend_auto_runs_the_torch_form_off_cuda():
     assert torch.equal(causal_attention("auto")(x)[0], causal_attention("torch")(x)[0])
 
 
+def test_rfa_gate_trains_on_torch_where_fla_core_would_miscompile_it(monkeypatch, caplog):
+    """Where performer_fla.gate_trouble names a reason (a Hopper GPU with a Triton that
+    builds fla-core's gated backward wrongly), `auto` trains RFA's gate on the torch form,
+    saying so once, and `fla` is one line naming why; a module without the gate still
+    trains on fla-core's kernel there."""
+    from test_performer_ops import simple_gla_written_out
+
+    from linear_fairseq.modules import backends
+    from linear_fairseq.ops import performer_fla
+
+    why = "on NVIDIA H200 (compute capability 9.x) Triton 3.6.0 builds fla-core's gated backward wrongly"
+    monkeypatch.setattr(performer_fla, "gate_trouble", lambda device: why)
+    x = torch.randn(10, 2, 32)
+    gated, plain = causal_attention("auto", "rfa", True), causal_attention("auto", "elu")
+    for attn in (gated, plain):
+        monkeypatch.setattr(attn, "runs_on_triton", lambda x: True)
+    ran = []
+    monkeypatch.setattr(performer_fla, "kernel", lambda: ran.append(1) or simple_gla_written_out)
+    backends.say_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert torch.equal(gated(x)[0], causal_attention("torch", "rfa", True)(x)[0])
+    assert ran == []
+    assert [r.getMessage() for r in caplog.records] == [f"--kernel-backend auto: {why}; RFA's gate trains on torch"]
+    plain(x)
+    assert ran == [1]
+    gated.kernel_backend = "fla"
+    with pytest.raises(ConfigError) as err:
+        gated(x)
+    assert str(err.value) == f"--kernel-backend fla: {why} (or --kernel-backend auto: RFA's gate then trains on torch)"
+
+
 @pytest.mark.parametrize("feature_map,gate", [("favor", False), ("elu", False), ("rfa", True)])
 def test_module_on_the_fla_form_equals_the_torch_form(monkeypatch, feature_map, gate):
     """The module's arguments reach ops.performer_fla in the right order: with

@@ -94,6 +94,54 @@ def test_chunked_and_recurrent_equal_reference_with_gradients(name, T, gated):
                 assert_close(g, g_ref)
 
 
+def even_widths_only(q, k, v, g=None, scale=1.0):
+    """simple_gla_written_out refusing odd feature or value widths, as fla-core 0.6's
+    16-bit backward does (its kernels read an odd width's last column out of bounds)."""
+    assert q.shape[-1] % 2 == 0 and k.shape[-1] % 2 == 0 and v.shape[-1] % 2 == 0, (q.shape, v.shape)
+    return simple_gla_written_out(q, k, v, g, scale)
+
+
+@pytest.mark.parametrize("name,d,m", [("elu", 5, None), ("favor", 8, 15), ("favor", 5, 15), ("rfa", 8, None)])
+def test_fla_form_hands_the_kernel_even_widths(name, d, m):
+    """Odd feature counts (elu on d = 5, FAVOR+ with 15 features) and odd [v, 1] widths
+    (d = 8) reach fla-core's kernel with a zero column added, and the output and the
+    gradients are the reference's, left padding and RFA's gate included."""
+    T = 13
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, H, T, d, generator=g) for _ in range(3))
+    gate = gate_logits(T) if name == "rfa" else None
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, :3] = True
+    results = []
+    for kernel in (None, even_widths_only):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        pq, pk, s, sq = features(name, *xs[:2], {"rfa": 256}.get(name, m), torch.Generator().manual_seed(100))
+        if kernel is None:
+            out = K.naive(pq, pk, xs[2], True, mask, s, gate, q_log_scale=sq, eps=1e-6)
+        else:
+            out = performer_fla.causal(pq, pk, xs[2], mask, s, gate, sq, eps=1e-6, chunk_simple_gla=kernel)
+        out = out.masked_fill(mask[:, None, :, None], 0.0)  # the padded queries' outputs are not compared
+        results.append((out, *torch.autograd.grad(out.square().sum(), xs)))
+    for ours, reference in zip(results[1], results[0]):
+        assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("version,capability,trouble", [
+    ("3.6.0", 90, True), ("3.4.0", 90, True), ("3.7.0+git5f1a", 90, True), ("3.7.1", 90, False),
+    ("3.8.0", 90, False), ("3.3.1", 90, False), ("3.6.0", 80, False), ("3.6.0", 100, False)])
+def test_gate_trouble_names_hopper_with_the_triton_that_miscompiles(monkeypatch, version, capability, trouble):
+    """fla-core's gated backward is refused on Hopper (compute capability 9.x) with Triton
+    3.4.0 up to 3.7.1, and only there, in one line naming the GPU, the version and the fix."""
+    monkeypatch.setattr(performer_fla, "compute_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    why = performer_fla.gate_trouble(torch.device("cuda", 0), version)
+    assert bool(why) == trouble
+    if trouble:
+        assert why == (f"on NVIDIA H200 (compute capability 9.x) Triton {version} builds fla-core's gated "
+                       f"backward wrongly (fla-core issue 640); Triton 3.7.1 or newer builds it right")
+    assert performer_fla.gate_trouble(torch.device("cpu"), version) is None
+
+
 @pytest.mark.parametrize("name", MAPS)
 def test_noncausal_equals_reference(name):
     q, k, v = qkv(11)

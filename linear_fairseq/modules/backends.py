@@ -1,4 +1,6 @@
 """Where a module runs its kernels: the --*-backend options (auto, torch, or the kernels' own name)."""
+import functools
+import logging
 from typing import Callable, Optional
 
 from torch import Tensor
@@ -7,6 +9,13 @@ from ..errors import ConfigError
 from ..ops.common import KERNEL_DTYPES, gpu_too_old, triton_unavailable
 
 TRITON_BACKENDS = ("auto", "torch", "triton")  # the choices of an option whose kernels are Triton's
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def say_once(line: str, level: int = logging.WARNING):
+    """Log `line` the first time it is said (a backend's choice, told once per process)."""
+    logger.log(level, line)
 
 
 def on_kernels(option: str, backend: str, x: Tensor, kernels: str = "triton",

@@ -18,7 +18,6 @@ whose summary (S, z) is computed once per source and cached, so a decode step
 does not depend on the source length; or fairseq's softmax attention
 (--cross-attn softmax).
 """
-import functools
 import logging
 from typing import List, Optional, Tuple
 
@@ -32,11 +31,9 @@ from ..errors import ConfigError
 from ..families import Problem
 from ..ops import flash as ops
 from .attention import build_attention, first_problem, is_number, is_positive_int
-from .backends import TRITON_BACKENDS, on_kernels
+from .backends import TRITON_BACKENDS, on_kernels, say_once
 from .incremental import IncrementalState, State
 from .projections import load_apart, stacked
-
-logger = logging.getLogger(__name__)
 
 
 class ScaleNorm(nn.Module):
@@ -107,11 +104,6 @@ def chunk_kernels():
     """ops.mixed_chunk_triton, the causal unit's training kernels (imported here: it needs Triton)."""
     from ..ops import mixed_chunk_triton
     return mixed_chunk_triton
-
-
-@functools.lru_cache(maxsize=None)
-def say_once(line: str, level: int = logging.WARNING):
-    logger.log(level, line)
 
 
 @with_incremental_state

@@ -21,7 +21,7 @@ from ..ops import performer as K
 from ..ops import performer_fla
 from ..ops.common import triton_unavailable
 from .attention import LinearAttention, Problem, State, first_problem, is_int, is_number, is_positive_int
-from .backends import on_kernels
+from .backends import on_kernels, say_once
 from .projections import load_apart, project_parts, stacked
 
 class EluFeatures(nn.Module):
@@ -234,7 +234,7 @@ class PerformerAttention(LinearAttention):
         phi, scale = self.phi.on_kernels(pair) if on_triton and isinstance(self.phi, FavorFeatures) else self.phi(pair)
         (phi_q, phi_k), (q_scale, log_scale) = phi.unbind(-2), (None, None) if scale is None else scale.unbind(-1)
         args = (phi_q, phi_k, v.squeeze(2).transpose(1, 2), padding_mask, log_scale, self.gate_logits(x), q_scale)
-        if on_triton:
+        if on_triton and self.gate_trains_on_fla(x):
             out = performer_fla.causal(*args, eps=self.eps)
         else:
             out, _ = K.causal_parallel(*args, chunk_size=self.chunk_size, eps=self.eps)
@@ -246,6 +246,18 @@ class PerformerAttention(LinearAttention):
         `fla` where it cannot is one line naming why."""
         return on_kernels("kernel_backend", self.kernel_backend, x, "fla", performer_fla.unavailable,
                           "; fla-core's kernels need CUDA and `pip install '.[gpu]'`")
+
+    def gate_trains_on_fla(self, x: Tensor) -> bool:
+        """Whether the gate, if any, can train on fla-core's kernel on x's GPU (performer_fla.
+        gate_trouble); where it cannot, `fla` is one line naming why and `auto` trains the
+        causal form on torch, saying so once (decoding stays on ops.performer_triton's step)."""
+        why = self.gate is not None and performer_fla.gate_trouble(x.device)
+        if why and self.kernel_backend == "fla":
+            raise ConfigError(f"--kernel-backend fla: {why} (or --kernel-backend auto: RFA's gate then trains "
+                              f"on torch)")
+        if why:
+            say_once(f"--kernel-backend auto: {why}; RFA's gate trains on torch")
+        return not why
 
     def step(self, x: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
         # q, k, v of one step as a sequence of three (B, 3, C)

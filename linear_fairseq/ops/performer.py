@@ -56,9 +56,19 @@ from .common import State, acc, acc_dtype, constant, lower_triangle, own_precisi
 NEG_INF = float("-inf")
 
 
-def with_ones(v: Tensor) -> Tensor:
-    """[v, 1]: (..., d) -> (..., d + 1)."""
-    return torch.cat([v, v.new_ones(v.shape[:-1]).unsqueeze(-1)], dim=-1)
+@constant(maxsize=32)
+def one_then_zeros(zeros: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1 + zeros,): [1, 0, ..., 0]."""
+    tail = torch.zeros(1 + zeros, device=device, dtype=dtype)
+    tail[0] = 1
+    return tail
+
+
+def with_ones(v: Tensor, zeros: int = 0) -> Tensor:
+    """[v, 1], then `zeros` zero columns: (..., d) -> (..., d + 1 + zeros), one kernel
+    (the columns after v a cached constant, broadcast over the rows)."""
+    tail = one_then_zeros(zeros, v.device, v.dtype)
+    return torch.cat([v, tail.expand(*v.shape[:-1], -1)], dim=-1)
 
 
 def _column(t: Optional[Tensor]) -> Optional[Tensor]:
