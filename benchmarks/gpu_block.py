@@ -158,11 +158,24 @@ def header(ops: Optional[dict], suites: dict) -> str:
             + (f"; suites run {run['created']}, code digest {run['code']}" if "created" in run else "") + ".")
 
 
+def compiled(cache: Optional[dict]) -> str:
+    """What the kernels compiled ahead (benchmarks.triton_cache) spared the check, where it had them."""
+    if not cache:
+        return "Every Triton kernel compiled during the check (no kernels compiled ahead)."
+    built = cache["built_with"]
+    here = f"; the check compiled {cache['compiled_here']} more there" if "compiled_here" in cache else ""
+    return (f"Triton kernels compiled ahead: {built['kernels']} for sm_{built['arch']} (Triton {built['triton']}, "
+            f"Python {built['python']}, fla-core {built['fla_core']}, code at {built['commit']}), "
+            + ("the GPU machine's versions" if cache["matches"] else "**not** the GPU machine's versions") + here
+            + ".")
+
+
 def block(out: Path) -> str:
     found = {name: read(out / name) for name in FILES}
     ops, check, steps = found["gpu_ops.json"], found["train_check.json"], found["train_profile.json"]
     suites = {suite: found[f"{suite}/results.json"] for suite in SUITES}
-    parts = [header(ops, suites), "", target_table(kernel_targets((ops or {}).get("speed", [])) + model_targets(suites))]
+    targets = kernel_targets((ops or {}).get("speed", [])) + model_targets(suites)
+    parts = [header(ops, suites), "", compiled(read(out / "triton_cache.json")), "", target_table(targets)]
     if ops:
         parts += ["**Parity and precision** (gpu_ops.json)", "", *checks(ops), ""]
     if steps:

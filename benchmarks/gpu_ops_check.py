@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import linear_fairseq  # noqa: E402,F401  registers the families
 from benchmarks import ops_cases  # noqa: E402
+from benchmarks.measure import autotune_briefly  # noqa: E402
 from linear_fairseq import families  # noqa: E402
 from linear_fairseq.ops import performer_fla  # noqa: E402
 from linear_fairseq.ops.common import triton_unavailable  # noqa: E402
@@ -314,6 +315,7 @@ def main():
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_ops_check: no CUDA device here (--device cpu runs the parity and precision checks)")
+    autotune_briefly()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)

@@ -1,6 +1,7 @@
 """Measuring tools shared by the suites: repeated timings, peak memory, the
 bytes held in fairseq's incremental state, and what machine this is."""
 import ctypes
+import functools
 import gc
 import hashlib
 import os
@@ -179,6 +180,25 @@ def projected_seconds(history, size):
 
 
 @contextmanager
+def autotune_briefly() -> None:
+    """Where GPU_CHECK_AUTOTUNE_MS is set (scripts/gpu_check.sh sets it), Triton's autotuner
+    times each configuration over about that many milliseconds (and a tenth of it warming
+    up) rather than its default 100 (and 25): fla-core's chunked kernels try up to 48
+    configurations each, for every new head size and dtype, and the check meets several.
+    Call it before the first autotuned launch (an autotuner keeps the timer it first took)."""
+    text = os.environ.get("GPU_CHECK_AUTOTUNE_MS")
+    if not text:
+        return
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = -1.0
+    if not ms > 0:
+        raise SystemExit(f"GPU_CHECK_AUTOTUNE_MS={text}: give milliseconds above 0, e.g. 10")
+    import triton.testing
+    triton.testing.do_bench = functools.partial(triton.testing.do_bench, warmup=ms / 10, rep=ms)
+
+
 def threads(n):
     old = torch.get_num_threads()
     torch.set_num_threads(n)

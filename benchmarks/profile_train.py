@@ -27,7 +27,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from . import op_counts, report, suites
-from .measure import DTYPES
+from .measure import DTYPES, autotune_briefly
 
 
 def device_events(prof) -> list:
@@ -80,6 +80,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=8, help="operators listed per row (default 8)")
     p.add_argument("--out", type=Path, help="also write the records as JSON")
     args = p.parse_args(argv)
+    autotune_briefly()
     rows = args.families.split(",") if args.families else list(suites.TRAIN_ROWS)
     for row in rows:
         if row not in suites.TRAIN_ROWS:

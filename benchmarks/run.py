@@ -158,7 +158,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from . import report, suites
-    from .measure import code_digest, machine
+    from .measure import autotune_briefly, code_digest, machine
+
+    autotune_briefly()
 
     sizes = with_lengths(QUICK if args.quick else FULL, args.lengths)
     chosen = SUITES if args.suite == "all" else (args.suite,)

@@ -100,12 +100,12 @@ def recording(calls: list):
         JITFunction.run, Autotuner.run = saved
 
 
-def decoding(model, kind: str, padded: bool):
-    """Three decoding steps of `model` (batch 2; with `padded`, the first row's first step is
-    padding, and a translation model's second source is shorter)."""
+def decoding(model, kind: str, padded: bool, batch: int = 2, steps: int = 3):
+    """`steps` decoding steps of `model` over `batch` rows (with `padded`, the first row's first
+    step is padding, and a translation model's second source is shorter)."""
     model.eval()
     pad = model.decoder.padding_idx
-    tokens = torch.randint(4, models.VOCAB, (2, 3), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(4, models.VOCAB, (batch, steps), generator=torch.Generator().manual_seed(0))
     if padded:
         tokens[0, 0] = pad
     encoder_out = {}
@@ -120,18 +120,18 @@ def decoding(model, kind: str, padded: bool):
             model.decoder(tokens[:, :t], incremental_state=state, **encoder_out)
 
 
-def training(model, kind: str, padded: bool):
-    """One forward and backward pass of a language model over two rows of 300 tokens, past
-    FLASH's first chunk of 256: its kernels compile as a longer pass launches them (with one
-    chunk, N = 1 is specialized and the reads of earlier chunks' sums drop out; a training
-    pass; padding does not apply to the LM's blocks), once with each of the tiles a GPU
+def training(model, kind: str, padded: bool, rows: int = 2, length: int = 300):
+    """One forward and backward pass of a language model over `rows` rows of `length` tokens
+    (by default 300, past FLASH's first chunk of 256: its kernels compile as a longer pass
+    launches them; with one chunk, N = 1 is specialized and the reads of earlier chunks' sums
+    drop out; padding does not apply to the LM's blocks), once with each of the tiles a GPU
     chooses FLASH's kernels from (ops.mixed_chunk_triton.TILES)."""
     from linear_fairseq.ops import mixed_chunk_triton
 
     if kind != "lm" or padded:
         return
     model.train()
-    tokens = torch.randint(4, models.VOCAB, (2, 300), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(4, models.VOCAB, (rows, length), generator=torch.Generator().manual_seed(0))
     for tiles in mixed_chunk_triton.TILES:
         fit = mixed_chunk_triton.Fit(tiles)
         with mock.patch.object(mixed_chunk_triton, "fitted", lambda *a, fit=fit, **k: fit):

@@ -24,6 +24,13 @@
 # time limit of its own, at most what is left less 30 s kept for the block; a step
 # that runs out of time is stopped and named, one that no time is left for is skipped
 # and named, and the block says which files are missing.
+# Kernels compiled ahead: where .gpu/triton-cache.tar.xz (or $GPU_CHECK_KERNELS) exists
+# (python -m benchmarks.triton_cache, run on a CPU machine with this machine's Python and
+# Triton: bash scripts/gpu_cache.sh), its kernels go into Triton's cache here first, so
+# that launches that match them load rather than compile; OUT/triton_cache.json says what
+# they were built with and how many kernels the check compiled here all the same.
+# Triton's autotuner times each configuration over 10 ms rather than 100
+# (GPU_CHECK_AUTOTUNE_MS; fla-core's kernels try up to 48 configurations a new key).
 # It uses the Python whose torch sees CUDA (python3, or $PYTHON). Where fairseq
 # is not installed, the wheels of ../shared/gpu/wheels.sh in .gpu/whl are
 # installed into a temporary folder first (no network needed). Each step's
@@ -56,7 +63,12 @@ if ! "$PY" -c "import fairseq" 2>/dev/null; then
     export PATH="/tmp/gpu_check_site/bin:$PATH"
     export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_CHECK_AUTOTUNE_MS=10
+cached="" kernels="${GPU_CHECK_KERNELS:-.gpu/triton-cache.tar.xz}"
+if [ -f "$kernels" ]; then
+    "$PY" -m benchmarks.triton_cache --unpack "$kernels" --record "$OUT/triton_cache.json" 2>&1 \
+        | tail -1 | tee -a "$OUT/gpu_check.log" && cached=1
+fi
 within() {  # within SECONDS COMMAND...: coreutils' timeout where the machine has it (exit 124 when stopped)
     if command -v timeout >/dev/null; then timeout "$@"; else shift; "$@"; fi
 }
@@ -91,6 +103,8 @@ step train-profile 90 "$PY" -m benchmarks.profile_train --device cuda --ctx 2048
 step half-train 150 "$PY" -m benchmarks.train_check --precision fp16,amp --updates 40 --out "$OUT/train_check.json"
 step local-suite 90 "$PY" -m benchmarks.run --device cuda --suite local --lengths 256 --budget 30 --out "$OUT/local" \
     --no-plots
+[ -n "$cached" ] && "$PY" -m benchmarks.triton_cache --tally --record "$OUT/triton_cache.json" 2>&1 | tail -1 \
+    | tee -a "$OUT/gpu_check.log"
 step block 60 "$PY" -m benchmarks.gpu_block "$OUT"
 if [ "${#failed[@]}" -gt 0 ]; then
     printf -v list '%s, ' "${failed[@]}"
