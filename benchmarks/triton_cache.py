@@ -160,6 +160,8 @@ def ops_launches(calls: Specializations):
 
     from .ops_cases import performer
 
+    if performer_fla.unavailable():
+        return  # the check runs them where fla-core imports
     cpu = torch.device("cpu")
     trouble = performer_fla.gate_trouble(torch.device("cuda", 0))  # the check leaves RFA's gate off fla-core there
     with recording(calls):
@@ -195,7 +197,7 @@ def compile_all(calls: Specializations, log=print) -> dict:
 
 
 def versions() -> dict:
-    """What an entry depends on: Triton's version, Python's minor version, fla-core's, the code's commit."""
+    """What an entry depends on: Triton's version, Python's minor version, fla-core's (and torch's)."""
     import triton
 
     try:
@@ -203,10 +205,17 @@ def versions() -> dict:
         fla_version = fla.__version__
     except ImportError:
         fla_version = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or None
     return {"triton": triton.__version__, "python": ".".join(platform.python_version_tuple()[:2]),
-            "torch": torch.__version__, "fla_core": fla_version, "commit": commit}
+            "torch": torch.__version__, "fla_core": fla_version}
+
+
+def commit() -> str:
+    """The code's commit (its kernels' sources), or None outside a git checkout."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return found.stdout.strip() or None
 
 
 KEPT = (".json", ".cubin")  # what a launch loads of an entry: its metadata (and group file) and its binary
@@ -240,7 +249,7 @@ def build(arch: int, out: Path, workloads=("models", "ops"), family_rows=None, l
         if "ops" in workloads:
             ops_launches(calls)
         result = compile_all(calls, log)
-        manifest = {**versions(), "arch": arch, "built": time.strftime("%Y-%m-%d %H:%M"),
+        manifest = {**versions(), "commit": commit(), "arch": arch, "built": time.strftime("%Y-%m-%d %H:%M"),
                     "launches": calls.launches, **result}
         pack(Path(folder) / "cache", manifest, out)
     return manifest
@@ -287,7 +296,7 @@ def unpack(archive: Path, record: Path) -> str:
     except (OSError, tarfile.TarError, KeyError, ValueError) as e:
         raise SystemExit(f"triton_cache: {archive} is not what benchmarks.triton_cache packs ({type(e).__name__}: "
                          f"{' '.join(str(e).split())}); build it again with bash scripts/gpu_cache.sh")
-    here = {key: value for key, value in versions().items() if key != "commit"}
+    here = versions()
     same = all(built.get(key) == value for key, value in here.items() if key != "torch")
     record.write_text(json.dumps({"built_with": built, "here": here, "matches": same,
                                   "entries_before": entries(folder), "folder": str(folder)}, indent=1))
