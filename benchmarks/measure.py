@@ -179,7 +179,6 @@ def projected_seconds(history, size):
     return a * size + b * size**2
 
 
-@contextmanager
 def autotune_briefly() -> None:
     """Where GPU_CHECK_AUTOTUNE_MS is set (scripts/gpu_check.sh sets it), Triton's autotuner
     times each configuration over about that many milliseconds (and a tenth of it warming
@@ -199,6 +198,7 @@ def autotune_briefly() -> None:
     triton.testing.do_bench = functools.partial(triton.testing.do_bench, warmup=ms / 10, rep=ms)
 
 
+@contextmanager
 def threads(n):
     old = torch.get_num_threads()
     torch.set_num_threads(n)
