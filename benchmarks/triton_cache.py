@@ -52,8 +52,6 @@ from unittest import mock
 
 import torch
 
-from linear_fairseq import families
-
 from . import models
 from .op_counts import told_triton
 from .triton_compile import SHARED, candidates, decoding, on_arch, problem, recording, training
@@ -153,31 +151,26 @@ def model_launches(family: str, flags: tuple, calls: Specializations):
 
 
 def ops_launches(calls: Specializations):
-    """Into `calls`, the launches of the device check's kernel attention cases where they run on fla-core and
-    the fused step (parity: 2 rows of 7 and 300 tokens; speed: 4 rows in float32 and bfloat16,
-    as fla-core's kernels take the lengths unspecialized), and of its chunk_linear_attn timing."""
-    from linear_fairseq.ops import performer_fla
-
+    """Into `calls`, the launches of the device check's kernel attention cases where they run on
+    fla-core (its `fla` form and fused step, ops_cases.performer.cases as a GPU has them; parity:
+    2 rows of 7 and 300 tokens; speed: 4 rows in float32 and bfloat16, as fla-core's kernels take
+    the lengths unspecialized), and of its baselines (fla-core's chunk_linear_attn)."""
+    from .gpu_ops_check import baselines, leaves_of
     from .ops_cases import performer
 
-    if performer_fla.unavailable():
-        return  # the check runs them where fla-core imports
     cpu = torch.device("cpu")
-    trouble = performer_fla.gate_trouble(torch.device("cuda", 0))  # the check leaves RFA's gate off fla-core there
     with recording(calls):
-        for name in (m for m in performer.MAPS if not (m == "rfa" and trouble)):
-            case = performer.inputs_of(name)
+        for case in performer.cases(torch.device("cuda", 0)):  # the GPU's cases (shown_gpu); inputs on the CPU
+            if "fla" not in case.forms:
+                continue  # fla-core does not import, or RFA's gate is left off it there
             for rows, tokens, dtype, large in ((2, 7, torch.float32, False), (2, 300, torch.float32, False),
                                                (4, 256, torch.float32, True), (4, 256, torch.bfloat16, True)):
-                xs = case(rows, tokens, dtype, cpu, large=large)
-                leaves = [x.requires_grad_() for x in xs[:3]]
-                out = performer_fla.causal(*xs[:3], None, *xs[3:], eps=performer.EPS)
-                torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
+                xs = leaves_of(case, case.inputs(rows, tokens, dtype, cpu, large=large))
+                torch.autograd.grad(case.forms["fla"](xs).float().sum(), xs[:case.leaves], allow_unused=True)
                 if not large:
-                    performer.stepped(performer.step_of(performer_fla.fused().causal_step), xs, 2)
-        from fla.ops.linear_attn import chunk_linear_attn
-        q, k, v = (torch.randn(4, 256, 8, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        chunk_linear_attn(q, k, v, scale=1.0, normalize=True)[0].float().sum().backward()
+                    case.fused_step(xs)
+        for make in baselines(4, 8, 256, 64, cpu).values():  # SDPA's, and fla-core's where it imports
+            make()()
 
 
 # -- compiling into the cache ------------------------------------------------------------
@@ -301,8 +294,8 @@ def unpack(archive: Path, record: Path) -> str:
     record.write_text(json.dumps({"built_with": built, "here": here, "matches": same,
                                   "entries_before": entries(folder), "folder": str(folder)}, indent=1))
     return (f"triton_cache: {built['kernels']} kernels compiled ahead for sm_{built['arch']} "
-            f"(Triton {built['triton']}, Python {built['python']}, fla-core {built['fla_core']}, code at {built['commit']}) unpacked into "
-            f"{folder}; " + ("this machine's versions are the same" if same else
+            f"(Triton {built['triton']}, Python {built['python']}, fla-core {built['fla_core']}, code at "
+            f"{built['commit']}) unpacked into {folder}; " + ("this machine's versions are the same" if same else
                               f"this machine has Triton {here['triton']}, Python {here['python']}, fla-core "
                               f"{here['fla_core']}: its launches will not find them and compile"))
 
@@ -322,7 +315,7 @@ def main(argv=None) -> int:
                     help="the GPU's compute capability (default 90: H100 / H200)")
     ap.add_argument("--out", type=Path, default=ROOT / ".gpu" / "triton-cache.tar.xz")
     ap.add_argument("--families", help=f"only these families' LMs, comma-separated (default all: "
-                                       f"{', '.join(families.FAMILIES)})")
+                                       f"{', '.join(models.FAMILIES)})")
     ap.add_argument("--unpack", type=Path, metavar="ARCHIVE", help="on the GPU machine: put ARCHIVE's kernels into "
                     "Triton's cache there, and write what they were built with to --record")
     ap.add_argument("--tally", action="store_true", help="on the GPU machine, after the check: add to --record how "
@@ -336,10 +329,8 @@ def main(argv=None) -> int:
         return 0
     rows = None
     if args.families:
-        unknown = [f for f in args.families.split(",") if f not in families.FAMILIES]
-        if unknown:
-            ap.error(f"--families {unknown[0]!r}: choose from {', '.join(families.FAMILIES)}")
-        rows = [r for r in lm_rows() if r[0] in args.families.split(",")]
+        names = models.family_list(ap, args.families)
+        rows = [r for r in lm_rows() if r[0] in names]
     why = problem()
     if why:
         print(f"triton_cache: {why}", file=sys.stderr)
