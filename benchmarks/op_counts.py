@@ -18,7 +18,11 @@ kernel a GPU would launch, of
   decode  one incremental decoding step after a prefix of 64 and of 512 tokens,
           for the whole model and per decoder layer (the ops run inside
           decoder.layers[i], averaged over the layers; a FLASH layer is a GAU,
-          which stands in for attention and FFN).
+          which stands in for attention and FFN); then greedy search's reorder
+          of the state (0..B-1, which fairseq asks for after every step); and
+          the values the step and the reorder read back to the host, each a
+          wait for the device on a GPU (the plugin's ops take their GPU path
+          for both: ops.common.reads_back_free).
 
 A row whose modules can run on Triton kernels on CUDA (they have
 runs_on_triton: `--memsizer-backend`, `--kernel-backend`, `--gau-backend`,
@@ -51,6 +55,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from linear_fairseq import families as family_list
 from linear_fairseq.modules.attention import option_names
+from linear_fairseq.ops import common
 from linear_fairseq.ops.common import triton_unavailable
 
 from . import models, suites
@@ -59,6 +64,7 @@ TRAIN_LENGTHS = (256, 1024, 4096)
 PREFIXES = (64, 512)
 LAYER = "op_counts.layer"
 TRITON = "triton::"  # a profiled Triton launch (triton_launches_profiled)
+READ = "aten::_local_scalar_dense"  # a value read back to the host (item, bool, int of a tensor)
 
 
 # operators that only describe memory (views, allocation, no-op conversions): no kernel of their own
@@ -135,7 +141,8 @@ def in_layer(event) -> bool:
 
 
 def count(fn, layers=()) -> tuple:
-    """(leaf aten ops of fn() and Triton launches, of those run inside `layers`, the launches)."""
+    """(leaf aten ops of fn() and Triton launches, of those run inside `layers`, the launches,
+    the values read back to the host)."""
     handles = []
     for layer in layers:
         scope = {}
@@ -148,7 +155,9 @@ def count(fn, layers=()) -> tuple:
         for h in handles:
             h.remove()
     ops = leaf_aten(prof)
-    return len(ops), sum(1 for e in ops if in_layer(e)), sum(1 for e in ops if e.name.startswith(TRITON))
+    reads = sum(1 for e in prof.events() if e.name == READ and not within(e, TRITON))
+    return (len(ops), sum(1 for e in ops if in_layer(e)), sum(1 for e in ops if e.name.startswith(TRITON)),
+            reads)
 
 
 def train_ops(model, T: int, triton: bool = False) -> tuple:
@@ -161,7 +170,7 @@ def train_ops(model, T: int, triton: bool = False) -> tuple:
     tokens = torch.randint(4, models.VOCAB, (1, T + 1))
     with training_on_triton(model) if triton else contextlib.nullcontext():
         suites.train_pass(model, tokens)  # first call: lazy buffers, caches
-        total, _, launched = count(lambda: suites.train_pass(model, tokens))
+        total, _, launched, _ = count(lambda: suites.train_pass(model, tokens))
     return total, launched
 
 
@@ -173,8 +182,10 @@ def one_layer_more(model, family: str, extra=()):
 
 
 def decode_ops(model, prefix: int, triton: bool = False) -> dict:
-    """The counts of one decoding step after `prefix` steps; triton: that step on
-    the Triton kernels (the prefix's steps fill the same state on the torch path)."""
+    """The counts of one decoding step after `prefix` steps, then of greedy search's
+    reorder (0..B-1, which fairseq asks for after every step), both read as on a GPU
+    (reads_on_gpu); triton: the step on the Triton kernels (the prefix's steps fill
+    the same state on the torch path)."""
     model.eval()
     tokens = torch.randint(4, models.VOCAB, (1, prefix + 1))
     state = {}
@@ -182,9 +193,24 @@ def decode_ops(model, prefix: int, triton: bool = False) -> dict:
         for t in range(1, prefix + 1):
             model.decoder(tokens[:, :t], incremental_state=state)
         layers = list(model.decoder.layers)
-        with on_triton(model) if triton else contextlib.nullcontext():
-            total, inside, _ = count(lambda: model.decoder(tokens, incremental_state=state), layers)
-    return {"step": total, "per_layer": inside / len(layers), "layers": len(layers)}
+        with reads_on_gpu(), on_triton(model) if triton else contextlib.nullcontext():
+            total, inside, _, reads = count(lambda: model.decoder(tokens, incremental_state=state), layers)
+            keep = torch.arange(tokens.shape[0])
+            reorder, _, _, reorder_reads = count(lambda: model.decoder.reorder_incremental_state_scripting(state, keep))
+    return {"step": total, "per_layer": inside / len(layers), "layers": len(layers), "reorder": reorder,
+            "reads": reads + reorder_reads}
+
+
+@contextlib.contextmanager
+def reads_on_gpu():
+    """The plugin's ops told that reading a value back to the host is not free
+    (ops.common.reads_back_free), so they take the path a GPU runs."""
+    saved = common.reads_back_free
+    common.reads_back_free = lambda x: False
+    try:
+        yield
+    finally:
+        common.reads_back_free = saved
 
 
 def triton_modules(model) -> list:
@@ -273,15 +299,15 @@ def measure(families) -> dict:
 
 def table(results: dict) -> str:
     lines = ["| family | train ops " + " | ".join(f"T={T}" for T in TRAIN_LENGTHS) + " | per layer | decode step ops "
-             + " | ".join(f"after {L}" for L in PREFIXES) + " | per layer (layers) |",
-             "| --- " * (3 + len(TRAIN_LENGTHS) + len(PREFIXES)) + "|"]
+             + " | ".join(f"after {L}" for L in PREFIXES) + " | per layer (layers) | greedy reorder | reads a step |",
+             "| --- " * (5 + len(TRAIN_LENGTHS) + len(PREFIXES)) + "|"]
     for family, r in results.items():
         last = r["decode"][str(PREFIXES[-1])]
         lines.append(f"| {family} | " + " | ".join(str(r["train"][str(T)]) if r["train"] else "–"
                                                   for T in TRAIN_LENGTHS)
                      + f" | {r['train_per_layer'] if r['train'] else '–'} | "
                      + " | ".join(str(r["decode"][str(L)]["step"]) for L in PREFIXES)
-                     + f" | {last['per_layer']:.0f} ({last['layers']}) |")
+                     + f" | {last['per_layer']:.0f} ({last['layers']}) | {last['reorder']} | {last['reads']} |")
     return "\n".join(lines).replace("| family | train ops T=", "| family | train T=") + "\n"
 
 
@@ -304,7 +330,8 @@ def main(argv=None):
     args.out.with_suffix(".md").write_text(
         "Aten operators that do work (views, allocations left out; composites counted once, and an operator "
         "that first copies a strided input, with its copy) per "
-        "forward+backward (train, batch 1) and per incremental decoding step "
+        "forward+backward (train, batch 1) and per incremental decoding step, then of greedy search's reorder "
+        "after the step, and the values the step and reorder read back to the host as on a GPU "
         "(`python -m benchmarks.op_counts`); +local: with `" + " ".join(LOCAL) + "`; +triton: on the Triton "
         "kernels a CUDA run takes (decoding on the plugin's steps, training on the Triton kernels where the "
         "family's does: fla-core's and the FAVOR+ feature kernels, FLASH's mixed chunk kernels, the sliding "

@@ -617,7 +617,8 @@ def test_decoding_on_the_fused_steps_runs_no_more_operators_than_softmax(triton_
     `benchmarks.op_counts` does), alone and with the recommended sliding window
     beside it (suites.LOCAL, on its kernel too): its layers (a FLASH layer is a
     GAU, half a transformer layer) and its whole step run no more operators than
-    softmax's, fewer than its torch step, flat in the prefix."""
+    softmax's, fewer than its torch step, flat in the prefix; with greedy search's
+    reorder after it, too."""
     from benchmarks import models, op_counts
 
     if triton_device != "cpu":
@@ -631,6 +632,7 @@ def test_decoding_on_the_fused_steps_runs_no_more_operators_than_softmax(triton_
     in_layers = lambda c: c["per_layer"] * c["layers"]  # noqa: E731
     assert in_layers(fused[0]) <= in_layers(softmax) and in_layers(fused[0]) < in_layers(torch_step)
     assert fused[0]["step"] <= softmax["step"] and fused[0]["step"] < torch_step["step"]
+    assert fused[0]["step"] + fused[0]["reorder"] <= softmax["step"] + softmax["reorder"]
 
 
 def test_a_training_pass_adds_into_no_earlier_gradient():

@@ -135,6 +135,43 @@ def test_reorder_mid_sequence_follows_the_beams(case, new_order):
     assert (stale - full).abs().max() > 1e-3
 
 
+def host_reads(fn) -> int:
+    """How many values fn() reads back to the host (on a GPU, each a wait for the device)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_order_that_keeps_the_rows_moves_no_state(case):
+    """Greedy search reorders after every step with 0..B-1: the decoder leaves every
+    module's state where it is, having read one value back for the whole stack."""
+    h = Harness(case, B=2)
+    with torch.no_grad():
+        state = {}
+        h.steps(decoder_input(h.d, 2, 3), state)
+        before = {key: dict(buffer) for key, buffer in state.items()}
+        reads = host_reads(lambda: h.model.decoder.reorder_incremental_state_scripting(state, torch.arange(2)))
+    assert reads == 1
+    assert all(state[key][name] is value for key, held in before.items() for name, value in held.items())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_beam_reorder_off_the_cpu_reads_one_value_back_for_the_whole_stack(case, monkeypatch):
+    """Off the CPU (reads_back_free False, as on a GPU) beam search's reorder reads back
+    only the decoder's one answer to whether the order keeps the rows, whatever the
+    layers: no module asks again, and FLASH moves its chunk's slots without reading
+    their fill."""
+    from linear_fairseq.ops import common
+    h = Harness(case, B=2)
+    with torch.no_grad():
+        state = {}
+        h.steps(decoder_input(h.d, 2, 3), state)
+        monkeypatch.setattr(common, "reads_back_free", lambda x: False)
+        reads = host_reads(lambda: h.model.decoder.reorder_incremental_state_scripting(state, torch.tensor([1, 1])))
+    assert reads == 1
+
+
 @pytest.mark.parametrize("case", [c for c in ENC_DEC if "softmax" not in CASES[c][1]])
 def test_a_reorder_within_sentences_leaves_the_cross_attention_state_in_place(case):
     """Rows of one sentence hold the same source summary, so beam search's

@@ -304,6 +304,9 @@ def test_a_step_off_the_cpu_reads_nothing_back_to_the_host():
             out, state = F.causal_step.__wrapped__(q[:, t], k[:, t], ql[:, t], kl[:, t], v[:, t], state,
                                                    mask if t == G else None, bias, chunk_size=G, relu2_norm="keys")
     assert out.shape == (2, E) and state["k_chunk"].shape == (2, G, S)
+    with torch.no_grad():  # and beam search's reorder moves every slot, reading no fill back
+        moved = F.reorder(state, torch.tensor([1, 0], device="meta"))
+    assert moved["k_chunk"].shape == (2, G, S)
 
 
 def matrix_products(fn) -> list:

@@ -25,7 +25,7 @@ from ..checkpoints import checkpoint_mismatch
 from ..errors import ConfigError
 from ..families import Family
 from ..modules.attention import ROLES, attention_kind, module_options, named_problems
-from ..modules.incremental import IncrementalState
+from ..modules.incremental import IncrementalState, keeps_rows
 from ..modules.layers import decoder_layer, encoder_layer, softmax_layers
 from . import lazy_source
 from .options import as_namespace, choices_of, option_error, require_heads_divide, require_layer_indices
@@ -66,6 +66,11 @@ class LinearTransformerDecoder(TransformerDecoderBase):
         if encoder_out is not None and lazy_source.source_needed(self.cross_attentions, incremental_state):
             encoder_out = lazy_source.gathered(encoder_out)
         return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state, *args, **kwargs)
+
+    def reorder_incremental_state_scripting(self, incremental_state, new_order):
+        # every module's state stays as it is where the order keeps the rows in place
+        if not keeps_rows(incremental_state, new_order):
+            super().reorder_incremental_state_scripting(incremental_state, new_order)
 
     def buffered_future_mask(self, tensor):
         # skip fairseq's T x T future mask where it is not needed: O(T^2) memory at long context

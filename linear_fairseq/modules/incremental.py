@@ -53,16 +53,17 @@ class IncrementalState:
     @torch.jit.export
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         """Follow beam search: reorder every state tensor along the batch dimension.
-        fairseq reorders after every step, greedy search included; an identity
-        order is skipped, so a step can keep writing into the state it owns.
-        A cross-attention state is reordered only when the batch shrinks (a
+        fairseq reorders after every step, greedy search included; the decoder
+        skips an order that keeps every row in place for all its modules at once
+        (keeps_rows), so a step can keep writing into the state it owns. A
+        cross-attention state is reordered only when the batch shrinks (a
         sentence finished): until then beam search moves rows within a sentence,
         whose rows all hold the same summary of its source (as fairseq's
         MultiheadAttention skips its static key/value cache)."""
         buffer = self._get_input_buffer(incremental_state)
         if buffer and self.encoder_decoder_attention and batch_size(buffer) == new_order.numel():
             return incremental_state
-        if buffer and not is_identity(new_order, buffer):
+        if buffer:
             incremental_state = self._set_input_buffer(incremental_state, self.reorder_state(buffer, new_order))
         return incremental_state
 
@@ -81,7 +82,12 @@ def batch_size(state: State) -> int:
     return next(v.shape[0] for v in state.values() if v is not None)
 
 
-def is_identity(new_order: Tensor, state: State) -> bool:
-    """True when `new_order` is 0..B-1 over a state of batch size B."""
+def keeps_rows(incremental_state, new_order: Tensor) -> bool:
+    """Whether `new_order` is 0..B-1 over the states in fairseq's `incremental_state`,
+    all of batch size B: beam search's order in greedy or sampled decoding while no
+    row has finished. One value is read back to the host (on a GPU, one wait for
+    the device), asked once for a decoder's whole stack."""
+    sizes = {t.shape[0] for buffer in incremental_state.values() if isinstance(buffer, dict)
+             for t in buffer.values() if isinstance(t, Tensor)}
     n = new_order.numel()
-    return n == batch_size(state) and bool((new_order == torch.arange(n, device=new_order.device)).all())
+    return sizes == {n} and bool((new_order == torch.arange(n, device=new_order.device)).all())

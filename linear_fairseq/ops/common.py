@@ -27,6 +27,12 @@ def constant(maxsize: int):
     return wrap
 
 
+def reads_back_free(x: Tensor) -> bool:
+    """Whether reading a value of x back to the host costs nothing: on the CPU. On a GPU
+    such a read waits for every kernel queued before it, so decoding reads none there."""
+    return x.device.type == "cpu"
+
+
 def strides(t: Optional[Tensor], n: int) -> Tuple[int, ...]:
     """t's strides, or n zeros for an absent tensor (a kernel argument that is not read)."""
     return t.stride() if t is not None else (0,) * n

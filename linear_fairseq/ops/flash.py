@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import common
 from .common import (State, acc, acc_dtype, constant, lower_triangle, operand, operand_dtype, own_precision, update,
                      writable)
 
@@ -520,13 +521,13 @@ CHUNK_BUFFERS = ("k_chunk", "kl_chunk", "v_chunk")
 
 def reorder(state: State, new_order: Tensor) -> State:
     """The state's rows in `new_order` (beam search). A chunk buffer is moved
-    only up to the fullest row's fill: causal_step writes a slot before any
-    query sees it and weights the slots past a row's fill by 0, so what lies
-    there is never read. Without autograd, an order that keeps the batch size
+    only over filled_slots: causal_step writes a slot before any query sees it
+    and weights the slots past a row's fill by 0, so what lies there is never
+    read. Without autograd, an order that keeps the batch size
     moves that prefix within the buffers instead of allocating new ones."""
     B, G = new_order.numel(), state["k_chunk"].shape[1]
     fill, _ = fill_and_done(state["position"], G)
-    n = int(fill.max()) if fill.numel() else 0
+    n = filled_slots(fill, G)
     in_place = B == fill.numel() and not torch.is_grad_enabled()
     out = {name: x.index_select(0, new_order) for name, x in state.items() if name not in CHUNK_BUFFERS}
     for name in CHUNK_BUFFERS:
@@ -564,12 +565,19 @@ def per_done(done: Tensor) -> Tensor:
     return done.clamp(max=1) / done.clamp(min=1)
 
 
+def filled_slots(fill: Tensor, G: int) -> int:
+    """How many of the chunk's slots may hold a token (fill (B,), each row's). On the
+    CPU, where reading a value back costs nothing (common.reads_back_free), the
+    fullest row's fill: a beam of 48-token hypotheses has filled 48 of G = 256.
+    Elsewhere (and for no rows) all G, so that decoding never waits for the device
+    to hand a value back."""
+    return int(fill.max()) if common.reads_back_free(fill) and fill.numel() else G
+
+
 def slots_read(fill: Tensor, G: int) -> int:
-    """How many of the chunk's slots a step reads (a slot past a row's fill weighs 0).
-    On the CPU, where reading a value back costs nothing, the slots up to the fullest
-    row's fill: a beam of 48-token hypotheses reads 49 of G = 256. Elsewhere (and
-    for no rows) all G, so that a step never waits for the device to hand a value back."""
-    return int(fill.max()) + 1 if fill.device.type == "cpu" and fill.numel() else G
+    """How many of the chunk's slots a step reads: the filled ones and the one it
+    writes (a slot past a row's fill weighs 0)."""
+    return min(filled_slots(fill, G) + 1, G)
 
 
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
