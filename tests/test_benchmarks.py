@@ -380,9 +380,12 @@ def test_beam_profile_splits_encoder_decoder_steps(tmp_path):
     (["--task", "mt", "--beam", "0"], "--beam 0: must be a positive integer"),
     (["--task", "mt", "--families", "memsizer-x"], "unknown row 'memsizer-x'"),
     (["--runs", "0"], "--runs 0: must be a positive integer"),
+    (["--rounds", "0"], "--rounds 0: must be a positive integer"),
+    (["--families", "memsizer-x"], "unknown family 'memsizer-x'"),
 ])
 def test_step_profile_and_turns_refuse_bad_values(argv, message):
-    tool = "benchmarks.turns" if "--runs" in argv else "benchmarks.profile_step"
+    tool = {"--runs": "benchmarks.turns", "--rounds": "benchmarks.host_step",
+            "--families": "benchmarks.host_step"}.get(argv[0], "benchmarks.profile_step")
     r = forked.run([sys.executable, "-m", tool, *argv], cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr
 
@@ -397,6 +400,36 @@ def test_turns_times_rows_in_turns_against_the_first(tmp_path):
     assert got["unit"] == "tokens/s" and [len(xs) for xs in got["runs"].values()] == [2, 2]
     assert got["ratio"]["transformer"] == 1.0
     assert got["ratio"]["memsizer"] == round(got["median"]["memsizer"] / got["median"]["transformer"], 3)
+
+
+def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path):
+    """python -m benchmarks.host_step: every family's greedy step at tiny widths, its
+    modules on their CUDA path (one recorded Triton launch a layer where Triton imports),
+    each median's ratio to the first row's, JSON and a table; an earlier run is kept
+    unless --replace (the timings themselves not asserted)."""
+    from benchmarks import models
+    from linear_fairseq.ops.common import triton_unavailable
+
+    out = tmp_path / "host.json"
+    argv = [sys.executable, "-m", "benchmarks.host_step", "--length", "3", "--rounds", "2", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # launches recorded, not interpreted
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == list(models.FAMILIES) and all(len(row["rounds"]) == 2 for row in rows.values())
+    assert rows["transformer"]["vs_first"] == 1.0 and rows["transformer"]["triton_launches_per_step"] == 0
+    for family in models.FAMILIES[1:]:
+        layers = len(models.build("lm", family)[0].decoder.layers) if triton_unavailable() is None else 0
+        assert rows[family]["triton_launches_per_step"] == layers, family
+        assert rows[family]["vs_first"] == round(rows[family]["ms_per_step"] / rows["transformer"]["ms_per_step"], 3)
+    assert "| flash |" in out.with_suffix(".md").read_text()
+    again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    said = [line for line in again.stderr.splitlines() if not line.startswith("INFO:fairseq")]  # fairseq's import
+    assert again.returncode == 1 and len(said) == 1 and "--replace" in said[0]
+    interpreted = forked.run(argv[:-1] + [str(tmp_path / "other.json")], cwd=ROOT,
+                             env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert interpreted.returncode == 1 and "TRITON_INTERPRET=1" in interpreted.stderr
+    assert interpreted.stderr.count("\n") == 1 and not (tmp_path / "other.json").exists()
 
 
 STUB_MODELS = """FAMILIES = ["slow", "fast"]

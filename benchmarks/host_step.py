@@ -1,0 +1,133 @@
+"""What a greedy decoding step costs the host on a GPU's path: the CPU proxy for
+batch-1 decoding on a GPU, where the host's time a step, not the arithmetic,
+sets the pace.
+
+    python -m benchmarks.host_step [--families transformer,flash] [--length 256]
+        [--rounds 5] [--out FILE.json] [--replace]
+
+Each family's benchmark LM (benchmarks/models.py) at tiny widths (TINY: d = 32,
+FFN 64, FLASH's s = 16), so that its arithmetic costs next to nothing, runs on
+the CPU with one thread and its modules on their CUDA path: told they run on
+Triton (op_counts.told_triton), each Triton launch recorded and not run
+(triton_compile.recording; where Triton does not import, the torch steps;
+not under TRITON_INTERPRET=1, whose kernels would run interpreted), the
+ops reading values back as on a GPU (op_counts.reads_on_gpu). A round decodes
+--length tokens of batch 1 from an empty state as fairseq's greedy search
+drives the decoder: the reorder (0..B-1), then the step. The families take
+turns, one round each (after an untimed one), --rounds rounds; a row's figure
+is its median round's ms a step and its ratio to the first row's.
+
+What this leaves out: the cost of a launch itself (a CUDA launch and a Triton
+launch each cost the host more than a CPU operator does; benchmarks.op_counts
+counts them), the waits for the device (op_counts counts the values read
+back), and fairseq's search code around the decoder, the same for every
+family. Timings, not counts: run it on an otherwise idle machine. Writes JSON
+and a markdown table beside it; an existing FILE.json is rewritten only with
+--replace.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from linear_fairseq.ops.common import triton_unavailable
+
+from . import models, op_counts
+from .turns import in_turns
+
+TINY = ("--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64")
+TINY_FLAGS = {"flash": ("--gau-s", "16")}  # a GAU's s must not exceed d
+
+
+def model_at_tiny_widths(family: str):
+    return models.build("lm", family, extra=[*TINY, *TINY_FLAGS.get(family, ())])[0].eval()
+
+
+@contextlib.contextmanager
+def on_gpu_path(model):
+    """The model's modules on their CUDA path as far as the CPU allows (module docstring);
+    yields the list the Triton launches are recorded in."""
+    launches = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(op_counts.reads_on_gpu())
+        if op_counts.triton_modules(model) and triton_unavailable() is None:
+            from .triton_compile import recording
+            stack.enter_context(op_counts.told_triton(model))
+            stack.enter_context(recording(launches))
+        yield launches
+
+
+def greedy_round(model, length: int):
+    """A function that decodes `length` tokens as greedy search does and returns (ms a
+    step, Triton launches a step)."""
+    tokens = torch.randint(4, models.VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
+    keep = torch.arange(1)
+
+    def run() -> tuple:
+        state = {}
+        with torch.no_grad(), on_gpu_path(model) as launches:
+            start = time.perf_counter()
+            for t in range(1, length + 1):
+                if t > 1:
+                    model.decoder.reorder_incremental_state_scripting(state, keep)
+                model.decoder(tokens[:, :t], incremental_state=state)
+            return (time.perf_counter() - start) / length * 1e3, len(launches) / length
+    return run
+
+
+def measure(families, length: int, rounds: int) -> dict:
+    runs = in_turns({f: greedy_round(model_at_tiny_widths(f), length) for f in families}, rounds)
+    ms = {f: [x for x, _ in xs] for f, xs in runs.items()}
+    median = {f: sorted(xs)[len(xs) // 2] for f, xs in ms.items()}
+    return {f: {"ms_per_step": round(median[f], 4), "vs_first": round(median[f] / median[families[0]], 3),
+                "rounds": [round(x, 4) for x in xs], "triton_launches_per_step": runs[f][0][1]}
+            for f, xs in ms.items()}
+
+
+def table(rows: dict, first: str) -> str:
+    lines = [f"| family | ms a step | vs {first} | Triton launches a step |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {f} | {r['ms_per_step']:.3f} | {r['vs_first']:.2f}x | {r['triton_launches_per_step']:g} |"
+              for f, r in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.host_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", default=",".join(models.FAMILIES),
+                   help="rows, the first the one the others are compared with (default: every family)")
+    p.add_argument("--length", type=int, default=256, help="tokens a round decodes (default 256)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds, every row once a round (default 5)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu/host-step.json"))
+    p.add_argument("--replace", action="store_true", help="rewrite --out where it holds an earlier run")
+    args = p.parse_args(argv)
+    families = models.family_list(p, args.families)
+    for name in ("length", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be a positive integer")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("benchmarks.host_step: TRITON_INTERPRET=1 runs the kernels through Triton's interpreter: run it "
+                 "without")
+    if args.out.exists() and not args.replace:
+        sys.exit(f"benchmarks.host_step: {args.out} holds an earlier run; --replace to measure anew (rewriting "
+                 f"it), or another --out")
+    torch.set_num_threads(1)
+    rows = measure(families, args.length, args.rounds)
+    launches = "recorded, not run" if triton_unavailable() is None else f"none: {triton_unavailable()}"
+    result = {"torch": torch.__version__, "length": args.length, "rounds": args.rounds, "tiny": " ".join(TINY),
+              "triton_launches": launches, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(
+        f"Host time of a greedy decoding step on the GPU path at tiny widths (`python -m benchmarks.host_step "
+        f"--length {args.length} --rounds {args.rounds}`; Triton launches {launches}; torch {torch.__version__}), "
+        f"the median of {args.rounds} rounds of {args.length} tokens:\n\n" + table(rows, families[0]))
+    print(table(rows, families[0]))
+
+
+if __name__ == "__main__":
+    main()
