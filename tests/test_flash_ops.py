@@ -213,10 +213,15 @@ def test_state_is_bounded():
 
 @pytest.mark.parametrize("t0", [3, 11], ids=["inside-the-first-chunk", "after-a-chunk"])
 @pytest.mark.parametrize("order", [[1, 1, 0, 3], [3, 0]], ids=["same-batch", "batch-shrinks"])
-def test_reorder_continues_each_rows_new_prefix(t0, order):
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu-path", "gpu-path"])
+def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
     """After reorder, row i continues the prefix of row order[i] exactly as the
-    reference over the spliced sequences does; an order that keeps the batch
-    size reuses the chunk buffers."""
+    reference over the spliced sequences does; on the CPU an order that keeps
+    the batch size reuses the chunk buffers (moving their filled prefix), and on
+    a GPU's path (reads_back_free false: every slot read and moved, no fill read
+    back) the buffers are index-selected whole."""
+    from linear_fairseq.ops import common
+    monkeypatch.setattr(common, "reads_back_free", lambda x: on_cpu)
     G, T = 8, 20
     order = torch.tensor(order)
     first, later = inputs(4, T, seed=1), inputs(4, T, seed=2)
@@ -224,7 +229,7 @@ def test_reorder_continues_each_rows_new_prefix(t0, order):
     with torch.no_grad():
         _, state = recurrent(*(x[:, :t0] for x in first), G)
         moved = F.reorder(state, order)
-        assert (moved["k_chunk"] is state["k_chunk"]) == (len(order) == 4)
+        assert (moved["k_chunk"] is state["k_chunk"]) == (len(order) == 4 and on_cpu)
         outs = []
         for t in range(t0, T):
             out, moved = F.causal_step(*(x[:, t] for x in spliced), moved, chunk_size=G, relu2_norm="chunk")

@@ -524,13 +524,16 @@ def reorder(state: State, new_order: Tensor) -> State:
     only over filled_slots: causal_step writes a slot before any query sees it
     and weights the slots past a row's fill by 0, so what lies there is never
     read. Without autograd, an order that keeps the batch size
-    moves that prefix within the buffers instead of allocating new ones."""
+    moves that prefix within the buffers instead of allocating new ones. Where
+    every slot moves (off the CPU), a buffer is index-selected as the rest of
+    the state is: one pass over it, not a selected copy copied back."""
     B, G = new_order.numel(), state["k_chunk"].shape[1]
     fill, _ = fill_and_done(state["position"], G)
     n = filled_slots(fill, G)
     in_place = B == fill.numel() and not torch.is_grad_enabled()
-    out = {name: x.index_select(0, new_order) for name, x in state.items() if name not in CHUNK_BUFFERS}
-    for name in CHUNK_BUFFERS:
+    prefixes = CHUNK_BUFFERS if n < G else ()
+    out = {name: x.index_select(0, new_order) for name, x in state.items() if name not in prefixes}
+    for name in prefixes:
         x = state[name]
         head = x[:, :n].index_select(0, new_order)
         buf = x if in_place else x.new_zeros(B, *x.shape[1:])
