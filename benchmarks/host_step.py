@@ -6,7 +6,8 @@ sets the pace.
         [--rounds 5] [--out FILE.json] [--replace]
 
 Each family's benchmark LM (benchmarks/models.py) at tiny widths (TINY: d = 32,
-FFN 64, FLASH's s = 16), so that its arithmetic costs next to nothing, runs on
+FFN 64, and the flags of the family's tiny test models: FLASH's s = 16 and
+chunks of 4), so that its arithmetic costs next to nothing, runs on
 the CPU with one thread and its modules on their CUDA path: told they run on
 Triton (op_counts.told_triton), each Triton launch recorded and not run
 (triton_compile.recording; where Triton does not import, the torch steps;
@@ -35,17 +36,19 @@ from pathlib import Path
 
 import torch
 
+from linear_fairseq import families as family_records
 from linear_fairseq.ops.common import triton_unavailable
 
 from . import models, op_counts
 from .turns import in_turns
 
 TINY = ("--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64")
-TINY_FLAGS = {"flash": ("--gau-s", "16")}  # a GAU's s must not exceed d
 
 
 def model_at_tiny_widths(family: str):
-    return models.build("lm", family, extra=[*TINY, *TINY_FLAGS.get(family, ())])[0].eval()
+    """The family's benchmark LM at TINY widths, with the flags its record gives tiny models
+    (Family.tiny: e.g. FLASH's s, which must not exceed d)."""
+    return models.build("lm", family, extra=[*TINY, *family_records.get(family).tiny])[0].eval()
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -201,16 +202,10 @@ def decode_ops(model, prefix: int, triton: bool = False) -> dict:
             "reads": reads + reorder_reads}
 
 
-@contextlib.contextmanager
 def reads_on_gpu():
     """The plugin's ops told that reading a value back to the host is not free
-    (ops.common.reads_back_free), so they take the path a GPU runs."""
-    saved = common.reads_back_free
-    common.reads_back_free = lambda x: False
-    try:
-        yield
-    finally:
-        common.reads_back_free = saved
+    (ops.common.reads_back_free), so they take the path a GPU runs (a context manager)."""
+    return mock.patch.object(common, "reads_back_free", lambda x: False)
 
 
 def triton_modules(model) -> list:
