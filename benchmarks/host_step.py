@@ -10,17 +10,19 @@ FFN 64, and the flags of the family's tiny test models: FLASH's s = 16 and
 chunks of 4), so that its arithmetic costs next to nothing, runs on
 the CPU with one thread and its modules on their CUDA path: told they run on
 Triton (op_counts.told_triton), each Triton launch recorded and not run
-(triton_compile.recording; where Triton does not import, the torch steps;
-not under TRITON_INTERPRET=1, whose kernels would run interpreted), the
+(triton_compile.recording) once Triton's launcher has done its host work for
+it up to the driver (Bound: its arguments bound and specialized for sm_90);
+where Triton does not import, the torch steps; not under TRITON_INTERPRET=1,
+whose kernels would run interpreted), the
 ops reading values back as on a GPU (op_counts.reads_on_gpu). A round decodes
 --length tokens of batch 1 from an empty state as fairseq's greedy search
 drives the decoder: the reorder (0..B-1), then the step. The families take
 turns, one round each (after an untimed one), --rounds rounds; a row's figure
 is its median round's ms a step and its ratio to the first row's.
 
-What this leaves out: the cost of a launch itself (a CUDA launch and a Triton
-launch each cost the host more than a CPU operator does; benchmarks.op_counts
-counts them), the waits for the device (op_counts counts the values read
+What this leaves out: the cost of a launch in the driver (a CUDA launch costs
+the host more than a CPU operator does, and a Triton launch's arguments are
+packed for it too; benchmarks.op_counts counts the launches), the waits for the device (op_counts counts the values read
 back), and fairseq's search code around the decoder, the same for every
 family. Timings, not counts: run it on an otherwise idle machine. Writes JSON
 and a markdown table beside it; an existing FILE.json is rewritten only with
@@ -51,11 +53,36 @@ def model_at_tiny_widths(family: str):
     return models.build("lm", family, extra=[*TINY, *family_records.get(family).tiny])[0].eval()
 
 
+class Bound(list):
+    """What triton_compile.recording appends a launch to: the kernel, after the host work
+    Triton's launcher (JITFunction.run) does for the launch before the driver's: its
+    arguments bound and specialized for an sm_90 GPU (triton_compile.launcher_binder),
+    its compiled kernel's cache key made."""
+
+    def __init__(self):
+        super().__init__()
+        self.binders, self.keys = {}, {}
+
+    def append(self, call):
+        from triton.runtime.jit import compute_cache_key
+
+        kernel, args, kwargs, _ = call
+        if kernel not in self.binders:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import make_backend
+
+            from .triton_compile import launcher_binder
+            self.binders[kernel] = launcher_binder(kernel, make_backend(GPUTarget("cuda", 90, 32)))
+        _, specialization, options = self.binders[kernel](*args, **kwargs, debug=False, instrumentation_mode="")
+        compute_cache_key(self.keys, specialization, options)
+        super().append(kernel)
+
+
 @contextlib.contextmanager
 def on_gpu_path(model):
     """The model's modules on their CUDA path as far as the CPU allows (module docstring);
     yields the list the Triton launches are recorded in."""
-    launches = []
+    launches = Bound()
     with contextlib.ExitStack() as stack:
         stack.enter_context(op_counts.reads_on_gpu())
         if op_counts.triton_modules(model) and triton_unavailable() is None:
@@ -120,7 +147,7 @@ def main(argv=None):
                  f"it), or another --out")
     torch.set_num_threads(1)
     rows = measure(families, args.length, args.rounds)
-    launches = "recorded, not run" if triton_unavailable() is None else f"none: {triton_unavailable()}"
+    launches = "bound for sm_90, not run" if triton_unavailable() is None else f"none: {triton_unavailable()}"
     result = {"torch": torch.__version__, "length": args.length, "rounds": args.rounds, "tiny": " ".join(TINY),
               "triton_launches": launches, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -170,18 +170,25 @@ def compile_launch(kernel, args, kwargs, arch: int):
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(kwargs, debug=False, instrumentation_mode="")
-    bound, specialization, options = binder(*args, **kwargs)
+    bound, specialization, options = launcher_binder(kernel, backend)(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     key = (arch, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)), repr(attrs),
            tuple(sorted((k, str(v)) for k, v in options.__dict__.items())))
     return key, lambda: triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                        options=options.__dict__)
+
+
+def launcher_binder(kernel, backend):
+    """What Triton's launcher (JITFunction.run) calls on a launch's arguments, for `backend`'s
+    GPU: it returns them bound to `kernel`'s parameters, their specialization (types, 16-byte
+    alignment, integers equal to 1) and the compile options."""
+    from triton.runtime.jit import create_function_from_signature
+
+    return create_function_from_signature(kernel.signature, kernel.params, backend)
 
 
 def on_arch(kernel, kwargs: dict, arch: int) -> dict:
