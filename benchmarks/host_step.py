@@ -18,7 +18,10 @@ ops reading values back as on a GPU (op_counts.reads_on_gpu). A round decodes
 --length tokens of batch 1 from an empty state as fairseq's greedy search
 drives the decoder: the reorder (0..B-1), then the step. The families take
 turns, one round each (after an untimed one), --rounds rounds; a row's figure
-is its median round's ms a step and its ratio to the first row's.
+is its median round's ms a step and its ratio to the first row's, with the
+Triton launches a step and the compiled kernels they take (a launch whose
+arguments Triton specializes differently from step to step would take more
+than one a kernel, and compile each on a GPU).
 
 What this leaves out: the cost of a launch in the driver (a CUDA launch costs
 the host more than a CPU operator does, and a Triton launch's arguments are
@@ -57,11 +60,12 @@ class Bound(list):
     """What triton_compile.recording appends a launch to: the kernel, after the host work
     Triton's launcher (JITFunction.run) does for the launch before the driver's: its
     arguments bound and specialized for an sm_90 GPU (triton_compile.launcher_binder),
-    its compiled kernel's cache key made."""
+    the key of its compiled kernel made. compiled: each kernel's keys so far (one per
+    compiled kernel the launches would take)."""
 
     def __init__(self):
         super().__init__()
-        self.binders, self.keys = {}, {}
+        self.binders, self.compiled = {}, {}
 
     def append(self, call):
         from triton.runtime.jit import compute_cache_key
@@ -73,9 +77,13 @@ class Bound(list):
 
             from .triton_compile import launcher_binder
             self.binders[kernel] = launcher_binder(kernel, make_backend(GPUTarget("cuda", 90, 32)))
+            self.compiled[kernel] = {}
         _, specialization, options = self.binders[kernel](*args, **kwargs, debug=False, instrumentation_mode="")
-        compute_cache_key(self.keys, specialization, options)
+        compute_cache_key(self.compiled[kernel], specialization, options)
         super().append(kernel)
+
+    def kernels_compiled(self) -> int:
+        return sum(len(keys) for keys in self.compiled.values())
 
 
 @contextlib.contextmanager
@@ -94,7 +102,7 @@ def on_gpu_path(model):
 
 def greedy_round(model, length: int):
     """A function that decodes `length` tokens as greedy search does and returns (ms a
-    step, Triton launches a step)."""
+    step, Triton launches a step, compiled Triton kernels they take)."""
     tokens = torch.randint(4, models.VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
     keep = torch.arange(1)
 
@@ -106,16 +114,17 @@ def greedy_round(model, length: int):
                 if t > 1:
                     model.decoder.reorder_incremental_state_scripting(state, keep)
                 model.decoder(tokens[:, :t], incremental_state=state)
-            return (time.perf_counter() - start) / length * 1e3, len(launches) / length
+            return (time.perf_counter() - start) / length * 1e3, len(launches) / length, launches.kernels_compiled()
     return run
 
 
 def measure(families, length: int, rounds: int) -> dict:
     runs = in_turns({f: greedy_round(model_at_tiny_widths(f), length) for f in families}, rounds)
-    ms = {f: [x for x, _ in xs] for f, xs in runs.items()}
+    ms = {f: [x for x, *_ in xs] for f, xs in runs.items()}
     median = {f: sorted(xs)[len(xs) // 2] for f, xs in ms.items()}
     return {f: {"ms_per_step": round(median[f], 4), "vs_first": round(median[f] / median[families[0]], 3),
-                "rounds": [round(x, 4) for x in xs], "triton_launches_per_step": runs[f][0][1]}
+                "rounds": [round(x, 4) for x in xs], "triton_launches_per_step": runs[f][0][1],
+                "triton_kernels_compiled": runs[f][0][2]}
             for f, xs in ms.items()}
 
 

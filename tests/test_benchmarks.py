@@ -404,9 +404,10 @@ def test_turns_times_rows_in_turns_against_the_first(tmp_path):
 
 def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path):
     """python -m benchmarks.host_step: every family's greedy step at tiny widths, its
-    modules on their CUDA path (one recorded Triton launch a layer where Triton imports),
-    each median's ratio to the first row's, JSON and a table; an earlier run is kept
-    unless --replace (the timings themselves not asserted)."""
+    modules on their CUDA path (one recorded Triton launch a layer where Triton imports,
+    bound as Triton's launcher binds it for sm_90: every step's launches of a family
+    take one compiled kernel), each median's ratio to the first row's, JSON and a
+    table; an earlier run is kept unless --replace (the timings themselves not asserted)."""
     from benchmarks import models
     from linear_fairseq.ops.common import triton_unavailable
 
@@ -421,6 +422,7 @@ def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path)
     for family in models.FAMILIES[1:]:
         layers = len(models.build("lm", family)[0].decoder.layers) if triton_unavailable() is None else 0
         assert rows[family]["triton_launches_per_step"] == layers, family
+        assert rows[family]["triton_kernels_compiled"] == (1 if layers else 0), family
         assert rows[family]["vs_first"] == round(rows[family]["ms_per_step"] / rows["transformer"]["ms_per_step"], 3)
     assert "| flash |" in out.with_suffix(".md").read_text()
     again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

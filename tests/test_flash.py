@@ -212,15 +212,21 @@ def test_u_v_z_projections_kept_apart_load_into_the_stacked_one(arch, args, task
     torch.testing.assert_close(other(*inputs)[0], model(*inputs)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu-reorder", "gpu-reorder"])
 @pytest.mark.parametrize("relu2_norm,rel_bias,rope,dtype", [
     ("none", False, True, torch.float32), ("keys", True, True, torch.float32), ("chunk", True, False, torch.float32),
     ("none", True, True, torch.float16)])
-def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, relu2_norm, rel_bias, rope, dtype):
+def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, relu2_norm, rel_bias, rope, dtype,
+                                                   on_cpu):
     """The GAU's decoding step on ops.flash_triton's kernel (CUDA, or CPU through
     Triton's interpreter) writes the torch step's output and state at every step:
     chunks of 4 completed twice, a row whose first steps are padding, beams
-    reordered halfway, each relu^2 normalization, the relative bias, RoPE on and
-    off, an fp16 unit (the torch step rounds q and k to fp16, the kernel keeps fp32)."""
+    reordered halfway (as the CPU reorders, moving the chunks' filled slots, and as
+    a GPU does, every slot), each relu^2 normalization, the relative bias, RoPE on
+    and off, an fp16 unit (the torch step rounds U, V, Z, q and k to fp16, the
+    kernel keeps fp32)."""
+    from linear_fairseq.ops import common
+    monkeypatch.setattr(common, "reads_back_free", lambda x: on_cpu)
     torch.manual_seed(0)
     unit = GatedAttentionUnit(32, causal=True, gau_s=16, gau_expansion=2.0, gau_chunk_size=4, gau_attention="mixed",
                               no_rope=not rope, gau_rel_pos_bias=rel_bias, gau_norm="scalenorm", dropout=0.0,

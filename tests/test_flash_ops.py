@@ -219,7 +219,8 @@ def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
     reference over the spliced sequences does; on the CPU an order that keeps
     the batch size reuses the chunk buffers (moving their filled prefix), and on
     a GPU's path (reads_back_free false: every slot read and moved, no fill read
-    back) the buffers are index-selected whole."""
+    back) the buffers are index-selected whole. Either way every state tensor
+    stays contiguous, as the fused step (ops.flash_triton) reads them."""
     from linear_fairseq.ops import common
     monkeypatch.setattr(common, "reads_back_free", lambda x: on_cpu)
     G, T = 8, 20
@@ -232,6 +233,7 @@ def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
         assert (moved["k_chunk"] is state["k_chunk"]) == (len(order) == 4 and on_cpu)
         outs = []
         for t in range(t0, T):
+            assert all(x.is_contiguous() for x in moved.values())
             out, moved = F.causal_step(*(x[:, t] for x in spliced), moved, chunk_size=G, relu2_norm="chunk")
             outs.append(out)
     assert_close(torch.stack(outs, dim=1), naive(*spliced, G, True)[:, t0:])

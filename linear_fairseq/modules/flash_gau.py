@@ -144,7 +144,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
                                         1.0 if gau_scale_init == "unit" else 0.0)
         self.rel_bias = nn.Parameter(torch.zeros(2 * gau_chunk_size - 1)) if gau_rel_pos_bias else None
         self.to_out = nn.Linear(self.e, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout
         self.to_uvz = stacked(to_uv, to_z)  # U, V and Z from one matrix product (modules/projections.py)
 
     @property
@@ -178,7 +178,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
             out = self._decode(h, padding_mask, incremental_state)
         else:
             out = self.parallel(h, padding_mask)
-        return x + self.dropout(out).transpose(0, 1)
+        return x + F.dropout(out, self.dropout_p, self.training).transpose(0, 1)
 
     def parallel(self, h: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         uvz = self.to_uvz(self.norm(h))
@@ -208,16 +208,16 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         return u * ops.from_z(z, gamma, beta, v, self.causal, self.rope, mask, **self.options).to(u.dtype)
 
     def step(self, h: Tensor, state: State, padding_mask: Optional[Tensor]) -> Tuple[Tensor, State]:
-        B = h.shape[0]
-        u, v, z = self.gates(h)
+        uvz = self.to_uvz(self.norm(h))
+        if self.runs_on_triton(h) and not torch.is_grad_enabled():  # the SiLU and the split in the kernel
+            ua, state = fused_step()(uvz, self.offset_scale.gamma, self.offset_scale.beta, state or None,
+                                     padding_mask, self.rel_bias, e=self.e, rope=self.rope, **self.options)
+            return self.to_out(ua), state
+        u, v, z = self.activated(uvz)
         if self.mode == "quadratic":
             return self._quadratic_step(u, v, z, state, padding_mask)
-        if self.runs_on_triton(h) and not torch.is_grad_enabled():
-            ua, state = fused_step()(u, v, z, self.offset_scale.gamma, self.offset_scale.beta, state or None,
-                                     padding_mask, self.rel_bias, rope=self.rope, **self.options)
-            return self.to_out(ua), state
         if not state:
-            state = ops.empty_state(B, self.chunk_size, self.s, self.e, v)
+            state = ops.empty_state(h.shape[0], self.chunk_size, self.s, self.e, v)
         qk = self.queries_keys(z, state["position"])
         a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype)), state

@@ -1,8 +1,8 @@
 """FLASH's decoding step (mixed chunk attention) as one Triton kernel.
 
-From the gated attention unit's U, V and Z (after the SiLU), one program per
-batch row computes what ``flash_gau``'s step computes with ``ops.flash``:
-the four offset-scaled heads of Z (q, k for the chunk, ql, kl for the linear
+From the gated attention unit's projection [U | V | Z] before its SiLU, one
+program per batch row computes what ``flash_gau``'s step computes with
+``ops.flash``: the SiLU of the three, the four offset-scaled heads of Z (q, k for the chunk, ql, kl for the linear
 part), RoPE at the row's position, relu^2 scores against the current chunk's
 keys weighted by ``slot_weights``' table, the linear part read from the sum
 of every token's k' v^T less the current chunk's tokens before this one (the
@@ -10,7 +10,10 @@ correction (q' . k'_j) v_j folded into the slots' weights, which are computed
 once a step into a (B, G) scratch and read for every block of value
 columns), U times their sum; and it advances the state as
 ``ops.flash.causal_step`` does (the chunk's slots written, k' v^T added).
-A padded step reads the state and leaves it unchanged. Decoding only (no
+A padded step reads the state and leaves it unchanged. The kernel takes the
+state's buffers contiguous, as ``ops.flash`` makes and keeps them, and
+derives their strides from the sizes: a launch passes 20 arguments, each of
+which Triton's launcher binds on the host every step. Decoding only (no
 autograd): the state is updated in place. On CUDA it runs compiled;
 elsewhere only through Triton's interpreter (TRITON_INTERPRET=1, which the
 tests use), which runs a program's threads as one, so the barrier between
@@ -23,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import State, strides
+from .common import State
 from .flash import empty_state, rope_freqs, slot_weights
 from .triton_common import on_its_device
 
@@ -52,12 +55,15 @@ def _turned(x_even, x_odd, cos, sin):
 
 
 @triton.jit
+def _silu(x):
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
 def _gau_step_kernel(
-    u, v, z, gamma, beta, freqs, rel_bias, padding_mask, weights_table, out, scratch,
+    uvz, gamma, beta, freqs, rel_bias, padding_mask, weights_table, out, scratch,
     k_chunk, kl_chunk, v_chunk, kv_sum, position,
-    s, e, G, scale,
-    su_b, su_e, sv_b, sv_e, sz_b, sz_s, spm_b, so_b, so_e, ssc_b,
-    skc_b, skc_g, skc_s, slc_b, slc_g, slc_s, svc_b, svc_g, svc_e, sks_b, sks_s, sks_e,
+    s, e, G, scale, s_uvz, s_mask,
     ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -65,13 +71,18 @@ def _gau_step_kernel(
     pairs = tl.arange(0, BLOCK_P)
     has_pair = pairs < s // 2
     if HAS_MASK:
-        real = tl.load(padding_mask + b * spm_b) == 0
+        real = tl.load(padding_mask + b * s_mask) == 0
     p = tl.load(position + b)
     fill = p % G
     done = p - fill
+    u = uvz + b * s_uvz  # the row's U, then V at e, then Z at 2e
+    k_chunk += b * G * s
+    kl_chunk += b * G * s
+    v_chunk += b * G * e
+    kv_sum += b * s * e
 
-    z_even = tl.load(z + b * sz_b + 2 * pairs * sz_s, mask=has_pair, other=0.0).to(tl.float32)
-    z_odd = tl.load(z + b * sz_b + (2 * pairs + 1) * sz_s, mask=has_pair, other=0.0).to(tl.float32)
+    z_even = _silu(tl.load(u + 2 * e + 2 * pairs, mask=has_pair, other=0.0).to(tl.float32))
+    z_odd = _silu(tl.load(u + 2 * e + 2 * pairs + 1, mask=has_pair, other=0.0).to(tl.float32))
     q_even, q_odd = _heads(z_even, z_odd, gamma, beta, 0, pairs, s, has_pair)
     k_even, k_odd = _heads(z_even, z_odd, gamma, beta, 1, pairs, s, has_pair)
     ql_even, ql_odd = _heads(z_even, z_odd, gamma, beta, 2, pairs, s, has_pair)
@@ -84,12 +95,12 @@ def _gau_step_kernel(
         k_even, k_odd = _turned(k_even, k_odd, cos, sin)
         ql_even, ql_odd = _turned(ql_even, ql_odd, cos, sin)
         kl_even, kl_odd = _turned(kl_even, kl_odd, cos, sin)
-    slot_k = k_chunk + b * skc_b + fill * skc_g
-    slot_kl = kl_chunk + b * slc_b + fill * slc_g
+    slot_k = k_chunk + fill * s
+    slot_kl = kl_chunk + fill * s
     writes = has_pair
     if HAS_MASK:  # a padded step sees what its slot holds, and writes nothing
-        k_even = tl.where(real, k_even, tl.load(slot_k + 2 * pairs * skc_s, mask=has_pair, other=0.0))
-        k_odd = tl.where(real, k_odd, tl.load(slot_k + (2 * pairs + 1) * skc_s, mask=has_pair, other=0.0))
+        k_even = tl.where(real, k_even, tl.load(slot_k + 2 * pairs, mask=has_pair, other=0.0))
+        k_odd = tl.where(real, k_odd, tl.load(slot_k + 2 * pairs + 1, mask=has_pair, other=0.0))
         kl_even = tl.where(real, kl_even, 0.0)
         kl_odd = tl.where(real, kl_odd, 0.0)
         writes = has_pair & real
@@ -104,9 +115,9 @@ def _gau_step_kernel(
     for g0 in range(0, fill + 1, BLOCK_G):
         slots = g0 + tl.arange(0, BLOCK_G)
         seen = slots <= fill
-        keys = k_chunk + b * skc_b + slots[:, None] * skc_g
-        kc_even = tl.load(keys + 2 * pairs[None, :] * skc_s, mask=seen[:, None] & has_pair[None, :], other=0.0)
-        kc_odd = tl.load(keys + (2 * pairs[None, :] + 1) * skc_s, mask=seen[:, None] & has_pair[None, :], other=0.0)
+        keys = k_chunk + slots[:, None] * s + 2 * pairs[None, :]
+        kc_even = tl.load(keys, mask=seen[:, None] & has_pair[None, :], other=0.0)
+        kc_odd = tl.load(keys + 1, mask=seen[:, None] & has_pair[None, :], other=0.0)
         scores = tl.sum(kc_even * q_even[None, :] + kc_odd * q_odd[None, :], axis=1)
         scores = tl.where(slots == fill, qk_now, scores) * scale
         if HAS_BIAS:
@@ -114,19 +125,18 @@ def _gau_step_kernel(
         weights = tl.maximum(scores, 0.0) * tl.maximum(scores, 0.0) * tl.load(
             weights_table + fill * G + slots, mask=seen, other=0.0)
         earlier = slots < fill
-        lkeys = kl_chunk + b * slc_b + slots[:, None] * slc_g
-        klc_even = tl.load(lkeys + 2 * pairs[None, :] * slc_s, mask=earlier[:, None] & has_pair[None, :], other=0.0)
-        klc_odd = tl.load(lkeys + (2 * pairs[None, :] + 1) * slc_s, mask=earlier[:, None] & has_pair[None, :],
-                          other=0.0)
+        lkeys = kl_chunk + slots[:, None] * s + 2 * pairs[None, :]
+        klc_even = tl.load(lkeys, mask=earlier[:, None] & has_pair[None, :], other=0.0)
+        klc_odd = tl.load(lkeys + 1, mask=earlier[:, None] & has_pair[None, :], other=0.0)
         weights -= tl.sum(klc_even * ql_even[None, :] + klc_odd * ql_odd[None, :], axis=1) * linear_scale
-        tl.store(scratch + b * ssc_b + slots, weights, mask=seen)
+        tl.store(scratch + b * G + slots, weights, mask=seen)
     tl.debug_barrier()
 
     for e0 in range(0, e, BLOCK_E):
         cols = e0 + tl.arange(0, BLOCK_E)
         has_col = cols < e
-        v_now = tl.load(v + b * sv_b + cols * sv_e, mask=has_col, other=0.0).to(tl.float32)
-        slot_v = v_chunk + b * svc_b + fill * svc_g + cols * svc_e
+        v_now = _silu(tl.load(u + e + cols, mask=has_col, other=0.0).to(tl.float32))
+        slot_v = v_chunk + fill * e + cols
         if HAS_MASK:
             v_now = tl.where(real, v_now, tl.load(slot_v, mask=has_col, other=0.0))
         # quadratic part: the chunk's slots 0 .. fill, this step's value in slot fill
@@ -134,28 +144,28 @@ def _gau_step_kernel(
         for g0 in range(0, fill + 1, BLOCK_G):
             slots = g0 + tl.arange(0, BLOCK_G)
             seen = slots <= fill
-            weights = tl.load(scratch + b * ssc_b + slots, mask=seen, other=0.0)
-            values = tl.load(v_chunk + b * svc_b + slots[:, None] * svc_g + cols[None, :] * svc_e,
-                             mask=seen[:, None] & has_col[None, :], other=0.0)
+            weights = tl.load(scratch + b * G + slots, mask=seen, other=0.0)
+            values = tl.load(v_chunk + slots[:, None] * e + cols[None, :], mask=seen[:, None] & has_col[None, :],
+                             other=0.0)
             values = tl.where(slots[:, None] == fill, v_now[None, :], values)
             quad += tl.sum(weights[:, None] * values, axis=0)
         # linear part: ql over the sum's mean; then this token's k' v^T into the sum
         rows_even = 2 * pairs[:, None]
         both = has_pair[:, None] & has_col[None, :]
-        at_even = kv_sum + b * sks_b + rows_even * sks_s + cols[None, :] * sks_e
+        at_even = kv_sum + rows_even * e + cols[None, :]
         sum_even = tl.load(at_even, mask=both, other=0.0)
-        sum_odd = tl.load(at_even + sks_s, mask=both, other=0.0)
+        sum_odd = tl.load(at_even + e, mask=both, other=0.0)
         lin = tl.sum(ql_even[:, None] * sum_even + ql_odd[:, None] * sum_odd, axis=0) * linear_scale
-        u_now = tl.load(u + b * su_b + cols * su_e, mask=has_col, other=0.0).to(tl.float32)
-        tl.store(out + b * so_b + cols * so_e, u_now * (quad + lin), mask=has_col)
+        u_now = _silu(tl.load(u + cols, mask=has_col, other=0.0).to(tl.float32))
+        tl.store(out + b * e + cols, u_now * (quad + lin), mask=has_col)
 
         tl.store(at_even, sum_even + kl_even[:, None] * v_now[None, :], mask=both)
-        tl.store(at_even + sks_s, sum_odd + kl_odd[:, None] * v_now[None, :], mask=both)
+        tl.store(at_even + e, sum_odd + kl_odd[:, None] * v_now[None, :], mask=both)
         tl.store(slot_v, v_now, mask=has_col)
-    tl.store(slot_k + 2 * pairs * skc_s, k_even, mask=has_pair)
-    tl.store(slot_k + (2 * pairs + 1) * skc_s, k_odd, mask=has_pair)
-    tl.store(slot_kl + 2 * pairs * slc_s, kl_even, mask=writes)
-    tl.store(slot_kl + (2 * pairs + 1) * slc_s, kl_odd, mask=writes)
+    tl.store(slot_k + 2 * pairs, k_even, mask=has_pair)
+    tl.store(slot_k + 2 * pairs + 1, k_odd, mask=has_pair)
+    tl.store(slot_kl + 2 * pairs, kl_even, mask=writes)
+    tl.store(slot_kl + 2 * pairs + 1, kl_odd, mask=writes)
     if HAS_MASK:
         tl.store(position + b, p + real.to(p.dtype))
     else:
@@ -164,26 +174,22 @@ def _gau_step_kernel(
 
 @on_its_device
 def gau_step(
-    u: Tensor, v: Tensor, z: Tensor, gamma: Tensor, beta: Tensor, state: Optional[State],
-    padding_mask: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, *,
-    rope: bool, chunk_size: int, relu2_norm: str,
+    uvz: Tensor, gamma: Tensor, beta: Tensor, state: Optional[State], padding_mask: Optional[Tensor] = None,
+    rel_bias: Optional[Tensor] = None, *, e: int, rope: bool, chunk_size: int, relu2_norm: str,
 ) -> Tuple[Tensor, State]:
-    """U * (the mixed chunk attention of one step) and the state after it: u, v
-    (B, e), z (B, s) after the SiLU, any strides; gamma, beta (4, s) the offset-scale
-    of q, k, ql, kl; state as ``ops.flash.empty_state`` makes it, updated in place.
-    Returns (B, e) in u's dtype."""
-    B, s = z.shape
-    e = v.shape[-1]
-    state = state if state is not None else empty_state(B, chunk_size, s, e, v)
-    out = u.new_empty(B, e)
-    scratch = z.new_empty(B, chunk_size, dtype=torch.float32)  # each row's slot weights of the step
-    kc, lc, vc, ks = (state[name] for name in ("k_chunk", "kl_chunk", "v_chunk", "kv_sum"))
+    """U * (the mixed chunk attention of one step) and the state after it: uvz (B, 2e + s)
+    the unit's projection [U | V | Z] before the SiLU, its rows contiguous; gamma, beta
+    (4, s) the offset-scale of q, k, ql, kl; state as ``ops.flash.empty_state`` makes
+    it, updated in place. Returns (B, e) in uvz's dtype."""
+    B, s = uvz.shape[0], uvz.shape[1] - 2 * e
+    state = state if state is not None else empty_state(B, chunk_size, s, e, uvz)
+    out = uvz.new_empty(B, e)
+    scratch = uvz.new_empty(B, chunk_size, dtype=torch.float32)  # each row's slot weights of the step
     _gau_step_kernel[(B,)](
-        u, v, z, gamma.contiguous(), beta.contiguous(), rope_freqs(s, 10000.0, z.device), rel_bias, padding_mask,
-        slot_weights(chunk_size, relu2_norm, z.device), out, scratch, kc, lc, vc, ks, state["position"],
-        s, e, chunk_size, s ** -0.5,
-        *u.stride(), *v.stride(), *z.stride(), *strides(padding_mask, 1),
-        *out.stride(), scratch.stride(0), *kc.stride(), *lc.stride(), *vc.stride(), *ks.stride(),
+        uvz, gamma, beta, rope_freqs(s, 10000.0, uvz.device), rel_bias, padding_mask,
+        slot_weights(chunk_size, relu2_norm, uvz.device), out, scratch,
+        state["k_chunk"], state["kl_chunk"], state["v_chunk"], state["kv_sum"], state["position"],
+        s, e, chunk_size, s ** -0.5, uvz.stride(0), 0 if padding_mask is None else padding_mask.stride(0),
         ROPE=rope, HAS_BIAS=rel_bias is not None, HAS_MASK=padding_mask is not None,
         BLOCK_P=triton.next_power_of_2(s // 2), BLOCK_G=BLOCK_G, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS,
     )
