@@ -25,11 +25,11 @@ than one a kernel, and compile each on a GPU).
 
 What this leaves out: the cost of a launch in the driver (a CUDA launch costs
 the host more than a CPU operator does, and a Triton launch's arguments are
-packed for it too; benchmarks.op_counts counts the launches), the waits for the device (op_counts counts the values read
-back), and fairseq's search code around the decoder, the same for every
-family. Timings, not counts: run it on an otherwise idle machine. Writes JSON
-and a markdown table beside it; an existing FILE.json is rewritten only with
---replace.
+packed for it too; benchmarks.op_counts counts the launches), the waits for
+the device (op_counts counts the values read back), and fairseq's search
+code around the decoder, the same for every family. Timings, not counts:
+run it on an otherwise idle machine. Writes JSON and a markdown table beside
+it; an existing FILE.json is rewritten only with --replace.
 """
 import argparse
 import contextlib

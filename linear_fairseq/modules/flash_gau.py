@@ -152,10 +152,6 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         """The keyword options every ops form takes."""
         return {"chunk_size": self.chunk_size, "relu2_norm": self.relu2_norm}
 
-    def gates(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """U, V (width e) and Z (width s) from the normalized input."""
-        return self.activated(self.to_uvz(self.norm(x)))
-
     def activated(self, uvz: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """U, V and Z from their projection: its SiLU, split."""
         return F.silu(uvz).split((self.e, self.e, self.s), dim=-1)

@@ -2,8 +2,8 @@
 
 From the gated attention unit's projection [U | V | Z] before its SiLU, one
 program per batch row computes what ``flash_gau``'s step computes with
-``ops.flash``: the SiLU of the three, the four offset-scaled heads of Z (q, k for the chunk, ql, kl for the linear
-part), RoPE at the row's position, relu^2 scores against the current chunk's
+``ops.flash``: the SiLU of the three, the four offset-scaled heads of Z (q,
+k for the chunk, ql, kl for the linear part), RoPE at the row's position, relu^2 scores against the current chunk's
 keys weighted by ``slot_weights``' table, the linear part read from the sum
 of every token's k' v^T less the current chunk's tokens before this one (the
 correction (q' . k'_j) v_j folded into the slots' weights, which are computed
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .common import State
 from .flash import empty_state, rope_freqs, slot_weights
-from .triton_common import on_its_device
+from .triton_common import _silu, on_its_device
 
 BLOCK_G = 32  # chunk slots a program scores at a time
 BLOCK_E = 32  # value columns a program moves at a time
@@ -52,11 +52,6 @@ def _heads(z_even, z_odd, gamma, beta, head, pairs, s, mask):
 def _turned(x_even, x_odd, cos, sin):
     """RoPE: each pair (x_2j, x_2j+1) as a complex number times e^(i angle_j)."""
     return x_even * cos - x_odd * sin, x_even * sin + x_odd * cos
-
-
-@triton.jit
-def _silu(x):
-    return x / (1.0 + tl.exp(-x))
 
 
 @triton.jit

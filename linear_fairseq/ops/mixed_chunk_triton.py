@@ -64,7 +64,7 @@ from triton.runtime.errors import OutOfResources
 
 from .common import constant
 from .flash import RELU2_NORMS, first_turns, unknown_relu2_norm, whole_chunks
-from .triton_common import OPERANDS, _dot, on_its_device
+from .triton_common import OPERANDS, _dot, _silu, on_its_device
 
 
 class Tiles(NamedTuple):
@@ -92,11 +92,6 @@ BLOCK_DV = 32  # value columns of the key kernel's dV a step holds
 
 
 # -- pieces the kernels share ----------------------------------------------------------
-@triton.jit
-def _silu(x):
-    return x * tl.sigmoid(x)
-
-
 @triton.jit
 def _silu_grad(x):
     sig = tl.sigmoid(x)

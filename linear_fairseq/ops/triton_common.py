@@ -21,6 +21,12 @@ def _dot(a, b, OP: tl.constexpr):
     return tl.dot(a.to(OP), b.to(OP))
 
 
+@triton.jit
+def _silu(x):
+    """SiLU, x * sigmoid(x)."""
+    return x * tl.sigmoid(x)
+
+
 def capability(x: torch.Tensor) -> Optional[int]:
     """The compute capability of x's GPU as one number (7.5 -> 75); None off CUDA."""
     return compute_capability(x.device.index) if x.is_cuda else None
