@@ -3,8 +3,9 @@
 From the gated attention unit's projection [U | V | Z] before its SiLU, one
 program per batch row computes what ``flash_gau``'s step computes with
 ``ops.flash``: the SiLU of the three, the four offset-scaled heads of Z (q,
-k for the chunk, ql, kl for the linear part), RoPE at the row's position, relu^2 scores against the current chunk's
-keys weighted by ``slot_weights``' table, the linear part read from the sum
+k for the chunk, ql, kl for the linear part), RoPE at the row's position,
+relu^2 scores against the current chunk's keys weighted by
+``slot_weights``' table, the linear part read from the sum
 of every token's k' v^T less the current chunk's tokens before this one (the
 correction (q' . k'_j) v_j folded into the slots' weights, which are computed
 once a step into a (B, G) scratch and read for every block of value
@@ -174,8 +175,9 @@ def gau_step(
 ) -> Tuple[Tensor, State]:
     """U * (the mixed chunk attention of one step) and the state after it: uvz (B, 2e + s)
     the unit's projection [U | V | Z] before the SiLU, its rows contiguous; gamma, beta
-    (4, s) the offset-scale of q, k, ql, kl; state as ``ops.flash.empty_state`` makes
-    it, updated in place. Returns (B, e) in uvz's dtype."""
+    (4, s) the offset-scale of q, k, ql, kl, contiguous (the unit's parameters); state
+    as ``ops.flash.empty_state`` makes it, updated in place. Returns (B, e) in uvz's
+    dtype."""
     B, s = uvz.shape[0], uvz.shape[1] - 2 * e
     state = state if state is not None else empty_state(B, chunk_size, s, e, uvz)
     out = uvz.new_empty(B, e)
