@@ -12,7 +12,7 @@ the CPU with one thread and its modules on their CUDA path: told they run on
 Triton (op_counts.told_triton), each Triton launch recorded and not run
 (triton_compile.recording) once Triton's launcher has done its host work for
 it up to the driver (Bound: its arguments bound and specialized for sm_90);
-where Triton does not import, the torch steps; not under TRITON_INTERPRET=1,
+where Triton or its NVIDIA backend does not import, the torch steps; not under TRITON_INTERPRET=1,
 whose kernels would run interpreted), the
 ops reading values back as on a GPU (op_counts.reads_on_gpu). A round decodes
 --length tokens of batch 1 from an empty state as fairseq's greedy search
@@ -38,11 +38,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from linear_fairseq import families as family_records
-from linear_fairseq.ops.common import triton_unavailable
+from linear_fairseq.ops.common import import_problem, triton_unavailable
 
 from . import models, op_counts
 from .turns import in_turns
@@ -86,6 +87,12 @@ class Bound(list):
         return sum(len(keys) for keys in self.compiled.values())
 
 
+def unbound() -> Optional[str]:
+    """Why Triton's launches cannot be bound for sm_90 here (None: they can): Triton, or
+    its NVIDIA backend, missing (then the modules take their torch steps)."""
+    return triton_unavailable() or import_problem("triton.backends.nvidia", "Triton's NVIDIA backend")
+
+
 @contextlib.contextmanager
 def on_gpu_path(model):
     """The model's modules on their CUDA path as far as the CPU allows (module docstring);
@@ -93,7 +100,7 @@ def on_gpu_path(model):
     launches = Bound()
     with contextlib.ExitStack() as stack:
         stack.enter_context(op_counts.reads_on_gpu())
-        if op_counts.triton_modules(model) and triton_unavailable() is None:
+        if op_counts.triton_modules(model) and unbound() is None:
             from .triton_compile import recording
             stack.enter_context(op_counts.told_triton(model))
             stack.enter_context(recording(launches))
@@ -156,7 +163,7 @@ def main(argv=None):
                  f"it), or another --out")
     torch.set_num_threads(1)
     rows = measure(families, args.length, args.rounds)
-    launches = "bound for sm_90, not run" if triton_unavailable() is None else f"none: {triton_unavailable()}"
+    launches = "bound for sm_90, not run" if unbound() is None else f"none: {unbound()}"
     result = {"torch": torch.__version__, "length": args.length, "rounds": args.rounds, "tiny": " ".join(TINY),
               "triton_launches": launches, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

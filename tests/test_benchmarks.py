@@ -409,7 +409,7 @@ def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path)
     take one compiled kernel), each median's ratio to the first row's, JSON and a
     table; an earlier run is kept unless --replace (the timings themselves not asserted)."""
     from benchmarks import models
-    from linear_fairseq.ops.common import triton_unavailable
+    from benchmarks.host_step import unbound
 
     out = tmp_path / "host.json"
     argv = [sys.executable, "-m", "benchmarks.host_step", "--length", "3", "--rounds", "2", "--out", str(out)]
@@ -420,7 +420,7 @@ def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path)
     assert list(rows) == list(models.FAMILIES) and all(len(row["rounds"]) == 2 for row in rows.values())
     assert rows["transformer"]["vs_first"] == 1.0 and rows["transformer"]["triton_launches_per_step"] == 0
     for family in models.FAMILIES[1:]:
-        layers = len(models.build("lm", family)[0].decoder.layers) if triton_unavailable() is None else 0
+        layers = len(models.build("lm", family)[0].decoder.layers) if unbound() is None else 0
         assert rows[family]["triton_launches_per_step"] == layers, family
         assert rows[family]["triton_kernels_compiled"] == (1 if layers else 0), family
         assert rows[family]["vs_first"] == round(rows[family]["ms_per_step"] / rows["transformer"]["ms_per_step"], 3)
