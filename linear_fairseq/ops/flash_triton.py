@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import State
+from .common import State, strides
 from .flash import empty_state, rope_freqs, slot_weights
 from .triton_common import _silu, on_its_device
 
@@ -186,7 +186,7 @@ def gau_step(
         uvz, gamma, beta, rope_freqs(s, 10000.0, uvz.device), rel_bias, padding_mask,
         slot_weights(chunk_size, relu2_norm, uvz.device), out, scratch,
         state["k_chunk"], state["kl_chunk"], state["v_chunk"], state["kv_sum"], state["position"],
-        s, e, chunk_size, s ** -0.5, uvz.stride(0), 0 if padding_mask is None else padding_mask.stride(0),
+        s, e, chunk_size, s ** -0.5, uvz.stride(0), *strides(padding_mask, 1),
         ROPE=rope, HAS_BIAS=rel_bias is not None, HAS_MASK=padding_mask is not None,
         BLOCK_P=triton.next_power_of_2(s // 2), BLOCK_G=BLOCK_G, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS,
     )
