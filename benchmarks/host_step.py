@@ -6,22 +6,25 @@ sets the pace.
         [--rounds 5] [--out FILE.json] [--replace]
 
 Each family's benchmark LM (benchmarks/models.py) at tiny widths (TINY: d = 32,
-FFN 64, and the flags of the family's tiny test models: FLASH's s = 16 and
-chunks of 4), so that its arithmetic costs next to nothing, runs on
-the CPU with one thread and its modules on their CUDA path: told they run on
-Triton (op_counts.told_triton), each Triton launch recorded and not run
-(triton_compile.recording) once Triton's launcher has done its host work for
-it up to the driver (Bound: its arguments bound and specialized for sm_90);
-where Triton or its NVIDIA backend does not import, the torch steps; not under TRITON_INTERPRET=1,
-whose kernels would run interpreted), the
-ops reading values back as on a GPU (op_counts.reads_on_gpu). A round decodes
---length tokens of batch 1 from an empty state as fairseq's greedy search
-drives the decoder: the reorder (0..B-1), then the step. The families take
-turns, one round each (after an untimed one), --rounds rounds; a row's figure
-is its median round's ms a step and its ratio to the first row's, with the
-Triton launches a step and the compiled kernels they take (a launch whose
-arguments Triton specializes differently from step to step would take more
-than one a kernel, and compile each on a GPU).
+FFN 64, its embeddings and output layer 32 wide too, and the flags of the
+family's tiny test models: FLASH's s = 16 and chunks of 4), so that its
+arithmetic costs next to nothing, runs on the CPU with one thread and its
+modules on their CUDA path: told they run on Triton (op_counts.told_triton),
+each Triton launch recorded and not run (triton_compile.recording) once
+Triton's launcher has done its host work for it up to the driver (Bound: its
+arguments bound and specialized for sm_90); where Triton or its NVIDIA backend
+does not import, the torch steps (not under TRITON_INTERPRET=1, whose kernels
+would run interpreted); the ops reading values back as on a GPU
+(op_counts.reads_on_gpu); subnormal floats flushed to zero (flushed_subnormals).
+A round decodes --length tokens of batch 1 from an empty state as fairseq's
+greedy search drives the decoder: the reorder (0..B-1), then the step. The
+families take turns, one round each (after an untimed one), --rounds rounds; a
+row's figure is its median round's ms a step and its ratio to the first row's,
+with the Triton launches a step and the compiled kernels they take (a launch
+whose arguments Triton specializes differently from step to step would take
+more than one a kernel, and compile each on a GPU), and the aten operators one
+step dispatches (operators_a_step: a count, which the timings' noise leaves
+alone).
 
 What this leaves out: the cost of a launch in the driver (a CUDA launch costs
 the host more than a CPU operator does, and a Triton launch's arguments are
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from linear_fairseq import families as family_records
 from linear_fairseq.ops.common import import_problem, triton_unavailable
@@ -48,7 +52,8 @@ from linear_fairseq.ops.common import import_problem, triton_unavailable
 from . import models, op_counts
 from .turns import in_turns
 
-TINY = ("--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64")
+TINY = ("--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-input-dim", "32",
+        "--decoder-output-dim", "32")
 
 
 def model_at_tiny_widths(family: str):
@@ -94,12 +99,26 @@ def unbound() -> Optional[str]:
 
 
 @contextlib.contextmanager
+def flushed_subnormals():
+    """This thread's CPU arithmetic with subnormal floats read and written as zero. A
+    recorded launch leaves its outputs as allocated (uninitialized memory, often
+    subnormal), and an x86 core takes many times longer on subnormal operands: a cost
+    of the values, which a GPU's host never pays. Yields whether this CPU flushes them
+    (x86 with SSE3 does)."""
+    try:
+        yield torch.set_flush_denormal(True)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@contextlib.contextmanager
 def on_gpu_path(model):
     """The model's modules on their CUDA path as far as the CPU allows (module docstring);
     yields the list the Triton launches are recorded in."""
     launches = Bound()
     with contextlib.ExitStack() as stack:
         stack.enter_context(op_counts.reads_on_gpu())
+        stack.enter_context(flushed_subnormals())
         if op_counts.triton_modules(model) and unbound() is None:
             from .triton_compile import recording
             stack.enter_context(op_counts.told_triton(model))
@@ -107,38 +126,63 @@ def on_gpu_path(model):
         yield launches
 
 
+def greedy_steps(model, length: int):
+    """A function step(t, state) that runs greedy search's step t (1 .. `length`) of batch 1
+    on `model`'s decoder: the reorder (0..B-1) from step 2 on, then the step."""
+    tokens = torch.randint(4, models.VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
+    keep = torch.arange(1)
+
+    def step(t: int, state: dict):
+        if t > 1:
+            model.decoder.reorder_incremental_state_scripting(state, keep)
+        model.decoder(tokens[:, :t], incremental_state=state)
+    return step
+
+
 def greedy_round(model, length: int):
     """A function that decodes `length` tokens as greedy search does and returns (ms a
     step, Triton launches a step, compiled Triton kernels they take)."""
-    tokens = torch.randint(4, models.VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
-    keep = torch.arange(1)
+    step = greedy_steps(model, length)
 
     def run() -> tuple:
         state = {}
         with torch.no_grad(), on_gpu_path(model) as launches:
             start = time.perf_counter()
             for t in range(1, length + 1):
-                if t > 1:
-                    model.decoder.reorder_incremental_state_scripting(state, keep)
-                model.decoder(tokens[:, :t], incremental_state=state)
+                step(t, state)
             return (time.perf_counter() - start) / length * 1e3, len(launches) / length, launches.kernels_compiled()
     return run
 
 
+def operators_a_step(model, prefix: int = 16) -> int:
+    """The aten operators greedy search's step dispatches after `prefix` tokens (the reorder
+    included), on the GPU path, counted by torch.profiler: views and allocations too, since
+    each costs the host a dispatch where it launches no kernel. A count, not a timing."""
+    step, state = greedy_steps(model, prefix + 1), {}
+    with torch.no_grad(), on_gpu_path(model):
+        for t in range(1, prefix + 1):
+            step(t, state)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(prefix + 1, state)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
 def measure(families, length: int, rounds: int) -> dict:
-    runs = in_turns({f: greedy_round(model_at_tiny_widths(f), length) for f in families}, rounds)
+    tiny = {f: model_at_tiny_widths(f) for f in families}
+    runs = in_turns({f: greedy_round(model, length) for f, model in tiny.items()}, rounds)
     ms = {f: [x for x, *_ in xs] for f, xs in runs.items()}
     median = {f: sorted(xs)[len(xs) // 2] for f, xs in ms.items()}
     return {f: {"ms_per_step": round(median[f], 4), "vs_first": round(median[f] / median[families[0]], 3),
                 "rounds": [round(x, 4) for x in xs], "triton_launches_per_step": runs[f][0][1],
-                "triton_kernels_compiled": runs[f][0][2]}
+                "triton_kernels_compiled": runs[f][0][2], "aten_ops_per_step": operators_a_step(tiny[f])}
             for f, xs in ms.items()}
 
 
 def table(rows: dict, first: str) -> str:
-    lines = [f"| family | ms a step | vs {first} | Triton launches a step |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {f} | {r['ms_per_step']:.3f} | {r['vs_first']:.2f}x | {r['triton_launches_per_step']:g} |"
-              for f, r in rows.items()]
+    lines = [f"| family | ms a step | vs {first} | Triton launches a step | aten operators a step |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {f} | {r['ms_per_step']:.3f} | {r['vs_first']:.2f}x | {r['triton_launches_per_step']:g} | "
+              f"{r['aten_ops_per_step']} |" for f, r in rows.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -164,13 +208,16 @@ def main(argv=None):
     torch.set_num_threads(1)
     rows = measure(families, args.length, args.rounds)
     launches = "bound for sm_90, not run" if unbound() is None else f"none: {unbound()}"
+    with flushed_subnormals() as flushed:
+        subnormals = "flushed to zero" if flushed else "not flushed (this CPU cannot)"
     result = {"torch": torch.__version__, "length": args.length, "rounds": args.rounds, "tiny": " ".join(TINY),
-              "triton_launches": launches, "rows": rows}
+              "triton_launches": launches, "subnormals": subnormals, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(
         f"Host time of a greedy decoding step on the GPU path at tiny widths (`python -m benchmarks.host_step "
-        f"--length {args.length} --rounds {args.rounds}`; Triton launches {launches}; torch {torch.__version__}), "
+        f"--length {args.length} --rounds {args.rounds}`; Triton launches {launches}; subnormals {subnormals}; "
+        f"torch {torch.__version__}), "
         f"the median of {args.rounds} rounds of {args.length} tokens:\n\n" + table(rows, families[0]))
     print(table(rows, families[0]))
 

@@ -21,7 +21,10 @@ MAX_POSITIONS = 16400  # > the longest generation (16384 tokens + eos)
 # Decoder-only: d=256, 4 layers, FFN 1024, 4 heads. Each family brings its own
 # flags to match the baseline's parameter count (Family.bench_lm_args): MemSizer's
 # attention has fewer weights, so its FFN is widened; a GAU stands in for
-# attention + FFN, so FLASH has twice the layers (as in its paper).
+# attention + FFN, so FLASH has twice the layers (as in its paper). The
+# embeddings and output layer keep transformer_lm's defaults, 512 wide
+# (--decoder-input-dim, --decoder-output-dim), projected to and from d, the
+# same for every family.
 LM_BASE = (
     f"--decoder-layers 4 --decoder-embed-dim 256 --decoder-ffn-embed-dim 1024 "
     f"--decoder-attention-heads 4 --dropout 0 --share-decoder-input-output-embed "

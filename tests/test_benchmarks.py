@@ -406,8 +406,9 @@ def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path)
     """python -m benchmarks.host_step: every family's greedy step at tiny widths, its
     modules on their CUDA path (one recorded Triton launch a layer where Triton imports,
     bound as Triton's launcher binds it for sm_90: every step's launches of a family
-    take one compiled kernel), each median's ratio to the first row's, JSON and a
-    table; an earlier run is kept unless --replace (the timings themselves not asserted)."""
+    take one compiled kernel), each median's ratio to the first row's, the aten operators
+    a step dispatches (no family's more than softmax's), JSON and a table; an earlier run
+    is kept unless --replace (the timings themselves not asserted)."""
     from benchmarks import models
     from benchmarks.host_step import unbound
 
@@ -424,6 +425,7 @@ def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path)
         assert rows[family]["triton_launches_per_step"] == layers, family
         assert rows[family]["triton_kernels_compiled"] == (1 if layers else 0), family
         assert rows[family]["vs_first"] == round(rows[family]["ms_per_step"] / rows["transformer"]["ms_per_step"], 3)
+        assert 0 < rows[family]["aten_ops_per_step"] <= rows["transformer"]["aten_ops_per_step"], family
     assert "| flash |" in out.with_suffix(".md").read_text()
     again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     said = [line for line in again.stderr.splitlines() if not line.startswith("INFO:fairseq")]  # fairseq's import
@@ -432,6 +434,28 @@ def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path)
                              env={**os.environ, "TRITON_INTERPRET": "1"})
     assert interpreted.returncode == 1 and "TRITON_INTERPRET=1" in interpreted.stderr
     assert interpreted.stderr.count("\n") == 1 and not (tmp_path / "other.json").exists()
+
+
+def test_host_step_models_are_tiny_end_to_end_and_their_subnormals_flushed():
+    """host_step's arithmetic costs next to nothing and nothing that depends on values:
+    the model is 32 wide from its embeddings to its output layer (fairseq's LM would
+    otherwise project to 512 wide ones), and on the GPU path a subnormal float is read
+    as zero (the outputs of recorded launches, left as allocated, are often subnormal),
+    on this thread only while timing."""
+    from benchmarks import host_step
+
+    for family in ("transformer", "flash"):
+        decoder = host_step.model_at_tiny_widths(family).decoder
+        assert decoder.project_in_dim is None and decoder.project_out_dim is None, family
+        assert decoder.embed_tokens.weight.shape[1] == decoder.output_projection.weight.shape[1] == 32, family
+    model, subnormal = host_step.model_at_tiny_widths("transformer"), torch.tensor([1e-40])
+    with host_step.flushed_subnormals() as flushes:
+        pass
+    if not flushes:
+        pytest.skip("this CPU cannot flush subnormal floats (torch.set_flush_denormal)")
+    with host_step.on_gpu_path(model):
+        assert (subnormal * 1.0).item() == 0.0
+    assert (subnormal * 1.0).item() > 0.0
 
 
 STUB_MODELS = """FAMILIES = ["slow", "fast"]

@@ -143,13 +143,13 @@ class LinearAttention(IncrementalState, nn.Module):
         # attn_mask is fairseq's future mask: causal families are causal by
         # construction, and encoders pass none. Attention weights are formed only
         # for --print-alignment (cross-attention; `alignment`).
-        x = query.transpose(0, 1)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.to(torch.bool)
+        if incremental_state is not None and self.causal and not self.encoder_decoder_attention:
+            return self._decode(query, key_padding_mask, incremental_state), None  # steps on time-major rows
+        x = query.transpose(0, 1)
         if self.encoder_decoder_attention:
             out = self._cross(x, key, key_padding_mask, incremental_state)
-        elif incremental_state is not None and self.causal:
-            out = self._decode(x, key_padding_mask, incremental_state)
         else:
             out = self._self(x, key_padding_mask)
         weights = None

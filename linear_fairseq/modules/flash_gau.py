@@ -167,14 +167,15 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, incremental_state=None) -> Tensor:
         """x: (T, B, d) -> x + GAU(x), time-major like fairseq's layers."""
-        h = x.transpose(0, 1)
         if padding_mask is not None:
             padding_mask = padding_mask.to(torch.bool)
         if incremental_state is not None and self.causal:
-            out = self._decode(h, padding_mask, incremental_state)
+            out = self._decode(x, padding_mask, incremental_state)  # steps on time-major rows
         else:
-            out = self.parallel(h, padding_mask)
-        return x + F.dropout(out, self.dropout_p, self.training).transpose(0, 1)
+            out = self.parallel(x.transpose(0, 1), padding_mask).transpose(0, 1)
+        if self.training:
+            out = F.dropout(out, self.dropout_p)
+        return x + out
 
     def parallel(self, h: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         uvz = self.to_uvz(self.norm(h))

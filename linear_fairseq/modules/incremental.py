@@ -28,19 +28,20 @@ class IncrementalState:
         return self.step(x, state, padding_mask)
 
     def _decode(self, x: Tensor, padding_mask: Optional[Tensor], incremental_state) -> Tensor:
-        """Step through x (B, T, C) from the stored state, then store the new one.
-        fairseq feeds one token per step; longer inputs are stepped through."""
+        """Step through x (T, B, C), time-major as fairseq's layers pass it, from the
+        stored state, then store the new one; returns (T, B, C'). fairseq feeds one
+        token per step; longer inputs are stepped through."""
         state = self._get_input_buffer(incremental_state)
-        T = x.size(1)
+        T = x.size(0)
         if padding_mask is not None:
             padding_mask = padding_mask[:, -T:]
         outs = []
         for t in range(T):
             mask_t = None if padding_mask is None else padding_mask[:, t]
-            out_t, state = self.decode_step(x[:, t], state, mask_t)
+            out_t, state = self.decode_step(x[t], state, mask_t)
             outs.append(out_t)
         self._set_input_buffer(incremental_state, state)
-        return outs[0].unsqueeze(1) if T == 1 else torch.stack(outs, dim=1)
+        return outs[0].unsqueeze(0) if T == 1 else torch.stack(outs)
 
     # -- the buffer (as in fairseq's MultiheadAttention) --------------------
     def _get_input_buffer(self, incremental_state) -> State:
