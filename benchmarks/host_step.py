@@ -104,7 +104,7 @@ def flushed_subnormals():
     recorded launch leaves its outputs as allocated (uninitialized memory, often
     subnormal), and an x86 core takes many times longer on subnormal operands: a cost
     of the values, which a GPU's host never pays. Yields whether this CPU flushes them
-    (x86 with SSE3 does)."""
+    (x86 with SSE3 does); flushing is off after it (torch cannot say what it was before)."""
     try:
         yield torch.set_flush_denormal(True)
     finally:
