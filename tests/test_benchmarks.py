@@ -436,6 +436,18 @@ def test_host_step_times_each_family_on_its_gpu_path_against_the_first(tmp_path)
     assert interpreted.stderr.count("\n") == 1 and not (tmp_path / "other.json").exists()
 
 
+def test_host_step_ratio_is_that_of_the_recorded_medians():
+    """The record's ratio is computed from the medians as recorded (4 decimals), so a
+    reader who divides them gets it: here the unrounded medians' ratio rounds to 1.235,
+    the recorded ones' (1.2345 / 1.0) to 1.234. The first family is the one compared with."""
+    from benchmarks.host_step import step_times
+
+    got = step_times({"transformer": [0.99996, 2.0, 0.5], "flash": [1.23448, 1.3, 1.1]})
+    assert got["transformer"] == {"ms_per_step": 1.0, "vs_first": 1.0, "rounds": [1.0, 2.0, 0.5]}
+    assert got["flash"]["ms_per_step"] == 1.2345 and got["flash"]["vs_first"] == 1.234
+    assert got["flash"]["rounds"] == [1.2345, 1.3, 1.1]
+
+
 def test_host_step_models_are_tiny_end_to_end_and_their_subnormals_flushed():
     """host_step's arithmetic costs next to nothing and nothing that depends on values:
     the model is 32 wide from its embeddings to its output layer (fairseq's LM would
