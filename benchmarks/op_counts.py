@@ -185,16 +185,16 @@ def one_layer_more(model, family: str, extra=()):
 def decode_ops(model, prefix: int, triton: bool = False) -> dict:
     """The counts of one decoding step after `prefix` steps, then of greedy search's
     reorder (0..B-1, which fairseq asks for after every step), both read as on a GPU
-    (reads_on_gpu); triton: the step on the Triton kernels (the prefix's steps fill
-    the same state on the torch path)."""
+    (reads_on_gpu), the prefix too (its state then as a GPU holds it); triton: the step
+    on the Triton kernels (the prefix's steps fill the same state on the torch path)."""
     model.eval()
     tokens = torch.randint(4, models.VOCAB, (1, prefix + 1))
     state = {}
-    with torch.no_grad():
+    with torch.no_grad(), reads_on_gpu():
         for t in range(1, prefix + 1):
             model.decoder(tokens[:, :t], incremental_state=state)
         layers = list(model.decoder.layers)
-        with reads_on_gpu(), on_triton(model) if triton else contextlib.nullcontext():
+        with on_triton(model) if triton else contextlib.nullcontext():
             total, inside, _, reads = count(lambda: model.decoder(tokens, incremental_state=state), layers)
             keep = torch.arange(tokens.shape[0])
             reorder, _, _, reorder_reads = count(lambda: model.decoder.reorder_incremental_state_scripting(state, keep))

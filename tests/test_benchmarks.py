@@ -17,6 +17,7 @@ from linear_fairseq import families
 from linear_fairseq.modules.attention import option_names
 
 FAMILIES = list(families.names())
+FILLS_TO_G = {"flash"}  # a state whose chunk buffers fill as decoding goes, up to G slots
 
 
 def summary(x):
@@ -67,18 +68,20 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(quick_run):
         assert rec["state_bytes_per_seq"] > 0 and rec["params"] > 0
     decode_ok = res["decode"]
     assert {(rec["L"], rec["batch"]) for rec in decode_ok} >= {(16, 1), (64, 1)}
-    # the softmax cache grows with the prefix; the linear families' state does not
+    # the softmax cache grows with the prefix; the linear families' state does not, but for
+    # FLASH's chunk buffers, which on the CPU fill to G = 256 slots and then stay (ops.flash.with_room)
     state = {(rec["family"], rec["L"]): rec["state_bytes_per_seq"] for rec in decode_ok if rec["batch"] == 1}
     assert state[("transformer", 64)] > state[("transformer", 16)]
     for f in FAMILIES[1:]:
-        assert state[(f, 64)] == state[(f, 16)], f
+        assert state[(f, 64)] == state[(f, 16)] or (f in FILLS_TO_G and state[(f, 64)] > state[(f, 16)]), f
     assert {rec["family"] for rec in res["mt"]} == set(FAMILIES)
     assert all(rec["sentences_per_s"]["median"] > 0 for rec in res["mt"] if rec["status"] == "ok")
     # a hybrid stack: the linear layers' state stays, the softmax layer's cache grows with the prefix
     hybrid = {(rec["family"], rec["L"]): rec for rec in res["hybrid"]}
     assert {f for f, _ in hybrid} == set(FAMILIES[1:])
     for f in FAMILIES[1:]:
-        assert hybrid[(f, 64)]["linear_state_bytes"] == hybrid[(f, 16)]["linear_state_bytes"] > 0, f
+        linear = [hybrid[(f, L)]["linear_state_bytes"] for L in (16, 64)]
+        assert (linear[1] == linear[0] or (f in FILLS_TO_G and linear[1] > linear[0])) and linear[0] > 0, f
         assert hybrid[(f, 64)]["softmax_cache_bytes"] > hybrid[(f, 16)]["softmax_cache_bytes"] > 0, f
     rows = {*FAMILIES, *(f"{f}-rec" for f in FAMILIES[1:])}  # each family as its paper and as recommended
     assert {rec["family"] for rec in res["sum"]} == rows and {rec["family"] for rec in res["beam"]} == rows

@@ -6,6 +6,7 @@ import torch
 
 from conftest import TINY_LM, TINY_MT, make_model, parse_model_args
 from linear_fairseq.modules.flash_gau import GatedAttentionUnit
+from linear_fairseq.ops.flash import CHUNK_BUFFERS
 
 
 def test_presets_double_fairseq_layers_and_use_gau_defaults():
@@ -255,8 +256,12 @@ def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, r
                 outs.append(out)
             torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
             assert states[0].keys() == states[1].keys()
-            for name in states[0]:
-                torch.testing.assert_close(states[1][name], states[0][name], rtol=tol, atol=tol, msg=name)
+            for name, kept in states[0].items():
+                fused = states[1][name]
+                if name in CHUNK_BUFFERS:  # the torch step's hold the slots filled so far (on the CPU), the rest unwritten
+                    assert not fused[:, kept.shape[1]:].any(), name
+                    fused = fused[:, :kept.shape[1]]
+                torch.testing.assert_close(fused, kept, rtol=tol, atol=tol, msg=name)
 
 
 # a small causal unit of width 32 (every option but --gau-backend)
@@ -272,6 +277,22 @@ def flash_units(device):
     torch_unit.load_state_dict(auto.state_dict())
     auto.runs_on_triton = lambda h: True
     return auto, torch_unit
+
+
+def test_the_fused_step_continues_a_state_the_torch_step_began(triton_device):
+    """A state begun on the torch step (on the CPU its chunk buffers hold only the slots
+    filled so far) and continued on the kernel (which reads all G) decodes as the torch
+    step does throughout: the kernel's entry gives it all G slots first."""
+    fused, torch_unit = flash_units(triton_device)
+    x = torch.randn(2, 7, 32, device=triton_device)
+    states = [{}, {}]
+    with torch.no_grad():
+        for t in range(7):
+            unit = fused if t >= 2 else torch_unit  # two steps on torch: the buffers hold 2 of the G = 4 slots
+            out, states[0] = unit.step(x[:, t], states[0], None)
+            expected, states[1] = torch_unit.step(x[:, t], states[1], None)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert states[0]["k_chunk"].shape[1] == 4
 
 
 def recorded_launches(monkeypatch) -> list:

@@ -229,7 +229,7 @@ def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
     spliced = [torch.cat([a[order, :t0], b[: len(order), t0:]], dim=1) for a, b in zip(first, later)]
     with torch.no_grad():
         _, state = recurrent(*(x[:, :t0] for x in first), G)
-        moved = F.reorder(state, order)
+        moved = F.reorder(state, order, G)
         assert (moved["k_chunk"] is state["k_chunk"]) == (len(order) == 4 and on_cpu)
         outs = []
         for t in range(t0, T):
@@ -237,6 +237,48 @@ def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
             out, moved = F.causal_step(*(x[:, t] for x in spliced), moved, chunk_size=G, relu2_norm="chunk")
             outs.append(out)
     assert_close(torch.stack(outs, dim=1), naive(*spliced, G, True)[:, t0:])
+
+
+@pytest.mark.parametrize("rel_bias", [False, True], ids=["no-bias", "rel-bias"])
+def test_state_grows_as_its_chunk_fills_and_decodes_as_the_whole_one(rel_bias, monkeypatch):
+    """On the CPU causal_step's own state starts with one slot of the chunk's G and
+    doubles as the fullest row's fill needs, to G at most: it writes the outputs and
+    state of a state holding all G slots from the start, through a padded row, a
+    reorder within the first chunk (same batch, then a smaller one) and chunks
+    completed. Where the fill is not read back (a GPU) the state holds all G at once."""
+    from linear_fairseq.ops import common
+    G, T = 8, 21
+    xs = inputs(3, T, seed=5)
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    mask[2, :3] = True  # row 2 starts 3 steps late: its fill trails the others'
+    bias = torch.randn(2 * G - 1, generator=torch.Generator().manual_seed(6)) if rel_bias else None
+    orders = {4: torch.tensor([2, 0, 1]), 6: torch.tensor([1, 2])}
+
+    def run(state):
+        outs, held = [], []
+        with torch.no_grad():
+            for t in range(T):
+                if t in orders:
+                    state = F.reorder(state, orders[t], G)
+                B = state["position"].numel()
+                out, state = F.causal_step(*(x[:B, t] for x in xs), state, mask[:B, t], bias, chunk_size=G,
+                                           relu2_norm="keys")
+                outs.append(out)
+                held.append(state["k_chunk"].shape[1])
+        return outs, state, held
+
+    like = xs[-1]
+    assert F.first_slots(G, like) == 1
+    grown, grown_state, held = run(F.empty_state(3, G, S, E, like, F.first_slots(G, like)))
+    whole, whole_state, _ = run(F.empty_state(3, G, S, E, like))
+    for a, b in zip(grown, whole):
+        assert_close(a, b)
+    for name, x in whole_state.items():
+        assert torch.equal(grown_state[name], x), name
+    # each step holds the next power of two above the fullest fill it wrote (1, 2, 4, 4, 8, ...), then G for good
+    assert held[:5] == [1, 2, 4, 4, 8] and set(held[5:]) == {G}
+    monkeypatch.setattr(common, "reads_back_free", lambda x: False)
+    assert F.first_slots(G, like) == G
 
 
 def test_quadratic_mode_is_one_big_chunk_without_linear_part():
@@ -312,7 +354,7 @@ def test_a_step_off_the_cpu_reads_nothing_back_to_the_host():
                                                    mask if t == G else None, bias, chunk_size=G, relu2_norm="keys")
     assert out.shape == (2, E) and state["k_chunk"].shape == (2, G, S)
     with torch.no_grad():  # and beam search's reorder moves every slot, reading no fill back
-        moved = F.reorder(state, torch.tensor([1, 0], device="meta"))
+        moved = F.reorder(state, torch.tensor([1, 0], device="meta"), G)
     assert moved["k_chunk"].shape == (2, G, S)
 
 
@@ -374,7 +416,7 @@ def test_reading_every_slot_gives_the_same_steps(monkeypatch, rel_bias):
     def run():
         with torch.no_grad():
             first, state = recurrent(*(x[:, :t0] for x in xs), G, mask[:, :t0], bias, "keys")
-            state = F.reorder(state, order)
+            state = F.reorder(state, order, G)
             later, _ = recurrent(*(x[:, t0:] for x in xs), G, None, bias, "keys", state)
         return first, later
 

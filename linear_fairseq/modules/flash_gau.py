@@ -214,7 +214,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         if self.mode == "quadratic":
             return self._quadratic_step(u, v, z, state, padding_mask)
         if not state:
-            state = ops.empty_state(h.shape[0], self.chunk_size, self.s, self.e, v)
+            state = ops.empty_state(h.shape[0], self.chunk_size, self.s, self.e, v, ops.first_slots(self.chunk_size, v))
         qk = self.queries_keys(z, state["position"])
         a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype)), state
@@ -254,7 +254,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
     def reorder_state(self, state: State, new_order: Tensor) -> State:
         if self.mode == "quadratic":
             return super().reorder_state(state, new_order)
-        return ops.reorder(state, new_order)
+        return ops.reorder(state, new_order, self.chunk_size)
 
     def _quadratic_step(self, u, v, z, state: State, padding_mask) -> Tuple[Tensor, State]:
         """FLASH-Quad decoding keeps every key and value (like softmax attention's cache)."""

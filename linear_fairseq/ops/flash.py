@@ -497,12 +497,14 @@ def quadratic(
 
 
 # -- decoding step (causal mixed chunk) ---------------------------------------------
-def empty_state(B: int, G: int, s: int, e: int, like: Tensor) -> State:
-    z = acc(like)
+def empty_state(B: int, G: int, s: int, e: int, like: Tensor, slots: Optional[int] = None) -> State:
+    """The state before the first token, its chunk buffers holding `slots` of the chunk's
+    G slots (default all G; with fewer, causal_step grows them as they fill: with_room)."""
+    z, slots = acc(like), G if slots is None else slots
     return {
-        "k_chunk": z.new_zeros(B, G, s),  # quadratic keys of the current chunk
-        "kl_chunk": z.new_zeros(B, G, s),  # linear keys k' of the current chunk
-        "v_chunk": z.new_zeros(B, G, e),  # values of the current chunk
+        "k_chunk": z.new_zeros(B, slots, s),  # quadratic keys of the current chunk
+        "kl_chunk": z.new_zeros(B, slots, s),  # linear keys k' of the current chunk
+        "v_chunk": z.new_zeros(B, slots, e),  # values of the current chunk
         "kv_sum": z.new_zeros(B, s, e),  # sum of k' v^T over every real token so far
         # real tokens so far: RoPE's position of the next one; of them, position % G are in the
         # current chunk (its fill) and the rest in completed chunks
@@ -519,7 +521,7 @@ def fill_and_done(position: Tensor, G: int) -> Tuple[Tensor, Tensor]:
 CHUNK_BUFFERS = ("k_chunk", "kl_chunk", "v_chunk")
 
 
-def reorder(state: State, new_order: Tensor) -> State:
+def reorder(state: State, new_order: Tensor, G: int) -> State:
     """The state's rows in `new_order` (beam search). A chunk buffer is moved
     only over filled_slots: causal_step writes a slot before any query sees it
     and weights the slots past a row's fill by 0, so what lies there is never
@@ -527,11 +529,11 @@ def reorder(state: State, new_order: Tensor) -> State:
     moves that prefix within the buffers instead of allocating new ones. Where
     every slot moves (off the CPU), a buffer is index-selected as the rest of
     the state is: one pass over it, not a selected copy copied back."""
-    B, G = new_order.numel(), state["k_chunk"].shape[1]
+    B = new_order.numel()
     fill, _ = fill_and_done(state["position"], G)
     n = filled_slots(fill, G)
     in_place = B == fill.numel() and not torch.is_grad_enabled()
-    prefixes = CHUNK_BUFFERS if n < G else ()
+    prefixes = CHUNK_BUFFERS if n < state["k_chunk"].shape[1] else ()  # fewer than the slots held
     out = {name: x.index_select(0, new_order) for name, x in state.items() if name not in prefixes}
     for name in prefixes:
         x = state[name]
@@ -583,6 +585,25 @@ def slots_read(fill: Tensor, G: int) -> int:
     return min(filled_slots(fill, G) + 1, G)
 
 
+def first_slots(G: int, like: Tensor) -> int:
+    """How many slots causal_step's own state allocates at first: one where the fill is
+    read back for free (the CPU), so that a short output (a translation in beam search)
+    keeps the few slots it fills, not G a hypothesis; elsewhere all G, as the step then
+    reads all G (slots_read)."""
+    return 1 if common.reads_back_free(like) else G
+
+
+def with_room(state: State, slots: int, G: int) -> State:
+    """The state with chunk buffers of at least `slots` slots: buffers holding fewer grow,
+    zeros appended, to the next power of two that holds them (at most G), so a chunk's
+    buffers are copied O(log G) times as they fill."""
+    have = state["k_chunk"].shape[1]
+    if slots <= have:
+        return state
+    grown = min(G, 1 << (slots - 1).bit_length())
+    return {**state, **{name: F.pad(state[name], (0, 0, 0, grown - have)) for name in CHUNK_BUFFERS}}
+
+
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
     """q k^T / sqrt(s) (+ b[fill - slot]) against the chunk's first slots (k_chunk (B, n, s)):
     (B, 1, n), one kernel."""
@@ -599,7 +620,8 @@ def causal_step(
     rel_bias: Optional[Tensor] = None, *, chunk_size: int, relu2_norm: str,
 ) -> Tuple[Tensor, State]:
     """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
-    most G tokens plus one s x e sum, whatever the prefix length. The sum S holds
+    most G tokens plus one s x e sum, whatever the prefix length; its chunk buffers
+    start with first_slots of the G and grow as they fill (with_room). The sum S holds
     k' v^T over every real token so far, and the linear part reads the completed
     chunks' share of it as S less the current chunk's tokens before this one:
         q' . (S - sum_{j<fill} k'_j v_j^T) = q' . S - sum_{j<fill} (q' . k'_j) v_j,
@@ -614,11 +636,12 @@ def causal_step(
     G = chunk_size
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
-    state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
+    state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v, first_slots(G, v))
     fill, done = fill_and_done(state["position"], G)
+    seen = slots_read(fill, G)  # the slots a row's fill may reach
+    state = with_room(state, seen, G)
     k_chunk, kl_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
                                   for name, x in (("k_chunk", k), ("kl_chunk", kl), ("v_chunk", v)))
-    seen = slots_read(fill, G)  # the slots a row's fill may reach
     # quadratic over the chunk's tokens so far, linear over completed chunks
     scores = step_scores(q, k_chunk[:, :seen], fill, rel_bias)
     a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill, :seen].unsqueeze(1)

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import State, strides
-from .flash import empty_state, rope_freqs, slot_weights
+from .flash import empty_state, rope_freqs, slot_weights, with_room
 from .triton_common import _silu, on_its_device
 
 BLOCK_G = 32  # chunk slots a program scores at a time
@@ -176,10 +176,11 @@ def gau_step(
     """U * (the mixed chunk attention of one step) and the state after it: uvz (B, 2e + s)
     the unit's projection [U | V | Z] before the SiLU, its rows contiguous; gamma, beta
     (4, s) the offset-scale of q, k, ql, kl, contiguous (the unit's parameters); state
-    as ``ops.flash.empty_state`` makes it, updated in place. Returns (B, e) in uvz's
-    dtype."""
+    as ``ops.flash.empty_state`` makes it, updated in place (one holding fewer of the
+    G slots, as the torch step's on the CPU, is given all G first). Returns (B, e) in
+    uvz's dtype."""
     B, s = uvz.shape[0], uvz.shape[1] - 2 * e
-    state = state if state is not None else empty_state(B, chunk_size, s, e, uvz)
+    state = with_room(state, chunk_size, chunk_size) if state is not None else empty_state(B, chunk_size, s, e, uvz)
     out = uvz.new_empty(B, e)
     scratch = uvz.new_empty(B, chunk_size, dtype=torch.float32)  # each row's slot weights of the step
     _gau_step_kernel[(B,)](
