@@ -258,7 +258,7 @@ def test_fused_decoding_step_equals_the_torch_step(monkeypatch, triton_device, r
             assert states[0].keys() == states[1].keys()
             for name, kept in states[0].items():
                 fused = states[1][name]
-                if name in CHUNK_BUFFERS:  # the torch step's hold the slots filled so far (on the CPU), the rest unwritten
+                if name in CHUNK_BUFFERS:  # the torch step's hold the slots filled so far: the rest is unwritten
                     assert not fused[:, kept.shape[1]:].any(), name
                     fused = fused[:, :kept.shape[1]]
                 torch.testing.assert_close(fused, kept, rtol=tol, atol=tol, msg=name)
