@@ -269,8 +269,8 @@ def test_state_grows_as_its_chunk_fills_and_decodes_as_the_whole_one(rel_bias, m
 
     like = xs[-1]
     assert F.first_slots(G, like) == 1
-    grown, grown_state, held = run(F.empty_state(3, G, S, E, like, F.first_slots(G, like)))
-    whole, whole_state, _ = run(F.empty_state(3, G, S, E, like))
+    grown, grown_state, held = run(F.empty_state(3, G, S, E, like))  # first_slots by default
+    whole, whole_state, _ = run(F.empty_state(3, G, S, E, like, slots=G))
     for a, b in zip(grown, whole):
         assert_close(a, b)
     for name, x in whole_state.items():

@@ -214,7 +214,7 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         if self.mode == "quadratic":
             return self._quadratic_step(u, v, z, state, padding_mask)
         if not state:
-            state = ops.empty_state(h.shape[0], self.chunk_size, self.s, self.e, v, ops.first_slots(self.chunk_size, v))
+            state = ops.empty_state(h.shape[0], self.chunk_size, self.s, self.e, v)
         qk = self.queries_keys(z, state["position"])
         a, state = ops.causal_step(*qk, v, state, padding_mask, self.rel_bias, **self.options)
         return self.to_out(u * a.to(u.dtype)), state

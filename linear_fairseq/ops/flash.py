@@ -499,8 +499,8 @@ def quadratic(
 # -- decoding step (causal mixed chunk) ---------------------------------------------
 def empty_state(B: int, G: int, s: int, e: int, like: Tensor, slots: Optional[int] = None) -> State:
     """The state before the first token, its chunk buffers holding `slots` of the chunk's
-    G slots (default all G; with fewer, causal_step grows them as they fill: with_room)."""
-    z, slots = acc(like), G if slots is None else slots
+    G slots (default first_slots: causal_step grows fewer than G as they fill, with_room)."""
+    z, slots = acc(like), first_slots(G, like) if slots is None else slots
     return {
         "k_chunk": z.new_zeros(B, slots, s),  # quadratic keys of the current chunk
         "kl_chunk": z.new_zeros(B, slots, s),  # linear keys k' of the current chunk
@@ -586,7 +586,7 @@ def slots_read(fill: Tensor, G: int) -> int:
 
 
 def first_slots(G: int, like: Tensor) -> int:
-    """How many slots causal_step's own state allocates at first: one where the fill is
+    """How many slots a state allocates at first (empty_state's default): one where the fill is
     read back for free (the CPU), so that a short output (a translation in beam search)
     keeps the few slots it fills, not G a hypothesis; elsewhere all G, as the step then
     reads all G (slots_read)."""
@@ -621,7 +621,7 @@ def causal_step(
 ) -> Tuple[Tensor, State]:
     """One causal decoding step: q, k, ql, kl (B, s), v (B, e). The state holds at
     most G tokens plus one s x e sum, whatever the prefix length; its chunk buffers
-    start with first_slots of the G and grow as they fill (with_room). The sum S holds
+    start with empty_state's slots and grow as they fill (with_room). The sum S holds
     k' v^T over every real token so far, and the linear part reads the completed
     chunks' share of it as S less the current chunk's tokens before this one:
         q' . (S - sum_{j<fill} k'_j v_j^T) = q' . S - sum_{j<fill} (q' . k'_j) v_j,
@@ -636,7 +636,7 @@ def causal_step(
     G = chunk_size
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
-    state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v, first_slots(G, v))
+    state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
     fill, done = fill_and_done(state["position"], G)
     seen = slots_read(fill, G)  # the slots a row's fill may reach
     state = with_room(state, seen, G)

@@ -180,7 +180,8 @@ def gau_step(
     G slots, as the torch step's on the CPU, is given all G first). Returns (B, e) in
     uvz's dtype."""
     B, s = uvz.shape[0], uvz.shape[1] - 2 * e
-    state = with_room(state, chunk_size, chunk_size) if state is not None else empty_state(B, chunk_size, s, e, uvz)
+    state = empty_state(B, chunk_size, s, e, uvz, slots=chunk_size) if state is None else state
+    state = with_room(state, chunk_size, chunk_size)  # the kernel reads all G slots
     out = uvz.new_empty(B, e)
     scratch = uvz.new_empty(B, chunk_size, dtype=torch.float32)  # each row's slot weights of the step
     _gau_step_kernel[(B,)](
