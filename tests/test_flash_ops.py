@@ -203,15 +203,17 @@ def test_batch_rows_with_different_padding_match_each_row_alone():
 
 
 def test_state_is_bounded():
+    """The state's size stops growing once a chunk is complete: G slots and the s x e sum
+    (on the CPU it holds fewer slots and no sum before, with_room and with_sum)."""
     G = 8
-    sizes = []
-    for T in (5, 200):
+    sizes = {}
+    for T in (5, 9, 200):
         _, state = recurrent(*inputs(2, T), G)
-        sizes.append(sum(t.numel() for t in state.values()))
-    assert sizes[0] == sizes[1]
+        sizes[T] = sum(t.numel() for t in state.values())
+    assert sizes[5] < sizes[9] == sizes[200] == 2 * (G * (2 * S + E) + S * E + 1)
 
 
-@pytest.mark.parametrize("t0", [3, 11], ids=["inside-the-first-chunk", "after-a-chunk"])
+@pytest.mark.parametrize("t0", [3, 8, 11], ids=["inside-the-first-chunk", "as-it-completes", "after-a-chunk"])
 @pytest.mark.parametrize("order", [[1, 1, 0, 3], [3, 0]], ids=["same-batch", "batch-shrinks"])
 @pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu-path", "gpu-path"])
 def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
@@ -219,8 +221,10 @@ def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
     reference over the spliced sequences does; on the CPU an order that keeps
     the batch size reuses the chunk buffers (moving their filled prefix), and on
     a GPU's path (reads_back_free false: every slot read and moved, no fill read
-    back) the buffers are index-selected whole. Either way every state tensor
-    stays contiguous, as the fused step (ops.flash_triton) reads them."""
+    back) the buffers are index-selected whole, as they are on the CPU where
+    every slot is read (a state without a sum whose first chunk has just
+    completed: the next step sums it from the buffers). Either way every state
+    tensor stays contiguous, as the fused step (ops.flash_triton) reads them."""
     from linear_fairseq.ops import common
     monkeypatch.setattr(common, "reads_back_free", lambda x: on_cpu)
     G, T = 8, 20
@@ -230,7 +234,7 @@ def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
     with torch.no_grad():
         _, state = recurrent(*(x[:, :t0] for x in first), G)
         moved = F.reorder(state, order, G)
-        assert (moved["k_chunk"] is state["k_chunk"]) == (len(order) == 4 and on_cpu)
+        assert (moved["k_chunk"] is state["k_chunk"]) == (len(order) == 4 and on_cpu and t0 != G)
         outs = []
         for t in range(t0, T):
             assert all(x.is_contiguous() for x in moved.values())
@@ -242,10 +246,12 @@ def test_reorder_continues_each_rows_new_prefix(t0, order, on_cpu, monkeypatch):
 @pytest.mark.parametrize("rel_bias", [False, True], ids=["no-bias", "rel-bias"])
 def test_state_grows_as_its_chunk_fills_and_decodes_as_the_whole_one(rel_bias, monkeypatch):
     """On the CPU causal_step's own state starts with one slot of the chunk's G and
-    doubles as the fullest row's fill needs, to G at most: it writes the outputs and
-    state of a state holding all G slots from the start, through a padded row, a
-    reorder within the first chunk (same batch, then a smaller one) and chunks
-    completed. Where the fill is not read back (a GPU) the state holds all G at once."""
+    no sum: its slots double as the fullest row's fill needs, to G at most, and it
+    gains the sum at the step after a row completes its first chunk. It writes the
+    outputs and state of a state holding all G slots and the sum from the start,
+    through a padded row, a reorder within the first chunk (same batch, then a
+    smaller one) and chunks completed. Where the fill is not read back (a GPU) the
+    state holds all G and the sum at once."""
     from linear_fairseq.ops import common
     G, T = 8, 21
     xs = inputs(3, T, seed=5)
@@ -255,7 +261,7 @@ def test_state_grows_as_its_chunk_fills_and_decodes_as_the_whole_one(rel_bias, m
     orders = {4: torch.tensor([2, 0, 1]), 6: torch.tensor([1, 2])}
 
     def run(state):
-        outs, held = [], []
+        outs, held, summed = [], [], []
         with torch.no_grad():
             for t in range(T):
                 if t in orders:
@@ -265,20 +271,40 @@ def test_state_grows_as_its_chunk_fills_and_decodes_as_the_whole_one(rel_bias, m
                                            relu2_norm="keys")
                 outs.append(out)
                 held.append(state["k_chunk"].shape[1])
-        return outs, state, held
+                summed.append("kv_sum" in state)
+        return outs, state, held, summed
 
     like = xs[-1]
     assert F.first_slots(G, like) == 1
-    grown, grown_state, held = run(F.empty_state(3, G, S, E, like))  # first_slots by default
-    whole, whole_state, _ = run(F.empty_state(3, G, S, E, like, slots=G))
+    grown, grown_state, held, summed = run(F.empty_state(3, G, S, E, like))  # first_slots by default
+    whole, whole_state, _, _ = run(F.empty_state(3, G, S, E, like, slots=G))
     for a, b in zip(grown, whole):
         assert_close(a, b)
-    for name, x in whole_state.items():
-        assert torch.equal(grown_state[name], x), name
-    # each step holds the next power of two above the fullest fill it wrote (1, 2, 4, 4, 8, ...), then G for good
+    assert grown_state.keys() == whole_state.keys()
+    for name, x in whole_state.items():  # the sum added up in another order
+        assert torch.equal(grown_state[name], x) or name == "kv_sum", name
+    assert_close(grown_state["kv_sum"], whole_state["kv_sum"])
+    # each step holds the next power of two above the fullest fill it wrote (1, 2, 4, 4, 8, ...), then G for good;
+    # rows 0 and 1 (the first kept at t = 6) complete a chunk at t = 7: the sum appears in the state of t = 8
     assert held[:5] == [1, 2, 4, 4, 8] and set(held[5:]) == {G}
+    assert summed == [False] * 8 + [True] * (T - 8)
     monkeypatch.setattr(common, "reads_back_free", lambda x: False)
-    assert F.first_slots(G, like) == G
+    assert F.first_slots(G, like) == G and "kv_sum" in F.empty_state(3, G, S, E, like)
+
+
+def test_the_sum_of_a_state_without_one_is_that_of_its_rows_real_tokens():
+    """with_sum: sum_j k'_j v_j^T over each row's first `position` slots; what lies past
+    them (another row's tokens after a reorder) is not added; a sum kept is kept."""
+    G, n = 8, 4
+    g = torch.Generator().manual_seed(0)
+    state = {"k_chunk": torch.randn(3, n, S, generator=g), "kl_chunk": torch.randn(3, n, S, generator=g),
+             "v_chunk": torch.randn(3, n, E, generator=g), "position": torch.tensor([0, 2, 4])}
+    summed = F.with_sum(state)["kv_sum"]
+    for b, p in enumerate(state["position"].tolist()):
+        want = sum((torch.outer(state["kl_chunk"][b, j], state["v_chunk"][b, j]) for j in range(p)),
+                   torch.zeros(S, E))
+        assert_close(summed[b], want)
+    assert F.with_sum({**state, "kv_sum": summed})["kv_sum"] is summed
 
 
 def test_quadratic_mode_is_one_big_chunk_without_linear_part():

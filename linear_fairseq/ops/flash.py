@@ -499,17 +499,21 @@ def quadratic(
 # -- decoding step (causal mixed chunk) ---------------------------------------------
 def empty_state(B: int, G: int, s: int, e: int, like: Tensor, slots: Optional[int] = None) -> State:
     """The state before the first token, its chunk buffers holding `slots` of the chunk's
-    G slots (default first_slots: causal_step grows fewer than G as they fill, with_room)."""
+    G slots (default first_slots: causal_step grows fewer than G as they fill, with_room).
+    A state that holds fewer than G slots has no sum yet: causal_step sums it from the
+    buffers when a row first completes a chunk (with_sum), as no query reads it before."""
     z, slots = acc(like), first_slots(G, like) if slots is None else slots
-    return {
+    state = {
         "k_chunk": z.new_zeros(B, slots, s),  # quadratic keys of the current chunk
         "kl_chunk": z.new_zeros(B, slots, s),  # linear keys k' of the current chunk
         "v_chunk": z.new_zeros(B, slots, e),  # values of the current chunk
-        "kv_sum": z.new_zeros(B, s, e),  # sum of k' v^T over every real token so far
         # real tokens so far: RoPE's position of the next one; of them, position % G are in the
         # current chunk (its fill) and the rest in completed chunks
         "position": torch.zeros(B, dtype=torch.long, device=like.device),
     }
+    if slots >= G:
+        state["kv_sum"] = z.new_zeros(B, s, e)  # sum of k' v^T over every real token so far
+    return state
 
 
 def fill_and_done(position: Tensor, G: int) -> Tuple[Tensor, Tensor]:
@@ -523,16 +527,15 @@ CHUNK_BUFFERS = ("k_chunk", "kl_chunk", "v_chunk")
 
 def reorder(state: State, new_order: Tensor, G: int) -> State:
     """The state's rows in `new_order` (beam search). A chunk buffer is moved
-    only over filled_slots: causal_step writes a slot before any query sees it
-    and weights the slots past a row's fill by 0, so what lies there is never
-    read. Without autograd, an order that keeps the batch size
+    only over the filled_slots of what it holds (buffered): causal_step writes a
+    slot before any query sees it and weights the slots past a row's fill by 0,
+    so what lies there is never read. Without autograd, an order that keeps the batch size
     moves that prefix within the buffers instead of allocating new ones. Where
     every slot moves (off the CPU), a buffer is index-selected as the rest of
     the state is: one pass over it, not a selected copy copied back."""
     B = new_order.numel()
-    fill, _ = fill_and_done(state["position"], G)
-    n = filled_slots(fill, G)
-    in_place = B == fill.numel() and not torch.is_grad_enabled()
+    n = filled_slots(buffered(state, G), G)
+    in_place = B == state["position"].numel() and not torch.is_grad_enabled()
     prefixes = CHUNK_BUFFERS if n < state["k_chunk"].shape[1] else ()  # fewer than the slots held
     out = {name: x.index_select(0, new_order) for name, x in state.items() if name not in prefixes}
     for name in prefixes:
@@ -542,6 +545,13 @@ def reorder(state: State, new_order: Tensor, G: int) -> State:
         buf[:, :n] = head
         out[name] = buf
     return out
+
+
+def buffered(state: State, G: int) -> Tensor:
+    """(B,) how many of each row's first slots hold tokens a later step reads: the current
+    chunk's fill, or in a state without a sum every real token so far (at most G, all in
+    the buffers, which the step that adds the sum reads; with_sum)."""
+    return state["position"] if "kv_sum" not in state else fill_and_done(state["position"], G)[0]
 
 
 def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
@@ -588,8 +598,8 @@ def slots_read(fill: Tensor, G: int) -> int:
 def first_slots(G: int, like: Tensor) -> int:
     """How many slots a state allocates at first (empty_state's default): one where the fill is
     read back for free (the CPU), so that a short output (a translation in beam search)
-    keeps the few slots it fills, not G a hypothesis; elsewhere all G, as the step then
-    reads all G (slots_read)."""
+    keeps the few slots it fills, and no s x e sum until it outgrows a chunk, not G slots
+    and the sum a hypothesis; elsewhere all G, as the step then reads all G (slots_read)."""
     return 1 if common.reads_back_free(like) else G
 
 
@@ -602,6 +612,23 @@ def with_room(state: State, slots: int, G: int) -> State:
         return state
     grown = min(G, 1 << (slots - 1).bit_length())
     return {**state, **{name: F.pad(state[name], (0, 0, 0, grown - have)) for name in CHUNK_BUFFERS}}
+
+
+def with_sum(state: State) -> State:
+    """The state with the sum S = sum_j k'_j v_j^T over every real token so far, (B, s, e):
+    where it has none yet, summed from the chunk buffers, which then hold each row's real
+    tokens in its first `position` slots (no row has completed a chunk)."""
+    if "kv_sum" in state:
+        return state
+    kl, v = state["kl_chunk"], state["v_chunk"]
+    real = torch.arange(kl.shape[1], device=kl.device) < state["position"][:, None]  # (B, slots)
+    return {**state, "kv_sum": torch.bmm((kl * real.unsqueeze(-1)).transpose(1, 2), v)}
+
+
+def chunk_completed(position: Tensor, G: int) -> bool:
+    """Whether a row has completed a chunk, read back to the host: asked only of a state
+    without a sum, which lives where that read is free (empty_state)."""
+    return bool(position.numel()) and int(position.max()) >= G
 
 
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
@@ -626,10 +653,12 @@ def causal_step(
     chunks' share of it as S less the current chunk's tokens before this one:
         q' . (S - sum_{j<fill} k'_j v_j^T) = q' . S - sum_{j<fill} (q' . k'_j) v_j,
     an O(G (s + e)) correction folded into the quadratic part's weights, so a
-    step reads and writes S once and a completed chunk needs no move. Of the
-    chunk's slots the step reads those slots_read names: on a GPU all G, with no
-    value read back to the host. A padded step (padding_mask True) leaves the
-    state unchanged.
+    step reads and writes S once and a completed chunk needs no move. A state
+    without S (a growing one, before any row completes a chunk) has no linear
+    part to read, and gains S when a row completes its first chunk (with_sum).
+    Of the chunk's slots the step reads those slots_read names: on a GPU all G,
+    with no value read back to the host. A padded step (padding_mask True)
+    leaves the state unchanged.
 
     Without autograd (decoding) the state is updated in place, as a KV cache is
     written: copying G tokens per step would cost as much as the attention."""
@@ -637,6 +666,8 @@ def causal_step(
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
     state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
+    if "kv_sum" not in state and chunk_completed(state["position"], G):
+        state = with_sum(state)  # before this step's key is written over a completed chunk's first
     fill, done = fill_and_done(state["position"], G)
     seen = slots_read(fill, G)  # the slots a row's fill may reach
     state = with_room(state, seen, G)
@@ -645,19 +676,32 @@ def causal_step(
     # quadratic over the chunk's tokens so far, linear over completed chunks
     scores = step_scores(q, k_chunk[:, :seen], fill, rel_bias)
     a = F.relu(scores).square() * slot_weights(G, relu2_norm, q.device)[fill, :seen].unsqueeze(1)
-    ql_mean = (ql * per_done(done)[:, None]).unsqueeze(1)  # (B, 1, s): q' / n, 0 before a chunk completes
-    lin = torch.bmm(ql_mean, state["kv_sum"])
-    earlier = torch.bmm(ql_mean, kl_chunk[:, :seen].transpose(1, 2))  # (q' . k'_j) / n over the chunk's slots
-    a = torch.addcmul(a, earlier, earlier_slots(G, q.device)[fill, :seen].unsqueeze(1), value=-1.0)
-    out = torch.baddbmm(lin, a, v_chunk[:, :seen]).squeeze(1)
+    if "kv_sum" not in state:
+        out = torch.bmm(a, v_chunk[:, :seen]).squeeze(1)
+    else:
+        out = with_linear(a, ql, state["kv_sum"], kl_chunk[:, :seen], v_chunk[:, :seen], fill, done, G)
     return out, advance(state, k_chunk, kl_chunk, v_chunk, kl, v, padding_mask)
 
 
+def with_linear(a: Tensor, ql: Tensor, kv_sum: Tensor, kl_chunk: Tensor, v_chunk: Tensor, fill: Tensor,
+                done: Tensor, G: int) -> Tensor:
+    """The step's output (B, e): the chunk's first n slots (B, n, .) weighted by `a` (B, 1, n),
+    and the linear part over the completed chunks, q' . S less the chunk's tokens before this one."""
+    ql_mean = (ql * per_done(done)[:, None]).unsqueeze(1)  # (B, 1, s): q' / n, 0 before a chunk completes
+    lin = torch.bmm(ql_mean, kv_sum)
+    earlier = torch.bmm(ql_mean, kl_chunk.transpose(1, 2))  # (q' . k'_j) / n over the chunk's slots
+    a = torch.addcmul(a, earlier, earlier_slots(G, ql.device)[fill, :kl_chunk.shape[1]].unsqueeze(1), value=-1.0)
+    return torch.baddbmm(lin, a, v_chunk).squeeze(1)
+
+
 def advance(state: State, k_chunk, kl_chunk, v_chunk, kl, v, padding_mask) -> State:
-    """The state after a step: this token's k' v^T into the sum (Sec. 3.2: sum_j k'_j v_j^T)."""
+    """The state after a step: this token's k' v^T into the sum, where it has one (Sec. 3.2:
+    sum_j k'_j v_j^T)."""
     real = None if padding_mask is None else ~padding_mask
-    if real is not None:
-        kl = kl * real[:, None]
-    kv_sum = update(state["kv_sum"], "baddbmm", writable(kl, v, state["kv_sum"]), kl.unsqueeze(2), v.unsqueeze(1))
-    return {"k_chunk": k_chunk, "kl_chunk": kl_chunk, "v_chunk": v_chunk, "kv_sum": kv_sum,
-            "position": state["position"] + (1 if real is None else real)}
+    out = {"k_chunk": k_chunk, "kl_chunk": kl_chunk, "v_chunk": v_chunk,
+           "position": state["position"] + (1 if real is None else real)}
+    if "kv_sum" in state:
+        kl = kl if real is None else kl * real[:, None]
+        out["kv_sum"] = update(state["kv_sum"], "baddbmm", writable(kl, v, state["kv_sum"]), kl.unsqueeze(2),
+                               v.unsqueeze(1))
+    return out

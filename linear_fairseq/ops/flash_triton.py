@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import State, strides
-from .flash import empty_state, rope_freqs, slot_weights, with_room
+from .flash import empty_state, rope_freqs, slot_weights, with_room, with_sum
 from .triton_common import _silu, on_its_device
 
 BLOCK_G = 32  # chunk slots a program scores at a time
@@ -177,11 +177,11 @@ def gau_step(
     the unit's projection [U | V | Z] before the SiLU, its rows contiguous; gamma, beta
     (4, s) the offset-scale of q, k, ql, kl, contiguous (the unit's parameters); state
     as ``ops.flash.empty_state`` makes it, updated in place (one holding fewer of the
-    G slots, as the torch step's on the CPU, is given all G first). Returns (B, e) in
-    uvz's dtype."""
+    G slots and no sum yet, as the torch step's on the CPU, is given all G and its sum
+    first). Returns (B, e) in uvz's dtype."""
     B, s = uvz.shape[0], uvz.shape[1] - 2 * e
     state = empty_state(B, chunk_size, s, e, uvz, slots=chunk_size) if state is None else state
-    state = with_room(state, chunk_size, chunk_size)  # the kernel reads all G slots
+    state = with_sum(with_room(state, chunk_size, chunk_size))  # the kernel reads all G slots and the sum
     out = uvz.new_empty(B, e)
     scratch = uvz.new_empty(B, chunk_size, dtype=torch.float32)  # each row's slot weights of the step
     _gau_step_kernel[(B,)](
