@@ -17,7 +17,7 @@ from linear_fairseq import families
 from linear_fairseq.modules.attention import option_names
 
 FAMILIES = list(families.names())
-FILLS_TO_G = {"flash"}  # a state whose chunk buffers fill as decoding goes, up to G slots
+FILLS_TO_G = {"flash"}  # a CPU state that fills its chunk buffers up to G slots, then adds its sum
 
 
 def summary(x):
@@ -69,7 +69,8 @@ def test_quick_run_writes_json_tables_plots_and_readme_block(quick_run):
     decode_ok = res["decode"]
     assert {(rec["L"], rec["batch"]) for rec in decode_ok} >= {(16, 1), (64, 1)}
     # the softmax cache grows with the prefix; the linear families' state does not, but for
-    # FLASH's chunk buffers, which on the CPU fill to G = 256 slots and then stay (ops.flash.with_room)
+    # FLASH's, which on the CPU fills its chunk buffers to G = 256 slots, then adds its sum and stays
+    # (ops.flash.with_room, with_sum)
     state = {(rec["family"], rec["L"]): rec["state_bytes_per_seq"] for rec in decode_ok if rec["batch"] == 1}
     assert state[("transformer", 64)] > state[("transformer", 16)]
     for f in FAMILIES[1:]:

@@ -3,8 +3,9 @@ step by step (a family's attention, FLASH's gated attention unit).
 
 A module owns one buffer in fairseq's ``incremental_state``: a dict of tensors
 whose first dimension is the batch, its size bounded whatever the prefix
-length (FLASH-Quad and softmax-like caches excepted; FLASH's chunk buffers
-fill up to their G slots on the CPU, then stay). ``reorder_incremental_state``
+length (FLASH-Quad and softmax-like caches excepted; on the CPU FLASH's chunk
+buffers fill up to their G slots and it adds its sum when a chunk completes,
+then its state stays). ``reorder_incremental_state``
 index-selects every entry along the batch (``reorder_state``), which is all
 that beam search needs. A class using the mixin is decorated with fairseq's
 ``with_incremental_state`` and implements ``step(x_t, state, padding_mask_t)
