@@ -419,7 +419,7 @@ def test_a_cpu_step_multiplies_only_the_filled_slots():
     with torch.no_grad():
         _, state = recurrent(*(x[:, :3] for x in xs), G, mask[:, :3])
         sizes = product_sizes(lambda: F.causal_step(*(x[:, 3] for x in xs), state, chunk_size=G, relu2_norm="keys"))
-    assert F.fill_and_done(state["position"], G)[0].tolist() == [1, 3]
+    assert F.buffered(state, G).tolist() == [1, 3]
     assert 4 in sizes and G not in sizes, sizes
     with torch.no_grad():  # no rows: nothing to read
         out, _ = F.causal_step(*(x[:0, 3] for x in xs), F.empty_state(0, G, S, E, xs[-1]), chunk_size=G,

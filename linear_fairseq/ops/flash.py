@@ -516,12 +516,6 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor, slots: Optional[in
     return state
 
 
-def fill_and_done(position: Tensor, G: int) -> Tuple[Tensor, Tensor]:
-    """(tokens in the current chunk, tokens in completed chunks), from the real tokens so far."""
-    fill = position.remainder(G)
-    return fill, position - fill
-
-
 CHUNK_BUFFERS = ("k_chunk", "kl_chunk", "v_chunk")
 
 
@@ -551,7 +545,7 @@ def buffered(state: State, G: int) -> Tensor:
     """(B,) how many of each row's first slots hold tokens a later step reads: the current
     chunk's fill, or in a state without a sum every real token so far (at most G, all in
     the buffers, which the step that adds the sum reads; with_sum)."""
-    return state["position"] if "kv_sum" not in state else fill_and_done(state["position"], G)[0]
+    return state["position"] if "kv_sum" not in state else state["position"].remainder(G)
 
 
 def write_slot(buf: Tensor, x: Tensor, fill: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
@@ -668,7 +662,7 @@ def causal_step(
     state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
     if "kv_sum" not in state and chunk_completed(state["position"], G):
         state = with_sum(state)  # before this step's key is written over a completed chunk's first
-    fill, done = fill_and_done(state["position"], G)
+    fill = buffered(state, G)  # the current chunk's fill: a state without a sum has completed no chunk
     seen = slots_read(fill, G)  # the slots a row's fill may reach
     state = with_room(state, seen, G)
     k_chunk, kl_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
@@ -679,6 +673,7 @@ def causal_step(
     if "kv_sum" not in state:
         out = torch.bmm(a, v_chunk[:, :seen]).squeeze(1)
     else:
+        done = state["position"] - fill  # the tokens in completed chunks
         out = with_linear(a, ql, state["kv_sum"], kl_chunk[:, :seen], v_chunk[:, :seen], fill, done, G)
     return out, advance(state, k_chunk, kl_chunk, v_chunk, kl, v, padding_mask)
 
