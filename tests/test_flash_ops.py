@@ -447,7 +447,7 @@ def test_reading_every_slot_gives_the_same_steps(monkeypatch, rel_bias):
         return first, later
 
     filled = run()
-    monkeypatch.setattr(F, "slots_read", lambda fill, G: G)
+    monkeypatch.setattr(F, "slots_read", lambda filled, G: G)
     for got, want in zip(run(), filled):
         assert_close(got, want)
 

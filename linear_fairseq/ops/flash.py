@@ -583,10 +583,10 @@ def filled_slots(fill: Tensor, G: int) -> int:
     return int(fill.max()) if common.reads_back_free(fill) and fill.numel() else G
 
 
-def slots_read(fill: Tensor, G: int) -> int:
-    """How many of the chunk's slots a step reads: the filled ones and the one it
-    writes (a slot past a row's fill weighs 0)."""
-    return min(filled_slots(fill, G) + 1, G)
+def slots_read(filled: int, G: int) -> int:
+    """How many of the chunk's slots a step reads, of which `filled` (filled_slots) may
+    hold a token: those and the one it writes (a slot past a row's fill weighs 0)."""
+    return min(filled + 1, G)
 
 
 def first_slots(G: int, like: Tensor) -> int:
@@ -617,12 +617,6 @@ def with_sum(state: State) -> State:
     kl, v = state["kl_chunk"], state["v_chunk"]
     real = torch.arange(kl.shape[1], device=kl.device) < state["position"][:, None]  # (B, slots)
     return {**state, "kv_sum": torch.bmm((kl * real.unsqueeze(-1)).transpose(1, 2), v)}
-
-
-def chunk_completed(position: Tensor, G: int) -> bool:
-    """Whether a row has completed a chunk, read back to the host: asked only of a state
-    without a sum, which lives where that read is free (empty_state)."""
-    return bool(position.numel()) and int(position.max()) >= G
 
 
 def step_scores(q: Tensor, k_chunk: Tensor, fill: Tensor, rel_bias: Optional[Tensor]) -> Tensor:
@@ -660,10 +654,13 @@ def causal_step(
     q, k, ql, kl, v = map(acc, (q, k, ql, kl, v))
     B = q.shape[0]
     state = state if state is not None else empty_state(B, G, q.shape[-1], v.shape[-1], v)
-    if "kv_sum" not in state and chunk_completed(state["position"], G):
-        state = with_sum(state)  # before this step's key is written over a completed chunk's first
     fill = buffered(state, G)  # the current chunk's fill: a state without a sum has completed no chunk
-    seen = slots_read(fill, G)  # the slots a row's fill may reach
+    filled = filled_slots(fill, G)
+    if "kv_sum" not in state and filled >= G:  # a row has completed its first chunk (or nothing is read back)
+        state = with_sum(state)  # before this step's key is written over that chunk's first slot
+        fill = buffered(state, G)
+        filled = filled_slots(fill, G)
+    seen = slots_read(filled, G)  # the slots a row's fill may reach
     state = with_room(state, seen, G)
     k_chunk, kl_chunk, v_chunk = (write_slot(state[name], x, fill, padding_mask)
                                   for name, x in (("k_chunk", k), ("kl_chunk", kl), ("v_chunk", v)))
