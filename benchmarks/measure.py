@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from linear_fairseq.modules.incremental import SPARES
+
 # --dtype: the training suites' weights and activations (half precision as fairseq's --bf16 / --fp16 run a model)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,11 +155,13 @@ def softmax_cache_bytes(incremental_state) -> int:
 
 
 def state_bytes(incremental_state) -> int:
-    """Bytes of every tensor in a fairseq incremental state (nested dicts)."""
+    """Bytes of every tensor in a fairseq incremental state (nested dicts), the
+    decoder's spares aside (scratch a reorder writes into, not carried by a hypothesis;
+    they count in the peak memory)."""
     if isinstance(incremental_state, torch.Tensor):
         return incremental_state.numel() * incremental_state.element_size()
     if isinstance(incremental_state, dict):
-        return sum(state_bytes(v) for v in incremental_state.values())
+        return sum(state_bytes(v) for k, v in incremental_state.items() if k != SPARES)
     if isinstance(incremental_state, (list, tuple)):
         return sum(state_bytes(v) for v in incremental_state)
     return 0

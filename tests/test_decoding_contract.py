@@ -10,7 +10,7 @@ from conftest import TINY_LM, TINY_MT, make_model, random_tokens
 from linear_fairseq import families
 from linear_fairseq.models import lazy_source
 from linear_fairseq.modules.attention import LinearAttention
-from linear_fairseq.modules.incremental import IncrementalState
+from linear_fairseq.modules.incremental import SPARES, IncrementalState, keeps_rows, memory
 
 ATOL = 1e-4
 TINY = {"mt": TINY_MT, "lm": TINY_LM}
@@ -133,6 +133,51 @@ def test_reorder_mid_sequence_follows_the_beams(case, new_order):
         h.steps(prev[:, :t0], state)
         stale = h.steps(seq, state, start=t0, encoder_out=enc)
     assert (stale - full).abs().max() > 1e-3
+
+
+def live_and_spare_memory(state):
+    """The memory the linear modules' states use, and that of the decoder's spares."""
+    spares = state.get(SPARES, {})
+    live = {memory(t) for key, buffer in state.items() if key != SPARES and isinstance(buffer, dict)
+            for t in buffer.values() if isinstance(t, torch.Tensor)}
+    return live, {memory(t) for t in spares.values()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reorders_in_a_row_follow_the_beams_in_the_memory_they_free(case):
+    """Beam search reorders after every step: from the second reorder on, a linear state
+    moves into the tensors an earlier one left (the decoder's spares), no spare is ever
+    memory a state still uses, and decoding stays equal to one full forward of each
+    row's history, through a reorder that drops a finished sentence."""
+    beam, t0 = 3, 4
+    h = Harness(case, B=2)
+    if h.encoder_out is not None:
+        h.encoder_out = h.model.encoder.reorder_encoder_out(h.encoder_out, torch.arange(2).repeat_interleave(beam))
+    orders = [[1, 1, 0, 5, 3, 3], [2, 0, 1, 3, 5, 4], [0, 0, 2, 4, 4, 3], [5, 3, 3]]
+    prev = decoder_input(h.d, 2 * beam, t0 + 2 * len(orders))
+    history, enc, state, reused = prev[:, :t0], h.encoder_out, {}, []
+    with torch.no_grad():
+        h.steps(history, state, encoder_out=enc)
+        for i, order in enumerate(map(torch.tensor, orders)):
+            held = set().union(*live_and_spare_memory(state))
+            h.model.decoder.reorder_incremental_state_scripting(state, order)
+            live, spare = live_and_spare_memory(state)
+            assert not live & spare
+            reused.append(bool(live & held))
+            enc = enc and h.model.encoder.reorder_encoder_out(enc, order)
+            start = history.shape[1]
+            history = torch.cat([history[order], prev[: len(order), start : start + 2]], dim=1)
+            inc = h.steps(history, state, start=start, encoder_out=enc)
+            torch.testing.assert_close(inc, h.full(history, encoder_out=enc)[:, start:], atol=ATOL, rtol=1e-4)
+    # the spares, larger than the shrunken batch, neither stop greedy search's in-place steps
+    # nor count as the state a hypothesis carries
+    assert keeps_rows(state, torch.arange(3))
+    from benchmarks.measure import state_bytes
+    assert state_bytes(state) == sum(t.numel() * t.element_size() for key, buffer in state.items() if key != SPARES
+                                     for t in buffer.values() if isinstance(t, torch.Tensor))
+    linear_self = any(isinstance(m, IncrementalState) and not m.encoder_decoder_attention
+                      for m in h.model.decoder.modules())
+    assert all(reused[1:]) == linear_self
 
 
 def host_reads(fn) -> int:

@@ -251,10 +251,10 @@ class GatedAttentionUnit(IncrementalState, nn.Module):
         """fairseq's loading hook: to_uv and to_z kept apart load into to_uvz."""
         load_apart(state_dict, name, ("to_uv", "to_z"), "to_uvz")
 
-    def reorder_state(self, state: State, new_order: Tensor) -> State:
+    def reorder_state(self, state: State, new_order: Tensor, spare: Optional[State] = None) -> State:
         if self.mode == "quadratic":
-            return super().reorder_state(state, new_order)
-        return ops.reorder(state, new_order, self.chunk_size)
+            return super().reorder_state(state, new_order, spare)
+        return ops.reorder(state, new_order, self.chunk_size, spare)
 
     def _quadratic_step(self, u, v, z, state: State, padding_mask) -> Tuple[Tensor, State]:
         """FLASH-Quad decoding keeps every key and value (like softmax attention's cache)."""

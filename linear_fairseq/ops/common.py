@@ -146,6 +146,17 @@ def writable(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def rows_into(x: Tensor, rows: Tensor, spare: Optional[Tensor]) -> Tensor:
+    """x.index_select(0, rows), written into spare's first rows where it fits them (same
+    dtype, device and trailing shape, at least as many rows, contiguous) and autograd
+    follows neither: no new tensor to allocate (and, on the CPU, to fault in)."""
+    n = rows.numel()
+    fits = (spare is not None and spare.shape[1:] == x.shape[1:] and spare.shape[0] >= n
+            and spare.dtype == x.dtype and spare.device == x.device and spare.is_contiguous()
+            and writable(x, spare))
+    return torch.index_select(x, 0, rows, out=spare[:n]) if fits else x.index_select(0, rows)
+
+
 def update(x: Tensor, op: str, in_place: bool, *args, **kwargs) -> Tensor:
     """x.op(*args, **kwargs), written into x (x.op_) where `in_place`, else a new tensor."""
     return getattr(x, f"{op}_" if in_place else op)(*args, **kwargs)

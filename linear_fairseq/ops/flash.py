@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import common
-from .common import (State, acc, acc_dtype, constant, lower_triangle, operand, operand_dtype, own_precision, update,
-                     writable)
+from .common import (State, acc, acc_dtype, constant, lower_triangle, operand, operand_dtype, own_precision, rows_into,
+                     update, writable)
 
 
 # -- positions ---------------------------------------------------------------
@@ -519,19 +519,21 @@ def empty_state(B: int, G: int, s: int, e: int, like: Tensor, slots: Optional[in
 CHUNK_BUFFERS = ("k_chunk", "kl_chunk", "v_chunk")
 
 
-def reorder(state: State, new_order: Tensor, G: int) -> State:
+def reorder(state: State, new_order: Tensor, G: int, spare: Optional[State] = None) -> State:
     """The state's rows in `new_order` (beam search). A chunk buffer is moved
     only over the filled_slots of what it holds (buffered): causal_step writes a
     slot before any query sees it and weights the slots past a row's fill by 0,
     so what lies there is never read. Without autograd, an order that keeps the batch size
     moves that prefix within the buffers instead of allocating new ones. Where
     every slot moves (off the CPU), a buffer is index-selected as the rest of
-    the state is: one pass over it, not a selected copy copied back."""
+    the state is: one pass over it, not a selected copy copied back. What moves
+    whole is written into spare's tensors where they fit it (common.rows_into)."""
     B = new_order.numel()
     n = filled_slots(buffered(state, G), G)
     in_place = B == state["position"].numel() and not torch.is_grad_enabled()
     prefixes = CHUNK_BUFFERS if n < state["k_chunk"].shape[1] else ()  # fewer than the slots held
-    out = {name: x.index_select(0, new_order) for name, x in state.items() if name not in prefixes}
+    spare = spare or {}
+    out = {name: rows_into(x, new_order, spare.get(name)) for name, x in state.items() if name not in prefixes}
     for name in prefixes:
         x = state[name]
         head = x[:, :n].index_select(0, new_order)
