@@ -158,7 +158,7 @@ def test_reorders_in_a_row_follow_the_beams_in_the_memory_they_free(case):
     history, enc, state, reused = prev[:, :t0], h.encoder_out, {}, []
     with torch.no_grad():
         h.steps(history, state, encoder_out=enc)
-        for i, order in enumerate(map(torch.tensor, orders)):
+        for order in map(torch.tensor, orders):
             held = set().union(*live_and_spare_memory(state))
             h.model.decoder.reorder_incremental_state_scripting(state, order)
             live, spare = live_and_spare_memory(state)

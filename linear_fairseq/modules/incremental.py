@@ -10,10 +10,11 @@ index-selects every entry along the batch (``reorder_state``), which is all
 that beam search needs. Without autograd the rows move into tensors a state
 held before its reorder (the decoder's spares, kept in ``incremental_state``
 beside the buffers: one layer's worth, which the next layer's reorder takes
-and then leaves its own) rather than into new ones: on the CPU a new tensor of
-a few MB is faulted in page by page, which costs the copy several times over. A class using the mixin
-is decorated with fairseq's ``with_incremental_state`` and implements
-``step(x_t, state, padding_mask_t) -> (out_t, state)`` on batch-first tensors.
+and then leaves its own) rather than into new ones: on the CPU a new tensor
+of a few MB is faulted in page by page, which costs the copy several times
+over. A class using the mixin is decorated with fairseq's
+``with_incremental_state`` and implements ``step(x_t, state, padding_mask_t)
+-> (out_t, state)`` on batch-first tensors.
 """
 from typing import Dict, Optional, Tuple
 
